@@ -1,0 +1,39 @@
+"""The audio hot path: one API, two implementations.
+
+`_compiled` is the Cython extension built by `pip install`; `_pure` is its pure-Python twin with
+the identical API and behaviour. The compiled one is used whenever it imports, unless
+`GATEWAY_NO_EXTENSIONS=1` forces the pure one (debugging, or proving both behave the same).
+
+`IMPLEMENTATION` names the one in use ("compiled" or "pure"). A silent fallback is the worst
+performance bug there is, so tests assert which one is loaded.
+"""
+import os
+
+from ._pure import DBFS_FLOOR, HEADER_ROOM
+
+if os.environ.get("GATEWAY_NO_EXTENSIONS", "") not in ("", "0"):
+    from . import _pure as _impl
+else:
+    try:
+        from . import _compiled as _impl
+    except ImportError:  # not built (e.g. running from a source tree without `pip install`)
+        from . import _pure as _impl
+
+IMPLEMENTATION: str = "compiled" if _impl.__name__.endswith("_compiled") else "pure"
+
+LevelMeter = _impl.LevelMeter
+measure_level = _impl.measure_level
+encode_append = _impl.encode_append
+decode_audio_delta = _impl.decode_audio_delta
+Coalescer = _impl.Coalescer
+
+__all__ = [
+    "DBFS_FLOOR",
+    "HEADER_ROOM",
+    "IMPLEMENTATION",
+    "LevelMeter",
+    "measure_level",
+    "encode_append",
+    "decode_audio_delta",
+    "Coalescer",
+]

@@ -1,0 +1,58 @@
+"""`realtime-gateway` — one console script, three commands.
+
+    realtime-gateway [flags]            run a gateway node (the default command)
+    realtime-gateway mock [flags]       run the standalone mock OpenAI Realtime server
+    realtime-gateway client [flags]     demo client: stream a WAV, print events, save the reply
+
+Each command's flags are defined by the module that owns it (`add_arguments(parser)`), and
+each runs with `run(args) -> exit code`; this module only dispatches.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> module providing add_arguments(parser) and run(args)
+COMMANDS = {
+    "serve": "gateway.node",
+    "mock": "gateway.mock.cli",
+    "client": "gateway.demo_client",
+}
+DEFAULT_COMMAND = "serve"
+
+_HELP = {
+    "serve": "run a gateway node (default when no command is given)",
+    "mock": "run the standalone mock OpenAI Realtime server",
+    "client": "demo client: stream a WAV file in real time, print events, write the reply audio",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="realtime-gateway",
+        description="Relay full-duplex voice sessions between WebSocket clients and OpenAI's Realtime API.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="{serve,mock,client}")
+    for name, module_name in COMMANDS.items():
+        sub = commands.add_parser(
+            name,
+            help=_HELP[name],
+            description=_HELP[name],
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `realtime-gateway --port 3001` means `realtime-gateway serve --port 3001`.
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv.insert(0, DEFAULT_COMMAND)
+    args = build_parser().parse_args(argv)
+    return importlib.import_module(COMMANDS[args.command]).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
