@@ -21,6 +21,8 @@ extensions = [
     Extension(
         "_fastpath._compiled",
         ["_fastpath/_compiled.pyx"],
+        # the C kernels (base64 + metering, scalar and AVX2); listed so edits rebuild and sdists ship it
+        depends=["_fastpath/_kernels.h"],
         extra_compile_args=["-O3"],
     )
 ]

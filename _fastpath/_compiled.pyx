@@ -1,63 +1,155 @@
-# Compiled half of `_fastpath`; the pure twin `_pure.py` defines the behaviour and the docstrings.
-# Directives are set in setup.py, in one place.
+# Compiled half of `_fastpath`; the pure twin `_pure.py` is the reference behaviour and carries
+# the full docstrings. Directives are set in setup.py, in one place.
+#
+# Layout: the byte kernels (base64 both ways with PCM16 metering fused in, scalar + AVX2) are C
+# in _kernels.h; this module owns the Python objects: buffers in and out, the JSON scanner of
+# upstream audio deltas, LevelMeter and Coalescer. Every input buffer is acquired with the buffer
+# protocol and released before returning: nothing here keeps a reference to caller memory.
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Check, PyByteArray_CheckExact
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DecodeASCII
 from libc.math cimport log10, sqrt
-from libc.stdint cimport int16_t, int64_t, uint64_t
+from libc.stdint cimport uint8_t, uint64_t
+from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 
 from ._pure import DBFS_FLOOR, HEADER_ROOM
 
-DEF CLIP_LEVEL = 32767
+
+cdef extern from "Python.h":
+    # the same call, declared without `except -1`: failure is an answer here, not an error
+    int _try_get_buffer "PyObject_GetBuffer"(object obj, Py_buffer* view, int flags)
+    void PyErr_Clear()
+    ctypedef struct PyByteArrayObject:
+        Py_ssize_t ob_exports
+    object PyByteArray_FromStringAndSize(const char* string, Py_ssize_t length)
+    int PyByteArray_Resize(object bytearray, Py_ssize_t length) except -1
+    bint PyMemoryView_Check(object obj)
+    bint PyUnicode_IS_COMPACT_ASCII(object obj)
+    void* PyUnicode_DATA(object obj)
+    Py_ssize_t PyUnicode_GET_LENGTH(object obj)
+
+
+cdef extern from "_kernels.h" nogil:
+    const double DBFS_FLOOR_C "FP_DBFS_FLOOR"
+    const uint64_t EXACT_DOUBLE_MAX "FP_EXACT_DOUBLE_MAX"  # every integer up to it is exact
+    ctypedef struct fp_level:
+        uint64_t sum_squares
+        uint64_t peak
+        uint64_t clipped
+        uint64_t samples
+    void fp_init()
+    int fp_set_simd(int enabled)
+    void fp_meter(const uint8_t* p, size_t n, fp_level* lv)
+    size_t fp_b64_encode(const uint8_t* src, size_t n, char* dst, fp_level* lv)
+    size_t fp_b64_decoded_size(const char* src, size_t length)
+    int fp_b64_decode(const char* src, size_t length, uint8_t* dst, fp_level* lv)
+
+
+fp_init()
+
+cdef enum:
+    # bytes of `{"type":"input_audio_buffer.append","audio":"` and `"}`
+    APPEND_PREFIX_LEN = 45
+    APPEND_SUFFIX_LEN = 2
+    # the pure twin's HEADER_ROOM, checked against it at import below
+    HEADER_ROOM_C = 14
+
+cdef const char* APPEND_PREFIX = b'{"type":"input_audio_buffer.append","audio":"'
+cdef const char* APPEND_SUFFIX = b'"}'
+cdef const char* GA_DELTA_TYPE = b"response.output_audio.delta"
+cdef const char* BETA_DELTA_TYPE = b"response.audio.delta"
+
+assert HEADER_ROOM == HEADER_ROOM_C and DBFS_FLOOR == DBFS_FLOOR_C
+assert len(b'{"type":"input_audio_buffer.append","audio":"') == APPEND_PREFIX_LEN
+
+
+def _set_simd(bint enabled):
+    """Testing hook: enable (default when the CPU has AVX2) or disable the SIMD kernels.
+
+    Returns whether SIMD kernels are now in use. Process-wide; not for production use.
+    """
+    return bool(fp_set_simd(enabled))
+
+
+cdef int _get_pcm_buffer(object pcm, Py_buffer* view) except -1:
+    """Acquire `pcm` as a contiguous byte buffer, failing as the pure twin's
+    `memoryview(pcm).cast("B")` does for objects that are not C-contiguous buffers."""
+    if _try_get_buffer(pcm, view, PyBUF_SIMPLE) == 0:
+        return 0
+    PyErr_Clear()
+    # Re-raise with the pure twin's exception (TypeError/ValueError); if that somehow succeeds,
+    # take the cast view's buffer, which is contiguous by construction.
+    cast = memoryview(pcm).cast("B")
+    PyObject_GetBuffer(cast, view, PyBUF_SIMPLE)
+    return 0
+
 
 cdef inline double _dbfs(double amplitude) noexcept nogil:
     cdef double level
     if amplitude <= 0.0:
-        return -100.0
+        return DBFS_FLOOR_C
     level = 20.0 * log10(amplitude / 32768.0)
-    return level if level > -100.0 else -100.0
+    return level if level > DBFS_FLOOR_C else DBFS_FLOOR_C
 
 
 cdef class LevelMeter:
-    """Accumulates the level of PCM16 audio fed to it, until `read()` takes and resets it."""
-    cdef uint64_t _sum_squares
-    cdef int64_t _peak
-    cdef int64_t _clipped
-    cdef int64_t _samples
+    """Accumulates the level of PCM16 audio fed to it, until `read()` takes and resets it.
 
-    cdef inline void _feed_ptr(self, const unsigned char* data, Py_ssize_t size) noexcept nogil:
-        cdef Py_ssize_t n = size >> 1
-        cdef Py_ssize_t i
-        cdef int64_t s
-        cdef uint64_t acc = 0
-        cdef int64_t peak = self._peak
-        cdef int64_t clipped = 0
-        for i in range(n):
-            s = <int16_t>(data[2 * i] | (data[2 * i + 1] << 8))
-            acc += <uint64_t>(s * s)
-            if s < 0:
-                s = -s
-            if s > peak:
-                peak = s
-            if s >= CLIP_LEVEL:
-                clipped += 1
-        self._sum_squares += acc
-        self._peak = peak
-        self._clipped += clipped
-        self._samples += n
+    `feed` ignores a trailing odd byte (the caller carries it to the next chunk). Results are
+    bit-identical to the pure twin's: the sums are exact integers and `read()` divides them the
+    way Python divides ints whenever a double could not hold them exactly.
+    """
+    cdef uint64_t _sum_squares_lo
+    cdef uint64_t _sum_squares_hi  # carries out of the low word: sum = hi * 2**64 + lo
+    cdef uint64_t _peak
+    cdef uint64_t _clipped
+    cdef uint64_t _samples
+
+    cdef inline void _add(self, const fp_level* lv) noexcept nogil:
+        cdef uint64_t before = self._sum_squares_lo
+        self._sum_squares_lo += lv.sum_squares
+        if self._sum_squares_lo < before:
+            self._sum_squares_hi += 1
+        if lv.peak > self._peak:
+            self._peak = lv.peak
+        self._clipped += lv.clipped
+        self._samples += lv.samples
+
+    cdef inline void _feed_ptr(self, const uint8_t* data, Py_ssize_t size) noexcept nogil:
+        cdef fp_level lv
+        memset(&lv, 0, sizeof(lv))
+        fp_meter(data, <size_t>size, &lv)
+        self._add(&lv)
 
     def feed(self, pcm):
-        cdef const unsigned char[::1] view = memoryview(pcm).cast("B")
-        if view.shape[0] > 1:
-            self._feed_ptr(&view[0], view.shape[0])
+        cdef Py_buffer view
+        _get_pcm_buffer(pcm, &view)
+        self._feed_ptr(<const uint8_t*>view.buf, view.len)
+        PyBuffer_Release(&view)
 
     @property
     def samples(self):
+        """Samples fed since the last `read()`."""
         return self._samples
 
     def read(self):
+        """Return `(rms_dbfs, peak_dbfs, clipped, samples)` since the last read, and reset."""
+        cdef double mean_square
         cdef double rms = 0.0
         if self._samples:
-            rms = sqrt(<double>self._sum_squares / <double>self._samples)
+            if self._sum_squares_hi == 0 and self._sum_squares_lo <= EXACT_DOUBLE_MAX \
+                    and self._samples <= EXACT_DOUBLE_MAX:
+                # both exact as doubles, so one rounding, as in Python's int / int
+                mean_square = <double>self._sum_squares_lo / <double>self._samples
+            else:
+                mean_square = ((<object>self._sum_squares_hi << 64) + self._sum_squares_lo) \
+                    / <object>self._samples
+            rms = sqrt(mean_square)
         result = (_dbfs(rms), _dbfs(<double>self._peak), self._clipped, self._samples)
-        self._sum_squares = 0
+        self._sum_squares_lo = 0
+        self._sum_squares_hi = 0
         self._peak = 0
         self._clipped = 0
         self._samples = 0
@@ -65,11 +157,442 @@ cdef class LevelMeter:
 
 
 def measure_level(pcm):
+    """One-shot level of a PCM16 chunk: `(rms_dbfs, peak_dbfs, clipped)`."""
     cdef LevelMeter meter = LevelMeter()
     meter.feed(pcm)
     rms_dbfs, peak_dbfs, clipped, _ = meter.read()
     return rms_dbfs, peak_dbfs, clipped
 
 
-# Until the compiled codec lands, the codec entry points are the pure ones (issue: fast path).
-from ._pure import encode_append, decode_audio_delta, Coalescer
+cdef inline Py_ssize_t _append_size(Py_ssize_t pcm_bytes) noexcept nogil:
+    return HEADER_ROOM_C + APPEND_PREFIX_LEN + (pcm_bytes + 2) // 3 * 4 + APPEND_SUFFIX_LEN
+
+
+cdef inline void _write_append(char* frame, const uint8_t* pcm, Py_ssize_t size,
+                               LevelMeter meter) noexcept:
+    """Fill a frame of `_append_size(size)` bytes: zeroed header room, then the JSON text."""
+    cdef fp_level lv
+    cdef char* pos = frame + HEADER_ROOM_C
+    memset(frame, 0, HEADER_ROOM_C)
+    memcpy(pos, APPEND_PREFIX, APPEND_PREFIX_LEN)
+    pos += APPEND_PREFIX_LEN
+    if meter is None:
+        pos += fp_b64_encode(pcm, <size_t>size, pos, NULL)
+    else:
+        memset(&lv, 0, sizeof(lv))
+        pos += fp_b64_encode(pcm, <size_t>size, pos, &lv)
+        meter._add(&lv)
+    memcpy(pos, APPEND_SUFFIX, APPEND_SUFFIX_LEN)
+
+
+cdef object _new_append(const uint8_t* pcm, Py_ssize_t size, LevelMeter meter):
+    cdef object frame = PyByteArray_FromStringAndSize(NULL, _append_size(size))
+    _write_append(PyByteArray_AS_STRING(frame), pcm, size, meter)
+    return frame
+
+
+def encode_append(pcm, meter=None, out=None):
+    """Encode PCM bytes as a complete `input_audio_buffer.append` JSON frame, in one pass.
+
+    Same contract as the pure twin: returns a bytearray whose first HEADER_ROOM bytes are free
+    (zeroed) and whose remainder is exactly the JSON text; `out` (a bytearray with no live
+    exports) is resized, filled and returned instead of a new one; `meter`, when given, is fed the
+    same samples — a compiled LevelMeter in the encoding pass itself, anything else by its
+    `feed(pcm)` first. `pcm` is any C-contiguous buffer, read only during the call.
+    """
+    cdef Py_buffer view
+    cdef LevelMeter fused = None
+    cdef Py_ssize_t size
+    if meter is not None:
+        if type(meter) is LevelMeter:
+            fused = <LevelMeter>meter
+        else:
+            meter.feed(pcm)
+    if out is not None and out is pcm:
+        pcm = bytes(pcm)  # encoding a bytearray into itself: read a snapshot, as the twin does
+    _get_pcm_buffer(pcm, &view)
+    try:
+        if out is None:
+            return _new_append(<const uint8_t*>view.buf, view.len, fused)
+        if not PyByteArray_Check(out):
+            if fused is not None:
+                fused._feed_ptr(<const uint8_t*>view.buf, view.len)
+            raise TypeError(f"out must be a bytearray, not {type(out).__name__}")
+        if (<PyByteArrayObject*>out).ob_exports > 0:
+            # the twin's `del out[:]` refuses here even when the size would not change
+            if fused is not None:
+                fused._feed_ptr(<const uint8_t*>view.buf, view.len)
+            raise BufferError("Existing exports of data: object cannot be re-sized")
+        PyByteArray_Resize(out, _append_size(view.len))
+        _write_append(PyByteArray_AS_STRING(out), <const uint8_t*>view.buf, view.len, fused)
+        return out
+    finally:
+        PyBuffer_Release(&view)
+
+
+# ------------------------------------------------------------------ upstream audio delta scanner
+
+cdef struct DeltaFields:
+    const char* item_id
+    Py_ssize_t item_id_len
+    const char* delta
+    Py_ssize_t delta_len
+
+
+cdef enum Key:
+    KEY_OTHER = 0
+    KEY_TYPE = 1
+    KEY_ITEM_ID = 2
+    KEY_DELTA = 4
+
+
+cdef inline bint _is_ws(unsigned char c) noexcept nogil:
+    return c == b' ' or c == b'\t' or c == b'\n' or c == b'\r'
+
+
+cdef inline const char* _skip_ws(const char* p, const char* end) noexcept nogil:
+    while p < end and _is_ws(p[0]):
+        p += 1
+    return p
+
+
+cdef inline const char* _simple_string_end(const char* p, const char* end) noexcept nogil:
+    """`p` is just past an opening quote: return the closing quote, or NULL if the string has
+    an escape, a control character, non-ASCII, or no end. ("Simple": bytes == its str.)"""
+    cdef unsigned char c
+    while p < end:
+        c = <unsigned char>p[0]
+        if c == b'"':
+            return p
+        if c < 0x20 or c >= 0x7F or c == b'\\':
+            return NULL
+        p += 1
+    return NULL
+
+
+cdef inline const char* _digits(const char* p, const char* end, int most) noexcept nogil:
+    """Skip 1..most ASCII digits; NULL if there are none or more than `most`."""
+    cdef const char* start = p
+    while p < end and b'0' <= p[0] <= b'9':
+        p += 1
+    if p == start or p - start > most:
+        return NULL
+    return p
+
+
+cdef inline const char* _simple_number_end(const char* p, const char* end) noexcept nogil:
+    """A JSON number short enough that every parser agrees on it (<= 15 digits each side, an
+    exponent of at most 2 digits, so never infinity): return its end, else NULL."""
+    if p < end and p[0] == b'-':
+        p += 1
+    if p < end and p[0] == b'0':
+        p += 1
+    else:
+        if p >= end or not (b'1' <= p[0] <= b'9'):
+            return NULL
+        p = _digits(p, end, 15)
+        if p == NULL:
+            return NULL
+    if p < end and p[0] == b'.':
+        p = _digits(p + 1, end, 15)
+        if p == NULL:
+            return NULL
+    if p < end and (p[0] == b'e' or p[0] == b'E'):
+        p += 1
+        if p < end and (p[0] == b'+' or p[0] == b'-'):
+            p += 1
+        p = _digits(p, end, 2)
+    return p
+
+
+cdef inline const char* _literal_end(const char* p, const char* end) noexcept nogil:
+    """true / false / null: return the end, else NULL."""
+    cdef Py_ssize_t left = end - p
+    if left >= 4 and (memcmp(p, b"true", 4) == 0 or memcmp(p, b"null", 4) == 0):
+        return p + 4
+    if left >= 5 and memcmp(p, b"false", 5) == 0:
+        return p + 5
+    return NULL
+
+
+cdef inline bint _is_key(const char* key, Py_ssize_t length, const char* name,
+                         Py_ssize_t name_length) noexcept nogil:
+    return length == name_length and memcmp(key, name, name_length) == 0
+
+
+cdef bint _scan_audio_delta(const char* p, const char* end, DeltaFields* fields) noexcept nogil:
+    """Validate a whole frame as one flat JSON object and find its audio-delta fields.
+
+    True only if the frame is exactly: optional whitespace, an object whose keys are simple
+    strings and whose values are simple strings, short numbers or literals, optional whitespace;
+    with exactly one "type" equal to an audio-delta name, one simple string "item_id" and one
+    string "delta" (the delta's characters are checked later by the strict base64 decoder,
+    which accepts only the base64 alphabet and '='). Anything else: False, "not handled".
+    """
+    cdef const char* key
+    cdef const char* value
+    cdef const char* value_end
+    cdef Py_ssize_t key_len, value_len
+    cdef int seen = 0
+    cdef int which
+    p = _skip_ws(p, end)
+    if p >= end or p[0] != b'{':
+        return False
+    p = _skip_ws(p + 1, end)
+    if p < end and p[0] == b'}':
+        return False  # {} has no type
+    while True:
+        if p >= end or p[0] != b'"':
+            return False
+        key = p + 1
+        p = _simple_string_end(key, end)
+        if p == NULL:
+            return False
+        key_len = p - key
+        p = _skip_ws(p + 1, end)
+        if p >= end or p[0] != b':':
+            return False
+        p = _skip_ws(p + 1, end)
+        if p >= end:
+            return False
+        which = KEY_OTHER
+        if _is_key(key, key_len, b"type", 4):
+            which = KEY_TYPE
+        elif _is_key(key, key_len, b"item_id", 7):
+            which = KEY_ITEM_ID
+        elif _is_key(key, key_len, b"delta", 5):
+            which = KEY_DELTA
+        if which & seen:
+            return False  # duplicate: the JSON parser would keep the last one; leave it to it
+        seen |= which
+        if p[0] == b'"':
+            value = p + 1
+            if which == KEY_DELTA:
+                # base64 has no quote or backslash; the decoder rejects anything but the alphabet
+                value_end = <const char*>memchr(value, b'"', end - value)
+            else:
+                value_end = _simple_string_end(value, end)
+            if value_end == NULL:
+                return False
+            value_len = value_end - value
+            if which == KEY_TYPE:
+                # most upstream events stop here: not an audio delta
+                if not (_is_key(value, value_len, GA_DELTA_TYPE, 27)
+                        or _is_key(value, value_len, BETA_DELTA_TYPE, 20)):
+                    return False
+            elif which == KEY_ITEM_ID:
+                fields.item_id = value
+                fields.item_id_len = value_len
+            elif which == KEY_DELTA:
+                fields.delta = value
+                fields.delta_len = value_len
+            p = value_end + 1
+        elif which != KEY_OTHER:
+            return False  # type/item_id/delta that is not a string
+        elif p[0] == b'-' or b'0' <= p[0] <= b'9':
+            p = _simple_number_end(p, end)
+            if p == NULL:
+                return False
+        else:
+            p = _literal_end(p, end)  # objects and arrays end up here too: not handled
+            if p == NULL:
+                return False
+        p = _skip_ws(p, end)
+        if p >= end:
+            return False
+        if p[0] == b',':
+            p = _skip_ws(p + 1, end)
+            continue
+        if p[0] == b'}':
+            break
+        return False
+    p = _skip_ws(p + 1, end)
+    return p == end and seen == (KEY_TYPE | KEY_ITEM_ID | KEY_DELTA)
+
+
+def decode_audio_delta(payload, meter=None):
+    """Decode an upstream text frame if it is an output-audio delta of either dialect.
+
+    Same contract as the pure twin: `(item_id, pcm)` or None ("not handled": the caller parses
+    the frame with orjson). Conservative: None for anything beyond a flat object of simple
+    values (escapes, non-ASCII, nesting, duplicate keys, long numbers, non-strict base64).
+    `payload` (bytes, bytearray, memoryview or ASCII str, as orjson takes) is read only during
+    the call — a picows frame may be passed directly. The PCM is decoded straight from it into
+    the new bytes object, and metered in the same pass when `meter` is a compiled LevelMeter
+    (other meters get `feed(pcm)`); the meter is only touched when the result is not None.
+    """
+    cdef Py_buffer view
+    cdef const char* data
+    cdef Py_ssize_t length
+    cdef bint have_view = False
+    cdef DeltaFields fields
+    cdef fp_level lv
+    cdef size_t pcm_len
+    cdef object pcm
+    cdef bint fused = type(meter) is LevelMeter
+    if PyBytes_CheckExact(payload) or PyByteArray_CheckExact(payload) or PyMemoryView_Check(payload):
+        if _try_get_buffer(payload, &view, PyBUF_SIMPLE) != 0:
+            PyErr_Clear()
+            return None  # e.g. a non-contiguous memoryview, which orjson rejects too
+        have_view = True
+        data = <const char*>view.buf
+        length = view.len
+    elif PyUnicode_CheckExact(payload) and PyUnicode_IS_COMPACT_ASCII(payload):
+        data = <const char*>PyUnicode_DATA(payload)
+        length = PyUnicode_GET_LENGTH(payload)
+    else:
+        return None  # orjson takes no other type; a non-ASCII str is left to it
+    memset(&fields, 0, sizeof(fields))
+    try:
+        if not _scan_audio_delta(data, data + length, &fields):
+            return None
+        if fields.delta_len == 0:
+            pcm = b""
+        else:
+            if fields.delta_len % 4 != 0:
+                return None
+            pcm_len = fp_b64_decoded_size(fields.delta, <size_t>fields.delta_len)
+            pcm = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>pcm_len)
+            memset(&lv, 0, sizeof(lv))
+            if fp_b64_decode(fields.delta, <size_t>fields.delta_len,
+                             <uint8_t*>PyBytes_AS_STRING(pcm), &lv if fused else NULL) != 0:
+                return None
+            if fused:
+                (<LevelMeter>meter)._add(&lv)
+        item_id = PyUnicode_DecodeASCII(fields.item_id, fields.item_id_len, NULL)
+    finally:
+        if have_view:
+            PyBuffer_Release(&view)
+    if meter is not None and not fused:
+        meter.feed(pcm)
+    return item_id, pcm
+
+
+# ------------------------------------------------------------------------------------ Coalescer
+
+cdef class Coalescer:
+    """Merges small client audio frames into fewer, larger `input_audio_buffer.append` frames.
+
+    Same contract as the pure twin (see its docstring). Pending audio lives in one growable
+    buffer owned by the object (no allocation per push once it has grown to its working size);
+    a push that arrives with nothing pending and reaches the target is encoded straight from
+    the caller's buffer. Each emitted frame is a new bytearray the caller owns (it may be sent
+    with picows' zero-copy send and kept until the send is done).
+    """
+    cdef Py_ssize_t _target_bytes
+    cdef int _sample_width
+    cdef public object meter
+    cdef char* _buf
+    cdef Py_ssize_t _len
+    cdef Py_ssize_t _cap
+
+    def __init__(self, target_bytes, sample_width=2, meter=None):
+        if target_bytes < 1:
+            raise ValueError("target_bytes must be >= 1")
+        if sample_width not in (1, 2):
+            raise ValueError("sample_width must be 1 (G.711) or 2 (PCM16)")
+        self._target_bytes = target_bytes
+        self._sample_width = sample_width
+        self.meter = meter
+        self._len = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self._buf)
+
+    @property
+    def target_bytes(self):
+        """Bytes of whole samples that make `push` emit a frame; settable (>= 1), takes effect
+        at the next push."""
+        return self._target_bytes
+
+    @target_bytes.setter
+    def target_bytes(self, value):
+        if value < 1:
+            raise ValueError("target_bytes must be >= 1")
+        self._target_bytes = value
+
+    @property
+    def sample_width(self):
+        """Bytes per sample: 2 (PCM16, metered) or 1 (G.711, not metered). Read-only."""
+        return self._sample_width
+
+    @property
+    def pending_bytes(self):
+        return self._len
+
+    cdef int _reserve(self, Py_ssize_t needed) except -1:
+        cdef Py_ssize_t cap
+        cdef char* grown
+        if needed <= self._cap:
+            return 0
+        cap = max(needed, 2 * self._cap, 4096)
+        grown = <char*>PyMem_Realloc(self._buf, cap)
+        if grown == NULL:
+            raise MemoryError()
+        self._buf = grown
+        self._cap = cap
+        return 0
+
+    cdef inline LevelMeter _fused_meter(self):
+        if self._sample_width == 2 and type(self.meter) is LevelMeter:
+            return <LevelMeter>self.meter
+        return None
+
+    cdef object _emit(self, const uint8_t* data, Py_ssize_t whole):
+        cdef LevelMeter fused = self._fused_meter()
+        if fused is None and self._sample_width == 2 and self.meter is not None:
+            self.meter.feed(PyBytes_FromStringAndSize(<const char*>data, whole))
+        return _new_append(data, whole, fused)
+
+    def push(self, data):
+        """Append audio; return an encoded frame once >= target_bytes of whole samples are
+        pending, else None. A trailing partial sample is carried to the next push."""
+        cdef Py_buffer view
+        cdef Py_ssize_t total, whole, rest
+        cdef object frame
+        _get_pcm_buffer(data, &view)
+        try:
+            total = self._len + view.len
+            whole = total - total % self._sample_width
+            if whole < self._target_bytes:
+                self._reserve(total)
+                memcpy(self._buf + self._len, view.buf, view.len)
+                self._len = total
+                return None
+            if self._len == 0:
+                # nothing pending: encode from the caller's buffer, keep only the partial sample
+                frame = self._emit(<const uint8_t*>view.buf, whole)
+                rest = view.len - whole
+            else:
+                self._reserve(total)
+                memcpy(self._buf + self._len, view.buf, view.len)
+                self._len = total
+                frame = self._emit(<const uint8_t*>self._buf, whole)
+                rest = 0
+                self._len = total - whole
+                memmove(self._buf, self._buf + whole, self._len)
+                return frame
+            if rest:
+                self._reserve(rest)
+                memcpy(self._buf, <const char*>view.buf + whole, rest)
+            self._len = rest
+            return frame
+        finally:
+            PyBuffer_Release(&view)
+
+    def flush(self):
+        """Encode whatever whole samples are pending (None if there are none)."""
+        cdef Py_ssize_t whole = self._len - self._len % self._sample_width
+        cdef object frame
+        if whole == 0:
+            return None
+        frame = self._emit(<const uint8_t*>self._buf, whole)
+        self._len -= whole
+        memmove(self._buf, self._buf + whole, self._len)
+        return frame
+
+    def discard(self):
+        """Drop pending audio (e.g. on clear); return how many bytes were dropped."""
+        cdef Py_ssize_t dropped = self._len
+        self._len = 0
+        return dropped

@@ -90,9 +90,12 @@ def measure_level(pcm) -> tuple[float, float, int]:
 def encode_append(pcm, meter: LevelMeter | None = None, out: bytearray | None = None) -> bytearray:
     """Encode PCM bytes as a complete `input_audio_buffer.append` JSON frame.
 
-    Returns a bytearray whose first `HEADER_ROOM` bytes are free (for the WebSocket header) and
-    whose remainder is exactly the JSON text. When `out` is given it is reused (resized) and
-    returned; the caller must not reuse it while a send of it may still be in flight.
+    Returns a bytearray whose first `HEADER_ROOM` bytes are free (zeroed, for the WebSocket
+    header) and whose remainder is exactly the JSON text. When `out` is given it is reused (resized) and
+    returned; the caller must not reuse it while a send of it may still be in flight (and
+    `out` must have no live exports, e.g. memoryviews: BufferError, as for any resize). Note that
+    picows' zero-copy send writes the WebSocket header into the header room and, on a client
+    connection, masks the JSON in place: a sent frame's bytes are not the JSON any more.
     When `meter` is given, the samples are also fed to it (same pass in the compiled version).
     """
     if meter is not None:
@@ -124,7 +127,10 @@ def decode_audio_delta(payload, meter: LevelMeter | None = None) -> tuple[str, b
         event = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return None
-    if type(event) is not dict or event.get("type") not in _AUDIO_DELTA_TYPES:
+    if type(event) is not dict:
+        return None
+    event_type = event.get("type")
+    if type(event_type) is not str or event_type not in _AUDIO_DELTA_TYPES:
         return None
     item_id = event.get("item_id")
     delta = event.get("delta")
@@ -150,17 +156,34 @@ class Coalescer:
     audio (e.g. `clear_audio`) and returns how many bytes it dropped.
     """
 
-    __slots__ = ("target_bytes", "sample_width", "meter", "_pending")
+    __slots__ = ("_target_bytes", "_sample_width", "meter", "_pending")
 
     def __init__(self, target_bytes: int, sample_width: int = 2, meter: LevelMeter | None = None):
         if target_bytes < 1:
             raise ValueError("target_bytes must be >= 1")
         if sample_width not in (1, 2):
             raise ValueError("sample_width must be 1 (G.711) or 2 (PCM16)")
-        self.target_bytes = target_bytes
-        self.sample_width = sample_width
+        self._target_bytes = target_bytes
+        self._sample_width = sample_width
         self.meter = meter
         self._pending = bytearray()
+
+    @property
+    def target_bytes(self) -> int:
+        """Bytes of whole samples that make `push` emit a frame; settable (>= 1, else
+        ValueError), takes effect at the next push."""
+        return self._target_bytes
+
+    @target_bytes.setter
+    def target_bytes(self, value: int) -> None:
+        if value < 1:
+            raise ValueError("target_bytes must be >= 1")
+        self._target_bytes = value
+
+    @property
+    def sample_width(self) -> int:
+        """Bytes per sample: 2 (PCM16, metered) or 1 (G.711, not metered). Read-only."""
+        return self._sample_width
 
     @property
     def pending_bytes(self) -> int:

@@ -1,0 +1,507 @@
+"""The audio fast path (SPEC §5): every test runs over both implementations.
+
+`pure` is the reference (`_fastpath/_pure.py`); `compiled` is the Cython extension with its SIMD
+kernels where the CPU has them; `compiled-scalar` forces its portable scalar kernels, so both
+compiled code paths are covered on a machine with AVX2 (skipped where the CPU lacks it, since
+then `compiled` already is the scalar path).
+"""
+from __future__ import annotations
+
+import array
+import base64
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import orjson
+import pytest
+
+import _fastpath
+import _fastpath._compiled as compiled
+import _fastpath._pure as pure
+
+HEADER_ROOM = _fastpath.HEADER_ROOM
+DBFS_FLOOR = _fastpath.DBFS_FLOOR
+_SIMD = compiled._set_simd(True)
+
+
+@pytest.fixture(
+    params=[
+        "pure",
+        "compiled",
+        pytest.param(
+            "compiled-scalar",
+            marks=pytest.mark.skipif(not _SIMD, reason="no SIMD kernels on this CPU"),
+        ),
+    ]
+)
+def fp(request):
+    """The implementation under test (a module with the `_fastpath` API)."""
+    if request.param == "pure":
+        yield pure
+        return
+    compiled._set_simd(request.param == "compiled")
+    try:
+        yield compiled
+    finally:
+        compiled._set_simd(True)
+
+
+def pcm16(samples) -> bytes:
+    return np.asarray(samples, dtype="<i2").tobytes()
+
+
+def numpy_level(samples) -> tuple[float, float, int]:
+    """Independent reference: (rms dBFS, peak dBFS, clipped) of int16 samples."""
+    x = np.asarray(samples, dtype=np.float64)
+    if x.size == 0:
+        return DBFS_FLOOR, DBFS_FLOOR, 0
+    rms = math.sqrt(float(np.mean(x * x)))
+    peak = float(np.max(np.abs(x)))
+
+    def dbfs(a):
+        return DBFS_FLOOR if a == 0 else max(DBFS_FLOOR, 20 * math.log10(a / 32768.0))
+
+    return dbfs(rms), dbfs(peak), int(np.count_nonzero(np.abs(x) >= 32767))
+
+
+def append_json(pcm: bytes) -> bytes:
+    """The append frame built the obvious stdlib way."""
+    text = json.dumps(
+        {"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode("ascii")},
+        separators=(",", ":"),
+    )
+    return text.encode("ascii")
+
+
+def delta_frame(pcm: bytes, *, dialect="ga", item_id="item_C1", extra=None, order=None) -> bytes:
+    fields = {
+        "type": "response.output_audio.delta" if dialect == "ga" else "response.audio.delta",
+        "event_id": "event_B9r",
+        "response_id": "resp_A1",
+        "item_id": item_id,
+        "output_index": 0,
+        "content_index": 0,
+        "delta": base64.b64encode(pcm).decode("ascii"),
+    }
+    fields.update(extra or {})
+    if order is not None:
+        fields = {key: fields[key] for key in order}
+    return orjson.dumps(fields)
+
+
+def random_pcm(n_bytes: int, seed: int = 1) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n_bytes, dtype=np.uint8).tobytes()
+
+
+# --------------------------------------------------------------------------- which one is loaded
+
+
+def test_normal_install_loads_the_compiled_fast_path():
+    if os.environ.get("GATEWAY_NO_EXTENSIONS", "") not in ("", "0"):
+        pytest.skip("GATEWAY_NO_EXTENSIONS is set: the pure twin is expected")
+    assert _fastpath.IMPLEMENTATION == "compiled"
+    assert _fastpath.encode_append is compiled.encode_append
+    assert _fastpath.decode_audio_delta is compiled.decode_audio_delta
+    assert _fastpath.Coalescer is compiled.Coalescer
+    assert _fastpath.LevelMeter is compiled.LevelMeter
+
+
+def test_no_extensions_switch_selects_the_pure_twin():
+    env = dict(os.environ, GATEWAY_NO_EXTENSIONS="1")
+    code = "import _fastpath; print(_fastpath.IMPLEMENTATION, _fastpath.encode_append.__module__)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["pure", "_fastpath._pure"]
+
+
+# -------------------------------------------------------------------------------------- metering
+
+
+def test_silence_reads_the_floor(fp):
+    meter = fp.LevelMeter()
+    meter.feed(bytes(960))
+    assert meter.samples == 480
+    assert meter.read() == (DBFS_FLOOR, DBFS_FLOOR, 0, 480)
+    assert meter.read() == (DBFS_FLOOR, DBFS_FLOOR, 0, 0)  # read() reset it
+
+
+def test_full_scale_square_is_zero_dbfs_and_all_clipped(fp):
+    square = [32767, -32768] * 240
+    rms, peak, clipped = fp.measure_level(pcm16(square))
+    assert rms == pytest.approx(0.0, abs=1e-3)
+    assert peak == 0.0  # |-32768| is exactly full scale
+    assert clipped == 480
+    assert (rms, peak, clipped) == pytest.approx(numpy_level(square), abs=1e-12)
+
+
+def test_full_scale_sine_is_minus_3_dbfs(fp):
+    t = np.arange(24000)
+    sine = np.round(32767 * np.sin(2 * np.pi * 1000 * t / 24000)).astype(np.int16)
+    rms, peak, clipped = fp.measure_level(sine.tobytes())
+    assert rms == pytest.approx(-3.0103, abs=0.01)
+    assert peak == pytest.approx(20 * math.log10(32767 / 32768))
+    assert (rms, peak, clipped) == pytest.approx(numpy_level(sine), abs=1e-9)
+
+
+def test_clipped_counts_both_rails_and_nothing_below(fp):
+    samples = [32767, -32768, -32767, 32766, -32766, 0, 12345, 32767]
+    assert fp.measure_level(pcm16(samples))[2] == 4
+    assert fp.measure_level(pcm16(samples))[2] == numpy_level(samples)[2]
+
+
+def test_meter_ignores_the_odd_byte_and_accumulates_across_feeds(fp):
+    samples = np.random.default_rng(7).integers(-32768, 32768, 1001).astype(np.int16)
+    data = samples.tobytes()
+    meter = fp.LevelMeter()
+    meter.feed(data[:501])  # 250 samples, then half of one: not a sample
+    meter.feed(memoryview(data)[500:])  # the caller carried that half: 751 samples
+    rms, peak, clipped, count = meter.read()
+    assert count == 250 + 751
+    expected = numpy_level(samples)
+    assert (rms, peak, clipped) == pytest.approx(expected, abs=1e-9)
+
+
+def test_meter_is_bit_identical_to_the_twin(fp):
+    for seed, size in ((1, 0), (2, 1), (3, 2), (4, 961), (5, 4800), (6, 48001)):
+        data = random_pcm(size, seed)
+        mine, reference = fp.LevelMeter(), pure.LevelMeter()
+        for meter in (mine, reference):
+            meter.feed(data)
+            meter.feed(data[: size // 3])
+        assert mine.read() == reference.read()
+
+
+def test_meter_stays_exact_beyond_double_precision(fp):
+    # 2**23 full-scale samples put the sum of squares past 2**53, where a naive
+    # double division could round differently from Python's int / int.
+    loud = np.full(1 << 23, -32768, dtype="<i2")
+    loud[::3] = 32767
+    loud[::7] = 12345
+    data = loud.tobytes()
+    mine, reference = fp.LevelMeter(), pure.LevelMeter()
+    for meter in (mine, reference):
+        meter.feed(data)
+        meter.feed(data[:1234])
+    assert mine.read() == reference.read()
+
+
+def test_meter_accepts_any_contiguous_buffer_and_rejects_others(fp):
+    samples = [1000, -2000, 3000]
+    expected = fp.measure_level(pcm16(samples))
+    assert fp.measure_level(bytearray(pcm16(samples))) == expected
+    assert fp.measure_level(array.array("h", samples)) == expected
+    assert fp.measure_level(np.array(samples, dtype=np.int16)) == expected
+    with pytest.raises(TypeError):
+        fp.measure_level("not bytes")
+    with pytest.raises(TypeError):
+        fp.measure_level(memoryview(pcm16(samples * 2))[::2])
+
+
+# -------------------------------------------------------------------------------------- encoding
+
+
+@pytest.mark.parametrize("size", [*range(0, 40), 959, 960, 961, 4800, 48000, 48001])
+def test_encode_append_is_the_exact_json_frame(fp, size):
+    pcm = random_pcm(size, size)
+    frame = fp.encode_append(pcm)
+    assert type(frame) is bytearray
+    assert frame[:HEADER_ROOM] == bytes(HEADER_ROOM)
+    assert frame[HEADER_ROOM:] == append_json(pcm)
+    assert orjson.loads(frame[HEADER_ROOM:])["audio"] == base64.b64encode(pcm).decode()
+
+
+def test_encode_append_takes_any_buffer(fp):
+    pcm = random_pcm(963, 3)
+    expected = append_json(pcm)
+    for source in (bytearray(pcm), memoryview(pcm), np.frombuffer(pcm, dtype=np.uint8)):
+        assert fp.encode_append(source)[HEADER_ROOM:] == expected
+    words = np.frombuffer(pcm[:962], dtype="<i2")
+    assert fp.encode_append(words)[HEADER_ROOM:] == append_json(pcm[:962])
+    assert fp.encode_append(memoryview(pcm)[5:900])[HEADER_ROOM:] == append_json(pcm[5:900])
+    with pytest.raises(TypeError):
+        fp.encode_append("text")
+    with pytest.raises(TypeError):
+        fp.encode_append(memoryview(pcm)[::2])
+
+
+def test_encode_append_meters_the_same_samples(fp):
+    pcm = random_pcm(4801, 11)
+    meter = fp.LevelMeter()
+    frame = fp.encode_append(pcm, meter)
+    assert frame[HEADER_ROOM:] == append_json(pcm)
+    rms, peak, clipped, samples = meter.read()
+    assert samples == 2400
+    assert (rms, peak, clipped) == fp.measure_level(pcm)
+    assert (rms, peak, clipped) == pure.measure_level(pcm)
+
+
+def test_encode_append_reuses_out(fp):
+    out = bytearray(b"x" * 5000)
+    big, small = random_pcm(2000, 1), random_pcm(10, 2)
+    assert fp.encode_append(big, out=out) is out
+    assert out[HEADER_ROOM:] == append_json(big)
+    assert fp.encode_append(small, out=out) is out
+    assert out == bytes(HEADER_ROOM) + append_json(small)
+    # encoding a bytearray into itself reads it before overwriting it
+    own = bytearray(small)
+    assert fp.encode_append(own, out=own) is own
+    assert own[HEADER_ROOM:] == append_json(small)
+
+
+def test_encode_append_refuses_an_out_with_live_exports(fp):
+    out = bytearray(HEADER_ROOM + len(append_json(b"ab")))  # even at the same size
+    view = memoryview(out)
+    with pytest.raises(BufferError):
+        fp.encode_append(b"ab", out=out)
+    view.release()
+    assert fp.encode_append(b"ab", out=out)[HEADER_ROOM:] == append_json(b"ab")
+    with pytest.raises(TypeError):
+        fp.encode_append(b"ab", out=b"not a bytearray")
+
+
+# -------------------------------------------------------------------------------------- decoding
+
+
+def test_decode_ga_delta(fp):
+    pcm = random_pcm(4800, 21)
+    assert fp.decode_audio_delta(delta_frame(pcm)) == ("item_C1", pcm)
+
+
+def test_decode_beta_delta(fp):
+    pcm = random_pcm(960, 22)
+    assert fp.decode_audio_delta(delta_frame(pcm, dialect="beta", item_id="item_9")) == (
+        "item_9",
+        pcm,
+    )
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        ["delta", "item_id", "type"],
+        ["item_id", "delta", "event_id", "type", "response_id"],
+        ["delta", "content_index", "type", "output_index", "item_id", "event_id"],
+    ],
+)
+def test_decode_in_any_key_order(fp, order):
+    pcm = random_pcm(1000, 23)
+    assert fp.decode_audio_delta(delta_frame(pcm, order=order)) == ("item_C1", pcm)
+
+
+def test_decode_ga_delta_with_obfuscation_and_scalars(fp):
+    pcm = random_pcm(962, 24)
+    extra = {"obfuscation": "aZ3x", "flag": True, "none": None, "off": False, "x": -1.5e-3}
+    assert fp.decode_audio_delta(delta_frame(pcm, extra=extra)) == ("item_C1", pcm)
+
+
+def test_decode_plain_json_whitespace(fp):
+    frame = b' \r\n{ "type" :\t"response.audio.delta" ,\n"item_id": "i1", "delta" : "AAEC" }\n '
+    assert fp.decode_audio_delta(frame) == ("i1", b"\x00\x01\x02")
+
+
+def test_decode_takes_every_payload_type_orjson_takes(fp):
+    pcm = random_pcm(300, 25)
+    frame = delta_frame(pcm)
+    for payload in (frame, bytearray(frame), memoryview(frame), frame.decode("ascii")):
+        assert fp.decode_audio_delta(payload) == ("item_C1", pcm)
+    assert fp.decode_audio_delta(array.array("b", frame)) is None  # orjson refuses it too
+    assert fp.decode_audio_delta(memoryview(frame + frame)[::2]) is None  # not contiguous
+    assert fp.decode_audio_delta(12345) is None
+
+
+def test_decode_empty_delta(fp):
+    assert fp.decode_audio_delta(delta_frame(b"")) == ("item_C1", b"")
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        # a backslash escape in each string the decoder reads
+        rb'{"type":"response.audio.delt\u0061","item_id":"i","delta":"AAAA"}',
+        rb'{"type":"response.audio.delta","item_id":"i\/1","delta":"AAAA"}',
+        rb'{"type":"response.audio.delta","item_id":"i","delta":"AA\/A"}',
+        rb'{"type":"response.audio.delta","item_id":"i","event_id":"e\"x","delta":"AAAA"}',
+        rb'{"t\u0079pe":"response.audio.delta","type":"response.audio.delta","item_id":"i","delta":"AAAA"}',
+        # non-ASCII in a field it skips
+        '{"type":"response.audio.delta","item_id":"i","note":"h\u00e9","delta":"AAAA"}'.encode(),
+        # nested values it would have to skip
+        b'{"type":"response.audio.delta","item_id":"i","meta":{"a":1},"delta":"AAAA"}',
+        b'{"type":"response.audio.delta","item_id":"i","list":[1,2],"delta":"AAAA"}',
+    ],
+)
+def test_decode_is_conservative_on_escapes_and_nesting(fp, frame):
+    """Valid JSON the scanner does not handle: the compiled path says "not handled" (the caller
+    then parses with orjson); whatever anyone returns equals the JSON parser's reading."""
+    expected = pure.decode_audio_delta(frame)
+    result = fp.decode_audio_delta(frame)
+    assert result in (None, expected)
+    if fp is compiled:
+        assert result is None
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b'{"type":"response.output_audio_transcript.delta","item_id":"i","delta":"AAAA"}',
+        b'{"type":"response.output_text.delta","item_id":"i","delta":"QUFB"}',
+        b'{"type":"response.function_call_arguments.delta","item_id":"i","delta":"AAAA"}',
+        b'{"type":"session.created","session":{"id":"sess_1"}}',
+        b'{"type":"error","error":{"type":"invalid_request_error","code":"x"}}',
+        b'{"item_id":"i","delta":"AAAA"}',
+        b'{"type":"response.audio.delta","delta":"AAAA"}',
+        b'{"type":"response.audio.delta","item_id":"i"}',
+        b'{"type":"response.audio.delta","item_id":7,"delta":"AAAA"}',
+        b'{"type":"response.audio.delta","item_id":"i","delta":null}',
+        b'{"type":["response.audio.delta"],"item_id":"i","delta":"AAAA"}',
+        b'[{"type":"response.audio.delta","item_id":"i","delta":"AAAA"}]',
+        b"{}",
+        b"",
+    ],
+)
+def test_decode_leaves_other_events_alone(fp, frame):
+    assert fp.decode_audio_delta(frame) is None
+
+
+def test_decode_rejects_truncated_frames(fp):
+    frame = delta_frame(random_pcm(96, 26))
+    for cut in range(len(frame)):
+        assert fp.decode_audio_delta(frame[:cut]) is None, cut
+    assert fp.decode_audio_delta(frame + b"x") is None
+    assert fp.decode_audio_delta(frame + b"}") is None
+    assert fp.decode_audio_delta(frame + b",") is None
+
+
+@pytest.mark.parametrize(
+    "delta",
+    ["Q", "QQ", "QQ=", "QUF", "QUFBQ", "QUF*", "QU FB", "=QUF", "QQ==QQ==", "QQQ==", "Q===", "QUFB\n"],
+)
+def test_decode_rejects_invalid_base64(fp, delta):
+    frame = b'{"type":"response.audio.delta","item_id":"i","delta":"%s"}' % delta.encode()
+    assert fp.decode_audio_delta(frame) is None
+
+
+def test_decode_rejects_an_invalid_character_anywhere(fp):
+    good = base64.b64encode(random_pcm(600, 27))  # 800 characters: SIMD blocks and scalar tail
+    for position in (0, 1, 31, 32, 33, 400, 767, 768, 795, 799):
+        for bad in (b"*", b"-", b"_", b"=", b"\x00", b"\xff", b" "):
+            delta = good[:position] + bad + good[position + 1 :]
+            frame = b'{"type":"response.audio.delta","item_id":"i","delta":"' + delta + b'"}'
+            expected = pure.decode_audio_delta(frame)
+            assert fp.decode_audio_delta(frame) == expected, (position, bad)
+            if bad != b"=":
+                assert expected is None
+
+
+def test_decode_rejects_duplicate_fields(fp):
+    frame = b'{"type":"response.audio.delta","item_id":"a","item_id":"b","delta":"AAAA"}'
+    assert fp.decode_audio_delta(frame) in (None, ("b", b"\x00\x00\x00"))
+    if fp is compiled:
+        assert fp.decode_audio_delta(frame) is None
+
+
+def test_decode_meters_only_what_it_returns(fp):
+    pcm = random_pcm(4802, 28)
+    meter = fp.LevelMeter()
+    assert fp.decode_audio_delta(delta_frame(pcm), meter) == ("item_C1", pcm)
+    assert meter.read() == (*fp.measure_level(pcm), 2401)
+    broken = delta_frame(pcm)[:-3] + b'*"}'  # invalid base64 at the very end
+    assert fp.decode_audio_delta(broken, meter) is None
+    assert meter.read()[3] == 0
+
+
+# ------------------------------------------------------------------------------------- coalescing
+
+
+def audio_of(frame) -> bytes:
+    return base64.b64decode(orjson.loads(frame[HEADER_ROOM:])["audio"])
+
+
+def test_coalescer_merges_frames_up_to_the_target(fp):
+    coalescer = fp.Coalescer(target_bytes=4800)
+    chunks = [random_pcm(960, seed) for seed in range(10)]
+    frames = [coalescer.push(chunk) for chunk in chunks]
+    assert [frame is not None for frame in frames] == [False] * 4 + [True] + [False] * 4 + [True]
+    assert audio_of(frames[4]) == b"".join(chunks[:5])
+    assert audio_of(frames[9]) == b"".join(chunks[5:])
+    assert frames[4] == fp.encode_append(b"".join(chunks[:5]))
+    assert coalescer.pending_bytes == 0
+    assert coalescer.flush() is None
+
+
+def test_coalescer_carries_the_odd_byte(fp):
+    coalescer = fp.Coalescer(target_bytes=960)
+    first, second = random_pcm(961, 1), random_pcm(959, 2)
+    frame = coalescer.push(first)
+    assert audio_of(frame) == first[:960]
+    assert coalescer.pending_bytes == 1
+    frame = coalescer.push(second)
+    assert audio_of(frame) == first[960:] + second
+    assert coalescer.pending_bytes == 0
+    assert coalescer.push(b"\x01") is None
+    assert coalescer.flush() is None  # half a sample is never sent
+    assert coalescer.pending_bytes == 1
+
+
+def test_coalescer_flush_sends_whole_samples_pending(fp):
+    coalescer = fp.Coalescer(target_bytes=4800)
+    data = random_pcm(1001, 3)
+    assert coalescer.push(data) is None
+    assert audio_of(coalescer.flush()) == data[:1000]
+    assert coalescer.pending_bytes == 1
+    assert coalescer.push(b"\x02\x03") is None
+    assert audio_of(coalescer.flush()) == data[1000:] + b"\x02"
+    assert coalescer.pending_bytes == 1
+
+
+def test_coalescer_discard_drops_pending(fp):
+    coalescer = fp.Coalescer(target_bytes=4800)
+    coalescer.push(random_pcm(1501, 4))
+    assert coalescer.discard() == 1501
+    assert coalescer.pending_bytes == 0
+    assert coalescer.flush() is None
+    later = random_pcm(4800, 5)
+    assert audio_of(coalescer.push(later)) == later
+
+
+def test_coalescer_target_is_settable_and_validated(fp):
+    coalescer = fp.Coalescer(target_bytes=4800)
+    assert coalescer.push(random_pcm(960, 6)) is None
+    coalescer.target_bytes = 1920
+    assert coalescer.target_bytes == 1920
+    assert len(audio_of(coalescer.push(random_pcm(960, 7)))) == 1920
+    with pytest.raises(ValueError):
+        coalescer.target_bytes = 0
+    with pytest.raises(ValueError):
+        fp.Coalescer(target_bytes=0)
+    with pytest.raises(ValueError):
+        fp.Coalescer(target_bytes=960, sample_width=3)
+    with pytest.raises(AttributeError):
+        coalescer.sample_width = 1
+
+
+def test_coalescer_g711_has_no_carry_and_no_meter(fp):
+    meter = fp.LevelMeter()
+    coalescer = fp.Coalescer(target_bytes=160, sample_width=1, meter=meter)
+    assert coalescer.sample_width == 1
+    data = random_pcm(161, 8)
+    assert audio_of(coalescer.push(data)) == data
+    assert coalescer.pending_bytes == 0
+    assert meter.samples == 0
+
+
+def test_coalescer_meters_exactly_the_emitted_samples(fp):
+    meter = fp.LevelMeter()
+    coalescer = fp.Coalescer(target_bytes=960, meter=meter)
+    data = random_pcm(2001, 9)
+    emitted = b""
+    for start in range(0, 2001, 320):
+        frame = coalescer.push(data[start : start + 320])
+        emitted += audio_of(frame) if frame is not None else b""
+    assert meter.read() == (*fp.measure_level(emitted), len(emitted) // 2)
+    assert emitted == data[: len(emitted)]
