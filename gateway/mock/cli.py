@@ -1,0 +1,99 @@
+"""`realtime-gateway mock`: run the mock OpenAI Realtime server standalone.
+
+    realtime-gateway mock --host 127.0.0.1 --port 3002 --echo-mode stream --delta-ms 100
+
+Every `MockOptions` knob is a flag. Runs on uvloop until SIGINT/SIGTERM. Standalone, nobody can
+read the sessions' event records, so recording is off unless `--record` is given.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+import uvloop
+
+from .options import MockOptions
+from .server import MockRealtimeServer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind")
+    parser.add_argument("--port", type=int, default=3002, help="port to bind (0 = any free port)")
+    parser.add_argument("--api-key", dest="api_keys", action="append", default=None,
+                        metavar="KEY", help="accepted API key (repeatable); default: any non-empty key")
+    parser.add_argument("--bad-key", choices=["ws_error", "http_401"], default="ws_error",
+                        help="bad/missing key: error event + close 3000, or HTTP 401 at the upgrade")
+    parser.add_argument("--beta", choices=["serve", "reject"], default="reject",
+                        help="beta-shaped clients (OpenAI-Beta: realtime=v1): speak beta, or reject "
+                             "with beta_api_shape_disabled + close 4000 (OpenAI since 2026)")
+    parser.add_argument("--handshake-delay-s", type=float, default=0.0,
+                        help="hold each new connection this long before the HTTP upgrade")
+    parser.add_argument("--pacing", choices=["fast", "realtime"], default="fast",
+                        help="response audio as fast as possible, or each delta spaced by its duration")
+    parser.add_argument("--delta-ms", type=int, default=100,
+                        help="audio per response.output_audio.delta, in ms")
+    parser.add_argument("--echo-mode", choices=["turn", "stream"], default="turn",
+                        help="echo each committed turn in a response, or echo every appended byte "
+                             "continuously (relay benchmarks; no VAD)")
+    parser.add_argument("--text-tone-hz", type=float, default=440.0,
+                        help="frequency of the tone spoken in reply to a text turn")
+    parser.add_argument("--function-trigger", choices=["name_in_text", "none"], default="name_in_text",
+                        help="a text turn naming a configured tool is answered by a call to it")
+    parser.add_argument("--function-every-n-audio-turns", type=int, default=0,
+                        help="with tools configured, every Nth audio turn is answered by a function call")
+    parser.add_argument("--fail-responses", choices=["rate_limit_exceeded", "server_error", "model_not_found"],
+                        default=None, help="make responses end as failed response.done with this error")
+    parser.add_argument("--fail-every-n", type=int, default=1,
+                        help="with --fail-responses: every Nth response fails (1 = all)")
+    parser.add_argument("--close-after-s", type=float, default=None,
+                        help="drop each connection this many seconds after it was accepted")
+    parser.add_argument("--close-after-events", type=int, default=None,
+                        help="drop each connection after it has sent this many server events")
+    parser.add_argument("--close-with-frame", action="store_true",
+                        help="--close-after-* sends close 1011 instead of dropping the TCP connection")
+    parser.add_argument("--session-max-s", type=float, default=3600.0,
+                        help="session lifetime: then session_expired error and close 1001")
+    parser.add_argument("--slow-read-s", type=float, default=0.0,
+                        help="after each client frame stop reading the socket for this long")
+    parser.add_argument("--record", action="store_true",
+                        help="keep every event in memory (only useful in-process)")
+
+
+def options_from_args(args: argparse.Namespace) -> MockOptions:
+    return MockOptions(
+        api_keys=set(args.api_keys) if args.api_keys else None,
+        bad_key=args.bad_key, beta=args.beta, handshake_delay_s=args.handshake_delay_s,
+        pacing=args.pacing, delta_ms=args.delta_ms, echo_mode=args.echo_mode,
+        text_tone_hz=args.text_tone_hz, function_trigger=args.function_trigger,
+        function_every_n_audio_turns=args.function_every_n_audio_turns,
+        fail_responses=args.fail_responses, fail_every_n=args.fail_every_n,
+        close_after_s=args.close_after_s, close_after_events=args.close_after_events,
+        close_with_frame=args.close_with_frame, session_max_s=args.session_max_s,
+        slow_read_s=args.slow_read_s, record=args.record)
+
+
+async def serve(options: MockOptions, host: str, port: int) -> None:
+    """Run a mock server until SIGINT/SIGTERM."""
+    server = MockRealtimeServer(options)
+    bound = await server.start(host, port)
+    print(f"mock OpenAI Realtime server listening on ws://{host}:{bound}/v1/realtime", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        options = options_from_args(args)
+    except ValueError as exc:
+        print(f"realtime-gateway mock: {exc}", file=sys.stderr)
+        return 2
+    uvloop.run(serve(options, args.host, args.port))
+    return 0

@@ -1,0 +1,124 @@
+"""The conversation of one mock session: ordered items and their wire renderings (§3.4, §4.4, §5.4).
+
+Items are stored GA-shaped (content types `input_text`, `input_audio`, `output_text`,
+`output_audio`); `render_item` produces either dialect's shape. Audio bytes of an item live in
+`Item.audio` (never in the content dicts) and are only put on the wire by `retrieve`.
+"""
+from __future__ import annotations
+
+import base64
+from typing import Any, Optional
+
+# GA assistant content type -> beta content type
+_BETA_CONTENT_TYPE = {"output_text": "text", "output_audio": "audio"}
+
+
+class Item:
+    """One conversation item.
+
+    `audio` holds the item's audio in the format it was produced in (`audio_format`): the
+    committed user turn, a client-supplied `input_audio`, or the assistant audio generated so
+    far (a truncate shortens it). `content` never contains audio bytes.
+    """
+
+    __slots__ = ("id", "type", "role", "status", "content", "call_id", "name", "arguments",
+                 "output", "audio", "audio_format")
+
+    def __init__(self, item_id: str, type_: str, *, role: Optional[str] = None,
+                 status: str = "completed", content: Optional[list[dict[str, Any]]] = None,
+                 call_id: Optional[str] = None, name: Optional[str] = None,
+                 arguments: Optional[str] = None, output: Optional[str] = None,
+                 audio: Optional[bytes] = None, audio_format: str = "audio/pcm") -> None:
+        self.id = item_id
+        self.type = type_
+        self.role = role
+        self.status = status
+        self.content = content if content is not None else []
+        self.call_id = call_id
+        self.name = name
+        self.arguments = arguments
+        self.output = output
+        self.audio = bytearray(audio) if audio else bytearray()
+        self.audio_format = audio_format
+
+    @property
+    def is_assistant_audio(self) -> bool:
+        return (self.type == "message" and self.role == "assistant"
+                and any(part["type"] == "output_audio" for part in self.content))
+
+
+def render_item(item: Item, dialect: str, with_audio: bool = False) -> dict[str, Any]:
+    """The wire form of `item`. `with_audio` adds base64 audio (conversation.item.retrieved)."""
+    out: dict[str, Any] = {"id": item.id}
+    if dialect == "beta":
+        out["object"] = "realtime.item"
+    out["type"] = item.type
+    out["status"] = item.status
+    if item.type == "message":
+        out["role"] = item.role
+        parts = []
+        for part in item.content:
+            rendered = dict(part)
+            if dialect == "beta" and part["type"] in _BETA_CONTENT_TYPE:
+                rendered["type"] = _BETA_CONTENT_TYPE[part["type"]]
+            if with_audio and part["type"] in ("input_audio", "output_audio") and item.audio:
+                rendered["audio"] = base64.b64encode(item.audio).decode()
+            parts.append(rendered)
+        out["content"] = parts
+    elif item.type == "function_call":
+        out["name"] = item.name
+        out["call_id"] = item.call_id
+        out["arguments"] = item.arguments
+    elif item.type == "function_call_output":
+        out["call_id"] = item.call_id
+        out["output"] = item.output
+    return out
+
+
+class Conversation:
+    """Ordered items of the default conversation (`conv_…`)."""
+
+    __slots__ = ("id", "_order", "_items")
+
+    def __init__(self, conversation_id: str) -> None:
+        self.id = conversation_id
+        self._order: list[str] = []
+        self._items: dict[str, Item] = {}
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._items
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def get(self, item_id: str) -> Optional[Item]:
+        return self._items.get(item_id)
+
+    def items(self) -> list[Item]:
+        return [self._items[item_id] for item_id in self._order]
+
+    def add(self, item: Item, previous_item_id: Optional[str] = None) -> Optional[str]:
+        """Insert `item` after `previous_item_id` ("root" = first; None = at the end).
+        Returns the id of the item now before it (None when it is first)."""
+        if previous_item_id is None:
+            self._order.append(item.id)
+        elif previous_item_id == "root":
+            self._order.insert(0, item.id)
+        else:
+            self._order.insert(self._order.index(previous_item_id) + 1, item.id)
+        self._items[item.id] = item
+        return self.previous_of(item.id)
+
+    def previous_of(self, item_id: str) -> Optional[str]:
+        index = self._order.index(item_id)
+        return self._order[index - 1] if index > 0 else None
+
+    def delete(self, item_id: str) -> None:
+        self._order.remove(item_id)
+        del self._items[item_id]
+
+    def find_call(self, call_id: str) -> Optional[Item]:
+        for item in self._items.values():
+            if item.type == "function_call" and item.call_id == call_id:
+                return item
+        return None

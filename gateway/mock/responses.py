@@ -1,0 +1,482 @@
+"""Responses of the mock: what to say (the planner) and the event ladder that says it (§7.2–§7.7).
+
+The voice echoes: a response to an audio turn speaks exactly the committed turn's bytes; a text
+turn gets a deterministic tone whose length follows the text; a function result gets a tone and
+a transcript naming the output. Audio goes out in `delta_ms` pieces (the last one shorter), each
+audio delta followed by its share of the transcript.
+
+Cancellation (client `response.cancel` or VAD barge-in) happens only while the ladder task waits
+between deltas, so the closing ladder knows exactly what was streamed: the transcript so far, the
+audio so far (the item keeps it, for truncate), status "incomplete".
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+import orjson
+
+from .audio import BYTES_PER_MS, GA_TO_BETA_FORMAT, new_id, tone
+from .conversation import Item, render_item
+from .errors import MockProtocolError, failure_object
+
+if TYPE_CHECKING:
+    from .session import MockSession
+
+GA_RESPONSE_PARAMS = frozenset({
+    "output_modalities", "instructions", "audio", "tools", "tool_choice", "max_output_tokens",
+    "conversation", "input", "metadata", "prompt", "reasoning", "parallel_tool_calls", "tracing"})
+BETA_RESPONSE_PARAMS = frozenset({
+    "modalities", "instructions", "voice", "output_audio_format", "tools", "tool_choice",
+    "temperature", "max_response_output_tokens", "max_output_tokens", "conversation", "input",
+    "metadata"})
+TOKENS_PER_MINUTE_LIMIT = 40000
+TEXT_TONE_MS_PER_CHAR = 60
+TEXT_TONE_MIN_MS, TEXT_TONE_MAX_MS = 300, 10_000
+ARGUMENT_DELTA_CHARS = 8
+
+
+class OutputPlan:
+    """One output item to produce: a message (audio or text modality) or a function call."""
+
+    __slots__ = ("kind", "audio", "text", "name", "call_id", "arguments")
+
+    def __init__(self, kind: str, *, audio: bytes = b"", text: str = "", name: str = "",
+                 call_id: str = "", arguments: str = "") -> None:
+        self.kind = kind  # "audio" | "text" | "function_call"
+        self.audio = audio
+        self.text = text
+        self.name = name
+        self.call_id = call_id
+        self.arguments = arguments
+
+
+def _split(text: str, pieces: int) -> list[str]:
+    """`text` cut at word boundaries into `pieces` consecutive parts (some possibly empty,
+    when there are fewer words than pieces); "".join(parts) == text."""
+    words = [word + " " for word in text.split(" ")]
+    words[-1] = words[-1][:-1]
+    n = len(words)
+    return ["".join(words[i * n // pieces:(i + 1) * n // pieces]) for i in range(pieces)]
+
+
+def _usage(session: "MockSession", output_audio_ms: int, output_text: str,
+           zero: bool = False) -> dict[str, Any]:
+    """Token usage: ≈10 tokens/s of input audio, 20 tokens/s of output audio (§3.3)."""
+    if zero:
+        in_text = in_audio = out_text = out_audio = 0
+    else:
+        user_audio_ms = 0
+        text_chars = len(session.config["instructions"])
+        for item in session.conversation.items():
+            if item.type == "message" and item.role != "assistant":
+                user_audio_ms += len(item.audio) // BYTES_PER_MS[item.audio_format]
+                text_chars += sum(len(p.get("text") or "") for p in item.content)
+        in_text = text_chars // 4
+        in_audio = user_audio_ms // 100
+        out_audio = output_audio_ms // 50
+        out_text = len(output_text) // 4 + (1 if output_text else 0)
+    details: dict[str, Any] = {"text_tokens": in_text, "audio_tokens": in_audio}
+    cached: dict[str, Any] = {"text_tokens": 0, "audio_tokens": 0}
+    if session.dialect == "ga":
+        details["image_tokens"] = 0
+        cached["image_tokens"] = 0
+    details["cached_tokens"] = 0
+    details["cached_tokens_details"] = cached
+    return {"total_tokens": in_text + in_audio + out_text + out_audio,
+            "input_tokens": in_text + in_audio, "output_tokens": out_text + out_audio,
+            "input_token_details": details,
+            "output_token_details": {"text_tokens": out_text, "audio_tokens": out_audio}}
+
+
+class Response:
+    """One response: its ladder task and what it has streamed so far."""
+
+    def __init__(self, session: "MockSession", plans: list[OutputPlan], modalities: list[str],
+                 metadata: Any, failure: Optional[str] = None) -> None:
+        self.session = session
+        self.id = new_id("resp_")
+        self.plans = plans
+        self.modalities = modalities
+        self.metadata = metadata
+        self.failure = failure
+        self.status = "in_progress"
+        self.output: list[Item] = []
+        self.task: Optional[asyncio.Task[None]] = None
+        self.rate_limits_sent = False
+        self.audio_ms = 0
+        self.text_out = ""
+        # progress of the item being produced (read by the closing ladder)
+        self._current: Optional[Item] = None
+        self._current_plan: Optional[OutputPlan] = None
+        self._streamed_text = ""
+        self._streamed_args = ""
+        self.stream_item: Optional[Item] = None
+
+    # ---- rendering ---------------------------------------------------------------------------
+
+    def render(self, usage: Optional[dict[str, Any]] = None,
+               status_details: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        session = self.session
+        config = session.config
+        out: dict[str, Any] = {
+            "object": "realtime.response", "id": self.id, "status": self.status,
+            "status_details": status_details,
+            "output": [render_item(item, session.dialect) for item in self.output],
+            "conversation_id": session.conversation.id,
+        }
+        audio_out = config["audio"]["output"]
+        if session.dialect == "ga":
+            out["output_modalities"] = list(self.modalities)
+            out["max_output_tokens"] = config["max_output_tokens"]
+            out["audio"] = {"output": {"format": dict(audio_out["format"]),
+                                       "voice": audio_out["voice"]}}
+        else:
+            out["modalities"] = ["text", "audio"] if "audio" in self.modalities else ["text"]
+            out["voice"] = audio_out["voice"]
+            out["output_audio_format"] = GA_TO_BETA_FORMAT[audio_out["format"]["type"]]
+            out["temperature"] = config["_beta"]["temperature"]
+            out["max_output_tokens"] = config["max_output_tokens"]
+        out["usage"] = usage
+        out["metadata"] = self.metadata
+        return out
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        session = self.session
+        session.send_event("response.created", response=self.render())
+        if self.failure is not None:
+            self.status = "failed"
+            error = failure_object(self.failure, model=session.model, session_id=session.id,
+                                   requested=1200)
+            self._done(usage=_usage(session, 0, "", zero=True),
+                       status_details={"type": "failed", "error": error})
+            return
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        try:
+            for index, plan in enumerate(self.plans):
+                if plan.kind == "function_call":
+                    await self._function_call(index, plan)
+                else:
+                    await self._message(index, plan)
+            self.status = "completed"
+            self._done(usage=_usage(self.session, self.audio_ms, self.text_out), status_details=None)
+        except asyncio.CancelledError:
+            pass  # cancel() already wrote the closing ladder
+
+    def _add_item(self, index: int, item: Item) -> None:
+        session = self.session
+        self._current = item
+        self.output.append(item)
+        previous = session.conversation.add(item)
+        rendered = render_item(item, session.dialect)
+        session.send_event("response.output_item.added", response_id=self.id, output_index=index,
+                           item=rendered)
+        session.send_event("conversation.item.added", previous_item_id=previous, item=rendered)
+
+    def _finish_item(self, index: int, item: Item, status: str) -> None:
+        session = self.session
+        item.status = status
+        rendered = render_item(item, session.dialect)
+        session.send_event("response.output_item.done", response_id=self.id, output_index=index,
+                           item=rendered)
+        session.send_event("conversation.item.done",
+                           previous_item_id=session.conversation.previous_of(item.id)
+                           if item.id in session.conversation else None, item=rendered)
+        self._current = None
+        self._current_plan = None
+
+    def _send_rate_limits(self) -> None:
+        if self.rate_limits_sent:
+            return
+        self.rate_limits_sent = True
+        used = self.audio_ms // 50 + len(self.text_out) // 4 + 1
+        remaining = max(0, TOKENS_PER_MINUTE_LIMIT - used)
+        tokens = {"name": "tokens", "limit": TOKENS_PER_MINUTE_LIMIT, "remaining": remaining,
+                  "reset_seconds": round(60.0 * used / TOKENS_PER_MINUTE_LIMIT, 3)}
+        limits = [tokens] if self.session.dialect == "ga" else [
+            {"name": "requests", "limit": 5000, "remaining": 4999, "reset_seconds": 0.012}, tokens]
+        self.session.send_event("rate_limits.updated", rate_limits=limits)
+
+    async def _pace(self, sent_ms: int, started: float) -> None:
+        """Between deltas: realtime pacing waits until `sent_ms` of audio is due; fast pacing
+        only yields (so barge-in and cancel can land) and respects write backpressure."""
+        session = self.session
+        if session.options.pacing == "realtime":
+            delay = started + sent_ms / 1000.0 - time.monotonic()
+            await asyncio.sleep(delay if delay > 0 else 0)
+        else:
+            await asyncio.sleep(0)
+        await session.writable()
+
+    async def _message(self, index: int, plan: OutputPlan) -> None:
+        session = self.session
+        audio_mode = plan.kind == "audio"
+        content_type = "output_audio" if audio_mode else "output_text"
+        text_field = "transcript" if audio_mode else "text"
+        item = Item(new_id("item_"), "message", role="assistant", status="in_progress",
+                    audio_format=session.output_format)
+        self._current_plan = plan
+        self._streamed_text = ""
+        self._add_item(index, item)
+        item.content.append({"type": content_type, text_field: ""})
+        ids = {"response_id": self.id, "item_id": item.id, "output_index": index, "content_index": 0}
+        session.send_event("response.content_part.added", **ids,
+                           part={"type": "audio" if audio_mode else "text", text_field: ""})
+        if audio_mode:
+            bytes_per_ms = BYTES_PER_MS[session.output_format]
+            delta_bytes = session.options.delta_ms * bytes_per_ms
+            chunks = [plan.audio[i:i + delta_bytes] for i in range(0, len(plan.audio), delta_bytes)]
+            pieces = _split(plan.text, max(1, len(chunks)))
+            started = time.monotonic()
+            sent_ms = 0
+            for chunk, piece in zip(chunks, pieces):
+                session.send_event("response.output_audio.delta", **ids,
+                                   delta=base64.b64encode(chunk).decode())
+                item.audio += chunk
+                session.voice_locked = True
+                sent_ms += len(chunk) // bytes_per_ms
+                self.audio_ms += len(chunk) // bytes_per_ms
+                if piece:
+                    session.send_event("response.output_audio_transcript.delta", **ids, delta=piece)
+                    self._streamed_text += piece
+                    item.content[0]["transcript"] = self._streamed_text
+                await self._pace(sent_ms, started)
+            if not chunks and plan.text:
+                session.send_event("response.output_audio_transcript.delta", **ids, delta=plan.text)
+                self._streamed_text = plan.text
+        else:
+            words = plan.text.split(" ")
+            for position, word in enumerate(words):
+                piece = word if position == len(words) - 1 else word + " "
+                session.send_event("response.output_text.delta", **ids, delta=piece)
+                self._streamed_text += piece
+                item.content[0]["text"] = self._streamed_text
+                await self._pace(0, 0.0)
+        self._send_rate_limits()
+        self._close_message(index, item, "completed")
+
+    def _close_message(self, index: int, item: Item, status: str) -> None:
+        session = self.session
+        ids = {"response_id": self.id, "item_id": item.id, "output_index": index, "content_index": 0}
+        text = self._streamed_text
+        self.text_out += text
+        if item.content and item.content[0]["type"] == "output_audio":
+            item.content[0]["transcript"] = text
+            session.send_event("response.output_audio.done", **ids)
+            session.send_event("response.output_audio_transcript.done", **ids, transcript=text)
+            session.send_event("response.content_part.done", **ids,
+                               part={"type": "audio", "transcript": text})
+        else:
+            item.content[0]["text"] = text
+            session.send_event("response.output_text.done", **ids, text=text)
+            session.send_event("response.content_part.done", **ids, part={"type": "text", "text": text})
+        self._finish_item(index, item, status)
+
+    async def _function_call(self, index: int, plan: OutputPlan) -> None:
+        session = self.session
+        item = Item(new_id("item_"), "function_call", status="in_progress", name=plan.name,
+                    call_id=plan.call_id, arguments="")
+        self._current_plan = plan
+        self._streamed_args = ""
+        self._add_item(index, item)
+        ids = {"response_id": self.id, "item_id": item.id, "output_index": index,
+               "call_id": plan.call_id}
+        args = plan.arguments
+        for start in range(0, len(args), ARGUMENT_DELTA_CHARS):
+            piece = args[start:start + ARGUMENT_DELTA_CHARS]
+            session.send_event("response.function_call_arguments.delta", **ids, delta=piece)
+            self._streamed_args += piece
+            item.arguments = self._streamed_args
+            await self._pace(0, 0.0)
+        self._send_rate_limits()
+        self._close_call(index, item, "completed")
+
+    def _close_call(self, index: int, item: Item, status: str) -> None:
+        item.arguments = self._streamed_args
+        self.session.send_event("response.function_call_arguments.done", response_id=self.id,
+                                item_id=item.id, output_index=index, call_id=item.call_id,
+                                name=item.name, arguments=item.arguments)
+        self._finish_item(index, item, status)
+
+    def cancel(self, reason: str) -> None:
+        """Stop generating: closing ladder for the item in progress (only what was streamed,
+        status "incomplete"), then response.done "cancelled" with `reason`."""
+        if self.status != "in_progress":
+            return
+        if self.task is not None:
+            self.task.cancel()
+        item = self._current
+        if item is not None:
+            index = self.output.index(item)
+            if item.type == "function_call":
+                self._close_call(index, item, "incomplete")
+            else:
+                self._close_message(index, item, "incomplete")
+        self.status = "cancelled"
+        self._done(usage=_usage(self.session, self.audio_ms, self.text_out),
+                   status_details={"type": "cancelled", "reason": reason})
+
+    def abandon(self) -> None:
+        """The connection is gone: stop without sending anything."""
+        self.status = "cancelled"
+        if self.task is not None:
+            self.task.cancel()
+
+    def _done(self, usage: dict[str, Any], status_details: Optional[dict[str, Any]]) -> None:
+        self.session.send_event("response.done", response=self.render(usage, status_details))
+        self.session.response_finished(self)
+
+    # ---- stream echo mode (see session.StreamEcho) ------------------------------------------
+
+    def stream_progress(self, audio_bytes: int) -> None:
+        """Account one stream-echo delta (the echo can run for hours: no audio is kept)."""
+        self.audio_ms += audio_bytes // BYTES_PER_MS[self.session.output_format]
+
+    def finish_stream(self, status: str, transcript: str) -> None:
+        item = self.stream_item
+        assert item is not None
+        self._current = item
+        self._streamed_text = transcript
+        self._send_rate_limits()
+        self._close_message(0, item, "completed" if status == "completed" else "incomplete")
+        self.status = status
+        details = None if status == "completed" else {"type": "cancelled", "reason": "client_cancelled"}
+        self._done(usage=_usage(self.session, self.audio_ms, self._streamed_text), status_details=details)
+
+
+def stream_response(session: "MockSession") -> Response:
+    """Open the long-lived response of echo_mode="stream": response.created, output item
+    added, content part added. Deltas are then sent by `StreamEcho`."""
+    response = Response(session, [], ["audio"], None)
+    session.send_event("response.created", response=response.render())
+    item = Item(new_id("item_"), "message", role="assistant", status="in_progress",
+                audio_format=session.output_format)
+    response.stream_item = item
+    response._add_item(0, item)
+    item.content.append({"type": "output_audio", "transcript": ""})
+    session.send_event("response.content_part.added", response_id=response.id, item_id=item.id,
+                       output_index=0, content_index=0, part={"type": "audio", "transcript": ""})
+    return response
+
+
+class ResponsePlanner:
+    """Decides what a response says, from the conversation and the session's tools."""
+
+    def __init__(self, session: "MockSession") -> None:
+        self.session = session
+
+    def validate_params(self, params: dict[str, Any]) -> None:
+        allowed = GA_RESPONSE_PARAMS if self.session.dialect == "ga" else BETA_RESPONSE_PARAMS
+        for key in params:
+            if key not in allowed:
+                raise MockProtocolError("unknown_parameter", f"response.{key}")
+        key = "output_modalities" if self.session.dialect == "ga" else "modalities"
+        modalities = params.get(key)
+        if modalities is not None and (not isinstance(modalities, list) or not modalities
+                                       or any(m not in ("audio", "text") for m in modalities)):
+            raise MockProtocolError("invalid_enum", f"response.{key}", value=str(modalities),
+                                    supported="'audio', 'text'")
+
+    def plan(self, params: dict[str, Any]) -> Response:
+        session = self.session
+        options = session.options
+        if session.dialect == "ga":
+            modalities = params.get("output_modalities") or session.config["output_modalities"]
+        else:
+            modalities = params.get("modalities") or session.config["_beta"]["modalities"]
+        modalities = ["audio"] if "audio" in modalities else ["text"]
+        failure = None
+        if options.fail_responses is not None and session.responses_created % options.fail_every_n == 0:
+            failure = options.fail_responses
+        source = self._source_item()
+        call = self._function_call_for(source)
+        if call is not None:
+            plans = [call]
+        else:
+            plans = [self._speech_for(source, modalities[0])]
+        return Response(session, plans, modalities, params.get("metadata"), failure)
+
+    def _source_item(self) -> Optional[Item]:
+        """The newest input a response answers: the latest user message or function output
+        (assistant and system items after it do not change what is answered)."""
+        for item in reversed(self.session.conversation.items()):
+            if item.type == "function_call_output" or (item.type == "message" and item.role == "user"):
+                return item
+        return None
+
+    def _function_call_for(self, source: Optional[Item]) -> Optional[OutputPlan]:
+        session = self.session
+        options = session.options
+        tools = [t for t in session.config["tools"] if t.get("type", "function") == "function"]
+        choice = session.config["tool_choice"]
+        if not tools or choice == "none" or source is None or source.type != "message":
+            return None
+        chosen = None
+        if isinstance(choice, dict) and choice.get("type") == "function":
+            chosen = next((t for t in tools if t["name"] == choice.get("name")), None)
+        elif choice == "required":
+            chosen = tools[0]
+        else:
+            text = " ".join(p.get("text") or "" for p in source.content if p["type"] == "input_text")
+            if text and options.function_trigger == "name_in_text":
+                chosen = next((t for t in tools if t["name"] in text), None)
+            elif source.audio and options.function_every_n_audio_turns > 0 \
+                    and session.audio_turns % options.function_every_n_audio_turns == 0:
+                chosen = tools[0]
+        if chosen is None:
+            return None
+        return OutputPlan("function_call", name=chosen["name"], call_id=new_id("call_", 16),
+                          arguments=orjson.dumps(_arguments_for(chosen)).decode())
+
+    def _speech_for(self, source: Optional[Item], modality: str) -> OutputPlan:
+        session = self.session
+        fmt = session.output_format
+        if source is not None and source.type == "message" and source.audio:
+            duration_ms = len(source.audio) // BYTES_PER_MS[source.audio_format]
+            text = f"echo of {duration_ms} ms"
+            if source.audio_format == fmt:
+                audio = bytes(source.audio)  # the echo: the user's turn, bit-exactly
+            else:
+                audio = tone(duration_ms, fmt, session.options.text_tone_hz)
+        else:
+            if source is None:
+                text = "Hello, how can I help?"
+            elif source.type == "function_call_output":
+                call = session.conversation.find_call(source.call_id or "")
+                name = call.name if call is not None else "function"
+                text = f"The {name} function returned {source.output}"
+            else:
+                said = " ".join(p.get("text") or "" for p in source.content
+                                if p["type"] == "input_text")
+                text = f"You said: {said}"
+            duration_ms = min(TEXT_TONE_MAX_MS, max(TEXT_TONE_MIN_MS, TEXT_TONE_MS_PER_CHAR * len(text)))
+            audio = tone(duration_ms, fmt, session.options.text_tone_hz)
+        if modality == "text":
+            return OutputPlan("text", text=text)
+        return OutputPlan("audio", audio=audio, text=text)
+
+
+def _arguments_for(tool: dict[str, Any]) -> dict[str, Any]:
+    """Deterministic arguments from the tool's JSON schema: strings "<name> 1", numbers 1,
+    booleans true, anything else null."""
+    parameters = tool.get("parameters") or {}
+    properties = parameters.get("properties") if isinstance(parameters, dict) else None
+    args: dict[str, Any] = {}
+    for name, schema in (properties or {}).items():
+        kind = schema.get("type") if isinstance(schema, dict) else None
+        if kind == "string":
+            enum_values = schema.get("enum")
+            args[name] = enum_values[0] if enum_values else f"{name} 1"
+        elif kind in ("number", "integer"):
+            args[name] = 1
+        elif kind == "boolean":
+            args[name] = True
+        else:
+            args[name] = None
+    return args
