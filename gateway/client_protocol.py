@@ -1,0 +1,517 @@
+"""The client protocol of `/realtime`: client JSON -> typed commands, and gateway -> client events.
+
+One parser accepts both spellings: the seed/SPEC one (`turn_detection:"server_vad"`,
+`vad:{...}`, `input_transcription:{enabled,model}`, `commit`) and WaaV's (`turn_detection:{mode}`,
+`transcribe_input`, `transcription_model`, `commit_audio`, `update_session`,
+`function_result.result`, nested `tools[].function`, negative `max_response_tokens`).
+
+`parse_client_message(text)` returns a command object or raises `InvalidMessage`. A `config` never
+raises for a bad field value: each bad field becomes an `InvalidConfig` in `ConfigCommand.errors`,
+is left out of the resulting `SessionConfig`, and the rest applies.
+
+Gateway -> client events are built here too (`ready_event`, `transcript_event`, ...) and returned
+as JSON bytes (orjson).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import orjson
+
+from gateway.errors import InvalidConfig, InvalidMessage
+
+VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
+TURN_DETECTION_MODES = ("server_vad", "semantic_vad", "none")
+AUDIO_FORMATS = ("pcm16", "g711_ulaw", "g711_alaw")
+EAGERNESS = ("low", "medium", "high", "auto")
+TOOL_CHOICES = ("auto", "none", "required")
+MODALITIES = ("text", "audio")
+#: bytes of audio per millisecond, per wire format (PCM16 24 kHz mono; G.711 8 kHz)
+BYTES_PER_MS = {"pcm16": 48, "g711_ulaw": 8, "g711_alaw": 8}
+
+MAX_INSTRUCTIONS_BYTES = 100 * 1024
+MAX_TEXT_BYTES = 50 * 1024
+MAX_FUNCTION_OUTPUT_BYTES = 100 * 1024
+
+_FORMAT_ALIASES = {"pcm16": "pcm16", "pcm": "pcm16", "linear16": "pcm16", "g711_ulaw": "g711_ulaw",
+                   "ulaw": "g711_ulaw", "mulaw": "g711_ulaw", "g711_alaw": "g711_alaw", "alaw": "g711_alaw"}
+_WAAV_TURN_MODES = {"server_vad": "server_vad", "semantic": "semantic_vad", "semantic_vad": "semantic_vad",
+                    "manual": "none", "none": "none"}
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+@dataclass(slots=True)
+class SessionConfig:
+    """Dialect-neutral session settings. `None` means "not specified" (leave as is).
+
+    `transcription_model` is `""` when the client turned input transcription off. `levels` is a
+    gateway-only setting (the client's `level` events) and never goes upstream.
+    """
+
+    model: str | None = None
+    voice: str | None = None
+    instructions: str | None = None
+    turn_detection: str | None = None          # server_vad | semantic_vad | none
+    vad_threshold: float | None = None         # 0..1
+    vad_silence_duration_ms: int | None = None
+    vad_prefix_padding_ms: int | None = None
+    vad_eagerness: str | None = None
+    transcription_model: str | None = None
+    temperature: float | None = None
+    max_response_tokens: int | str | None = None  # 1..4096 or "inf"
+    tools: list[dict[str, Any]] | None = None   # flat Realtime shape {type,name,description?,parameters?}
+    tool_choice: str | dict[str, Any] | None = None
+    input_audio_format: str | None = None
+    output_audio_format: str | None = None
+    modalities: list[str] | None = None
+    levels: bool | None = None
+
+    def merged(self, update: "SessionConfig") -> "SessionConfig":
+        """A copy of self with every field `update` specifies replaced."""
+        result = SessionConfig()
+        for f in fields(self):
+            new = getattr(update, f.name)
+            setattr(result, f.name, getattr(self, f.name) if new is None else new)
+        return result
+
+    def specified(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def has_vad_params(self) -> bool:
+        return any(v is not None for v in (self.vad_threshold, self.vad_silence_duration_ms,
+                                           self.vad_prefix_padding_ms, self.vad_eagerness))
+
+
+# ---- commands (client -> gateway) -------------------------------------------------------------
+
+@dataclass(slots=True)
+class ConfigCommand:
+    """`config` or WaaV's `update_session`: `config` has only valid fields; `errors` the rest."""
+
+    config: SessionConfig
+    errors: list[InvalidConfig] = field(default_factory=list)
+    provider: str | None = None
+
+
+@dataclass(slots=True)
+class TextCommand:
+    text: str
+    respond: bool = True
+
+
+@dataclass(slots=True)
+class CommitCommand:
+    pass
+
+
+@dataclass(slots=True)
+class CreateResponseCommand:
+    pass
+
+
+@dataclass(slots=True)
+class CancelResponseCommand:
+    pass
+
+
+@dataclass(slots=True)
+class ClearAudioCommand:
+    pass
+
+
+@dataclass(slots=True)
+class FunctionResultCommand:
+    call_id: str
+    output: str
+
+
+@dataclass(slots=True)
+class PlaybackCommand:
+    """The client has played `played_ms` of the current response audio."""
+
+    played_ms: float
+
+
+@dataclass(slots=True)
+class PassthroughCommand:
+    """A raw OpenAI client event (its type contains a '.'), forwarded upstream as-is."""
+
+    event: dict[str, Any]
+
+
+Command = (ConfigCommand | TextCommand | CommitCommand | CreateResponseCommand | CancelResponseCommand
+           | ClearAudioCommand | FunctionResultCommand | PlaybackCommand | PassthroughCommand)
+
+
+def parse_client_message(payload: bytes | bytearray | memoryview | str) -> Command:
+    """Parse one complete client text message. Raises `InvalidMessage` (non-fatal) on bad input."""
+    try:
+        message = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidMessage(f"message is not valid JSON (UTF-8): {exc}") from None
+    if type(message) is not dict:
+        raise InvalidMessage("message must be a JSON object with a 'type' field")
+    kind = message.get("type")
+    if not isinstance(kind, str):
+        raise InvalidMessage("message has no string 'type' field", param="type")
+    if "." in kind:
+        return PassthroughCommand(message)
+    parser = _PARSERS.get(kind)
+    if parser is None:
+        raise InvalidMessage(f"unknown message type {kind!r}", param="type")
+    return parser(message)
+
+
+def _string(message: dict, name: str, *, limit: int | None = None, required: bool = True) -> str | None:
+    value = message.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise InvalidMessage(f"'{name}' must be a string", param=name)
+    if limit is not None and len(value.encode()) > limit:
+        raise InvalidMessage(f"'{name}' is larger than {limit} bytes", param=name)
+    return value
+
+
+def _parse_text(message: dict) -> TextCommand:
+    text = _string(message, "text", limit=MAX_TEXT_BYTES)
+    respond = message.get("respond", True)
+    if not isinstance(respond, bool):
+        raise InvalidMessage("'respond' must be a boolean", param="respond")
+    return TextCommand(text, respond)
+
+
+def _parse_function_result(message: dict) -> FunctionResultCommand:
+    call_id = _string(message, "call_id")
+    name = "output" if "output" in message else "result"  # WaaV spells it `result`
+    output = message.get(name)
+    if isinstance(output, (dict, list)):
+        output = orjson.dumps(output).decode()
+    if not isinstance(output, str):
+        raise InvalidMessage(f"'{name}' must be a string (or a JSON object)", param=name)
+    if len(output.encode()) > MAX_FUNCTION_OUTPUT_BYTES:
+        raise InvalidMessage(f"'{name}' is larger than {MAX_FUNCTION_OUTPUT_BYTES} bytes", param=name)
+    return FunctionResultCommand(call_id, output)
+
+
+def _parse_playback(message: dict) -> PlaybackCommand:
+    played = message.get("played_ms")
+    if type(played) not in (int, float) or played < 0:
+        raise InvalidMessage("'played_ms' must be a non-negative number", param="played_ms")
+    return PlaybackCommand(float(played))
+
+
+def _parse_config(message: dict) -> ConfigCommand:
+    return parse_config(message)
+
+
+_PARSERS = {
+    "config": _parse_config,
+    "update_session": _parse_config,
+    "text": _parse_text,
+    "commit": lambda m: CommitCommand(),
+    "commit_audio": lambda m: CommitCommand(),
+    "create_response": lambda m: CreateResponseCommand(),
+    "cancel_response": lambda m: CancelResponseCommand(),
+    "clear_audio": lambda m: ClearAudioCommand(),
+    "function_result": _parse_function_result,
+    "playback": _parse_playback,
+}
+
+
+# ---- config validation ------------------------------------------------------------------------
+
+class _Bad(Exception):
+    def __init__(self, param: str, message: str):
+        self.param = param
+        self.message = message
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float)
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int or (type(value) is float and value.is_integer())
+
+
+def parse_config(message: dict[str, Any]) -> ConfigCommand:
+    """Validate every field of a `config` (SPEC §2.2, both spellings); bad fields -> `errors`."""
+    config = SessionConfig()
+    errors: list[InvalidConfig] = []
+    provider = None
+
+    def field_(param: str, check) -> None:
+        try:
+            check()
+        except _Bad as bad:
+            errors.append(InvalidConfig(bad.message, param=bad.param))
+
+    def check_provider() -> None:
+        nonlocal provider
+        value = message["provider"]
+        if value != "openai":
+            raise _Bad("provider", f"provider must be 'openai' (got {value!r})")
+        provider = value
+
+    def check_model() -> None:
+        value = message["model"]
+        if not isinstance(value, str) or not value or len(value) > 128 or not value.isprintable():
+            raise _Bad("model", "model must be a non-empty model name")
+        config.model = value
+
+    def check_voice() -> None:
+        value = message["voice"]
+        if value not in VOICES:
+            raise _Bad("voice", f"voice {value!r} is not a realtime voice (one of {', '.join(VOICES)}); "
+                                "the session keeps its current voice")
+        config.voice = value
+
+    def check_instructions() -> None:
+        value = message["instructions"]
+        if not isinstance(value, str):
+            raise _Bad("instructions", "instructions must be a string")
+        if len(value.encode()) > MAX_INSTRUCTIONS_BYTES:
+            raise _Bad("instructions", f"instructions are larger than {MAX_INSTRUCTIONS_BYTES} bytes")
+        config.instructions = value
+
+    def check_turn_detection() -> None:
+        value = message["turn_detection"]
+        if isinstance(value, str):
+            if value not in TURN_DETECTION_MODES:
+                raise _Bad("turn_detection", f"turn_detection must be one of {', '.join(TURN_DETECTION_MODES)}")
+            config.turn_detection = value
+        elif value is None:
+            config.turn_detection = "none"
+        elif isinstance(value, dict):  # WaaV: {mode, threshold?, silence_duration_ms?, prefix_padding_ms?, eagerness?}
+            mode = _WAAV_TURN_MODES.get(value.get("mode", value.get("type")))
+            if mode is None:
+                raise _Bad("turn_detection.mode", "turn_detection.mode must be server_vad, semantic or manual")
+            _vad_params(value, "turn_detection", config)
+            config.turn_detection = mode
+        else:
+            raise _Bad("turn_detection", "turn_detection must be a string or an object")
+
+    def check_vad() -> None:
+        value = message["vad"]
+        if not isinstance(value, dict):
+            raise _Bad("vad", "vad must be an object")
+        enabled = value.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise _Bad("vad.enabled", "vad.enabled must be a boolean")
+        _vad_params(value, "vad", config)
+        if not enabled:
+            config.turn_detection = "none"
+
+    def check_input_transcription() -> None:
+        value = message["input_transcription"]
+        if not isinstance(value, dict):
+            raise _Bad("input_transcription", "input_transcription must be an object")
+        enabled = value.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise _Bad("input_transcription.enabled", "input_transcription.enabled must be a boolean")
+        model = value.get("model", "whisper-1")
+        if not isinstance(model, str) or not model:
+            raise _Bad("input_transcription.model", "input_transcription.model must be a non-empty string")
+        config.transcription_model = model if enabled else ""
+
+    def check_transcribe_input() -> None:  # WaaV
+        value = message["transcribe_input"]
+        if not isinstance(value, bool):
+            raise _Bad("transcribe_input", "transcribe_input must be a boolean")
+        if not value:
+            config.transcription_model = ""
+        elif config.transcription_model is None:
+            config.transcription_model = "whisper-1"
+
+    def check_transcription_model() -> None:  # WaaV
+        value = message["transcription_model"]
+        if not isinstance(value, str) or not value:
+            raise _Bad("transcription_model", "transcription_model must be a non-empty string")
+        if config.transcription_model != "":
+            config.transcription_model = value
+
+    def check_temperature() -> None:
+        value = message["temperature"]
+        if not _is_number(value) or not 0.6 <= value <= 1.2:
+            raise _Bad("temperature", "temperature must be a number from 0.6 to 1.2")
+        config.temperature = float(value)
+
+    def check_max_tokens() -> None:
+        value = message["max_response_tokens"]
+        if value == "inf":
+            config.max_response_tokens = "inf"
+        elif _is_int(value) and not isinstance(value, bool):
+            value = int(value)
+            if value < 0:  # WaaV: negative means unlimited
+                config.max_response_tokens = "inf"
+            elif 1 <= value <= 4096:
+                config.max_response_tokens = value
+            else:
+                raise _Bad("max_response_tokens", "max_response_tokens must be 1..4096 or \"inf\"")
+        else:
+            raise _Bad("max_response_tokens", "max_response_tokens must be an integer or \"inf\"")
+
+    def check_tools() -> None:
+        value = message["tools"]
+        if not isinstance(value, list):
+            raise _Bad("tools", "tools must be a list of function definitions")
+        config.tools = [_tool(index, tool) for index, tool in enumerate(value)]
+
+    def check_tool_choice() -> None:
+        value = message["tool_choice"]
+        if value in TOOL_CHOICES:
+            config.tool_choice = value
+        elif isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("name"), str):
+            config.tool_choice = {"type": "function", "name": value["name"]}
+        else:
+            raise _Bad("tool_choice", "tool_choice must be auto, none, required or {type:function,name}")
+
+    def check_format(name: str):
+        def check() -> None:
+            value = message[name]
+            canonical = _FORMAT_ALIASES.get(value) if isinstance(value, str) else None
+            if canonical is None:
+                raise _Bad(name, f"{name} must be one of {', '.join(AUDIO_FORMATS)}")
+            setattr(config, name, canonical)
+        return check
+
+    def check_modalities() -> None:
+        value = message["modalities"]
+        if (not isinstance(value, list) or not value or any(m not in MODALITIES for m in value)
+                or len(set(value)) != len(value)):
+            raise _Bad("modalities", "modalities must be a non-empty list of 'text' and/or 'audio'")
+        config.modalities = list(value)
+
+    def check_levels() -> None:
+        value = message["levels"]
+        if not isinstance(value, bool):
+            raise _Bad("levels", "levels must be a boolean")
+        config.levels = value
+
+    checks = {
+        "provider": check_provider, "model": check_model, "voice": check_voice,
+        "instructions": check_instructions, "turn_detection": check_turn_detection, "vad": check_vad,
+        "input_transcription": check_input_transcription, "transcribe_input": check_transcribe_input,
+        "transcription_model": check_transcription_model, "temperature": check_temperature,
+        "max_response_tokens": check_max_tokens, "tools": check_tools, "tool_choice": check_tool_choice,
+        "input_audio_format": check_format("input_audio_format"),
+        "output_audio_format": check_format("output_audio_format"),
+        "modalities": check_modalities, "levels": check_levels,
+    }
+    # `vad` after `turn_detection` so `vad.enabled:false` wins; WaaV transcription keys after the seed's.
+    order = ["provider", "model", "voice", "instructions", "turn_detection", "vad", "input_transcription",
+             "transcribe_input", "transcription_model", "temperature", "max_response_tokens", "tools",
+             "tool_choice", "input_audio_format", "output_audio_format", "modalities", "levels"]
+    for name in order:
+        if name in message:
+            field_(name, checks[name])
+    for name in message:
+        if name not in checks and name not in ("type", "event_id"):
+            errors.append(InvalidConfig(f"unknown config field {name!r} (ignored)", param=name))
+    return ConfigCommand(config, errors, provider)
+
+
+def _vad_params(value: dict, prefix: str, config: SessionConfig) -> None:
+    threshold = value.get("threshold")
+    if threshold is not None:
+        if not _is_number(threshold) or not 0.0 <= threshold <= 1.0:
+            raise _Bad(f"{prefix}.threshold", f"{prefix}.threshold must be a number from 0 to 1")
+    for key in ("silence_duration_ms", "prefix_padding_ms"):
+        ms = value.get(key)
+        if ms is not None and (not _is_int(ms) or isinstance(ms, bool) or not 0 <= ms <= 10_000):
+            raise _Bad(f"{prefix}.{key}", f"{prefix}.{key} must be an integer from 0 to 10000")
+    eagerness = value.get("eagerness")
+    if eagerness is not None and eagerness not in EAGERNESS:
+        raise _Bad(f"{prefix}.eagerness", f"{prefix}.eagerness must be one of {', '.join(EAGERNESS)}")
+    if threshold is not None:
+        config.vad_threshold = float(threshold)
+    if value.get("silence_duration_ms") is not None:
+        config.vad_silence_duration_ms = int(value["silence_duration_ms"])
+    if value.get("prefix_padding_ms") is not None:
+        config.vad_prefix_padding_ms = int(value["prefix_padding_ms"])
+    if eagerness is not None:
+        config.vad_eagerness = eagerness
+
+
+def _tool(index: int, tool: Any) -> dict[str, Any]:
+    """One tool in the flat Realtime shape; accepts Chat-Completions nesting (`function:{...}`)."""
+    param = f"tools[{index}]"
+    if not isinstance(tool, dict):
+        raise _Bad(param, f"{param} must be an object")
+    if tool.get("type", "function") != "function":
+        raise _Bad(f"{param}.type", f"{param}.type must be 'function'")
+    body = tool.get("function", tool)
+    if not isinstance(body, dict):
+        raise _Bad(f"{param}.function", f"{param}.function must be an object")
+    name = body.get("name")
+    if not isinstance(name, str) or not _TOOL_NAME.match(name):
+        raise _Bad(f"{param}.name", f"{param}.name must match ^[a-zA-Z0-9_-]{{1,64}}$")
+    flat: dict[str, Any] = {"type": "function", "name": name}
+    description = body.get("description")
+    if description is not None:
+        if not isinstance(description, str):
+            raise _Bad(f"{param}.description", f"{param}.description must be a string")
+        flat["description"] = description
+    parameters = body.get("parameters")
+    if parameters is not None:
+        if not isinstance(parameters, dict):
+            raise _Bad(f"{param}.parameters", f"{param}.parameters must be a JSON Schema object")
+        flat["parameters"] = parameters
+    return flat
+
+
+# ---- events (gateway -> client) ---------------------------------------------------------------
+
+def encode(event: dict[str, Any]) -> bytes:
+    return orjson.dumps(event)
+
+
+def ready_event(session_id: str, upstream_session_id: str | None, effective: dict[str, Any],
+                ignored: list[str]) -> bytes:
+    """`ready`: the effective configuration as the upstream confirmed it, plus ignored fields."""
+    event = {"type": "ready", "session_id": session_id, "upstream_session_id": upstream_session_id}
+    event.update(effective)
+    event["ignored"] = ignored
+    return orjson.dumps(event)
+
+
+def transcript_event(role: str, text: str, is_final: bool, item_id: str | None,
+                     response_id: str | None = None) -> bytes:
+    event = {"type": "transcript", "role": role, "text": text, "is_final": is_final, "item_id": item_id}
+    if response_id is not None:
+        event["response_id"] = response_id
+    return orjson.dumps(event)
+
+
+def speech_event(kind: str, audio_ms: int, item_id: str | None) -> bytes:
+    return orjson.dumps({"type": kind, "audio_ms": audio_ms, "item_id": item_id})
+
+
+def response_started_event(response_id: str) -> bytes:
+    return orjson.dumps({"type": "response_started", "response_id": response_id})
+
+
+def response_done_event(response_id: str, status: str | None, usage: Any) -> bytes:
+    return orjson.dumps({"type": "response_done", "response_id": response_id, "status": status, "usage": usage})
+
+
+def interrupted_event(response_id: str | None, played_ms: int) -> bytes:
+    return orjson.dumps({"type": "interrupted", "response_id": response_id, "played_ms": played_ms})
+
+
+def function_call_event(call_id: str, name: str | None, arguments: str) -> bytes:
+    return orjson.dumps({"type": "function_call", "call_id": call_id, "name": name, "arguments": arguments})
+
+
+def level_event(input_level: tuple, output_level: tuple) -> bytes:
+    def side(level: tuple) -> dict[str, Any]:
+        rms, peak, clipped, _samples = level
+        return {"rms_dbfs": round(rms, 2), "peak_dbfs": round(peak, 2), "clipped": clipped}
+    return orjson.dumps({"type": "level", "input": side(input_level), "output": side(output_level)})
+
+
+def error_event(error) -> bytes:
+    return orjson.dumps(error.to_event())

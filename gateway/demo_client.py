@@ -1,0 +1,200 @@
+"""The `client` command: a demo voice client for `/realtime`.
+
+    realtime-gateway client --url ws://127.0.0.1:3001/realtime --wav in.wav --out reply.wav
+
+Connects, sends `config`, waits for `ready`, streams the WAV in real time in 20 ms frames
+(converted to 24 kHz mono PCM16 if needed; with server VAD a second of silence follows so the turn
+ends), prints transcripts and events, writes the reply audio to `--out`, and exits once every
+reply is done — or after `--timeout` seconds (exit code 1). `--demo-tone` sends a generated tone
+instead of a WAV; `--text` sends a text turn.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import wave
+
+import numpy as np
+import orjson
+import uvloop
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+RATE = 24000
+FRAME_MS = 20
+FRAME_BYTES = RATE * 2 * FRAME_MS // 1000  # 960 bytes of PCM16 per 20 ms
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default="ws://127.0.0.1:3001/realtime", help="gateway /realtime URL")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--wav", help="WAV file to speak (any rate/width/channels; converted to 24 kHz mono PCM16)")
+    source.add_argument("--demo-tone", action="store_true", help="speak a generated 1 s 440 Hz tone instead of a WAV")
+    parser.add_argument("--text", help="also send this text as a user message (gets its own reply)")
+    parser.add_argument("--out", default="reply.wav", help="where to write the reply audio (24 kHz mono WAV)")
+    parser.add_argument("--turn-detection", choices=("server_vad", "semantic_vad", "none"), default="server_vad",
+                        help="none = push-to-talk: the client commits and asks for the response itself")
+    parser.add_argument("--voice", default=None, help="voice to ask for (default: the gateway's)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
+
+
+def load_wav_pcm16(path: str) -> bytes:
+    """Read a WAV and return 24 kHz mono PCM16 LE bytes (mixing channels, resampling linearly)."""
+    with wave.open(path, "rb") as wav:
+        channels, width, rate = wav.getnchannels(), wav.getsampwidth(), wav.getframerate()
+        raw = wav.readframes(wav.getnframes())
+    if width == 1:
+        samples = (np.frombuffer(raw, dtype=np.uint8).astype(np.float64) - 128.0) * 256.0
+    elif width == 2:
+        samples = np.frombuffer(raw, dtype="<i2").astype(np.float64)
+    elif width == 3:
+        bytes3 = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3)
+        ints = (bytes3[:, 0].astype(np.int32) | (bytes3[:, 1].astype(np.int32) << 8)
+                | (bytes3[:, 2].astype(np.int32) << 16))
+        ints = np.where(ints >= 1 << 23, ints - (1 << 24), ints)
+        samples = ints.astype(np.float64) / 256.0
+    elif width == 4:
+        samples = np.frombuffer(raw, dtype="<i4").astype(np.float64) / 65536.0
+    else:
+        raise ValueError(f"unsupported WAV sample width {width}")
+    if channels > 1:
+        samples = samples.reshape(-1, channels).mean(axis=1)
+    if rate != RATE and samples.size:
+        count = int(round(samples.size * RATE / rate))
+        positions = np.arange(count) * (rate / RATE)
+        samples = np.interp(positions, np.arange(samples.size), samples)
+    if width == 2 and channels == 1 and rate == RATE:
+        return raw  # already the wire format: bit-exact
+    return np.clip(np.round(samples), -32768, 32767).astype("<i2").tobytes()
+
+
+def demo_tone() -> bytes:
+    """0.3 s silence, 1 s of 440 Hz at -12 dBFS."""
+    t = np.arange(RATE) / RATE
+    tone = (0.25 * 32767 * np.sin(2 * np.pi * 440 * t)).astype("<i2")
+    return np.zeros(int(0.3 * RATE), dtype="<i2").tobytes() + tone.tobytes()
+
+
+def write_wav(path: str, pcm: bytes) -> None:
+    with wave.open(path, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(RATE)
+        wav.writeframes(pcm)
+
+
+class _Listener(WSListener):
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.close_info: tuple[int, str] | None = None
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is WSMsgType.TEXT:
+            self.queue.put_nowait(orjson.loads(frame.get_payload_as_bytes()))
+        elif frame.msg_type is WSMsgType.BINARY:
+            self.queue.put_nowait(frame.get_payload_as_bytes())
+        elif frame.msg_type is WSMsgType.CLOSE:
+            self.close_info = (int(frame.get_close_code().value), frame.get_close_reason())
+            transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.queue.put_nowait(None)
+
+
+async def converse(url: str, audio: bytes | None, text: str | None, out: str, turn_detection: str,
+                   voice: str | None, timeout: float, echo=print) -> int:
+    """Run one demo conversation. Returns the exit code (0 when every reply finished)."""
+    transport, listener = await ws_connect(_Listener, url)
+    reply = bytearray()
+    expected = (1 if audio else 0) + (1 if text else 0)
+    done = 0
+    config: dict = {"type": "config", "turn_detection": turn_detection}
+    if voice:
+        config["voice"] = voice
+    transport.send(WSMsgType.TEXT, orjson.dumps(config))
+    streamer: asyncio.Task | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await listener.queue.get()
+                if message is None:
+                    code = listener.close_info
+                    echo(f"connection closed {code or ''}".strip())
+                    return 1
+                if isinstance(message, bytes):
+                    reply += message
+                    continue
+                kind = message.get("type")
+                if kind == "ready":
+                    echo(f"ready: session {message.get('session_id')} model={message.get('model')} "
+                         f"voice={message.get('voice')} turn_detection={message.get('turn_detection')}")
+                    if expected == 0:
+                        return 0
+                    if audio:
+                        streamer = asyncio.create_task(_speak(transport, audio, turn_detection))
+                    else:
+                        _send_text(transport, text)
+                elif kind == "transcript":
+                    if message.get("is_final"):
+                        echo(f"[{message.get('role')}] {message.get('text')}")
+                elif kind == "response_done":
+                    done += 1
+                    echo(f"response done: {message.get('response_id')} ({message.get('status')})")
+                    if done >= expected:
+                        break
+                    if text:  # the audio reply is done: now the text turn (one response at a time)
+                        _send_text(transport, text)
+                elif kind == "error":
+                    echo(f"error {message.get('code')}: {message.get('message')}")
+                    if message.get("fatal"):
+                        return 1
+                else:
+                    echo(f"event: {kind} " + " ".join(f"{k}={v}" for k, v in message.items() if k != "type"))
+    except TimeoutError:
+        echo(f"timed out after {timeout:g} s")
+        return 1
+    finally:
+        if streamer is not None:
+            streamer.cancel()
+        write_wav(out, bytes(reply))
+        transport.send_close(WSCloseCode.OK)
+        transport.disconnect()
+    echo(f"wrote {len(reply)} bytes ({len(reply) / (RATE * 2):.2f} s) of reply audio to {out}")
+    return 0
+
+
+def _send_text(transport: WSTransport, text: str) -> None:
+    transport.send(WSMsgType.TEXT, orjson.dumps({"type": "text", "text": text}))
+
+
+async def _speak(transport: WSTransport, audio: bytes, turn_detection: str) -> None:
+    """Stream the audio in real time (20 ms frames), then end the turn."""
+    loop = asyncio.get_running_loop()
+    if audio:
+        if turn_detection != "none":
+            audio = audio + bytes(RATE * 2)  # a second of silence so server VAD ends the turn
+        start = loop.time()
+        for index, offset in enumerate(range(0, len(audio), FRAME_BYTES)):
+            transport.send(WSMsgType.BINARY, audio[offset:offset + FRAME_BYTES])
+            # pace against the clock, not by accumulating sleeps, so the stream stays real time
+            delay = start + (index + 1) * FRAME_MS / 1000 - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        if turn_detection == "none":
+            transport.send(WSMsgType.TEXT, b'{"type":"commit"}')
+            transport.send(WSMsgType.TEXT, b'{"type":"create_response"}')
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.wav:
+        audio = load_wav_pcm16(args.wav)
+    elif args.demo_tone:
+        audio = demo_tone()
+    else:
+        audio = None
+    if audio is None and not args.text:
+        print("realtime-gateway client: give --wav, --demo-tone or --text", file=sys.stderr)
+        return 2
+    return uvloop.run(converse(args.url, audio, args.text, args.out, args.turn_detection, args.voice,
+                               args.timeout, echo=lambda line: print(line, flush=True)))

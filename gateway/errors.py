@@ -1,0 +1,184 @@
+"""The one error table: every failure the gateway reports to a client, with its wire code.
+
+Each `GatewayError` subclass is one wire `code` (the class name). `ERROR_TABLE` maps code ->
+(fatal by default, WebSocket close code, close reason). A fatal error is sent as an `error` event
+and then the client socket is closed with that code and reason; a non-fatal one is only reported
+and the session goes on.
+
+Upstream error details (OpenAI's `code`, `type`, `param`, `event_id`) travel in the `upstream`
+field of the client error. Anything that looks like a credential is scrubbed from every message
+before it leaves the gateway.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# Close codes. 1xxx are RFC 6455; 4xxx are this gateway's application codes (documented here).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_UPSTREAM_AUTH_FAILED = 4001
+CLOSE_SESSION_EXPIRED = 4002
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorKind:
+    """How one wire code behaves: fatal by default, and how a fatal one closes the socket."""
+
+    fatal: bool
+    close_code: int
+    close_reason: str
+
+
+#: code -> behaviour. The single source of truth for codes, fatality and close codes.
+ERROR_TABLE: dict[str, ErrorKind] = {
+    "AuthenticationFailed": ErrorKind(True, CLOSE_UPSTREAM_AUTH_FAILED, "upstream authentication failed"),
+    "NotConnected": ErrorKind(False, CLOSE_INTERNAL_ERROR, "not connected"),
+    "ConnectionFailed": ErrorKind(True, CLOSE_INTERNAL_ERROR, "upstream connection failed"),
+    "RateLimitExceeded": ErrorKind(False, CLOSE_TRY_AGAIN_LATER, "rate limit exceeded"),
+    "InvalidConfig": ErrorKind(False, CLOSE_POLICY_VIOLATION, "invalid config"),
+    "InvalidMessage": ErrorKind(False, CLOSE_POLICY_VIOLATION, "invalid message"),
+    "UpstreamError": ErrorKind(False, CLOSE_INTERNAL_ERROR, "upstream error"),
+    "SessionExpired": ErrorKind(True, CLOSE_SESSION_EXPIRED, "session expired"),
+    "Overloaded": ErrorKind(True, CLOSE_TRY_AGAIN_LATER, "overloaded"),
+}
+
+# Credentials: OpenAI keys (sk-..., sk-proj-...), ephemeral keys (ek_...), bearer tokens and
+# api-key header values that might be echoed inside an upstream or library message.
+_SECRET_PATTERNS = (
+    re.compile(r"\b(sk|ek|rk)[-_][A-Za-z0-9_\-]{6,}"),
+    re.compile(r"(?i)(bearer\s+)[^\s\"',]+"),
+    re.compile(r"(?i)(api[-_]key[\"']?\s*[:=]\s*[\"']?)[^\s\"',]+"),
+)
+
+
+def scrub(text: str) -> str:
+    """Remove anything key-like from a message that may reach a client or a log."""
+    text = _SECRET_PATTERNS[0].sub("[redacted]", text)
+    text = _SECRET_PATTERNS[1].sub(r"\1[redacted]", text)
+    return _SECRET_PATTERNS[2].sub(r"\1[redacted]", text)
+
+
+class GatewayError(Exception):
+    """Base of every error reported to a client. The subclass name is the wire `code`.
+
+    `param` names the offending field (config/message errors); `upstream` carries the upstream
+    error's `{code, type, param, event_id}` when the error came from OpenAI; `fatal` and
+    `close_code` default to the table entry and may be overridden per instance.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        upstream: dict[str, Any] | None = None,
+        fatal: bool | None = None,
+        close_code: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        kind = ERROR_TABLE[self.code]
+        self.message = scrub(message)
+        self.param = param
+        self.upstream = _scrub_upstream(upstream) if upstream else None
+        self.fatal = kind.fatal if fatal is None else fatal
+        self.close_code = kind.close_code if close_code is None else close_code
+        self.close_reason = kind.close_reason
+
+    @property
+    def code(self) -> str:
+        return type(self).__name__
+
+    def to_event(self) -> dict[str, Any]:
+        """The client `error` event for this error."""
+        event: dict[str, Any] = {"type": "error", "code": self.code, "message": self.message, "fatal": self.fatal}
+        if self.param is not None:
+            event["param"] = self.param
+        if self.upstream is not None:
+            event["upstream"] = self.upstream
+        return event
+
+
+def _scrub_upstream(upstream: dict[str, Any]) -> dict[str, Any]:
+    kept = {}
+    for key in ("code", "type", "param", "event_id"):
+        value = upstream.get(key)
+        kept[key] = scrub(value) if isinstance(value, str) else value
+    return kept
+
+
+class AuthenticationFailed(GatewayError):
+    """The upstream refused the gateway's API key (HTTP 401/403 or `invalid_api_key`)."""
+
+
+class NotConnected(GatewayError):
+    """The session cannot take this yet (e.g. the pre-ready buffer is full)."""
+
+
+class ConnectionFailed(GatewayError):
+    """The upstream could not be reached, timed out, or dropped the connection."""
+
+
+class RateLimitExceeded(GatewayError):
+    """The upstream failed a response with `rate_limit_exceeded`."""
+
+
+class InvalidConfig(GatewayError):
+    """A `config` field has an invalid value; that field is ignored, the rest applies."""
+
+
+class InvalidMessage(GatewayError):
+    """A client message is malformed, unknown, or has a wrong field type."""
+
+
+class UpstreamError(GatewayError):
+    """Any other upstream `error` event or failed response."""
+
+
+class SessionExpired(GatewayError):
+    """The upstream session hit its maximum duration."""
+
+
+class Overloaded(GatewayError):
+    """The node cannot take more work for this session (limits)."""
+
+
+# Every table row has its class, and every class its row.
+assert {cls.__name__ for cls in GatewayError.__subclasses__()} == set(ERROR_TABLE)
+
+#: Upstream error codes that are expected races and never end a session.
+BENIGN_UPSTREAM_CODES = frozenset({
+    "response_cancel_not_active",
+    "item_truncate_invalid_item_id",
+    "conversation_already_has_active_response",
+    "input_audio_buffer_commit_empty",
+})
+
+#: Upstream error codes after which the upstream session is unusable.
+FATAL_UPSTREAM_CODES = {
+    "invalid_api_key": AuthenticationFailed,
+    "session_expired": SessionExpired,
+    "beta_api_shape_disabled": UpstreamError,
+    "insufficient_quota": UpstreamError,
+    "account_deactivated": UpstreamError,
+    "billing_hard_limit_reached": UpstreamError,
+}
+
+
+def from_upstream_error(error: dict[str, Any]) -> GatewayError:
+    """Map an upstream `error.error` object (or a failed response's `status_details.error`)."""
+    code = error.get("code")
+    message = str(error.get("message") or "upstream error")
+    details = {"code": code, "type": error.get("type"), "param": error.get("param"),
+               "event_id": error.get("event_id")}
+    if code == "rate_limit_exceeded":
+        return RateLimitExceeded(message, upstream=details)
+    fatal_cls = FATAL_UPSTREAM_CODES.get(code) if isinstance(code, str) else None
+    if fatal_cls is not None:
+        return fatal_cls(message, upstream=details, fatal=True)
+    return UpstreamError(message, upstream=details, fatal=False)

@@ -1,0 +1,55 @@
+"""WebSocket message reassembly: picows delivers frames, the gateway handles messages.
+
+A fragmented message arrives as TEXT/BINARY with `fin=False` and then CONTINUATION frames.
+`MessageAssembler.feed(frame)` returns `(msg_type, payload)` once a message is complete, else None.
+For an unfragmented frame (the common case) `payload` is the frame's own memoryview — it dies when
+`on_ws_frame` returns, so use or copy it before then. For a reassembled message it is a bytearray
+the caller owns. Size is bounded by `limit` bytes (`MessageTooBig` beyond it).
+"""
+from __future__ import annotations
+
+from picows import WSFrame, WSMsgType
+
+
+class MessageTooBig(Exception):
+    """A message exceeded the assembler's byte limit."""
+
+
+class MessageAssembler:
+    __slots__ = ("limit", "_type", "_parts")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._type: WSMsgType | None = None
+        self._parts: bytearray | None = None
+
+    def feed(self, frame: WSFrame):
+        msg_type = frame.msg_type
+        if msg_type is WSMsgType.TEXT or msg_type is WSMsgType.BINARY:
+            if frame.payload_size > self.limit:
+                self._reset()
+                raise MessageTooBig(f"message larger than {self.limit} bytes")
+            if frame.fin:
+                self._reset()  # a new data frame also abandons any unfinished fragmented message
+                return msg_type, frame.get_payload_as_memoryview()
+            self._type = msg_type
+            self._parts = bytearray(frame.get_payload_as_memoryview())
+            return None
+        if msg_type is WSMsgType.CONTINUATION:
+            if self._parts is None:
+                return None  # continuation without a start: nothing to attach it to
+            if len(self._parts) + frame.payload_size > self.limit:
+                self._reset()
+                raise MessageTooBig(f"message larger than {self.limit} bytes")
+            self._parts += frame.get_payload_as_memoryview()
+            if not frame.fin:
+                return None
+            result = (self._type, self._parts)
+            self._type = None
+            self._parts = None
+            return result
+        return None  # control frames (ping/pong/close) are not messages
+
+    def _reset(self) -> None:
+        self._type = None
+        self._parts = None

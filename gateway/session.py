@@ -1,0 +1,703 @@
+"""`RelaySession`: one client's conversation, relayed to one upstream session (SPEC §2.1–§2.4).
+
+States: CONNECTING (upstream opening; client audio/commands buffered, bounded) -> READY (relaying)
+-> CLOSED. `ready` goes out once `session.created` arrived and every `session.update` sent so far
+has been answered (`session.updated`, or an error that the client receives as `InvalidConfig`).
+
+Audio hot path (no dict, no str per frame):
+- client binary frame -> `Coalescer.push` -> encoded `input_audio_buffer.append` (bytearray with
+  `HEADER_ROOM` free bytes) -> `send_reuse_external_bytearray` upstream. Pending audio is flushed on
+  commit / text / create_response / pass-through events and by a timer after `coalesce_ms`.
+- upstream text frame -> `decode_audio_delta` -> `(item_id, pcm)` -> per-item byte counters ->
+  client binary frame; anything else -> orjson -> `dialect.normalize` -> an event handler.
+
+Interruption: on `speech_started` while a response's audio is still being delivered (its response
+is active, or the client has not played all of it yet) the session drops that response's later
+audio, tells the client `interrupted {response_id, played_ms}` and sends
+`conversation.item.truncate` with the played position (client `playback` report, else the audio
+already delivered for that item), clamped to what was generated; no truncate at 0 ms.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import deque
+from typing import Any, Callable
+
+import orjson
+from picows import WSCloseCode, WSMsgType, WSTransport
+
+from _fastpath import HEADER_ROOM, Coalescer, LevelMeter, decode_audio_delta
+from gateway import client_protocol as cp
+from gateway.config import NodeConfig
+from gateway.errors import (BENIGN_UPSTREAM_CODES, AuthenticationFailed, ConnectionFailed, GatewayError,
+                            InvalidConfig, InvalidMessage, NotConnected, SessionExpired, from_upstream_error)
+from gateway.upstream import UpstreamConnection, build_upstream_url, dialect_for
+
+log = logging.getLogger("gateway.session")
+
+CONNECTING, READY, CLOSED = "connecting", "ready", "closed"
+#: commands (not audio) that may wait for `ready`; beyond this the client gets NotConnected
+MAX_PRE_READY_COMMANDS = 256
+_TRUNCATE_PREFIX = "gw_truncate_"
+_UPDATE_PREFIX = "gw_update_"
+
+
+def seed_defaults(node: NodeConfig) -> cp.SessionConfig:
+    """The seed document's defaults, applied under whatever the client asks for."""
+    return cp.SessionConfig(voice=node.default_voice, turn_detection="server_vad", vad_threshold=0.5,
+                            vad_silence_duration_ms=500, vad_prefix_padding_ms=300,
+                            transcription_model="whisper-1", input_audio_format="pcm16",
+                            output_audio_format="pcm16")
+
+
+class _UpstreamOwner:
+    """Routes one upstream connection's callbacks to the session while it is the current one
+    (a re-opened upstream leaves the old owner dead, so late events of the old one are ignored)."""
+
+    __slots__ = ("session", "alive")
+
+    def __init__(self, session: "RelaySession") -> None:
+        self.session = session
+        self.alive = True
+
+    def on_upstream_message(self, payload) -> None:
+        if self.alive:
+            self.session.on_upstream_message(payload)
+
+    def on_upstream_closed(self, code: int | None, reason: str) -> None:
+        if self.alive:
+            self.session.on_upstream_closed(code, reason)
+
+
+class RelaySession:
+    def __init__(self, node: NodeConfig, upstream_url: str, model: str | None,
+                 on_closed: Callable[["RelaySession"], None] | None = None) -> None:
+        self.node = node
+        self.upstream_url = upstream_url
+        self.session_id = "gw_" + uuid.uuid4().hex[:20]
+        self.dialect = dialect_for(node.upstream_dialect)
+        self.state = CONNECTING
+        self.on_closed = on_closed
+        self.loop = asyncio.get_running_loop()
+        self.client: WSTransport | None = None
+        self.close_code: int | None = None
+
+        # upstream lifecycle
+        self.upstream: UpstreamConnection | None = None
+        self._owner: _UpstreamOwner | None = None
+        self.upstream_model = model or node.default_model
+        self.upstream_session_id: str | None = None
+        self.created = False
+        self._pending_updates: list[str] = []
+        self._update_counter = 0
+        self._connect_task: asyncio.Task | None = None
+        self._created_timer: asyncio.TimerHandle | None = None
+
+        # configuration: what the client asked for (merged), what the upstream confirmed
+        self.requested = cp.SessionConfig()
+        self.effective: dict[str, Any] = {}
+        self.ignored: list[str] = []
+
+        # client -> upstream audio
+        self.input_format = "pcm16"
+        self.output_bytes_per_ms = cp.BYTES_PER_MS["pcm16"]
+        self.levels = False
+        self.input_meter: LevelMeter | None = None
+        self.output_meter: LevelMeter | None = None
+        self.coalescer = self._new_coalescer()
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._level_timer: asyncio.TimerHandle | None = None
+        self._pre_ready: deque = deque()
+        self._pre_ready_audio_bytes = 0
+        self._pre_ready_commands = 0
+        self._overflow_reported = False
+
+        # upstream -> client audio, per item (the current item's counters live in attributes)
+        self.active_response_id: str | None = None
+        self.item_response: dict[str, str] = {}
+        self._audio_item: str | None = None
+        self._audio_generated = 0      # bytes received from upstream for the current item
+        self._audio_delivered = 0      # bytes sent to the client for the current item
+        self._audio_started_at = 0.0   # loop time of the current item's first byte
+        self._played_ms: float | None = None  # client `playback` report for the current item
+        self.audio_bytes: dict[str, tuple[int, int]] = {}  # finished items: (generated, delivered)
+        self.interrupted_items: set[str] = set()
+        self.interrupted_responses: set[str] = set()
+
+        # function calls
+        self._calls_dispatched: set[str] = set()
+        self._call_names: dict[str, str] = {}
+        self._response_calls: dict[str, set[str]] = {}
+        self._answered_calls: set[str] = set()
+        self._awaiting_results: dict[str, set[str]] = {}
+
+        self._handlers = {
+            "session.created": self._on_session_created,
+            "session.updated": self._on_session_updated,
+            "error": self._on_error,
+            "input_audio_buffer.speech_started": self._on_speech_started,
+            "input_audio_buffer.speech_stopped": self._on_speech_stopped,
+            "conversation.item.input_audio_transcription.delta": self._on_user_transcript_delta,
+            "conversation.item.input_audio_transcription.completed": self._on_user_transcript_done,
+            "response.created": self._on_response_created,
+            "response.done": self._on_response_done,
+            "response.output_item.added": self._on_output_item_added,
+            "response.output_item.done": self._on_output_item_done,
+            "response.output_audio_transcript.delta": self._on_assistant_delta,
+            "response.output_text.delta": self._on_assistant_delta,
+            "response.output_audio_transcript.done": self._on_assistant_done,
+            "response.output_text.done": self._on_assistant_done,
+            "response.function_call_arguments.done": self._on_function_arguments_done,
+            "response.output_audio.delta": self._on_audio_delta_slow,
+        }
+        self._commands = {
+            cp.ConfigCommand: self._cmd_config,
+            cp.TextCommand: self._cmd_text,
+            cp.CommitCommand: self._cmd_commit,
+            cp.CreateResponseCommand: self._cmd_create_response,
+            cp.CancelResponseCommand: self._cmd_cancel_response,
+            cp.ClearAudioCommand: self._cmd_clear_audio,
+            cp.FunctionResultCommand: self._cmd_function_result,
+            cp.PlaybackCommand: self._cmd_playback,
+            cp.PassthroughCommand: self._cmd_passthrough,
+        }
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def attach(self, client: WSTransport) -> None:
+        """The client socket is open: open the upstream at once (pre-opening hides its handshake)."""
+        self.client = client
+        log.info("session %s: client connected, opening upstream (model=%s, dialect=%s)",
+                 self.session_id, self.upstream_model, self.dialect.name)
+        self._open_upstream()
+
+    def _open_upstream(self) -> None:
+        if self._owner is not None:
+            self._owner.alive = False
+        if self.upstream is not None:
+            self.upstream.close()  # never leave a previous upstream running (WaaV bug B2)
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+        self.created = False
+        self.upstream_session_id = None
+        self._pending_updates.clear()
+        self._owner = _UpstreamOwner(self)
+        self.upstream = UpstreamConnection(self._owner)
+        self._connect_task = self.loop.create_task(self._connect(self.upstream, self._owner))
+
+    async def _connect(self, upstream: UpstreamConnection, owner: _UpstreamOwner) -> None:
+        url = build_upstream_url(self.upstream_url, self.upstream_model)
+        headers = list(self.node.auth_headers) + list(self.dialect.headers)
+        started = self.loop.time()
+        try:
+            await upstream.connect(url, headers, self.node.connect_timeout_s)
+        except GatewayError as error:
+            if owner.alive:
+                self.fail(error)
+            return
+        if not owner.alive or self.state == CLOSED:
+            upstream.close()
+            return
+        remaining = max(0.05, self.node.connect_timeout_s - (self.loop.time() - started))
+        self._created_timer = self.loop.call_later(remaining, self._created_timeout, owner)
+
+    def _created_timeout(self, owner: _UpstreamOwner) -> None:
+        if owner.alive and not self.created and self.state == CONNECTING:
+            self.fail(ConnectionFailed(
+                f"upstream sent no session.created within {self.node.connect_timeout_s:g} s"))
+
+    def fail(self, error: GatewayError) -> None:
+        """Report `error`; if fatal, close the client with its code and the upstream."""
+        if self.state == CLOSED:
+            return
+        log.log(logging.WARNING if error.fatal else logging.INFO, "session %s: %s %s",
+                self.session_id, error.code, error.message)
+        self._send_client(cp.error_event(error))
+        if error.fatal:
+            self.close(error.close_code, error.close_reason)
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the client with `code`/`reason` and the upstream; idempotent."""
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        self.close_code = code
+        client = self.client
+        if client is not None and not client.is_disconnected:
+            client.send_close(WSCloseCode(code), reason.encode())
+            client.disconnect()
+        self._teardown()
+
+    def on_client_closed(self) -> None:
+        """The client went away: close the upstream, nothing stays half-open."""
+        if self.state != CLOSED:
+            log.info("session %s: client disconnected", self.session_id)
+            self.state = CLOSED
+        self._teardown()
+
+    def _teardown(self) -> None:
+        for timer in (self._flush_timer, self._level_timer, self._created_timer):
+            if timer is not None:
+                timer.cancel()
+        self._flush_timer = self._level_timer = self._created_timer = None
+        if self._connect_task is not None and not self._connect_task.done():
+            self._connect_task.cancel()
+        if self._owner is not None:
+            self._owner.alive = False
+        if self.upstream is not None:
+            self.upstream.close()
+        self._pre_ready.clear()
+        if self.on_closed is not None:
+            callback, self.on_closed = self.on_closed, None
+            callback(self)
+
+    def on_upstream_closed(self, code: int | None, reason: str) -> None:
+        if self.state == CLOSED:
+            return
+        if reason and "invalid_api_key" in reason:
+            error: GatewayError = AuthenticationFailed("upstream rejected the API key",
+                                                       upstream={"code": "invalid_api_key"})
+        elif reason and "session_expired" in reason:
+            error = SessionExpired("upstream session expired", upstream={"code": "session_expired"})
+        elif self.state == CONNECTING:
+            error = ConnectionFailed(f"upstream closed before the session was ready (close code {code})")
+        else:
+            error = ConnectionFailed(f"upstream connection lost (close code {code})")
+        self.fail(error)
+
+    # ---- client -> gateway --------------------------------------------------------------------
+
+    def on_client_audio(self, payload) -> None:
+        """A complete client binary message; `payload` is only valid during this call."""
+        if self.state is READY:
+            self._audio_in(payload)
+        elif self.state is CONNECTING:
+            limit = self.node.pre_ready_buffer_ms * cp.BYTES_PER_MS[self.input_format]
+            if self._pre_ready_audio_bytes + len(payload) > limit:
+                if not self._overflow_reported:
+                    self._overflow_reported = True
+                    self.fail(NotConnected(f"the session is not ready yet and its pre-ready buffer "
+                                           f"({self.node.pre_ready_buffer_ms} ms of audio) is full: "
+                                           "audio beyond it was dropped; wait for `ready`"))
+                return
+            self._pre_ready_audio_bytes += len(payload)
+            self._pre_ready.append(bytes(payload))
+
+    def _audio_in(self, payload) -> None:
+        frame = self.coalescer.push(payload)
+        if frame is not None:
+            self.upstream.send_frame(frame, HEADER_ROOM)
+        elif self._flush_timer is None and self.coalescer.pending_bytes >= self.coalescer.sample_width:
+            self._flush_timer = self.loop.call_later(self.node.coalesce_ms / 1000.0, self._flush_on_timer)
+
+    def _flush_on_timer(self) -> None:
+        self._flush_timer = None
+        self._flush_audio()
+
+    def _flush_audio(self) -> None:
+        frame = self.coalescer.flush()
+        if frame is not None and self.upstream is not None:
+            self.upstream.send_frame(frame, HEADER_ROOM)
+
+    def on_client_text(self, payload) -> None:
+        if self.state is CLOSED:
+            return
+        try:
+            command = cp.parse_client_message(payload)
+        except InvalidMessage as error:
+            self.fail(error)
+            return
+        if self.state is READY or type(command) is cp.ConfigCommand:
+            self._run_command(command)
+        elif self._pre_ready_commands >= MAX_PRE_READY_COMMANDS:
+            self.fail(NotConnected("too many commands before `ready`; this one was dropped"))
+        else:
+            self._pre_ready_commands += 1
+            self._pre_ready.append(command)
+
+    def _run_command(self, command) -> None:
+        self._commands[type(command)](command)
+
+    def _send_upstream(self, event: dict[str, Any]) -> None:
+        if self.upstream is not None:
+            self.upstream.send_json_bytes(orjson.dumps(event))
+
+    def _cmd_config(self, command: cp.ConfigCommand) -> None:
+        for error in command.errors:
+            self._note_ignored(error.param)
+            self.fail(error)
+        update = command.config
+        if update.model is not None and update.model != self.upstream_model:
+            if self.state is READY:
+                self.fail(InvalidConfig("the model cannot change after `ready` (open a new session)",
+                                        param="model"))
+                self._note_ignored("model")
+            else:
+                log.info("session %s: client asked for model %s, re-opening upstream", self.session_id,
+                         update.model)
+                self.upstream_model = update.model
+                self.requested = self.requested.merged(update)
+                self._open_upstream()
+                return
+        update.model = None
+        if update.levels is not None:
+            self._set_levels(update.levels)
+        if update.input_audio_format is not None and update.input_audio_format != self.input_format:
+            self._flush_audio()
+            self.input_format = update.input_audio_format
+            self.coalescer = self._new_coalescer()
+        if update.output_audio_format is not None:
+            self.output_bytes_per_ms = cp.BYTES_PER_MS[update.output_audio_format]
+        self.requested = self.requested.merged(update)
+        if self.created:
+            self._send_session_update(self._upstream_part(update))
+
+    def _upstream_part(self, update: cp.SessionConfig) -> cp.SessionConfig:
+        """What of `update` goes upstream: a turn_detection object replaces the whole upstream value,
+        so whenever turn detection or a VAD parameter changes, send the full merged VAD settings."""
+        part = update.merged(cp.SessionConfig())
+        part.model = None
+        part.levels = None
+        if update.turn_detection is not None or update.has_vad_params():
+            merged = seed_defaults(self.node).merged(self.requested)
+            for name in ("turn_detection", "vad_threshold", "vad_silence_duration_ms",
+                         "vad_prefix_padding_ms", "vad_eagerness"):
+                setattr(part, name, getattr(merged, name))
+        return part
+
+    def _send_session_update(self, config: cp.SessionConfig) -> None:
+        if not config.specified():
+            return
+        self._update_counter += 1
+        event_id = f"{_UPDATE_PREFIX}{self._update_counter}"
+        event, ignored = self.dialect.session_update(config, event_id)
+        for name in ignored:
+            self._note_ignored(name)
+        self._pending_updates.append(event_id)
+        self._send_upstream(event)
+
+    def _note_ignored(self, name: str | None) -> None:
+        if name and name not in self.ignored:
+            self.ignored.append(name)
+
+    def _cmd_text(self, command: cp.TextCommand) -> None:
+        self._flush_audio()
+        self._send_upstream({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": command.text}]}})
+        if command.respond:
+            self._send_upstream({"type": "response.create"})
+
+    def _cmd_commit(self, command) -> None:
+        self._flush_audio()
+        self._send_upstream({"type": "input_audio_buffer.commit"})
+
+    def _cmd_create_response(self, command) -> None:
+        self._flush_audio()
+        self._send_upstream({"type": "response.create"})
+
+    def _cmd_cancel_response(self, command) -> None:
+        self._send_upstream({"type": "response.cancel"})
+
+    def _cmd_clear_audio(self, command) -> None:
+        self.coalescer.discard()
+        self._send_upstream({"type": "input_audio_buffer.clear"})
+
+    def _cmd_function_result(self, command: cp.FunctionResultCommand) -> None:
+        self._send_upstream({"type": "conversation.item.create", "item": {
+            "type": "function_call_output", "call_id": command.call_id, "output": command.output}})
+        self._answered_calls.add(command.call_id)
+        for response_id, waiting in list(self._awaiting_results.items()):
+            waiting.discard(command.call_id)
+            if not waiting:
+                del self._awaiting_results[response_id]
+                self._send_upstream({"type": "response.create"})  # once, after the last result
+
+    def _cmd_playback(self, command: cp.PlaybackCommand) -> None:
+        self._played_ms = command.played_ms
+
+    def _cmd_passthrough(self, command: cp.PassthroughCommand) -> None:
+        self._flush_audio()  # keep the client's order: audio sent before this event goes first
+        self._send_upstream(command.event)
+
+    # ---- upstream -> gateway -------------------------------------------------------------------
+
+    def on_upstream_message(self, payload) -> None:
+        """A complete upstream text message; `payload` is only valid during this call."""
+        decoded = decode_audio_delta(payload, self.output_meter)
+        if decoded is not None:
+            self._audio_out(decoded[0], decoded[1])
+            return
+        try:
+            event = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            log.warning("session %s: upstream sent a frame that is not JSON", self.session_id)
+            return
+        if type(event) is not dict:
+            return
+        self.dialect.normalize(event)
+        handler = self._handlers.get(event.get("type"))
+        if handler is not None:
+            handler(event)
+
+    def _audio_out(self, item_id: str, pcm) -> None:
+        if item_id != self._audio_item:
+            self._switch_audio_item(item_id)
+        size = len(pcm)
+        self._audio_generated += size
+        if item_id in self.interrupted_items:
+            return
+        self._audio_delivered += size
+        client = self.client
+        if client is not None and self.state is not CLOSED:
+            client.send(WSMsgType.BINARY, pcm)
+
+    def _switch_audio_item(self, item_id: str) -> None:
+        if self._audio_item is not None:
+            self.audio_bytes[self._audio_item] = (self._audio_generated, self._audio_delivered)
+        generated, delivered = self.audio_bytes.pop(item_id, (0, 0))
+        self._audio_item = item_id
+        self._audio_generated = generated
+        self._audio_delivered = delivered
+        self._audio_started_at = self.loop.time()
+        self._played_ms = None
+
+    def _on_audio_delta_slow(self, event: dict) -> None:
+        """An audio delta the fast path declined (unusual encoding): same semantics, slower."""
+        import base64
+        import binascii
+        try:
+            pcm = base64.b64decode(event.get("delta") or "", validate=True)
+        except (binascii.Error, ValueError):
+            log.warning("session %s: upstream audio delta with invalid base64 dropped", self.session_id)
+            return
+        item_id = event.get("item_id")
+        if isinstance(item_id, str):
+            if self.output_meter is not None:
+                self.output_meter.feed(pcm)
+            self._audio_out(item_id, pcm)
+
+    def _on_session_created(self, event: dict) -> None:
+        session = event.get("session") or {}
+        self.created = True
+        self.upstream_session_id = session.get("id")
+        self.effective = self.dialect.effective(session)
+        if self._created_timer is not None:
+            self._created_timer.cancel()
+            self._created_timer = None
+        # one update: the seed's defaults under everything the client asked for so far
+        initial = seed_defaults(self.node).merged(self.requested)
+        initial.model = None
+        initial.levels = None
+        self._send_session_update(initial)
+        self._maybe_ready()
+
+    def _on_session_updated(self, event: dict) -> None:
+        if self._pending_updates:  # the upstream answers updates in the order it received them
+            del self._pending_updates[0]
+        self.effective = self.dialect.effective(event.get("session") or {})
+        self._maybe_ready()
+
+    def _maybe_ready(self) -> None:
+        if self.state is not CONNECTING or not self.created or self._pending_updates:
+            return
+        self.state = READY
+        effective = dict(self.effective)
+        effective["model"] = effective.get("model") or self.upstream_model
+        self._send_client(cp.ready_event(self.session_id, self.upstream_session_id, effective, self.ignored))
+        log.info("session %s: ready (model=%s voice=%s turn_detection=%s)", self.session_id,
+                 effective["model"], effective.get("voice"), effective.get("turn_detection"))
+        queued, self._pre_ready = self._pre_ready, deque()
+        self._pre_ready_audio_bytes = self._pre_ready_commands = 0
+        for item in queued:  # in the order the client sent them
+            if self.state is not READY:
+                break
+            if type(item) is bytes:
+                self._audio_in(item)
+            else:
+                self._run_command(item)
+
+    def _on_error(self, event: dict) -> None:
+        error = event.get("error") or {}
+        code = error.get("code")
+        event_id = error.get("event_id") or ""
+        if event_id in self._pending_updates:
+            # the upstream rejected a whole session.update: report it, keep the previous settings
+            self._pending_updates.remove(event_id)
+            self._note_ignored(str(error.get("param") or "session"))
+            self.fail(InvalidConfig(f"upstream rejected the configuration: {error.get('message')}",
+                                    param=error.get("param"), upstream=_details(error)))
+            self._maybe_ready()
+            return
+        if event_id.startswith(_TRUNCATE_PREFIX):
+            log.info("session %s: truncate race ignored (%s)", self.session_id, code)
+            return
+        mapped = from_upstream_error(error)
+        if code in BENIGN_UPSTREAM_CODES:
+            mapped.fatal = False
+        self.fail(mapped)
+
+    def _on_speech_started(self, event: dict) -> None:
+        self._send_client(cp.speech_event("speech_started", _int(event.get("audio_start_ms")), event.get("item_id")))
+        self._interrupt_if_playing()
+
+    def _on_speech_stopped(self, event: dict) -> None:
+        self._send_client(cp.speech_event("speech_stopped", _int(event.get("audio_end_ms")), event.get("item_id")))
+
+    def _interrupt_if_playing(self) -> None:
+        item_id = self._audio_item
+        if item_id is None or item_id in self.interrupted_items or self._audio_delivered == 0:
+            return
+        response_id = self.item_response.get(item_id)
+        delivered_ms = self._audio_delivered / self.output_bytes_per_ms
+        active = response_id is not None and response_id == self.active_response_id
+        if self._played_ms is not None:
+            played_ms = self._played_ms
+        elif active:
+            played_ms = delivered_ms
+        else:  # generation finished; the client plays in real time from the first byte at most
+            played_ms = min(delivered_ms, (self.loop.time() - self._audio_started_at) * 1000.0)
+        if not active and played_ms >= delivered_ms:
+            return  # everything delivered has been played: nothing to interrupt
+        generated_ms = self._audio_generated / self.output_bytes_per_ms
+        audio_end_ms = int(min(played_ms, delivered_ms, generated_ms))
+        self.interrupted_items.add(item_id)
+        if response_id is not None:
+            self.interrupted_responses.add(response_id)
+            for other, owner in self.item_response.items():
+                if owner == response_id:
+                    self.interrupted_items.add(other)
+        log.info("session %s: barge-in, response %s interrupted at %d ms", self.session_id, response_id,
+                 audio_end_ms)
+        self._send_client(cp.interrupted_event(response_id, audio_end_ms))
+        if audio_end_ms > 0:  # truncating at 0 ms fails upstream ("Only model output audio ...")
+            self._send_upstream({"type": "conversation.item.truncate", "event_id": f"{_TRUNCATE_PREFIX}{item_id}",
+                                 "item_id": item_id, "content_index": 0, "audio_end_ms": audio_end_ms})
+
+    def _on_user_transcript_delta(self, event: dict) -> None:
+        delta = event.get("delta")
+        if isinstance(delta, str) and delta:
+            self._send_client(cp.transcript_event("user", delta, False, event.get("item_id")))
+
+    def _on_user_transcript_done(self, event: dict) -> None:
+        text = event.get("transcript")
+        if isinstance(text, str):
+            self._send_client(cp.transcript_event("user", text, True, event.get("item_id")))
+
+    def _on_assistant_delta(self, event: dict) -> None:
+        item_id = event.get("item_id")
+        delta = event.get("delta")
+        if item_id in self.interrupted_items or not isinstance(delta, str) or not delta:
+            return
+        self._send_client(cp.transcript_event("assistant", delta, False, item_id, event.get("response_id")))
+
+    def _on_assistant_done(self, event: dict) -> None:
+        item_id = event.get("item_id")
+        text = event.get("transcript", event.get("text"))
+        if item_id in self.interrupted_items or not isinstance(text, str):
+            return
+        self._send_client(cp.transcript_event("assistant", text, True, item_id, event.get("response_id")))
+
+    def _on_response_created(self, event: dict) -> None:
+        response_id = (event.get("response") or {}).get("id")
+        self.active_response_id = response_id
+        if response_id:
+            self._send_client(cp.response_started_event(response_id))
+
+    def _on_output_item_added(self, event: dict) -> None:
+        item = event.get("item") or {}
+        response_id = event.get("response_id")
+        item_id = item.get("id")
+        if isinstance(item_id, str) and isinstance(response_id, str):
+            self.item_response[item_id] = response_id
+            if response_id in self.interrupted_responses:
+                self.interrupted_items.add(item_id)
+        if item.get("type") == "function_call" and isinstance(item.get("call_id"), str):
+            self._call_names[item["call_id"]] = item.get("name")
+
+    def _on_output_item_done(self, event: dict) -> None:
+        item = event.get("item") or {}
+        if item.get("type") == "function_call" and item.get("status") == "completed":
+            self._dispatch_call(item.get("call_id"), item.get("name"), item.get("arguments"),
+                                event.get("response_id"))
+
+    def _on_function_arguments_done(self, event: dict) -> None:
+        self._dispatch_call(event.get("call_id"), event.get("name"), event.get("arguments"),
+                            event.get("response_id"))
+
+    def _dispatch_call(self, call_id, name, arguments, response_id) -> None:
+        """Tell the client about a tool call once (both `.done` and `output_item.done` announce it)."""
+        if not isinstance(call_id, str) or call_id in self._calls_dispatched:
+            return
+        self._calls_dispatched.add(call_id)
+        name = name or self._call_names.get(call_id)
+        if isinstance(response_id, str):
+            self._response_calls.setdefault(response_id, set()).add(call_id)
+        self._send_client(cp.function_call_event(call_id, name, arguments if isinstance(arguments, str) else ""))
+
+    def _on_response_done(self, event: dict) -> None:
+        response = event.get("response") or {}
+        response_id = response.get("id")
+        status = response.get("status")
+        if response_id == self.active_response_id:
+            self.active_response_id = None
+        if status == "failed":
+            details = (response.get("status_details") or {}).get("error") or {}
+            error = from_upstream_error(details)
+            error.fatal = False if error.code in ("RateLimitExceeded", "UpstreamError") else error.fatal
+            self.fail(error)
+        self._send_client(cp.response_done_event(response_id, status, response.get("usage")))
+        calls = self._response_calls.pop(response_id, None) if isinstance(response_id, str) else None
+        if calls:
+            waiting = calls - self._answered_calls
+            if waiting:
+                self._awaiting_results[response_id] = waiting
+            else:  # every result arrived before the response finished
+                self._send_upstream({"type": "response.create"})
+
+    # ---- levels -------------------------------------------------------------------------------
+
+    def _new_coalescer(self) -> Coalescer:
+        sample_width = 2 if self.input_format == "pcm16" else 1
+        target = max(sample_width, self.node.coalesce_ms * cp.BYTES_PER_MS[self.input_format])
+        return Coalescer(target, sample_width, self.input_meter)
+
+    def _set_levels(self, enabled: bool) -> None:
+        if enabled == self.levels:
+            return
+        self._flush_audio()
+        self.levels = enabled
+        self.input_meter = LevelMeter() if enabled else None
+        self.output_meter = LevelMeter() if enabled else None
+        self.coalescer = self._new_coalescer()
+        if self._level_timer is not None:
+            self._level_timer.cancel()
+            self._level_timer = None
+        if enabled:
+            self._level_timer = self.loop.call_later(self.node.level_interval_ms / 1000.0, self._level_tick)
+
+    def _level_tick(self) -> None:
+        if self.state is CLOSED or not self.levels:
+            return
+        input_level = self.input_meter.read()
+        output_level = self.output_meter.read()
+        if input_level[3] or output_level[3]:
+            self._send_client(cp.level_event(input_level, output_level))
+        self._level_timer = self.loop.call_later(self.node.level_interval_ms / 1000.0, self._level_tick)
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _send_client(self, data: bytes) -> None:
+        client = self.client
+        if client is not None and not client.is_disconnected and self.state is not CLOSED:
+            client.send(WSMsgType.TEXT, data)
+
+
+def _int(value: Any) -> int:
+    return int(value) if type(value) in (int, float) else 0
+
+
+def _details(error: dict) -> dict:
+    return {"code": error.get("code"), "type": error.get("type"), "param": error.get("param"),
+            "event_id": error.get("event_id")}

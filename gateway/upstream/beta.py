@@ -1,0 +1,72 @@
+"""The beta dialect (`OpenAI-Beta: realtime=v1`; Azure preview, older compatible servers): a flat
+session object and the pre-GA event names, renamed here into the internal (GA) model."""
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.client_protocol import SessionConfig
+from gateway.upstream.dialect import UpstreamDialect, turn_detection_mode, turn_detection_object
+
+#: beta server event type -> internal (GA) event type
+EVENT_NAMES = {
+    "response.audio.delta": "response.output_audio.delta",
+    "response.audio.done": "response.output_audio.done",
+    "response.audio_transcript.delta": "response.output_audio_transcript.delta",
+    "response.audio_transcript.done": "response.output_audio_transcript.done",
+    "response.text.delta": "response.output_text.delta",
+    "response.text.done": "response.output_text.done",
+    "conversation.item.created": "conversation.item.added",
+}
+
+
+class BetaDialect(UpstreamDialect):
+    name = "beta"
+    headers = (("OpenAI-Beta", "realtime=v1"),)
+
+    def session_update(self, config: SessionConfig, event_id: str | None = None) -> tuple[dict[str, Any], list[str]]:
+        session: dict[str, Any] = {}
+        if config.modalities is not None:
+            # beta needs "text" whenever audio is wanted (Azure rejects ["audio"] alone)
+            session["modalities"] = ["text", "audio"] if "audio" in config.modalities else ["text"]
+        if config.instructions is not None:
+            session["instructions"] = config.instructions
+        if config.voice is not None:
+            session["voice"] = config.voice
+        if config.input_audio_format is not None:
+            session["input_audio_format"] = config.input_audio_format
+        if config.output_audio_format is not None:
+            session["output_audio_format"] = config.output_audio_format
+        if config.transcription_model is not None:
+            session["input_audio_transcription"] = (
+                {"model": config.transcription_model} if config.transcription_model else None)
+        if config.turn_detection is not None:
+            session["turn_detection"] = turn_detection_object(config)
+        if config.tools is not None:
+            session["tools"] = config.tools
+        if config.tool_choice is not None:
+            session["tool_choice"] = config.tool_choice
+        if config.temperature is not None:
+            session["temperature"] = config.temperature
+        if config.max_response_tokens is not None:
+            session["max_response_output_tokens"] = config.max_response_tokens
+        event: dict[str, Any] = {"type": "session.update", "session": session}
+        if event_id is not None:
+            event["event_id"] = event_id
+        return event, []
+
+    def normalize(self, event: dict[str, Any]) -> dict[str, Any]:
+        renamed = EVENT_NAMES.get(event.get("type"))
+        if renamed is not None:
+            event["type"] = renamed
+        return event
+
+    def effective(self, session: dict[str, Any]) -> dict[str, Any]:
+        transcription = session.get("input_audio_transcription")
+        return {
+            "model": session.get("model"),
+            "voice": session.get("voice"),
+            "turn_detection": turn_detection_mode(session.get("turn_detection")),
+            "input_audio_format": session.get("input_audio_format"),
+            "output_audio_format": session.get("output_audio_format"),
+            "input_transcription": transcription.get("model") if isinstance(transcription, dict) else None,
+        }

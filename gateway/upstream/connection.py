@@ -1,0 +1,157 @@
+"""`UpstreamConnection`: one picows client connection to an OpenAI Realtime endpoint.
+
+Opens the socket with the provider's auth header (never logged), the dialect's extra headers and
+a bounded handshake; classifies failures into gateway errors (HTTP 401/403 ->
+`AuthenticationFailed`; refused / timeout / other HTTP -> `ConnectionFailed`). Complete upstream
+messages go to the owner's `on_upstream_message(payload)` (payload valid only during the call),
+and the end of the connection to `on_upstream_closed(code, reason)`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+from urllib.parse import parse_qs, quote, urlsplit
+
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows.common import WSHandshakeError
+
+from gateway.errors import AuthenticationFailed, ConnectionFailed, GatewayError, UpstreamError
+from gateway.framing import MessageAssembler, MessageTooBig
+
+log = logging.getLogger("gateway.upstream")
+
+#: largest upstream message accepted (session.updated echoes tools; retrieved items carry audio)
+MAX_UPSTREAM_MESSAGE_BYTES = 64 * 1024 * 1024
+#: picows grows its read buffer on demand; start small so idle sessions stay light
+READ_BUFFER_INIT_BYTES = 16 * 1024
+
+
+class UpstreamOwner(Protocol):
+    def on_upstream_message(self, payload) -> None: ...
+    def on_upstream_closed(self, code: int | None, reason: str) -> None: ...
+
+
+def build_upstream_url(base_url: str, model: str) -> str:
+    """Add `?model=` unless the URL already names a model or an Azure deployment."""
+    query = parse_qs(urlsplit(base_url).query)
+    if "model" in query or "deployment" in query:
+        return base_url
+    separator = "&" if "?" in base_url else "?"
+    return f"{base_url}{separator}model={quote(model, safe='')}"
+
+
+class UpstreamListener(WSListener):
+    """picows listener for the upstream socket; forwards complete messages to its owner."""
+
+    def __init__(self, owner: UpstreamOwner) -> None:
+        self.owner = owner
+        self._assembler = MessageAssembler(MAX_UPSTREAM_MESSAGE_BYTES)
+        self.transport: WSTransport | None = None
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.closing = False
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        if self.closing:  # the owner gave up while the handshake was in flight: don't linger
+            transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is WSMsgType.CLOSE:
+            self.close_code = int(frame.get_close_code().value)
+            self.close_reason = frame.get_close_reason()
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
+            return
+        try:
+            message = self._assembler.feed(frame)
+        except MessageTooBig:
+            transport.send_close(WSCloseCode.MESSAGE_TOO_BIG)
+            transport.disconnect()
+            return
+        if message is not None and message[0] is WSMsgType.TEXT:
+            self.owner.on_upstream_message(message[1])
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.owner.on_upstream_closed(self.close_code, self.close_reason)
+
+
+class UpstreamConnection:
+    """One upstream session socket. `send_*` are no-ops once closed."""
+
+    def __init__(self, owner: UpstreamOwner) -> None:
+        self.listener = UpstreamListener(owner)
+
+    @property
+    def transport(self) -> WSTransport | None:
+        # set by the listener as soon as the handshake completes: the first upstream frame
+        # (session.created) can be handled, and answered, before `connect()` returns
+        return self.listener.transport
+
+    async def connect(self, url: str, headers: list[tuple[str, str]], timeout_s: float) -> None:
+        """Open the socket within `timeout_s`. Raises AuthenticationFailed or ConnectionFailed."""
+        where = _safe_location(url)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await ws_connect(
+                    lambda: self.listener, url, extra_headers=headers,
+                    websocket_handshake_timeout=timeout_s, read_buffer_init_size=READ_BUFFER_INIT_BYTES,
+                    max_frame_size=MAX_UPSTREAM_MESSAGE_BYTES, enable_auto_ping=False)
+        except WSHandshakeError as exc:
+            status = int(exc.response.status) if exc.response is not None else None
+            if status in (401, 403):
+                raise AuthenticationFailed(f"upstream {where} refused the API key (HTTP {status})",
+                                           upstream={"code": f"http_{status}", "type": "handshake"}) from None
+            raise ConnectionFailed(f"upstream {where} refused the WebSocket handshake"
+                                   + (f" (HTTP {status})" if status else "")) from None
+        except TimeoutError:
+            raise ConnectionFailed(f"upstream {where} did not answer within {timeout_s:g} s") from None
+        except OSError as exc:
+            raise ConnectionFailed(f"cannot reach upstream {where}: {exc.strerror or type(exc).__name__}") from None
+        except GatewayError:
+            raise
+        except asyncio.CancelledError:
+            self.close()
+            raise
+        except Exception as exc:  # picows/ssl errors: classify, never leak internals beyond the type
+            raise ConnectionFailed(f"cannot connect to upstream {where}: {type(exc).__name__}") from None
+        if self.closing:  # closed while connecting
+            self.close()
+
+    @property
+    def closing(self) -> bool:
+        return self.listener.closing
+
+    @property
+    def connected(self) -> bool:
+        return self.transport is not None and not self.transport.is_disconnected and not self.closing
+
+    def send_json_bytes(self, data: bytes) -> None:
+        if self.connected:
+            self.transport.send(WSMsgType.TEXT, data)
+
+    def send_frame(self, frame: bytearray, offset: int) -> None:
+        """Zero-copy send of an encoded frame whose first `offset` bytes are free header room."""
+        if self.connected:
+            self.transport.send_reuse_external_bytearray(WSMsgType.TEXT, frame, offset)
+
+    def close(self) -> None:
+        """Close politely (1000) and drop the socket; safe to call at any time, repeatedly."""
+        self.listener.closing = True
+        transport = self.transport
+        if transport is not None and not transport.is_disconnected:
+            transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+
+
+def _safe_location(url: str) -> str:
+    """host[:port]/path of the URL, without query (may hold keys for Azure browsers) or userinfo."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{host}{port}{parts.path}"
+
+
+__all__ = ["UpstreamConnection", "UpstreamListener", "build_upstream_url", "UpstreamError"]

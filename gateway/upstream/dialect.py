@@ -1,0 +1,60 @@
+"""`UpstreamDialect`: the contract of a translator between the internal model and one OpenAI shape.
+
+The internal event model uses GA event names (`response.output_audio.delta`,
+`conversation.item.added`, ...). A dialect translates:
+- out: `session_update(config)` -> the `session.update` event for a dialect-neutral `SessionConfig`,
+  plus the list of fields that dialect cannot carry (reported to the client as ignored);
+- in: `normalize(event)` -> the event renamed into the internal model (in place; returns it);
+  `effective(session)` -> the effective settings from a `session.created/updated` session object,
+  in the client protocol's vocabulary.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.client_protocol import SessionConfig
+
+
+class UpstreamDialect:
+    name: str = ""
+    #: extra handshake headers that select this dialect
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def session_update(self, config: SessionConfig, event_id: str | None = None) -> tuple[dict[str, Any], list[str]]:
+        raise NotImplementedError
+
+    def normalize(self, event: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def effective(self, session: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def turn_detection_object(config: SessionConfig) -> dict[str, Any] | None:
+    """The upstream `turn_detection` value; `None` (JSON null) for manual turns — never
+    `{"type":"none"}` (WaaV bug B6: the upstream rejects that whole update)."""
+    mode = config.turn_detection
+    if mode == "none":
+        return None
+    result: dict[str, Any] = {"type": mode}
+    if mode == "server_vad":
+        if config.vad_threshold is not None:
+            result["threshold"] = config.vad_threshold
+        if config.vad_prefix_padding_ms is not None:
+            result["prefix_padding_ms"] = config.vad_prefix_padding_ms
+        if config.vad_silence_duration_ms is not None:
+            result["silence_duration_ms"] = config.vad_silence_duration_ms
+    elif config.vad_eagerness is not None:
+        result["eagerness"] = config.vad_eagerness
+    result["create_response"] = True
+    result["interrupt_response"] = True
+    return result
+
+
+def turn_detection_mode(value: Any) -> str:
+    """Client-protocol name of an upstream turn_detection value."""
+    if value is None:
+        return "none"
+    if isinstance(value, dict) and value.get("type") in ("server_vad", "semantic_vad"):
+        return value["type"]
+    return "none"

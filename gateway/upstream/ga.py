@@ -1,0 +1,78 @@
+"""The GA dialect (current OpenAI): nested `session.audio.input/output`, `type:"realtime"` on every
+update, no `temperature`, GA event names (already the internal model)."""
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.client_protocol import SessionConfig
+from gateway.upstream.dialect import UpstreamDialect, turn_detection_mode, turn_detection_object
+
+_FORMATS = {"pcm16": {"type": "audio/pcm", "rate": 24000}, "g711_ulaw": {"type": "audio/pcmu"},
+            "g711_alaw": {"type": "audio/pcma"}}
+_FORMAT_NAMES = {"audio/pcm": "pcm16", "audio/pcmu": "g711_ulaw", "audio/pcma": "g711_alaw"}
+
+
+def _format_name(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return _FORMAT_NAMES.get(value.get("type"))
+    return None
+
+
+class GaDialect(UpstreamDialect):
+    name = "ga"
+    headers = ()
+
+    def session_update(self, config: SessionConfig, event_id: str | None = None) -> tuple[dict[str, Any], list[str]]:
+        session: dict[str, Any] = {"type": "realtime"}
+        ignored: list[str] = []
+        audio_in: dict[str, Any] = {}
+        audio_out: dict[str, Any] = {}
+        if config.modalities is not None:
+            session["output_modalities"] = ["audio"] if "audio" in config.modalities else ["text"]
+        if config.instructions is not None:
+            session["instructions"] = config.instructions
+        if config.input_audio_format is not None:
+            audio_in["format"] = dict(_FORMATS[config.input_audio_format])
+        if config.transcription_model is not None:
+            audio_in["transcription"] = {"model": config.transcription_model} if config.transcription_model else None
+        if config.turn_detection is not None:
+            audio_in["turn_detection"] = turn_detection_object(config)
+        if config.output_audio_format is not None:
+            audio_out["format"] = dict(_FORMATS[config.output_audio_format])
+        if config.voice is not None:
+            audio_out["voice"] = config.voice
+        if audio_in or audio_out:
+            session["audio"] = {}
+            if audio_in:
+                session["audio"]["input"] = audio_in
+            if audio_out:
+                session["audio"]["output"] = audio_out
+        if config.tools is not None:
+            session["tools"] = config.tools
+        if config.tool_choice is not None:
+            session["tool_choice"] = config.tool_choice
+        if config.max_response_tokens is not None:
+            session["max_output_tokens"] = config.max_response_tokens
+        if config.temperature is not None:
+            ignored.append("temperature")  # GA has no temperature; the upstream would reject the update
+        event: dict[str, Any] = {"type": "session.update", "session": session}
+        if event_id is not None:
+            event["event_id"] = event_id
+        return event, ignored
+
+    def normalize(self, event: dict[str, Any]) -> dict[str, Any]:
+        return event
+
+    def effective(self, session: dict[str, Any]) -> dict[str, Any]:
+        audio = session.get("audio") or {}
+        audio_in = audio.get("input") or {}
+        audio_out = audio.get("output") or {}
+        transcription = audio_in.get("transcription")
+        return {
+            "model": session.get("model"),
+            "voice": audio_out.get("voice"),
+            "turn_detection": turn_detection_mode(audio_in.get("turn_detection")),
+            "input_audio_format": _format_name(audio_in.get("format")),
+            "output_audio_format": _format_name(audio_out.get("format")),
+            "input_transcription": transcription.get("model") if isinstance(transcription, dict) else None,
+        }

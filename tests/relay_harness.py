@@ -1,0 +1,192 @@
+"""Shared pieces of the relay's end-to-end tests: a gateway in front of a mock upstream (both
+in-process, real sockets on 127.0.0.1), a recording test client, and test audio."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from typing import Any
+
+import numpy as np
+import orjson
+import websockets
+
+from gateway.config import NodeConfig
+from gateway.mock import MockOptions, MockRealtimeServer
+from gateway.server import GatewayServer
+
+TEST_KEY = "test-key-1"
+RATE = 24000
+BYTES_PER_MS = 48
+
+
+@contextlib.asynccontextmanager
+async def relay(mock_options: MockOptions | None = None, **node_fields: Any):
+    """A mock upstream (accepting only TEST_KEY) and a gateway pointed at it. Yields (gateway, mock)."""
+    options = mock_options or MockOptions()
+    if options.api_keys is None:
+        options = dataclasses.replace(options, api_keys={TEST_KEY})
+    mock = MockRealtimeServer(options)
+    await mock.start(host="127.0.0.1", port=0)
+    fields = {"host": "127.0.0.1", "port": 0, "upstream": "openai", "upstream_url": mock.url,
+              "api_key": TEST_KEY, "connect_timeout_s": 3.0}
+    fields.update(node_fields)
+    gateway = GatewayServer(NodeConfig(**fields))
+    await gateway.start()
+    try:
+        yield gateway, mock
+    finally:
+        await gateway.stop()
+        await mock.stop()
+
+
+class RelayClient:
+    """A websockets client that records every gateway message.
+
+    `events` are the JSON messages in order; `audio` all binary bytes in order; each event gets
+    `_audio_before` = how many audio bytes had arrived before it (order is the socket's order).
+    """
+
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self.events: list[dict[str, Any]] = []
+        self.audio = bytearray()
+        self.closed = asyncio.Event()
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._changed = asyncio.Condition()
+        self._taken: set[int] = set()
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    @classmethod
+    async def connect(cls, url: str) -> "RelayClient":
+        ws = await websockets.connect(url, max_size=None, compression=None)
+        return cls(ws)
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.ws:
+                if isinstance(message, bytes):
+                    self.audio += message
+                else:
+                    event = orjson.loads(message)
+                    event["_audio_before"] = len(self.audio)
+                    self.events.append(event)
+                async with self._changed:
+                    self._changed.notify_all()
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.close_code = self.ws.close_code
+            self.close_reason = self.ws.close_reason or ""
+            self.closed.set()
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def send(self, event: dict[str, Any]) -> None:
+        await self.ws.send(orjson.dumps(event).decode())
+
+    async def send_audio(self, pcm: bytes) -> None:
+        await self.ws.send(pcm)
+
+    async def wait(self, type_: str, timeout: float = 5.0, **match: Any) -> dict[str, Any]:
+        """The first event of `type_` (with the given field values) not returned before."""
+        async with asyncio.timeout(timeout):
+            async with self._changed:
+                while True:
+                    for index, event in enumerate(self.events):
+                        if index in self._taken or event.get("type") != type_:
+                            continue
+                        if all(event.get(k) == v for k, v in match.items()):
+                            self._taken.add(index)
+                            return event
+                    if self.closed.is_set():
+                        raise AssertionError(f"connection closed ({self.close_code}) before {type_} {match}; "
+                                             f"got {[e.get('type') for e in self.events]}")
+                    await self._changed.wait()
+
+    async def wait_audio(self, size: int, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            async with self._changed:
+                while len(self.audio) < size:
+                    if self.closed.is_set():
+                        raise AssertionError("closed while waiting for audio")
+                    await self._changed.wait()
+
+    def of_type(self, type_: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("type") == type_]
+
+    async def wait_closed(self, timeout: float = 5.0) -> None:
+        await asyncio.wait_for(self.closed.wait(), timeout)
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.wait_closed()
+
+
+def speech_like(seconds: float, seed: int, level: float = 0.3) -> bytes:
+    """Non-trivial, deterministic 'speech': a random-walk-modulated chirp at about -10 dBFS."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * RATE)
+    t = np.arange(n) / RATE
+    envelope = 0.6 + 0.4 * np.abs(np.sin(2 * np.pi * 3 * t + rng.uniform(0, 6)))
+    freq = 300 + 200 * np.sin(2 * np.pi * 0.5 * t)
+    phase = 2 * np.pi * np.cumsum(freq) / RATE
+    noise = np.cumsum(rng.normal(0, 40, n))
+    noise -= np.convolve(noise, np.ones(240) / 240, mode="same")
+    signal = level * 32767 * envelope * np.sin(phase) + noise
+    return np.clip(signal, -32768, 32767).astype("<i2").tobytes()
+
+
+def silence(seconds: float) -> bytes:
+    return bytes(int(seconds * RATE) * 2)
+
+
+def frames(pcm: bytes, size: int) -> list[bytes]:
+    return [pcm[i:i + size] for i in range(0, len(pcm), size)]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gateway_process(port: int, timeout: float = 20.0):
+    """`realtime-gateway --upstream mock --port PORT` as a subprocess; yields once it listens."""
+    import os
+    import selectors
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ)
+    env.pop("OPENAI_API_KEY", None)
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "--upstream", "mock", "--port", str(port)],
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+                               bufsize=0)  # unbuffered: select() must see every line
+    log: list[str] = []
+    try:
+        selector = selectors.DefaultSelector()
+        selector.register(process.stderr, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while True:  # bounded by the deadline; wakes on each log line, no polling sleeps
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or process.poll() is not None:
+                raise AssertionError("gateway did not start:\n" + "".join(log))
+            if selector.select(remaining):
+                line = process.stderr.readline().decode(errors="replace")
+                log.append(line)
+                if "realtime-gateway listening on" in line:
+                    break
+        selector.close()
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)

@@ -1,0 +1,242 @@
+"""The client protocol parser (both spellings, every error) and the error table."""
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from gateway import client_protocol as cp
+from gateway.errors import (ERROR_TABLE, AuthenticationFailed, GatewayError, InvalidConfig, InvalidMessage,
+                            RateLimitExceeded, SessionExpired, UpstreamError, from_upstream_error, scrub)
+
+
+def parse(obj) -> object:
+    return cp.parse_client_message(orjson.dumps(obj))
+
+
+def config_of(obj) -> cp.ConfigCommand:
+    command = parse({"type": "config", **obj})
+    assert isinstance(command, cp.ConfigCommand)
+    return command
+
+
+# ---- message framing errors -------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, param", [
+    (b"{not json", None),
+    (b'{"type":"text","text":"abc"', None),             # truncated JSON
+    (b"\xff\xfe{}", None),                              # invalid UTF-8
+    (b"[1,2,3]", None),                                 # not an object
+    (b'{"text":"no type"}', "type"),
+    (b'{"type":42}', "type"),
+    (b'{"type":"dance"}', "type"),                      # unknown type
+    (b'{"type":"text","text":5}', "text"),              # wrong field type
+    (b'{"type":"text"}', "text"),                       # missing field
+    (b'{"type":"text","text":"hi","respond":"yes"}', "respond"),
+    (b'{"type":"function_result","call_id":7,"output":"x"}', "call_id"),
+    (b'{"type":"function_result","call_id":"c1","output":5}', "output"),
+    (b'{"type":"playback","played_ms":-1}', "played_ms"),
+    (b'{"type":"playback","played_ms":"10"}', "played_ms"),
+])
+def test_bad_messages_raise_invalid_message(raw, param):
+    with pytest.raises(InvalidMessage) as info:
+        cp.parse_client_message(raw)
+    assert info.value.param == param
+    assert info.value.fatal is False
+    assert info.value.to_event()["code"] == "InvalidMessage"
+
+
+def test_text_over_the_size_limit_is_rejected():
+    with pytest.raises(InvalidMessage):
+        parse({"type": "text", "text": "x" * (cp.MAX_TEXT_BYTES + 1)})
+
+
+# ---- commands, both spellings -----------------------------------------------------------------
+
+def test_commands_in_seed_and_waav_spellings():
+    assert parse({"type": "text", "text": "hi"}) == cp.TextCommand("hi", True)
+    assert parse({"type": "text", "text": "hi", "respond": False}) == cp.TextCommand("hi", False)
+    assert isinstance(parse({"type": "commit"}), cp.CommitCommand)
+    assert isinstance(parse({"type": "commit_audio"}), cp.CommitCommand)  # WaaV
+    assert isinstance(parse({"type": "create_response"}), cp.CreateResponseCommand)
+    assert isinstance(parse({"type": "cancel_response"}), cp.CancelResponseCommand)
+    assert isinstance(parse({"type": "clear_audio"}), cp.ClearAudioCommand)
+    assert parse({"type": "function_result", "call_id": "c1", "output": "ok"}) == cp.FunctionResultCommand("c1", "ok")
+    assert parse({"type": "function_result", "call_id": "c1", "result": "ok"}) == cp.FunctionResultCommand("c1", "ok")
+    assert parse({"type": "function_result", "call_id": "c1", "output": {"t": 18}}) == \
+        cp.FunctionResultCommand("c1", '{"t":18}')
+    assert parse({"type": "playback", "played_ms": 1234}) == cp.PlaybackCommand(1234.0)
+    waav_update = parse({"type": "update_session", "voice": "ash"})
+    assert isinstance(waav_update, cp.ConfigCommand) and waav_update.config.voice == "ash"
+
+
+def test_openai_events_pass_through_untouched():
+    event = {"type": "conversation.item.delete", "item_id": "item_1", "event_id": "e1"}
+    command = parse(event)
+    assert isinstance(command, cp.PassthroughCommand) and command.event == event
+
+
+# ---- config: every field ----------------------------------------------------------------------
+
+def test_seed_config_with_every_field():
+    command = config_of({
+        "provider": "openai", "model": "gpt-4o-realtime-preview", "voice": "alloy",
+        "instructions": "You are a helpful assistant.", "turn_detection": "server_vad",
+        "vad": {"enabled": True, "threshold": 0.6, "silence_duration_ms": 400, "prefix_padding_ms": 200},
+        "input_transcription": {"enabled": True, "model": "gpt-4o-mini-transcribe"},
+        "temperature": 0.8, "max_response_tokens": "inf", "tool_choice": "auto",
+        "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+        "input_audio_format": "pcm16", "output_audio_format": "g711_ulaw", "modalities": ["text", "audio"],
+        "levels": True,
+    })
+    assert command.errors == []
+    c = command.config
+    assert (c.model, c.voice, c.turn_detection) == ("gpt-4o-realtime-preview", "alloy", "server_vad")
+    assert (c.vad_threshold, c.vad_silence_duration_ms, c.vad_prefix_padding_ms) == (0.6, 400, 200)
+    assert c.transcription_model == "gpt-4o-mini-transcribe"
+    assert (c.temperature, c.max_response_tokens, c.tool_choice) == (0.8, "inf", "auto")
+    assert c.tools == [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
+    assert (c.input_audio_format, c.output_audio_format, c.modalities, c.levels) == \
+        ("pcm16", "g711_ulaw", ["text", "audio"], True)
+
+
+def test_waav_config_spellings():
+    command = config_of({
+        "turn_detection": {"mode": "server_vad", "threshold": 0.4, "silence_duration_ms": 300},
+        "transcribe_input": True, "transcription_model": "gpt-4o-transcribe",
+        "max_response_tokens": -1, "input_audio_format": "mulaw",
+        "tools": [{"type": "function", "function": {"name": "lookup", "description": "d",
+                                                    "parameters": {"type": "object"}}}],
+    })
+    assert command.errors == []
+    c = command.config
+    assert (c.turn_detection, c.vad_threshold, c.vad_silence_duration_ms) == ("server_vad", 0.4, 300)
+    assert c.transcription_model == "gpt-4o-transcribe"
+    assert c.max_response_tokens == "inf"            # negative means unlimited
+    assert c.input_audio_format == "g711_ulaw"
+    assert c.tools == [{"type": "function", "name": "lookup", "description": "d", "parameters": {"type": "object"}}]
+    assert config_of({"turn_detection": {"mode": "manual"}}).config.turn_detection == "none"
+    semantic = config_of({"turn_detection": {"mode": "semantic", "eagerness": "high"}}).config
+    assert (semantic.turn_detection, semantic.vad_eagerness) == ("semantic_vad", "high")
+    assert config_of({"transcribe_input": False}).config.transcription_model == ""
+
+
+def test_transcription_and_vad_switches():
+    assert config_of({"input_transcription": {"enabled": False}}).config.transcription_model == ""
+    assert config_of({"input_transcription": {}}).config.transcription_model == "whisper-1"
+    assert config_of({"turn_detection": "server_vad", "vad": {"enabled": False}}).config.turn_detection == "none"
+    assert config_of({"turn_detection": "none"}).config.turn_detection == "none"
+
+
+@pytest.mark.parametrize("field, value, param", [
+    ("provider", "hume", "provider"),
+    ("model", "", "model"),
+    ("model", 5, "model"),
+    ("voice", "nova", "voice"),
+    ("voice", 3, "voice"),
+    ("instructions", ["x"], "instructions"),
+    ("instructions", "x" * (cp.MAX_INSTRUCTIONS_BYTES + 1), "instructions"),
+    ("turn_detection", "push_to_talk", "turn_detection"),
+    ("turn_detection", 3, "turn_detection"),
+    ("turn_detection", {"mode": "sometimes"}, "turn_detection.mode"),
+    ("turn_detection", {"mode": "server_vad", "threshold": 2}, "turn_detection.threshold"),
+    ("vad", {"threshold": 1.5}, "vad.threshold"),
+    ("vad", {"silence_duration_ms": -5}, "vad.silence_duration_ms"),
+    ("vad", {"prefix_padding_ms": "300"}, "vad.prefix_padding_ms"),
+    ("vad", {"enabled": "yes"}, "vad.enabled"),
+    ("vad", [], "vad"),
+    ("input_transcription", {"model": ""}, "input_transcription.model"),
+    ("input_transcription", {"enabled": 1}, "input_transcription.enabled"),
+    ("transcribe_input", "yes", "transcribe_input"),
+    ("transcription_model", 1, "transcription_model"),
+    ("temperature", 2.0, "temperature"),
+    ("temperature", "hot", "temperature"),
+    ("max_response_tokens", 0, "max_response_tokens"),
+    ("max_response_tokens", 5000, "max_response_tokens"),
+    ("max_response_tokens", "lots", "max_response_tokens"),
+    ("tools", {"name": "x"}, "tools"),
+    ("tools", [{"type": "function", "name": "bad name!"}], "tools[0].name"),
+    ("tools", [{"type": "retrieval"}], "tools[0].type"),
+    ("tools", [{"name": "ok", "parameters": "schema"}], "tools[0].parameters"),
+    ("tool_choice", "sometimes", "tool_choice"),
+    ("input_audio_format", "mp3", "input_audio_format"),
+    ("output_audio_format", 16, "output_audio_format"),
+    ("modalities", ["video"], "modalities"),
+    ("modalities", [], "modalities"),
+    ("levels", "on", "levels"),
+    ("colour", "blue", "colour"),                       # unknown field
+])
+def test_invalid_config_field_is_reported_and_ignored_rest_applies(field, value, param):
+    command = config_of({field: value, "instructions": "keep me"} if field != "instructions"
+                        else {field: value, "voice": "ash"})
+    assert [e.param for e in command.errors] == [param]
+    error = command.errors[0]
+    assert isinstance(error, InvalidConfig) and error.fatal is False
+    assert error.to_event() == {"type": "error", "code": "InvalidConfig", "message": error.message,
+                                "fatal": False, "param": param}
+    assert getattr(command.config, field if hasattr(command.config, field) else "model", None) in (None,)
+    if field != "instructions":
+        assert command.config.instructions == "keep me"   # the rest applies
+    else:
+        assert command.config.voice == "ash"
+
+
+def test_session_config_merge_keeps_unspecified_fields():
+    base = cp.SessionConfig(voice="alloy", instructions="a", turn_detection="server_vad")
+    merged = base.merged(cp.SessionConfig(instructions="b"))
+    assert (merged.voice, merged.instructions, merged.turn_detection) == ("alloy", "b", "server_vad")
+    assert merged.specified() == ["voice", "instructions", "turn_detection"]
+
+
+# ---- gateway -> client events -----------------------------------------------------------------
+
+def test_event_builders():
+    assert orjson.loads(cp.transcript_event("user", "hi", True, "item_1")) == \
+        {"type": "transcript", "role": "user", "text": "hi", "is_final": True, "item_id": "item_1"}
+    assert orjson.loads(cp.speech_event("speech_started", 120, "item_2")) == \
+        {"type": "speech_started", "audio_ms": 120, "item_id": "item_2"}
+    assert orjson.loads(cp.interrupted_event("resp_1", 840)) == \
+        {"type": "interrupted", "response_id": "resp_1", "played_ms": 840}
+    assert orjson.loads(cp.function_call_event("call_1", "f", "{}")) == \
+        {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"}
+    level = orjson.loads(cp.level_event((-20.0, -6.0, 0, 2400), (-100.0, -100.0, 0, 0)))
+    assert level == {"type": "level", "input": {"rms_dbfs": -20.0, "peak_dbfs": -6.0, "clipped": 0},
+                     "output": {"rms_dbfs": -100.0, "peak_dbfs": -100.0, "clipped": 0}}
+    ready = orjson.loads(cp.ready_event("gw_1", "sess_1", {"model": "m", "voice": "alloy"}, ["voice"]))
+    assert ready == {"type": "ready", "session_id": "gw_1", "upstream_session_id": "sess_1", "model": "m",
+                     "voice": "alloy", "ignored": ["voice"]}
+
+
+# ---- the error table ----------------------------------------------------------------------------
+
+def test_error_table_covers_every_code_with_close_codes():
+    assert set(ERROR_TABLE) == {"AuthenticationFailed", "NotConnected", "ConnectionFailed", "RateLimitExceeded",
+                                "InvalidConfig", "InvalidMessage", "UpstreamError", "SessionExpired", "Overloaded"}
+    for code, kind in ERROR_TABLE.items():
+        assert 1000 <= kind.close_code <= 4999 and kind.close_reason
+    assert AuthenticationFailed("x").fatal and SessionExpired("x").fatal
+    assert not InvalidConfig("x").fatal and not RateLimitExceeded("x").fatal
+
+
+def test_upstream_errors_map_to_codes_and_keep_details():
+    rate = from_upstream_error({"type": "tokens", "code": "rate_limit_exceeded", "message": "Rate limit reached"})
+    assert isinstance(rate, RateLimitExceeded) and not rate.fatal
+    assert rate.to_event()["upstream"] == {"code": "rate_limit_exceeded", "type": "tokens", "param": None,
+                                           "event_id": None}
+    key = from_upstream_error({"type": "invalid_request_error", "code": "invalid_api_key", "message": "bad"})
+    assert isinstance(key, AuthenticationFailed) and key.fatal
+    expired = from_upstream_error({"code": "session_expired", "message": "Your session hit the maximum duration"})
+    assert isinstance(expired, SessionExpired) and expired.fatal
+    beta = from_upstream_error({"code": "beta_api_shape_disabled", "message": "no beta"})
+    assert isinstance(beta, UpstreamError) and beta.fatal
+    other = from_upstream_error({"code": "invalid_value", "param": "session.voice", "message": "m",
+                                 "event_id": "e1", "type": "invalid_request_error"})
+    assert isinstance(other, UpstreamError) and not other.fatal
+    assert other.to_event()["upstream"]["param"] == "session.voice"
+
+
+def test_secrets_are_scrubbed_from_messages():
+    error = GatewayError.__subclasses__()[0]("Incorrect API key provided: sk-proj-abcdef123456789. Bearer xyz123")
+    assert "sk-proj" not in error.message and "xyz123" not in error.message
+    assert scrub("api-key: abc123def") == "api-key: [redacted]"
+    upstream = from_upstream_error({"code": "invalid_api_key", "message": "key sk-test1234567890 is wrong"})
+    assert "sk-test" not in orjson.dumps(upstream.to_event()).decode()

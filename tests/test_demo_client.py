@@ -1,0 +1,63 @@
+"""Done-means 5: `realtime-gateway client` against `realtime-gateway --upstream mock --port P`,
+both as subprocesses; the reply WAV holds the echoed audio."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import wave
+
+import numpy as np
+
+from gateway.demo_client import load_wav_pcm16
+from tests.relay_harness import free_port, gateway_process, silence, speech_like
+
+
+def _write_wav(path, pcm: bytes, rate: int = 24000, channels: int = 1) -> None:
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(channels)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(pcm)
+
+
+def _client(port: int, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway", "client", "--url", f"ws://127.0.0.1:{port}/realtime",
+                           "--timeout", "30", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_demo_client_push_to_talk_and_server_vad(tmp_path):
+    speech = speech_like(0.8, seed=31)
+    wav_in = tmp_path / "in.wav"
+    _write_wav(wav_in, silence(0.3) + speech)
+    port = free_port()
+    with gateway_process(port):
+        manual = _client(port, "--wav", str(wav_in), "--out", str(tmp_path / "manual.wav"),
+                         "--turn-detection", "none")
+        assert manual.returncode == 0, manual.stdout + manual.stderr
+        with wave.open(str(tmp_path / "manual.wav"), "rb") as reply:
+            assert (reply.getframerate(), reply.getnchannels(), reply.getsampwidth()) == (24000, 1, 2)
+            assert reply.readframes(reply.getnframes()) == silence(0.3) + speech   # the whole turn, echoed
+        assert "ready: session gw_" in manual.stdout and "response done" in manual.stdout
+
+        vad = _client(port, "--wav", str(wav_in), "--out", str(tmp_path / "vad.wav"), "--text", "and hello")
+        assert vad.returncode == 0, vad.stdout + vad.stderr
+        with wave.open(str(tmp_path / "vad.wav"), "rb") as reply:
+            echoed = reply.readframes(reply.getnframes())
+        assert echoed.find(speech[:9600]) >= 0                  # the spoken turn came back
+        assert "[user] " in vad.stdout and "[assistant] " in vad.stdout
+        assert vad.stdout.count("response done") == 2           # the audio turn and the text turn
+
+
+def test_wav_conversion_to_24k_mono(tmp_path):
+    t = np.arange(16000) / 16000
+    tone = (8000 * np.sin(2 * np.pi * 440 * t)).astype("<i2")
+    stereo = np.stack([tone, tone], axis=1).tobytes()
+    path = tmp_path / "in16k.wav"
+    _write_wav(path, stereo, rate=16000, channels=2)
+    pcm = np.frombuffer(load_wav_pcm16(str(path)), dtype="<i2")
+    assert pcm.size == 24000                                    # 1 s at 24 kHz
+    spectrum = np.abs(np.fft.rfft(pcm.astype(float)))
+    assert abs(int(np.argmax(spectrum)) - 440) <= 1             # same pitch after resampling
+    same = tmp_path / "same.wav"
+    _write_wav(same, tone.tobytes()[:4800], rate=24000)
+    assert load_wav_pcm16(str(same)) == tone.tobytes()[:4800]   # already 24 kHz mono: bit-exact

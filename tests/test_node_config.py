@@ -1,0 +1,56 @@
+"""NodeConfig from flags and env, provider key rules, and the `serve` command's refusal/--help."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from gateway import config as node_config
+from gateway.config import ConfigError, NodeConfig
+
+
+def build(argv: list[str], env: dict[str, str]) -> NodeConfig:
+    parser = argparse.ArgumentParser()
+    node_config.add_arguments(parser)
+    return node_config.from_args(parser.parse_args(argv), env)
+
+
+def test_defaults_flags_and_env_fallbacks():
+    config = build(["--upstream", "mock"], {})
+    assert (config.host, config.port, config.default_model, config.coalesce_ms) == ("0.0.0.0", 3001, "gpt-realtime", 20)
+    assert (config.pre_ready_buffer_ms, config.level_interval_ms, config.upstream_dialect) == (5000, 100, "ga")
+    from_env = build([], {"GATEWAY_UPSTREAM": "mock", "GATEWAY_PORT": "4100", "GATEWAY_UPSTREAM_DIALECT": "beta"})
+    assert (from_env.port, from_env.upstream_dialect) == (4100, "beta")
+    flag_wins = build(["--port", "4200"], {"GATEWAY_UPSTREAM": "mock", "GATEWAY_PORT": "4100"})
+    assert flag_wins.port == 4200
+
+
+def test_openai_needs_a_key_and_azure_a_url():
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
+        build(["--upstream", "openai"], {})
+    openai = build(["--upstream", "openai"], {"OPENAI_API_KEY": "test-key-1"})
+    assert openai.upstream_url == "wss://api.openai.com/v1/realtime" and openai.api_key == "test-key-1"
+    assert "test-key-1" not in repr(openai) and "***" in repr(openai)
+    with pytest.raises(ConfigError, match="upstream-url"):
+        build(["--upstream", "azure"], {"AZURE_OPENAI_API_KEY": "test-key-1"})
+    azure = build(["--upstream", "azure", "--upstream-url", "wss://r.example/openai/v1/realtime?model=d"],
+                  {"AZURE_OPENAI_API_KEY": "test-key-2"})
+    assert azure.auth_headers == [("api-key", "test-key-2")]
+    with pytest.raises(ConfigError):
+        build(["--upstream", "mock"], {"GATEWAY_LOG_FORMAT": "xml"})
+    with pytest.raises(ConfigError):
+        build(["--upstream", "mock", "--coalesce-ms", "0"], {})
+
+
+def test_serve_refuses_without_key_and_help_documents_env_vars():
+    env = {"PATH": "/usr/bin:/bin"}
+    refused = subprocess.run([sys.executable, "-m", "gateway", "--upstream", "openai"], capture_output=True,
+                             text=True, timeout=30, env=env)
+    assert refused.returncode == 2 and "OPENAI_API_KEY" in refused.stderr
+    helped = subprocess.run([sys.executable, "-m", "gateway", "serve", "--help"], capture_output=True, text=True,
+                            timeout=30)
+    for flag in ("--upstream-dialect", "--connect-timeout", "--coalesce-ms", "--pre-ready-buffer-ms",
+                 "GATEWAY_PORT", "GATEWAY_LOG_FORMAT"):
+        assert flag in helped.stdout

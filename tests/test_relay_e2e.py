@@ -1,0 +1,271 @@
+"""End to end over real sockets: test client <-> gateway <-> mock upstream (SPEC §2)."""
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from gateway.mock import MockOptions
+from tests.relay_harness import BYTES_PER_MS, RelayClient, frames, relay, silence, speech_like
+from tests.support import run
+
+
+async def _http_get(port: int, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_server_vad_turn_speech_events_transcripts_and_bit_exact_echo():
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            ready = await client.wait("ready")
+            assert ready["model"] == "gpt-realtime" and ready["voice"] == "alloy"
+            assert ready["turn_detection"] == "server_vad" and ready["input_audio_format"] == "pcm16"
+            status, body = await _http_get(gateway.port, "/health")
+            assert status == 200 and orjson.loads(body) == {"status": "ok", "sessions": 1}
+            audio = silence(0.5) + speech_like(1.0, seed=1) + silence(1.0)
+            for frame in frames(audio, 960):  # 20 ms frames
+                await client.send_audio(frame)
+            started = await client.wait("speech_started")
+            stopped = await client.wait("speech_stopped")
+            # onset 500 ms - prefix padding 300 ms; last speech 1500 ms + silence 500 ms (seed defaults)
+            assert abs(started["audio_ms"] - 200) <= 20 and abs(stopped["audio_ms"] - 2000) <= 20
+            user = await client.wait("transcript", role="user", is_final=True)
+            assert user["text"] and user["item_id"] == started["item_id"]
+            response = await client.wait("response_started")
+            final = await client.wait("transcript", role="assistant", is_final=True)
+            done = await client.wait("response_done", response_id=response["response_id"])
+            assert done["status"] == "completed" and done["usage"]["output_tokens"] > 0
+            partials = [e["text"] for e in client.of_type("transcript")
+                        if e["role"] == "assistant" and not e["is_final"]]
+            assert "".join(partials) == final["text"]        # partials carry only new text
+            assert final["response_id"] == response["response_id"]
+            turn = audio[started["audio_ms"] * BYTES_PER_MS:stopped["audio_ms"] * BYTES_PER_MS]
+            assert bytes(client.audio) == turn                 # echoed bit-exactly, in order
+            assert (await _http_get(gateway.port, "/nope"))[0] == 404
+            await client.close()
+            await gateway.wait_empty(3)
+            await mock.sessions[0].wait_closed(3)
+    run(scenario(), timeout=20)
+
+
+def test_push_to_talk_with_odd_length_frames():
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            ready = await client.wait("ready")
+            assert ready["turn_detection"] == "none"
+            upstream = mock.sessions[0]
+            update = await upstream.wait_for_client_event("session.update")
+            assert update["session"]["audio"]["input"]["turn_detection"] is None   # null, not {"type":"none"}
+            audio = speech_like(0.8, seed=2)
+            for frame in frames(audio, 777):  # odd sizes: the odd byte is carried, never dropped
+                await client.send_audio(frame)
+            await client.send({"type": "commit"})
+            await client.send({"type": "create_response"})
+            await client.wait("response_done")
+            assert bytes(client.audio) == audio
+            assert client.of_type("speech_started") == []
+            assert [e["type"] for e in upstream.received].count("input_audio_buffer.commit") == 1
+    run(scenario(), timeout=20)
+
+
+def test_text_turns_and_respond_false():
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "remember this", "respond": False})
+            await client.send({"type": "text", "text": "hello there"})
+            done = await client.wait("response_done")
+            assert done["status"] == "completed" and len(client.audio) > 0
+            final = await client.wait("transcript", role="assistant", is_final=True)
+            assert final["text"]
+            upstream = mock.sessions[0]
+            types = [e["type"] for e in upstream.received]
+            assert types.count("conversation.item.create") == 2 and types.count("response.create") == 1
+            texts = [e["item"]["content"][0]["text"] for e in upstream.received
+                     if e["type"] == "conversation.item.create"]
+            assert texts == ["remember this", "hello there"]
+    run(scenario(), timeout=20)
+
+
+def test_function_call_round_trip_one_response_create_after_results():
+    async def scenario():
+        async with relay(MockOptions(function_trigger="name_in_text")) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "tools": [
+                {"type": "function", "function": {"name": "get_weather", "description": "weather",
+                                                  "parameters": {"type": "object", "properties": {}}}}]})
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "please call get_weather for Paris"})
+            call = await client.wait("function_call")
+            assert call["name"] == "get_weather" and orjson.loads(call["arguments"]) is not None
+            first = await client.wait("response_done")
+            assert first["status"] == "completed"
+            await client.send({"type": "function_result", "call_id": call["call_id"], "output": '{"temp_c": 18}'})
+            second = await client.wait("response_done")
+            assert second["response_id"] != first["response_id"] and second["status"] == "completed"
+            assert len(client.of_type("function_call")) == 1      # announced twice upstream, dispatched once
+            upstream = mock.sessions[0]
+            types = [e["type"] for e in upstream.received]
+            assert types.count("response.create") == 2            # the text's, and ONE after the result
+            output = [e for e in upstream.received if e["type"] == "conversation.item.create"][-1]
+            assert output["item"] == {"type": "function_call_output", "call_id": call["call_id"],
+                                      "output": '{"temp_c": 18}'}
+            assert types.index("conversation.item.create", types.index("response.create") + 1) < len(types) - 1
+    run(scenario(), timeout=20)
+
+
+def test_config_before_ready_is_acked_first_and_after_ready_is_a_partial_update():
+    async def scenario():
+        async with relay(MockOptions(handshake_delay_s=0.2)) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "voice": "ash", "instructions": "Be brief.",
+                               "temperature": 0.8, "vad": {"silence_duration_ms": 300}})
+            ready = await client.wait("ready")
+            assert ready["voice"] == "ash" and ready["ignored"] == ["temperature"]   # GA has no temperature
+            upstream = mock.sessions[0]
+            first = await upstream.wait_for_client_event("session.update")
+            assert first["session"]["instructions"] == "Be brief."
+            assert first["session"]["audio"]["input"]["turn_detection"]["silence_duration_ms"] == 300
+            assert "temperature" not in first["session"]
+            await client.send({"type": "config", "instructions": "Be verbose."})
+            second = await upstream.wait_for_client_event("session.update")
+            assert second["session"] == {"type": "realtime", "instructions": "Be verbose."}
+            await upstream.wait_for_server_event("session.updated")
+            await client.send({"type": "config", "model": "gpt-realtime-mini"})
+            error = await client.wait("error")
+            assert error["code"] == "InvalidConfig" and error["param"] == "model" and not error["fatal"]
+            assert len(mock.sessions) == 1
+    run(scenario(), timeout=20)
+
+
+def test_config_naming_another_model_before_ready_reopens_the_upstream():
+    async def scenario():
+        async with relay(MockOptions(handshake_delay_s=0.2)) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url + "?model=gpt-realtime")
+            await client.send({"type": "config", "model": "gpt-4o-realtime-preview", "instructions": "x"})
+            ready = await client.wait("ready")
+            assert ready["model"] == "gpt-4o-realtime-preview"
+            current = [s for s in mock.sessions if s.model == "gpt-4o-realtime-preview"]
+            assert len(current) == 1 and not current[0].closed
+            # the first upstream (if its handshake got that far) is closed, not leaked (WaaV B2)
+            for old in mock.sessions:
+                if old is not current[0]:
+                    assert old.model == "gpt-realtime"
+                    await old.wait_closed(3)
+            await client.close()
+            await gateway.wait_empty(3)
+            for session in mock.sessions:
+                await session.wait_closed(3)
+            update = await current[0].wait_for_client_event("session.update")
+            assert update["session"]["instructions"] == "x"
+    run(scenario(), timeout=20)
+
+
+def test_audio_and_commands_before_ready_arrive_intact_and_in_order():
+    async def scenario():
+        async with relay(MockOptions(handshake_delay_s=0.3)) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            audio = speech_like(0.6, seed=3)
+            for frame in frames(audio, 1001):
+                await client.send_audio(frame)
+            await client.send({"type": "commit"})
+            await client.send({"type": "create_response"})
+            await client.wait("ready")
+            await client.wait("response_done")
+            assert client.events[0]["type"] == "ready"          # nothing was answered before ready
+            assert bytes(client.audio) == audio
+    run(scenario(), timeout=20)
+
+
+def test_beta_dialect_end_to_end():
+    async def scenario():
+        async with relay(MockOptions(beta="serve"), upstream_dialect="beta") as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "temperature": 0.9, "voice": "verse"})
+            ready = await client.wait("ready")
+            assert ready["voice"] == "verse" and ready["ignored"] == []
+            upstream = mock.sessions[0]
+            assert upstream.dialect == "beta"
+            update = await upstream.wait_for_client_event("session.update")
+            assert update["session"]["temperature"] == 0.9 and update["session"]["voice"] == "verse"
+            audio = silence(0.4) + speech_like(0.8, seed=4) + silence(0.8)
+            for frame in frames(audio, 960):
+                await client.send_audio(frame)
+            started = await client.wait("speech_started")
+            stopped = await client.wait("speech_stopped")
+            await client.wait("transcript", role="user", is_final=True)
+            await client.wait("transcript", role="assistant", is_final=True)
+            await client.wait("response_done")
+            assert bytes(client.audio) == audio[started["audio_ms"] * 48:stopped["audio_ms"] * 48]
+    run(scenario(), timeout=20)
+
+
+def test_waav_spellings():
+    async def scenario():
+        async with relay(MockOptions(function_trigger="name_in_text")) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": {"mode": "manual"}, "transcribe_input": True,
+                               "transcription_model": "gpt-4o-transcribe", "max_response_tokens": -1,
+                               "tools": [{"type": "function", "function": {"name": "lookup"}}]})
+            ready = await client.wait("ready")
+            assert ready["turn_detection"] == "none" and ready["input_transcription"] == "gpt-4o-transcribe"
+            upstream = mock.sessions[0]
+            update = await upstream.wait_for_client_event("session.update")
+            assert update["session"]["max_output_tokens"] == "inf"
+            assert update["session"]["tools"] == [{"type": "function", "name": "lookup"}]
+            audio = speech_like(0.5, seed=5)
+            await client.send_audio(audio)
+            await client.send({"type": "commit_audio"})
+            await client.send({"type": "create_response"})
+            await client.wait("response_done")
+            assert bytes(client.audio) == audio
+            partial = await client.wait("transcript", role="user", is_final=False)
+            final = await client.wait("transcript", role="user", is_final=True)
+            assert final["text"].startswith(partial["text"])
+            await client.send({"type": "update_session", "instructions": "new"})
+            assert (await upstream.wait_for_client_event("session.update"))["session"]["instructions"] == "new"
+            await client.send({"type": "text", "text": "use lookup now"})
+            call = await client.wait("function_call")
+            await client.wait("response_done")
+            await client.send({"type": "function_result", "call_id": call["call_id"], "result": "found"})
+            await client.wait("response_done")
+            created = [e for e in upstream.received if e["type"] == "conversation.item.create"]
+            assert created[-1]["item"]["output"] == "found"
+    run(scenario(), timeout=20)
+
+
+def test_passthrough_levels_and_fragmented_messages():
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            # a config split over three WebSocket frames is reassembled
+            parts = ['{"type":"config",', '"levels":true,"turn_detection":', '"none"}']
+            await client.ws.send(iter(parts))
+            await client.wait("ready")
+            audio = speech_like(0.5, seed=6)
+            await client.send_audio(audio)
+            level = await client.wait("level", timeout=3)
+            assert -30 < level["input"]["rms_dbfs"] < 0 and level["input"]["peak_dbfs"] <= 0
+            await client.send({"type": "input_audio_buffer.commit", "event_id": "mine_1"})
+            upstream = mock.sessions[0]
+            commit = await upstream.wait_for_client_event("input_audio_buffer.commit")
+            assert commit == {"type": "input_audio_buffer.commit", "event_id": "mine_1"}
+            await upstream.wait_for_server_event("input_audio_buffer.committed")
+            await client.send({"type": "response.create"})
+            await client.wait("response_done")
+            assert bytes(client.audio) == audio
+            level = await client.wait("level", timeout=3)
+            assert level["output"]["rms_dbfs"] > -100 or any(
+                e["output"]["rms_dbfs"] > -100 for e in client.of_type("level"))
+    run(scenario(), timeout=20)

@@ -1,0 +1,204 @@
+"""Errors of SPEC §2.3/§7: codes, fatality, close codes, and nothing left half-open."""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from gateway.config import NodeConfig
+from gateway.errors import CLOSE_INTERNAL_ERROR, CLOSE_MESSAGE_TOO_BIG, CLOSE_SESSION_EXPIRED, CLOSE_UPSTREAM_AUTH_FAILED
+from gateway.mock import MockOptions
+from gateway.server import GatewayServer
+from tests.relay_harness import RelayClient, relay, speech_like
+from tests.support import run
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def _expect_fatal(client: RelayClient, code: str, close_code: int) -> dict:
+    error = await client.wait("error", timeout=5, code=code)
+    assert error["fatal"] is True
+    await client.wait_closed(5)
+    assert client.close_code == close_code
+    return error
+
+
+@pytest.mark.parametrize("mode", ["ws_error", "http_401"])
+def test_bad_upstream_key_is_authentication_failed(mode):
+    async def scenario():
+        async with relay(MockOptions(bad_key=mode), api_key="test-key-wrong") as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            error = await _expect_fatal(client, "AuthenticationFailed", CLOSE_UPSTREAM_AUTH_FAILED)
+            assert "test-key-wrong" not in str(error)
+            await gateway.wait_empty(3)
+    run(scenario(), timeout=20)
+
+
+def test_upstream_down_is_connection_failed_within_the_connect_timeout():
+    async def scenario():
+        config = NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key="test-key-1",
+                            upstream_url=f"ws://127.0.0.1:{_free_port()}/v1/realtime", connect_timeout_s=1.0)
+        async with GatewayServer(config) as gateway:
+            started = time.monotonic()
+            client = await RelayClient.connect(gateway.url)
+            await _expect_fatal(client, "ConnectionFailed", CLOSE_INTERNAL_ERROR)
+            assert time.monotonic() - started < 1.5
+            await gateway.wait_empty(3)
+    run(scenario(), timeout=20)
+
+
+def test_slow_upstream_handshake_times_out_as_connection_failed():
+    async def scenario():
+        async with relay(MockOptions(handshake_delay_s=3.0), connect_timeout_s=0.5) as (gateway, mock):
+            started = time.monotonic()
+            client = await RelayClient.connect(gateway.url)
+            error = await _expect_fatal(client, "ConnectionFailed", CLOSE_INTERNAL_ERROR)
+            elapsed = time.monotonic() - started
+            assert 0.4 < elapsed < 1.2, elapsed
+            assert "0.5 s" in error["message"]
+            await gateway.wait_empty(3)
+    run(scenario(), timeout=20)
+
+
+def test_rate_limited_response_is_rate_limit_exceeded_and_the_session_goes_on():
+    async def scenario():
+        async with relay(MockOptions(fail_responses="rate_limit_exceeded", fail_every_n=2)) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "one"})
+            assert (await client.wait("response_done"))["status"] == "completed"
+            await client.send({"type": "text", "text": "two"})
+            error = await client.wait("error")
+            assert error["code"] == "RateLimitExceeded" and error["fatal"] is False
+            assert error["upstream"]["code"] == "rate_limit_exceeded"
+            assert (await client.wait("response_done"))["status"] == "failed"
+            await client.send({"type": "text", "text": "three"})
+            assert (await client.wait("response_done"))["status"] == "completed"
+    run(scenario(), timeout=20)
+
+
+def test_bad_messages_are_invalid_message_and_the_session_goes_on():
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.ws.send("{this is not json")
+            await client.ws.send('{"type":"teleport"}')
+            await client.ws.send('{"type":"text","text":42}')
+            await client.ws.send(b"\xff\xfe\xfd".decode("latin-1"))
+            errors = [await client.wait("error") for _ in range(4)]
+            assert [e["code"] for e in errors] == ["InvalidMessage"] * 4
+            assert [e.get("param") for e in errors[1:3]] == ["type", "text"]
+            assert not any(e["fatal"] for e in errors)
+            await client.send({"type": "text", "text": "a following turn"})
+            assert (await client.wait("response_done"))["status"] == "completed"
+            assert len(client.audio) > 0
+    run(scenario(), timeout=20)
+
+
+def test_invalid_config_names_the_field_and_the_rest_applies():
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "voice": "nova", "vad": {"threshold": 7},
+                               "instructions": "applied"})
+            errors = [await client.wait("error"), await client.wait("error")]
+            assert {(e["code"], e["param"]) for e in errors} == {("InvalidConfig", "voice"),
+                                                                  ("InvalidConfig", "vad.threshold")}
+            ready = await client.wait("ready")
+            assert ready["voice"] == "alloy" and set(ready["ignored"]) == {"voice", "vad.threshold"}
+            update = await mock.sessions[0].wait_for_client_event("session.update")
+            assert update["session"]["instructions"] == "applied"
+            assert update["session"]["audio"]["input"]["turn_detection"]["threshold"] == 0.5
+    run(scenario(), timeout=20)
+
+
+def test_upstream_rejecting_an_update_is_reported_and_ready_still_comes():
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "speak first"})   # voice locks after audio
+            await client.wait("response_done")
+            await client.send({"type": "config", "voice": "ash"})
+            error = await client.wait("error")
+            assert error["code"] == "InvalidConfig" and error["upstream"]["code"] == "cannot_update_voice"
+            assert error["fatal"] is False
+    run(scenario(), timeout=20)
+
+
+def test_upstream_drop_mid_response_is_fatal_with_a_clean_close():
+    async def scenario():
+        async with relay(MockOptions(close_after_events=8, pacing="realtime")) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "talk to me"})
+            await client.wait("response_started")
+            error = await _expect_fatal(client, "ConnectionFailed", CLOSE_INTERNAL_ERROR)
+            assert "lost" in error["message"]
+            await gateway.wait_empty(3)
+            await mock.sessions[0].wait_closed(3)
+    run(scenario(), timeout=20)
+
+
+def test_session_expiry_is_fatal():
+    async def scenario():
+        async with relay(MockOptions(session_max_s=0.5)) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            error = await _expect_fatal(client, "SessionExpired", CLOSE_SESSION_EXPIRED)
+            assert error["upstream"]["code"] == "session_expired"
+            await gateway.wait_empty(3)
+    run(scenario(), timeout=20)
+
+
+def test_beta_shape_rejected_upstream_is_fatal():
+    async def scenario():
+        async with relay(MockOptions(beta="reject"), upstream_dialect="beta") as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            error = await _expect_fatal(client, "UpstreamError", CLOSE_INTERNAL_ERROR)
+            assert error["upstream"]["code"] == "beta_api_shape_disabled"
+            await gateway.wait_empty(3)
+    run(scenario(), timeout=20)
+
+
+def test_oversized_message_closes_with_1009():
+    async def scenario():
+        async with relay(max_message_bytes=4096) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "x" * 5000})
+            error = await _expect_fatal(client, "InvalidMessage", CLOSE_MESSAGE_TOO_BIG)
+            assert "4096" in error["message"]
+            await gateway.wait_empty(3)
+            await mock.sessions[0].wait_closed(3)
+    run(scenario(), timeout=20)
+
+
+def test_pre_ready_overflow_is_an_error_not_a_silent_drop():
+    async def scenario():
+        async with relay(MockOptions(handshake_delay_s=0.3), pre_ready_buffer_ms=100) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send_audio(speech_like(0.08, seed=1))
+            await client.send_audio(speech_like(0.08, seed=2))
+            error = await client.wait("error")
+            assert error["code"] == "NotConnected" and error["fatal"] is False
+            await client.wait("ready")
+    run(scenario(), timeout=20)
+
+
+def test_client_disconnect_closes_the_upstream():
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.close()
+            await mock.sessions[0].wait_closed(3)
+            await gateway.wait_empty(3)
+            assert gateway.sessions == set()
+    run(scenario(), timeout=20)

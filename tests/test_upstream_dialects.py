@@ -1,0 +1,114 @@
+"""Upstream dialect translators: session.update shapes (GA nested / beta flat), event normalisation,
+effective settings, URLs and headers."""
+from __future__ import annotations
+
+from gateway.client_protocol import SessionConfig
+from gateway.config import NodeConfig
+from gateway.upstream import BetaDialect, GaDialect, build_upstream_url, dialect_for
+
+FULL = SessionConfig(
+    voice="ash", instructions="Be brief.", turn_detection="server_vad", vad_threshold=0.5,
+    vad_silence_duration_ms=500, vad_prefix_padding_ms=300, transcription_model="whisper-1", temperature=0.9,
+    max_response_tokens=200, tools=[{"type": "function", "name": "get_weather"}], tool_choice="auto",
+    input_audio_format="pcm16", output_audio_format="g711_alaw", modalities=["text", "audio"])
+
+
+def test_ga_session_update_is_nested_with_type_and_no_temperature():
+    event, ignored = GaDialect().session_update(FULL, "e1")
+    assert event == {"type": "session.update", "event_id": "e1", "session": {
+        "type": "realtime", "output_modalities": ["audio"], "instructions": "Be brief.",
+        "audio": {
+            "input": {"format": {"type": "audio/pcm", "rate": 24000}, "transcription": {"model": "whisper-1"},
+                      "turn_detection": {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
+                                         "silence_duration_ms": 500, "create_response": True,
+                                         "interrupt_response": True}},
+            "output": {"format": {"type": "audio/pcma"}, "voice": "ash"}},
+        "tools": [{"type": "function", "name": "get_weather"}], "tool_choice": "auto", "max_output_tokens": 200}}
+    assert ignored == ["temperature"]
+
+
+def test_beta_session_update_is_flat():
+    event, ignored = BetaDialect().session_update(FULL)
+    assert event == {"type": "session.update", "session": {
+        "modalities": ["text", "audio"], "instructions": "Be brief.", "voice": "ash",
+        "input_audio_format": "pcm16", "output_audio_format": "g711_alaw",
+        "input_audio_transcription": {"model": "whisper-1"},
+        "turn_detection": {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300,
+                           "silence_duration_ms": 500, "create_response": True, "interrupt_response": True},
+        "tools": [{"type": "function", "name": "get_weather"}], "tool_choice": "auto", "temperature": 0.9,
+        "max_response_output_tokens": 200}}
+    assert ignored == []
+
+
+def test_manual_turns_are_null_never_type_none():
+    manual = SessionConfig(turn_detection="none", transcription_model="")
+    ga, _ = GaDialect().session_update(manual)
+    assert ga["session"]["audio"]["input"] == {"turn_detection": None, "transcription": None}
+    beta, _ = BetaDialect().session_update(manual)
+    assert beta["session"]["turn_detection"] is None and beta["session"]["input_audio_transcription"] is None
+
+
+def test_semantic_vad_and_text_only_modalities():
+    config = SessionConfig(turn_detection="semantic_vad", vad_eagerness="low", modalities=["text"])
+    ga, _ = GaDialect().session_update(config)
+    assert ga["session"]["output_modalities"] == ["text"]
+    assert ga["session"]["audio"]["input"]["turn_detection"] == {
+        "type": "semantic_vad", "eagerness": "low", "create_response": True, "interrupt_response": True}
+    beta, _ = BetaDialect().session_update(SessionConfig(modalities=["audio"]))
+    assert beta["session"]["modalities"] == ["text", "audio"]
+
+
+def test_partial_update_carries_only_specified_fields():
+    ga, _ = GaDialect().session_update(SessionConfig(instructions="x"))
+    assert ga["session"] == {"type": "realtime", "instructions": "x"}
+    beta, _ = BetaDialect().session_update(SessionConfig(instructions="x"))
+    assert beta["session"] == {"instructions": "x"}
+
+
+def test_beta_events_are_renamed_to_the_internal_model():
+    beta = BetaDialect()
+    pairs = {
+        "response.audio.delta": "response.output_audio.delta",
+        "response.audio.done": "response.output_audio.done",
+        "response.audio_transcript.delta": "response.output_audio_transcript.delta",
+        "response.audio_transcript.done": "response.output_audio_transcript.done",
+        "response.text.delta": "response.output_text.delta",
+        "response.text.done": "response.output_text.done",
+        "conversation.item.created": "conversation.item.added",
+        "response.done": "response.done",
+        "input_audio_buffer.speech_started": "input_audio_buffer.speech_started",
+    }
+    for old, new in pairs.items():
+        assert beta.normalize({"type": old, "x": 1}) == {"type": new, "x": 1}
+    ga_event = {"type": "response.output_audio.delta", "delta": "AAAA"}
+    assert GaDialect().normalize(dict(ga_event)) == ga_event
+
+
+def test_effective_settings_from_session_objects():
+    ga_session = {"model": "gpt-realtime", "audio": {
+        "input": {"format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": None,
+                  "transcription": {"model": "whisper-1"}},
+        "output": {"format": {"type": "audio/pcmu"}, "voice": "marin"}}}
+    assert GaDialect().effective(ga_session) == {
+        "model": "gpt-realtime", "voice": "marin", "turn_detection": "none", "input_audio_format": "pcm16",
+        "output_audio_format": "g711_ulaw", "input_transcription": "whisper-1"}
+    beta_session = {"model": "gpt-4o-realtime-preview", "voice": "alloy", "input_audio_format": "pcm16",
+                    "output_audio_format": "pcm16", "turn_detection": {"type": "server_vad"},
+                    "input_audio_transcription": None}
+    assert BetaDialect().effective(beta_session) == {
+        "model": "gpt-4o-realtime-preview", "voice": "alloy", "turn_detection": "server_vad",
+        "input_audio_format": "pcm16", "output_audio_format": "pcm16", "input_transcription": None}
+
+
+def test_urls_and_headers():
+    assert build_upstream_url("wss://api.openai.com/v1/realtime", "gpt-realtime") == \
+        "wss://api.openai.com/v1/realtime?model=gpt-realtime"
+    azure = "wss://r.openai.azure.com/openai/realtime?api-version=2024-10-01-preview&deployment=d1"
+    assert build_upstream_url(azure, "gpt-realtime") == azure
+    assert build_upstream_url("ws://h/v1/realtime?x=1", "m") == "ws://h/v1/realtime?x=1&model=m"
+    assert dialect_for("beta").headers == (("OpenAI-Beta", "realtime=v1"),)
+    assert dialect_for("ga").headers == ()
+    assert NodeConfig(upstream="openai", api_key="test-key-1").auth_headers == \
+        [("Authorization", "Bearer test-key-1")]
+    assert NodeConfig(upstream="azure", api_key="test-key-1").auth_headers == [("api-key", "test-key-1")]
+    assert "test-key-1" not in repr(NodeConfig(api_key="test-key-1"))
