@@ -53,7 +53,7 @@ async def start_node(config: NodeConfig):
     upstream_url = config.upstream_url
     if config.upstream == "mock" and not upstream_url:
         from gateway.mock import MockOptions, MockRealtimeServer
-        mock = MockRealtimeServer(MockOptions())
+        mock = MockRealtimeServer(MockOptions(record=False))  # a node runs for days: keep no history
         await mock.start(host="127.0.0.1", port=0)
         upstream_url = mock.url
         log.info("built-in mock upstream listening at %s", mock.url)

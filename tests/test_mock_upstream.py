@@ -222,6 +222,23 @@ def test_ga_connect_session_created_defaults_and_ids() -> None:
     run(scenario(), timeout=10)
 
 
+def test_without_recording_closed_sessions_are_forgotten() -> None:
+    """A long-running mock (the node's --upstream mock) must not keep finished conversations."""
+    async def scenario() -> None:
+        async with MockRealtimeServer(MockOptions(record=False)) as server:
+            first = await RawClient.open(server)
+            await first.expect("session.created")
+            second = await RawClient.open(server)
+            await second.expect("session.created")
+            first_session = await server.wait_for_session(0)
+            assert len(server.sessions) == 2
+            await first.close()
+            await first_session.wait_closed(2)
+            assert server.sessions == list(server.open_sessions) and first_session not in server.sessions
+            await second.close()
+    run(scenario(), timeout=10)
+
+
 def test_beta_header_served_with_flat_session_shape() -> None:
     async def scenario() -> None:
         async with MockRealtimeServer(MockOptions(beta="serve")) as server:

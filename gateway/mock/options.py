@@ -73,7 +73,8 @@ class MockOptions:
 
     # --- bookkeeping ------------------------------------------------------------------------------
     record: bool = True
-    """Keep `MockSession.received` / `.sent` (tests assert on them). Off for load runs."""
+    """Keep `MockSession.received` / `.sent` and closed sessions (tests assert on them). Off for
+    long runs (the node's `--upstream mock`, load tests), where memory must stay bounded."""
     max_message_bytes: int = 32 * 1024 * 1024
     """Largest client message accepted (reassembled); larger ones end the session with 1009."""
 

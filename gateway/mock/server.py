@@ -36,7 +36,8 @@ class MockRealtimeServer:
 
     `await start(host, port)` binds (port 0 = any free port) and returns the port; `sessions`
     lists every accepted WebSocket connection in connection order (including ones refused
-    after the 101, e.g. bad key in "ws_error" mode); `await stop()` closes every session with
+    after the 101, e.g. bad key in "ws_error" mode) — with `record=False`, only the open ones,
+    so a long-running mock does not grow; `await stop()` closes every session with
     1001 and stops listening. Also an async context manager binding 127.0.0.1:0.
     """
 
@@ -124,6 +125,10 @@ class MockRealtimeServer:
 
     def _unregister(self, session: MockSession) -> None:
         self.open_sessions.discard(session)
+        if not self.options.record:
+            # a long-running mock (the node's --upstream mock, load tests) must not keep every
+            # finished conversation, with its audio, for ever
+            self.sessions.remove(session)
 
     # -- handshake -------------------------------------------------------------------------------
 
