@@ -1,0 +1,252 @@
+"""Prometheus metrics (gateway/metrics.py): the scrape says exactly what the test did, gauges return
+to zero, and with several worker processes the figures are summed."""
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import sys
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.errors import ERROR_TABLE
+from gateway.metrics import (C2U, U2C, GatewayMetrics, SessionStats, mark_worker_dead, prepare_multiprocess_dir,
+                             render_multiprocess)
+from tests.support import run
+
+
+def scrape(body: bytes) -> dict[tuple[str, frozenset], float]:
+    """Parse Prometheus text into {(sample name, labels): value} (fails on malformed output)."""
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples, name: str, **labels) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+def test_render_is_prometheus_text_with_every_series_at_zero():
+    metrics = GatewayMetrics()
+    body, content_type = metrics.render()
+    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+    openmetrics, openmetrics_type = metrics.render("application/openmetrics-text; version=1.0.0")
+    assert openmetrics_type.startswith("application/openmetrics-text") and openmetrics.endswith(b"# EOF\n")
+    samples = scrape(body)
+    assert value(samples, "gateway_sessions_active") == 0
+    assert value(samples, "gateway_workers") == 1
+    for direction in (C2U, U2C):
+        for kind in ("audio", "json"):
+            assert value(samples, "gateway_frames_total", direction=direction, kind=kind) == 0
+            assert value(samples, "gateway_bytes_total", direction=direction, kind=kind) == 0
+    for code in ERROR_TABLE:
+        assert value(samples, "gateway_errors_total", code=code) == 0
+    assert not any(name.endswith("_created") for name, _ in samples)
+
+
+def test_counters_match_what_the_sessions_did():
+    metrics = GatewayMetrics()
+    first, second = metrics.session_opened(), metrics.session_opened()
+    for _frame in range(50):  # what the hot path does: plain int additions
+        first.c2u_audio_frames += 1
+        first.c2u_audio_bytes += 960
+    first.c2u_json_frames += 2
+    first.c2u_json_bytes += 150
+    second.u2c_audio_frames += 7
+    second.u2c_audio_bytes += 7 * 4800
+    second.u2c_json_frames += 11
+    second.u2c_json_bytes += 2000
+    samples = scrape(metrics.render()[0])
+    assert value(samples, "gateway_sessions_active") == 2
+    assert value(samples, "gateway_frames_total", direction=C2U, kind="audio") == 0  # not flushed yet
+    metrics.flush(first)
+    metrics.flush(first)  # a second flush with nothing new adds nothing
+    first.c2u_audio_frames += 5
+    first.c2u_audio_bytes += 5 * 960
+    assert metrics.session_closed(first, "completed") is True
+    assert metrics.session_closed(first, "error") is False  # idempotent
+    metrics.session_closed(second, "client_disconnected")
+    samples = scrape(metrics.render()[0])
+    assert value(samples, "gateway_frames_total", direction=C2U, kind="audio") == 55
+    assert value(samples, "gateway_bytes_total", direction=C2U, kind="audio") == 55 * 960
+    assert value(samples, "gateway_frames_total", direction=C2U, kind="json") == 2
+    assert value(samples, "gateway_bytes_total", direction=C2U, kind="json") == 150
+    assert value(samples, "gateway_frames_total", direction=U2C, kind="audio") == 7
+    assert value(samples, "gateway_bytes_total", direction=U2C, kind="audio") == 33600
+    assert value(samples, "gateway_frames_total", direction=U2C, kind="json") == 11
+    assert value(samples, "gateway_bytes_total", direction=U2C, kind="json") == 2000
+    assert value(samples, "gateway_sessions_total", outcome="completed") == 1
+    assert value(samples, "gateway_sessions_total", outcome="client_disconnected") == 1
+    assert value(samples, "gateway_sessions_total", outcome="error") == 0
+    assert value(samples, "gateway_sessions_active") == 0
+
+
+def test_gauges_return_to_zero_whatever_the_session_forgot():
+    metrics = GatewayMetrics()
+    stats = metrics.session_opened()
+    metrics.upstream_opened(stats, connect_seconds=0.04)
+    metrics.upstream_opened(stats)  # repeated report of the same connection: counted once
+    stats.u2c_buffered_bytes = 96_000
+    stats.c2u_buffered_bytes = 4_800
+    metrics.flush(stats)
+    samples = scrape(metrics.render()[0])
+    assert value(samples, "gateway_upstream_connections_open") == 1
+    assert value(samples, "gateway_buffered_bytes", direction=U2C) == 96_000
+    assert value(samples, "gateway_buffered_bytes", direction=C2U) == 4_800
+    stats.u2c_buffered_bytes = 200_000  # the client stopped reading
+    metrics.flush(stats)
+    stats.u2c_buffered_bytes = 10_000
+    metrics.flush(stats)
+    assert value(scrape(metrics.render()[0]), "gateway_buffered_bytes", direction=U2C) == 10_000
+    metrics.session_closed(stats, "slow_client")  # upstream still marked open, bytes still queued
+    metrics.upstream_closed(stats)  # a late report after the close changes nothing
+    samples = scrape(metrics.render()[0])
+    assert value(samples, "gateway_upstream_connections_open") == 0
+    assert value(samples, "gateway_buffered_bytes", direction=U2C) == 0
+    assert value(samples, "gateway_buffered_bytes", direction=C2U) == 0
+    assert value(samples, "gateway_sessions_active") == 0
+    # the session's peak queue (as seen at flushes) went into the histogram
+    assert value(samples, "gateway_session_peak_buffered_bytes_count", direction=U2C) == 1
+    assert value(samples, "gateway_session_peak_buffered_bytes_sum", direction=U2C) == 200_000
+    assert value(samples, "gateway_session_peak_buffered_bytes_bucket", direction=U2C, le="262144.0") == 1
+    assert value(samples, "gateway_session_peak_buffered_bytes_bucket", direction=U2C, le="65536.0") == 0
+    assert value(samples, "gateway_upstream_connect_seconds_count") == 1
+    assert math.isclose(value(samples, "gateway_upstream_connect_seconds_sum"), 0.04)
+
+
+def test_events_errors_drops_refusals_levels_and_latency():
+    metrics = GatewayMetrics()
+    for code in ("InvalidMessage", "InvalidMessage", "Overloaded", "NoSuchCode"):
+        metrics.count_error(code)
+    metrics.count_drop("slow_client", 4800)
+    metrics.count_drop("slow_client", 960)
+    metrics.count_drop("mystery", 10)
+    for reason in ("auth", "auth", "ip", "draining"):
+        metrics.count_refusal(reason)
+    for level in (-20.0, -3.5, float("-inf"), float("nan"), 0.5):
+        metrics.observe_level("input", level)
+    metrics.observe_level("output", -40.0)
+    metrics.observe_level("sideways", -40.0)  # unknown stream: ignored, not an exception
+    metrics.observe_first_audio(0.42)
+    metrics.observe_first_audio(1.7)
+    samples = scrape(metrics.render()[0])
+    assert value(samples, "gateway_errors_total", code="InvalidMessage") == 2
+    assert value(samples, "gateway_errors_total", code="Overloaded") == 1
+    assert value(samples, "gateway_errors_total", code="other") == 1
+    assert value(samples, "gateway_drops_total", reason="slow_client") == 2
+    assert value(samples, "gateway_dropped_bytes_total", reason="slow_client") == 5760
+    assert value(samples, "gateway_dropped_bytes_total", reason="other") == 10
+    assert value(samples, "gateway_refusals_total", reason="auth") == 2
+    assert value(samples, "gateway_refusals_total", reason="ip") == 1
+    assert value(samples, "gateway_refusals_total", reason="draining") == 1
+    level = "gateway_audio_rms_db_below_full_scale"
+    assert value(samples, f"{level}_count", stream="input") == 5
+    assert value(samples, f"{level}_sum", stream="input") == 20.0 + 3.5 + 120.0 + 120.0 + 0.0
+    assert value(samples, f"{level}_bucket", stream="input", le="1.0") == 1  # the +0.5 dBFS reading
+    assert value(samples, f"{level}_bucket", stream="input", le="6.0") == 2
+    assert value(samples, f"{level}_bucket", stream="input", le="20.0") == 3
+    assert value(samples, f"{level}_bucket", stream="input", le="90.0") == 3  # silence is beyond
+    assert value(samples, f"{level}_bucket", stream="input", le="120.0") == 5
+    assert value(samples, f"{level}_count", stream="output") == 1
+    assert value(samples, "gateway_first_audio_seconds_count") == 2
+    assert value(samples, "gateway_first_audio_seconds_bucket", le="0.5") == 1
+    assert value(samples, "gateway_first_audio_seconds_bucket", le="2.0") == 2
+
+
+def test_instances_are_independent():
+    first, second = GatewayMetrics(), GatewayMetrics()
+    first.count_error("InvalidConfig")
+    first.session_opened()
+    assert value(scrape(first.render()[0]), "gateway_errors_total", code="InvalidConfig") == 1
+    samples = scrape(second.render()[0])
+    assert value(samples, "gateway_errors_total", code="InvalidConfig") == 0
+    assert value(samples, "gateway_sessions_active") == 0
+
+
+def test_session_stats_repr_shows_figures():
+    stats = SessionStats()
+    stats.c2u_audio_bytes += 960
+    assert "c2u_audio_bytes=960" in repr(stats)
+
+
+# ---- multiple worker processes -----------------------------------------------------------
+
+_WORKER = r"""
+import sys
+from gateway.metrics import GatewayMetrics
+directory, open_sessions, render = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "render"
+metrics = GatewayMetrics(multiprocess_dir=directory)
+live = [metrics.session_opened() for _ in range(open_sessions)]
+live[0].c2u_audio_frames += 10 * open_sessions
+live[0].c2u_audio_bytes += 960 * 10 * open_sessions
+metrics.flush(live[0])
+metrics.upstream_opened(live[0], connect_seconds=0.05)
+metrics.session_closed(metrics.session_opened(), "completed")
+metrics.count_error("InvalidMessage")
+if render:
+    sys.stdout.write(metrics.render()[0].decode())
+print("READY", flush=True)
+sys.stdin.read()  # stay alive (live gauges count) until the test closes stdin
+"""
+
+
+async def _start_worker(directory: str, open_sessions: int, render: bool):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _WORKER, directory, str(open_sessions), "render" if render else "quiet",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.getcwd()})
+    output = []
+    while True:
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert line, "worker exited before READY"
+        if line.strip() == b"READY":
+            return proc, b"".join(output)
+        output.append(line)
+
+
+async def _stop_worker(proc) -> None:
+    proc.stdin.close()
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+def _check_sum(samples, workers: int, active: float, frames: float) -> None:
+    assert value(samples, "gateway_workers") == workers
+    assert value(samples, "gateway_sessions_active") == active
+    assert value(samples, "gateway_upstream_connections_open") == workers
+    assert value(samples, "gateway_frames_total", direction=C2U, kind="audio") == frames
+    assert value(samples, "gateway_bytes_total", direction=C2U, kind="audio") == frames * 960
+
+
+def test_two_worker_processes_are_summed(tmp_path):
+    directory = str(tmp_path / "metrics")
+    prepare_multiprocess_dir(directory)
+
+    async def scenario():
+        first, _ = await _start_worker(directory, open_sessions=2, render=False)
+        try:
+            second, rendered = await _start_worker(directory, open_sessions=3, render=True)
+            try:
+                # rendered inside a worker (as GET /metrics would be): both workers' figures
+                for samples in (scrape(rendered), scrape(render_multiprocess(directory)[0])):
+                    _check_sum(samples, workers=2, active=5, frames=50)
+                    assert value(samples, "gateway_sessions_total", outcome="completed") == 2
+                    assert value(samples, "gateway_errors_total", code="InvalidMessage") == 2
+                    assert value(samples, "gateway_upstream_connect_seconds_count") == 2
+                # the first worker dies: its live gauges go, its counters stay in the totals
+                await _stop_worker(first)
+                mark_worker_dead(first.pid, directory)
+                samples = scrape(render_multiprocess(directory)[0])
+                _check_sum(samples, workers=1, active=3, frames=50)
+                assert value(samples, "gateway_sessions_total", outcome="completed") == 2
+            finally:
+                await _stop_worker(second)
+        finally:
+            if first.returncode is None:
+                first.kill()
+                await first.wait()
+
+    run(scenario(), timeout=30)
+    prepare_multiprocess_dir(directory)  # a restart starts from clean files
+    assert os.listdir(directory) == []
