@@ -1,0 +1,102 @@
+"""The audio a load-test user speaks: PCM16 LE mono 24 kHz, the gateway's default client format.
+
+The default clip is generated, never downloaded: a deterministic "utterance" of syllable-like
+tone bursts (a harmonic complex with a smooth envelope) separated by short pauses. It is built so
+that an energy VAD (the mock's, or a real one) hears exactly ONE turn:
+
+- every burst is well above the speech level of a server-VAD threshold of 0.5 (burst RMS is about
+  -16 dBFS; the mock treats a -20 dBFS tone as speech),
+- every pause inside the clip is shorter than ``MAX_INNER_PAUSE_MS`` (far below the 500 ms
+  `silence_duration_ms` the load test configures), so the turn does not end inside the clip,
+- the clip starts and ends with a burst: the silence around it comes from the microphone, which
+  streams digital silence between talk spurts.
+
+A user's own WAV can replace it (`--clip path.wav`): 16-bit mono 24 kHz only, so the bytes sent
+are exactly the file's bytes and the echo comparison stays exact.
+"""
+from __future__ import annotations
+
+import functools
+import wave
+
+import numpy as np
+
+SAMPLE_RATE = 24_000
+BYTES_PER_SAMPLE = 2
+BYTES_PER_MS = SAMPLE_RATE * BYTES_PER_SAMPLE // 1000  # 48 bytes of PCM16 per millisecond
+
+MAX_INNER_PAUSE_MS = 160
+_SEED = 20240501
+
+
+def ms_to_bytes(ms: float) -> int:
+    """Byte offset of `ms` milliseconds of PCM16 24 kHz audio (always a whole sample)."""
+    return int(ms) * BYTES_PER_MS
+
+
+def bytes_to_ms(n_bytes: int) -> float:
+    """Duration in milliseconds of `n_bytes` of PCM16 24 kHz audio."""
+    return n_bytes / BYTES_PER_MS
+
+
+@functools.lru_cache(maxsize=4)
+def generated_clip(seed: int = _SEED, syllables: int = 7) -> bytes:
+    """A deterministic speech-like utterance (about 1.5-2 s), PCM16 LE mono 24 kHz.
+
+    Same seed, same bytes (within one machine's libm). Each syllable is 120-260 ms of a harmonic
+    complex (fundamental 110-220 Hz, 4 partials with falling weights) under a raised-cosine
+    envelope; pauses between syllables are 40-`MAX_INNER_PAUSE_MS` ms of digital silence.
+    """
+    rng = np.random.default_rng(seed)
+    pieces: list[np.ndarray] = []
+    for index in range(syllables):
+        if index:
+            pause_ms = int(rng.integers(40, MAX_INNER_PAUSE_MS + 1))
+            pieces.append(np.zeros(pause_ms * SAMPLE_RATE // 1000))
+        burst_ms = int(rng.integers(120, 261))
+        n = burst_ms * SAMPLE_RATE // 1000
+        t = np.arange(n) / SAMPLE_RATE
+        fundamental = float(rng.uniform(110.0, 220.0))
+        glide = float(rng.uniform(-0.15, 0.15))  # a little intonation: the pitch drifts ±15 %
+        phase = 2 * np.pi * fundamental * (t + glide * t * t / (2 * t[-1]))
+        wave_ = sum(weight * np.sin(k * phase) for k, weight in ((1, 1.0), (2, 0.5), (3, 0.3), (4, 0.15)))
+        ramp = min(n // 4, SAMPLE_RATE // 50)  # 20 ms attack and release
+        envelope = np.ones(n)
+        edge = 0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, ramp))
+        envelope[:ramp] = edge
+        envelope[-ramp:] = edge[::-1]
+        burst = wave_ * envelope
+        target_rms = 10 ** (-16 / 20) * 32767
+        burst *= target_rms / np.sqrt(np.mean((wave_) ** 2))
+        pieces.append(burst)
+    samples = np.clip(np.rint(np.concatenate(pieces)), -32768, 32767).astype("<i2")
+    return samples.tobytes()
+
+
+def load_wav_clip(path: str) -> bytes:
+    """The PCM frames of a 16-bit mono 24 kHz WAV file; ValueError for any other format."""
+    with wave.open(path, "rb") as wav:
+        if (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) != (1, 2, SAMPLE_RATE):
+            raise ValueError(
+                f"{path}: need 16-bit mono {SAMPLE_RATE} Hz PCM, got {wav.getsampwidth() * 8}-bit "
+                f"{wav.getnchannels()}-channel {wav.getframerate()} Hz"
+            )
+        pcm = wav.readframes(wav.getnframes())
+    if len(pcm) < ms_to_bytes(100):
+        raise ValueError(f"{path}: clip shorter than 100 ms (the upstream's minimum commit)")
+    return pcm
+
+
+GENERATED_VARIANTS = 4
+
+
+def load_clips(spec: str) -> tuple[bytes, ...]:
+    """What a user says, turn after turn (it cycles through the tuple).
+
+    `spec` "generated": `GENERATED_VARIANTS` different generated utterances (different seeds), so
+    consecutive turns carry different audio and a reply echoing the wrong turn cannot pass the
+    completeness check. Otherwise the path of a WAV file (see `load_wav_clip`): that one clip.
+    """
+    if spec == "generated":
+        return tuple(generated_clip(_SEED + variant) for variant in range(GENERATED_VARIANTS))
+    return (load_wav_clip(spec),)

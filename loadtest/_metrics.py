@@ -1,0 +1,66 @@
+"""The custom metrics, reported through Locust's request event so they appear in every Locust
+output (console table, web UI charts, --csv, --json, distributed aggregation).
+
+Each metric is one (request_type, name) row. "Response time" is the measured duration in ms;
+"size" is a byte count where one makes sense. A failure is a row's failure count plus an entry in
+Locust's failures table with the reason.
+
+| type  | name                              | one sample per            | time measured (ms)                                          | failure when |
+|-------|-----------------------------------|---------------------------|-------------------------------------------------------------|--------------|
+| WS    | connect → ready                   | session                   | start of the TCP connect → `ready` received                  | refused, closed or no `ready` in time |
+| VOICE | first audio after speech_stopped  | VAD turn                  | `speech_stopped` received → first reply audio frame          | no speech_started + speech_stopped (VAD heard no turn) or no reply audio in time |
+| VOICE | audio round trip                  | voice turn                | end of the user's speech (last voiced frame sent; push-to-talk: `commit` sent) → first reply audio frame | no reply audio in time |
+| VOICE | reply completeness                | completed voice reply     | first → last reply audio frame; size = reply bytes           | reply bytes ≠ the turn's audio (the mock echoes it bit-exactly), status ≠ completed, or audio arrived outside any response |
+| VOICE | reply completeness (interrupted)  | interrupted reply         | first reply audio → `interrupted`; size = reply bytes        | the bytes are not an exact prefix of the turn's audio, or `played_ms` > audio received |
+| VOICE | interrupted reaction              | barge-in                  | first frame of the overlapping speech sent → `interrupted`   | no `interrupted` in time (the reply finished first, or never came) |
+| VOICE | mic lateness                      | talk spurt                | worst lateness of a frame against the real-time schedule     | the clip could not even be sent before the deadline (a stalled socket); a high value is not a failure, it shows the load generator falling behind |
+| TEXT  | text round trip                   | text turn                 | `text` sent → first reply audio frame                        | no reply audio in time |
+| TEXT  | reply completeness                | text reply                | first → last reply audio frame; size = reply bytes           | empty, odd-length, status ≠ completed, or different bytes than an earlier reply to the same text |
+| ERROR | <gateway error code>              | `error` event             | 0                                                            | always: every gateway `error` is a failure named by its code |
+| WS    | session lost                      | unexpected close          | session age                                                  | always: the socket closed without a fatal `error` first |
+"""
+from __future__ import annotations
+
+from typing import Any
+
+WS = "WS"
+VOICE = "VOICE"
+TEXT = "TEXT"
+ERROR = "ERROR"
+
+CONNECT_READY = "connect → ready"
+FIRST_AUDIO_AFTER_STOP = "first audio after speech_stopped"
+AUDIO_ROUND_TRIP = "audio round trip"
+REPLY_COMPLETENESS = "reply completeness"
+REPLY_COMPLETENESS_INTERRUPTED = "reply completeness (interrupted)"
+INTERRUPTED_REACTION = "interrupted reaction"
+MIC_LATENESS = "mic lateness"
+TEXT_ROUND_TRIP = "text round trip"
+SESSION_LOST = "session lost"
+
+class MetricFailure(Exception):
+    """The reason a metric sample failed; its message is what Locust's failures table shows."""
+
+
+class MetricReporter:
+    """Fires Locust request events. `events` is `environment.events` (or any object with a
+    `request.fire(**kwargs)` hook, which is how the tests capture samples)."""
+
+    __slots__ = ("_fire",)
+
+    def __init__(self, events: Any) -> None:
+        self._fire = events.request.fire
+
+    def sample(self, request_type: str, name: str, ms: float, size: int = 0) -> None:
+        """One successful measurement of `ms` milliseconds (`size` bytes where meaningful)."""
+        self._fire(
+            request_type=request_type, name=name, response_time=max(0.0, ms), response_length=size,
+            exception=None, context={},
+        )
+
+    def failure(self, request_type: str, name: str, reason: str, ms: float = 0.0, size: int = 0) -> None:
+        """One failed sample; `reason` is shown (grouped) in Locust's failures table."""
+        self._fire(
+            request_type=request_type, name=name, response_time=max(0.0, ms), response_length=size,
+            exception=MetricFailure(reason), context={},
+        )

@@ -1,0 +1,396 @@
+"""Locust scenarios for realtime-gateway: many concurrent voice sessions on one node.
+
+    locust -f loadtest/ --headless -u 200 -r 50 -t 60s --host ws://127.0.0.1:3001
+
+Four user classes, one scenario each; pick them by class name (positional arguments) or by tag
+(`--tags vad ptt barge_in text`). Without either, all four run, mixed by weight (4:3:2:1).
+
+| class                 | tag        | session config              | one task = |
+|-----------------------|------------|-----------------------------|------------|
+| VadConversationUser   | `vad`      | `turn_detection:server_vad` | speak a clip (open mic: silence streams around it), wait for the whole reply |
+| PushToTalkUser        | `ptt`      | `turn_detection:none`       | stream a clip, `commit`, `create_response`, wait for the whole reply |
+| BargeInUser           | `barge_in` | `turn_detection:server_vad` | speak, and while the reply arrives speak the next clip over it: expect `interrupted`, then the reply to the interrupting turn |
+| TextTurnUser          | `text`     | `turn_detection:none`       | send a `text` message, wait for the whole (spoken) reply |
+
+Each user keeps one session open for `--turns` turns, then reconnects. Audio is paced in real
+time by the session's microphone (`_session.Microphone`), not by Locust's wait_time; wait_time is
+only the pause between turns (`--pause-ms`). The metrics are listed in `_metrics.py`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from typing import Callable
+
+if __package__ in (None, ""):  # loaded by Locust as a top-level file (`locust -f loadtest/`)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import gevent
+from locust import User, events, tag, task
+
+from loadtest import _options
+from loadtest._audio import BYTES_PER_MS, bytes_to_ms, load_clips
+from loadtest._metrics import (
+    AUDIO_ROUND_TRIP, FIRST_AUDIO_AFTER_STOP, INTERRUPTED_REACTION, MIC_LATENESS, REPLY_COMPLETENESS,
+    REPLY_COMPLETENESS_INTERRUPTED, TEXT, TEXT_ROUND_TRIP, VOICE, MetricReporter,
+)
+from loadtest._session import Reply, SessionClosed, SpeechEvent, TurnTimeout, Utterance, VoiceSession, clock
+
+SCENARIO_TAGS = ("vad", "ptt", "barge_in", "text")
+RECONNECT_BACKOFF_S = 1.0  # after a failed connect, so a refusing gateway is not hammered
+
+VAD_SETTINGS = {"enabled": True, "threshold": 0.5, "silence_duration_ms": 500, "prefix_padding_ms": 300}
+TEXT_PROMPTS = (
+    "What time is it in Lisbon?",
+    "Spell the word gateway, please.",
+    "Tell me a two sentence story about a lighthouse keeper.",
+)
+
+
+@events.init_command_line_parser.add_listener
+def _add_arguments(parser, **_kwargs) -> None:
+    _options.add_arguments(parser)
+
+
+@events.init.add_listener
+def _select_scenarios_by_tags(environment, **_kwargs) -> None:
+    """Run only the user classes whose scenario tag survives --tags / --exclude-tags.
+
+    Locust filters tasks by tag but keeps the user classes, and a user left without tasks fails
+    at once; here each class has one scenario, so a class is kept exactly when its task is.
+    """
+    options = environment.parsed_options
+    wanted = set(getattr(options, "tags", None) or ())
+    excluded = set(getattr(options, "exclude_tags", None) or ())
+    if not wanted and not excluded:
+        return
+
+    def selected(user_class: type) -> bool:
+        scenario_tags = set().union(*(getattr(t, "locust_tag_set", set()) for t in user_class.tasks))
+        return (not wanted or bool(scenario_tags & wanted)) and not scenario_tags & excluded
+
+    kept = [user_class for user_class in environment.user_classes if selected(user_class)]
+    if not kept:
+        raise ValueError(f"no scenario matches the tags; scenario tags are {', '.join(SCENARIO_TAGS)}")
+    environment.user_classes[:] = kept
+
+
+class TurnAbandoned(Exception):
+    """A turn failed (already reported); the session's state is uncertain, so it is replaced."""
+
+
+class VoiceUser(User):
+    """Base of the scenarios: one long-lived gateway session per user, reopened every `--turns`."""
+
+    abstract = True
+    host = _options.DEFAULT_HOST
+    continuous_mic = True  # open microphone (server VAD) vs push-to-talk
+
+    def wait_time(self) -> float:
+        """Between turns the user listens to the rest of the reply (played in real time from its
+        first byte, as a client would), then pauses `--pause-ms` before speaking again."""
+        return max(0.0, self.playback_ends_at - clock()) + self.settings.pause_ms / 1000.0
+
+    def listen(self, reply: Reply, audio_bytes: int) -> None:
+        """The reply plays from its first byte for its duration; the next turn waits for the end."""
+        self.playback_ends_at = reply.first_audio_at + bytes_to_ms(audio_bytes) / 1000.0
+
+    def session_config(self) -> dict:
+        """The `config` message sent right after connecting."""
+        raise NotImplementedError
+
+    def on_start(self) -> None:
+        self.settings = _options.LoadSettings.from_options(self.environment.parsed_options, self.host)
+        self.reporter = MetricReporter(self.environment.events)
+        self.clips = load_clips(self.settings.clip)
+        self.turn_index = 0
+        self.playback_ends_at = 0.0
+        self.session: VoiceSession | None = None
+
+    def on_stop(self) -> None:
+        session = getattr(self, "session", None)  # Locust may stop a user before on_start ran
+        if session is not None:
+            session.close()
+            self.session = None
+
+    def next_clip(self) -> bytes:
+        clip = self.clips[self.turn_index % len(self.clips)]
+        self.turn_index += 1
+        return clip
+
+    def config_message(self, **fields) -> dict:
+        message = {"type": "config", "voice": "alloy", "instructions": "You are a load-test voice user.", **fields}
+        if self.settings.model:
+            message["model"] = self.settings.model
+        return message
+
+    def run_turn(self, turn: Callable[[VoiceSession], None]) -> None:
+        """Open (or reuse) the session and run one turn on it; replace the session after a failure."""
+        session = self.session
+        if session is not None and (session.closed or 0 < self.settings.turns <= session.turns_done):
+            session.close()
+            session = self.session = None
+        if session is None:
+            session = VoiceSession(self.settings, self.reporter, self.session_config(), self.continuous_mic)
+            try:
+                session.open()
+            except SessionClosed:
+                gevent.sleep(RECONNECT_BACKOFF_S)
+                return
+            self.session = session
+        try:
+            turn(session)
+        except (TurnAbandoned, SessionClosed):
+            session.close()
+            self.session = None
+            return
+        session.turns_done += 1
+
+    # ---- steps shared by the scenarios -------------------------------------------------------
+
+    def expect(
+        self, session: VoiceSession, condition: Callable[[], bool], what: str, request_type: str, metric: str,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Wait for `condition`; on timeout report a failure of `metric` and abandon the turn."""
+        try:
+            session.wait_until(condition, what, timeout_s)
+        except TurnTimeout as exc:
+            self.reporter.failure(request_type, metric, str(exc))
+            raise TurnAbandoned from None
+
+    def speak(self, session: VoiceSession, pcm: bytes) -> Utterance:
+        """Queue `pcm` on the microphone and wait until its last frame is sent."""
+        utterance = session.mic.say(pcm)
+        timeout_s = bytes_to_ms(len(pcm)) / 1000.0 + self.settings.reply_timeout_s
+        self.expect(session, utterance.done.is_set, "end of own speech", VOICE, MIC_LATENESS, timeout_s)
+        self.reporter.sample(VOICE, MIC_LATENESS, utterance.max_lateness_ms)
+        return utterance
+
+    def expect_speech_turn(self, session: VoiceSession, index: int) -> tuple[SpeechEvent, SpeechEvent]:
+        """The `index`-th speech_started / speech_stopped pair of the session (server VAD)."""
+        self.expect(
+            session, lambda: len(session.speech_stopped) > index and len(session.speech_started) > index,
+            "speech_started + speech_stopped", VOICE, FIRST_AUDIO_AFTER_STOP,
+        )
+        return session.speech_started[index], session.speech_stopped[index]
+
+    def expect_reply_audio(self, session: VoiceSession, index: int, request_type: str, metric: str) -> Reply:
+        """Wait for the `index`-th reply's first audio frame."""
+        self.expect(
+            session, lambda: len(session.replies) > index and session.replies[index].first_audio_at is not None,
+            "reply audio", request_type, metric,
+        )
+        return session.replies[index]
+
+    def check_complete_echo(self, session: VoiceSession, reply: Reply, expected: bytes | None, what: str) -> None:
+        """Wait for `response_done`; the reply must be `expected` byte for byte (the echoing mock)."""
+        self.expect(session, lambda: reply.done_at is not None, "response_done", VOICE, REPLY_COMPLETENESS)
+        got = reply.audio
+        reply.audio = bytearray()  # checked: free it
+        self.listen(reply, len(got))
+        delivery_ms = (reply.last_audio_at - reply.first_audio_at) * 1000.0
+        if expected is None:
+            reason = f"{what}: the turn's audio is not on the client's record any more"
+        elif reply.status != "completed":
+            reason = f"{what}: response status {reply.status!r}"
+        elif got != expected:
+            reason = f"{what}: {describe_mismatch(got, expected)}"
+        else:
+            self.reporter.sample(VOICE, REPLY_COMPLETENESS, delivery_ms, len(got))
+            return
+        self.reporter.failure(VOICE, REPLY_COMPLETENESS, reason, delivery_ms, len(got))
+        raise TurnAbandoned
+
+    def vad_turn_echo(self, session: VoiceSession, started: SpeechEvent, stopped: SpeechEvent) -> bytes | None:
+        """The audio a server-VAD turn committed: [speech_started.audio_ms, speech_stopped.audio_ms)."""
+        end = stopped.audio_ms * BYTES_PER_MS
+        expected = session.sent.slice(started.audio_ms * BYTES_PER_MS, end)
+        session.sent.discard_before(end)
+        return expected
+
+    def hear_vad_reply(self, session: VoiceSession, speech_index: int, reply_index: int, spoken: Utterance) -> None:
+        """After a spoken turn: speech events, the reply's first audio, and its completeness."""
+        started, stopped = self.expect_speech_turn(session, speech_index)
+        reply = self.expect_reply_audio(session, reply_index, VOICE, FIRST_AUDIO_AFTER_STOP)
+        self.reporter.sample(VOICE, FIRST_AUDIO_AFTER_STOP, (reply.first_audio_at - stopped.at) * 1000.0)
+        self.reporter.sample(VOICE, AUDIO_ROUND_TRIP, (reply.first_audio_at - spoken.last_sent_at) * 1000.0)
+        self.check_complete_echo(
+            session, reply, self.vad_turn_echo(session, started, stopped),
+            f"VAD turn [{started.audio_ms}, {stopped.audio_ms}) ms",
+        )
+
+
+def describe_mismatch(got: bytes | bytearray, expected: bytes) -> str:
+    """A short explanation of how `got` differs from `expected` (for the failures table)."""
+    common = min(len(got), len(expected))
+    first_difference = next((i for i in range(common) if got[i] != expected[i]), common)
+    return (
+        f"reply has {len(got)} bytes, the turn had {len(expected)} "
+        f"({bytes_to_ms(len(got)):.0f} vs {bytes_to_ms(len(expected)):.0f} ms); first difference at byte "
+        f"{first_difference}"
+    )
+
+
+class VadConversationUser(VoiceUser):
+    """Server-VAD conversation: speak a clip, wait for the reply audio, repeat."""
+
+    weight = 4
+
+    def session_config(self) -> dict:
+        return self.config_message(turn_detection="server_vad", vad=VAD_SETTINGS)
+
+    @tag("vad")
+    @task
+    def conversation_turn(self) -> None:
+        self.run_turn(self._turn)
+
+    def _turn(self, session: VoiceSession) -> None:
+        speech_index, reply_index = len(session.speech_stopped), len(session.replies)
+        spoken = self.speak(session, self.next_clip())
+        self.hear_vad_reply(session, speech_index, reply_index, spoken)
+
+
+class PushToTalkUser(VoiceUser):
+    """Push-to-talk (turn_detection "none"): stream a clip, commit, create_response."""
+
+    weight = 3
+    continuous_mic = False
+
+    def session_config(self) -> dict:
+        return self.config_message(turn_detection="none")
+
+    @tag("ptt")
+    @task
+    def push_to_talk_turn(self) -> None:
+        self.run_turn(self._turn)
+
+    def _turn(self, session: VoiceSession) -> None:
+        reply_index = len(session.replies)
+        clip = self.next_clip()
+        self.speak(session, clip)
+        session.send_event({"type": "commit"})
+        released_at = clock()
+        session.send_event({"type": "create_response"})
+        reply = self.expect_reply_audio(session, reply_index, VOICE, AUDIO_ROUND_TRIP)
+        self.reporter.sample(VOICE, AUDIO_ROUND_TRIP, (reply.first_audio_at - released_at) * 1000.0)
+        session.sent.discard_before(session.sent.end)
+        self.check_complete_echo(session, reply, clip, "push-to-talk turn")
+
+
+class BargeInUser(VoiceUser):
+    """Barge-in: while the reply to one clip arrives, speak the next clip over it."""
+
+    weight = 2
+
+    def session_config(self) -> dict:
+        return self.config_message(turn_detection="server_vad", vad=VAD_SETTINGS)
+
+    @tag("barge_in")
+    @task
+    def barge_in_turn(self) -> None:
+        self.run_turn(self._turn)
+
+    def _turn(self, session: VoiceSession) -> None:
+        speech_index, reply_index = len(session.speech_stopped), len(session.replies)
+        spoken = self.speak(session, self.next_clip())
+        started, stopped = self.expect_speech_turn(session, speech_index)
+        reply = self.expect_reply_audio(session, reply_index, VOICE, FIRST_AUDIO_AFTER_STOP)
+        self.reporter.sample(VOICE, FIRST_AUDIO_AFTER_STOP, (reply.first_audio_at - stopped.at) * 1000.0)
+        self.reporter.sample(VOICE, AUDIO_ROUND_TRIP, (reply.first_audio_at - spoken.last_sent_at) * 1000.0)
+
+        # Listen to the start of the reply, then talk over it.
+        gevent.sleep(max(0.0, reply.first_audio_at + self.settings.barge_in_after_ms / 1000.0 - clock()))
+        overlap = session.mic.say(self.next_clip())
+        self.expect(
+            session, lambda: reply.interrupted is not None or len(session.replies) > reply_index + 1,
+            "interrupted", VOICE, INTERRUPTED_REACTION,
+        )
+        if reply.interrupted is None:
+            overlap_ms = bytes_to_ms(overlap.start_offset or 0)
+            detected = [event.audio_ms for event in session.speech_started[speech_index + 1:]]
+            self.reporter.failure(
+                VOICE, INTERRUPTED_REACTION,
+                f"no interrupted: the reply ({bytes_to_ms(len(reply.audio)):.0f} ms of audio, status "
+                f"{reply.status!r}) was not interrupted by speech from {overlap_ms:.0f} ms on the input timeline "
+                f"(speech_started at {detected} ms); the overlapping speech became a new turn",
+            )
+            raise TurnAbandoned
+        self.reporter.sample(VOICE, INTERRUPTED_REACTION, (reply.interrupted_at - overlap.first_sent_at) * 1000.0)
+        self._check_interrupted_prefix(reply, self.vad_turn_echo(session, started, stopped))
+
+        # The interrupting speech is a turn of its own: its reply must come back complete.
+        self.expect(session, overlap.done.is_set, "end of own speech", VOICE, MIC_LATENESS)
+        self.reporter.sample(VOICE, MIC_LATENESS, overlap.max_lateness_ms)
+        self.hear_vad_reply(session, speech_index + 1, reply_index + 1, overlap)
+
+    def _check_interrupted_prefix(self, reply: Reply, expected: bytes | None) -> None:
+        """The audio of an interrupted reply must be an exact prefix of the turn's echo (all of it
+        when the upstream had finished generating), and `interrupted.played_ms` can never exceed
+        the audio the client received (this client sends no `playback` reports, so the gateway
+        uses what it delivered or, once generation finished, the real-time playback position)."""
+        got = bytes(reply.audio)
+        reply.audio = bytearray()
+        self.playback_ends_at = reply.interrupted_at  # the client drops the queued playback
+        played_ms = reply.interrupted.get("played_ms")
+        received_ms = bytes_to_ms(len(got))
+        heard_ms = (reply.interrupted_at - reply.first_audio_at) * 1000.0
+        if expected is None:
+            reason = "the interrupted turn's audio is not on the client's record any more"
+        elif not expected.startswith(got):
+            reason = f"interrupted reply is not a prefix of the turn: {describe_mismatch(got, expected[:len(got)])}"
+        elif not isinstance(played_ms, (int, float)) or not 0 <= played_ms <= received_ms + 1.0:
+            reason = f"interrupted.played_ms={played_ms!r} but {received_ms:.1f} ms of audio arrived"
+        else:
+            self.reporter.sample(VOICE, REPLY_COMPLETENESS_INTERRUPTED, heard_ms, len(got))
+            return
+        self.reporter.failure(VOICE, REPLY_COMPLETENESS_INTERRUPTED, reason, heard_ms, len(got))
+        raise TurnAbandoned
+
+
+# Replies to the same text must be identical (the mock's text voice is deterministic); the first
+# reply seen in this process for a prompt is the reference: prompt -> (bytes, sha256).
+_text_reply_reference: dict[str, tuple[int, bytes]] = {}
+
+
+class TextTurnUser(VoiceUser):
+    """Text turns: send a `text` message, receive the spoken reply."""
+
+    weight = 1
+    continuous_mic = False
+
+    def session_config(self) -> dict:
+        return self.config_message(turn_detection="none")
+
+    @tag("text")
+    @task
+    def text_turn(self) -> None:
+        self.run_turn(self._turn)
+
+    def _turn(self, session: VoiceSession) -> None:
+        prompt = TEXT_PROMPTS[self.turn_index % len(TEXT_PROMPTS)]
+        self.turn_index += 1
+        reply_index = len(session.replies)
+        sent_at = clock()
+        session.send_event({"type": "text", "text": prompt})
+        reply = self.expect_reply_audio(session, reply_index, TEXT, TEXT_ROUND_TRIP)
+        self.reporter.sample(TEXT, TEXT_ROUND_TRIP, (reply.first_audio_at - sent_at) * 1000.0)
+        self.expect(session, lambda: reply.done_at is not None, "response_done", TEXT, REPLY_COMPLETENESS)
+        got = bytes(reply.audio)
+        reply.audio = bytearray()
+        self.listen(reply, len(got))
+        delivery_ms = (reply.last_audio_at - reply.first_audio_at) * 1000.0
+        fingerprint = (len(got), hashlib.sha256(got).digest())
+        reference = _text_reply_reference.setdefault(prompt, fingerprint)
+        if reply.status != "completed":
+            reason = f"response status {reply.status!r}"
+        elif not got or len(got) % 2:
+            reason = f"reply audio of {len(got)} bytes is not whole PCM16 samples"
+        elif fingerprint != reference:
+            reason = f"reply to the same text differs from an earlier one ({len(got)} vs {reference[0]} bytes)"
+        else:
+            self.reporter.sample(TEXT, REPLY_COMPLETENESS, delivery_ms, len(got))
+            return
+        self.reporter.failure(TEXT, REPLY_COMPLETENESS, reason, delivery_ms, len(got))
+        raise TurnAbandoned

@@ -1,0 +1,157 @@
+"""Start a gateway node whose upstream is the built-in mock, for local load tests.
+
+    python -m loadtest.node                       # node on 127.0.0.1:3001, until Ctrl-C
+    python -m loadtest.node --port 3101 -- --log-level warning   # flags after -- go to the node
+
+It runs `python -m gateway --upstream mock --host HOST --port PORT --log-level WARNING [node
+flags]` (exactly what `realtime-gateway --upstream mock` does; `--log-level` is yours to override
+after --), raises the open-files limit first (each session holds
+two sockets: client and upstream), waits until `GET /health` answers, prints the Locust command
+to run, and stops the node on Ctrl-C / SIGTERM. The mock's voice echoes each user turn
+bit-exactly, which is what lets the load test check every reply byte for byte.
+
+`MockNode` is the same thing as a context manager (the test suite uses it).
+
+Locust loads every .py file of `loadtest/` as a locustfile; this one defines no users and does
+nothing on import.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from typing import IO, Sequence
+
+
+def raise_open_file_limit() -> int:
+    """Lift the soft RLIMIT_NOFILE to the hard limit (children inherit it); returns the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # keep what we have; the node reports its own limits
+    return soft
+
+
+def health_ok(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """True when `GET /health` on the node answers 200."""
+    connection = http.client.HTTPConnection(host, port, timeout=timeout_s)
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
+class MockNode:
+    """A `python -m gateway --upstream mock` subprocess, up once `/health` answers.
+
+    `url` is the client endpoint (ws://HOST:PORT/realtime), `host_url` the Locust --host.
+    stdout/stderr go to `log` (a file object) or are inherited.
+    """
+
+    def __init__(
+        self, port: int = 3001, host: str = "127.0.0.1", node_args: Sequence[str] = (),
+        log: IO | None = None, start_timeout_s: float = 60.0,
+    ) -> None:
+        self.host, self.port = host, port
+        self.command = [
+            sys.executable, "-m", "gateway", "--upstream", "mock", "--host", host, "--port", str(port), *node_args,
+        ]
+        self._log = log
+        self._start_timeout_s = start_timeout_s
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def host_url(self) -> str:
+        return f"ws://{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.host_url}/realtime"
+
+    def start(self) -> "MockNode":
+        raise_open_file_limit()
+        self.process = subprocess.Popen(
+            self.command, stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        # Poll /health: the node is a separate process; there is no in-process event to await.
+        deadline = time.monotonic() + self._start_timeout_s
+        while not health_ok(self.host, self.port):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the node exited with code {self.process.returncode} before /health answered")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the node's /health did not answer within {self._start_timeout_s:g} s")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        """SIGTERM (the node drains), then SIGKILL after `timeout_s`; returns the exit code."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return None if process is None else process.returncode
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait(timeout_s)
+
+    def __enter__(self) -> "MockNode":
+        return self.start()
+
+    def __exit__(self, *_exc) -> None:
+        self.stop()
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.node",
+        description="Run a realtime-gateway node with the built-in mock upstream for local load tests.",
+        epilog="Anything after -- is passed to the node (see `realtime-gateway --help`).",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address the node listens on")
+    parser.add_argument("--port", type=int, default=3001, help="port the node listens on")
+    parser.add_argument("node_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    node_args = args.node_args[1:] if args.node_args[:1] == ["--"] else args.node_args
+    if not any(arg.startswith("--log-level") for arg in node_args):
+        # Quiet by default: INFO logs a line per connection, which costs the node CPU under load.
+        node_args = ["--log-level", "WARNING", *node_args]
+
+    node = MockNode(args.port, args.host, node_args)
+    # SIGTERM (e.g. from a process manager) ends the wait below like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        node.start()
+        print(f"node ready: {node.url}  (pid {node.process.pid}; open-files limit {raise_open_file_limit()})")
+        print(f"load test:  locust -f loadtest/ --host {node.host_url}")
+        print("Ctrl-C stops the node.", flush=True)
+        return node.process.wait()
+    except KeyboardInterrupt:
+        return 0
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        node.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""The Locust load test (loadtest/): its building blocks, and a short real run against a node.
+
+The headless run starts `python -m gateway --upstream mock` as a subprocess (as
+`python -m loadtest.node` does) and runs `locust -f loadtest/` with 20 users for 15 s; it must
+finish with zero failures and report every custom metric. Locust and the gevent-based session
+run in subprocesses only: importing locust monkey-patches the process, which must not happen to
+the pytest process (the rest of the suite runs on uvloop).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gevent
+import numpy as np
+import pytest
+
+from loadtest._audio import BYTES_PER_MS, MAX_INNER_PAUSE_MS, SAMPLE_RATE, generated_clip, load_clips
+from loadtest._options import LoadSettings, endpoint_url
+from loadtest._session import Microphone, SentAudio
+from loadtest.node import MockNode
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Every custom metric a healthy mixed run must report, as (request_type, name) rows.
+EXPECTED_METRICS = {
+    ("WS", "connect → ready"),
+    ("VOICE", "first audio after speech_stopped"),
+    ("VOICE", "audio round trip"),
+    ("VOICE", "reply completeness"),
+    ("VOICE", "reply completeness (interrupted)"),
+    ("VOICE", "interrupted reaction"),
+    ("VOICE", "mic lateness"),
+    ("TEXT", "text round trip"),
+    ("TEXT", "reply completeness"),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    """A gateway node with the built-in mock upstream, in a subprocess, on a free port."""
+    log_path = tmp_path_factory.mktemp("node") / "node.log"
+    with open(log_path, "w") as log:
+        mock_node = MockNode(free_port(), "127.0.0.1", ["--log-level", "WARNING"], log=log)
+        try:
+            mock_node.start()
+        except RuntimeError as exc:
+            pytest.fail(f"{exc}\n{log_path.read_text()[-3000:]}")
+        try:
+            yield mock_node
+        finally:
+            mock_node.stop()
+
+
+# ---- the audio users speak ------------------------------------------------------------------
+
+def _speech_windows(pcm: bytes) -> np.ndarray:
+    """Per 10 ms window: is its RMS above -30 dBFS (clearly speech for an energy VAD)?"""
+    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
+    window = SAMPLE_RATE // 100
+    frames = samples[: len(samples) // window * window].reshape(-1, window)
+    rms_dbfs = 20 * np.log10(np.sqrt(np.mean(frames * frames, axis=1)) / 32768 + 1e-12)
+    return rms_dbfs > -30.0
+
+
+def test_generated_clips_are_deterministic_distinct_single_turn_utterances():
+    clips = load_clips("generated")
+    assert len(clips) == 4 and len(set(clips)) == 4
+    assert generated_clip(20240501) == clips[0]  # same seed, same bytes
+    for clip in clips:
+        assert len(clip) % 2 == 0 and 1500 <= len(clip) / BYTES_PER_MS <= 2500
+        speech = _speech_windows(clip)
+        assert speech[:3].any() and speech[-3:].any(), "the clip starts and ends with voice"
+        assert speech.mean() > 0.5, "mostly voiced"
+        # No pause inside the clip reaches the VAD's 500 ms silence window: one clip, one turn.
+        longest_pause = pause = 0
+        for voiced in speech:
+            pause = 0 if voiced else pause + 1
+            longest_pause = max(longest_pause, pause)
+        assert longest_pause * 10 <= MAX_INNER_PAUSE_MS + 40 < 500
+        peak = np.abs(np.frombuffer(clip, dtype="<i2")).max()
+        assert 0.2 * 32768 < peak < 32767, "loud enough for VAD, never clipped"
+
+
+def test_a_wav_clip_must_be_pcm16_mono_24khz(tmp_path):
+    import wave
+
+    good, bad = tmp_path / "good.wav", tmp_path / "bad.wav"
+    for path, rate in ((good, 24_000), (bad, 16_000)):
+        with wave.open(str(path), "wb") as wav:
+            wav.setnchannels(1)
+            wav.setsampwidth(2)
+            wav.setframerate(rate)
+            wav.writeframes(generated_clip()[: rate // 5 * 2])
+    assert load_clips(str(good)) == (generated_clip()[: 24_000 // 5 * 2],)
+    with pytest.raises(ValueError, match="24000 Hz"):
+        load_clips(str(bad))
+
+
+# ---- options -----------------------------------------------------------------------------------
+
+def test_gateway_url_defaults_from_the_locust_host():
+    assert endpoint_url("ws://127.0.0.1:3001") == "ws://127.0.0.1:3001/realtime"
+    assert endpoint_url("http://gw.example:3001/") == "ws://gw.example:3001/realtime"
+    assert endpoint_url("https://gw.example") == "wss://gw.example/realtime"
+    assert endpoint_url("10.0.0.5:3001") == "ws://10.0.0.5:3001/realtime"
+    assert endpoint_url("ws://h:1/realtime?model=gpt-realtime") == "ws://h:1/realtime?model=gpt-realtime"
+    with pytest.raises(ValueError):
+        endpoint_url("ftp://h:1")
+
+
+def test_settings_from_environment_and_token_placement(monkeypatch):
+    monkeypatch.setenv("LOADTEST_TURNS", "7")
+    monkeypatch.setenv("LOADTEST_CHUNK_MS", "40")
+    monkeypatch.setenv("LOADTEST_TOKEN", "test-key-1")
+    settings = LoadSettings.from_options(None, "ws://127.0.0.1:3999")
+    assert (settings.turns, settings.chunk_ms, settings.url) == (7, 40, "ws://127.0.0.1:3999/realtime")
+    assert settings.connect_headers() == ["Authorization: Bearer test-key-1"]
+    assert settings.connect_url() == "ws://127.0.0.1:3999/realtime"
+    monkeypatch.setenv("LOADTEST_TOKEN_IN", "query")
+    settings = LoadSettings.from_options(None, "ws://127.0.0.1:3999")
+    assert settings.connect_headers() == []
+    assert settings.connect_url() == "ws://127.0.0.1:3999/realtime?token=test-key-1"
+    monkeypatch.setenv("LOADTEST_CHUNK_MS", "2")
+    with pytest.raises(ValueError, match="chunk-ms"):
+        LoadSettings.from_options(None, None)
+
+
+# ---- the client's record of what it sent -----------------------------------------------------
+
+def test_sent_audio_timeline_slices_by_offset_and_forgets_checked_audio():
+    sent = SentAudio()
+    sent.append(bytes(range(100)))
+    sent.append(bytes(range(100, 200)))
+    assert sent.slice(90, 110) == bytes(range(90, 110))
+    sent.discard_before(150)
+    assert (sent.base, sent.end) == (150, 200)
+    assert sent.slice(140, 160) is None, "forgotten bytes are reported missing, not invented"
+    assert sent.slice(150, 201) is None
+    assert sent.slice(160, 170) == bytes(range(160, 170))
+    sent.append(bytes(SentAudio.MAX_KEPT_MS * BYTES_PER_MS))
+    assert sent.end - sent.base == SentAudio.MAX_KEPT_MS * BYTES_PER_MS, "bounded"
+
+
+# ---- real-time pacing (time is what is under test here, so these tests use the clock) ---------
+
+def _record_microphone(continuous: bool, chunk_ms: int, stall_at_frame: int | None):
+    sends: list[tuple[float, int, bytes]] = []
+
+    def send(frame: bytes) -> None:
+        sends.append((time.perf_counter(), len(frame), frame))
+        if stall_at_frame is not None and len(sends) == stall_at_frame:
+            time.sleep(0.1)  # a blocking stall, as when the load generator is starved of CPU
+
+    mic = Microphone(send, chunk_ms, continuous, on_utterance_done=lambda: None)
+    return mic, sends
+
+
+def test_microphone_paces_in_real_time_and_catches_up_after_a_stall():
+    mic, sends = _record_microphone(continuous=False, chunk_ms=20, stall_at_frame=10)
+    clip = (bytes(range(256)) * 200)[: BYTES_PER_MS * 1000]  # exactly 1000 ms
+    mic.start()
+    utterance = mic.say(clip)
+    assert utterance.done.wait(3.0)
+    mic.stop()
+    assert b"".join(frame for _, _, frame in sends) == clip, "every byte, in order, nothing extra"
+    assert [size for _, size, _ in sends] == [20 * BYTES_PER_MS] * 50
+    start = sends[0][0]
+    # The 100 ms stall after frame 10 is absorbed: later frames follow at once until back on the
+    # absolute schedule, so the last frame still goes out at ~980 ms, not ~1080 ms.
+    assert 0.95 <= sends[-1][0] - start <= 1.06
+    assert sends[10][0] - sends[9][0] >= 0.09
+    assert sends[11][0] - sends[10][0] < 0.015, "catching up, no sleep"
+    assert 70.0 <= utterance.max_lateness_ms <= 150.0
+    late = [(t - start) * 1000 - k * 20 for k, (t, _, _) in enumerate(sends)]
+    assert max(abs(x) for x in late[20:]) < 30.0, "back on schedule after the stall"
+
+
+def test_open_microphone_streams_silence_push_to_talk_stays_quiet():
+    speech = b"\x01\x02" * (BYTES_PER_MS * 40 // 2)  # 40 ms
+    for continuous in (True, False):
+        mic, sends = _record_microphone(continuous, chunk_ms=10, stall_at_frame=None)
+        mic.start()
+        first = mic.say(speech)
+        assert first.done.wait(2.0)
+        gevent.sleep(0.1)  # time under test: what the microphone does between talk spurts
+        second = mic.say(speech)
+        assert second.done.wait(2.0)
+        mic.stop()
+        frames = [frame for _, _, frame in sends]
+        silence = [frame for frame in frames if frame == bytes(10 * BYTES_PER_MS)]
+        assert b"".join(f for f in frames if f != bytes(10 * BYTES_PER_MS)) == speech * 2
+        if continuous:
+            assert 6 <= len(silence) <= 20, len(silence)  # ~100 ms of 10 ms silence frames
+        else:
+            assert silence == []
+
+
+# ---- against a real node ------------------------------------------------------------------------
+
+_ERROR_PATH_SCRIPT = r"""
+from gevent import monkey
+monkey.patch_all()
+import json, sys
+from loadtest._metrics import MetricReporter
+from loadtest._options import LoadSettings
+from loadtest._session import VoiceSession
+
+class Capture:
+    def __init__(self):
+        self.request = self
+        self.samples = []
+    def fire(self, request_type, name, response_time, response_length, exception, context):
+        self.samples.append([request_type, name, None if exception is None else str(exception), response_length])
+
+capture = Capture()
+settings = LoadSettings.from_options(None, sys.argv[1])
+# voice "nova" (the seed document's own example) is not a realtime voice: a non-fatal InvalidConfig.
+session = VoiceSession(settings, MetricReporter(capture), {"type": "config", "voice": "nova"}, False)
+session.open()
+session.send_event({"type": "text", "text": "still there?"})
+session.wait_until(lambda: session.replies and session.replies[0].done_at is not None, "reply")
+session.close()
+print(json.dumps({"samples": capture.samples, "reply_bytes": len(session.replies[0].audio)}))
+"""
+
+
+def test_gateway_errors_are_reported_as_failures_named_by_their_code(node):
+    result = subprocess.run(
+        [sys.executable, "-c", _ERROR_PATH_SCRIPT, node.host_url],
+        cwd=REPO, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = report["samples"]
+    errors = [row for row in rows if row[0] == "ERROR"]
+    assert [row[1] for row in errors] == ["InvalidConfig"], rows
+    assert errors[0][2], "the failure carries the gateway's message"
+    connect = [row for row in rows if (row[0], row[1]) == ("WS", "connect → ready")]
+    assert len(connect) == 1 and connect[0][2] is None, "non-fatal: the session still opened"
+    assert report["reply_bytes"] > 0, "and it still answers"
+
+
+def _read_stats(csv_prefix: Path) -> tuple[dict[tuple[str, str], dict], list[dict]]:
+    with open(f"{csv_prefix}_stats.csv", newline="") as stats_file:
+        stats = {(row["Type"], row["Name"]): row for row in csv.DictReader(stats_file)}
+    with open(f"{csv_prefix}_failures.csv", newline="") as failures_file:
+        failures = list(csv.DictReader(failures_file))
+    return stats, failures
+
+
+def test_headless_run_of_all_scenarios_has_no_failures_and_reports_every_metric(node, tmp_path):
+    csv_prefix = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "locust", "-f", "loadtest/", "--headless", "-u", "20", "-r", "20", "-t", "15s",
+        "--host", node.host_url, "--csv", str(csv_prefix), "--only-summary", "--loglevel", "WARNING",
+    ]
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=90)
+    elapsed = time.monotonic() - started
+    stats, failures = _read_stats(csv_prefix)
+    context = f"failures: {failures}\nstderr: {result.stderr[-4000:]}"
+    assert failures == [], context
+    assert stats[("", "Aggregated")]["Failure Count"] == "0", context
+    assert result.returncode == 0, context
+    reported = {key for key, row in stats.items() if int(row["Request Count"]) > 0}
+    assert EXPECTED_METRICS <= reported, f"missing: {EXPECTED_METRICS - reported}\n{context}"
+    # Sanity of the figures themselves: sessions open, and each verified reply carried audio.
+    assert int(stats[("WS", "connect → ready")]["Request Count"]) >= 20
+    assert float(stats[("VOICE", "reply completeness")]["Average Content Size"]) > 1000 * BYTES_PER_MS
+    assert float(stats[("VOICE", "interrupted reaction")]["Median Response Time"]) < 1000
+    assert elapsed < 60
