@@ -5,6 +5,10 @@ A fragmented message arrives as TEXT/BINARY with `fin=False` and then CONTINUATI
 For an unfragmented frame (the common case) `payload` is the frame's own memoryview — it dies when
 `on_ws_frame` returns, so use or copy it before then. For a reassembled message it is a bytearray
 the caller owns. Size is bounded by `limit` bytes (`MessageTooBig` beyond it).
+
+Listeners on the audio path skip `feed` for the common frame: a final TEXT/BINARY frame of at
+most `limit` bytes while `partial is None` (no fragmented message in progress) is a whole message
+as it stands, and `feed` would return exactly `(msg_type, its payload)` without changing state.
 """
 from __future__ import annotations
 
@@ -16,12 +20,13 @@ class MessageTooBig(Exception):
 
 
 class MessageAssembler:
-    __slots__ = ("limit", "_type", "_parts")
+    __slots__ = ("limit", "_type", "partial")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._type: WSMsgType | None = None
-        self._parts: bytearray | None = None
+        #: the fragmented message being reassembled, None when none is in progress
+        self.partial: bytearray | None = None
 
     def feed(self, frame: WSFrame):
         msg_type = frame.msg_type
@@ -33,23 +38,23 @@ class MessageAssembler:
                 self._reset()  # a new data frame also abandons any unfinished fragmented message
                 return msg_type, frame.get_payload_as_memoryview()
             self._type = msg_type
-            self._parts = bytearray(frame.get_payload_as_memoryview())
+            self.partial = bytearray(frame.get_payload_as_memoryview())
             return None
         if msg_type is WSMsgType.CONTINUATION:
-            if self._parts is None:
+            if self.partial is None:
                 return None  # continuation without a start: nothing to attach it to
-            if len(self._parts) + frame.payload_size > self.limit:
+            if len(self.partial) + frame.payload_size > self.limit:
                 self._reset()
                 raise MessageTooBig(f"message larger than {self.limit} bytes")
-            self._parts += frame.get_payload_as_memoryview()
+            self.partial += frame.get_payload_as_memoryview()
             if not frame.fin:
                 return None
-            result = (self._type, self._parts)
+            result = (self._type, self.partial)
             self._type = None
-            self._parts = None
+            self.partial = None
             return result
         return None  # control frames (ping/pong/close) are not messages
 
     def _reset(self) -> None:
         self._type = None
-        self._parts = None
+        self.partial = None

@@ -42,6 +42,7 @@ CONNECTING, READY, CLOSED = "connecting", "ready", "closed"
 MAX_PRE_READY_COMMANDS = 256
 _TRUNCATE_PREFIX = "gw_truncate_"
 _UPDATE_PREFIX = "gw_update_"
+_BINARY = WSMsgType.BINARY
 
 
 def seed_defaults(node: NodeConfig) -> cp.SessionConfig:
@@ -56,15 +57,19 @@ class _UpstreamOwner:
     """Routes one upstream connection's callbacks to the session while it is the current one
     (a re-opened upstream leaves the old owner dead, so late events of the old one are ignored)."""
 
-    __slots__ = ("session", "alive")
+    __slots__ = ("session", "alive", "on_upstream_message")
 
     def __init__(self, session: "RelaySession") -> None:
         self.session = session
         self.alive = True
+        # While alive this IS the session's handler (one call per upstream event, not two);
+        # `retire()` swaps in a no-op.
+        self.on_upstream_message: Callable[[Any], None] = session.on_upstream_message
 
-    def on_upstream_message(self, payload) -> None:
-        if self.alive:
-            self.session.on_upstream_message(payload)
+    def retire(self) -> None:
+        """Ignore this upstream's events from now on (it was replaced or the session closed)."""
+        self.alive = False
+        self.on_upstream_message = _ignore_message
 
     def on_upstream_closed(self, code: int | None, reason: str) -> None:
         if self.alive:
@@ -106,10 +111,13 @@ class RelaySession:
         self.levels = False
         self.input_meter: LevelMeter | None = None
         self.output_meter: LevelMeter | None = None
+        self._coalesce_s = node.coalesce_ms / 1000.0
         self.coalescer = self._new_coalescer()
         self._flush_timer: asyncio.TimerHandle | None = None
         self._level_timer: asyncio.TimerHandle | None = None
-        self._pre_ready: deque = deque()
+        # audio (bytes) and commands that arrived before `ready`, in order; created on first use
+        # (an empty deque is ~600 B per session, and most clients wait for `ready`)
+        self._pre_ready: deque | None = None
         self._pre_ready_audio_bytes = 0
         self._pre_ready_commands = 0
         self._overflow_reported = False
@@ -133,37 +141,6 @@ class RelaySession:
         self._answered_calls: set[str] = set()
         self._awaiting_results: dict[str, set[str]] = {}
 
-        self._handlers = {
-            "session.created": self._on_session_created,
-            "session.updated": self._on_session_updated,
-            "error": self._on_error,
-            "input_audio_buffer.speech_started": self._on_speech_started,
-            "input_audio_buffer.speech_stopped": self._on_speech_stopped,
-            "conversation.item.input_audio_transcription.delta": self._on_user_transcript_delta,
-            "conversation.item.input_audio_transcription.completed": self._on_user_transcript_done,
-            "response.created": self._on_response_created,
-            "response.done": self._on_response_done,
-            "response.output_item.added": self._on_output_item_added,
-            "response.output_item.done": self._on_output_item_done,
-            "response.output_audio_transcript.delta": self._on_assistant_delta,
-            "response.output_text.delta": self._on_assistant_delta,
-            "response.output_audio_transcript.done": self._on_assistant_done,
-            "response.output_text.done": self._on_assistant_done,
-            "response.function_call_arguments.done": self._on_function_arguments_done,
-            "response.output_audio.delta": self._on_audio_delta_slow,
-        }
-        self._commands = {
-            cp.ConfigCommand: self._cmd_config,
-            cp.TextCommand: self._cmd_text,
-            cp.CommitCommand: self._cmd_commit,
-            cp.CreateResponseCommand: self._cmd_create_response,
-            cp.CancelResponseCommand: self._cmd_cancel_response,
-            cp.ClearAudioCommand: self._cmd_clear_audio,
-            cp.FunctionResultCommand: self._cmd_function_result,
-            cp.PlaybackCommand: self._cmd_playback,
-            cp.PassthroughCommand: self._cmd_passthrough,
-        }
-
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def attach(self, client: WSTransport) -> None:
@@ -175,7 +152,7 @@ class RelaySession:
 
     def _open_upstream(self) -> None:
         if self._owner is not None:
-            self._owner.alive = False
+            self._owner.retire()
         if self.upstream is not None:
             self.upstream.close()  # never leave a previous upstream running (WaaV bug B2)
         if self._connect_task is not None:
@@ -245,10 +222,10 @@ class RelaySession:
         if self._connect_task is not None and not self._connect_task.done():
             self._connect_task.cancel()
         if self._owner is not None:
-            self._owner.alive = False
+            self._owner.retire()
         if self.upstream is not None:
             self.upstream.close()
-        self._pre_ready.clear()
+        self._pre_ready = None
         if self.on_closed is not None:
             callback, self.on_closed = self.on_closed, None
             callback(self)
@@ -283,20 +260,30 @@ class RelaySession:
                                            "audio beyond it was dropped; wait for `ready`"))
                 return
             self._pre_ready_audio_bytes += len(payload)
-            self._pre_ready.append(bytes(payload))
+            self._queue_pre_ready(bytes(payload))
 
     def _audio_in(self, payload) -> None:
-        frame = self.coalescer.push(payload)
+        """Coalesce client audio; the flush timer runs only while whole samples are pending, so
+        no audio waits longer than `coalesce_ms` and a chunk that fills up on time is never
+        split by a timer armed for it (that would double the appends)."""
+        coalescer = self.coalescer
+        frame = coalescer.push(payload)
         if frame is not None:
             self.upstream.send_frame(frame, HEADER_ROOM)
-        elif self._flush_timer is None and self.coalescer.pending_bytes >= self.coalescer.sample_width:
-            self._flush_timer = self.loop.call_later(self.node.coalesce_ms / 1000.0, self._flush_on_timer)
+            if self._flush_timer is not None and coalescer.pending_bytes < coalescer.sample_width:
+                self._flush_timer.cancel()
+                self._flush_timer = None
+        elif self._flush_timer is None and coalescer.pending_bytes >= coalescer.sample_width:
+            self._flush_timer = self.loop.call_later(self._coalesce_s, self._flush_on_timer)
 
     def _flush_on_timer(self) -> None:
         self._flush_timer = None
         self._flush_audio()
 
     def _flush_audio(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         frame = self.coalescer.flush()
         if frame is not None and self.upstream is not None:
             self.upstream.send_frame(frame, HEADER_ROOM)
@@ -315,10 +302,15 @@ class RelaySession:
             self.fail(NotConnected("too many commands before `ready`; this one was dropped"))
         else:
             self._pre_ready_commands += 1
-            self._pre_ready.append(command)
+            self._queue_pre_ready(command)
+
+    def _queue_pre_ready(self, item) -> None:
+        if self._pre_ready is None:
+            self._pre_ready = deque()
+        self._pre_ready.append(item)
 
     def _run_command(self, command) -> None:
-        self._commands[type(command)](command)
+        _COMMAND_HANDLERS[type(command)](self, command)
 
     def _send_upstream(self, event: dict[str, Any]) -> None:
         if self.upstream is not None:
@@ -437,9 +429,9 @@ class RelaySession:
         if type(event) is not dict:
             return
         self.dialect.normalize(event)
-        handler = self._handlers.get(event.get("type"))
+        handler = _EVENT_HANDLERS.get(event.get("type"))
         if handler is not None:
-            handler(event)
+            handler(self, event)
 
     def _audio_out(self, item_id: str, pcm) -> None:
         if item_id != self._audio_item:
@@ -451,7 +443,7 @@ class RelaySession:
         self._audio_delivered += size
         client = self.client
         if client is not None and self.state is not CLOSED:
-            client.send(WSMsgType.BINARY, pcm)
+            client.send(_BINARY, pcm)
 
     def _switch_audio_item(self, item_id: str) -> None:
         if self._audio_item is not None:
@@ -508,7 +500,7 @@ class RelaySession:
         self._send_client(cp.ready_event(self.session_id, self.upstream_session_id, effective, self.ignored))
         log.info("session %s: ready (model=%s voice=%s turn_detection=%s)", self.session_id,
                  effective["model"], effective.get("voice"), effective.get("turn_detection"))
-        queued, self._pre_ready = self._pre_ready, deque()
+        queued, self._pre_ready = self._pre_ready or (), None
         self._pre_ready_audio_bytes = self._pre_ready_commands = 0
         for item in queued:  # in the order the client sent them
             if self.state is not READY:
@@ -692,6 +684,44 @@ class RelaySession:
         client = self.client
         if client is not None and not client.is_disconnected and self.state is not CLOSED:
             client.send(WSMsgType.TEXT, data)
+
+
+# Dispatch tables, shared by every session (per-session dicts of bound methods cost ~2.5 KB each):
+# the functions take the session as their first argument.
+_EVENT_HANDLERS: dict[str, Callable[[RelaySession, dict], None]] = {
+    "session.created": RelaySession._on_session_created,
+    "session.updated": RelaySession._on_session_updated,
+    "error": RelaySession._on_error,
+    "input_audio_buffer.speech_started": RelaySession._on_speech_started,
+    "input_audio_buffer.speech_stopped": RelaySession._on_speech_stopped,
+    "conversation.item.input_audio_transcription.delta": RelaySession._on_user_transcript_delta,
+    "conversation.item.input_audio_transcription.completed": RelaySession._on_user_transcript_done,
+    "response.created": RelaySession._on_response_created,
+    "response.done": RelaySession._on_response_done,
+    "response.output_item.added": RelaySession._on_output_item_added,
+    "response.output_item.done": RelaySession._on_output_item_done,
+    "response.output_audio_transcript.delta": RelaySession._on_assistant_delta,
+    "response.output_text.delta": RelaySession._on_assistant_delta,
+    "response.output_audio_transcript.done": RelaySession._on_assistant_done,
+    "response.output_text.done": RelaySession._on_assistant_done,
+    "response.function_call_arguments.done": RelaySession._on_function_arguments_done,
+    "response.output_audio.delta": RelaySession._on_audio_delta_slow,
+}
+_COMMAND_HANDLERS: dict[type, Callable[[RelaySession, Any], None]] = {
+    cp.ConfigCommand: RelaySession._cmd_config,
+    cp.TextCommand: RelaySession._cmd_text,
+    cp.CommitCommand: RelaySession._cmd_commit,
+    cp.CreateResponseCommand: RelaySession._cmd_create_response,
+    cp.CancelResponseCommand: RelaySession._cmd_cancel_response,
+    cp.ClearAudioCommand: RelaySession._cmd_clear_audio,
+    cp.FunctionResultCommand: RelaySession._cmd_function_result,
+    cp.PlaybackCommand: RelaySession._cmd_playback,
+    cp.PassthroughCommand: RelaySession._cmd_passthrough,
+}
+
+
+def _ignore_message(payload) -> None:
+    """A retired upstream's events go nowhere."""
 
 
 def _int(value: Any) -> int:

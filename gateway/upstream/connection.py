@@ -20,11 +20,13 @@ from gateway.errors import AuthenticationFailed, ConnectionFailed, GatewayError,
 from gateway.framing import MessageAssembler, MessageTooBig
 
 log = logging.getLogger("gateway.upstream")
+_TEXT = WSMsgType.TEXT
 
 #: largest upstream message accepted (session.updated echoes tools; retrieved items carry audio)
 MAX_UPSTREAM_MESSAGE_BYTES = 64 * 1024 * 1024
-#: picows grows its read buffer on demand; start small so idle sessions stay light
-READ_BUFFER_INIT_BYTES = 16 * 1024
+#: picows grows its read buffer on demand (doubling, never shrinking); start small so sessions
+#: stay light: 8 KiB holds a 100 ms output-audio delta (~6.6 KB of JSON) and its transcript delta
+READ_BUFFER_INIT_BYTES = 8 * 1024
 
 
 class UpstreamOwner(Protocol):
@@ -59,6 +61,11 @@ class UpstreamListener(WSListener):
             transport.disconnect()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        # hot path (every upstream event): a whole text message goes straight to the owner
+        if frame.msg_type is _TEXT and frame.fin and self._assembler.partial is None \
+                and frame.payload_size <= MAX_UPSTREAM_MESSAGE_BYTES:
+            self.owner.on_upstream_message(frame.get_payload_as_memoryview())
+            return
         if frame.msg_type is WSMsgType.CLOSE:
             self.close_code = int(frame.get_close_code().value)
             self.close_reason = frame.get_close_reason()
@@ -133,9 +140,12 @@ class UpstreamConnection:
             self.transport.send(WSMsgType.TEXT, data)
 
     def send_frame(self, frame: bytearray, offset: int) -> None:
-        """Zero-copy send of an encoded frame whose first `offset` bytes are free header room."""
-        if self.connected:
-            self.transport.send_reuse_external_bytearray(WSMsgType.TEXT, frame, offset)
+        """Zero-copy send of an encoded frame whose first `offset` bytes are free header room
+        (picows masks the frame in place: its bytes are not the JSON any more afterwards)."""
+        listener = self.listener  # `connected`, inlined: this runs for every coalesced append
+        transport = listener.transport
+        if transport is not None and not transport.is_disconnected and not listener.closing:
+            transport.send_reuse_external_bytearray(_TEXT, frame, offset)
 
     def close(self) -> None:
         """Close politely (1000) and drop the socket; safe to call at any time, repeatedly."""
