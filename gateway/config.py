@@ -3,6 +3,8 @@
 Every flag has an environment variable (`GATEWAY_<FLAG>`, e.g. `GATEWAY_PORT`); an explicit flag
 wins over the environment, the environment over the default. Provider keys come only from the
 environment (`OPENAI_API_KEY`, `AZURE_OPENAI_API_KEY`) and are never printed: `repr()` masks them.
+Client credentials likewise come only from the environment (`GATEWAY_API_KEYS`, comma-separated
+`key` or `id:key`; `GATEWAY_JWT_SECRET`, an HS256 secret) or from `--api-keys-file`.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from typing import Any, Callable
 OPENAI_URL = "wss://api.openai.com/v1/realtime"
 PROVIDERS = ("mock", "openai", "azure")
 DIALECTS = ("ga", "beta")
+SLOW_CLIENT_POLICIES = ("drop-oldest", "close")
+_SECRET_FIELDS = ("api_key", "client_api_keys", "jwt_secret")
 
 
 class ConfigError(ValueError):
@@ -38,11 +42,31 @@ class NodeConfig:
     level_interval_ms: int = 100
     log_level: str = "INFO"
     log_format: str = "text"
+    # operations (SPEC §6): limits, timeouts, drain, workers, client auth
+    max_sessions: int = 0
+    max_sessions_per_ip: int = 0
+    max_sessions_per_key: int = 0
+    idle_timeout_s: float = 300.0
+    max_session_s: float = 3600.0
+    session_warning_s: float = 60.0
+    max_client_queue_ms: int = 5000
+    slow_client_policy: str = "drop-oldest"
+    drain_timeout_s: float = 30.0
+    workers: int = 1
+    api_keys_file: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
     api_key: str | None = field(default=None, repr=False)
+    client_api_keys: str | None = field(default=None, repr=False)
+    jwt_secret: str | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "api_key")
-        return f"NodeConfig({shown}, api_key={'***' if self.api_key else None})"
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                          if f.name not in _SECRET_FIELDS)
+        masked = ", ".join(f"{name}={'***' if getattr(self, name) else None}" for name in _SECRET_FIELDS)
+        return f"NodeConfig({shown}, {masked})"
 
     @property
     def auth_headers(self) -> list[tuple[str, str]]:
@@ -79,9 +103,41 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
      "minimum interval between `level` events for clients that asked for them"),
     ("--log-level", "log_level", "GATEWAY_LOG_LEVEL", str, "INFO", "DEBUG, INFO, WARNING, ERROR"),
     ("--log-format", "log_format", "GATEWAY_LOG_FORMAT", str, "text", "text or json"),
+    ("--max-sessions", "max_sessions", "GATEWAY_MAX_SESSIONS", int, 0,
+     "concurrent sessions on this node (per worker); more are refused with HTTP 503 (0 = no limit)"),
+    ("--max-sessions-per-ip", "max_sessions_per_ip", "GATEWAY_MAX_SESSIONS_PER_IP", int, 0,
+     "concurrent sessions per client address; more get HTTP 429 (0 = no limit)"),
+    ("--max-sessions-per-key", "max_sessions_per_key", "GATEWAY_MAX_SESSIONS_PER_KEY", int, 0,
+     "concurrent sessions per client key / token subject; more get HTTP 429 (0 = no limit; a JWT's "
+     "max_sessions claim overrides it)"),
+    ("--idle-timeout-s", "idle_timeout_s", "GATEWAY_IDLE_TIMEOUT_S", float, 300.0,
+     "close a session after this long with no traffic in either direction (0 = never)"),
+    ("--max-session-s", "max_session_s", "GATEWAY_MAX_SESSION_S", float, 3600.0,
+     "longest session; clients get a `closing` warning --session-warning-s before (0 = no limit)"),
+    ("--session-warning-s", "session_warning_s", "GATEWAY_SESSION_WARNING_S", float, 60.0,
+     "how long before --max-session-s the `closing` warning is sent"),
+    ("--max-client-queue-ms", "max_client_queue_ms", "GATEWAY_MAX_CLIENT_QUEUE_MS", int, 5000,
+     "reply audio (ms) held for a client that is not reading; beyond it --slow-client-policy applies"),
+    ("--slow-client-policy", "slow_client_policy", "GATEWAY_SLOW_CLIENT_POLICY", str, "drop-oldest",
+     "drop-oldest (discard the oldest queued audio, counted in gateway_drops) or close (code 4004)"),
+    ("--drain-timeout-s", "drain_timeout_s", "GATEWAY_DRAIN_TIMEOUT_S", float, 30.0,
+     "on SIGTERM: stop accepting, send `closing`, let sessions finish this long, then close them (1001)"),
+    ("--workers", "workers", "GATEWAY_WORKERS", int, 1,
+     "worker processes sharing the port (SO_REUSEPORT); a dead worker is replaced"),
+    ("--api-keys-file", "api_keys_file", "GATEWAY_API_KEYS_FILE", str, None,
+     "client API keys, one `key` or `id:key` per line; with this, GATEWAY_API_KEYS or "
+     "GATEWAY_JWT_SECRET set, clients must authenticate (Bearer header, ?token= or subprotocol)"),
+    ("--jwt-audience", "jwt_audience", "GATEWAY_JWT_AUDIENCE", str, None, "required `aud` of client JWTs"),
+    ("--jwt-issuer", "jwt_issuer", "GATEWAY_JWT_ISSUER", str, None, "required `iss` of client JWTs"),
+    ("--allowed-origins", "allowed_origins", "GATEWAY_ALLOWED_ORIGINS", str, None,
+     "comma-separated browser origins allowed to connect (`https://app.example.com`, "
+     "`https://*.example.com`); requests without Origin are not affected (default: any origin)"),
+    ("--trusted-proxies", "trusted_proxies", "GATEWAY_TRUSTED_PROXIES", str, None,
+     "comma-separated proxy addresses/CIDRs whose X-Forwarded-For is believed for per-IP limits"),
 ]
+_LISTS = ("allowed_origins", "trusted_proxies")
 _CHOICES = {"upstream": PROVIDERS, "upstream_dialect": DIALECTS, "log_format": ("text", "json"),
-            "log_level": ("DEBUG", "INFO", "WARNING", "ERROR")}
+            "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"), "slow_client_policy": SLOW_CLIENT_POLICIES}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,6 +159,9 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
             except ValueError as exc:
                 raise ConfigError(f"{env_name}: {exc}") from None
         values[dest] = default if value is None else value
+    for dest in _LISTS:
+        raw = values[dest]
+        values[dest] = tuple(part.strip() for part in raw.split(",") if part.strip()) if raw else ()
     for dest, choices in _CHOICES.items():
         if values[dest] not in choices:
             raise ConfigError(f"{dest} must be one of {', '.join(choices)} (got {values[dest]!r})")
@@ -126,4 +185,12 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
             raise ConfigError(f"{dest} must be positive (got {values[dest]})")
     if values["connect_timeout_s"] <= 0:
         raise ConfigError("connect timeout must be positive")
+    for dest in ("max_sessions", "max_sessions_per_ip", "max_sessions_per_key", "idle_timeout_s",
+                 "max_session_s", "session_warning_s", "drain_timeout_s", "max_client_queue_ms"):
+        if values[dest] < 0:
+            raise ConfigError(f"{dest} must not be negative (got {values[dest]})")
+    if values["workers"] < 1:
+        raise ConfigError("workers must be at least 1")
+    values["client_api_keys"] = env.get("GATEWAY_API_KEYS") or None
+    values["jwt_secret"] = env.get("GATEWAY_JWT_SECRET") or None
     return NodeConfig(**values)

@@ -24,6 +24,8 @@ CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_UPSTREAM_AUTH_FAILED = 4001
 CLOSE_SESSION_EXPIRED = 4002
+CLOSE_IDLE_TIMEOUT = 4003
+CLOSE_SLOW_CLIENT = 4004
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +48,8 @@ ERROR_TABLE: dict[str, ErrorKind] = {
     "UpstreamError": ErrorKind(False, CLOSE_INTERNAL_ERROR, "upstream error"),
     "SessionExpired": ErrorKind(True, CLOSE_SESSION_EXPIRED, "session expired"),
     "Overloaded": ErrorKind(True, CLOSE_TRY_AGAIN_LATER, "overloaded"),
+    "IdleTimeout": ErrorKind(True, CLOSE_IDLE_TIMEOUT, "idle timeout"),
+    "SlowClient": ErrorKind(True, CLOSE_SLOW_CLIENT, "client not reading"),
 }
 
 # Credentials: OpenAI keys (sk-..., sk-proj-...), ephemeral keys (ek_...), bearer tokens and
@@ -141,11 +145,19 @@ class UpstreamError(GatewayError):
 
 
 class SessionExpired(GatewayError):
-    """The upstream session hit its maximum duration."""
+    """The session hit its maximum duration (the upstream's, or the node's --max-session-s)."""
 
 
 class Overloaded(GatewayError):
     """The node cannot take more work for this session (limits)."""
+
+
+class IdleTimeout(GatewayError):
+    """No traffic in either direction for --idle-timeout-s."""
+
+
+class SlowClient(GatewayError):
+    """The client stopped reading and its queued audio passed --max-client-queue-ms (policy close)."""
 
 
 # Every table row has its class, and every class its row.

@@ -19,6 +19,11 @@ class MessageTooBig(Exception):
     """A message exceeded the assembler's byte limit."""
 
 
+class FragmentOutOfOrder(Exception):
+    """Frames that break RFC 6455 §5.4 (a continuation with nothing to continue, or a new data
+    frame while a fragmented message is open). What they carried is dropped; the session goes on."""
+
+
 class MessageAssembler:
     __slots__ = ("limit", "_type", "partial")
 
@@ -34,15 +39,18 @@ class MessageAssembler:
             if frame.payload_size > self.limit:
                 self._reset()
                 raise MessageTooBig(f"message larger than {self.limit} bytes")
+            if self.partial is not None:
+                self._reset()
+                raise FragmentOutOfOrder("a new message started before the fragmented one ended: "
+                                         "both were dropped")
             if frame.fin:
-                self._reset()  # a new data frame also abandons any unfinished fragmented message
                 return msg_type, frame.get_payload_as_memoryview()
             self._type = msg_type
             self.partial = bytearray(frame.get_payload_as_memoryview())
             return None
         if msg_type is WSMsgType.CONTINUATION:
             if self.partial is None:
-                return None  # continuation without a start: nothing to attach it to
+                raise FragmentOutOfOrder("a continuation frame arrived with no message to continue: dropped")
             if len(self.partial) + frame.payload_size > self.limit:
                 self._reset()
                 raise MessageTooBig(f"message larger than {self.limit} bytes")

@@ -1,15 +1,19 @@
-"""The `serve` command: run one gateway node on uvloop until SIGINT/SIGTERM.
+"""The `serve` command: run a gateway node on uvloop until SIGINT/SIGTERM, which drain it.
 
 `--upstream mock` starts the built-in mock upstream in-process on a free 127.0.0.1 port and
-points the node at it, so a newcomer needs no API key. Startup is logged; keys never are.
+points the node at it, so a newcomer needs no API key. `--workers N` runs N such processes on one
+port (see gateway.workers). Startup is logged; keys and tokens never are.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 
 import orjson
@@ -17,7 +21,9 @@ import uvloop
 
 from gateway import config as node_config
 from gateway.config import ConfigError, NodeConfig
+from gateway.metrics import GatewayMetrics
 from gateway.server import GatewayServer
+from gateway.workers import supervise
 
 log = logging.getLogger("gateway.node")
 
@@ -45,9 +51,12 @@ def setup_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # picows logs every connection at INFO and raw handshake bytes (client tokens, the upstream
+    # Authorization header) below DEBUG: keep it to warnings, or INFO when debugging
+    logging.getLogger("picows").setLevel(logging.INFO if level == "DEBUG" else logging.WARNING)
 
 
-async def start_node(config: NodeConfig):
+async def start_node(config: NodeConfig, metrics_dir: str | None = None, reuse_port: bool = False):
     """Start the mock (if `--upstream mock` without a URL) and the server. Returns (server, mock)."""
     mock = None
     upstream_url = config.upstream_url
@@ -57,27 +66,33 @@ async def start_node(config: NodeConfig):
         await mock.start(host="127.0.0.1", port=0)
         upstream_url = mock.url
         log.info("built-in mock upstream listening at %s", mock.url)
-    server = GatewayServer(config, upstream_url)
-    await server.start()
+    server = GatewayServer(config, upstream_url, GatewayMetrics(multiprocess_dir=metrics_dir))
+    await server.start(reuse_port=reuse_port)
     return server, mock
 
 
-async def serve(config: NodeConfig) -> None:
-    server, mock = await start_node(config)
-    log.info("realtime-gateway listening on %s:%d (/realtime, /health); upstream=%s dialect=%s "
-             "default_model=%s", config.host, server.port, config.upstream, config.upstream_dialect,
-             config.default_model)
+async def serve(config: NodeConfig, metrics_dir: str | None = None, reuse_port: bool = False) -> None:
+    server, mock = await start_node(config, metrics_dir, reuse_port)
+    warning = server.authenticator.auth_warning(config.host)
+    if warning:
+        log.warning(warning)
+    log.info("realtime-gateway listening on %s:%d (/realtime, /health, /ready, /metrics); upstream=%s "
+             "dialect=%s default_model=%s auth=%s", config.host, server.port, config.upstream,
+             config.upstream_dialect, config.default_model, "on" if server.authenticator.enabled else "off")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
         await stop.wait()
+        log.info("stop requested: draining %d session(s) for up to %g s", len(server.sessions),
+                 config.drain_timeout_s)
+        await server.drain()
     finally:
-        log.info("shutting down: closing %d session(s)", len(server.sessions))
         await server.stop()
         if mock is not None:
             await mock.stop()
+        log.info("stopped")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,5 +103,17 @@ def run(args: argparse.Namespace) -> int:
         return 2
     setup_logging(config.log_level, config.log_format)
     log.info("starting with %r", config)
-    uvloop.run(serve(config))
+    if config.workers == 1:
+        uvloop.run(serve(config))
+        return 0
+    metrics_dir = tempfile.mkdtemp(prefix="realtime-gateway-metrics-")
+    try:
+        return supervise(lambda _slot: _run_worker(config, metrics_dir), config.workers, metrics_dir)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run_worker(config: NodeConfig, metrics_dir: str) -> int:
+    log.info("worker pid %d", os.getpid())
+    uvloop.run(serve(config, metrics_dir=metrics_dir, reuse_port=True))
     return 0

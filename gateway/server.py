@@ -1,22 +1,30 @@
-"""`GatewayServer`: the picows server of a node — routes `/realtime` and `GET /health`.
+"""`GatewayServer`: the picows server of a node — `/realtime`, `/health`, `/ready`, `/metrics`.
 
-`/realtime[?model=...]` upgrades to a WebSocket relayed by a `RelaySession`; `/health` answers
-200 `{"status":"ok","sessions":N}`; any other path is 404. The server keeps a registry of live
-sessions (`sessions`), and `stop()` closes every one of them (1001) before returning.
+`/realtime[?model=...]` upgrades to a WebSocket relayed by a `RelaySession`, after admission
+(origin, auth, limits); `GET /health` answers 200 `{"status":"ok","sessions":N,"pid":P}` (liveness),
+`GET /ready` 200, or 503 while draining (readiness), `GET /metrics` the Prometheus exposition;
+any other path is 404. The server keeps a registry of live sessions (`sessions`); `drain()` ends
+them gracefully, `stop()` closes every one of them (1001) before returning.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
 from picows.common import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
+from gateway.auth import (AuthRefusal, AuthSettings, ClientAuthenticator, LimitRefusal, OriginPolicy, Principal,
+                          Refusal, SessionLimiter, Slot, client_ip, peer_ip)
+from gateway.client_protocol import error_event
 from gateway.config import NodeConfig
-from gateway.errors import CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, InvalidMessage
-from gateway.framing import MessageAssembler, MessageTooBig
+from gateway.errors import (CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, IdleTimeout, InvalidMessage, Overloaded,
+                            SessionExpired)
+from gateway.framing import FragmentOutOfOrder, MessageAssembler, MessageTooBig
+from gateway.metrics import GatewayMetrics
 from gateway.session import RelaySession
 
 log = logging.getLogger("gateway.server")
@@ -28,21 +36,30 @@ _BINARY = WSMsgType.BINARY
 #: picows' initial read buffer per client socket (it doubles on demand and never shrinks); the
 #: default 16 KiB is mostly idle for 960-byte audio frames and dominated RSS per session
 CLIENT_READ_BUFFER_INIT_BYTES = 4 * 1024
+#: the longest interval between sweeps (metrics flush, idle and duration checks)
+SWEEP_INTERVAL_S = 1.0
 
 
 class ClientListener(WSListener):
-    """picows listener for one client socket: reassembles messages, hands them to the session."""
+    """picows listener for one client socket: admits it, reassembles messages, hands them to
+    its session. The session is created only in `on_ws_connected`: picows answers an invalid
+    upgrade itself and then calls neither `on_ws_connected` nor `on_ws_disconnected`, so
+    anything taken earlier (a session, a limiter slot) would leak."""
 
-    __slots__ = ("session", "assembler", "_limit", "_on_audio")
+    __slots__ = ("server", "principal", "model", "session", "slot", "assembler", "_limit", "_on_audio")
 
-    def __init__(self, session: RelaySession, max_message_bytes: int) -> None:
-        self.session = session
-        self.assembler = MessageAssembler(max_message_bytes)
-        self._limit = max_message_bytes
-        self._on_audio = session.on_client_audio
+    def __init__(self, server: "GatewayServer", principal: Principal, model: str | None) -> None:
+        self.server = server
+        self.principal = principal
+        self.model = model
+        self.session: RelaySession | None = None
+        self.slot: Slot | None = None
+        self._limit = server.config.max_message_bytes
+        self.assembler = MessageAssembler(self._limit)
+        self._on_audio = _ignore
 
     def on_ws_connected(self, transport: WSTransport) -> None:
-        self.session.attach(transport)
+        self.server._admit(self, transport)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         # Hot path, 50 times a second per session: a whole binary message (an audio frame) goes
@@ -52,90 +69,237 @@ class ClientListener(WSListener):
             try:
                 self._on_audio(frame.get_payload_as_memoryview())
             except Exception:  # a bug must not take the socket down silently: log, report, go on
-                log.exception("session %s: error handling client audio", self.session.session_id)
+                log.exception("error handling client audio")
             return
         if frame.msg_type is WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code())
             transport.disconnect()
             return
+        session = self.session
+        if session is None:  # refused at admission; the socket is closing
+            return
         try:
             message = self.assembler.feed(frame)
         except MessageTooBig as exc:
-            self.session.fail(InvalidMessage(str(exc), fatal=True, close_code=CLOSE_MESSAGE_TOO_BIG))
+            session.fail(InvalidMessage(str(exc), fatal=True, close_code=CLOSE_MESSAGE_TOO_BIG))
+            return
+        except FragmentOutOfOrder as exc:
+            session.fail(InvalidMessage(str(exc)))
             return
         if message is None:
             return
         msg_type, payload = message
         try:
             if msg_type is WSMsgType.BINARY:
-                self.session.on_client_audio(payload)
+                session.on_client_audio(payload)
             else:
-                self.session.on_client_text(payload)
+                session.on_client_text(payload)
         except Exception:  # a bug must not take the socket down silently: log, report, go on
-            log.exception("session %s: error handling a client message", self.session.session_id)
+            log.exception("session %s: error handling a client message", session.session_id)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.session.on_client_closed()
+        if self.session is not None:
+            self.session.on_client_closed()
+        if self.slot is not None:
+            self.slot.release()
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.on_client_paused()
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session.on_client_resumed()
+
+
+def _ignore(_payload) -> None:
+    pass
 
 
 class GatewayServer:
-    """A node's listening socket. `await start()` returns the bound port."""
+    """A node's listening socket. `await start()` returns the bound port.
 
-    def __init__(self, config: NodeConfig, upstream_url: str | None = None) -> None:
+    Admission, in order: path; draining (503); Origin allow-list (403); client auth (401); session
+    limits (503 global / 429 per key or per IP) — all answered at the HTTP upgrade, before any
+    upstream is opened. A periodic sweep flushes per-session traffic into the metrics and enforces
+    the idle timeout and the maximum session duration.
+    """
+
+    def __init__(self, config: NodeConfig, upstream_url: str | None = None,
+                 metrics: GatewayMetrics | None = None) -> None:
         self.config = config
         self.upstream_url = upstream_url or config.upstream_url
         if not self.upstream_url:
             raise ValueError("GatewayServer needs an upstream URL")
+        self.metrics = metrics or GatewayMetrics()
+        self.authenticator = ClientAuthenticator.from_settings(AuthSettings(
+            api_keys_file=config.api_keys_file, api_keys=config.client_api_keys, jwt_secret=config.jwt_secret,
+            jwt_audience=config.jwt_audience, jwt_issuer=config.jwt_issuer,
+            max_sessions_per_key=config.max_sessions_per_key or None))
+        self.origins = OriginPolicy(config.allowed_origins) if config.allowed_origins else None
+        self.limiter = SessionLimiter(config.max_sessions or None, config.max_sessions_per_ip or None)
         self.sessions: set[RelaySession] = set()
+        self.draining = False
         self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
         self.port: int | None = None
         self._empty = asyncio.Event()
         self._empty.set()
 
-    async def start(self, host: str | None = None, port: int | None = None) -> int:
+    async def start(self, host: str | None = None, port: int | None = None, reuse_port: bool = False) -> int:
         self._server = await ws_create_server(
             self._route, self.config.host if host is None else host,
             self.config.port if port is None else port,
             max_frame_size=self.config.max_message_bytes + _FRAME_SLACK_BYTES,
-            websocket_handshake_timeout=10, read_buffer_init_size=CLIENT_READ_BUFFER_INIT_BYTES)
+            websocket_handshake_timeout=10, read_buffer_init_size=CLIENT_READ_BUFFER_INIT_BYTES,
+            reuse_port=reuse_port or None)
         self.port = self._server.sockets[0].getsockname()[1]
+        self._schedule_sweep()
         return self.port
 
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/realtime"
 
+    # ---- HTTP routing and admission ------------------------------------------------------------
+
     def _route(self, request: WSUpgradeRequest):
         parts = urlsplit(request.path.decode("latin-1"))
-        if parts.path == "/realtime":
-            models = parse_qs(parts.query).get("model")
-            session = RelaySession(self.config, self.upstream_url, models[0] if models else None,
-                                   on_closed=self._forget)
-            self.sessions.add(session)
-            self._empty.clear()
-            return ClientListener(session, self.config.max_message_bytes)
-        if parts.path == "/health" and request.method == b"GET":
-            body = orjson.dumps({"status": "ok", "sessions": len(self.sessions)})
+        path = parts.path
+        if path == "/realtime":
+            return self._admit_upgrade(request, parts.query)
+        if request.method != b"GET":
+            return _json_response(405, {"error": "method not allowed"})
+        if path == "/health":
+            return _json_response(200, {"status": "ok", "sessions": len(self.sessions), "pid": os.getpid(),
+                                        "draining": self.draining})
+        if path == "/ready":
+            return _json_response(503 if self.draining else 200, {"ready": not self.draining,
+                                                                  "draining": self.draining})
+        if path == "/metrics":
+            body, content_type = self.metrics.render(request.headers.get("Accept"))
             return WSUpgradeResponseWithListener(
-                WSUpgradeResponse.create_ok_response(body, extra_headers={"Content-Type": "application/json"}),
-                None)
-        return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(404, b"not found\n"), None)
+                WSUpgradeResponse.create_ok_response(body, extra_headers={"Content-Type": content_type}), None)
+        return _json_response(404, {"error": "not found"})
+
+    def _admit_upgrade(self, request: WSUpgradeRequest, query: str):
+        if self.draining:
+            self.metrics.count_refusal("draining")
+            return Refusal(503, "Draining", "the gateway is shutting down; connect to another node",
+                           (("Retry-After", "1"),)).to_response()
+        if self.origins is not None and not self.origins.check(request):
+            self.metrics.count_refusal("origin")
+            return OriginPolicy.refusal.to_response()
+        principal = self.authenticator.authenticate(request)
+        if isinstance(principal, AuthRefusal):
+            self.metrics.count_refusal("auth")
+            return principal.to_response()
+        refusal = self.limiter.check(principal.id, None, key_limit=principal.max_sessions)
+        if refusal is not None:  # per-IP is checked at connect, where the address is known
+            self.metrics.count_refusal(refusal.scope)
+            return refusal.to_response()
+        models = parse_qs(query).get("model")
+        listener = ClientListener(self, principal, models[0] if models else None)
+        if principal.subprotocol:  # browsers: echo the non-secret protocol name, never the token
+            return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(
+                extra_headers={"Sec-WebSocket-Protocol": principal.subprotocol}), listener)
+        return listener
+
+    def _admit(self, listener: ClientListener, transport: WSTransport) -> None:
+        """The WebSocket is open: take a limiter slot, create and start the session."""
+        principal = listener.principal
+        ip = client_ip(peer_ip(transport), transport.request.headers, self.config.trusted_proxies)
+        slot = self.limiter.acquire(principal.id, ip, key_limit=principal.max_sessions)
+        if isinstance(slot, LimitRefusal):  # lost a race since the upgrade, or per-IP
+            self.metrics.count_refusal(slot.scope)
+            error = Overloaded(slot.reason)
+            self.metrics.count_error(error.code)
+            transport.send(WSMsgType.TEXT, error_event(error))
+            transport.send_close(WSCloseCode(error.close_code), error.close_reason.encode())
+            transport.disconnect()
+            return
+        listener.slot = slot
+        session = RelaySession(self.config, self.upstream_url, listener.model, on_closed=self._forget,
+                               metrics=self.metrics)
+        listener.session = session
+        listener._on_audio = session.on_client_audio
+        self.sessions.add(session)
+        self._empty.clear()
+        session.attach(transport)
 
     def _forget(self, session: RelaySession) -> None:
         self.sessions.discard(session)
         if not self.sessions:
             self._empty.set()
 
+    # ---- the sweep: metrics flush, idle timeout, maximum duration ------------------------------
+
+    def _sweep_interval(self) -> float:
+        limits = [SWEEP_INTERVAL_S]
+        if self.config.idle_timeout_s:
+            limits.append(self.config.idle_timeout_s / 4)
+        if self.config.max_session_s:
+            limits.append(self.config.max_session_s / 8)
+        return max(0.05, min(limits))
+
+    def _schedule_sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.call_later(self._sweep_interval(), self._sweep)
+
+    def _sweep(self) -> None:
+        now = asyncio.get_running_loop().time()
+        config = self.config
+        for session in list(self.sessions):
+            stats = session.stats
+            self.metrics.flush(stats)
+            activity = (stats.c2u_audio_frames + stats.c2u_json_frames + stats.u2c_audio_frames
+                        + stats.u2c_json_frames)
+            if activity != session.activity_seen:
+                session.activity_seen = activity
+                session.active_at = now
+            elif config.idle_timeout_s and now - session.active_at >= config.idle_timeout_s:
+                session.fail(IdleTimeout(f"no traffic in either direction for {config.idle_timeout_s:g} s"))
+                continue
+            if config.max_session_s:
+                age = now - session.started_at
+                if age >= config.max_session_s:
+                    session.fail(SessionExpired(f"the session reached this gateway's maximum duration "
+                                                f"of {config.max_session_s:g} s"), outcome="max_duration")
+                elif age >= config.max_session_s - config.session_warning_s and not session.warned:
+                    session.warned = True
+                    session.notify_closing("max_duration", config.max_session_s - age)
+        self._schedule_sweep()
+
+    # ---- shutdown ------------------------------------------------------------------------------
+
     async def wait_empty(self, timeout: float) -> None:
         """Wait until no session is registered (tests prove nothing stays open)."""
         await asyncio.wait_for(self._empty.wait(), timeout)
 
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Stop admitting (`/ready` answers 503, upgrades get 503), tell every client `closing`,
+        let sessions finish for up to `timeout_s` (default --drain-timeout-s), then close the
+        rest with 1001. Returns as soon as the last session has ended."""
+        timeout_s = self.config.drain_timeout_s if timeout_s is None else timeout_s
+        self.draining = True
+        log.info("draining: %d session(s), up to %g s", len(self.sessions), timeout_s)
+        for session in list(self.sessions):
+            session.notify_closing("draining", timeout_s)
+        try:
+            await asyncio.wait_for(self._empty.wait(), timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            for session in list(self.sessions):
+                session.close(CLOSE_GOING_AWAY, "gateway shutting down", "drained")
+
     async def stop(self) -> None:
         """Stop listening, close every session (1001 going away), wait for them to finish."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._server is not None:
             self._server.close()
         for session in list(self.sessions):
-            session.close(CLOSE_GOING_AWAY, "gateway shutting down")
+            session.close(CLOSE_GOING_AWAY, "gateway shutting down", "drained")
         if self._server is not None:
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
@@ -149,6 +313,14 @@ class GatewayServer:
 
     async def __aexit__(self, *exc) -> None:
         await self.stop()
+
+
+def _json_response(status: int, body: dict) -> WSUpgradeResponseWithListener:
+    payload = orjson.dumps(body)
+    headers = {"Content-Type": "application/json"}
+    if status < 400:
+        return WSUpgradeResponseWithListener(WSUpgradeResponse.create_ok_response(payload, extra_headers=headers), None)
+    return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(status, payload, extra_headers=headers), None)
 
 
 __all__ = ["GatewayServer", "ClientListener", "WSCloseCode"]

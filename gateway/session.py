@@ -31,8 +31,10 @@ from picows import WSCloseCode, WSMsgType, WSTransport
 from _fastpath import HEADER_ROOM, Coalescer, LevelMeter, decode_audio_delta
 from gateway import client_protocol as cp
 from gateway.config import NodeConfig
+from gateway.metrics import GatewayMetrics, SessionStats
 from gateway.errors import (BENIGN_UPSTREAM_CODES, AuthenticationFailed, ConnectionFailed, GatewayError,
-                            InvalidConfig, InvalidMessage, NotConnected, SessionExpired, from_upstream_error)
+                            InvalidConfig, InvalidMessage, NotConnected, SessionExpired, SlowClient,
+                            from_upstream_error)
 from gateway.upstream import UpstreamConnection, build_upstream_url, dialect_for
 
 log = logging.getLogger("gateway.session")
@@ -40,9 +42,17 @@ log = logging.getLogger("gateway.session")
 CONNECTING, READY, CLOSED = "connecting", "ready", "closed"
 #: commands (not audio) that may wait for `ready`; beyond this the client gets NotConnected
 MAX_PRE_READY_COMMANDS = 256
+#: seconds a closed client that is not reading gets to take its close frame before it is cut off
+CLOSE_GRACE_S = 5.0
 _TRUNCATE_PREFIX = "gw_truncate_"
 _UPDATE_PREFIX = "gw_update_"
 _BINARY = WSMsgType.BINARY
+_TEXT = WSMsgType.TEXT
+
+#: how a session ended, for the sessions_total{outcome} metric, by the error that ended it
+_OUTCOME_BY_CODE = {"AuthenticationFailed": "upstream_auth_failed", "ConnectionFailed": "upstream_failed",
+                    "UpstreamError": "upstream_failed", "SessionExpired": "expired",
+                    "IdleTimeout": "idle_timeout", "SlowClient": "slow_client"}
 
 
 def seed_defaults(node: NodeConfig) -> cp.SessionConfig:
@@ -78,8 +88,26 @@ class _UpstreamOwner:
 
 class RelaySession:
     def __init__(self, node: NodeConfig, upstream_url: str, model: str | None,
-                 on_closed: Callable[["RelaySession"], None] | None = None) -> None:
+                 on_closed: Callable[["RelaySession"], None] | None = None,
+                 metrics: GatewayMetrics | None = None) -> None:
         self.node = node
+        # traffic figures as plain ints (the hot path only adds); the server flushes them into
+        # `metrics` periodically and at the end
+        self.metrics = metrics
+        self.stats = metrics.session_opened() if metrics is not None else SessionStats()
+        self.outcome: str | None = None
+        self.started_at = asyncio.get_running_loop().time()
+        # kept by the server's sweep: traffic seen at its last look, when it last changed, and
+        # whether the max-duration warning went out
+        self.activity_seen = 0
+        self.active_at = self.started_at
+        self.warned = False
+        self._turn_end_at: float | None = None  # for time-to-first-reply-audio
+        # a client that stops reading: picows tells the listener, which tells us; meanwhile
+        # messages wait here (bounded by --max-client-queue-ms, then --slow-client-policy)
+        self._client_paused = False
+        self._client_queue: deque | None = None
+        self._client_queue_bytes = 0
         self.upstream_url = upstream_url
         self.session_id = "gw_" + uuid.uuid4().hex[:20]
         self.dialect = dialect_for(node.upstream_dialect)
@@ -155,6 +183,8 @@ class RelaySession:
             self._owner.retire()
         if self.upstream is not None:
             self.upstream.close()  # never leave a previous upstream running (WaaV bug B2)
+            if self.metrics is not None:
+                self.metrics.upstream_closed(self.stats)
         if self._connect_task is not None:
             self._connect_task.cancel()
         self.created = False
@@ -177,6 +207,8 @@ class RelaySession:
         if not owner.alive or self.state == CLOSED:
             upstream.close()
             return
+        if self.metrics is not None:
+            self.metrics.upstream_opened(self.stats, self.loop.time() - started)
         remaining = max(0.05, self.node.connect_timeout_s - (self.loop.time() - started))
         self._created_timer = self.loop.call_later(remaining, self._created_timeout, owner)
 
@@ -185,33 +217,48 @@ class RelaySession:
             self.fail(ConnectionFailed(
                 f"upstream sent no session.created within {self.node.connect_timeout_s:g} s"))
 
-    def fail(self, error: GatewayError) -> None:
-        """Report `error`; if fatal, close the client with its code and the upstream."""
+    def fail(self, error: GatewayError, outcome: str | None = None) -> None:
+        """Report `error`; if fatal, close the client with its code and the upstream (`outcome`
+        names how the session ended, for metrics; by default derived from the error code)."""
         if self.state == CLOSED:
             return
         log.log(logging.WARNING if error.fatal else logging.INFO, "session %s: %s %s",
                 self.session_id, error.code, error.message)
+        if self.metrics is not None:
+            self.metrics.count_error(error.code)
         self._send_client(cp.error_event(error))
         if error.fatal:
-            self.close(error.close_code, error.close_reason)
+            self.close(error.close_code, error.close_reason, outcome or _OUTCOME_BY_CODE.get(error.code, "error"))
 
-    def close(self, code: int, reason: str) -> None:
+    def close(self, code: int, reason: str, outcome: str = "other") -> None:
         """Close the client with `code`/`reason` and the upstream; idempotent."""
         if self.state == CLOSED:
             return
         self.state = CLOSED
         self.close_code = code
+        self.outcome = outcome
         client = self.client
         if client is not None and not client.is_disconnected:
+            self._flush_client_queue(force=True)  # the last events go before the close frame
             client.send_close(WSCloseCode(code), reason.encode())
             client.disconnect()
+            if self._client_paused:
+                # a client that does not read would keep its socket (and buffer) until TCP gives
+                # up: give it a moment to take the close frame, then cut it off
+                self.loop.call_later(CLOSE_GRACE_S, client.disconnect, False)
         self._teardown()
+
+    def notify_closing(self, reason: str, seconds_left: float) -> None:
+        """Tell the client the gateway will end this session (drain, max duration)."""
+        self._send_client(cp.encode({"type": "closing", "reason": reason,
+                                     "seconds_left": round(max(0.0, seconds_left), 1)}))
 
     def on_client_closed(self) -> None:
         """The client went away: close the upstream, nothing stays half-open."""
         if self.state != CLOSED:
             log.info("session %s: client disconnected", self.session_id)
             self.state = CLOSED
+            self.outcome = "client_disconnected"
         self._teardown()
 
     def _teardown(self) -> None:
@@ -226,6 +273,10 @@ class RelaySession:
         if self.upstream is not None:
             self.upstream.close()
         self._pre_ready = None
+        self._client_queue = None
+        self._client_queue_bytes = self.stats.u2c_buffered_bytes = 0
+        if self.metrics is not None:
+            self.metrics.session_closed(self.stats, self.outcome or "other")
         if self.on_closed is not None:
             callback, self.on_closed = self.on_closed, None
             callback(self)
@@ -248,6 +299,9 @@ class RelaySession:
 
     def on_client_audio(self, payload) -> None:
         """A complete client binary message; `payload` is only valid during this call."""
+        stats = self.stats
+        stats.c2u_audio_frames += 1
+        stats.c2u_audio_bytes += len(payload)
         if self.state is READY:
             self._audio_in(payload)
         elif self.state is CONNECTING:
@@ -291,6 +345,8 @@ class RelaySession:
     def on_client_text(self, payload) -> None:
         if self.state is CLOSED:
             return
+        self.stats.c2u_json_frames += 1
+        self.stats.c2u_json_bytes += len(payload)
         try:
             command = cp.parse_client_message(payload)
         except InvalidMessage as error:
@@ -312,9 +368,19 @@ class RelaySession:
     def _run_command(self, command) -> None:
         _COMMAND_HANDLERS[type(command)](self, command)
 
-    def _send_upstream(self, event: dict[str, Any]) -> None:
+    def _send_upstream(self, event: dict[str, Any], unsendable: type[GatewayError] = InvalidMessage,
+                       param: str | None = None) -> bool:
+        """Send one event upstream; False (and an `unsendable` error naming `param` to the client)
+        when it cannot be serialised — orjson parses JSON nested deeper than it writes (254 levels)."""
+        try:
+            data = orjson.dumps(event)
+        except orjson.JSONEncodeError as exc:
+            self.fail(unsendable(f"cannot send {event.get('type')!r} upstream: {exc} (JSON nested too "
+                                 "deeply)", param=param))
+            return False
         if self.upstream is not None:
-            self.upstream.send_json_bytes(orjson.dumps(event))
+            self.upstream.send_json_bytes(data)
+        return True
 
     def _cmd_config(self, command: cp.ConfigCommand) -> None:
         for error in command.errors:
@@ -368,7 +434,10 @@ class RelaySession:
         for name in ignored:
             self._note_ignored(name)
         self._pending_updates.append(event_id)
-        self._send_upstream(event)
+        # only tools carry client JSON deep enough to be unsendable (their parameter schemas)
+        if not self._send_upstream(event, InvalidConfig, "tools"):  # never sent: nothing to await
+            self._pending_updates.remove(event_id)
+            self._note_ignored("tools")
 
     def _note_ignored(self, name: str | None) -> None:
         if name and name not in self.ignored:
@@ -379,13 +448,16 @@ class RelaySession:
         self._send_upstream({"type": "conversation.item.create", "item": {
             "type": "message", "role": "user", "content": [{"type": "input_text", "text": command.text}]}})
         if command.respond:
+            self._turn_end_at = self.loop.time()
             self._send_upstream({"type": "response.create"})
 
     def _cmd_commit(self, command) -> None:
+        self._turn_end_at = self.loop.time()
         self._flush_audio()
         self._send_upstream({"type": "input_audio_buffer.commit"})
 
     def _cmd_create_response(self, command) -> None:
+        self._turn_end_at = self.loop.time()
         self._flush_audio()
         self._send_upstream({"type": "response.create"})
 
@@ -421,6 +493,8 @@ class RelaySession:
         if decoded is not None:
             self._audio_out(decoded[0], decoded[1])
             return
+        self.stats.u2c_json_frames += 1
+        self.stats.u2c_json_bytes += len(payload)
         try:
             event = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -441,9 +515,19 @@ class RelaySession:
         if item_id in self.interrupted_items:
             return
         self._audio_delivered += size
+        stats = self.stats
+        stats.u2c_audio_frames += 1
+        stats.u2c_audio_bytes += size
+        if self._turn_end_at is not None:
+            if self.metrics is not None:
+                self.metrics.observe_first_audio(self.loop.time() - self._turn_end_at)
+            self._turn_end_at = None
         client = self.client
         if client is not None and self.state is not CLOSED:
-            client.send(_BINARY, pcm)
+            if self._client_paused:
+                self._queue_for_client(_BINARY, pcm, True)
+            else:
+                client.send(_BINARY, pcm)
 
     def _switch_audio_item(self, item_id: str) -> None:
         if self._audio_item is not None:
@@ -535,6 +619,7 @@ class RelaySession:
         self._interrupt_if_playing()
 
     def _on_speech_stopped(self, event: dict) -> None:
+        self._turn_end_at = self.loop.time()
         self._send_client(cp.speech_event("speech_stopped", _int(event.get("audio_end_ms")), event.get("item_id")))
 
     def _interrupt_if_playing(self) -> None:
@@ -674,6 +759,11 @@ class RelaySession:
             return
         input_level = self.input_meter.read()
         output_level = self.output_meter.read()
+        if self.metrics is not None:
+            if input_level[3]:
+                self.metrics.observe_level("input", input_level[0])
+            if output_level[3]:
+                self.metrics.observe_level("output", output_level[0])
         if input_level[3] or output_level[3]:
             self._send_client(cp.level_event(input_level, output_level))
         self._level_timer = self.loop.call_later(self.node.level_interval_ms / 1000.0, self._level_tick)
@@ -683,7 +773,63 @@ class RelaySession:
     def _send_client(self, data: bytes) -> None:
         client = self.client
         if client is not None and not client.is_disconnected and self.state is not CLOSED:
-            client.send(WSMsgType.TEXT, data)
+            if self._client_paused:
+                self._queue_for_client(_TEXT, data, False)
+            else:
+                client.send(_TEXT, data)
+
+    # ---- a client that does not read ----------------------------------------------------------
+
+    def on_client_paused(self) -> None:
+        """The client socket's write buffer is over its high-water mark: queue from now on."""
+        self._client_paused = True
+
+    def on_client_resumed(self) -> None:
+        """The client is reading again: send what waited, in order, until it pauses again."""
+        self._client_paused = False
+        self._flush_client_queue()
+
+    def _flush_client_queue(self, force: bool = False) -> None:
+        queue, client = self._client_queue, self.client
+        if not queue or client is None:
+            return
+        while queue and (force or not self._client_paused):  # a send may pause us again
+            msg_type, data, _audio = queue.popleft()
+            self._client_queue_bytes -= len(data)
+            client.send(msg_type, data)
+        self.stats.u2c_buffered_bytes = self._client_queue_bytes
+
+    def _queue_for_client(self, msg_type: WSMsgType, data: bytes, audio: bool) -> None:
+        """Hold a message for a paused client; past the bound apply --slow-client-policy:
+        drop the oldest queued audio (events are never dropped), or close the session."""
+        if self._client_queue is None:
+            self._client_queue = deque()
+        self._client_queue.append((msg_type, data, audio))
+        self._client_queue_bytes += len(data)
+        limit = self.node.max_client_queue_ms * self.output_bytes_per_ms
+        if self._client_queue_bytes > limit:
+            if self.node.slow_client_policy == "drop-oldest":
+                self._drop_oldest_audio(limit)
+            if self._client_queue_bytes > limit:
+                # the session ends: what is queued will never be played; only the error and the
+                # close frame are still offered to the client
+                self._client_queue.clear()
+                self._client_queue_bytes = self.stats.u2c_buffered_bytes = 0
+                self.fail(SlowClient(f"the client did not read its audio: more than "
+                                     f"{self.node.max_client_queue_ms} ms queued"))
+                return
+        self.stats.u2c_buffered_bytes = self._client_queue_bytes
+
+    def _drop_oldest_audio(self, limit: int) -> None:
+        kept: deque = deque()
+        for entry in self._client_queue:
+            if entry[2] and self._client_queue_bytes > limit:
+                self._client_queue_bytes -= len(entry[1])
+                if self.metrics is not None:
+                    self.metrics.count_drop("slow_client", len(entry[1]))
+            else:
+                kept.append(entry)
+        self._client_queue = kept
 
 
 # Dispatch tables, shared by every session (per-session dicts of bound methods cost ~2.5 KB each):

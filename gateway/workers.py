@@ -1,0 +1,94 @@
+"""`--workers N`: N processes share the node's port (SO_REUSEPORT); a supervisor keeps N alive.
+
+The process the operator started becomes the supervisor. It forks the workers before any event
+loop exists, then only waits on them:
+- a worker that dies is replaced (no faster than once a second per worker slot, so a worker that
+  crashes at start cannot spin the machine); the others are untouched, and the kernel spreads new
+  connections over the live listeners;
+- SIGTERM / SIGINT are forwarded to every worker, each of which drains (stops accepting, tells its
+  clients, closes them after the drain timeout); the supervisor returns once all have exited.
+
+Metrics: every worker writes prometheus-client's value files into one shared directory, so
+`GET /metrics` on whichever worker answers reports the sum over all workers.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Callable
+
+from gateway.metrics import mark_worker_dead, prepare_multiprocess_dir
+
+log = logging.getLogger("gateway.workers")
+
+#: a worker slot is restarted at most this often
+RESTART_INTERVAL_S = 1.0
+
+
+def supervise(worker_main: Callable[[int], int], workers: int, metrics_dir: str) -> int:
+    """Run `worker_main(slot)` in `workers` forked processes until told to stop; returns 0.
+
+    `worker_main` runs in the child and returns its exit code; it must bind with
+    `reuse_port=True` and write its metrics into `metrics_dir`.
+    """
+    prepare_multiprocess_dir(metrics_dir)
+    children: dict[int, int] = {}       # pid -> worker slot
+    started_at: dict[int, float] = {}   # slot -> monotonic time of its latest start
+    stopping = False
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
+            try:
+                code = worker_main(slot)
+            except BaseException:  # noqa: BLE001 - the worker's last words, then its exit code
+                log.exception("worker %d failed", slot)
+            finally:
+                os._exit(code)
+        children[pid] = slot
+        started_at[slot] = time.monotonic()
+        log.info("worker %d started (pid %d)", slot, pid)
+
+    def forward(signum: int, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for slot in range(workers):
+        spawn(slot)
+
+    while children:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        slot = children.pop(pid, None)
+        if slot is None:
+            continue
+        mark_worker_dead(pid, metrics_dir)
+        if stopping:
+            log.info("worker %d (pid %d) exited", slot, pid)
+            continue
+        log.warning("worker %d (pid %d) died (%s): starting a replacement", slot, pid, _describe(status))
+        # pace restarts of a slot: this is a supervisor's back-off, not a synchronisation sleep
+        time.sleep(max(0.0, RESTART_INTERVAL_S - (time.monotonic() - started_at[slot])))
+        if not stopping:
+            spawn(slot)
+    return 0
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"exit code {os.WEXITSTATUS(status)}"

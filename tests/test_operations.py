@@ -1,0 +1,347 @@
+"""Operating a node (SPEC §6, issue 6): client auth, origin allow-list, session limits, /ready,
+/metrics, SIGTERM drain and multi-worker — over real sockets against a real gateway and mock."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import jwt
+import orjson
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.relay_harness import BYTES_PER_MS, RelayClient, free_port, relay, speech_like
+from tests.support import run
+
+CLIENT_KEY = "client-key-for-tests-1"
+OTHER_KEY = "client-key-for-tests-2"
+JWT_SECRET = "a-test-secret-that-is-long-enough-for-hs256!"
+
+
+def _http(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+async def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    return await asyncio.to_thread(_http, url, headers)
+
+
+async def refused_status(url: str, **connect_kwargs) -> int:
+    """The HTTP status of an upgrade the gateway refuses (fails the test if it is accepted)."""
+    with pytest.raises(InvalidStatus) as refused:
+        await websockets.connect(url, open_timeout=5, **connect_kwargs)
+    return refused.value.response.status_code
+
+
+async def push_to_talk_turn(client: RelayClient, pcm: bytes) -> None:
+    """A manual turn whose reply (the mock's echo) must equal `pcm`."""
+    before = len(client.audio)
+    for offset in range(0, len(pcm), 960):
+        await client.send_audio(pcm[offset:offset + 960])
+    await client.send({"type": "commit"})
+    await client.send({"type": "create_response"})
+    done = await client.wait("response_done", timeout=10)
+    assert done["status"] == "completed"
+    assert bytes(client.audio[before:]) == pcm
+
+
+def metric_samples(text: bytes) -> dict[tuple[str, tuple], float]:
+    samples = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+# ---- auth ------------------------------------------------------------------------------------------
+
+
+def test_auth_refuses_anonymous_upgrades_with_401_before_any_upstream_is_opened():
+    async def scenario():
+        async with relay(client_api_keys=CLIENT_KEY) as (gateway, mock):
+            assert await refused_status(gateway.url) == 401
+            assert await refused_status(gateway.url, additional_headers={
+                "Authorization": "Bearer wrong-key"}) == 401
+            assert mock.sessions == [] and not gateway.sessions
+    run(scenario(), timeout=20)
+
+
+def test_auth_accepts_bearer_query_token_subprotocol_and_jwt():
+    async def scenario():
+        token = jwt.encode({"sub": "tenant-7", "exp": int(time.time()) + 60}, JWT_SECRET, algorithm="HS256")
+        async with relay(client_api_keys=CLIENT_KEY, jwt_secret=JWT_SECRET) as (gateway, mock):
+            clients = [
+                RelayClient(await websockets.connect(
+                    gateway.url, additional_headers={"Authorization": f"Bearer {CLIENT_KEY}"})),
+                RelayClient(await websockets.connect(f"{gateway.url}?token={CLIENT_KEY}")),
+                RelayClient(await websockets.connect(
+                    gateway.url, subprotocols=["realtime-gateway", f"realtime-gateway.bearer.{CLIENT_KEY}"])),
+                RelayClient(await websockets.connect(
+                    gateway.url, additional_headers={"Authorization": f"Bearer {token}"})),
+            ]
+            assert clients[2].ws.subprotocol == "realtime-gateway"  # the token is never echoed
+            for client in clients:
+                ready = await client.wait("ready", timeout=5)
+                assert CLIENT_KEY not in orjson.dumps(ready).decode()
+            expired = jwt.encode({"sub": "tenant-7", "exp": int(time.time()) - 10}, JWT_SECRET, algorithm="HS256")
+            assert await refused_status(gateway.url, additional_headers={"Authorization": f"Bearer {expired}"}) == 401
+            for client in clients:
+                await client.close()
+    run(scenario(), timeout=30)
+
+
+def test_per_key_session_limit_refuses_then_admits_after_a_close():
+    async def scenario():
+        keys = f"{CLIENT_KEY},{OTHER_KEY}"
+        async with relay(client_api_keys=keys, max_sessions_per_key=1) as (gateway, mock):
+            bearer = {"Authorization": f"Bearer {CLIENT_KEY}"}
+            first = RelayClient(await websockets.connect(gateway.url, additional_headers=bearer))
+            await first.wait("ready")
+            assert await refused_status(gateway.url, additional_headers=bearer) == 429
+            other = RelayClient(await websockets.connect(
+                gateway.url, additional_headers={"Authorization": f"Bearer {OTHER_KEY}"}))
+            await other.wait("ready")  # the limit is per key, not global
+            await first.close()
+            # the gateway releases the slot in the same teardown that closes the upstream
+            await mock.sessions[0].wait_closed(5)
+            again = RelayClient(await websockets.connect(gateway.url, additional_headers=bearer))
+            await again.wait("ready")
+            await again.close()
+            await other.close()
+    run(scenario(), timeout=30)
+
+
+def test_global_and_per_ip_limits():
+    async def scenario():
+        async with relay(max_sessions=2) as (gateway, mock):
+            a = await RelayClient.connect(gateway.url)
+            b = await RelayClient.connect(gateway.url)
+            await a.wait("ready")
+            await b.wait("ready")
+            assert await refused_status(gateway.url) == 503
+            await a.close()
+            await b.close()
+        async with relay(max_sessions_per_ip=1) as (gateway, mock):
+            a = await RelayClient.connect(gateway.url)
+            await a.wait("ready")
+            # the client address is known only once the socket is up (picows' upgrade callback
+            # does not see it), so this refusal is an error event and a close, not an HTTP status
+            b = await RelayClient.connect(gateway.url)
+            refused = await b.wait("error")
+            assert refused["code"] == "Overloaded" and refused["fatal"] is True
+            await b.wait_closed()
+            assert b.close_code == 1013
+            assert len(gateway.sessions) == 1 and len(mock.sessions) == 1  # no upstream for it
+            await a.close()
+    run(scenario(), timeout=30)
+
+
+def test_origin_allow_list():
+    async def scenario():
+        async with relay(allowed_origins=("https://app.example.com", "https://*.voice.example.com")) as (gateway, mock):
+            for origin in ("https://app.example.com", "https://eu.voice.example.com"):
+                client = RelayClient(await websockets.connect(gateway.url, origin=origin))
+                await client.wait("ready")
+                await client.close()
+            assert await refused_status(gateway.url, origin="https://evil.example.net") == 403
+            assert await refused_status(gateway.url, origin="https://voice.example.com.evil.net") == 403
+    run(scenario(), timeout=20)
+
+
+def test_a_plain_get_of_realtime_leaves_no_session_behind():
+    """An HTTP GET without the upgrade headers (scanners do this) must not register a session."""
+    async def scenario():
+        async with relay() as (gateway, mock):
+            for _ in range(3):
+                status, _ = await http_get(f"http://127.0.0.1:{gateway.port}/realtime")
+                assert status == 400
+            status, body = await http_get(f"http://127.0.0.1:{gateway.port}/health")
+            assert status == 200 and orjson.loads(body)["sessions"] == 0
+            assert not gateway.sessions and mock.sessions == []
+    run(scenario(), timeout=20)
+
+
+# ---- metrics -----------------------------------------------------------------------------------------
+
+
+def test_metrics_count_exactly_what_the_sessions_did():
+    async def scenario():
+        pcm = speech_like(1.0, seed=5)
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            await client.wait("ready")
+            await push_to_talk_turn(client, pcm)
+            await client.close()
+            await gateway.wait_empty(5)
+            status, body = await http_get(f"http://127.0.0.1:{gateway.port}/metrics")
+            assert status == 200
+            samples = metric_samples(body)
+            assert samples[("gateway_sessions_active", ())] == 0
+            assert samples[("gateway_upstream_connections_open", ())] == 0
+            assert samples[("gateway_sessions_total", (("outcome", "client_disconnected"),))] == 1
+            c2u = (("direction", "client_to_upstream"), ("kind", "audio"))
+            u2c = (("direction", "upstream_to_client"), ("kind", "audio"))
+            assert samples[("gateway_bytes_total", c2u)] == len(pcm)
+            assert samples[("gateway_frames_total", c2u)] == len(range(0, len(pcm), 960))
+            assert samples[("gateway_bytes_total", u2c)] == len(pcm)
+            assert samples[("gateway_upstream_connect_seconds_count", ())] == 1
+            assert samples[("gateway_first_audio_seconds_count", ())] == 1
+    run(scenario(), timeout=30)
+
+
+def test_metrics_count_errors_by_code():
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.ws.send("{not json")
+            await client.wait("error", code="InvalidMessage")
+            await client.close()
+            await gateway.wait_empty(5)
+            _, body = await http_get(f"http://127.0.0.1:{gateway.port}/metrics")
+            assert metric_samples(body)[("gateway_errors_total", (("code", "InvalidMessage"),))] == 1
+    run(scenario(), timeout=20)
+
+
+# ---- drain ---------------------------------------------------------------------------------------------
+
+
+def test_drain_tells_clients_lets_turns_finish_and_refuses_new_sessions():
+    async def scenario():
+        pcm = speech_like(0.5, seed=8)
+        async with relay(drain_timeout_s=10.0) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            await client.wait("ready")
+            drained = asyncio.get_running_loop().create_task(gateway.drain())
+            closing = await client.wait("closing")
+            assert closing["reason"] == "draining" and 0 < closing["seconds_left"] <= 10
+            status, body = await http_get(f"http://127.0.0.1:{gateway.port}/ready")
+            assert status == 503 and orjson.loads(body)["ready"] is False
+            assert await refused_status(gateway.url) == 503
+            await push_to_talk_turn(client, pcm)       # the live call still works
+            await client.close()
+            await asyncio.wait_for(drained, 5)         # ends as soon as the last session ends
+    run(scenario(), timeout=30)
+
+
+def test_drain_closes_what_remains_with_1001_at_the_deadline():
+    async def scenario():
+        async with relay(drain_timeout_s=0.5) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await gateway.drain()
+            await client.wait_closed(5)
+            assert client.close_code == 1001
+            assert not gateway.sessions
+            await mock.sessions[0].wait_closed(5)
+    run(scenario(), timeout=20)
+
+
+# ---- the node as an operator runs it -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def node_process(*args: str, timeout: float = 30.0):
+    """`python -m gateway --upstream mock --host 127.0.0.1 --port P ARGS`; yields (process, port)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY",)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--upstream", "mock", "--host", "127.0.0.1", "--port", str(port),
+         *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, bufsize=0)
+    lines: list[str] = []
+    try:
+        selector = selectors.DefaultSelector()
+        selector.register(process.stderr, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while not any("listening on" in line for line in lines):  # wakes on each log line
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or process.poll() is not None:
+                raise AssertionError("node did not start:\n" + "".join(lines))
+            if selector.select(remaining):
+                lines.append(process.stderr.readline().decode(errors="replace"))
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+
+
+def test_sigterm_drains_live_calls_then_exits():
+    async def scenario(port: int, process: subprocess.Popen):
+        url = f"ws://127.0.0.1:{port}/realtime"
+        pcm = speech_like(1.0, seed=9)
+        busy = await RelayClient.connect(url)
+        idle = await RelayClient.connect(url)
+        await busy.send({"type": "config", "turn_detection": "none"})
+        await busy.wait("ready")
+        await idle.wait("ready")
+        for offset in range(0, len(pcm), 960):               # a turn is in flight ...
+            await busy.send_audio(pcm[offset:offset + 960])
+        process.send_signal(signal.SIGTERM)                   # ... when the node is told to stop
+        await busy.wait("closing")
+        await busy.send({"type": "commit"})
+        await busy.send({"type": "create_response"})
+        assert (await busy.wait("response_done", timeout=10))["status"] == "completed"
+        assert bytes(busy.audio) == pcm                        # the in-flight turn completed intact
+        await busy.close()
+        await idle.wait_closed(10)                             # the idle call is closed at the deadline
+        assert idle.close_code == 1001
+    with node_process("--drain-timeout-s", "2") as (process, port):
+        run(scenario(port, process), timeout=30)
+        assert process.wait(10) == 0
+
+
+def test_workers_share_the_port_and_survive_the_death_of_one():
+    async def scenario(port: int):
+        url = f"ws://127.0.0.1:{port}/realtime"
+        clients = [await RelayClient.connect(url) for _ in range(16)]
+        for client in clients:
+            await client.wait("ready", timeout=10)
+        pids: dict[int, int] = {}
+        for _ in range(60):  # each GET lands on a random worker; 60 reach both with certainty
+            _, body = await http_get(f"http://127.0.0.1:{port}/health")
+            health = orjson.loads(body)
+            pids[health["pid"]] = health["sessions"]
+        assert len(pids) == 2 and sum(pids.values()) == 16 and all(pids.values())
+        victim = max(pids, key=pids.get)
+        os.kill(victim, signal.SIGKILL)
+        survivors = []
+        for client in clients:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(client.closed.wait(), 0.5 if survivors else 5)
+            if not client.closed.is_set():
+                survivors.append(client)
+        assert len(survivors) == 16 - pids[victim]
+        for client in survivors:                              # the other worker's calls go on
+            await client.send({"type": "text", "text": "still there?"})
+            assert (await client.wait("response_done", timeout=10))["status"] == "completed"
+        replacement = None
+        async with asyncio.timeout(15):                       # the supervisor replaces the dead worker
+            while replacement is None:
+                _, body = await http_get(f"http://127.0.0.1:{port}/health")
+                pid = orjson.loads(body)["pid"]
+                if pid not in pids:
+                    replacement = pid
+        for client in survivors:
+            await client.close()
+    with node_process("--workers", "2") as (process, port):
+        run(scenario(port), timeout=60)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
