@@ -61,6 +61,17 @@ _SECRET_PATTERNS = (
 )
 
 
+#: longest error message sent to a client: a message may quote the client's own value, and a
+#: megabyte `voice` must not come back as a megabyte error
+MAX_MESSAGE_CHARS = 500
+
+
+def _clip(text: str) -> str:
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return f"{text[:MAX_MESSAGE_CHARS]}... ({len(text) - MAX_MESSAGE_CHARS} more characters)"
+
+
 def scrub(text: str) -> str:
     """Remove anything key-like from a message that may reach a client or a log."""
     text = _SECRET_PATTERNS[0].sub("[redacted]", text)
@@ -87,8 +98,8 @@ class GatewayError(Exception):
     ) -> None:
         super().__init__(message)
         kind = ERROR_TABLE[self.code]
-        self.message = scrub(message)
-        self.param = param
+        self.message = _clip(scrub(message))
+        self.param = _clip(param) if param is not None else None
         self.upstream = _scrub_upstream(upstream) if upstream else None
         self.fatal = kind.fatal if fatal is None else fatal
         self.close_code = kind.close_code if close_code is None else close_code

@@ -14,7 +14,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 
 import orjson
 import uvloop
@@ -33,9 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class _JsonFormatter(logging.Formatter):
+    """One JSON object per line. Session log lines (`"session %s: ..."`) also carry their session
+    id as a field, so a log pipeline can follow one call."""
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": round(time.time(), 3), "level": record.levelname, "logger": record.name,
+        entry = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
                  "message": record.getMessage()}
+        if isinstance(record.msg, str) and record.msg.startswith("session %s") and record.args:
+            entry["session_id"] = record.args[0]
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()

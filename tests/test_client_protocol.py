@@ -241,3 +241,12 @@ def test_secrets_are_scrubbed_from_messages():
     assert scrub("api-key: abc123def") == "api-key: [redacted]"
     upstream = from_upstream_error({"code": "invalid_api_key", "message": "key sk-test1234567890 is wrong"})
     assert "sk-test" not in orjson.dumps(upstream.to_event()).decode()
+
+
+def test_error_messages_quoting_client_values_are_clipped():
+    """A client's megabyte value must not come back as a megabyte error message."""
+    with pytest.raises(InvalidMessage) as raised:
+        cp.parse_client_message(orjson.dumps({"type": "x" * 1_000_000}))
+    event = orjson.loads(cp.error_event(raised.value))
+    assert event["code"] == "InvalidMessage" and len(event["message"]) < 600
+    assert event["message"].endswith("more characters)")

@@ -5,6 +5,7 @@ import argparse
 import subprocess
 import sys
 
+import orjson
 import pytest
 
 from gateway import config as node_config
@@ -54,3 +55,24 @@ def test_serve_refuses_without_key_and_help_documents_env_vars():
     for flag in ("--upstream-dialect", "--connect-timeout", "--coalesce-ms", "--pre-ready-buffer-ms",
                  "GATEWAY_PORT", "GATEWAY_LOG_FORMAT"):
         assert flag in helped.stdout
+
+
+def test_json_logs_carry_the_session_id_and_never_the_keys():
+    import io
+    import logging
+
+    from gateway.node import setup_logging
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
+    setup_logging("INFO", "json")
+    stream = io.StringIO()
+    logging.getLogger().handlers[0].setStream(stream)
+    try:
+        logging.getLogger("gateway.session").info("session %s: ready (model=%s)", "gw_abc", "gpt-realtime")
+        entry = orjson.loads(stream.getvalue().splitlines()[-1])
+        assert entry["session_id"] == "gw_abc" and entry["message"] == "session gw_abc: ready (model=gpt-realtime)"
+        assert entry["level"] == "INFO" and entry["logger"] == "gateway.session"
+        assert logging.getLogger("picows").level == logging.WARNING  # raw handshakes never logged
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
