@@ -28,7 +28,7 @@ from gateway.errors import (CLOSE_INTERNAL_ERROR, CLOSE_POLICY_VIOLATION, CLOSE_
 from gateway.mock import MockOptions
 from tests.relay_harness import TEST_KEY, free_port, relay, speech_like
 from tests.support import run
-from tests.test_bad_input import RawClient, echo_turn, http_get, ready_client
+from tests.raw_client import RawClient, echo_turn, http_get, ready_client
 
 DELTA_BYTES = 4800   # the mock's default delta: 100 ms of PCM16 at 24 kHz
 
