@@ -266,7 +266,6 @@ async def run_load(args) -> dict:
     for i, session in enumerate(sessions):
         slots[i % TICKS_PER_FRAME].append(session)
 
-    lags = array("d")
     window_lags = array("d")
     t0 = time.perf_counter() + 0.05
     window_start = t0 + args.warmup

@@ -10,7 +10,6 @@ import base64
 import contextlib
 
 import orjson
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -20,7 +20,7 @@ import websockets
 from websockets.exceptions import InvalidStatus
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.relay_harness import BYTES_PER_MS, RelayClient, free_port, relay, speech_like
+from tests.relay_harness import RelayClient, free_port, relay, speech_like
 from tests.support import run
 
 CLIENT_KEY = "client-key-for-tests-1"
