@@ -154,37 +154,42 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def gateway_process(port: int, timeout: float = 20.0):
-    """`realtime-gateway --upstream mock --port PORT` as a subprocess; yields once it listens."""
+def gateway_process(*flags: str, port: int | None = None, workers: int = 1, timeout: float = 30.0):
+    """`python -m gateway --upstream mock --host 127.0.0.1 --port P FLAGS` as a subprocess, as an
+    operator runs it. Yields `(process, port)` once every one of its `workers` logs that it is
+    listening. A thread drains the node's log (a full pipe would block it); the log is shown if the
+    node fails to start. The node is stopped (SIGTERM, then SIGKILL) at the end."""
     import os
-    import selectors
     import subprocess
     import sys
-    import time
+    import threading
 
-    env = dict(os.environ)
-    env.pop("OPENAI_API_KEY", None)
-    process = subprocess.Popen([sys.executable, "-m", "gateway", "--upstream", "mock", "--port", str(port)],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
-                               bufsize=0)  # unbuffered: select() must see every line
+    port = port or free_port()
+    env = {name: value for name, value in os.environ.items() if name != "OPENAI_API_KEY"}
+    process = subprocess.Popen([sys.executable, "-m", "gateway", "--upstream", "mock", "--host", "127.0.0.1",
+                                "--port", str(port), *flags],
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
     log: list[str] = []
+    listening = threading.Semaphore(0)
+
+    def drain() -> None:
+        for raw in process.stderr:
+            line = raw.decode(errors="replace")
+            log.append(line)
+            if "realtime-gateway listening on" in line:
+                listening.release()
+        for _ in range(workers):  # end of the log: the node exited; wake the waiter
+            listening.release()
+
+    threading.Thread(target=drain, daemon=True).start()
     try:
-        selector = selectors.DefaultSelector()
-        selector.register(process.stderr, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        while True:  # bounded by the deadline; wakes on each log line, no polling sleeps
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or process.poll() is not None:
+        for _ in range(workers):
+            if not listening.acquire(timeout=timeout) or process.poll() is not None:
                 raise AssertionError("gateway did not start:\n" + "".join(log))
-            if selector.select(remaining):
-                line = process.stderr.readline().decode(errors="replace")
-                log.append(line)
-                if "realtime-gateway listening on" in line:
-                    break
-        selector.close()
-        yield process
+        yield process, port
     finally:
-        process.terminate()
+        if process.poll() is None:
+            process.terminate()
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:

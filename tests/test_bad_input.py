@@ -17,12 +17,8 @@ import base64
 import contextlib
 import inspect
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
-import time
 from typing import Any, Callable
 
 import orjson
@@ -34,7 +30,7 @@ from gateway import client_protocol as cp
 from gateway.errors import CLOSE_MESSAGE_TOO_BIG, ERROR_TABLE
 from gateway.mock import MockOptions
 from tests.raw_client import RawClient, echo_turn, http_get, ready_client
-from tests.relay_harness import free_port, relay, speech_like
+from tests.relay_harness import gateway_process, relay, speech_like
 from tests.support import run
 
 MiB = 1024 * 1024
@@ -347,7 +343,7 @@ def test_deep_passthrough_within_the_parser_limit_is_forwarded_or_refused():
         await echo_turn(client, speech_like(0.3, seed=4))
         await client.close()
 
-    with gateway_subprocess() as (process, port):
+    with gateway_process() as (process, port):
         run(_bystander_then(port, scenario), timeout=30)
 
 
@@ -366,7 +362,7 @@ def test_deep_tool_schema_within_the_parser_limit_is_applied_or_refused():
         await echo_turn(client, speech_like(0.3, seed=4))
         await client.close()
 
-    with gateway_subprocess() as (process, port):
+    with gateway_process() as (process, port):
         run(_bystander_then(port, scenario), timeout=30)
 
 
@@ -725,42 +721,6 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-@contextlib.contextmanager
-def gateway_subprocess(*flags: str, timeout: float = 20.0):
-    """`python -m gateway --upstream mock --host 127.0.0.1 --port P FLAGS` in its own process
-    (the built-in mock runs inside it). Yields (process, port) once `/health` answers. Its log
-    goes to a temporary file (a pipe nobody drains could block the node) and is shown on failure."""
-    import tempfile
-    port = free_port()
-    env = dict(os.environ)
-    env.pop("OPENAI_API_KEY", None)
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen([sys.executable, "-m", "gateway", "--upstream", "mock", "--host", "127.0.0.1",
-                                    "--port", str(port), "--log-level", "WARNING", *flags],
-                                   stderr=log, stdout=subprocess.DEVNULL, env=env)
-        try:
-            deadline = time.monotonic() + timeout
-            while True:  # poll /health until it answers: bounded by the deadline
-                if process.poll() is not None:
-                    log.seek(0)
-                    raise AssertionError("gateway exited: " + log.read().decode(errors="replace"))
-                try:
-                    run(assert_healthy(port), timeout=2)
-                    break
-                except (OSError, AssertionError, TimeoutError):
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-            yield process, port
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
-
-
 async def _battery_round(url: str, seed: int) -> None:
     """One pass of every kind of bad input, from several concurrent sessions, all closed after."""
     async def bad_json(client: RawClient) -> None:
@@ -808,7 +768,7 @@ def test_gateway_memory_returns_to_baseline_after_the_battery():
     glibc keeps freed heap pages mapped (RSS does not fall back to the cold start); a leak, by
     contrast, grows with every round — 4 rounds of this battery move ~150 MiB through the node, so
     a leak of even 5% of it shows."""
-    with gateway_subprocess("--max-message-bytes", str(4 * MiB)) as (process, port):
+    with gateway_process("--max-message-bytes", str(4 * MiB)) as (process, port):
         url = f"ws://127.0.0.1:{port}/realtime"
         cold = rss_bytes(process.pid)
         run(_battery_round(url, seed=20), timeout=40)

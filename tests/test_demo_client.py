@@ -30,7 +30,7 @@ def test_demo_client_push_to_talk_and_server_vad(tmp_path):
     wav_in = tmp_path / "in.wav"
     _write_wav(wav_in, silence(0.3) + speech)
     port = free_port()
-    with gateway_process(port):
+    with gateway_process(port=port):
         manual = _client(port, "--wav", str(wav_in), "--out", str(tmp_path / "manual.wav"),
                          "--turn-detection", "none")
         assert manual.returncode == 0, manual.stdout + manual.stderr

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import selectors
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +18,7 @@ import websockets
 from websockets.exceptions import InvalidStatus
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.relay_harness import RelayClient, free_port, relay, speech_like
+from tests.relay_harness import RelayClient, gateway_process, relay, speech_like
 from tests.support import run
 
 CLIENT_KEY = "client-key-for-tests-1"
@@ -257,32 +255,6 @@ def test_drain_closes_what_remains_with_1001_at_the_deadline():
 # ---- the node as an operator runs it -------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def node_process(*args: str, timeout: float = 30.0):
-    """`python -m gateway --upstream mock --host 127.0.0.1 --port P ARGS`; yields (process, port)."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY",)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--upstream", "mock", "--host", "127.0.0.1", "--port", str(port),
-         *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, bufsize=0)
-    lines: list[str] = []
-    try:
-        selector = selectors.DefaultSelector()
-        selector.register(process.stderr, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        while not any("listening on" in line for line in lines):  # wakes on each log line
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or process.poll() is not None:
-                raise AssertionError("node did not start:\n" + "".join(lines))
-            if selector.select(remaining):
-                lines.append(process.stderr.readline().decode(errors="replace"))
-        yield process, port
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
-
-
 def test_sigterm_drains_live_calls_then_exits():
     async def scenario(port: int, process: subprocess.Popen):
         url = f"ws://127.0.0.1:{port}/realtime"
@@ -303,7 +275,7 @@ def test_sigterm_drains_live_calls_then_exits():
         await busy.close()
         await idle.wait_closed(10)                             # the idle call is closed at the deadline
         assert idle.close_code == 1001
-    with node_process("--drain-timeout-s", "2") as (process, port):
+    with gateway_process("--drain-timeout-s", "2") as (process, port):
         run(scenario(port, process), timeout=30)
         assert process.wait(10) == 0
 
@@ -341,7 +313,7 @@ def test_workers_share_the_port_and_survive_the_death_of_one():
                     replacement = pid
         for client in survivors:
             await client.close()
-    with node_process("--workers", "2") as (process, port):
+    with gateway_process("--workers", "2", workers=2) as (process, port):
         run(scenario(port), timeout=60)
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) == 0

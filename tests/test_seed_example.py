@@ -93,7 +93,7 @@ def test_seed_python_example_against_the_mock_gateway(tmp_path, monkeypatch, cap
     monkeypatch.setattr(websockets, "connect", connect_to_test_gateway)
     played = bytearray()
     namespace = {"WAV_PATH": str(wav_path), "PLAYED": played, "__name__": "seed_example"}
-    with gateway_process(port):
+    with gateway_process(port=port):
         exec(compile("import asyncio\n" + HELPERS, "helpers", "exec"), namespace)
         exec(compile(SEED_EXAMPLE, "seed_example", "exec"), namespace)
 
