@@ -3,8 +3,10 @@
 Opens the socket with the provider's auth header (never logged), the dialect's extra headers and
 a bounded handshake; classifies failures into gateway errors (HTTP 401/403 ->
 `AuthenticationFailed`; refused / timeout / other HTTP -> `ConnectionFailed`). Complete upstream
-messages go to the owner's `on_upstream_message(payload)` (payload valid only during the call),
-and the end of the connection to `on_upstream_closed(code, reason)`.
+messages go to the owner's `on_upstream_message(payload)` (payload valid only during the call);
+after the last complete frame of each socket read the owner gets `on_upstream_read_end()` (so it
+can write everything that read produced in one go), and the end of the connection
+`on_upstream_closed(code, reason)`.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ READ_BUFFER_INIT_BYTES = 8 * 1024
 
 class UpstreamOwner(Protocol):
     def on_upstream_message(self, payload) -> None: ...
+    def on_upstream_read_end(self) -> None: ...
     def on_upstream_closed(self, code: int | None, reason: str) -> None: ...
 
 
@@ -61,11 +64,22 @@ class UpstreamListener(WSListener):
             transport.disconnect()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        # hot path (every upstream event): a whole text message goes straight to the owner
-        if frame.msg_type is _TEXT and frame.fin and self._assembler.partial is None \
-                and frame.payload_size <= MAX_UPSTREAM_MESSAGE_BYTES:
-            self.owner.on_upstream_message(frame.get_payload_as_memoryview())
-            return
+        # picows marks the last complete frame of each read (also when a partial frame follows):
+        # after it the owner writes everything that read produced, in one go (`finally`: even if
+        # handling failed, nothing already produced is held back)
+        try:
+            # hot path (every upstream event): a whole text message goes straight to the owner
+            if frame.msg_type is _TEXT and frame.fin and self._assembler.partial is None \
+                    and frame.payload_size <= MAX_UPSTREAM_MESSAGE_BYTES:
+                self.owner.on_upstream_message(frame.get_payload_as_memoryview())
+            else:
+                self._handle_other_frame(transport, frame)
+        finally:
+            if frame.last_in_buffer:
+                self.owner.on_upstream_read_end()
+
+    def _handle_other_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        """Control frames and fragmented or oversized messages."""
         if frame.msg_type is WSMsgType.CLOSE:
             self.close_code = int(frame.get_close_code().value)
             self.close_reason = frame.get_close_reason()
