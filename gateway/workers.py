@@ -13,6 +13,7 @@ Metrics: every worker writes prometheus-client's value files into one shared dir
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -25,6 +26,8 @@ log = logging.getLogger("gateway.workers")
 
 #: a worker slot is restarted at most this often
 RESTART_INTERVAL_S = 1.0
+#: prctl(2) option: the signal a process gets when its parent dies (Linux)
+PR_SET_PDEATHSIG = 1
 
 
 def supervise(worker_main: Callable[[int], int], workers: int, metrics_dir: str) -> int:
@@ -34,6 +37,7 @@ def supervise(worker_main: Callable[[int], int], workers: int, metrics_dir: str)
     `reuse_port=True` and write its metrics into `metrics_dir`.
     """
     prepare_multiprocess_dir(metrics_dir)
+    supervisor = os.getpid()
     children: dict[int, int] = {}       # pid -> worker slot
     started_at: dict[int, float] = {}   # slot -> monotonic time of its latest start
     stopping = False
@@ -43,6 +47,7 @@ def supervise(worker_main: Callable[[int], int], workers: int, metrics_dir: str)
         if pid == 0:  # the worker
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _die_with_parent(supervisor)
             code = 1
             try:
                 code = worker_main(slot)
@@ -86,6 +91,19 @@ def supervise(worker_main: Callable[[int], int], workers: int, metrics_dir: str)
         if not stopping:
             spawn(slot)
     return 0
+
+
+def _die_with_parent(supervisor: int) -> None:
+    """Ask Linux to SIGTERM this worker when the supervisor dies, even by SIGKILL (which cannot
+    be forwarded): orphaned workers would keep the port and their sessions with no one to
+    replace or stop them. Elsewhere this is a no-op."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != supervisor:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _describe(status: int) -> str:

@@ -317,3 +317,35 @@ def test_workers_share_the_port_and_survive_the_death_of_one():
         run(scenario(port), timeout=60)
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) == 0
+
+
+def test_workers_do_not_outlive_a_killed_supervisor():
+    """SIGKILL cannot be forwarded: the workers must still go (the kernel tells them), or they
+    would hold the port and their sessions with nobody to stop or replace them."""
+    async def worker_pids(port: int) -> set[int]:
+        pids: set[int] = set()
+        for _ in range(60):  # each GET lands on a random worker
+            _, body = await http_get(f"http://127.0.0.1:{port}/health")
+            pids.add(orjson.loads(body)["pid"])
+        return pids
+
+    async def gone(pids: set[int]) -> None:
+        async with asyncio.timeout(10):  # another process's exit announces nothing to us: look
+            while any(_alive(pid) for pid in pids):
+                await asyncio.sleep(0.05)
+
+    with gateway_process("--workers", "2", workers=2) as (process, port):
+        pids = run(worker_pids(port), timeout=30)
+        assert len(pids) == 2 and process.pid not in pids
+        process.kill()
+        process.wait(5)
+        run(gone(pids), timeout=15)
+
+
+def _alive(pid: int) -> bool:
+    """Running (an exited process that PID 1 has not reaped yet is a zombie: not alive)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
