@@ -103,6 +103,14 @@ class _UpstreamOwner:
         if self.alive:
             self.session.on_upstream_closed(code, reason)
 
+    def on_upstream_paused(self) -> None:
+        if self.alive:
+            self.session.on_upstream_paused()
+
+    def on_upstream_resumed(self) -> None:
+        # also after retirement: a client paused for an old upstream must not stay paused
+        self.session.on_upstream_resumed()
+
 
 class RelaySession:
     def __init__(self, node: NodeConfig, upstream_url: str, model: str | None,
@@ -124,6 +132,7 @@ class RelaySession:
         # a client that stops reading: picows tells the listener, which tells us; meanwhile
         # messages wait here (bounded by --max-client-queue-ms, then --slow-client-policy)
         self._client_paused = False
+        self._client_reading_paused = False  # while the upstream does not keep up
         self._client_queue: deque | None = None
         self._client_queue_bytes = 0
         # While an upstream read is being handled, client-bound frames (header, payload, ...)
@@ -206,6 +215,7 @@ class RelaySession:
             self._owner.retire()
         if self.upstream is not None:
             self.upstream.close()  # never leave a previous upstream running (WaaV bug B2)
+            self.on_upstream_resumed()  # its backpressure on the client ends with it
             if self.metrics is not None:
                 self.metrics.upstream_closed(self.stats)
         if self._connect_task is not None:
@@ -826,6 +836,23 @@ class RelaySession:
             if client is not None and not client.is_disconnected and not client.is_close_frame_sent:
                 client.underlying_transport.writelines(batch)
             batch.clear()
+
+    # ---- an upstream that does not read ---------------------------------------------------------
+
+    def on_upstream_paused(self) -> None:
+        """The upstream leg's write buffer is past its high-water mark: stop reading the client,
+        so its audio waits in its own socket (TCP backpressure) instead of growing our buffer.
+        Nothing is dropped; the client sees its sends slow down."""
+        client = self.client
+        if client is not None and not client.is_disconnected:
+            client.underlying_transport.pause_reading()
+            self._client_reading_paused = True
+
+    def on_upstream_resumed(self) -> None:
+        client = self.client
+        if self._client_reading_paused and client is not None and not client.is_disconnected:
+            client.underlying_transport.resume_reading()
+        self._client_reading_paused = False
 
     # ---- a client that does not read ----------------------------------------------------------
 

@@ -526,3 +526,38 @@ def test_fault_storm_leaves_nothing_behind():
             await asyncio.gather(*(action(i) for i in range(10) for action in (vanish, too_big, polite)))
             await no_leaks(gateway, mock, tasks, timeout=10)
     run(scenario(), timeout=40)
+
+
+def test_an_upstream_that_stops_reading_backpressures_the_client_and_loses_nothing():
+    """Max buffered audio towards the upstream: when the upstream stops reading, the gateway stops
+    reading the client (TCP backpressure) instead of buffering its audio without bound; when the
+    upstream reads again, every byte arrives, in order."""
+    import socket
+
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await ready_client(gateway.url)
+            session = next(iter(gateway.sessions))
+            upstream_session = mock.sessions[0]
+            upstream_transport = session.upstream.transport.underlying_transport
+            # small kernel buffers on both ends, so the stall reaches the gateway's own buffer
+            upstream_transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+            upstream_session.transport.underlying_transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+            upstream_session.transport.underlying_transport.pause_reading()   # the upstream stalls
+            audio = speech_like(30.0, seed=21)                              # 1.44 MB: far past any buffer
+            for offset in range(0, len(audio), 4800):
+                client.send_binary(audio[offset:offset + 4800])
+            peak = 0
+            await wait_for(lambda: session._client_reading_paused, 10, "the gateway to stop reading the client")
+            for _ in range(50):   # the client keeps pushing; the gateway's buffer must stay put
+                peak = max(peak, upstream_transport.get_write_buffer_size())
+                await asyncio.sleep(0.01)
+            assert peak <= 256 * 1024, peak   # uvloop's high-water mark plus the frames in flight
+            upstream_session.transport.underlying_transport.resume_reading()  # the upstream recovers
+            client.send_json({"type": "commit"})
+            client.send_json({"type": "create_response"})
+            assert (await client.wait("response_done", 30))["status"] == "completed"
+            assert client.audio == audio                                      # every byte, in order
+            await client.close()
+    run(scenario(), timeout=60)

@@ -35,6 +35,8 @@ class UpstreamOwner(Protocol):
     def on_upstream_message(self, payload) -> None: ...
     def on_upstream_read_end(self) -> None: ...
     def on_upstream_closed(self, code: int | None, reason: str) -> None: ...
+    def on_upstream_paused(self) -> None: ...
+    def on_upstream_resumed(self) -> None: ...
 
 
 def build_upstream_url(base_url: str, model: str) -> str:
@@ -62,6 +64,14 @@ class UpstreamListener(WSListener):
         if self.closing:  # the owner gave up while the handshake was in flight: don't linger
             transport.send_close(WSCloseCode.OK)
             transport.disconnect()
+
+    def pause_writing(self) -> None:
+        """The upstream is not taking our data as fast as we send it (its socket and our write
+        buffer are past the high-water mark): tell the owner, which stops reading its client."""
+        self.owner.on_upstream_paused()
+
+    def resume_writing(self) -> None:
+        self.owner.on_upstream_resumed()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         # picows marks the last complete frame of each read (also when a partial frame follows):
