@@ -26,6 +26,11 @@ measure_level = _impl.measure_level
 encode_append = _impl.encode_append
 decode_audio_delta = _impl.decode_audio_delta
 Coalescer = _impl.Coalescer
+# the relay's per-frame path: a session's audio state and the two socket-leg listener bases
+AudioPath = _impl.AudioPath
+ClientLeg = _impl.ClientLeg
+UpstreamLeg = _impl.UpstreamLeg
+binary_frame_header = _impl.binary_frame_header
 
 __all__ = [
     "DBFS_FLOOR",
@@ -36,4 +41,8 @@ __all__ = [
     "encode_append",
     "decode_audio_delta",
     "Coalescer",
+    "AudioPath",
+    "ClientLeg",
+    "UpstreamLeg",
+    "binary_frame_header",
 ]

@@ -1,4 +1,7 @@
 """Type stub of the compiled `_fastpath`; contracts are documented in `_fastpath/_pure.py`."""
+from typing import Callable
+
+from picows import WSFrame, WSListener, WSTransport
 from typing_extensions import Buffer
 
 DBFS_FLOOR: float
@@ -38,3 +41,38 @@ class Coalescer:
 
 def _set_simd(enabled: bool) -> bool:
     """Testing hook: force the scalar kernels (False) or the AVX2 ones where the CPU has them."""
+
+def binary_frame_header(size: int) -> bytes: ...
+
+class AudioPath:
+    inbound_open: bool
+    coalescer: Coalescer
+    upstream: WSTransport | None
+    flush_armed: bool
+    on_pending: Callable[[], None]
+    outbound_item: str | None
+    item_generated: int
+    item_delivered: int
+    output_meter: LevelMeter | None
+    client: WSTransport | None
+    batch: list[bytes]
+    batching: bool
+    c2u_audio_frames: int
+    c2u_audio_bytes: int
+    u2c_audio_frames: int
+    u2c_audio_bytes: int
+    def __init__(self, coalescer: Coalescer, on_pending: Callable[[], None]) -> None: ...
+    def client_audio(self, pcm: Buffer) -> None: ...
+    def upstream_audio(self, item_id: str, pcm: bytes) -> bool: ...
+    def flush_batch(self) -> None: ...
+
+class ClientLeg(WSListener):
+    path: AudioPath | None
+    assembling: bool
+    max_audio_bytes: int
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None: ...
+
+class UpstreamLeg(WSListener):
+    path: AudioPath | None
+    assembling: bool
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None: ...

@@ -13,6 +13,12 @@ from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DecodeASCII
 from libc.math cimport log10, sqrt
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset
+# picows' own declarations: the legs below subclass its listener and call its transports
+# through their C vtables (no Python call per frame). The layout must match the installed
+# picows exactly, which is why pyproject pins one picows version for the build and the run.
+from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
+
+import logging
 
 from ._pure import DBFS_FLOOR, HEADER_ROOM
 
@@ -422,47 +428,43 @@ def decode_audio_delta(payload, meter=None):
     (other meters get `feed(pcm)`); the meter is only touched when the result is not None.
     """
     cdef Py_buffer view
-    cdef const char* data
-    cdef Py_ssize_t length
-    cdef bint have_view = False
+    if PyBytes_CheckExact(payload) or PyByteArray_CheckExact(payload) or PyMemoryView_Check(payload):
+        if _try_get_buffer(payload, &view, PyBUF_SIMPLE) != 0:
+            PyErr_Clear()
+            return None  # e.g. a non-contiguous memoryview, which orjson rejects too
+        try:
+            return _decode_delta(<const char*>view.buf, view.len, meter)
+        finally:
+            PyBuffer_Release(&view)
+    elif PyUnicode_CheckExact(payload) and PyUnicode_IS_COMPACT_ASCII(payload):
+        return _decode_delta(<const char*>PyUnicode_DATA(payload), PyUnicode_GET_LENGTH(payload), meter)
+    return None  # orjson takes no other type; a non-ASCII str is left to it
+
+
+cdef object _decode_delta(const char* data, Py_ssize_t length, object meter):
+    """`decode_audio_delta` on raw memory: `(item_id, pcm)` or None."""
     cdef DeltaFields fields
     cdef fp_level lv
     cdef size_t pcm_len
     cdef object pcm
     cdef bint fused = type(meter) is LevelMeter
-    if PyBytes_CheckExact(payload) or PyByteArray_CheckExact(payload) or PyMemoryView_Check(payload):
-        if _try_get_buffer(payload, &view, PyBUF_SIMPLE) != 0:
-            PyErr_Clear()
-            return None  # e.g. a non-contiguous memoryview, which orjson rejects too
-        have_view = True
-        data = <const char*>view.buf
-        length = view.len
-    elif PyUnicode_CheckExact(payload) and PyUnicode_IS_COMPACT_ASCII(payload):
-        data = <const char*>PyUnicode_DATA(payload)
-        length = PyUnicode_GET_LENGTH(payload)
-    else:
-        return None  # orjson takes no other type; a non-ASCII str is left to it
     memset(&fields, 0, sizeof(fields))
-    try:
-        if not _scan_audio_delta(data, data + length, &fields):
+    if not _scan_audio_delta(data, data + length, &fields):
+        return None
+    if fields.delta_len == 0:
+        pcm = b""
+    else:
+        if fields.delta_len % 4 != 0:
             return None
-        if fields.delta_len == 0:
-            pcm = b""
-        else:
-            if fields.delta_len % 4 != 0:
-                return None
-            pcm_len = fp_b64_decoded_size(fields.delta, <size_t>fields.delta_len)
-            pcm = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>pcm_len)
-            memset(&lv, 0, sizeof(lv))
-            if fp_b64_decode(fields.delta, <size_t>fields.delta_len,
-                             <uint8_t*>PyBytes_AS_STRING(pcm), &lv if fused else NULL) != 0:
-                return None
-            if fused:
-                (<LevelMeter>meter)._add(&lv)
-        item_id = PyUnicode_DecodeASCII(fields.item_id, fields.item_id_len, NULL)
-    finally:
-        if have_view:
-            PyBuffer_Release(&view)
+        pcm_len = fp_b64_decoded_size(fields.delta, <size_t>fields.delta_len)
+        pcm = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>pcm_len)
+        memset(&lv, 0, sizeof(lv))
+        if fp_b64_decode(fields.delta, <size_t>fields.delta_len,
+                         <uint8_t*>PyBytes_AS_STRING(pcm), &lv if fused else NULL) != 0:
+            return None
+        if fused:
+            (<LevelMeter>meter)._add(&lv)
+    item_id = PyUnicode_DecodeASCII(fields.item_id, fields.item_id_len, NULL)
     if meter is not None and not fused:
         meter.feed(pcm)
     return item_id, pcm
@@ -548,37 +550,38 @@ cdef class Coalescer:
         """Append audio; return an encoded frame once >= target_bytes of whole samples are
         pending, else None. A trailing partial sample is carried to the next push."""
         cdef Py_buffer view
-        cdef Py_ssize_t total, whole, rest
-        cdef object frame
         _get_pcm_buffer(data, &view)
         try:
-            total = self._len + view.len
-            whole = total - total % self._sample_width
-            if whole < self._target_bytes:
-                self._reserve(total)
-                memcpy(self._buf + self._len, view.buf, view.len)
-                self._len = total
-                return None
-            if self._len == 0:
-                # nothing pending: encode from the caller's buffer, keep only the partial sample
-                frame = self._emit(<const uint8_t*>view.buf, whole)
-                rest = view.len - whole
-            else:
-                self._reserve(total)
-                memcpy(self._buf + self._len, view.buf, view.len)
-                self._len = total
-                frame = self._emit(<const uint8_t*>self._buf, whole)
-                rest = 0
-                self._len = total - whole
-                memmove(self._buf, self._buf + whole, self._len)
-                return frame
-            if rest:
-                self._reserve(rest)
-                memcpy(self._buf, <const char*>view.buf + whole, rest)
-            self._len = rest
-            return frame
+            return self._push(<const char*>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
+
+    cdef object _push(self, const char* data, Py_ssize_t size):
+        cdef Py_ssize_t total = self._len + size
+        cdef Py_ssize_t whole = total - total % self._sample_width
+        cdef Py_ssize_t rest
+        cdef object frame
+        if whole < self._target_bytes:
+            self._reserve(total)
+            memcpy(self._buf + self._len, data, size)
+            self._len = total
+            return None
+        if self._len == 0:
+            # nothing pending: encode from the caller's buffer, keep only the partial sample
+            frame = self._emit(<const uint8_t*>data, whole)
+            rest = size - whole
+            if rest:
+                self._reserve(rest)
+                memcpy(self._buf, data + whole, rest)
+            self._len = rest
+            return frame
+        self._reserve(total)
+        memcpy(self._buf + self._len, data, size)
+        self._len = total
+        frame = self._emit(<const uint8_t*>self._buf, whole)
+        self._len = total - whole
+        memmove(self._buf, self._buf + whole, self._len)
+        return frame
 
     def flush(self):
         """Encode whatever whole samples are pending (None if there are none)."""
@@ -596,3 +599,167 @@ cdef class Coalescer:
         cdef Py_ssize_t dropped = self._len
         self._len = 0
         return dropped
+
+
+# ------------------------------------------------------------- the relay's per-frame path
+
+log = logging.getLogger("gateway.fastpath")
+
+
+cdef object _binary_header(Py_ssize_t size):
+    cdef unsigned char header[10]
+    cdef int length, i
+    header[0] = 0x82
+    if size < 126:
+        header[1] = <unsigned char>size
+        length = 2
+    elif size < 65536:
+        header[1] = 126
+        header[2] = <unsigned char>(size >> 8)
+        header[3] = <unsigned char>(size & 0xFF)
+        length = 4
+    else:
+        header[1] = 127
+        for i in range(8):
+            header[2 + i] = <unsigned char>((<uint64_t>size >> (8 * (7 - i))) & 0xFF)
+        length = 10
+    return PyBytes_FromStringAndSize(<const char*>header, length)
+
+
+def binary_frame_header(size):
+    """RFC 6455 header of a final, unmasked binary frame of `size` bytes (server to client)."""
+    if size < 0:
+        raise ValueError("size must be >= 0")
+    return _binary_header(size)
+
+
+cdef class AudioPath:
+    """One session's audio, both directions, moved without calling the session (contract: the
+    pure twin). Fields are C-typed; the session reads and sets them as attributes."""
+    cdef public bint inbound_open
+    cdef public Coalescer coalescer
+    cdef public WSTransport upstream
+    cdef public bint flush_armed
+    cdef public object on_pending
+    cdef public object outbound_item
+    cdef public long long item_generated
+    cdef public long long item_delivered
+    cdef public object output_meter
+    cdef public WSTransport client
+    cdef public list batch
+    cdef public bint batching
+    cdef public long long c2u_audio_frames
+    cdef public long long c2u_audio_bytes
+    cdef public long long u2c_audio_frames
+    cdef public long long u2c_audio_bytes
+
+    def __init__(self, Coalescer coalescer, on_pending):
+        self.coalescer = coalescer
+        self.on_pending = on_pending
+        self.batch = []
+
+    def client_audio(self, pcm):
+        """A client binary frame (read only during the call), with `inbound_open`."""
+        cdef Py_buffer view
+        _get_pcm_buffer(pcm, &view)
+        try:
+            self._client_audio(<const char*>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef int _client_audio(self, const char* data, Py_ssize_t size) except -1:
+        cdef Coalescer coalescer = self.coalescer
+        cdef WSTransport upstream
+        self.c2u_audio_frames += 1
+        self.c2u_audio_bytes += size
+        frame = coalescer._push(data, size)
+        if frame is not None:
+            upstream = self.upstream
+            if upstream is not None and not upstream.is_disconnected and not upstream.is_close_frame_sent:
+                upstream.send_reuse_external_bytearray(WSMsgType.TEXT, frame, HEADER_ROOM_C)
+        if (coalescer._len >= coalescer._sample_width) != self.flush_armed:
+            self.on_pending()
+        return 0
+
+    def upstream_audio(self, str item_id, bytes pcm):
+        """Take decoded upstream audio if it belongs to `outbound_item`; False: not taken."""
+        return self._upstream_audio(item_id, pcm)
+
+    cdef bint _upstream_audio(self, object item_id, bytes pcm) except -1:
+        cdef Py_ssize_t size
+        if self.outbound_item is None or item_id != self.outbound_item:
+            return False
+        size = len(pcm)
+        self.item_generated += size
+        self.item_delivered += size
+        self.u2c_audio_frames += 1
+        self.u2c_audio_bytes += size
+        self.batching = True
+        self.batch.append(_binary_header(size))
+        self.batch.append(pcm)
+        return True
+
+    cpdef flush_batch(self):
+        """Write the batched client frames in one write and stop batching (see the twin)."""
+        cdef WSTransport client
+        self.batching = False
+        if self.batch:
+            client = self.client
+            if client is not None and not client.is_disconnected and not client.is_close_frame_sent:
+                client.underlying_transport.writelines(self.batch)
+            del self.batch[:]
+
+
+cdef class ClientLeg(WSListener):
+    """Base of the client socket's listener (contract: the pure twin). picows calls
+    `on_ws_frame` through its C vtable: an audio frame is relayed without running Python."""
+    cdef public AudioPath path
+    cdef public bint assembling
+    cdef public Py_ssize_t max_audio_bytes
+
+    def __init__(self):
+        self.path = None
+        self.assembling = False
+        self.max_audio_bytes = 0
+
+    cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
+        cdef AudioPath path = self.path
+        if path is not None and path.inbound_open and frame.msg_type == WSMsgType.BINARY and frame.fin \
+                and not self.assembling and frame.payload_size <= self.max_audio_bytes:
+            try:
+                path._client_audio(frame.payload_ptr, frame.payload_size)
+            except Exception:  # a bug must not take the socket down silently: log it, go on
+                log.exception("error relaying client audio")
+        else:
+            self.on_frame(transport, frame)
+
+
+cdef class UpstreamLeg(WSListener):
+    """Base of the upstream socket's listener (contract: the pure twin). Audio deltas for the
+    open item are decoded and batched for the client without running Python."""
+    cdef public AudioPath path
+    cdef public bint assembling
+
+    def __init__(self):
+        self.path = None
+        self.assembling = False
+
+    cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
+        cdef AudioPath path = self.path
+        try:
+            if frame.msg_type == WSMsgType.TEXT and frame.fin and not self.assembling:
+                decoded = None
+                if path is not None:
+                    decoded = _decode_delta(frame.payload_ptr, frame.payload_size, path.output_meter)
+                if decoded is None:
+                    self.on_event(frame.get_payload_as_memoryview())
+                elif not path._upstream_audio((<tuple>decoded)[0], (<tuple>decoded)[1]):
+                    self.on_audio((<tuple>decoded)[0], (<tuple>decoded)[1])
+            else:
+                self.on_other_frame(transport, frame)
+        finally:
+            if frame.last_in_buffer:
+                if path is not None:
+                    path.flush_batch()
+                else:
+                    self.on_read_end()

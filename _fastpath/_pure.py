@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import math
+import struct
 
 import numpy as np
 import orjson
+from picows import WSListener, WSMsgType
 
 #: Bytes kept free in front of every encoded frame, so picows can write the WebSocket header
 #: in place (`WSTransport.send_reuse_external_bytearray` needs at least 14).
@@ -24,6 +27,9 @@ CLIP_LEVEL = 32767
 _APPEND_PREFIX = b'{"type":"input_audio_buffer.append","audio":"'
 _APPEND_SUFFIX = b'"}'
 _AUDIO_DELTA_TYPES = frozenset(("response.output_audio.delta", "response.audio.delta"))
+_BINARY = WSMsgType.BINARY
+_TEXT = WSMsgType.TEXT
+log = logging.getLogger("gateway.fastpath")
 
 
 def _dbfs(amplitude: float) -> float:
@@ -212,3 +218,168 @@ class Coalescer:
         del self._pending[:whole]
         meter = self.meter if self.sample_width == 2 else None
         return encode_append(chunk, meter)
+
+
+# ------------------------------------------------------------------ the relay's per-frame path
+
+def binary_frame_header(size: int) -> bytes:
+    """RFC 6455 header of a final, unmasked binary frame of `size` bytes (server to client)."""
+    if size < 126:
+        return bytes((0x82, size))
+    if size < 65536:
+        return struct.pack("!BBH", 0x82, 126, size)
+    return struct.pack("!BBQ", 0x82, 127, size)
+
+
+class AudioPath:
+    """One session's audio, both directions, moved without calling the session.
+
+    The session owns it and opens or closes its two gates whenever its own state changes; the
+    socket legs (`ClientLeg`, `UpstreamLeg`) only read the gates, move the audio and add to the
+    counters. While a gate is closed the legs hand the frame to the session instead, which does
+    the same work (and more) in Python.
+
+    It keeps the session's four audio counters (`c2u_audio_frames`, `c2u_audio_bytes`,
+    `u2c_audio_frames`, `u2c_audio_bytes`; the session's stats read them from here).
+
+    Client to upstream, while `inbound_open`: `client_audio(pcm)` counts the frame, pushes it into `coalescer` and sends what that
+    emits to `upstream` (zero-copy; dropped if that socket is gone or closing, like any send of
+    the session's). Whenever "whole samples are pending" differs from `flush_armed`, it calls
+    `on_pending()`, where the session arms or cancels its flush timer and sets `flush_armed`.
+
+    Upstream to client, for the audio of item `outbound_item` (None: none): `upstream_audio`
+    adds the PCM to `item_generated` and `item_delivered` (what interruption truncates by) and
+    counts it, and appends it to `batch` as a binary
+    frame (header, payload) with `batching` set. `batch` collects what the client gets during
+    one upstream read (the session appends its own events while `batching`); `flush_batch()`
+    writes it to `client` in one go at the end of the read.
+    """
+
+    __slots__ = ("inbound_open", "coalescer", "upstream", "flush_armed", "on_pending",
+                 "outbound_item", "item_generated", "item_delivered", "output_meter", "client",
+                 "batch", "batching", "c2u_audio_frames", "c2u_audio_bytes", "u2c_audio_frames",
+                 "u2c_audio_bytes")
+
+    def __init__(self, coalescer: Coalescer, on_pending) -> None:
+        self.c2u_audio_frames = self.c2u_audio_bytes = self.u2c_audio_frames = self.u2c_audio_bytes = 0
+        self.coalescer = coalescer
+        self.on_pending = on_pending
+        self.inbound_open = False
+        self.upstream = None
+        self.flush_armed = False
+        self.outbound_item: str | None = None
+        self.item_generated = 0
+        self.item_delivered = 0
+        self.output_meter: LevelMeter | None = None
+        self.client = None
+        self.batch: list = []
+        self.batching = False
+
+    def client_audio(self, pcm) -> None:
+        """A client binary frame (read only during the call), with `inbound_open`."""
+        self.c2u_audio_frames += 1
+        self.c2u_audio_bytes += len(pcm)
+        coalescer = self.coalescer
+        frame = coalescer.push(pcm)
+        if frame is not None:
+            upstream = self.upstream
+            if upstream is not None and not upstream.is_disconnected and not upstream.is_close_frame_sent:
+                upstream.send_reuse_external_bytearray(_TEXT, frame, HEADER_ROOM)
+        if (coalescer.pending_bytes >= coalescer.sample_width) != self.flush_armed:
+            self.on_pending()
+
+    def upstream_audio(self, item_id: str, pcm: bytes) -> bool:
+        """Take decoded upstream audio if it belongs to `outbound_item`; False: not taken."""
+        if item_id != self.outbound_item:
+            return False
+        size = len(pcm)
+        self.item_generated += size
+        self.item_delivered += size
+        self.u2c_audio_frames += 1
+        self.u2c_audio_bytes += size
+        self.batching = True
+        self.batch.append(binary_frame_header(size))
+        self.batch.append(pcm)
+        return True
+
+    def flush_batch(self) -> None:
+        """Write the batched client frames in one write (one writev of headers and payloads, no
+        copy) and stop batching; a no-op when nothing is batched. Nothing goes out after the
+        client's close frame (the checks picows applies before every send)."""
+        self.batching = False
+        batch = self.batch
+        if batch:
+            client = self.client
+            if client is not None and not client.is_disconnected and not client.is_close_frame_sent:
+                client.underlying_transport.writelines(batch)
+            batch.clear()
+
+
+class ClientLeg(WSListener):
+    """Base of the client socket's listener: a whole binary frame of at most `max_audio_bytes`
+    goes through `path` while its inbound gate is open (and no fragmented message is being
+    assembled: the subclass keeps `assembling`); every other frame goes to `on_frame`."""
+
+    def __init__(self) -> None:
+        self.path: AudioPath | None = None
+        self.assembling = False
+        self.max_audio_bytes = 0
+
+    def on_ws_frame(self, transport, frame) -> None:
+        path = self.path
+        if path is not None and path.inbound_open and frame.msg_type is _BINARY and frame.fin \
+                and not self.assembling and frame.payload_size <= self.max_audio_bytes:
+            try:
+                path.client_audio(frame.get_payload_as_memoryview())
+            except Exception:  # a bug must not take the socket down silently: log it, go on
+                log.exception("error relaying client audio")
+        else:
+            self.on_frame(transport, frame)
+
+    def on_frame(self, transport, frame) -> None:
+        raise NotImplementedError
+
+
+class UpstreamLeg(WSListener):
+    """Base of the upstream socket's listener. Each whole text message (no fragmented one being
+    assembled: the subclass keeps `assembling`) is classified here: an output-audio delta for
+    `path.outbound_item` goes straight into the client batch, any other audio delta to
+    `on_audio(item_id, pcm)`, any other event to `on_event(payload)` (payload valid only during
+    the call); control and fragment frames go to `on_other_frame`. After the last frame of each
+    socket read the batch goes out: `path.flush_batch()`, or `on_read_end()` without a path.
+    A leg without a path (retired by its session) hands every message to `on_event`."""
+
+    def __init__(self) -> None:
+        self.path: AudioPath | None = None
+        self.assembling = False
+
+    def on_ws_frame(self, transport, frame) -> None:
+        path = self.path
+        try:
+            if frame.msg_type is _TEXT and frame.fin and not self.assembling:
+                payload = frame.get_payload_as_memoryview()
+                decoded = decode_audio_delta(payload, path.output_meter) if path is not None else None
+                if decoded is None:
+                    self.on_event(payload)
+                elif not path.upstream_audio(decoded[0], decoded[1]):
+                    self.on_audio(decoded[0], decoded[1])
+            else:
+                self.on_other_frame(transport, frame)
+        finally:
+            if frame.last_in_buffer:
+                if path is not None:
+                    path.flush_batch()
+                else:
+                    self.on_read_end()
+
+    def on_event(self, payload) -> None:
+        raise NotImplementedError
+
+    def on_audio(self, item_id: str, pcm: bytes) -> None:
+        raise NotImplementedError
+
+    def on_other_frame(self, transport, frame) -> None:
+        raise NotImplementedError
+
+    def on_read_end(self) -> None:
+        raise NotImplementedError

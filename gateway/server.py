@@ -14,9 +14,10 @@ import os
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
+from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport, ws_create_server
 from picows.common import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
+from _fastpath import ClientLeg
 from gateway.auth import (AuthRefusal, AuthSettings, ClientAuthenticator, LimitRefusal, OriginPolicy, Principal,
                           Refusal, SessionLimiter, Slot, client_ip, peer_ip)
 from gateway.client_protocol import error_event
@@ -40,32 +41,36 @@ CLIENT_READ_BUFFER_INIT_BYTES = 4 * 1024
 SWEEP_INTERVAL_S = 1.0
 
 
-class ClientListener(WSListener):
+class ClientListener(ClientLeg):
     """picows listener for one client socket: admits it, reassembles messages, hands them to
     its session. The session is created only in `on_ws_connected`: picows answers an invalid
     upgrade itself and then calls neither `on_ws_connected` nor `on_ws_disconnected`, so
-    anything taken earlier (a session, a limiter slot) would leak."""
+    anything taken earlier (a session, a limiter slot) would leak.
 
-    __slots__ = ("server", "principal", "model", "session", "slot", "assembler", "_limit", "_on_audio")
+    Hot path (the `ClientLeg` base, compiled): a whole binary frame within the message limit goes
+    through the session's `AudioPath` while the session is ready; everything else — and audio
+    before `ready` — arrives in `on_frame`."""
+
+    __slots__ = ("server", "principal", "model", "session", "slot", "assembler", "_on_audio")
 
     def __init__(self, server: "GatewayServer", principal: Principal, model: str | None) -> None:
+        super().__init__()
         self.server = server
         self.principal = principal
         self.model = model
         self.session: RelaySession | None = None
         self.slot: Slot | None = None
-        self._limit = server.config.max_message_bytes
-        self.assembler = MessageAssembler(self._limit)
+        self.max_audio_bytes = server.config.max_message_bytes
+        self.assembler = MessageAssembler(server.config.max_message_bytes)
         self._on_audio = _ignore
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.server._admit(self, transport)
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        # Hot path, 50 times a second per session: a whole binary message (an audio frame) goes
-        # straight to the session, skipping the assembler (see gateway.framing).
-        if frame.msg_type is _BINARY and frame.fin and self.assembler.partial is None \
-                and frame.payload_size <= self._limit:
+    def on_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is _BINARY and frame.fin and not self.assembling \
+                and frame.payload_size <= self.max_audio_bytes:
+            # a whole audio frame while the session's audio path is closed (not ready yet)
             try:
                 self._on_audio(frame.get_payload_as_memoryview())
             except Exception:  # a bug must not take the socket down silently: log, report, go on
@@ -86,6 +91,9 @@ class ClientListener(WSListener):
         except FragmentOutOfOrder as exc:
             session.fail(InvalidMessage(str(exc)))
             return
+        finally:
+            # while a fragmented message is assembled, no frame may bypass the assembler
+            self.assembling = self.assembler.partial is not None
         if message is None:
             return
         msg_type, payload = message
@@ -223,6 +231,7 @@ class GatewayServer:
                                metrics=self.metrics)
         listener.session = session
         listener._on_audio = session.on_client_audio
+        listener.path = session.path
         self.sessions.add(session)
         self._empty.clear()
         session.attach(transport)

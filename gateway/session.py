@@ -4,12 +4,17 @@ States: CONNECTING (upstream opening; client audio/commands buffered, bounded) -
 -> CLOSED. `ready` goes out once `session.created` arrived and every `session.update` sent so far
 has been answered (`session.updated`, or an error that the client receives as `InvalidConfig`).
 
-Audio hot path (no dict, no str per frame):
+Audio hot path (no dict, no str, no Python per frame): the session's `AudioPath` (compiled) and
+the two socket legs built on it move audio without calling the session, while its gates are open:
 - client binary frame -> `Coalescer.push` -> encoded `input_audio_buffer.append` (bytearray with
-  `HEADER_ROOM` free bytes) -> `send_reuse_external_bytearray` upstream. Pending audio is flushed on
-  commit / text / create_response / pass-through events and by a timer after `coalesce_ms`.
+  `HEADER_ROOM` free bytes) -> `send_reuse_external_bytearray` upstream (gate: READY). Pending
+  audio is flushed on commit / text / create_response / pass-through events and by a timer after
+  `coalesce_ms` (`_on_audio_pending` arms it).
 - upstream text frame -> `decode_audio_delta` -> `(item_id, pcm)` -> per-item byte counters ->
-  client binary frame; anything else -> orjson -> `dialect.normalize` -> an event handler.
+  client binary frame, batched per upstream read (gate: `outbound_item`, the current item while
+  nothing needs the session for it); other audio -> `on_upstream_audio`; anything else ->
+  `on_upstream_event` -> orjson -> `dialect.normalize` -> an event handler.
+`_sync_path()` sets both gates from the session's state; every change of that state calls it.
 
 Interruption: on `speech_started` while a response's audio is still being delivered (its response
 is active, or the client has not played all of it yet) the session drops that response's later
@@ -29,7 +34,7 @@ from typing import Any, Callable
 import orjson
 from picows import WSCloseCode, WSMsgType, WSTransport
 
-from _fastpath import HEADER_ROOM, Coalescer, LevelMeter, decode_audio_delta
+from _fastpath import HEADER_ROOM, AudioPath, Coalescer, LevelMeter
 from gateway import client_protocol as cp
 from gateway.config import NodeConfig
 from gateway.metrics import GatewayMetrics, SessionStats
@@ -83,21 +88,23 @@ class _UpstreamOwner:
     """Routes one upstream connection's callbacks to the session while it is the current one
     (a re-opened upstream leaves the old owner dead, so late events of the old one are ignored)."""
 
-    __slots__ = ("session", "alive", "on_upstream_message", "on_upstream_read_end")
+    __slots__ = ("session", "alive", "on_upstream_event", "on_upstream_audio", "on_upstream_read_end")
 
     def __init__(self, session: "RelaySession") -> None:
         self.session = session
         self.alive = True
-        # While alive this IS the session's handler (one call per upstream event, not two);
-        # `retire()` swaps in a no-op.
-        self.on_upstream_message: Callable[[Any], None] = session.on_upstream_message
+        # While alive these ARE the session's handlers (one call per upstream event, not two);
+        # `retire()` swaps in no-ops.
+        self.on_upstream_event: Callable[[Any], None] = session.on_upstream_event
+        self.on_upstream_audio: Callable[[str, bytes], None] = session.on_upstream_audio
         # never swapped: writing out what this read produced is right even once retired
         self.on_upstream_read_end: Callable[[], None] = session.flush_client_batch
 
     def retire(self) -> None:
         """Ignore this upstream's events from now on (it was replaced or the session closed)."""
         self.alive = False
-        self.on_upstream_message = _ignore_message
+        self.on_upstream_event = _ignore_message
+        self.on_upstream_audio = _ignore_audio
 
     def on_upstream_closed(self, code: int | None, reason: str) -> None:
         if self.alive:
@@ -128,7 +135,7 @@ class RelaySession:
         self.activity_seen = 0
         self.active_at = self.started_at
         self.warned = False
-        self._turn_end_at: float | None = None  # for time-to-first-reply-audio
+        self._turn_end: float | None = None  # for time-to-first-reply-audio (`_turn_end_at`)
         # a client that stops reading: picows tells the listener, which tells us; meanwhile
         # messages wait here (bounded by --max-client-queue-ms, then --slow-client-policy)
         self._client_paused = False
@@ -136,10 +143,8 @@ class RelaySession:
         self._client_queue: deque | None = None
         self._client_queue_bytes = 0
         # While an upstream read is being handled, client-bound frames (header, payload, ...)
-        # collect here and go out in one write when the read is done (`flush_client_batch`):
-        # one syscall per upstream read instead of one per message, as a byte proxy would do.
-        self._client_batching = False
-        self._client_batch: list[bytes] = []
+        # collect in `path.batch` and go out in one write when the read is done
+        # (`flush_client_batch`): one syscall per upstream read, as a byte proxy would do.
         self.upstream_url = upstream_url
         self.session_id = "gw_" + uuid.uuid4().hex[:20]
         self.dialect = dialect_for(node.upstream_dialect)
@@ -170,10 +175,11 @@ class RelaySession:
         self.output_bytes_per_ms = cp.BYTES_PER_MS["pcm16"]
         self.levels = False
         self.input_meter: LevelMeter | None = None
-        self.output_meter: LevelMeter | None = None
         self._coalesce_s = node.coalesce_ms / 1000.0
-        self.coalescer = self._new_coalescer()
         self._flush_timer: asyncio.TimerHandle | None = None
+        # the audio hot path of both directions (its gates stay closed until READY)
+        self.path = AudioPath(self._new_coalescer(), self._on_audio_pending)
+        self.stats.audio = self.path  # the path keeps the audio counters
         self._level_timer: asyncio.TimerHandle | None = None
         # audio (bytes) and commands that arrived before `ready`, in order; created on first use
         # (an empty deque is ~600 B per session, and most clients wait for `ready`)
@@ -186,8 +192,8 @@ class RelaySession:
         self.active_response_id: str | None = None
         self.item_response: dict[str, str] = {}
         self._audio_item: str | None = None
-        self._audio_generated = 0      # bytes received from upstream for the current item
-        self._audio_delivered = 0      # bytes sent to the client for the current item
+        # bytes received from upstream / sent to the client for the current item: the path's
+        # `item_generated` / `item_delivered` (the fast path counts there)
         self._audio_started_at = 0.0   # loop time of the current item's first byte
         self._played_ms: float | None = None  # client `playback` report for the current item
         self.audio_bytes: dict[str, tuple[int, int]] = {}  # finished items: (generated, delivered)
@@ -201,11 +207,48 @@ class RelaySession:
         self._answered_calls: set[str] = set()
         self._awaiting_results: dict[str, set[str]] = {}
 
+    @property
+    def coalescer(self) -> Coalescer:
+        return self.path.coalescer
+
+    @coalescer.setter
+    def coalescer(self, coalescer: Coalescer) -> None:
+        self.path.coalescer = coalescer
+
+    @property
+    def output_meter(self) -> LevelMeter | None:
+        return self.path.output_meter
+
+    @property
+    def _turn_end_at(self) -> float | None:
+        return self._turn_end
+
+    @_turn_end_at.setter
+    def _turn_end_at(self, when: float | None) -> None:
+        # the first reply audio after a turn end is timed by `_audio_out`: route it there
+        self._turn_end = when
+        self._sync_path()
+
+    def _sync_path(self) -> None:
+        """Open or close the audio path's gates from the session's state. Client audio goes the
+        fast way while READY; upstream audio only for the current item, and only while nothing
+        needs the session for it (not interrupted, client reading, no reply latency to time)."""
+        path = self.path
+        upstream = self.upstream
+        path.upstream = upstream.transport if self.state is READY and upstream is not None else None
+        path.inbound_open = path.upstream is not None
+        item = self._audio_item
+        if item is None or self.state is CLOSED or self.client is None or self._client_paused \
+                or self._turn_end is not None or item in self.interrupted_items:
+            item = None
+        path.outbound_item = item
+
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def attach(self, client: WSTransport) -> None:
         """The client socket is open: open the upstream at once (pre-opening hides its handshake)."""
         self.client = client
+        self.path.client = client
         log.info("session %s: client connected, opening upstream (model=%s, dialect=%s)",
                  self.session_id, self.upstream_model, self.dialect.name)
         self._open_upstream()
@@ -224,7 +267,8 @@ class RelaySession:
         self.upstream_session_id = None
         self._pending_updates.clear()
         self._owner = _UpstreamOwner(self)
-        self.upstream = UpstreamConnection(self._owner)
+        self.upstream = UpstreamConnection(self._owner, self.path)
+        self._sync_path()
         self._connect_task = self.loop.create_task(self._connect(self.upstream, self._owner))
 
     async def _connect(self, upstream: UpstreamConnection, owner: _UpstreamOwner) -> None:
@@ -302,6 +346,7 @@ class RelaySession:
             if timer is not None:
                 timer.cancel()
         self._flush_timer = self._level_timer = self._created_timer = None
+        self._sync_path()
         if self._connect_task is not None and not self._connect_task.done():
             self._connect_task.cancel()
         if self._owner is not None:
@@ -353,18 +398,27 @@ class RelaySession:
             self._queue_pre_ready(bytes(payload))
 
     def _audio_in(self, payload) -> None:
-        """Coalesce client audio; the flush timer runs only while whole samples are pending, so
-        no audio waits longer than `coalesce_ms` and a chunk that fills up on time is never
-        split by a timer armed for it (that would double the appends)."""
+        """Coalesce client audio on the session's own path (audio that waited for `ready`, or
+        arrived while the path's gate was closed): what `AudioPath.client_audio` does."""
         coalescer = self.coalescer
         frame = coalescer.push(payload)
         if frame is not None:
             self.upstream.send_frame(frame, HEADER_ROOM)
-            if self._flush_timer is not None and coalescer.pending_bytes < coalescer.sample_width:
-                self._flush_timer.cancel()
-                self._flush_timer = None
-        elif self._flush_timer is None and coalescer.pending_bytes >= coalescer.sample_width:
-            self._flush_timer = self.loop.call_later(self._coalesce_s, self._flush_on_timer)
+        if (coalescer.pending_bytes >= coalescer.sample_width) != self.path.flush_armed:
+            self._on_audio_pending()
+
+    def _on_audio_pending(self) -> None:
+        """The flush timer runs only while whole samples are pending, so no audio waits longer
+        than `coalesce_ms` and a chunk that fills up on time is never split by a timer armed for
+        it (that would double the appends). Called by the path when that changes."""
+        coalescer = self.coalescer
+        if coalescer.pending_bytes >= coalescer.sample_width:
+            if self._flush_timer is None:
+                self._flush_timer = self.loop.call_later(self._coalesce_s, self._flush_on_timer)
+        elif self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        self.path.flush_armed = self._flush_timer is not None
 
     def _flush_on_timer(self) -> None:
         self._flush_timer = None
@@ -374,6 +428,7 @@ class RelaySession:
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
+        self.path.flush_armed = False
         frame = self.coalescer.flush()
         if frame is not None and self.upstream is not None:
             self.upstream.send_frame(frame, HEADER_ROOM)
@@ -523,14 +578,16 @@ class RelaySession:
 
     # ---- upstream -> gateway -------------------------------------------------------------------
 
-    def on_upstream_message(self, payload) -> None:
-        """A complete upstream text message; `payload` is only valid during this call. What it
-        produces for the client is batched until `flush_client_batch` (the end of the read)."""
-        self._client_batching = True
-        decoded = decode_audio_delta(payload, self.output_meter)
-        if decoded is not None:
-            self._audio_out(decoded[0], decoded[1])
-            return
+    def on_upstream_audio(self, item_id: str, pcm: bytes) -> None:
+        """A decoded upstream audio delta the path did not take (not the open item)."""
+        self.path.batching = True
+        self._audio_out(item_id, pcm)
+
+    def on_upstream_event(self, payload) -> None:
+        """A complete upstream text message that is not a (fast-decodable) audio delta; `payload`
+        is only valid during this call. What it produces for the client is batched until
+        `flush_client_batch` (the end of the read)."""
+        self.path.batching = True
         self.stats.u2c_json_frames += 1
         self.stats.u2c_json_bytes += len(payload)
         try:
@@ -548,11 +605,12 @@ class RelaySession:
     def _audio_out(self, item_id: str, pcm) -> None:
         if item_id != self._audio_item:
             self._switch_audio_item(item_id)
+        path = self.path
         size = len(pcm)
-        self._audio_generated += size
+        path.item_generated += size
         if item_id in self.interrupted_items:
             return
-        self._audio_delivered += size
+        path.item_delivered += size
         stats = self.stats
         stats.u2c_audio_frames += 1
         stats.u2c_audio_bytes += size
@@ -564,22 +622,22 @@ class RelaySession:
         if client is not None and self.state is not CLOSED:
             if self._client_paused:
                 self._queue_for_client(_BINARY, pcm, True)
-            elif self._client_batching:
-                batch = self._client_batch
+            elif path.batching:
+                batch = path.batch
                 batch.append(_frame_header(_FIN_BINARY, size))
                 batch.append(pcm)
             else:
                 client.send(_BINARY, pcm)
 
     def _switch_audio_item(self, item_id: str) -> None:
+        path = self.path
         if self._audio_item is not None:
-            self.audio_bytes[self._audio_item] = (self._audio_generated, self._audio_delivered)
-        generated, delivered = self.audio_bytes.pop(item_id, (0, 0))
+            self.audio_bytes[self._audio_item] = (path.item_generated, path.item_delivered)
+        path.item_generated, path.item_delivered = self.audio_bytes.pop(item_id, (0, 0))
         self._audio_item = item_id
-        self._audio_generated = generated
-        self._audio_delivered = delivered
         self._audio_started_at = self.loop.time()
         self._played_ms = None
+        self._sync_path()
 
     def _on_audio_delta_slow(self, event: dict) -> None:
         """An audio delta the fast path declined (unusual encoding): same semantics, slower."""
@@ -621,6 +679,7 @@ class RelaySession:
         if self.state is not CONNECTING or not self.created or self._pending_updates:
             return
         self.state = READY
+        self._sync_path()
         effective = dict(self.effective)
         effective["model"] = effective.get("model") or self.upstream_model
         self._send_client(cp.ready_event(self.session_id, self.upstream_session_id, effective, self.ignored))
@@ -666,10 +725,11 @@ class RelaySession:
 
     def _interrupt_if_playing(self) -> None:
         item_id = self._audio_item
-        if item_id is None or item_id in self.interrupted_items or self._audio_delivered == 0:
+        delivered = self.path.item_delivered
+        if item_id is None or item_id in self.interrupted_items or delivered == 0:
             return
         response_id = self.item_response.get(item_id)
-        delivered_ms = self._audio_delivered / self.output_bytes_per_ms
+        delivered_ms = delivered / self.output_bytes_per_ms
         active = response_id is not None and response_id == self.active_response_id
         if self._played_ms is not None:
             played_ms = self._played_ms
@@ -679,7 +739,7 @@ class RelaySession:
             played_ms = min(delivered_ms, (self.loop.time() - self._audio_started_at) * 1000.0)
         if not active and played_ms >= delivered_ms:
             return  # everything delivered has been played: nothing to interrupt
-        generated_ms = self._audio_generated / self.output_bytes_per_ms
+        generated_ms = self.path.item_generated / self.output_bytes_per_ms
         audio_end_ms = int(min(played_ms, delivered_ms, generated_ms))
         self.interrupted_items.add(item_id)
         if response_id is not None:
@@ -687,6 +747,7 @@ class RelaySession:
             for other, owner in self.item_response.items():
                 if owner == response_id:
                     self.interrupted_items.add(other)
+        self._sync_path()
         log.info("session %s: barge-in, response %s interrupted at %d ms", self.session_id, response_id,
                  audio_end_ms)
         self._send_client(cp.interrupted_event(response_id, audio_end_ms))
@@ -732,6 +793,7 @@ class RelaySession:
             self.item_response[item_id] = response_id
             if response_id in self.interrupted_responses:
                 self.interrupted_items.add(item_id)
+                self._sync_path()
         if item.get("type") == "function_call" and isinstance(item.get("call_id"), str):
             self._call_names[item["call_id"]] = item.get("name")
 
@@ -788,7 +850,7 @@ class RelaySession:
         self._flush_audio()
         self.levels = enabled
         self.input_meter = LevelMeter() if enabled else None
-        self.output_meter = LevelMeter() if enabled else None
+        self.path.output_meter = LevelMeter() if enabled else None
         self.coalescer = self._new_coalescer()
         if self._level_timer is not None:
             self._level_timer.cancel()
@@ -817,8 +879,8 @@ class RelaySession:
         if client is not None and not client.is_disconnected and self.state is not CLOSED:
             if self._client_paused:
                 self._queue_for_client(_TEXT, data, False)
-            elif self._client_batching:
-                batch = self._client_batch
+            elif self.path.batching:
+                batch = self.path.batch
                 batch.append(_frame_header(_FIN_TEXT, len(data)))
                 batch.append(data)
             else:
@@ -828,14 +890,7 @@ class RelaySession:
         """Write the client frames batched during the current upstream read in one write
         (one writev of headers and payloads, no copy) and stop batching. Called at the end of
         every upstream read and before the client is closed; a no-op when nothing is batched."""
-        self._client_batching = False
-        batch = self._client_batch
-        if batch:
-            client = self.client
-            # the checks picows applies before every send: nothing after the close frame
-            if client is not None and not client.is_disconnected and not client.is_close_frame_sent:
-                client.underlying_transport.writelines(batch)
-            batch.clear()
+        self.path.flush_batch()
 
     # ---- an upstream that does not read ---------------------------------------------------------
 
@@ -859,10 +914,12 @@ class RelaySession:
     def on_client_paused(self) -> None:
         """The client socket's write buffer is over its high-water mark: queue from now on."""
         self._client_paused = True
+        self._sync_path()
 
     def on_client_resumed(self) -> None:
         """The client is reading again: send what waited, in order, until it pauses again."""
         self._client_paused = False
+        self._sync_path()
         self._flush_client_queue()
 
     def _flush_client_queue(self, force: bool = False) -> None:
@@ -944,6 +1001,10 @@ _COMMAND_HANDLERS: dict[type, Callable[[RelaySession, Any], None]] = {
 
 def _ignore_message(payload) -> None:
     """A retired upstream's events go nowhere."""
+
+
+def _ignore_audio(item_id: str, pcm: bytes) -> None:
+    """Nor does its audio."""
 
 
 def _int(value: Any) -> int:

@@ -2,10 +2,14 @@
 
 Opens the socket with the provider's auth header (never logged), the dialect's extra headers and
 a bounded handshake; classifies failures into gateway errors (HTTP 401/403 ->
-`AuthenticationFailed`; refused / timeout / other HTTP -> `ConnectionFailed`). Complete upstream
-messages go to the owner's `on_upstream_message(payload)` (payload valid only during the call);
-after the last complete frame of each socket read the owner gets `on_upstream_read_end()` (so it
-can write everything that read produced in one go), and the end of the connection
+`AuthenticationFailed`; refused / timeout / other HTTP -> `ConnectionFailed`).
+
+Complete upstream messages are classified by the `UpstreamLeg` base (compiled): an output-audio
+delta of the session's open item goes straight into its `AudioPath` (the client batch); another
+audio delta goes to the owner's `on_upstream_audio(item_id, pcm)`, any other event to
+`on_upstream_event(payload)` (payload valid only during the call). After the last complete frame
+of each socket read the path writes what that read produced in one go (a leg whose path was
+taken away calls the owner's `on_upstream_read_end()` instead); the end of the connection is
 `on_upstream_closed(code, reason)`.
 """
 from __future__ import annotations
@@ -15,8 +19,10 @@ import logging
 from typing import Protocol
 from urllib.parse import parse_qs, quote, urlsplit
 
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport, ws_connect
 from picows.common import WSHandshakeError
+
+from _fastpath import AudioPath, UpstreamLeg
 
 from gateway.errors import AuthenticationFailed, ConnectionFailed, GatewayError, UpstreamError
 from gateway.framing import MessageAssembler, MessageTooBig
@@ -32,7 +38,8 @@ READ_BUFFER_INIT_BYTES = 8 * 1024
 
 
 class UpstreamOwner(Protocol):
-    def on_upstream_message(self, payload) -> None: ...
+    def on_upstream_event(self, payload) -> None: ...
+    def on_upstream_audio(self, item_id: str, pcm: bytes) -> None: ...
     def on_upstream_read_end(self) -> None: ...
     def on_upstream_closed(self, code: int | None, reason: str) -> None: ...
     def on_upstream_paused(self) -> None: ...
@@ -48,11 +55,14 @@ def build_upstream_url(base_url: str, model: str) -> str:
     return f"{base_url}{separator}model={quote(model, safe='')}"
 
 
-class UpstreamListener(WSListener):
-    """picows listener for the upstream socket; forwards complete messages to its owner."""
+class UpstreamListener(UpstreamLeg):
+    """picows listener for the upstream socket: the `UpstreamLeg` base classifies whole text
+    messages (see the module docstring); this class handles the rest and the lifecycle."""
 
-    def __init__(self, owner: UpstreamOwner) -> None:
+    def __init__(self, owner: UpstreamOwner, path: AudioPath | None) -> None:
+        super().__init__()
         self.owner = owner
+        self.path = path
         self._assembler = MessageAssembler(MAX_UPSTREAM_MESSAGE_BYTES)
         self.transport: WSTransport | None = None
         self.close_code: int | None = None
@@ -73,20 +83,21 @@ class UpstreamListener(WSListener):
     def resume_writing(self) -> None:
         self.owner.on_upstream_resumed()
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        # picows marks the last complete frame of each read (also when a partial frame follows):
-        # after it the owner writes everything that read produced, in one go (`finally`: even if
-        # handling failed, nothing already produced is held back)
+    def on_event(self, payload) -> None:
+        self.owner.on_upstream_event(payload)
+
+    def on_audio(self, item_id: str, pcm: bytes) -> None:
+        self.owner.on_upstream_audio(item_id, pcm)
+
+    def on_read_end(self) -> None:
+        self.owner.on_upstream_read_end()
+
+    def on_other_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         try:
-            # hot path (every upstream event): a whole text message goes straight to the owner
-            if frame.msg_type is _TEXT and frame.fin and self._assembler.partial is None \
-                    and frame.payload_size <= MAX_UPSTREAM_MESSAGE_BYTES:
-                self.owner.on_upstream_message(frame.get_payload_as_memoryview())
-            else:
-                self._handle_other_frame(transport, frame)
+            self._handle_other_frame(transport, frame)
         finally:
-            if frame.last_in_buffer:
-                self.owner.on_upstream_read_end()
+            # while a fragmented message is assembled, no frame may bypass the assembler
+            self.assembling = self._assembler.partial is not None
 
     def _handle_other_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         """Control frames and fragmented or oversized messages."""
@@ -103,7 +114,8 @@ class UpstreamListener(WSListener):
             transport.disconnect()
             return
         if message is not None and message[0] is WSMsgType.TEXT:
-            self.owner.on_upstream_message(message[1])
+            # a fragmented message is rare: the owner parses it in full (audio deltas too)
+            self.owner.on_upstream_event(message[1])
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.owner.on_upstream_closed(self.close_code, self.close_reason)
@@ -112,8 +124,8 @@ class UpstreamListener(WSListener):
 class UpstreamConnection:
     """One upstream session socket. `send_*` are no-ops once closed."""
 
-    def __init__(self, owner: UpstreamOwner) -> None:
-        self.listener = UpstreamListener(owner)
+    def __init__(self, owner: UpstreamOwner, path: AudioPath | None = None) -> None:
+        self.listener = UpstreamListener(owner, path)
 
     @property
     def transport(self) -> WSTransport | None:
@@ -172,8 +184,11 @@ class UpstreamConnection:
             transport.send_reuse_external_bytearray(_TEXT, frame, offset)
 
     def close(self) -> None:
-        """Close politely (1000) and drop the socket; safe to call at any time, repeatedly."""
+        """Close politely (1000) and drop the socket; safe to call at any time, repeatedly.
+        What it still delivers goes to the owner (which ignores a retired upstream), never
+        through the session's audio path."""
         self.listener.closing = True
+        self.listener.path = None
         transport = self.transport
         if transport is not None and not transport.is_disconnected:
             transport.send_close(WSCloseCode.OK)
