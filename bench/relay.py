@@ -409,6 +409,47 @@ def fmt(value, digits: int = 0) -> str:
     return f"{value:,}"
 
 
+def median_points(points: list[dict], base: str) -> list[dict]:
+    """One point per (relay, N): the median of each figure over the rounds, the sums of what
+    must be zero, and `cpu_ratio`: the median over rounds of the CPU ratio to `base` measured in
+    the same round (back to back, so shared-machine drift cancels out)."""
+    import statistics
+
+    def median(values):
+        values = [v for v in values if v is not None]
+        return round(statistics.median(values), 2) if values else None
+
+    measured = [p for p in points if "cpu_us_per_session_s" in p]
+    base_cpu = {(p["sessions"], p["round"]): p["cpu_us_per_session_s"] for p in measured if p["relay"] == base}
+    merged: list[dict] = []
+    for key in dict.fromkeys((p["relay"], p["sessions"]) for p in points):
+        group = [p for p in measured if (p["relay"], p["sessions"]) == key]
+        if not group:
+            merged.append(next(p for p in points if (p["relay"], p["sessions"]) == key))
+            continue
+        first = dict(group[0])
+        for field in ("cpu_us_per_session_s", "kernel_us_per_session_s", "rss_kib_per_session",
+                      "relay_cpu_pct", "relay_wait_pct", "upstream_cpu_pct"):
+            first[field] = median(p.get(field) for p in group)
+        first["sessions_per_core"] = round(1e6 / first["cpu_us_per_session_s"]) if first["cpu_us_per_session_s"] else None
+        lg = dict(first["loadgen"])
+        lg["rtt_ms"] = {q: median(p["loadgen"]["rtt_ms"].get(q) for p in group) for q in ("p50", "p99")}
+        lg["loadgen_cpu_pct"] = median(p["loadgen"].get("loadgen_cpu_pct") for p in group)
+        lg["lost_bytes"] = sum(p["loadgen"].get("lost_bytes") or 0 for p in group)
+        first["loadgen"] = lg
+        first["problems"] = sorted({problem for p in group for problem in p.get("problems", [])})
+        first["loadgen_saturated"] = any(p.get("loadgen_saturated") for p in group)
+        first["saturation"] = sorted({mark for p in group for mark in p.get("saturation", [])})
+        first["relay_saturated"] = any(p.get("relay_saturated") for p in group)
+        ratios = [p["cpu_us_per_session_s"] / base_cpu[(p["sessions"], p["round"])] for p in group
+                  if base_cpu.get((p["sessions"], p["round"]))]
+        first["cpu_ratio"] = median(ratios)
+        first["cpu_ratios"] = [round(r, 3) for r in ratios]
+        first["rounds"] = len(group)
+        merged.append(first)
+    return merged
+
+
 def markdown_table(points: list[dict], base: str) -> str:
     by_key = {(p["relay"], p["sessions"]): p for p in points}
     header = ("| relay | N | CPU µs / session-s | of which kernel | CPU vs " + base + " | sessions/core | p50 ms | p99 ms "
@@ -422,7 +463,9 @@ def markdown_table(points: list[dict], base: str) -> str:
         lg = p["loadgen"]
         base_point = by_key.get((base, p["sessions"]))
         ratio = "—"
-        if base_point and base_point.get("cpu_us_per_session_s"):
+        if p.get("cpu_ratio") is not None:  # --repeat: the median of the per-round ratios
+            ratio = f"{p['cpu_ratio']:.2f}×"
+        elif base_point and base_point.get("cpu_us_per_session_s"):
             ratio = f"{p['cpu_us_per_session_s'] / base_point['cpu_us_per_session_s']:.2f}×"
         notes = list(p.get("problems", []))
         if p.get("loadgen_saturated"):
@@ -486,6 +529,10 @@ def main(argv: list[str] | None = None) -> int:
                              "bench/peers/realtime_echo.py; auto = mock when its CLI runs")
     parser.add_argument("--loadgen-cpu-limit", type=float, default=85.0, help="loadgen CPU %% above which a row is marked saturated")
     parser.add_argument("--lag-threshold-ms", type=float, default=10.0, help="pacing lag p99 above which a row is marked saturated")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds per N: the relays run in alternating order each round, and the table "
+                             "shows per-relay medians and the median of the per-round CPU ratios (this "
+                             "machine is shared: one round's absolute figures wander by +-20%%)")
     parser.add_argument("--base", default=None, help="relay the ratios are computed against (default: gateway if run, else the first)")
     parser.add_argument("--out", default=None, help="JSON results path (default bench/results/relay-<time>.json)")
     args = parser.parse_args(argv)
@@ -521,8 +568,10 @@ def main(argv: list[str] | None = None) -> int:
     stopped_at: dict[str, str] = {}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
-        for sessions in sizes:
-            for name in runnable:
+        rounds = [(sessions, index) for sessions in sizes for index in range(max(1, args.repeat))]
+        for sessions, round_index in rounds:
+            # alternate the order each round so slow drift does not favour the relay run first
+            for name in (runnable if round_index % 2 == 0 else runnable[::-1]):
                 spec = RELAYS[name]
                 if name in stopped_at:
                     points.append({"relay": name, "sessions": sessions, "skipped": stopped_at[name]})
@@ -530,10 +579,11 @@ def main(argv: list[str] | None = None) -> int:
                 if time.monotonic() - started + estimate_point_s(args, sessions) > args.budget:
                     points.append({"relay": name, "sessions": sessions, "skipped": "time budget"})
                     continue
-                workdir = Path(tmp) / f"{name}-{sessions}"
+                workdir = Path(tmp) / f"{name}-{sessions}-{round_index}"
                 workdir.mkdir()
                 kind = "binary-echo" if spec.upstream == "binary-echo" else upstream
                 point = run_point(spec, sessions, args, kind, workdir)
+                point["round"] = round_index
                 points.append(point)
                 summary = (f"cpu {point.get('cpu_us_per_session_s')} µs/session-s, "
                            f"p99 {point.get('loadgen', {}).get('rtt_ms', {}).get('p99')} ms, "
@@ -546,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
                 elif point.get("loadgen_saturated"):
                     stopped_at[name] = f"stopped: load generator saturated at N={sessions}"
 
+    if args.repeat > 1:
+        points = median_points(points, base)
     table = markdown_table(points, base)
     report = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
