@@ -27,6 +27,7 @@ from gateway.errors import (CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, IdleTimeout
 from gateway.framing import FragmentOutOfOrder, MessageAssembler, MessageTooBig
 from gateway.metrics import GatewayMetrics
 from gateway.session import RelaySession
+from gateway.upstream.connection import USE_AIOFASTNET
 
 log = logging.getLogger("gateway.server")
 
@@ -160,6 +161,7 @@ class GatewayServer:
             self.config.port if port is None else port,
             max_frame_size=self.config.max_message_bytes + _FRAME_SLACK_BYTES,
             websocket_handshake_timeout=10, read_buffer_init_size=CLIENT_READ_BUFFER_INIT_BYTES,
+            use_aiofastnet=USE_AIOFASTNET,
             reuse_port=reuse_port or None)
         self.port = self._server.sockets[0].getsockname()[1]
         self._schedule_sweep()
