@@ -120,6 +120,21 @@ class _UpstreamOwner:
 
 
 class RelaySession:
+    # thousands live at once: no per-instance dict (~1 KB each)
+    __slots__ = ("_answered_calls", "_audio_item", "_audio_started_at", "_awaiting_results",
+                 "_call_names", "_calls_dispatched", "_client_paused", "_client_queue",
+                 "_client_queue_bytes", "_client_reading_paused", "_coalesce_s", "_connect_task",
+                 "_created_timer", "_flush_timer", "_level_timer", "_overflow_reported", "_owner",
+                 "_pending_updates", "_played_ms", "_pre_ready", "_pre_ready_audio_bytes",
+                 "_pre_ready_commands", "_response_calls", "_turn_end", "_update_counter",
+                 "active_at", "active_response_id", "activity_seen", "audio_bytes", "client",
+                 "close_code", "created", "dialect", "effective", "ignored", "input_format",
+                 "input_meter", "interrupted_items", "interrupted_responses", "item_response",
+                 "levels", "loop", "metrics", "node", "on_closed", "outcome",
+                 "output_bytes_per_ms", "path", "requested", "session_id", "started_at", "state",
+                 "stats", "upstream", "upstream_model", "upstream_session_id", "upstream_url",
+                 "warned")
+
     def __init__(self, node: NodeConfig, upstream_url: str, model: str | None,
                  on_closed: Callable[["RelaySession"], None] | None = None,
                  metrics: GatewayMetrics | None = None) -> None:
@@ -197,14 +212,16 @@ class RelaySession:
         self._audio_started_at = 0.0   # loop time of the current item's first byte
         self._played_ms: float | None = None  # client `playback` report for the current item
         self.audio_bytes: dict[str, tuple[int, int]] = {}  # finished items: (generated, delivered)
-        self.interrupted_items: set[str] = set()
-        self.interrupted_responses: set[str] = set()
+        # sets that most sessions never fill start as one shared empty frozenset (a set is
+        # 216 B): `_added` swaps in a real set on the first add
+        self.interrupted_items: set[str] | frozenset[str] = _EMPTY
+        self.interrupted_responses: set[str] | frozenset[str] = _EMPTY
 
         # function calls
-        self._calls_dispatched: set[str] = set()
+        self._calls_dispatched: set[str] | frozenset[str] = _EMPTY
         self._call_names: dict[str, str] = {}
         self._response_calls: dict[str, set[str]] = {}
-        self._answered_calls: set[str] = set()
+        self._answered_calls: set[str] | frozenset[str] = _EMPTY
         self._awaiting_results: dict[str, set[str]] = {}
 
     @property
@@ -272,6 +289,14 @@ class RelaySession:
         self._connect_task = self.loop.create_task(self._connect(self.upstream, self._owner))
 
     async def _connect(self, upstream: UpstreamConnection, owner: _UpstreamOwner) -> None:
+        try:
+            await self._open(upstream, owner)
+        finally:
+            # a finished task keeps its coroutine and frame alive: drop ours (unless replaced)
+            if self._connect_task is asyncio.current_task():
+                self._connect_task = None
+
+    async def _open(self, upstream: UpstreamConnection, owner: _UpstreamOwner) -> None:
         url = build_upstream_url(self.upstream_url, self.upstream_model)
         headers = list(self.node.auth_headers) + list(self.dialect.headers)
         started = self.loop.time()
@@ -562,7 +587,7 @@ class RelaySession:
     def _cmd_function_result(self, command: cp.FunctionResultCommand) -> None:
         self._send_upstream({"type": "conversation.item.create", "item": {
             "type": "function_call_output", "call_id": command.call_id, "output": command.output}})
-        self._answered_calls.add(command.call_id)
+        self._answered_calls = _added(self._answered_calls, command.call_id)
         for response_id, waiting in list(self._awaiting_results.items()):
             waiting.discard(command.call_id)
             if not waiting:
@@ -741,9 +766,9 @@ class RelaySession:
             return  # everything delivered has been played: nothing to interrupt
         generated_ms = self.path.item_generated / self.output_bytes_per_ms
         audio_end_ms = int(min(played_ms, delivered_ms, generated_ms))
-        self.interrupted_items.add(item_id)
+        self.interrupted_items = _added(self.interrupted_items, item_id)
         if response_id is not None:
-            self.interrupted_responses.add(response_id)
+            self.interrupted_responses = _added(self.interrupted_responses, response_id)
             for other, owner in self.item_response.items():
                 if owner == response_id:
                     self.interrupted_items.add(other)
@@ -792,7 +817,7 @@ class RelaySession:
         if isinstance(item_id, str) and isinstance(response_id, str):
             self.item_response[item_id] = response_id
             if response_id in self.interrupted_responses:
-                self.interrupted_items.add(item_id)
+                self.interrupted_items = _added(self.interrupted_items, item_id)
                 self._sync_path()
         if item.get("type") == "function_call" and isinstance(item.get("call_id"), str):
             self._call_names[item["call_id"]] = item.get("name")
@@ -811,7 +836,7 @@ class RelaySession:
         """Tell the client about a tool call once (both `.done` and `output_item.done` announce it)."""
         if not isinstance(call_id, str) or call_id in self._calls_dispatched:
             return
-        self._calls_dispatched.add(call_id)
+        self._calls_dispatched = _added(self._calls_dispatched, call_id)
         name = name or self._call_names.get(call_id)
         if isinstance(response_id, str):
             self._response_calls.setdefault(response_id, set()).add(call_id)
@@ -997,6 +1022,17 @@ _COMMAND_HANDLERS: dict[type, Callable[[RelaySession, Any], None]] = {
     cp.PlaybackCommand: RelaySession._cmd_playback,
     cp.PassthroughCommand: RelaySession._cmd_passthrough,
 }
+
+
+_EMPTY: frozenset = frozenset()
+
+
+def _added(items: set | frozenset, item) -> set:
+    """`items` with `item` added: the set itself, or a new one in place of the shared `_EMPTY`."""
+    if items is _EMPTY:
+        return {item}
+    items.add(item)
+    return items
 
 
 def _ignore_message(payload) -> None:

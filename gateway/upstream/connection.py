@@ -64,6 +64,8 @@ class UpstreamListener(UpstreamLeg):
     """picows listener for the upstream socket: the `UpstreamLeg` base classifies whole text
     messages (see the module docstring); this class handles the rest and the lifecycle."""
 
+    __slots__ = ("owner", "_assembler", "transport", "close_code", "close_reason", "closing")
+
     def __init__(self, owner: UpstreamOwner, path: AudioPath | None) -> None:
         super().__init__()
         self.owner = owner
@@ -128,6 +130,8 @@ class UpstreamListener(UpstreamLeg):
 
 class UpstreamConnection:
     """One upstream session socket. `send_*` are no-ops once closed."""
+
+    __slots__ = ("listener",)
 
     def __init__(self, owner: UpstreamOwner, path: AudioPath | None = None) -> None:
         self.listener = UpstreamListener(owner, path)
