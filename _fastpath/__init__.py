@@ -25,6 +25,7 @@ LevelMeter = _impl.LevelMeter
 measure_level = _impl.measure_level
 encode_append = _impl.encode_append
 decode_audio_delta = _impl.decode_audio_delta
+decode_transcript_delta = _impl.decode_transcript_delta
 Coalescer = _impl.Coalescer
 # the relay's per-frame path: a session's audio state and the two socket-leg listener bases
 AudioPath = _impl.AudioPath
@@ -40,6 +41,7 @@ __all__ = [
     "measure_level",
     "encode_append",
     "decode_audio_delta",
+    "decode_transcript_delta",
     "Coalescer",
     "AudioPath",
     "ClientLeg",

@@ -22,6 +22,10 @@ def decode_audio_delta(
     payload: bytes | bytearray | memoryview | str, meter: LevelMeter | None = None
 ) -> tuple[str, bytes] | None: ...
 
+def decode_transcript_delta(
+    payload: bytes | bytearray | memoryview | str,
+) -> tuple[str, bytes | None] | None: ...
+
 class Coalescer:
     meter: LevelMeter | None
     def __init__(
@@ -61,9 +65,12 @@ class AudioPath:
     c2u_audio_bytes: int
     u2c_audio_frames: int
     u2c_audio_bytes: int
+    u2c_json_frames: int
+    u2c_json_bytes: int
     def __init__(self, coalescer: Coalescer, on_pending: Callable[[], None]) -> None: ...
     def client_audio(self, pcm: Buffer) -> None: ...
     def upstream_audio(self, item_id: str, pcm: bytes) -> bool: ...
+    def upstream_transcript(self, item_id: str, event: bytes | None, message_bytes: int) -> bool: ...
     def flush_batch(self) -> None: ...
 
 class ClientLeg(WSListener):

@@ -66,6 +66,8 @@ cdef const char* APPEND_PREFIX = b'{"type":"input_audio_buffer.append","audio":"
 cdef const char* APPEND_SUFFIX = b'"}'
 cdef const char* GA_DELTA_TYPE = b"response.output_audio.delta"
 cdef const char* BETA_DELTA_TYPE = b"response.audio.delta"
+cdef const char* GA_TRANSCRIPT_TYPE = b"response.output_audio_transcript.delta"
+cdef const char* BETA_TRANSCRIPT_TYPE = b"response.audio_transcript.delta"
 
 assert HEADER_ROOM == HEADER_ROOM_C and DBFS_FLOOR == DBFS_FLOOR_C
 assert len(b'{"type":"input_audio_buffer.append","audio":"') == APPEND_PREFIX_LEN
@@ -236,13 +238,23 @@ def encode_append(pcm, meter=None, out=None):
         PyBuffer_Release(&view)
 
 
-# ------------------------------------------------------------------ upstream audio delta scanner
+# ------------------------------------------------------- upstream audio / transcript delta scanner
+
+cdef enum DeltaKind:
+    NOT_A_DELTA = 0
+    AUDIO_DELTA = 1
+    TRANSCRIPT_DELTA = 2
+
 
 cdef struct DeltaFields:
+    int kind
     const char* item_id
     Py_ssize_t item_id_len
     const char* delta
     Py_ssize_t delta_len
+    const char* response_id  # NULL when absent
+    Py_ssize_t response_id_len
+    bint response_id_not_string  # present but a number or literal: only audio ignores that
 
 
 cdef enum Key:
@@ -250,6 +262,7 @@ cdef enum Key:
     KEY_TYPE = 1
     KEY_ITEM_ID = 2
     KEY_DELTA = 4
+    KEY_RESPONSE_ID = 8
 
 
 cdef inline bint _is_ws(unsigned char c) noexcept nogil:
@@ -326,14 +339,15 @@ cdef inline bint _is_key(const char* key, Py_ssize_t length, const char* name,
     return length == name_length and memcmp(key, name, name_length) == 0
 
 
-cdef bint _scan_audio_delta(const char* p, const char* end, DeltaFields* fields) noexcept nogil:
-    """Validate a whole frame as one flat JSON object and find its audio-delta fields.
+cdef bint _scan_delta(const char* p, const char* end, DeltaFields* fields) noexcept nogil:
+    """Validate a whole frame as one flat JSON object and find its delta fields.
 
     True only if the frame is exactly: optional whitespace, an object whose keys are simple
     strings and whose values are simple strings, short numbers or literals, optional whitespace;
-    with exactly one "type" equal to an audio-delta name, one simple string "item_id" and one
-    string "delta" (the delta's characters are checked later by the strict base64 decoder,
-    which accepts only the base64 alphabet and '='). Anything else: False, "not handled".
+    with exactly one "type" equal to an audio-delta or audio-transcript-delta name (`kind`),
+    one simple string "item_id", one string "delta" and at most one "response_id" (noted if it
+    is not a string). The delta's characters are checked by the caller: the strict base64 decoder for
+    audio (only the alphabet and '='), `_simple_string_end` for text. Anything else: False.
     """
     cdef const char* key
     cdef const char* value
@@ -368,13 +382,16 @@ cdef bint _scan_audio_delta(const char* p, const char* end, DeltaFields* fields)
             which = KEY_ITEM_ID
         elif _is_key(key, key_len, b"delta", 5):
             which = KEY_DELTA
+        elif _is_key(key, key_len, b"response_id", 11):
+            which = KEY_RESPONSE_ID
         if which & seen:
             return False  # duplicate: the JSON parser would keep the last one; leave it to it
         seen |= which
         if p[0] == b'"':
             value = p + 1
             if which == KEY_DELTA:
-                # base64 has no quote or backslash; the decoder rejects anything but the alphabet
+                # the first quote ends it unless the string has an escape, and then the value
+                # holds a backslash, which both delta checks reject (base64 and simple text)
                 value_end = <const char*>memchr(value, b'"', end - value)
             else:
                 value_end = _simple_string_end(value, end)
@@ -382,9 +399,13 @@ cdef bint _scan_audio_delta(const char* p, const char* end, DeltaFields* fields)
                 return False
             value_len = value_end - value
             if which == KEY_TYPE:
-                # most upstream events stop here: not an audio delta
-                if not (_is_key(value, value_len, GA_DELTA_TYPE, 27)
-                        or _is_key(value, value_len, BETA_DELTA_TYPE, 20)):
+                # most upstream events stop here: not a delta this scanner handles
+                if _is_key(value, value_len, GA_DELTA_TYPE, 27) or _is_key(value, value_len, BETA_DELTA_TYPE, 20):
+                    fields.kind = AUDIO_DELTA
+                elif (_is_key(value, value_len, GA_TRANSCRIPT_TYPE, 38)
+                        or _is_key(value, value_len, BETA_TRANSCRIPT_TYPE, 31)):
+                    fields.kind = TRANSCRIPT_DELTA
+                else:
                     return False
             elif which == KEY_ITEM_ID:
                 fields.item_id = value
@@ -392,14 +413,21 @@ cdef bint _scan_audio_delta(const char* p, const char* end, DeltaFields* fields)
             elif which == KEY_DELTA:
                 fields.delta = value
                 fields.delta_len = value_len
+            elif which == KEY_RESPONSE_ID:
+                fields.response_id = value
+                fields.response_id_len = value_len
             p = value_end + 1
-        elif which != KEY_OTHER:
+        elif which != KEY_OTHER and which != KEY_RESPONSE_ID:
             return False  # type/item_id/delta that is not a string
         elif p[0] == b'-' or b'0' <= p[0] <= b'9':
+            if which == KEY_RESPONSE_ID:
+                fields.response_id_not_string = True
             p = _simple_number_end(p, end)
             if p == NULL:
                 return False
         else:
+            if which == KEY_RESPONSE_ID:
+                fields.response_id_not_string = True
             p = _literal_end(p, end)  # objects and arrays end up here too: not handled
             if p == NULL:
                 return False
@@ -413,7 +441,7 @@ cdef bint _scan_audio_delta(const char* p, const char* end, DeltaFields* fields)
             break
         return False
     p = _skip_ws(p + 1, end)
-    return p == end and seen == (KEY_TYPE | KEY_ITEM_ID | KEY_DELTA)
+    return p == end and (seen & (KEY_TYPE | KEY_ITEM_ID | KEY_DELTA)) == (KEY_TYPE | KEY_ITEM_ID | KEY_DELTA)
 
 
 def decode_audio_delta(payload, meter=None):
@@ -444,13 +472,18 @@ def decode_audio_delta(payload, meter=None):
 cdef object _decode_delta(const char* data, Py_ssize_t length, object meter):
     """`decode_audio_delta` on raw memory: `(item_id, pcm)` or None."""
     cdef DeltaFields fields
+    memset(&fields, 0, sizeof(fields))
+    if not _scan_delta(data, data + length, &fields) or fields.kind != AUDIO_DELTA:
+        return None
+    return _audio_of(&fields, meter)
+
+
+cdef object _audio_of(const DeltaFields* fields, object meter):
+    """`(item_id, pcm)` of a scanned audio delta, or None if its base64 is not strict."""
     cdef fp_level lv
     cdef size_t pcm_len
     cdef object pcm
     cdef bint fused = type(meter) is LevelMeter
-    memset(&fields, 0, sizeof(fields))
-    if not _scan_audio_delta(data, data + length, &fields):
-        return None
     if fields.delta_len == 0:
         pcm = b""
     else:
@@ -468,6 +501,79 @@ cdef object _decode_delta(const char* data, Py_ssize_t length, object meter):
     if meter is not None and not fused:
         meter.feed(pcm)
     return item_id, pcm
+
+
+def decode_transcript_delta(payload):
+    """An upstream assistant audio-transcript delta as the client's `transcript` event.
+
+    Same contract as the pure twin: `(item_id, event)` or None ("not handled"). Conservative:
+    only a flat object of simple values whose delta is simple text (no escape, printable
+    ASCII) is handled; the event is then byte for byte what the session's Python would send.
+    """
+    cdef Py_buffer view
+    if PyBytes_CheckExact(payload) or PyByteArray_CheckExact(payload) or PyMemoryView_Check(payload):
+        if _try_get_buffer(payload, &view, PyBUF_SIMPLE) != 0:
+            PyErr_Clear()
+            return None
+        try:
+            return _decode_transcript(<const char*>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+    elif PyUnicode_CheckExact(payload) and PyUnicode_IS_COMPACT_ASCII(payload):
+        return _decode_transcript(<const char*>PyUnicode_DATA(payload), PyUnicode_GET_LENGTH(payload))
+    return None
+
+
+cdef object _decode_transcript(const char* data, Py_ssize_t length):
+    cdef DeltaFields fields
+    memset(&fields, 0, sizeof(fields))
+    if not _scan_delta(data, data + length, &fields) or fields.kind != TRANSCRIPT_DELTA:
+        return None
+    return _transcript_of(&fields)
+
+
+cdef const char* TRANSCRIPT_HEAD = b'{"type":"transcript","role":"assistant","text":"'
+cdef const char* TRANSCRIPT_ITEM = b'","is_final":false,"item_id":"'
+cdef const char* TRANSCRIPT_RESPONSE = b'","response_id":"'
+cdef enum:
+    TRANSCRIPT_HEAD_LEN = 48
+    TRANSCRIPT_ITEM_LEN = 30
+    TRANSCRIPT_RESPONSE_LEN = 17
+
+
+cdef object _transcript_of(const DeltaFields* fields):
+    """`(item_id, event)` of a scanned transcript delta (event None for an empty delta: the
+    client is told nothing), or None if the delta is not simple text."""
+    cdef Py_ssize_t size
+    cdef char* out
+    cdef object event = None
+    if _simple_string_end(fields.delta, fields.delta + fields.delta_len + 1) != fields.delta + fields.delta_len:
+        return None  # an escape, a control character or non-ASCII: the JSON parser's job
+    if fields.response_id_not_string:
+        return None
+    if fields.delta_len:
+        # the layout orjson.dumps gives the session's event dict (keys in insertion order)
+        size = TRANSCRIPT_HEAD_LEN + fields.delta_len + TRANSCRIPT_ITEM_LEN + fields.item_id_len + 2
+        if fields.response_id != NULL:
+            size += TRANSCRIPT_RESPONSE_LEN + fields.response_id_len
+        event = PyBytes_FromStringAndSize(NULL, size)
+        out = PyBytes_AS_STRING(event)
+        memcpy(out, TRANSCRIPT_HEAD, TRANSCRIPT_HEAD_LEN)
+        out += TRANSCRIPT_HEAD_LEN
+        memcpy(out, fields.delta, fields.delta_len)
+        out += fields.delta_len
+        memcpy(out, TRANSCRIPT_ITEM, TRANSCRIPT_ITEM_LEN)
+        out += TRANSCRIPT_ITEM_LEN
+        memcpy(out, fields.item_id, fields.item_id_len)
+        out += fields.item_id_len
+        if fields.response_id != NULL:
+            memcpy(out, TRANSCRIPT_RESPONSE, TRANSCRIPT_RESPONSE_LEN)
+            out += TRANSCRIPT_RESPONSE_LEN
+            memcpy(out, fields.response_id, fields.response_id_len)
+            out += fields.response_id_len
+        out[0] = b'"'
+        out[1] = b'}'
+    return PyUnicode_DecodeASCII(fields.item_id, fields.item_id_len, NULL), event
 
 
 # ------------------------------------------------------------------------------------ Coalescer
@@ -606,10 +712,11 @@ cdef class Coalescer:
 log = logging.getLogger("gateway.fastpath")
 
 
-cdef object _binary_header(Py_ssize_t size):
+cdef object _frame_header(unsigned char first_byte, Py_ssize_t size):
+    """RFC 6455 header of an unmasked frame (server to client): `first_byte` = FIN + opcode."""
     cdef unsigned char header[10]
     cdef int length, i
-    header[0] = 0x82
+    header[0] = first_byte
     if size < 126:
         header[1] = <unsigned char>size
         length = 2
@@ -630,7 +737,7 @@ def binary_frame_header(size):
     """RFC 6455 header of a final, unmasked binary frame of `size` bytes (server to client)."""
     if size < 0:
         raise ValueError("size must be >= 0")
-    return _binary_header(size)
+    return _frame_header(0x82, size)
 
 
 cdef class AudioPath:
@@ -652,6 +759,8 @@ cdef class AudioPath:
     cdef public long long c2u_audio_bytes
     cdef public long long u2c_audio_frames
     cdef public long long u2c_audio_bytes
+    cdef public long long u2c_json_frames
+    cdef public long long u2c_json_bytes
 
     def __init__(self, Coalescer coalescer, on_pending):
         self.coalescer = coalescer
@@ -695,8 +804,23 @@ cdef class AudioPath:
         self.u2c_audio_frames += 1
         self.u2c_audio_bytes += size
         self.batching = True
-        self.batch.append(_binary_header(size))
+        self.batch.append(_frame_header(0x82, size))
         self.batch.append(pcm)
+        return True
+
+    def upstream_transcript(self, str item_id, event, Py_ssize_t message_bytes):
+        """Take a transcript delta's client event if it belongs to `outbound_item`."""
+        return self._upstream_transcript(item_id, event, message_bytes)
+
+    cdef bint _upstream_transcript(self, object item_id, object event, Py_ssize_t message_bytes) except -1:
+        if self.outbound_item is None or item_id != self.outbound_item:
+            return False
+        self.u2c_json_frames += 1
+        self.u2c_json_bytes += message_bytes
+        if event is not None:
+            self.batching = True
+            self.batch.append(_frame_header(0x81, len(<bytes>event)))
+            self.batch.append(event)
         return True
 
     cpdef flush_batch(self):
@@ -746,15 +870,25 @@ cdef class UpstreamLeg(WSListener):
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef AudioPath path = self.path
+        cdef DeltaFields fields
+        cdef object taken = None
         try:
             if frame.msg_type == WSMsgType.TEXT and frame.fin and not self.assembling:
-                decoded = None
                 if path is not None:
-                    decoded = _decode_delta(frame.payload_ptr, frame.payload_size, path.output_meter)
-                if decoded is None:
+                    memset(&fields, 0, sizeof(fields))
+                    if _scan_delta(frame.payload_ptr, frame.payload_ptr + frame.payload_size, &fields):
+                        if fields.kind == AUDIO_DELTA:
+                            taken = _audio_of(&fields, path.output_meter)
+                            if taken is not None and not path._upstream_audio((<tuple>taken)[0], (<tuple>taken)[1]):
+                                self.on_audio((<tuple>taken)[0], (<tuple>taken)[1])
+                                return
+                        else:
+                            taken = _transcript_of(&fields)
+                            if taken is not None and not path._upstream_transcript(
+                                    (<tuple>taken)[0], (<tuple>taken)[1], frame.payload_size):
+                                taken = None
+                if taken is None:
                     self.on_event(frame.get_payload_as_memoryview())
-                elif not path._upstream_audio((<tuple>decoded)[0], (<tuple>decoded)[1]):
-                    self.on_audio((<tuple>decoded)[0], (<tuple>decoded)[1])
             else:
                 self.on_other_frame(transport, frame)
         finally:

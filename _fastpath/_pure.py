@@ -27,6 +27,7 @@ CLIP_LEVEL = 32767
 _APPEND_PREFIX = b'{"type":"input_audio_buffer.append","audio":"'
 _APPEND_SUFFIX = b'"}'
 _AUDIO_DELTA_TYPES = frozenset(("response.output_audio.delta", "response.audio.delta"))
+_TRANSCRIPT_DELTA_TYPES = frozenset(("response.output_audio_transcript.delta", "response.audio_transcript.delta"))
 _BINARY = WSMsgType.BINARY
 _TEXT = WSMsgType.TEXT
 log = logging.getLogger("gateway.fastpath")
@@ -151,6 +152,41 @@ def decode_audio_delta(payload, meter: LevelMeter | None = None) -> tuple[str, b
     return item_id, pcm
 
 
+def decode_transcript_delta(payload) -> tuple[str, bytes | None] | None:
+    """An upstream assistant audio-transcript delta (GA `response.output_audio_transcript.delta`,
+    beta `response.audio_transcript.delta`) as the client protocol's `transcript` event.
+
+    Returns `(item_id, event)`, where `event` is exactly the JSON the session sends the client
+    for it (`{"type":"transcript","role":"assistant","text":...,"is_final":false,"item_id":...}`,
+    plus `"response_id"` when the upstream gave one), or None for an empty delta (the client is
+    told nothing); returns None ("not handled") for any other event and for anything unusual
+    (a non-string `response_id`, ...), which the caller then parses normally.
+    """
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if type(event) is not dict or event.get("type") not in _TRANSCRIPT_DELTA_TYPES:
+        return None
+    item_id, delta, response_id = event.get("item_id"), event.get("delta"), event.get("response_id", "")
+    if type(item_id) is not str or type(delta) is not str or type(response_id) is not str:
+        return None
+    if not delta:
+        return item_id, None
+    out = {"type": "transcript", "role": "assistant", "text": delta, "is_final": False, "item_id": item_id}
+    if "response_id" in event:
+        out["response_id"] = response_id
+    return item_id, orjson.dumps(out)
+
+
+def _frame_header(first_byte: int, size: int) -> bytes:
+    if size < 126:
+        return bytes((first_byte, size))
+    if size < 65536:
+        return struct.pack("!BBH", first_byte, 126, size)
+    return struct.pack("!BBQ", first_byte, 127, size)
+
+
 class Coalescer:
     """Merges small client audio frames into fewer, larger `input_audio_buffer.append` frames.
 
@@ -224,11 +260,9 @@ class Coalescer:
 
 def binary_frame_header(size: int) -> bytes:
     """RFC 6455 header of a final, unmasked binary frame of `size` bytes (server to client)."""
-    if size < 126:
-        return bytes((0x82, size))
-    if size < 65536:
-        return struct.pack("!BBH", 0x82, 126, size)
-    return struct.pack("!BBQ", 0x82, 127, size)
+    if size < 0:
+        raise ValueError("size must be >= 0")
+    return _frame_header(0x82, size)
 
 
 class AudioPath:
@@ -239,8 +273,9 @@ class AudioPath:
     counters. While a gate is closed the legs hand the frame to the session instead, which does
     the same work (and more) in Python.
 
-    It keeps the session's four audio counters (`c2u_audio_frames`, `c2u_audio_bytes`,
-    `u2c_audio_frames`, `u2c_audio_bytes`; the session's stats read them from here).
+    It keeps the session's counters of what it moves (`c2u_audio_frames`, `c2u_audio_bytes`,
+    `u2c_audio_frames`, `u2c_audio_bytes`, `u2c_json_frames`, `u2c_json_bytes`; the session's
+    stats read them from here).
 
     Client to upstream, while `inbound_open`: `client_audio(pcm)` counts the frame, pushes it into `coalescer` and sends what that
     emits to `upstream` (zero-copy; dropped if that socket is gone or closing, like any send of
@@ -250,7 +285,9 @@ class AudioPath:
     Upstream to client, for the audio of item `outbound_item` (None: none): `upstream_audio`
     adds the PCM to `item_generated` and `item_delivered` (what interruption truncates by) and
     counts it, and appends it to `batch` as a binary
-    frame (header, payload) with `batching` set. `batch` collects what the client gets during
+    frame (header, payload) with `batching` set; `upstream_transcript` does the same for the
+    `transcript` event of a transcript delta of that item (see `decode_transcript_delta`),
+    counted as an upstream JSON message of `message_bytes`. `batch` collects what the client gets during
     one upstream read (the session appends its own events while `batching`); `flush_batch()`
     writes it to `client` in one go at the end of the read.
     """
@@ -258,10 +295,11 @@ class AudioPath:
     __slots__ = ("inbound_open", "coalescer", "upstream", "flush_armed", "on_pending",
                  "outbound_item", "item_generated", "item_delivered", "output_meter", "client",
                  "batch", "batching", "c2u_audio_frames", "c2u_audio_bytes", "u2c_audio_frames",
-                 "u2c_audio_bytes")
+                 "u2c_audio_bytes", "u2c_json_frames", "u2c_json_bytes")
 
     def __init__(self, coalescer: Coalescer, on_pending) -> None:
         self.c2u_audio_frames = self.c2u_audio_bytes = self.u2c_audio_frames = self.u2c_audio_bytes = 0
+        self.u2c_json_frames = self.u2c_json_bytes = 0
         self.coalescer = coalescer
         self.on_pending = on_pending
         self.inbound_open = False
@@ -300,6 +338,18 @@ class AudioPath:
         self.batching = True
         self.batch.append(binary_frame_header(size))
         self.batch.append(pcm)
+        return True
+
+    def upstream_transcript(self, item_id: str, event: bytes | None, message_bytes: int) -> bool:
+        """Take a transcript delta's client event if it belongs to `outbound_item`."""
+        if item_id != self.outbound_item:
+            return False
+        self.u2c_json_frames += 1
+        self.u2c_json_bytes += message_bytes
+        if event is not None:
+            self.batching = True
+            self.batch.append(_frame_header(0x81, len(event)))
+            self.batch.append(event)
         return True
 
     def flush_batch(self) -> None:
@@ -342,10 +392,11 @@ class ClientLeg(WSListener):
 
 class UpstreamLeg(WSListener):
     """Base of the upstream socket's listener. Each whole text message (no fragmented one being
-    assembled: the subclass keeps `assembling`) is classified here: an output-audio delta for
-    `path.outbound_item` goes straight into the client batch, any other audio delta to
-    `on_audio(item_id, pcm)`, any other event to `on_event(payload)` (payload valid only during
-    the call); control and fragment frames go to `on_other_frame`. After the last frame of each
+    assembled: the subclass keeps `assembling`) is classified here: an output-audio delta or an
+    audio-transcript delta for `path.outbound_item` goes straight into the client batch, any
+    other audio delta to `on_audio(item_id, pcm)`, any other event (transcript deltas of other
+    items included) to `on_event(payload)` (payload valid only during the call); control and
+    fragment frames go to `on_other_frame`. After the last frame of each
     socket read the batch goes out: `path.flush_batch()`, or `on_read_end()` without a path.
     A leg without a path (retired by its session) hands every message to `on_event`."""
 
@@ -358,11 +409,17 @@ class UpstreamLeg(WSListener):
         try:
             if frame.msg_type is _TEXT and frame.fin and not self.assembling:
                 payload = frame.get_payload_as_memoryview()
-                decoded = decode_audio_delta(payload, path.output_meter) if path is not None else None
-                if decoded is None:
+                if path is None:
                     self.on_event(payload)
-                elif not path.upstream_audio(decoded[0], decoded[1]):
-                    self.on_audio(decoded[0], decoded[1])
+                    return
+                decoded = decode_audio_delta(payload, path.output_meter)
+                if decoded is not None:
+                    if not path.upstream_audio(decoded[0], decoded[1]):
+                        self.on_audio(decoded[0], decoded[1])
+                    return
+                transcript = decode_transcript_delta(payload)
+                if transcript is None or not path.upstream_transcript(transcript[0], transcript[1], len(payload)):
+                    self.on_event(payload)
             else:
                 self.on_other_frame(transport, frame)
         finally:

@@ -63,20 +63,22 @@ _TRAFFIC_FIELDS = (
 _TRAFFIC_NAMES = tuple(name for name, *_rest in _TRAFFIC_FIELDS)
 
 
-class AudioCounters:
-    """A session's four audio counters, until the session attaches its `AudioPath` (which has the
-    same four, as C integers its hot path adds to without calling Python)."""
+class PathCounters:
+    """The counters of what a session's `AudioPath` moves, until the session attaches that path
+    (which has the same ones, as C integers its hot path adds to without calling Python)."""
 
-    __slots__ = ("c2u_audio_frames", "c2u_audio_bytes", "u2c_audio_frames", "u2c_audio_bytes")
+    __slots__ = ("c2u_audio_frames", "c2u_audio_bytes", "u2c_audio_frames", "u2c_audio_bytes",
+                 "u2c_json_frames", "u2c_json_bytes")
 
     def __init__(self) -> None:
         self.c2u_audio_frames = self.c2u_audio_bytes = self.u2c_audio_frames = self.u2c_audio_bytes = 0
+        self.u2c_json_frames = self.u2c_json_bytes = 0
 
 
-def _audio_counter(name: str) -> property:
-    return property(lambda stats: getattr(stats.audio, name),
-                    lambda stats, value: setattr(stats.audio, name, value),
-                    doc=f"``{name}``, kept by ``audio`` (the session's audio path)")
+def _path_counter(name: str) -> property:
+    return property(lambda stats: getattr(stats.path, name),
+                    lambda stats, value: setattr(stats.path, name, value),
+                    doc=f"``{name}``, kept by ``path`` (the session's audio path)")
 
 
 class SessionStats:
@@ -86,26 +88,28 @@ class SessionStats:
       ``c2u_*``: messages received from the client (``audio`` = binary frames, bytes = PCM bytes;
       ``json`` = text messages, bytes = message bytes). ``u2c_*``: upstream messages for the client
       (``audio`` = audio deltas, bytes = decoded PCM bytes; ``json`` = other events, bytes = frame
-      bytes). The four ``*_audio_*`` counters live in ``audio`` (`AudioCounters`, replaced by the
-      session's `AudioPath` before any traffic) and read and write through to it.
+      bytes). All but ``c2u_json_*`` live in ``path`` (`PathCounters`, replaced by the session's
+      `AudioPath` before any traffic) and read and write through to it.
     Levels (set, not added): ``c2u_buffered_bytes`` = client audio held for the upstream (pre-ready
       buffer + coalescer), ``u2c_buffered_bytes`` = bytes queued towards the client; flushes turn
       them into the ``gateway_buffered_bytes`` gauge and track the per-session peak.
     Owned by one session on one event loop; `GatewayMetrics` reads it only in `flush`.
     """
 
-    __slots__ = ("audio", "c2u_json_frames", "c2u_json_bytes", "u2c_json_frames", "u2c_json_bytes",
+    __slots__ = ("path", "c2u_json_frames", "c2u_json_bytes",
                  "c2u_buffered_bytes", "u2c_buffered_bytes", "c2u_buffered_peak", "u2c_buffered_peak",
                  "_flushed", "_buffered_reported", "_upstream_open", "closed")
 
-    c2u_audio_frames = _audio_counter("c2u_audio_frames")
-    c2u_audio_bytes = _audio_counter("c2u_audio_bytes")
-    u2c_audio_frames = _audio_counter("u2c_audio_frames")
-    u2c_audio_bytes = _audio_counter("u2c_audio_bytes")
+    c2u_audio_frames = _path_counter("c2u_audio_frames")
+    c2u_audio_bytes = _path_counter("c2u_audio_bytes")
+    u2c_audio_frames = _path_counter("u2c_audio_frames")
+    u2c_audio_bytes = _path_counter("u2c_audio_bytes")
+    u2c_json_frames = _path_counter("u2c_json_frames")
+    u2c_json_bytes = _path_counter("u2c_json_bytes")
 
     def __init__(self) -> None:
-        self.audio = AudioCounters()
-        self.c2u_json_frames = self.c2u_json_bytes = self.u2c_json_frames = self.u2c_json_bytes = 0
+        self.path = PathCounters()
+        self.c2u_json_frames = self.c2u_json_bytes = 0
         self.c2u_buffered_bytes = self.u2c_buffered_bytes = 0
         self.c2u_buffered_peak = self.u2c_buffered_peak = 0
         self._flushed = [0] * len(_TRAFFIC_FIELDS)

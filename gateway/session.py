@@ -194,7 +194,7 @@ class RelaySession:
         self._flush_timer: asyncio.TimerHandle | None = None
         # the audio hot path of both directions (its gates stay closed until READY)
         self.path = AudioPath(self._new_coalescer(), self._on_audio_pending)
-        self.stats.audio = self.path  # the path keeps the audio counters
+        self.stats.path = self.path  # the path keeps the counters of what it moves
         self._level_timer: asyncio.TimerHandle | None = None
         # audio (bytes) and commands that arrived before `ready`, in order; created on first use
         # (an empty deque is ~600 B per session, and most clients wait for `ready`)
