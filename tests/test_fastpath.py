@@ -241,6 +241,20 @@ def test_encode_append_meters_the_same_samples(fp):
     assert (rms, peak, clipped) == pure.measure_level(pcm)
 
 
+@pytest.mark.parametrize("rails", [(), (32767,), (-32768,), (32767, -32768, -32767, 32766)])
+def test_encode_append_counts_clipping_wherever_it_is(fp, rails):
+    """The SIMD encoder counts clipped samples only when its peak says there are some: quiet
+    audio with a few samples on the rails, at the start, in the middle and at the end."""
+    samples = np.full(2400, 1000, dtype="<i2")
+    for offset, value in enumerate(rails):
+        for position in (offset, 1200 + offset, 2399 - offset):
+            samples[position] = value
+    meter = fp.LevelMeter()
+    fp.encode_append(samples.tobytes(), meter)
+    assert meter.read()[:3] == pure.measure_level(samples.tobytes())
+    assert pure.measure_level(samples.tobytes())[2] == 3 * sum(1 for v in rails if abs(v) >= 32767)
+
+
 def test_encode_append_reuses_out(fp):
     out = bytearray(b"x" * 5000)
     big, small = random_pcm(2000, 1), random_pcm(10, 2)
