@@ -232,19 +232,28 @@ FP_AVX2 static inline void fp_avx2_level_add_unclipped(fp_level_avx2 *acc, __m25
 }
 
 /* Samples at or beyond the clip level in p[0..n) (n even), counted only if the accumulated
- * peak reached it: one extra pass over data still in L1 when (rarely) some sample did. */
+ * peak reached it: one extra pass, clip count only, over data still in L1. */
 FP_AVX2 static void fp_avx2_level_clips(fp_level_avx2 *acc, const uint8_t *p, size_t n) {
     uint16_t peaks[16];
     uint16_t peak = 0;
-    fp_level counted = {0, 0, 0, 0};
-    int i;
+    size_t i = 0;
+    int k;
     _mm256_storeu_si256((__m256i *)peaks, acc->peak);
-    for (i = 0; i < 16; i++) {
-        if (peaks[i] > peak) peak = peaks[i];
+    for (k = 0; k < 16; k++) {
+        if (peaks[k] > peak) peak = peaks[k];
     }
     if (peak < 32767) return;
-    fp_meter_scalar(p, n, &counted);
-    acc->clipped = _mm256_add_epi32(acc->clipped, _mm256_setr_epi32((int)counted.clipped, 0, 0, 0, 0, 0, 0, 0));
+    for (; i + 32 <= n; i += 32) {
+        const __m256i magnitude = _mm256_abs_epi16(_mm256_loadu_si256((const __m256i *)(p + i)));
+        const __m256i at_clip = _mm256_srli_epi16(_mm256_add_epi16(magnitude, _mm256_set1_epi16(1)), 15);
+        acc->clipped = _mm256_add_epi32(acc->clipped, _mm256_madd_epi16(at_clip, _mm256_set1_epi16(1)));
+    }
+    for (; i + 2 <= n; i += 2) {
+        const int32_t s = fp_s16(p + i);
+        if ((s < 0 ? -s : s) >= FP_CLIP_LEVEL) {
+            acc->clipped = _mm256_add_epi32(acc->clipped, _mm256_setr_epi32(1, 0, 0, 0, 0, 0, 0, 0));
+        }
+    }
 }
 
 FP_AVX2 static inline void fp_avx2_level_finish(fp_level_avx2 *acc, fp_level *lv, size_t samples) {
