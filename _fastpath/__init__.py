@@ -32,6 +32,7 @@ AudioPath = _impl.AudioPath
 ClientLeg = _impl.ClientLeg
 UpstreamLeg = _impl.UpstreamLeg
 binary_frame_header = _impl.binary_frame_header
+release_handshake = _impl.release_handshake
 
 __all__ = [
     "DBFS_FLOOR",
@@ -47,4 +48,5 @@ __all__ = [
     "ClientLeg",
     "UpstreamLeg",
     "binary_frame_header",
+    "release_handshake",
 ]

@@ -47,6 +47,7 @@ def _set_simd(enabled: bool) -> bool:
     """Testing hook: force the scalar kernels (False) or the AVX2 ones where the CPU has them."""
 
 def binary_frame_header(size: int) -> bytes: ...
+def release_handshake(transport: WSTransport) -> None: ...
 
 class AudioPath:
     inbound_open: bool

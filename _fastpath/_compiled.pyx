@@ -897,3 +897,9 @@ cdef class UpstreamLeg(WSListener):
                     path.flush_batch()
                 else:
                     self.on_read_end()
+
+
+def release_handshake(WSTransport transport):
+    """Drop the transport's upgrade request and response (contract: the pure twin)."""
+    transport.request = None
+    transport.response = None

@@ -440,3 +440,11 @@ class UpstreamLeg(WSListener):
 
     def on_read_end(self) -> None:
         raise NotImplementedError
+
+
+def release_handshake(transport) -> None:
+    """Drop a picows transport's HTTP upgrade request and response once the session no longer
+    needs them: picows keeps both (header multidicts and their strings, ~1 KB per socket, and on
+    the upstream socket the request carries the API key) for the life of the connection but
+    never reads them again. The attributes are read-only from Python, so the pure twin leaves
+    them; only the compiled one (which sets them through picows' C declarations) frees them."""

@@ -17,7 +17,7 @@ import orjson
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport, ws_create_server
 from picows.common import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
-from _fastpath import ClientLeg
+from _fastpath import ClientLeg, release_handshake
 from gateway.auth import (AuthRefusal, AuthSettings, ClientAuthenticator, LimitRefusal, OriginPolicy, Principal,
                           Refusal, SessionLimiter, Slot, client_ip, peer_ip)
 from gateway.client_protocol import error_event
@@ -229,6 +229,7 @@ class GatewayServer:
             transport.disconnect()
             return
         listener.slot = slot
+        release_handshake(transport)  # admitted: its upgrade request is not needed any more
         session = RelaySession(self.config, self.upstream_url, listener.model, on_closed=self._forget,
                                metrics=self.metrics)
         listener.session = session

@@ -235,3 +235,24 @@ def test_compiled_transcript_decoder_never_accepts_what_the_parser_rejects(posit
     if got is not None:
         orjson.loads(bytes(frame))  # raises if it is not JSON
         assert got == pure.decode_transcript_delta(bytes(frame))
+
+
+def test_handshakes_are_released_once_the_session_is_up():
+    """picows keeps each socket's upgrade request and response for the connection's life; the
+    gateway drops them once admitted / connected (the upstream request holds the API key). Only
+    the compiled fast path can (the attributes are read-only from Python)."""
+    async def scenario():
+        async with relay() as (gateway, _mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready", timeout=10)
+            (session,) = gateway.sessions
+            legs = (session.client, session.upstream.transport)
+            held = [(leg.request is not None, leg.response is not None) for leg in legs]
+            await client.close()
+            return held
+
+    held = run(scenario(), timeout=20)
+    if _fastpath.IMPLEMENTATION == "compiled":
+        assert held == [(False, False), (False, False)]
+    else:
+        assert held == [(True, True), (True, True)]

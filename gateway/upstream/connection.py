@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport, ws_connect
 from picows.common import WSHandshakeError
 
-from _fastpath import AudioPath, UpstreamLeg
+from _fastpath import AudioPath, UpstreamLeg, release_handshake
 
 from gateway.errors import AuthenticationFailed, ConnectionFailed, GatewayError, UpstreamError
 from gateway.framing import MessageAssembler, MessageTooBig
@@ -147,7 +147,7 @@ class UpstreamConnection:
         where = _safe_location(url)
         try:
             async with asyncio.timeout(timeout_s):
-                await ws_connect(
+                transport, _listener = await ws_connect(
                     lambda: self.listener, url, extra_headers=headers,
                     websocket_handshake_timeout=timeout_s, read_buffer_init_size=READ_BUFFER_INIT_BYTES,
                     max_frame_size=MAX_UPSTREAM_MESSAGE_BYTES, enable_auto_ping=False,
@@ -170,6 +170,7 @@ class UpstreamConnection:
             raise
         except Exception as exc:  # picows/ssl errors: classify, never leak internals beyond the type
             raise ConnectionFailed(f"cannot connect to upstream {where}: {type(exc).__name__}") from None
+        release_handshake(transport)  # its request holds the API key: let it go
         if self.closing:  # closed while connecting
             self.close()
 
