@@ -428,9 +428,9 @@ def median_points(points: list[dict], base: str) -> list[dict]:
             merged.append(next(p for p in points if (p["relay"], p["sessions"]) == key))
             continue
         first = dict(group[0])
-        for field in ("cpu_us_per_session_s", "kernel_us_per_session_s", "rss_kib_per_session",
-                      "relay_cpu_pct", "relay_wait_pct", "upstream_cpu_pct"):
-            first[field] = median(p.get(field) for p in group)
+        for figure in ("cpu_us_per_session_s", "kernel_us_per_session_s", "rss_kib_per_session",
+                       "relay_cpu_pct", "relay_wait_pct", "upstream_cpu_pct"):
+            first[figure] = median(p.get(figure) for p in group)
         first["sessions_per_core"] = round(1e6 / first["cpu_us_per_session_s"]) if first["cpu_us_per_session_s"] else None
         lg = dict(first["loadgen"])
         lg["rtt_ms"] = {q: median(p["loadgen"]["rtt_ms"].get(q) for p in group) for q in ("p50", "p99")}
