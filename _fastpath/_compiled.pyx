@@ -3,8 +3,10 @@
 #
 # Layout: the byte kernels (base64 both ways with PCM16 metering fused in, scalar + AVX2) are C
 # in _kernels.h; this module owns the Python objects: buffers in and out, the JSON scanner of
-# upstream audio deltas, LevelMeter and Coalescer. Every input buffer is acquired with the buffer
-# protocol and released before returning: nothing here keeps a reference to caller memory.
+# upstream audio and transcript deltas, LevelMeter and Coalescer, and the relay's per-frame path
+# (AudioPath and the two picows listener bases, ClientLeg and UpstreamLeg). Every input buffer is
+# acquired with the buffer protocol (or read from picows' frame) and released before returning:
+# nothing here keeps a reference to caller memory.
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Check, PyByteArray_CheckExact
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
