@@ -29,7 +29,8 @@ import logging
 import struct
 import uuid
 from collections import deque
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import orjson
 from picows import WSCloseCode, WSMsgType, WSTransport
@@ -49,6 +50,9 @@ CONNECTING, READY, CLOSED = "connecting", "ready", "closed"
 #: commands (not audio) that may wait for `ready`; beyond this the client gets NotConnected
 MAX_PRE_READY_COMMANDS = 256
 #: seconds a closed client that is not reading gets to take its close frame before it is cut off
+#: items, responses and calls a session remembers for interruption and function-call bookkeeping;
+#: older ones are forgotten, so an hour of conversation keeps the same small footprint
+RECENT = 256
 CLOSE_GRACE_S = 5.0
 _TRUNCATE_PREFIX = "gw_truncate_"
 _UPDATE_PREFIX = "gw_update_"
@@ -205,23 +209,23 @@ class RelaySession:
 
         # upstream -> client audio, per item (the current item's counters live in attributes)
         self.active_response_id: str | None = None
-        self.item_response: dict[str, str] = {}
+        self.item_response: dict[str, str] = {}  # the last RECENT items (so every such dict)
         self._audio_item: str | None = None
         # bytes received from upstream / sent to the client for the current item: the path's
         # `item_generated` / `item_delivered` (the fast path counts there)
         self._audio_started_at = 0.0   # loop time of the current item's first byte
         self._played_ms: float | None = None  # client `playback` report for the current item
         self.audio_bytes: dict[str, tuple[int, int]] = {}  # finished items: (generated, delivered)
-        # sets that most sessions never fill start as one shared empty frozenset (a set is
-        # 216 B): `_added` swaps in a real set on the first add
-        self.interrupted_items: set[str] | frozenset[str] = _EMPTY
-        self.interrupted_responses: set[str] | frozenset[str] = _EMPTY
+        # ordered sets (dicts of None, the last RECENT) that most sessions never fill: they start
+        # as one shared empty mapping (an empty dict is 64 B, a set 216); `_added` makes them
+        self.interrupted_items: Mapping[str, None] = _EMPTY
+        self.interrupted_responses: Mapping[str, None] = _EMPTY
 
         # function calls
-        self._calls_dispatched: set[str] | frozenset[str] = _EMPTY
+        self._calls_dispatched: Mapping[str, None] = _EMPTY
         self._call_names: dict[str, str] = {}
         self._response_calls: dict[str, set[str]] = {}
-        self._answered_calls: set[str] | frozenset[str] = _EMPTY
+        self._answered_calls: Mapping[str, None] = _EMPTY
         self._awaiting_results: dict[str, set[str]] = {}
 
     @property
@@ -657,7 +661,7 @@ class RelaySession:
     def _switch_audio_item(self, item_id: str) -> None:
         path = self.path
         if self._audio_item is not None:
-            self.audio_bytes[self._audio_item] = (path.item_generated, path.item_delivered)
+            _remember(self.audio_bytes, self._audio_item, (path.item_generated, path.item_delivered))
         path.item_generated, path.item_delivered = self.audio_bytes.pop(item_id, (0, 0))
         self._audio_item = item_id
         self._audio_started_at = self.loop.time()
@@ -771,7 +775,7 @@ class RelaySession:
             self.interrupted_responses = _added(self.interrupted_responses, response_id)
             for other, owner in self.item_response.items():
                 if owner == response_id:
-                    self.interrupted_items.add(other)
+                    self.interrupted_items = _added(self.interrupted_items, other)
         self._sync_path()
         log.info("session %s: barge-in, response %s interrupted at %d ms", self.session_id, response_id,
                  audio_end_ms)
@@ -815,12 +819,12 @@ class RelaySession:
         response_id = event.get("response_id")
         item_id = item.get("id")
         if isinstance(item_id, str) and isinstance(response_id, str):
-            self.item_response[item_id] = response_id
+            _remember(self.item_response, item_id, response_id)
             if response_id in self.interrupted_responses:
                 self.interrupted_items = _added(self.interrupted_items, item_id)
                 self._sync_path()
         if item.get("type") == "function_call" and isinstance(item.get("call_id"), str):
-            self._call_names[item["call_id"]] = item.get("name")
+            _remember(self._call_names, item["call_id"], item.get("name"))
 
     def _on_output_item_done(self, event: dict) -> None:
         item = event.get("item") or {}
@@ -839,7 +843,11 @@ class RelaySession:
         self._calls_dispatched = _added(self._calls_dispatched, call_id)
         name = name or self._call_names.get(call_id)
         if isinstance(response_id, str):
-            self._response_calls.setdefault(response_id, set()).add(call_id)
+            calls = self._response_calls.get(response_id)
+            if calls is None:
+                calls = set()
+                _remember(self._response_calls, response_id, calls)
+            calls.add(call_id)
         self._send_client(cp.function_call_event(call_id, name, arguments if isinstance(arguments, str) else ""))
 
     def _on_response_done(self, event: dict) -> None:
@@ -856,9 +864,9 @@ class RelaySession:
         self._send_client(cp.response_done_event(response_id, status, response.get("usage")))
         calls = self._response_calls.pop(response_id, None) if isinstance(response_id, str) else None
         if calls:
-            waiting = calls - self._answered_calls
+            waiting = calls - self._answered_calls.keys()
             if waiting:
-                self._awaiting_results[response_id] = waiting
+                _remember(self._awaiting_results, response_id, waiting)
             else:  # every result arrived before the response finished
                 self._send_upstream({"type": "response.create"})
 
@@ -1024,15 +1032,24 @@ _COMMAND_HANDLERS: dict[type, Callable[[RelaySession, Any], None]] = {
 }
 
 
-_EMPTY: frozenset = frozenset()
+_EMPTY: Mapping = MappingProxyType({})
 
 
-def _added(items: set | frozenset, item) -> set:
-    """`items` with `item` added: the set itself, or a new one in place of the shared `_EMPTY`."""
+def _added(items: Mapping[str, None], item: str) -> dict[str, None]:
+    """`items` (an ordered set: a dict of None) with `item` added: the dict itself, or a new one
+    in place of the shared `_EMPTY`; past RECENT entries the oldest is forgotten."""
     if items is _EMPTY:
-        return {item}
-    items.add(item)
+        return {item: None}
+    _remember(items, item, None)
     return items
+
+
+def _remember(memory: dict, key, value) -> None:
+    """`memory[key] = value`, forgetting the oldest entry past RECENT (dicts keep insertion
+    order; re-setting a key keeps its place)."""
+    memory[key] = value
+    if len(memory) > RECENT:
+        del memory[next(iter(memory))]
 
 
 def _ignore_message(payload) -> None:

@@ -1,0 +1,56 @@
+"""A long conversation keeps a bounded footprint: the session remembers the last RECENT items,
+responses and calls for interruption and function-call bookkeeping, never all of them."""
+from __future__ import annotations
+
+import asyncio
+
+from gateway.config import NodeConfig
+from gateway.session import RECENT, RelaySession
+from tests.support import run
+
+ROUNDS = 3 * RECENT
+
+
+def _session() -> RelaySession:
+    node = NodeConfig(host="127.0.0.1", port=0, upstream="openai", upstream_url="ws://127.0.0.1:9/v1/realtime",
+                      api_key="test-key-1")
+    return RelaySession(node, node.upstream_url, None)
+
+
+def test_bookkeeping_keeps_only_the_most_recent_entries():
+    async def scenario():
+        session = _session()
+        for n in range(ROUNDS):
+            response_id, item_id, call_id = f"resp_{n}", f"item_{n}", f"call_{n}"
+            session._on_output_item_added({"response_id": response_id, "item": {
+                "id": item_id, "type": "function_call", "call_id": call_id, "name": "lookup"}})
+            session._switch_audio_item(item_id)
+            session._dispatch_call(call_id, "lookup", "{}", response_id)
+        for name in ("item_response", "audio_bytes", "_call_names", "_response_calls", "_calls_dispatched"):
+            remembered = getattr(session, name)
+            assert len(remembered) <= RECENT, (name, len(remembered))
+        last = ROUNDS - 1
+        assert session.item_response[f"item_{last}"] == f"resp_{last}"  # the recent ones stay
+        assert f"call_{last}" in session._calls_dispatched and "call_0" not in session._calls_dispatched
+        assert f"item_{last - 1}" in session.audio_bytes and "item_0" not in session.audio_bytes
+        await asyncio.sleep(0)
+
+    run(scenario(), timeout=20)
+
+
+def test_interruption_marks_stay_bounded_and_recent():
+    async def scenario():
+        session = _session()
+        for n in range(ROUNDS):
+            session._on_output_item_added({"response_id": f"resp_{n}", "item": {"id": f"item_{n}"}})
+            session._switch_audio_item(f"item_{n}")
+            session.path.item_delivered = 4800  # 100 ms delivered and being played
+            session.active_response_id = f"resp_{n}"
+            session._interrupt_if_playing()
+        assert len(session.interrupted_items) <= RECENT and len(session.interrupted_responses) <= RECENT
+        last = ROUNDS - 1
+        assert f"item_{last}" in session.interrupted_items and f"resp_{last}" in session.interrupted_responses
+        assert "item_0" not in session.interrupted_items
+        await asyncio.sleep(0)
+
+    run(scenario(), timeout=20)
