@@ -50,7 +50,6 @@ def binary_frame_header(size: int) -> bytes: ...
 def release_handshake(transport: WSTransport) -> None: ...
 
 class AudioPath:
-    inbound_open: bool
     coalescer: Coalescer
     upstream: WSTransport | None
     flush_armed: bool

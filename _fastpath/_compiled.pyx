@@ -745,7 +745,6 @@ def binary_frame_header(size):
 cdef class AudioPath:
     """One session's audio, both directions, moved without calling the session (contract: the
     pure twin). Fields are C-typed; the session reads and sets them as attributes."""
-    cdef public bint inbound_open
     cdef public Coalescer coalescer
     cdef public WSTransport upstream
     cdef public bint flush_armed
@@ -770,7 +769,7 @@ cdef class AudioPath:
         self.batch = []
 
     def client_audio(self, pcm):
-        """A client binary frame (read only during the call), with `inbound_open`."""
+        """A client binary frame (read only during the call), while `upstream` is set."""
         cdef Py_buffer view
         _get_pcm_buffer(pcm, &view)
         try:
@@ -850,7 +849,7 @@ cdef class ClientLeg(WSListener):
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef AudioPath path = self.path
-        if path is not None and path.inbound_open and frame.msg_type == WSMsgType.BINARY and frame.fin \
+        if path is not None and path.upstream is not None and frame.msg_type == WSMsgType.BINARY and frame.fin \
                 and not self.assembling and frame.payload_size <= self.max_audio_bytes:
             try:
                 path._client_audio(frame.payload_ptr, frame.payload_size)

@@ -271,28 +271,27 @@ class AudioPath:
     The session owns it and opens or closes its two gates whenever its own state changes; the
     socket legs (`ClientLeg`, `UpstreamLeg`) only read the gates, move the audio and add to the
     counters. While a gate is closed the legs hand the frame to the session instead, which does
-    the same work (and more) in Python.
+    the same work (and more) in Python. It keeps the session's counters of what it moves
+    (`c2u_audio_frames`, `c2u_audio_bytes`, `u2c_audio_frames`, `u2c_audio_bytes`,
+    `u2c_json_frames`, `u2c_json_bytes`; the session's stats read them from here).
 
-    It keeps the session's counters of what it moves (`c2u_audio_frames`, `c2u_audio_bytes`,
-    `u2c_audio_frames`, `u2c_audio_bytes`, `u2c_json_frames`, `u2c_json_bytes`; the session's
-    stats read them from here).
-
-    Client to upstream, while `inbound_open`: `client_audio(pcm)` counts the frame, pushes it into `coalescer` and sends what that
-    emits to `upstream` (zero-copy; dropped if that socket is gone or closing, like any send of
-    the session's). Whenever "whole samples are pending" differs from `flush_armed`, it calls
+    Client to upstream, while `upstream` is set (the session sets it only while it is ready):
+    `client_audio(pcm)` counts the frame, pushes it into `coalescer` and sends what that emits to
+    `upstream` (zero-copy; dropped if that socket is gone or closing, like any send of the
+    session's). Whenever "whole samples are pending" differs from `flush_armed`, it calls
     `on_pending()`, where the session arms or cancels its flush timer and sets `flush_armed`.
 
     Upstream to client, for the audio of item `outbound_item` (None: none): `upstream_audio`
     adds the PCM to `item_generated` and `item_delivered` (what interruption truncates by) and
-    counts it, and appends it to `batch` as a binary
-    frame (header, payload) with `batching` set; `upstream_transcript` does the same for the
-    `transcript` event of a transcript delta of that item (see `decode_transcript_delta`),
-    counted as an upstream JSON message of `message_bytes`. `batch` collects what the client gets during
-    one upstream read (the session appends its own events while `batching`); `flush_batch()`
-    writes it to `client` in one go at the end of the read.
+    counts it, and appends it to `batch` as a binary frame (header, payload) with `batching` set;
+    `upstream_transcript` does the same for the `transcript` event of a transcript delta of that
+    item (see `decode_transcript_delta`), counted as an upstream JSON message of `message_bytes`.
+    `batch` collects what the client gets during one upstream read (the session appends its own
+    events while `batching`); `flush_batch()` writes it to `client` in one go at the end of the
+    read.
     """
 
-    __slots__ = ("inbound_open", "coalescer", "upstream", "flush_armed", "on_pending",
+    __slots__ = ("coalescer", "upstream", "flush_armed", "on_pending",
                  "outbound_item", "item_generated", "item_delivered", "output_meter", "client",
                  "batch", "batching", "c2u_audio_frames", "c2u_audio_bytes", "u2c_audio_frames",
                  "u2c_audio_bytes", "u2c_json_frames", "u2c_json_bytes")
@@ -302,7 +301,6 @@ class AudioPath:
         self.u2c_json_frames = self.u2c_json_bytes = 0
         self.coalescer = coalescer
         self.on_pending = on_pending
-        self.inbound_open = False
         self.upstream = None
         self.flush_armed = False
         self.outbound_item: str | None = None
@@ -314,7 +312,7 @@ class AudioPath:
         self.batching = False
 
     def client_audio(self, pcm) -> None:
-        """A client binary frame (read only during the call), with `inbound_open`."""
+        """A client binary frame (read only during the call), while `upstream` is set."""
         self.c2u_audio_frames += 1
         self.c2u_audio_bytes += len(pcm)
         coalescer = self.coalescer
@@ -367,8 +365,9 @@ class AudioPath:
 
 class ClientLeg(WSListener):
     """Base of the client socket's listener: a whole binary frame of at most `max_audio_bytes`
-    goes through `path` while its inbound gate is open (and no fragmented message is being
-    assembled: the subclass keeps `assembling`); every other frame goes to `on_frame`."""
+    goes through `path` while its inbound gate is open (`path.upstream` set, and no fragmented
+    message being assembled: the subclass keeps `assembling`); every other frame goes to
+    `on_frame`."""
 
     def __init__(self) -> None:
         self.path: AudioPath | None = None
@@ -377,7 +376,7 @@ class ClientLeg(WSListener):
 
     def on_ws_frame(self, transport, frame) -> None:
         path = self.path
-        if path is not None and path.inbound_open and frame.msg_type is _BINARY and frame.fin \
+        if path is not None and path.upstream is not None and frame.msg_type is _BINARY and frame.fin \
                 and not self.assembling and frame.payload_size <= self.max_audio_bytes:
             try:
                 path.client_audio(frame.get_payload_as_memoryview())

@@ -256,8 +256,8 @@ class RelaySession:
         needs the session for it (not interrupted, client reading, no reply latency to time)."""
         path = self.path
         upstream = self.upstream
+        # the inbound gate: client audio goes the fast way while the path has an upstream
         path.upstream = upstream.transport if self.state is READY and upstream is not None else None
-        path.inbound_open = path.upstream is not None
         item = self._audio_item
         if item is None or self.state is CLOSED or self.client is None or self._client_paused \
                 or self._turn_end is not None or item in self.interrupted_items:
