@@ -31,7 +31,7 @@ Coalescer = _impl.Coalescer
 AudioPath = _impl.AudioPath
 ClientLeg = _impl.ClientLeg
 UpstreamLeg = _impl.UpstreamLeg
-binary_frame_header = _impl.binary_frame_header
+frame_header = _impl.frame_header
 release_handshake = _impl.release_handshake
 
 __all__ = [
@@ -47,6 +47,6 @@ __all__ = [
     "AudioPath",
     "ClientLeg",
     "UpstreamLeg",
-    "binary_frame_header",
+    "frame_header",
     "release_handshake",
 ]

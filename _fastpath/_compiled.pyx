@@ -735,11 +735,11 @@ cdef object _frame_header(unsigned char first_byte, Py_ssize_t size):
     return PyBytes_FromStringAndSize(<const char*>header, length)
 
 
-def binary_frame_header(size):
-    """RFC 6455 header of a final, unmasked binary frame of `size` bytes (server to client)."""
+def frame_header(first_byte, size):
+    """Header of an unmasked (server-to-client) WebSocket frame (contract: the pure twin)."""
     if size < 0:
         raise ValueError("size must be >= 0")
-    return _frame_header(0x82, size)
+    return _frame_header(first_byte, size)
 
 
 cdef class AudioPath:

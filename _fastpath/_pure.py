@@ -179,7 +179,12 @@ def decode_transcript_delta(payload) -> tuple[str, bytes | None] | None:
     return item_id, orjson.dumps(out)
 
 
-def _frame_header(first_byte: int, size: int) -> bytes:
+def frame_header(first_byte: int, size: int) -> bytes:
+    """Header of an unmasked (server-to-client) WebSocket frame carrying `size` payload bytes:
+    `first_byte` (FIN + opcode: 0x82 binary, 0x81 text), then the length in 7, 7+16 or 7+64
+    bits (RFC 6455 §5.2)."""
+    if size < 0:
+        raise ValueError("size must be >= 0")
     if size < 126:
         return bytes((first_byte, size))
     if size < 65536:
@@ -258,13 +263,6 @@ class Coalescer:
 
 # ------------------------------------------------------------------ the relay's per-frame path
 
-def binary_frame_header(size: int) -> bytes:
-    """RFC 6455 header of a final, unmasked binary frame of `size` bytes (server to client)."""
-    if size < 0:
-        raise ValueError("size must be >= 0")
-    return _frame_header(0x82, size)
-
-
 class AudioPath:
     """One session's audio, both directions, moved without calling the session.
 
@@ -334,7 +332,7 @@ class AudioPath:
         self.u2c_audio_frames += 1
         self.u2c_audio_bytes += size
         self.batching = True
-        self.batch.append(binary_frame_header(size))
+        self.batch.append(frame_header(0x82, size))
         self.batch.append(pcm)
         return True
 
@@ -346,7 +344,7 @@ class AudioPath:
         self.u2c_json_bytes += message_bytes
         if event is not None:
             self.batching = True
-            self.batch.append(_frame_header(0x81, len(event)))
+            self.batch.append(frame_header(0x81, len(event)))
             self.batch.append(event)
         return True
 

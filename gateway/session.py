@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 import uuid
 from collections import deque
 from types import MappingProxyType
@@ -35,7 +34,7 @@ from typing import Any, Callable, Mapping
 import orjson
 from picows import WSCloseCode, WSMsgType, WSTransport
 
-from _fastpath import HEADER_ROOM, AudioPath, Coalescer, LevelMeter
+from _fastpath import HEADER_ROOM, AudioPath, Coalescer, LevelMeter, frame_header
 from gateway import client_protocol as cp
 from gateway.config import NodeConfig
 from gateway.metrics import GatewayMetrics, SessionStats
@@ -61,18 +60,6 @@ _TEXT = WSMsgType.TEXT
 #: first byte of a server-to-client frame (FIN + opcode), RFC 6455 §5.2
 _FIN_BINARY = 0x82
 _FIN_TEXT = 0x81
-_LENGTH_16 = struct.Struct("!BBH").pack
-_LENGTH_64 = struct.Struct("!BBQ").pack
-
-
-def _frame_header(first_byte: int, size: int) -> bytes:
-    """Header of an unmasked (server-to-client) WebSocket frame carrying `size` payload bytes:
-    FIN + opcode, then the length in 7, 7+16 or 7+64 bits (RFC 6455 §5.2)."""
-    if size < 126:
-        return bytes((first_byte, size))
-    if size < 65536:
-        return _LENGTH_16(first_byte, 126, size)
-    return _LENGTH_64(first_byte, 127, size)
 
 #: how a session ended, for the sessions_total{outcome} metric, by the error that ended it
 _OUTCOME_BY_CODE = {"AuthenticationFailed": "upstream_auth_failed", "ConnectionFailed": "upstream_failed",
@@ -653,7 +640,7 @@ class RelaySession:
                 self._queue_for_client(_BINARY, pcm, True)
             elif path.batching:
                 batch = path.batch
-                batch.append(_frame_header(_FIN_BINARY, size))
+                batch.append(frame_header(_FIN_BINARY, size))
                 batch.append(pcm)
             else:
                 client.send(_BINARY, pcm)
@@ -914,7 +901,7 @@ class RelaySession:
                 self._queue_for_client(_TEXT, data, False)
             elif self.path.batching:
                 batch = self.path.batch
-                batch.append(_frame_header(_FIN_TEXT, len(data)))
+                batch.append(frame_header(_FIN_TEXT, len(data)))
                 batch.append(data)
             else:
                 client.send(_TEXT, data)

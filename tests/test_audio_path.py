@@ -33,8 +33,8 @@ def fp(request):
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 4800, 65535, 65536, 1 << 20])
 def test_binary_frame_header_is_rfc6455(fp, size):
-    header = fp.binary_frame_header(size)
-    assert header == pure.binary_frame_header(size)
+    header = fp.frame_header(0x82, size)
+    assert header == pure.frame_header(0x82, size)
     assert header[0] == 0x82  # FIN + binary, unmasked (server to client)
     if size < 126:
         assert header[1:] == bytes([size])
