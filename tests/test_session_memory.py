@@ -2,8 +2,6 @@
 responses and calls for interruption and function-call bookkeeping, never all of them."""
 from __future__ import annotations
 
-import asyncio
-
 from gateway.config import NodeConfig
 from gateway.session import RECENT, RelaySession
 from tests.support import run
@@ -12,6 +10,8 @@ ROUNDS = 3 * RECENT
 
 
 def _session() -> RelaySession:
+    """A session that never attaches a client: its handlers are driven directly (it needs the
+    running loop, hence the scenarios below are coroutines)."""
     node = NodeConfig(host="127.0.0.1", port=0, upstream="openai", upstream_url="ws://127.0.0.1:9/v1/realtime",
                       api_key="test-key-1")
     return RelaySession(node, node.upstream_url, None)
@@ -33,7 +33,6 @@ def test_bookkeeping_keeps_only_the_most_recent_entries():
         assert session.item_response[f"item_{last}"] == f"resp_{last}"  # the recent ones stay
         assert f"call_{last}" in session._calls_dispatched and "call_0" not in session._calls_dispatched
         assert f"item_{last - 1}" in session.audio_bytes and "item_0" not in session.audio_bytes
-        await asyncio.sleep(0)
 
     run(scenario(), timeout=20)
 
@@ -51,6 +50,5 @@ def test_interruption_marks_stay_bounded_and_recent():
         last = ROUNDS - 1
         assert f"item_{last}" in session.interrupted_items and f"resp_{last}" in session.interrupted_responses
         assert "item_0" not in session.interrupted_items
-        await asyncio.sleep(0)
 
     run(scenario(), timeout=20)
