@@ -30,6 +30,7 @@ Coalescer = _impl.Coalescer
 # the relay's per-frame path: a session's audio state and the two socket-leg listener bases
 AudioPath = _impl.AudioPath
 ClientLeg = _impl.ClientLeg
+DirectReader = _impl.DirectReader
 UpstreamLeg = _impl.UpstreamLeg
 frame_header = _impl.frame_header
 release_handshake = _impl.release_handshake
@@ -46,6 +47,7 @@ __all__ = [
     "Coalescer",
     "AudioPath",
     "ClientLeg",
+    "DirectReader",
     "UpstreamLeg",
     "frame_header",
     "release_handshake",

@@ -1,5 +1,5 @@
 """Type stub of the compiled `_fastpath`; contracts are documented in `_fastpath/_pure.py`."""
-from typing import Callable
+from typing import Any, Callable
 
 from picows import WSFrame, WSListener, WSTransport
 from typing_extensions import Buffer
@@ -61,6 +61,7 @@ class AudioPath:
     client: WSTransport | None
     batch: list[bytes]
     batching: bool
+    reader: DirectReader | None
     c2u_audio_frames: int
     c2u_audio_bytes: int
     u2c_audio_frames: int
@@ -73,13 +74,30 @@ class AudioPath:
     def upstream_transcript(self, item_id: str, event: bytes | None, message_bytes: int) -> bool: ...
     def flush_batch(self) -> None: ...
 
-class ClientLeg(WSListener):
+class DirectReader:
+    def __init__(self, loop: Any) -> None: ...
+    @property
+    def attached(self) -> int: ...
+    def close(self) -> None: ...
+    def poll(self) -> None: ...
+
+class DirectLeg(WSListener):
+    reads_held: bool
+    @property
+    def direct_frames(self) -> int: ...
+    @property
+    def reading_directly(self) -> bool: ...
+    def hold_reads(self) -> None: ...
+    def release_reads(self) -> None: ...
+    def forget_reads(self) -> None: ...
+
+class ClientLeg(DirectLeg):
     path: AudioPath | None
     assembling: bool
     max_audio_bytes: int
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None: ...
 
-class UpstreamLeg(WSListener):
+class UpstreamLeg(DirectLeg):
     path: AudioPath | None
     assembling: bool
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None: ...

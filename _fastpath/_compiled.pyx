@@ -4,8 +4,9 @@
 # Layout: the byte kernels (base64 both ways with PCM16 metering fused in, scalar + AVX2) are C
 # in _kernels.h; this module owns the Python objects: buffers in and out, the JSON scanner of
 # upstream audio and transcript deltas, LevelMeter and Coalescer, and the relay's per-frame path
-# (AudioPath and the two picows listener bases, ClientLeg and UpstreamLeg). Every input buffer is
-# acquired with the buffer protocol (or read from picows' frame) and released before returning:
+# (AudioPath; the two picows listener bases, ClientLeg and UpstreamLeg; DirectReader, which reads
+# their sockets itself once audio flows). Every input buffer is acquired with the buffer protocol
+# (or read from picows' frame or the reader's buffer) and released or consumed before returning:
 # nothing here keeps a reference to caller memory.
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Check, PyByteArray_CheckExact
@@ -13,8 +14,10 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromSt
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DecodeASCII
 from libc.math cimport log10, sqrt
-from libc.stdint cimport uint8_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.errno cimport EAGAIN, EINTR, errno
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset
+from posix.unistd cimport close as close_fd
 # picows' own declarations: the legs below subclass its listener and call its transports
 # through their C vtables (no Python call per frame). The layout must match the installed
 # picows exactly, which is why pyproject pins one picows version for the build and the run.
@@ -37,6 +40,27 @@ cdef extern from "Python.h":
     bint PyUnicode_IS_COMPACT_ASCII(object obj)
     void* PyUnicode_DATA(object obj)
     Py_ssize_t PyUnicode_GET_LENGTH(object obj)
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        int fd
+        uint64_t u64
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    enum:
+        EPOLLIN
+        EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
+    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t recv(int fd, void* buf, size_t size, int flags)
 
 
 cdef extern from "_kernels.h" nogil:
@@ -762,6 +786,7 @@ cdef class AudioPath:
     cdef public long long u2c_audio_bytes
     cdef public long long u2c_json_frames
     cdef public long long u2c_json_bytes
+    cdef public DirectReader reader
 
     def __init__(self, Coalescer coalescer, on_pending):
         self.coalescer = coalescer
@@ -835,14 +860,262 @@ cdef class AudioPath:
             del self.batch[:]
 
 
-cdef class ClientLeg(WSListener):
+cdef enum:
+    # one recv per ready socket; a client frame larger than what is left goes to picows whole
+    DIRECT_READ_BYTES = 65536
+    DIRECT_EVENTS = 64
+
+
+cdef inline void _unmask(uint8_t* data, Py_ssize_t size, const uint8_t* key) noexcept nogil:
+    cdef uint8_t key8[8]
+    cdef uint64_t key64, word
+    cdef Py_ssize_t i = 0
+    memcpy(key8, key, 4)
+    memcpy(key8 + 4, key, 4)
+    memcpy(&key64, key8, 8)
+    while i + 8 <= size:
+        memcpy(&word, data + i, 8)
+        word ^= key64
+        memcpy(data + i, &word, 8)
+        i += 8
+    while i < size:
+        data[i] ^= key[i & 3]
+        i += 1
+
+
+cdef class DirectReader:
+    """Reads the attached sockets of one event loop itself (contract: the pure twin).
+
+    One epoll set, watched by the loop as a single reader: each wake-up drains up to 64 ready
+    sockets with one `recv` each into one shared buffer, and each leg relays the whole frames
+    it recognises in C. Through uvloop and picows a read costs two Python-level calls, a
+    memoryview and a frame object besides the syscall.
+    """
+    cdef int _epfd
+    cdef dict _legs          # fd -> attached DirectLeg
+    cdef char* _buf
+    cdef object _loop
+
+    def __init__(self, loop):
+        self._epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self._epfd < 0:
+            raise OSError(errno, "epoll_create1 failed")
+        self._legs = {}
+        self._buf = <char*>PyMem_Realloc(NULL, DIRECT_READ_BYTES)
+        if self._buf == NULL:
+            raise MemoryError()
+        self._loop = loop
+        loop.add_reader(self._epfd, self.poll)
+
+    def __dealloc__(self):
+        PyMem_Free(self._buf)
+        if self._epfd >= 0:
+            close_fd(self._epfd)
+
+    @property
+    def attached(self):
+        """How many sockets are read here now."""
+        return len(self._legs)
+
+    def close(self):
+        """Stop: every attached socket goes back to its transport."""
+        cdef DirectLeg leg
+        for leg in list(self._legs.values()):
+            leg._detach(not leg.reads_held)
+        if self._epfd >= 0:
+            self._loop.remove_reader(self._epfd)
+            close_fd(self._epfd)
+            self._epfd = -1
+
+    def poll(self):
+        cdef epoll_event events[DIRECT_EVENTS]
+        cdef int count, i
+        if self._epfd < 0:
+            return
+        count = epoll_wait(self._epfd, events, DIRECT_EVENTS, 0)
+        for i in range(count):
+            leg = self._legs.get(events[i].data.fd)
+            if leg is not None:
+                (<DirectLeg>leg)._read(self._buf, DIRECT_READ_BYTES)
+
+    cdef bint _add(self, int fd, DirectLeg leg) except -1:
+        cdef epoll_event event
+        if self._epfd < 0:
+            return False
+        memset(&event, 0, sizeof(event))
+        event.events = EPOLLIN
+        event.data.fd = fd
+        if epoll_ctl(self._epfd, EPOLL_CTL_ADD, fd, &event) != 0:
+            return False
+        self._legs[fd] = leg
+        return True
+
+    cdef void _remove(self, int fd, DirectLeg leg) noexcept:
+        # the socket may already be closed (the kernel then dropped it from the set itself) and
+        # its number even reused by a newer leg: only the leg that owns the entry removes it
+        if self._legs.get(fd) is leg:
+            del self._legs[fd]
+            if self._epfd >= 0:
+                epoll_ctl(self._epfd, EPOLL_CTL_DEL, fd, NULL)
+
+
+cdef inline Py_ssize_t _whole_frame(const uint8_t* head, Py_ssize_t available, uint8_t first_byte,
+                                    bint masked, Py_ssize_t* payload_size) noexcept nogil:
+    """Header size of the whole frame at `head` if it starts with `first_byte`, is masked as
+    asked and is complete within `available` (its payload size in `payload_size`); else 0."""
+    cdef Py_ssize_t header = 2, size
+    if available < 2 or head[0] != first_byte or (head[1] >> 7) != masked:
+        return 0
+    size = head[1] & 0x7F
+    if size == 126:
+        if available < 4:
+            return 0
+        size = (<Py_ssize_t>head[2] << 8) | head[3]
+        header = 4
+    elif size == 127:
+        # nothing the legs relay needs more than 31 bits of length
+        if available < 10 or head[2] or head[3] or head[4] or head[5] or head[6] & 0x80:
+            return 0
+        size = ((<Py_ssize_t>head[6] << 24) | (<Py_ssize_t>head[7] << 16)
+                | (<Py_ssize_t>head[8] << 8) | head[9])
+        header = 10
+    if masked:
+        header += 4
+    if available - header < size:
+        return 0
+    payload_size[0] = size
+    return header
+
+
+cdef class DirectLeg(WSListener):
+    """A picows listener whose socket can be read by a `DirectReader` instead of its transport
+    (contract: the pure twin's ClientLeg). `_frame` (per leg) relays one whole frame from the
+    reader's buffer or declines it; the first frame declined, end of stream and a session's
+    `hold_reads` give the socket back to the transport, the unread bytes handed to picows in
+    order, and the leg attaches again after the next frame picows delivers that it could have
+    taken itself and that left picows' buffer empty."""
+    cdef public bint reads_held
+    cdef readonly long long direct_frames
+    cdef int _fd
+    cdef WSTransport _transport
+    cdef DirectReader _reader
+
+    def __init__(self):
+        self.reads_held = False
+        self.direct_frames = 0
+        self._fd = -1
+
+    @property
+    def reading_directly(self):
+        return self._fd >= 0
+
+    cpdef hold_reads(self):
+        """Backpressure: the socket goes back to its transport (whose reading the caller
+        pauses) and stays there until `release_reads`."""
+        self.reads_held = True
+        if self._fd >= 0:
+            self._detach(False)
+
+    cpdef release_reads(self):
+        self.reads_held = False
+
+    cpdef forget_reads(self):
+        """The socket is gone: drop it from the reader (no transport call)."""
+        if self._fd >= 0:
+            self._reader._remove(self._fd, self)
+            self._fd = -1
+        self._transport = None
+        self._reader = None
+
+    cdef inline int _maybe_attach(self, DirectReader reader, WSTransport transport, WSFrame frame) except -1:
+        cdef int fd
+        if reader is None or self._fd >= 0 or frame.tail_size != 0 or self.reads_held \
+                or transport.is_secure or transport.is_disconnected or transport.is_close_frame_sent:
+            return 0
+        fd = transport._socket
+        if reader._add(fd, self):
+            self._fd = fd
+            self._transport = transport
+            self._reader = reader
+            transport.underlying_transport.pause_reading()
+        return 0
+
+    cdef int _detach(self, bint resume) except -1:
+        cdef WSTransport transport = self._transport
+        if self._fd >= 0:
+            self._reader._remove(self._fd, self)
+            self._fd = -1
+        if resume and transport is not None and not transport.is_disconnected:
+            transport.underlying_transport.resume_reading()
+        return 0
+
+    cdef Py_ssize_t _frame(self, char* data, Py_ssize_t available) except -1:
+        return 0
+
+    cdef int _read_end(self) except -1:
+        return 0
+
+    cdef int _read(self, char* buf, Py_ssize_t capacity) except -1:
+        cdef Py_ssize_t received = recv(self._fd, buf, capacity, 0)
+        cdef Py_ssize_t pos = 0, used
+        if received < 0:
+            if errno == EAGAIN or errno == EINTR:  # EWOULDBLOCK is EAGAIN on Linux
+                return 0
+            received = 0  # an error: the transport reads again and reports it (or end of stream)
+        try:
+            while pos < received:
+                used = self._frame(buf + pos, received - pos)
+                if used == 0:
+                    break
+                pos += used
+                self.direct_frames += 1
+                if self._fd < 0:  # the frame's consequences took the socket back (closed or held)
+                    break
+        except Exception:
+            # what picows does when a listener raises (disconnect_on_exception): the stream
+            # can no longer be trusted to be in step with the session
+            log.exception("error relaying a frame read directly: closing the socket")
+            if self._transport is not None:
+                self._transport.disconnect()
+        finally:
+            self._read_end()
+        if pos < received or received == 0 or self._fd < 0:
+            self._hand_back(buf + pos, received - pos)
+        return 0
+
+    cdef int _hand_back(self, char* data, Py_ssize_t size) except -1:
+        """Give the socket back to its transport, and `data` (the unread rest) to picows."""
+        cdef WSTransport transport = self._transport
+        cdef Py_buffer view
+        cdef Py_ssize_t take
+        self._detach(not self.reads_held)
+        if size == 0 or transport is None or transport.is_disconnected:
+            return 0
+        protocol = transport.underlying_transport.get_protocol()
+        while size > 0:
+            PyObject_GetBuffer(protocol.get_buffer(-1), &view, PyBUF_SIMPLE)
+            take = min(size, view.len)
+            if take <= 0:  # picows keeps free room after every update; never spin if it did not
+                PyBuffer_Release(&view)
+                raise RuntimeError("picows offered no read buffer")
+            memcpy(view.buf, data, take)
+            PyBuffer_Release(&view)
+            protocol.buffer_updated(take)
+            data += take
+            size -= take
+        return 0
+
+
+cdef class ClientLeg(DirectLeg):
     """Base of the client socket's listener (contract: the pure twin). picows calls
-    `on_ws_frame` through its C vtable: an audio frame is relayed without running Python."""
+    `on_ws_frame` through its C vtable: an audio frame is relayed without running Python, and
+    once one leaves picows' buffer empty the socket is read by the path's `reader`, if any."""
     cdef public AudioPath path
     cdef public bint assembling
     cdef public Py_ssize_t max_audio_bytes
 
     def __init__(self):
+        DirectLeg.__init__(self)
         self.path = None
         self.assembling = False
         self.max_audio_bytes = 0
@@ -855,40 +1128,64 @@ cdef class ClientLeg(WSListener):
                 path._client_audio(frame.payload_ptr, frame.payload_size)
             except Exception:  # a bug must not take the socket down silently: log it, go on
                 log.exception("error relaying client audio")
+            self._maybe_attach(path.reader, transport, frame)
         else:
             self.on_frame(transport, frame)
 
+    cdef Py_ssize_t _frame(self, char* data, Py_ssize_t available) except -1:
+        """Relay one whole, masked, unfragmented binary frame within the limits; 0: decline."""
+        cdef Py_ssize_t header, size
+        cdef AudioPath path = self.path
+        header = _whole_frame(<const uint8_t*>data, available, 0x82, True, &size)
+        if header == 0 or size > self.max_audio_bytes or self.assembling or path is None or path.upstream is None:
+            return 0
+        _unmask(<uint8_t*>data + header, size, <const uint8_t*>data + header - 4)
+        try:
+            path._client_audio(data + header, size)
+        except Exception:  # a bug must not take the socket down silently: log it, go on
+            log.exception("error relaying client audio")
+        return header + size
 
-cdef class UpstreamLeg(WSListener):
+
+cdef class UpstreamLeg(DirectLeg):
     """Base of the upstream socket's listener (contract: the pure twin). Audio deltas for the
-    open item are decoded and batched for the client without running Python."""
+    open item are decoded and batched for the client without running Python; while the path
+    has a `reader` and the socket is plain TCP, the reader reads it."""
     cdef public AudioPath path
     cdef public bint assembling
 
     def __init__(self):
+        DirectLeg.__init__(self)
         self.path = None
         self.assembling = False
 
+    cdef int _relay(self, AudioPath path, const char* payload, Py_ssize_t size) except -1:
+        """Relay a delta for the open item: 1 taken, -2 a delta for another item (given to
+        `on_audio`), 0 anything else (the caller hands it on)."""
+        cdef DeltaFields fields
+        cdef object taken
+        memset(&fields, 0, sizeof(fields))
+        if not _scan_delta(payload, payload + size, &fields):
+            return 0
+        if fields.kind == AUDIO_DELTA:
+            taken = _audio_of(&fields, path.output_meter)
+            if taken is None:
+                return 0
+            if not path._upstream_audio((<tuple>taken)[0], (<tuple>taken)[1]):
+                self.on_audio((<tuple>taken)[0], (<tuple>taken)[1])
+            return 1
+        taken = _transcript_of(&fields)
+        if taken is None or not path._upstream_transcript((<tuple>taken)[0], (<tuple>taken)[1], size):
+            return 0
+        return 1
+
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef AudioPath path = self.path
-        cdef DeltaFields fields
-        cdef object taken = None
         try:
             if frame.msg_type == WSMsgType.TEXT and frame.fin and not self.assembling:
-                if path is not None:
-                    memset(&fields, 0, sizeof(fields))
-                    if _scan_delta(frame.payload_ptr, frame.payload_ptr + frame.payload_size, &fields):
-                        if fields.kind == AUDIO_DELTA:
-                            taken = _audio_of(&fields, path.output_meter)
-                            if taken is not None and not path._upstream_audio((<tuple>taken)[0], (<tuple>taken)[1]):
-                                self.on_audio((<tuple>taken)[0], (<tuple>taken)[1])
-                                return
-                        else:
-                            taken = _transcript_of(&fields)
-                            if taken is not None and not path._upstream_transcript(
-                                    (<tuple>taken)[0], (<tuple>taken)[1], frame.payload_size):
-                                taken = None
-                if taken is None:
+                if path is not None and self._relay(path, frame.payload_ptr, frame.payload_size):
+                    self._maybe_attach(path.reader, transport, frame)
+                else:
                     self.on_event(frame.get_payload_as_memoryview())
             else:
                 self.on_other_frame(transport, frame)
@@ -898,6 +1195,21 @@ cdef class UpstreamLeg(WSListener):
                     path.flush_batch()
                 else:
                     self.on_read_end()
+
+    cdef Py_ssize_t _frame(self, char* data, Py_ssize_t available) except -1:
+        """Relay one whole, unmasked, unfragmented text frame that is a delta for the path;
+        0: decline (picows delivers it, and every other event, to the session)."""
+        cdef Py_ssize_t header, size
+        cdef AudioPath path = self.path
+        header = _whole_frame(<const uint8_t*>data, available, 0x81, False, &size)
+        if header == 0 or self.assembling or path is None or not self._relay(path, data + header, size):
+            return 0
+        return header + size
+
+    cdef int _read_end(self) except -1:
+        if self.path is not None:
+            self.path.flush_batch()
+        return 0
 
 
 def release_handshake(WSTransport transport):

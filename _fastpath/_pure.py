@@ -287,9 +287,12 @@ class AudioPath:
     `batch` collects what the client gets during one upstream read (the session appends its own
     events while `batching`); `flush_batch()` writes it to `client` in one go at the end of the
     read.
+
+    `reader` (a `DirectReader`, or None) is where the legs may move their sockets (see
+    `DirectLeg`); the session's server sets it.
     """
 
-    __slots__ = ("coalescer", "upstream", "flush_armed", "on_pending",
+    __slots__ = ("coalescer", "upstream", "flush_armed", "on_pending", "reader",
                  "outbound_item", "item_generated", "item_delivered", "output_meter", "client",
                  "batch", "batching", "c2u_audio_frames", "c2u_audio_bytes", "u2c_audio_frames",
                  "u2c_audio_bytes", "u2c_json_frames", "u2c_json_bytes")
@@ -308,6 +311,7 @@ class AudioPath:
         self.client = None
         self.batch: list = []
         self.batching = False
+        self.reader: DirectReader | None = None
 
     def client_audio(self, pcm) -> None:
         """A client binary frame (read only during the call), while `upstream` is set."""
@@ -361,13 +365,70 @@ class AudioPath:
             batch.clear()
 
 
-class ClientLeg(WSListener):
+class DirectReader:
+    """Reads the attached sockets of one event loop itself, in the compiled module: one epoll
+    set watched by the loop as a single reader, each ready socket drained by one `recv` into
+    one shared buffer, and the whole frames its leg recognises (client audio; upstream audio
+    and transcript deltas for the open item) relayed without a transport call, memoryview or
+    frame object in between. The twin attaches nothing: its legs always read through picows,
+    which is the behaviour the direct reads reproduce."""
+
+    def __init__(self, loop) -> None:
+        self._loop = loop
+
+    @property
+    def attached(self) -> int:
+        """How many sockets are read here now."""
+        return 0
+
+    def close(self) -> None:
+        """Stop: every attached socket goes back to its transport."""
+
+
+class DirectLeg(WSListener):
+    """A picows listener whose socket a `DirectReader` can read instead of its transport.
+
+    In the compiled module, after a frame picows delivered that the leg relayed itself and that
+    left picows' read buffer empty, the socket moves to the path's reader (plain TCP only: a
+    TLS socket's bytes are not the frames). The reader relays the whole frames the leg
+    recognises in C; the first frame it declines, end of stream, the socket closing
+    (`forget_reads`) and backpressure (`hold_reads` until `release_reads`) give the socket back
+    to its transport, the unread bytes handed to picows first, in order. Whatever the reader
+    declines reaches the leg through picows exactly as without it.
+
+    `direct_frames` counts the frames the reader relayed for this leg.
+
+    The twin reads through picows throughout; it keeps the flag so sessions drive both alike.
+    """
+
+    def __init__(self) -> None:
+        self.reads_held = False
+        self.direct_frames = 0
+
+    @property
+    def reading_directly(self) -> bool:
+        return False
+
+    def hold_reads(self) -> None:
+        """Backpressure: the socket goes back to its transport (whose reading the caller
+        pauses) and stays there until `release_reads`."""
+        self.reads_held = True
+
+    def release_reads(self) -> None:
+        self.reads_held = False
+
+    def forget_reads(self) -> None:
+        """The socket is gone: drop it from the reader (no transport call)."""
+
+
+class ClientLeg(DirectLeg):
     """Base of the client socket's listener: a whole binary frame of at most `max_audio_bytes`
     goes through `path` while its inbound gate is open (`path.upstream` set, and no fragmented
     message being assembled: the subclass keeps `assembling`); every other frame goes to
     `on_frame`."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.path: AudioPath | None = None
         self.assembling = False
         self.max_audio_bytes = 0
@@ -387,7 +448,7 @@ class ClientLeg(WSListener):
         raise NotImplementedError
 
 
-class UpstreamLeg(WSListener):
+class UpstreamLeg(DirectLeg):
     """Base of the upstream socket's listener. Each whole text message (no fragmented one being
     assembled: the subclass keeps `assembling`) is classified here: an output-audio delta or an
     audio-transcript delta for `path.outbound_item` goes straight into the client batch, any
@@ -398,6 +459,7 @@ class UpstreamLeg(WSListener):
     A leg without a path (retired by its session) hands every message to `on_event`."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.path: AudioPath | None = None
         self.assembling = False
 

@@ -101,6 +101,9 @@ class RelaySpec:
 RELAYS = {
     "gateway": RelaySpec("gateway", "this gateway, compiled fast path", GATEWAY_COMMAND,
                          env={"OPENAI_API_KEY": BENCH_API_KEY}),
+    "gateway-picows-reads": RelaySpec("gateway-picows-reads", "this gateway, compiled, --direct-reads off",
+                                      GATEWAY_COMMAND, env={"OPENAI_API_KEY": BENCH_API_KEY,
+                                                            "GATEWAY_DIRECT_READS": "off"}),
     "gateway-pure": RelaySpec("gateway-pure", "this gateway, GATEWAY_NO_EXTENSIONS=1", GATEWAY_COMMAND,
                               env={"OPENAI_API_KEY": BENCH_API_KEY, "GATEWAY_NO_EXTENSIONS": "1"}),
     "websockets": RelaySpec("websockets", "typical Python relay (websockets, json, base64, asyncio)",

@@ -37,6 +37,7 @@ class NodeConfig:
     default_voice: str = "alloy"
     connect_timeout_s: float = 10.0
     coalesce_ms: int = 20
+    direct_reads: str = "on"
     pre_ready_buffer_ms: int = 5000
     max_message_bytes: int = 10 * 1024 * 1024
     level_interval_ms: int = 100
@@ -95,6 +96,9 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
      "seconds to open the upstream session (TCP + TLS + WebSocket handshake + session.created)"),
     ("--coalesce-ms", "coalesce_ms", "GATEWAY_COALESCE_MS", int, 20,
      "merge client audio into upstream appends of this many ms; also the longest audio waits"),
+    ("--direct-reads", "direct_reads", "GATEWAY_DIRECT_READS", str, "on",
+     "on: once a session's audio flows, the compiled fast path reads its plain-TCP sockets itself "
+     "(one epoll set per worker) instead of through uvloop and picows; off: always through them"),
     ("--pre-ready-buffer-ms", "pre_ready_buffer_ms", "GATEWAY_PRE_READY_BUFFER_MS", int, 5000,
      "audio (ms) buffered per session before `ready`; beyond it the client gets an error"),
     ("--max-message-bytes", "max_message_bytes", "GATEWAY_MAX_MESSAGE_BYTES", int, 10 * 1024 * 1024,
@@ -137,7 +141,8 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
 ]
 _LISTS = ("allowed_origins", "trusted_proxies")
 _CHOICES = {"upstream": PROVIDERS, "upstream_dialect": DIALECTS, "log_format": ("text", "json"),
-            "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"), "slow_client_policy": SLOW_CLIENT_POLICIES}
+            "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"), "slow_client_policy": SLOW_CLIENT_POLICIES,
+            "direct_reads": ("on", "off")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

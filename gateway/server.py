@@ -17,7 +17,7 @@ import orjson
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport, ws_create_server
 from picows.common import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
-from _fastpath import ClientLeg, release_handshake
+from _fastpath import ClientLeg, DirectReader, release_handshake
 from gateway.auth import (AuthRefusal, AuthSettings, ClientAuthenticator, LimitRefusal, OriginPolicy, Principal,
                           Refusal, SessionLimiter, Slot, client_ip, peer_ip)
 from gateway.client_protocol import error_event
@@ -107,6 +107,7 @@ class ClientListener(ClientLeg):
             log.exception("session %s: error handling a client message", session.session_id)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.forget_reads()
         if self.session is not None:
             self.session.on_client_closed()
         if self.slot is not None:
@@ -150,12 +151,15 @@ class GatewayServer:
         self.sessions: set[RelaySession] = set()
         self.draining = False
         self._server: asyncio.Server | None = None
+        self.reader: DirectReader | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self.port: int | None = None
         self._empty = asyncio.Event()
         self._empty.set()
 
     async def start(self, host: str | None = None, port: int | None = None, reuse_port: bool = False) -> int:
+        if self.config.direct_reads == "on":
+            self.reader = DirectReader(asyncio.get_running_loop())
         self._server = await ws_create_server(
             self._route, self.config.host if host is None else host,
             self.config.port if port is None else port,
@@ -235,9 +239,10 @@ class GatewayServer:
         listener.session = session
         listener._on_audio = session.on_client_audio
         listener.path = session.path
+        session.path.reader = self.reader
         self.sessions.add(session)
         self._empty.clear()
-        session.attach(transport)
+        session.attach(transport, listener)
 
     def _forget(self, session: RelaySession) -> None:
         self.sessions.discard(session)
@@ -318,6 +323,9 @@ class GatewayServer:
             except (asyncio.TimeoutError, TimeoutError):
                 pass
             self._server = None
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
 
     async def __aenter__(self) -> "GatewayServer":
         await self.start()

@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping
 import orjson
 from picows import WSCloseCode, WSMsgType, WSTransport
 
-from _fastpath import HEADER_ROOM, AudioPath, Coalescer, LevelMeter, frame_header
+from _fastpath import HEADER_ROOM, AudioPath, ClientLeg, Coalescer, LevelMeter, frame_header
 from gateway import client_protocol as cp
 from gateway.config import NodeConfig
 from gateway.metrics import GatewayMetrics, SessionStats
@@ -118,7 +118,7 @@ class RelaySession:
                  "_created_timer", "_flush_timer", "_level_timer", "_overflow_reported", "_owner",
                  "_pending_updates", "_played_ms", "_pre_ready", "_pre_ready_audio_bytes",
                  "_pre_ready_commands", "_response_calls", "_turn_end", "_update_counter",
-                 "active_at", "active_response_id", "activity_seen", "audio_bytes", "client",
+                 "active_at", "active_response_id", "activity_seen", "audio_bytes", "client", "client_leg",
                  "close_code", "created", "dialect", "effective", "ignored", "input_format",
                  "input_meter", "interrupted_items", "interrupted_responses", "item_response",
                  "levels", "loop", "metrics", "node", "on_closed", "outcome",
@@ -158,6 +158,7 @@ class RelaySession:
         self.on_closed = on_closed
         self.loop = asyncio.get_running_loop()
         self.client: WSTransport | None = None
+        self.client_leg: ClientLeg | None = None
         self.close_code: int | None = None
 
         # upstream lifecycle
@@ -253,9 +254,11 @@ class RelaySession:
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    def attach(self, client: WSTransport) -> None:
-        """The client socket is open: open the upstream at once (pre-opening hides its handshake)."""
+    def attach(self, client: WSTransport, leg: ClientLeg | None = None) -> None:
+        """The client socket is open: open the upstream at once (pre-opening hides its handshake).
+        `leg` is the socket's listener, which may read the socket itself (see `ClientLeg`)."""
         self.client = client
+        self.client_leg = leg
         self.path.client = client
         log.info("session %s: client connected, opening upstream (model=%s, dialect=%s)",
                  self.session_id, self.upstream_model, self.dialect.name)
@@ -920,12 +923,16 @@ class RelaySession:
         Nothing is dropped; the client sees its sends slow down."""
         client = self.client
         if client is not None and not client.is_disconnected:
+            if self.client_leg is not None:
+                self.client_leg.hold_reads()
             client.underlying_transport.pause_reading()
             self._client_reading_paused = True
 
     def on_upstream_resumed(self) -> None:
         client = self.client
         if self._client_reading_paused and client is not None and not client.is_disconnected:
+            if self.client_leg is not None:
+                self.client_leg.release_reads()
             client.underlying_transport.resume_reading()
         self._client_reading_paused = False
 

@@ -125,6 +125,7 @@ class UpstreamListener(UpstreamLeg):
             self.owner.on_upstream_event(message[1])
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.forget_reads()
         self.owner.on_upstream_closed(self.close_code, self.close_reason)
 
 
