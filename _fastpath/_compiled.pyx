@@ -989,7 +989,7 @@ cdef inline Py_ssize_t _whole_frame(const uint8_t* head, Py_ssize_t available, u
 
 cdef class DirectLeg(WSListener):
     """A picows listener whose socket can be read by a `DirectReader` instead of its transport
-    (contract: the pure twin's ClientLeg). `_frame` (per leg) relays one whole frame from the
+    (contract: the pure twin). `_frame` (per leg) relays one whole frame from the
     reader's buffer or declines it; the first frame declined, end of stream and a session's
     `hold_reads` give the socket back to the transport, the unread bytes handed to picows in
     order, and the leg attaches again after the next frame picows delivers that it could have
