@@ -12,6 +12,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Check, PyByteArray_CheckExact
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.ref cimport PyObject
 from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DecodeASCII
 from libc.math cimport log10, sqrt
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
@@ -672,11 +673,15 @@ cdef class Coalescer:
             return <LevelMeter>self.meter
         return None
 
-    cdef object _emit(self, const uint8_t* data, Py_ssize_t whole):
+    cdef object _emit(self, const uint8_t* data, Py_ssize_t whole, object scratch):
         cdef LevelMeter fused = self._fused_meter()
         if fused is None and self._sample_width == 2 and self.meter is not None:
             self.meter.feed(PyBytes_FromStringAndSize(<const char*>data, whole))
-        return _new_append(data, whole, fused)
+        if scratch is None:
+            return _new_append(data, whole, fused)
+        PyByteArray_Resize(scratch, _append_size(whole))
+        _write_append(PyByteArray_AS_STRING(scratch), data, whole, fused)
+        return scratch
 
     def push(self, data):
         """Append audio; return an encoded frame once >= target_bytes of whole samples are
@@ -684,11 +689,13 @@ cdef class Coalescer:
         cdef Py_buffer view
         _get_pcm_buffer(data, &view)
         try:
-            return self._push(<const char*>view.buf, view.len)
+            return self._push(<const char*>view.buf, view.len, None)
         finally:
             PyBuffer_Release(&view)
 
-    cdef object _push(self, const char* data, Py_ssize_t size):
+    cdef object _push(self, const char* data, Py_ssize_t size, object scratch):
+        """`push`; with a `scratch` bytearray the frame is written into it (and it is returned),
+        valid until the next use of that scratch, instead of into a new bytearray."""
         cdef Py_ssize_t total = self._len + size
         cdef Py_ssize_t whole = total - total % self._sample_width
         cdef Py_ssize_t rest
@@ -700,7 +707,7 @@ cdef class Coalescer:
             return None
         if self._len == 0:
             # nothing pending: encode from the caller's buffer, keep only the partial sample
-            frame = self._emit(<const uint8_t*>data, whole)
+            frame = self._emit(<const uint8_t*>data, whole, scratch)
             rest = size - whole
             if rest:
                 self._reserve(rest)
@@ -710,7 +717,7 @@ cdef class Coalescer:
         self._reserve(total)
         memcpy(self._buf + self._len, data, size)
         self._len = total
-        frame = self._emit(<const uint8_t*>self._buf, whole)
+        frame = self._emit(<const uint8_t*>self._buf, whole, scratch)
         self._len = total - whole
         memmove(self._buf, self._buf + whole, self._len)
         return frame
@@ -721,7 +728,7 @@ cdef class Coalescer:
         cdef object frame
         if whole == 0:
             return None
-        frame = self._emit(<const uint8_t*>self._buf, whole)
+        frame = self._emit(<const uint8_t*>self._buf, whole, None)
         self._len -= whole
         memmove(self._buf, self._buf + whole, self._len)
         return frame
@@ -766,6 +773,9 @@ def frame_header(first_byte, size):
     return _frame_header(first_byte, size)
 
 
+cdef bytearray _APPEND_SCRATCH = bytearray(4096)
+
+
 cdef class AudioPath:
     """One session's audio, both directions, moved without calling the session (contract: the
     pure twin). Fields are C-typed; the session reads and sets them as attributes."""
@@ -807,7 +817,9 @@ cdef class AudioPath:
         cdef WSTransport upstream
         self.c2u_audio_frames += 1
         self.c2u_audio_bytes += size
-        frame = coalescer._push(data, size)
+        # the frame is sent (or copied by the transport) before this returns: one scratch
+        # buffer serves every session's appends, warm in cache, no allocation per append
+        frame = coalescer._push(data, size, _APPEND_SCRATCH)
         if frame is not None:
             upstream = self.upstream
             if upstream is not None and not upstream.is_disconnected and not upstream.is_close_frame_sent:
@@ -892,7 +904,9 @@ cdef class DirectReader:
     memoryview and a frame object besides the syscall.
     """
     cdef int _epfd
-    cdef dict _legs          # fd -> attached DirectLeg
+    cdef dict _legs          # fd -> attached DirectLeg: the strong references
+    cdef PyObject** _by_fd   # fd -> the same legs, borrowed: no int object or dict probe per read
+    cdef int _by_fd_size
     cdef char* _buf
     cdef object _loop
 
@@ -909,6 +923,7 @@ cdef class DirectReader:
 
     def __dealloc__(self):
         PyMem_Free(self._buf)
+        PyMem_Free(self._by_fd)
         if self._epfd >= 0:
             close_fd(self._epfd)
 
@@ -929,31 +944,46 @@ cdef class DirectReader:
 
     def poll(self):
         cdef epoll_event events[DIRECT_EVENTS]
-        cdef int count, i
+        cdef int count, i, fd
+        cdef DirectLeg leg
         if self._epfd < 0:
             return
         count = epoll_wait(self._epfd, events, DIRECT_EVENTS, 0)
         for i in range(count):
-            leg = self._legs.get(events[i].data.fd)
-            if leg is not None:
-                (<DirectLeg>leg)._read(self._buf, DIRECT_READ_BYTES)
+            fd = events[i].data.fd
+            # looked up per event: a leg read earlier in this batch may have let another go
+            if fd < self._by_fd_size and self._by_fd[fd] != NULL:
+                leg = <DirectLeg>self._by_fd[fd]  # a new reference for the call
+                leg._read(self._buf, DIRECT_READ_BYTES)
 
     cdef bint _add(self, int fd, DirectLeg leg) except -1:
         cdef epoll_event event
-        if self._epfd < 0:
+        cdef PyObject** grown
+        cdef int size
+        if self._epfd < 0 or fd < 0:
             return False
+        if fd >= self._by_fd_size:
+            size = max(fd + 1, 2 * self._by_fd_size, 256)
+            grown = <PyObject**>PyMem_Realloc(self._by_fd, size * sizeof(PyObject*))
+            if grown == NULL:
+                raise MemoryError()
+            memset(grown + self._by_fd_size, 0, (size - self._by_fd_size) * sizeof(PyObject*))
+            self._by_fd = grown
+            self._by_fd_size = size
         memset(&event, 0, sizeof(event))
         event.events = EPOLLIN
         event.data.fd = fd
         if epoll_ctl(self._epfd, EPOLL_CTL_ADD, fd, &event) != 0:
             return False
         self._legs[fd] = leg
+        self._by_fd[fd] = <PyObject*>leg
         return True
 
     cdef void _remove(self, int fd, DirectLeg leg) noexcept:
         # the socket may already be closed (the kernel then dropped it from the set itself) and
         # its number even reused by a newer leg: only the leg that owns the entry removes it
-        if self._legs.get(fd) is leg:
+        if fd < self._by_fd_size and self._by_fd[fd] == <PyObject*>leg:
+            self._by_fd[fd] = NULL
             del self._legs[fd]
             if self._epfd >= 0:
                 epoll_ctl(self._epfd, EPOLL_CTL_DEL, fd, NULL)
