@@ -1103,10 +1103,13 @@ cdef class DirectLeg(WSListener):
                     break
         except Exception:
             # what picows does when a listener raises (disconnect_on_exception): the stream
-            # can no longer be trusted to be in step with the session
+            # can no longer be trusted to be in step with the session, so nothing more of it
+            # is delivered
             log.exception("error relaying a frame read directly: closing the socket")
+            self._detach(False)
             if self._transport is not None:
                 self._transport.disconnect()
+            return 0
         finally:
             self._read_end()
         if pos < received or received == 0 or self._fd < 0:
