@@ -909,6 +909,7 @@ cdef class DirectReader:
     cdef int _by_fd_size
     cdef char* _buf
     cdef object _loop
+    cdef readonly long long frames  # relayed by the legs from this reader's reads, ever
 
     def __init__(self, loop):
         self._epfd = epoll_create1(EPOLL_CLOEXEC)
@@ -954,7 +955,7 @@ cdef class DirectReader:
             # looked up per event: a leg read earlier in this batch may have let another go
             if fd < self._by_fd_size and self._by_fd[fd] != NULL:
                 leg = <DirectLeg>self._by_fd[fd]  # a new reference for the call
-                leg._read(self._buf, DIRECT_READ_BYTES)
+                self.frames += leg._read(self._buf, DIRECT_READ_BYTES)
 
     cdef bint _add(self, int fd, DirectLeg leg) except -1:
         cdef epoll_event event
@@ -1085,9 +1086,11 @@ cdef class DirectLeg(WSListener):
     cdef int _read_end(self) except -1:
         return 0
 
-    cdef int _read(self, char* buf, Py_ssize_t capacity) except -1:
+    cdef Py_ssize_t _read(self, char* buf, Py_ssize_t capacity) except -1:
+        """One recv, the whole frames in it relayed, the rest handed back; returns how many
+        frames were relayed."""
         cdef Py_ssize_t received = recv(self._fd, buf, capacity, 0)
-        cdef Py_ssize_t pos = 0, used
+        cdef Py_ssize_t pos = 0, used, relayed = 0
         if received < 0:
             if errno == EAGAIN or errno == EINTR:  # EWOULDBLOCK is EAGAIN on Linux
                 return 0
@@ -1098,7 +1101,7 @@ cdef class DirectLeg(WSListener):
                 if used == 0:
                     break
                 pos += used
-                self.direct_frames += 1
+                relayed += 1
                 if self._fd < 0:  # the frame's consequences took the socket back (closed or held)
                     break
         except Exception:
@@ -1109,12 +1112,13 @@ cdef class DirectLeg(WSListener):
             self._detach(False)
             if self._transport is not None:
                 self._transport.disconnect()
-            return 0
+            return relayed
         finally:
+            self.direct_frames += relayed
             self._read_end()
         if pos < received or received == 0 or self._fd < 0:
             self._hand_back(buf + pos, received - pos)
-        return 0
+        return relayed
 
     cdef int _hand_back(self, char* data, Py_ssize_t size) except -1:
         """Give the socket back to its transport, and `data` (the unread rest) to picows."""

@@ -375,6 +375,7 @@ class DirectReader:
 
     def __init__(self, loop) -> None:
         self._loop = loop
+        self.frames = 0  # relayed by the legs from this reader's reads, ever
 
     @property
     def attached(self) -> int:

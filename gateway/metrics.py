@@ -213,6 +213,12 @@ class GatewayMetrics:
         self.dropped_bytes_total = Counter("gateway_dropped_bytes", "Audio bytes discarded, by reason",
                                            ["reason"], registry=reg)
         self.upstream_open = gauge("gateway_upstream_connections_open", "Upstream connections open now")
+        self.direct_read_frames = Counter(
+            "gateway_direct_read_frames", "Frames the compiled reader read and relayed itself "
+            "(--direct-reads; the rest go through picows)", registry=reg)
+        self.direct_read_sockets = gauge("gateway_direct_read_sockets",
+                                         "Sockets the compiled reader reads now (--direct-reads)")
+        self._reader_frames_seen = 0
         self.refusals_total = Counter("gateway_refusals", "Upgrades refused, by reason", ["reason"], registry=reg)
         self.workers = gauge("gateway_workers", "Live worker processes (1 per process, summed)")
         self.workers.set(1)
@@ -286,6 +292,16 @@ class GatewayMetrics:
         if stats._upstream_open:
             stats._upstream_open = False
             self.upstream_open.dec()
+
+    # -- the direct reader ------------------------------------------------------------------
+
+    def observe_reader(self, frames: int, attached: int) -> None:
+        """The reader's lifetime frame count and attached sockets, sampled (per sweep and
+        scrape): the counter advances by what is new since the last sample."""
+        if frames > self._reader_frames_seen:
+            self.direct_read_frames.inc(frames - self._reader_frames_seen)
+            self._reader_frames_seen = frames
+        self.direct_read_sockets.set(attached)
 
     # -- events -----------------------------------------------------------------------------
 

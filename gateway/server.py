@@ -191,6 +191,7 @@ class GatewayServer:
             return _json_response(503 if self.draining else 200, {"ready": not self.draining,
                                                                   "draining": self.draining})
         if path == "/metrics":
+            self._observe_reader()
             body, content_type = self.metrics.render(request.headers.get("Accept"))
             return WSUpgradeResponseWithListener(
                 WSUpgradeResponse.create_ok_response(body, extra_headers={"Content-Type": content_type}), None)
@@ -263,9 +264,14 @@ class GatewayServer:
         loop = asyncio.get_running_loop()
         self._sweeper = loop.call_later(self._sweep_interval(), self._sweep)
 
+    def _observe_reader(self) -> None:
+        if self.reader is not None:
+            self.metrics.observe_reader(self.reader.frames, self.reader.attached)
+
     def _sweep(self) -> None:
         now = asyncio.get_running_loop().time()
         config = self.config
+        self._observe_reader()
         for session in list(self.sessions):
             stats = session.stats
             self.metrics.flush(stats)

@@ -16,6 +16,7 @@ import array
 import asyncio
 import fcntl
 import os
+import re
 import struct
 import termios
 
@@ -26,7 +27,7 @@ from hypothesis import strategies as st
 import _fastpath
 from gateway.mock import MockOptions
 from gateway.server import GatewayServer
-from tests.raw_client import RawClient, ready_client
+from tests.raw_client import RawClient, http_get, ready_client
 from tests.relay_harness import relay, speech_like
 from tests.support import run
 
@@ -99,13 +100,18 @@ def test_both_sockets_of_a_flowing_session_are_read_directly():
                 await client.wait_until(lambda: client.audio_bytes >= (index + 1) * block, 5, "the echo")
             seen.append((client_leg.reading_directly, upstream_leg.reading_directly, gateway.reader.attached))
             counts = (client_leg.direct_frames, upstream_leg.direct_frames)
+            _status, exposition = await http_get(gateway.port, "/metrics")
             error_at = await client.sentinel()  # a text message: the client socket goes back
             seen.append((client_leg.reading_directly, upstream_leg.reading_directly, gateway.reader.attached))
             await client.close()
             await gateway.wait_empty(5)
-            return seen, counts, client.errors()[:1], error_at, client.audio, gateway.reader.attached
+            return seen, counts, client.errors()[:1], error_at, client.audio, gateway.reader.attached, exposition
 
-    seen, counts, errors, error_at, echoed, attached_at_end = run(scenario(), timeout=30)
+    seen, counts, errors, error_at, echoed, attached_at_end, exposition = run(scenario(), timeout=30)
+    # operators see it too: what the reader relayed so far, and what it reads now
+    metrics = dict(re.findall(rb"^(gateway_direct_read_\w+) (\S+)$", exposition, re.M))
+    assert float(metrics[b"gateway_direct_read_frames_total"]) == sum(counts)
+    assert float(metrics[b"gateway_direct_read_sockets"]) == seen[1][2]
     assert echoed == audio
     assert seen[0] == (False, False, 0)  # nothing relayed yet: picows reads both
     assert len(errors) == 1 and error_at >= 0  # only the sentinel's error
