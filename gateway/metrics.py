@@ -298,6 +298,8 @@ class GatewayMetrics:
     def observe_reader(self, frames: int, attached: int) -> None:
         """The reader's lifetime frame count and attached sockets, sampled (per sweep and
         scrape): the counter advances by what is new since the last sample."""
+        if frames < self._reader_frames_seen:  # a new reader (the server was restarted)
+            self._reader_frames_seen = 0
         if frames > self._reader_frames_seen:
             self.direct_read_frames.inc(frames - self._reader_frames_seen)
             self._reader_frames_seen = frames
