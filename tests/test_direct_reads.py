@@ -5,8 +5,9 @@ order — at anything it does not relay itself.
 
 The end-to-end tests here run on both implementations (the pure twin never attaches a socket,
 so they also pin down the behaviour the direct reads must reproduce): the client's byte stream
-cut at arbitrary points, with pings and fragmented messages among the audio, arrives exact; a
-close frame, an abrupt end of stream and backpressure behave as through picows. Between two
+cut at arbitrary points, with pings and fragmented messages among the audio, arrives exact;
+replies read directly keep their events in order; a close frame, an abrupt end of stream and
+backpressure behave as through picows; `/metrics` shows what the reader relayed. Between two
 writes the test waits until the gateway has read everything written (FIONREAD on the gateway's
 side of the socket is 0), so the reader sees exactly the cuts the test chose.
 """
@@ -27,7 +28,7 @@ from hypothesis import strategies as st
 import _fastpath
 from gateway.mock import MockOptions
 from gateway.server import GatewayServer
-from tests.raw_client import RawClient, http_get, ready_client
+from tests.raw_client import RawClient, echo_turn, http_get, ready_client
 from tests.relay_harness import relay, speech_like
 from tests.support import run
 
@@ -123,6 +124,40 @@ def test_both_sockets_of_a_flowing_session_are_read_directly():
     else:
         assert seen[1:] == [(False, False, 0)] * 2 and counts == (0, 0)
     assert attached_at_end == 0
+
+
+def test_replies_read_directly_keep_every_event_in_order():
+    """Turn-based replies paced in real time: each reply's later deltas are read directly
+    (compiled), and the events around them — response started, transcript deltas, the final
+    transcript, response done — still reach the client in order, turn after turn, with the
+    audio byte-exact."""
+    turns = [speech_like(0.4, seed=11), speech_like(0.3, seed=12)]
+
+    async def scenario():
+        async with relay(MockOptions(pacing="realtime")) as (gateway, _mock):
+            client = await ready_client(gateway.url, {"input_transcription": {"enabled": False}})
+            _client_leg, upstream_leg = _legs(gateway)
+            marks = []
+            for audio in turns:
+                await echo_turn(client, audio)
+                marks.append(len(client.events))
+            await client.close()
+            return client.events, marks, upstream_leg.direct_frames
+
+    events, marks, upstream_direct = run(scenario(), timeout=30)
+    start = 0
+    for mark in marks:
+        turn = [e for e in events[start:mark] if e["type"] in ("response_started", "transcript", "response_done")]
+        kinds = [e["type"] if e["type"] != "transcript" else ("final" if e["is_final"] else "delta") for e in turn]
+        assert kinds[0] == "response_started" and kinds[-2:] == ["final", "response_done"]
+        assert set(kinds[1:-2]) == {"delta"}
+        assert "".join(e["text"] for e in turn[1:-2]) == turn[-2]["text"]
+        assert len({e["response_id"] for e in turn}) == 1
+        start = mark
+    if COMPILED:
+        assert upstream_direct > 0
+    else:
+        assert upstream_direct == 0
 
 
 _AUDIO_SIZES = st.one_of(st.integers(0, 125), st.integers(126, 4000), st.sampled_from([65534, 65536, 70000]))
