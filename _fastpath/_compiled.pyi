@@ -84,6 +84,8 @@ class DirectReader:
     def poll(self) -> None: ...
 
 class DirectLeg(WSListener):
+    path: AudioPath | None
+    assembling: bool
     reads_held: bool
     @property
     def direct_frames(self) -> int: ...
@@ -94,12 +96,8 @@ class DirectLeg(WSListener):
     def forget_reads(self) -> None: ...
 
 class ClientLeg(DirectLeg):
-    path: AudioPath | None
-    assembling: bool
     max_audio_bytes: int
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None: ...
 
 class UpstreamLeg(DirectLeg):
-    path: AudioPath | None
-    assembling: bool
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None: ...

@@ -1024,7 +1024,10 @@ cdef class DirectLeg(WSListener):
     reader's buffer or declines it; the first frame declined, end of stream and a session's
     `hold_reads` give the socket back to the transport, the unread bytes handed to picows in
     order, and the leg attaches again after the next frame picows delivers that it could have
-    taken itself and that left picows' buffer empty."""
+    taken itself and that left picows' buffer empty. `path` is the session's `AudioPath` (None:
+    every frame goes to the subclass through picows)."""
+    cdef public AudioPath path
+    cdef public bint assembling      # the subclass sets it while a fragmented message is built
     cdef public bint reads_held
     cdef readonly long long direct_frames
     cdef int _fd
@@ -1032,6 +1035,8 @@ cdef class DirectLeg(WSListener):
     cdef DirectReader _reader
 
     def __init__(self):
+        self.path = None
+        self.assembling = False
         self.reads_held = False
         self.direct_frames = 0
         self._fd = -1
@@ -1147,14 +1152,10 @@ cdef class ClientLeg(DirectLeg):
     """Base of the client socket's listener (contract: the pure twin). picows calls
     `on_ws_frame` through its C vtable: an audio frame is relayed without running Python, and
     once one leaves picows' buffer empty the socket is read by the path's `reader`, if any."""
-    cdef public AudioPath path
-    cdef public bint assembling
     cdef public Py_ssize_t max_audio_bytes
 
     def __init__(self):
         DirectLeg.__init__(self)
-        self.path = None
-        self.assembling = False
         self.max_audio_bytes = 0
 
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
@@ -1188,13 +1189,6 @@ cdef class UpstreamLeg(DirectLeg):
     """Base of the upstream socket's listener (contract: the pure twin). Audio deltas for the
     open item are decoded and batched for the client without running Python; while the path
     has a `reader` and the socket is plain TCP, the reader reads it."""
-    cdef public AudioPath path
-    cdef public bint assembling
-
-    def __init__(self):
-        DirectLeg.__init__(self)
-        self.path = None
-        self.assembling = False
 
     cdef int _relay(self, AudioPath path, const char* payload, Py_ssize_t size) except -1:
         """Relay a delta for the open item: 1 taken, -2 a delta for another item (given to

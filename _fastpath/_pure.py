@@ -403,6 +403,8 @@ class DirectLeg(WSListener):
     """
 
     def __init__(self) -> None:
+        self.path: AudioPath | None = None
+        self.assembling = False  # the subclass sets it while a fragmented message is built
         self.reads_held = False
         self.direct_frames = 0
 
@@ -430,8 +432,6 @@ class ClientLeg(DirectLeg):
 
     def __init__(self) -> None:
         super().__init__()
-        self.path: AudioPath | None = None
-        self.assembling = False
         self.max_audio_bytes = 0
 
     def on_ws_frame(self, transport, frame) -> None:
@@ -458,11 +458,6 @@ class UpstreamLeg(DirectLeg):
     fragment frames go to `on_other_frame`. After the last frame of each
     socket read the batch goes out: `path.flush_batch()`, or `on_read_end()` without a path.
     A leg without a path (retired by its session) hands every message to `on_event`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.path: AudioPath | None = None
-        self.assembling = False
 
     def on_ws_frame(self, transport, frame) -> None:
         path = self.path
