@@ -26,7 +26,7 @@ from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
 
 import logging
 
-from ._pure import DBFS_FLOOR, HEADER_ROOM
+from ._constants import DBFS_FLOOR, HEADER_ROOM
 
 
 cdef extern from "Python.h":
@@ -86,7 +86,7 @@ cdef enum:
     # bytes of `{"type":"input_audio_buffer.append","audio":"` and `"}`
     APPEND_PREFIX_LEN = 45
     APPEND_SUFFIX_LEN = 2
-    # the pure twin's HEADER_ROOM, checked against it at import below
+    # _constants.HEADER_ROOM, checked against it at import below
     HEADER_ROOM_C = 14
 
 cdef const char* APPEND_PREFIX = b'{"type":"input_audio_buffer.append","audio":"'

@@ -16,11 +16,8 @@ import numpy as np
 import orjson
 from picows import WSListener, WSMsgType
 
-#: Bytes kept free in front of every encoded frame, so picows can write the WebSocket header
-#: in place (`WSTransport.send_reuse_external_bytearray` needs at least 14).
-HEADER_ROOM = 14
-#: The level reported for digital silence.
-DBFS_FLOOR = -100.0
+from ._constants import DBFS_FLOOR, HEADER_ROOM
+
 #: A sample at or beyond this magnitude counts as clipped.
 CLIP_LEVEL = 32767
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command name -> module providing add_arguments(parser) and run(args)
@@ -28,7 +29,10 @@ _HELP = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str) -> argparse.ArgumentParser:
+    """The parser with every command listed and `command`'s flags defined. Only that command's
+    module is imported: a node must not load the mock's and demo client's numpy (its import alone
+    starts OpenBLAS threads, and a multi-threaded process pays more per socket syscall)."""
     parser = argparse.ArgumentParser(
         prog="realtime-gateway",
         description="Relay full-duplex voice sessions between WebSocket clients and OpenAI's Realtime API.",
@@ -44,16 +48,22 @@ def build_parser() -> argparse.ArgumentParser:
             description=_HELP[name],
             formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
-        importlib.import_module(module_name).add_arguments(sub)
+        if name == command:
+            importlib.import_module(module_name).add_arguments(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Where numpy is loaded (the mock, the demo client, the pure fast path) its OpenBLAS would
+    # start a thread per core. None of these programs does BLAS work, and a single-threaded node
+    # pays less per socket syscall (see gateway.sockets). Must be set before numpy is imported.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     # `realtime-gateway --port 3001` means `realtime-gateway serve --port 3001`.
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv.insert(0, DEFAULT_COMMAND)
-    args = build_parser().parse_args(argv)
+    command = argv[0] if argv[0] in COMMANDS else DEFAULT_COMMAND
+    args = build_parser(command).parse_args(argv)
     return importlib.import_module(COMMANDS[args.command]).run(args)
 
 
