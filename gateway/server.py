@@ -18,6 +18,7 @@ from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport, ws_create_serve
 from picows.common import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
 from _fastpath import ClientLeg, DirectReader, release_handshake
+from gateway import sockets
 from gateway.auth import (AuthRefusal, AuthSettings, ClientAuthenticator, LimitRefusal, OriginPolicy, Principal,
                           Refusal, SessionLimiter, Slot, client_ip, peer_ip)
 from gateway.client_protocol import error_event
@@ -150,7 +151,7 @@ class GatewayServer:
         self.limiter = SessionLimiter(config.max_sessions or None, config.max_sessions_per_ip or None)
         self.sessions: set[RelaySession] = set()
         self.draining = False
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self.reader: DirectReader | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self.port: int | None = None
@@ -160,14 +161,15 @@ class GatewayServer:
     async def start(self, host: str | None = None, port: int | None = None, reuse_port: bool = False) -> int:
         if self.config.direct_reads == "on":
             self.reader = DirectReader(asyncio.get_running_loop())
-        self._server = await ws_create_server(
-            self._route, self.config.host if host is None else host,
-            self.config.port if port is None else port,
-            max_frame_size=self.config.max_message_bytes + _FRAME_SLACK_BYTES,
-            websocket_handshake_timeout=10, read_buffer_init_size=CLIENT_READ_BUFFER_INIT_BYTES,
-            use_aiofastnet=USE_AIOFASTNET,
-            reuse_port=reuse_port or None)
-        self.port = self._server.sockets[0].getsockname()[1]
+        listening = sockets.listening_sockets(self.config.host if host is None else host,
+                                              self.config.port if port is None else port, reuse_port)
+        for sock in listening:
+            self._servers.append(await ws_create_server(
+                self._route, sock=sock,
+                max_frame_size=self.config.max_message_bytes + _FRAME_SLACK_BYTES,
+                websocket_handshake_timeout=10, read_buffer_init_size=CLIENT_READ_BUFFER_INIT_BYTES,
+                use_aiofastnet=USE_AIOFASTNET))
+        self.port = listening[0].getsockname()[1]
         self._schedule_sweep()
         return self.port
 
@@ -319,16 +321,16 @@ class GatewayServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         for session in list(self.sessions):
             session.close(CLOSE_GOING_AWAY, "gateway shutting down", "drained")
-        if self._server is not None:
+        for server in self._servers:
             try:
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+                await asyncio.wait_for(server.wait_closed(), 2.0)
             except (asyncio.TimeoutError, TimeoutError):
                 pass
-            self._server = None
+        self._servers = []
         if self.reader is not None:
             self.reader.close()
             self.reader = None

@@ -154,10 +154,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def gateway_process(*flags: str, port: int | None = None, workers: int = 1, timeout: float = 30.0):
+def gateway_process(*flags: str, port: int | None = None, workers: int = 1, timeout: float = 30.0,
+                    env: dict[str, str] | None = None):
     """`python -m gateway --upstream mock --host 127.0.0.1 --port P FLAGS` as a subprocess, as an
     operator runs it. Yields `(process, port)` once every one of its `workers` logs that it is
-    listening. A thread drains the node's log (a full pipe would block it); the log is shown if the
+    listening (`env` adds to its environment). A thread drains the node's log (a full pipe would block it); the log is shown if the
     node fails to start. The node is stopped (SIGTERM, then SIGKILL) at the end."""
     import os
     import subprocess
@@ -165,7 +166,7 @@ def gateway_process(*flags: str, port: int | None = None, workers: int = 1, time
     import threading
 
     port = port or free_port()
-    env = {name: value for name, value in os.environ.items() if name != "OPENAI_API_KEY"}
+    env = {**{name: value for name, value in os.environ.items() if name != "OPENAI_API_KEY"}, **(env or {})}
     process = subprocess.Popen([sys.executable, "-m", "gateway", "--upstream", "mock", "--host", "127.0.0.1",
                                 "--port", str(port), *flags],
                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)

@@ -20,6 +20,8 @@ import orjson
 from picows import (WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener,
                     ws_create_server)
 
+from gateway.sockets import listening_sockets
+
 from .errors import ERRORS, mask_key
 from .options import MockOptions
 from .session import HandshakeInfo, MockSession
@@ -47,7 +49,7 @@ class MockRealtimeServer:
         self.host = "127.0.0.1"
         self.port = 0
         self.open_sessions: set[MockSession] = set()
-        self._server: Optional[asyncio.AbstractServer] = None
+        self._servers: list[asyncio.AbstractServer] = []
         self._front: Optional[asyncio.AbstractServer] = None
         self._session_waiters: list[tuple[int, asyncio.Future[MockSession]]] = []
         self._pipes: set[asyncio.Task[Any]] = set()
@@ -67,11 +69,13 @@ class MockRealtimeServer:
         """Start listening; returns the bound port."""
         self.host = host
         delay = self.options.handshake_delay_s
-        self._server = await ws_create_server(
-            self._route, host, 0 if delay > 0 else port,
-            max_frame_size=self.options.max_message_bytes,
-            websocket_handshake_timeout=max(5.0, delay + 5.0))
-        ws_port = self._server.sockets[0].getsockname()[1]
+        # sockets bound here, not by uvloop: its address lookup would start libuv's thread pool in
+        # the node that embeds this mock (see gateway.sockets)
+        listening = listening_sockets(host, 0 if delay > 0 else port)
+        self._servers = [await ws_create_server(self._route, sock=sock, max_frame_size=self.options.max_message_bytes,
+                                                websocket_handshake_timeout=max(5.0, delay + 5.0))
+                         for sock in listening]
+        ws_port = listening[0].getsockname()[1]
         if delay > 0:
             # picows' listener factory is synchronous, so a slow handshake is made in front of
             # it: a TCP relay that holds each new connection for `delay` before passing it on.
@@ -84,7 +88,7 @@ class MockRealtimeServer:
 
     async def stop(self) -> None:
         """Close every session (1001 "server shutting down"), stop listening."""
-        for server in (self._front, self._server):
+        for server in (self._front, *self._servers):
             if server is not None:
                 server.close()
         for session in list(self.open_sessions):
@@ -99,7 +103,8 @@ class MockRealtimeServer:
             task.cancel()
         if self._pipes:
             await asyncio.gather(*self._pipes, return_exceptions=True)
-        self._front = self._server = None
+        self._front = None
+        self._servers = []
 
     async def wait_for_session(self, index: int = 0, timeout: float = 5.0) -> MockSession:
         """The `index`-th session (connection order), waiting up to `timeout` s for it."""

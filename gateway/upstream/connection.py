@@ -24,6 +24,7 @@ from picows.common import WSHandshakeError
 
 from _fastpath import AudioPath, UpstreamLeg, release_handshake
 
+from gateway import sockets
 from gateway.errors import AuthenticationFailed, ConnectionFailed, GatewayError, UpstreamError
 from gateway.framing import MessageAssembler, MessageTooBig
 
@@ -129,6 +130,12 @@ class UpstreamListener(UpstreamLeg):
         self.owner.on_upstream_closed(self.close_code, self.close_reason)
 
 
+def _connected_socket(url):
+    # picows would connect through uvloop's sock_connect, which starts libuv's thread pool even
+    # for a numeric address; gateway.sockets keeps the node single-threaded (see there)
+    return sockets.connect(url.host, url.port)
+
+
 class UpstreamConnection:
     """One upstream session socket. `send_*` are no-ops once closed."""
 
@@ -152,7 +159,7 @@ class UpstreamConnection:
                     lambda: self.listener, url, extra_headers=headers,
                     websocket_handshake_timeout=timeout_s, read_buffer_init_size=READ_BUFFER_INIT_BYTES,
                     max_frame_size=MAX_UPSTREAM_MESSAGE_BYTES, enable_auto_ping=False,
-                    use_aiofastnet=USE_AIOFASTNET)
+                    use_aiofastnet=USE_AIOFASTNET, socket_factory=_connected_socket)
         except WSHandshakeError as exc:
             status = int(exc.response.status) if exc.response is not None else None
             if status in (401, 403):

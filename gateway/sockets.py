@@ -1,0 +1,172 @@
+"""Listening and connected TCP sockets for the node, opened without libuv's thread pool.
+
+uvloop resolves every address — even a numeric one — through `getaddrinfo` on libuv's thread
+pool (`create_server(host, port)`, `sock_connect`), whose four threads then live as long as the
+process. A process with more than one thread shares its file table, and the kernel takes a
+slower path for every socket syscall on a shared table (a reference count taken and dropped
+per call on each file); glibc's `send`/`recv` also switch cancellation on and off. For a relay
+making ~25,000 socket syscalls per second per 200 sessions that is a few per cent of its CPU.
+
+So the node opens its sockets itself and stays single-threaded:
+- `listening_sockets` resolves the listen address once, synchronously, at start-up;
+- `connect` connects a non-blocking socket, waiting for it with `loop.add_writer`; a host name
+  is looked up by `Resolver` in a thread that ends with the lookup, and the answer is kept for
+  `ttl_s` (one lookup per host per TTL, not per session).
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+#: asyncio's own listen backlog for create_server
+LISTEN_BACKLOG = 100
+#: how long a resolved host name is reused (nginx's resolver default `valid` is the record's
+#: TTL; 30 s keeps a moving endpoint picked up quickly and costs one lookup per host per 30 s)
+RESOLVE_TTL_S = 30.0
+
+AddressInfo = tuple[int, tuple]  # (family, sockaddr)
+
+
+def listening_sockets(host: str | None, port: int, reuse_port: bool = False) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for every address `host` resolves to (all
+    interfaces for None or ""). With port 0 the first socket's port is used for the rest."""
+    infos = socket.getaddrinfo(host or None, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    seen: set[tuple] = set()
+    try:
+        for family, type_, proto, _name, sockaddr in infos:
+            if sockaddr in seen:
+                continue
+            seen.add(sockaddr)
+            if sockets and port == 0:
+                sockaddr = (sockaddr[0], sockets[0].getsockname()[1], *sockaddr[2:])
+            sock = socket.socket(family, type_, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                # as asyncio does: an IPv6 socket serves IPv6 only, the IPv4 address has its own
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class Resolver:
+    """Host name → addresses, looked up off the loop in a short-lived thread and cached for
+    `ttl_s`. Concurrent lookups of one host share one thread; numeric hosts never start one."""
+
+    def __init__(self, ttl_s: float = RESOLVE_TTL_S) -> None:
+        self.ttl_s = ttl_s
+        self._cache: dict[tuple[str, int], tuple[float, list[AddressInfo]]] = {}
+        self._pending: dict[tuple[str, int], asyncio.Future] = {}
+
+    async def resolve(self, host: str, port: int) -> list[AddressInfo]:
+        numeric = _numeric(host, port)
+        if numeric is not None:
+            return [numeric]
+        key = (host, port)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = self._pending[key] = asyncio.get_running_loop().create_future()
+            threading.Thread(target=self._lookup, args=(key, pending), name="gateway-resolve",
+                             daemon=True).start()
+        # shield: one waiter's timeout must not cancel the lookup the others wait for
+        return await asyncio.shield(pending)
+
+    def forget(self, host: str, port: int) -> None:
+        """Drop a cached answer (none of its addresses accepted a connection)."""
+        self._cache.pop((host, port), None)
+
+    def _lookup(self, key: tuple[str, int], future: asyncio.Future) -> None:
+        try:
+            infos = socket.getaddrinfo(key[0], key[1], type=socket.SOCK_STREAM)
+            result: list[AddressInfo] | BaseException = [(family, sockaddr) for family, _t, _p, _n, sockaddr in infos]
+        except OSError as exc:
+            result = exc
+        try:
+            future.get_loop().call_soon_threadsafe(self._settle, key, future, result)
+        except RuntimeError:  # the loop closed while the lookup ran
+            pass
+
+    def _settle(self, key: tuple[str, int], future: asyncio.Future,
+                result: list[AddressInfo] | BaseException) -> None:
+        self._pending.pop(key, None)
+        if isinstance(result, BaseException):
+            if not future.done():
+                future.set_exception(result)
+            future.exception()  # retrieved: nobody may be waiting any more
+            return
+        self._cache[key] = (time.monotonic() + self.ttl_s, result)
+        if not future.done():
+            future.set_result(result)
+
+
+RESOLVER = Resolver()
+
+
+async def connect(host: str, port: int, resolver: Resolver = RESOLVER) -> socket.socket:
+    """A connected non-blocking TCP socket to the first address of `host` that accepts.
+    Raises OSError (the last address's error) when none does."""
+    addresses = await resolver.resolve(host, port)
+    error: OSError | None = None
+    for family, sockaddr in addresses:
+        try:
+            return await _connect_one(family, sockaddr)
+        except OSError as exc:
+            error = exc
+    resolver.forget(host, port)
+    raise error if error is not None else OSError(f"no address for {host!r}")
+
+
+async def _connect_one(family: int, sockaddr: tuple) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        try:
+            sock.connect(sockaddr)
+        except BlockingIOError:
+            loop = asyncio.get_running_loop()
+            writable = loop.create_future()
+            fd = sock.fileno()
+            loop.add_writer(fd, _settle_once, writable)
+            try:
+                await writable
+            finally:
+                loop.remove_writer(fd)
+            errno = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if errno:
+                raise OSError(errno, f"connect to {sockaddr[0]} port {sockaddr[1]} failed")
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _settle_once(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _numeric(host: str, port: int) -> AddressInfo | None:
+    """The address itself when `host` is an IPv4 or IPv6 literal (no lookup needed)."""
+    literal = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, literal)
+        except OSError:
+            continue
+        return (family, (literal, port)) if family == socket.AF_INET else (family, (literal, port, 0, 0))
+    return None
