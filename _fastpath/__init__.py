@@ -9,7 +9,7 @@ performance bug there is, so tests assert which one is loaded.
 """
 import os
 
-from ._constants import DBFS_FLOOR, HEADER_ROOM
+from ._constants import CLIENT_BATCH_BYTES, DBFS_FLOOR, HEADER_ROOM
 
 if os.environ.get("GATEWAY_NO_EXTENSIONS", "") not in ("", "0"):
     from . import _pure as _impl
@@ -36,6 +36,7 @@ frame_header = _impl.frame_header
 release_handshake = _impl.release_handshake
 
 __all__ = [
+    "CLIENT_BATCH_BYTES",
     "DBFS_FLOOR",
     "HEADER_ROOM",
     "IMPLEMENTATION",

@@ -26,7 +26,7 @@ from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
 
 import logging
 
-from ._constants import DBFS_FLOOR, HEADER_ROOM
+from ._constants import CLIENT_BATCH_BYTES, DBFS_FLOOR, HEADER_ROOM
 
 
 cdef extern from "Python.h":
@@ -789,6 +789,7 @@ cdef class AudioPath:
     cdef public object output_meter
     cdef public WSTransport client
     cdef public list batch
+    cdef Py_ssize_t batch_bytes  # what this path appended to `batch` since the last flush
     cdef public bint batching
     cdef public long long c2u_audio_frames
     cdef public long long c2u_audio_bytes
@@ -841,9 +842,7 @@ cdef class AudioPath:
         self.item_delivered += size
         self.u2c_audio_frames += 1
         self.u2c_audio_bytes += size
-        self.batching = True
-        self.batch.append(_frame_header(0x82, size))
-        self.batch.append(pcm)
+        self._batch_frame(_frame_header(0x82, size), pcm)
         return True
 
     def upstream_transcript(self, str item_id, event, Py_ssize_t message_bytes):
@@ -856,15 +855,24 @@ cdef class AudioPath:
         self.u2c_json_frames += 1
         self.u2c_json_bytes += message_bytes
         if event is not None:
-            self.batching = True
-            self.batch.append(_frame_header(0x81, len(<bytes>event)))
-            self.batch.append(event)
+            self._batch_frame(_frame_header(0x81, len(<bytes>event)), event)
         return True
+
+    cdef int _batch_frame(self, bytes header, bytes payload) except -1:
+        self.batching = True
+        self.batch.append(header)
+        self.batch.append(payload)
+        self.batch_bytes += len(header) + len(payload)
+        if self.batch_bytes >= CLIENT_BATCH_BYTES:
+            self.flush_batch()
+            self.batching = True  # the read goes on: its end flushes the rest
+        return 0
 
     cpdef flush_batch(self):
         """Write the batched client frames in one write and stop batching (see the twin)."""
         cdef WSTransport client
         self.batching = False
+        self.batch_bytes = 0
         if self.batch:
             client = self.client
             if client is not None and not client.is_disconnected and not client.is_close_frame_sent:

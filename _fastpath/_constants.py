@@ -10,3 +10,9 @@ multi-threaded: every socket syscall then takes the kernel's slower shared-file-
 HEADER_ROOM = 14
 #: The level reported for digital silence.
 DBFS_FLOOR = -100.0
+#: A session's batch of client frames (relayed reply audio and transcript deltas) is written
+#: when it reaches this many bytes, not only at the end of the socket read that produced it: a
+#: read can hold a megabyte of a fast upstream's deltas (picows doubles its read buffer while
+#: reads fill it), and a client that stopped reading must get no more than this past its
+#: transport's high-water mark before the pause reaches the session and the queue takes over.
+CLIENT_BATCH_BYTES = 32 * 1024

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 from picows import WSListener, WSMsgType
 
-from ._constants import DBFS_FLOOR, HEADER_ROOM
+from ._constants import CLIENT_BATCH_BYTES, DBFS_FLOOR, HEADER_ROOM
 
 #: A sample at or beyond this magnitude counts as clipped.
 CLIP_LEVEL = 32767
@@ -283,7 +283,7 @@ class AudioPath:
     item (see `decode_transcript_delta`), counted as an upstream JSON message of `message_bytes`.
     `batch` collects what the client gets during one upstream read (the session appends its own
     events while `batching`); `flush_batch()` writes it to `client` in one go at the end of the
-    read.
+    read, or as soon as the path's frames in it reach `CLIENT_BATCH_BYTES`.
 
     `reader` (a `DirectReader`, or None) is where the legs may move their sockets (see
     `DirectLeg`); the session's server sets it.
@@ -291,7 +291,7 @@ class AudioPath:
 
     __slots__ = ("coalescer", "upstream", "flush_armed", "on_pending", "reader",
                  "outbound_item", "item_generated", "item_delivered", "output_meter", "client",
-                 "batch", "batching", "c2u_audio_frames", "c2u_audio_bytes", "u2c_audio_frames",
+                 "batch", "batch_bytes", "batching", "c2u_audio_frames", "c2u_audio_bytes", "u2c_audio_frames",
                  "u2c_audio_bytes", "u2c_json_frames", "u2c_json_bytes")
 
     def __init__(self, coalescer: Coalescer, on_pending) -> None:
@@ -307,6 +307,7 @@ class AudioPath:
         self.output_meter: LevelMeter | None = None
         self.client = None
         self.batch: list = []
+        self.batch_bytes = 0  # what this path appended to `batch` since the last flush
         self.batching = False
         self.reader: DirectReader | None = None
 
@@ -332,9 +333,7 @@ class AudioPath:
         self.item_delivered += size
         self.u2c_audio_frames += 1
         self.u2c_audio_bytes += size
-        self.batching = True
-        self.batch.append(frame_header(0x82, size))
-        self.batch.append(pcm)
+        self._batch_frame(frame_header(0x82, size), pcm)
         return True
 
     def upstream_transcript(self, item_id: str, event: bytes | None, message_bytes: int) -> bool:
@@ -344,16 +343,24 @@ class AudioPath:
         self.u2c_json_frames += 1
         self.u2c_json_bytes += message_bytes
         if event is not None:
-            self.batching = True
-            self.batch.append(frame_header(0x81, len(event)))
-            self.batch.append(event)
+            self._batch_frame(frame_header(0x81, len(event)), event)
         return True
+
+    def _batch_frame(self, header: bytes, payload: bytes) -> None:
+        self.batching = True
+        self.batch.append(header)
+        self.batch.append(payload)
+        self.batch_bytes += len(header) + len(payload)
+        if self.batch_bytes >= CLIENT_BATCH_BYTES:
+            self.flush_batch()
+            self.batching = True  # the read goes on: its end flushes the rest
 
     def flush_batch(self) -> None:
         """Write the batched client frames in one write (one writev of headers and payloads, no
         copy) and stop batching; a no-op when nothing is batched. Nothing goes out after the
         client's close frame (the checks picows applies before every send)."""
         self.batching = False
+        self.batch_bytes = 0
         batch = self.batch
         if batch:
             client = self.client

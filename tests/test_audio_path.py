@@ -72,6 +72,25 @@ def test_flush_batch_without_a_client_drops_the_batch_and_stops_batching(fp):
     assert path.batch == [] and not path.batching
 
 
+def test_a_batch_is_written_once_it_reaches_client_batch_bytes_and_the_read_goes_on(fp):
+    """A read of a fast upstream can hold hundreds of deltas: the path writes its batch every
+    CLIENT_BATCH_BYTES (here: no client, so the write drops it) and keeps batching, so frames
+    the session adds later in the same read still follow in order."""
+    path, _ = _path(fp)
+    path.outbound_item = "item_a"
+    delta = bytes(4800)
+    below = _fastpath.CLIENT_BATCH_BYTES // (4 + len(delta))
+    for _ in range(below):
+        assert path.upstream_audio("item_a", delta)
+    assert len(path.batch) == 2 * below
+    assert path.upstream_audio("item_a", delta)   # crosses the bound: written
+    assert path.batch == [] and path.batching
+    assert path.upstream_transcript("item_a", b'{"type":"transcript"}', 60)
+    assert path.batch == [b"\x81\x15", b'{"type":"transcript"}']
+    path.flush_batch()
+    assert path.batch == [] and not path.batching
+
+
 def test_client_audio_counts_and_reports_pending_samples(fp):
     """Without an upstream nothing is sent; the pending-samples hook fires on each change."""
     path, pending = _path(fp)

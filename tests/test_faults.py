@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from _fastpath import CLIENT_BATCH_BYTES
 from gateway import errors as gateway_errors
 from gateway.config import NodeConfig
 from gateway.errors import (CLOSE_INTERNAL_ERROR, CLOSE_POLICY_VIOLATION, CLOSE_SESSION_EXPIRED,
@@ -289,8 +290,10 @@ def _queued_towards_client(session) -> int:
 
 QUEUE_MS = 1000
 #: the queue bound in bytes, plus what may sit in the transport above it: uvloop's write
-#: high-water mark (64 KiB) and one upstream delta in flight
-QUEUE_BOUND_BYTES = QUEUE_MS * 48 + 64 * 1024 + 2 * DELTA_BYTES
+#: high-water mark (64 KiB), and the most the audio path writes at once (a read of a fast
+#: upstream can hold a megabyte of deltas: the path writes them every CLIENT_BATCH_BYTES) plus
+#: the delta that crossed it
+QUEUE_BOUND_BYTES = QUEUE_MS * 48 + 64 * 1024 + CLIENT_BATCH_BYTES + 2 * DELTA_BYTES
 
 
 def test_client_that_never_reads_with_drop_oldest_keeps_memory_bounded_and_counts_drops():
