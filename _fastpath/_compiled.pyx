@@ -884,6 +884,7 @@ cdef enum:
     # one recv per ready socket; a client frame larger than what is left goes to picows whole
     DIRECT_READ_BYTES = 65536
     DIRECT_EVENTS = 64
+    DIRECT_ROUNDS = 16    # epoll batches per wake-up at most (1,024 sockets)
 
 
 cdef inline void _unmask(uint8_t* data, Py_ssize_t size, const uint8_t* key) noexcept nogil:
@@ -906,10 +907,16 @@ cdef inline void _unmask(uint8_t* data, Py_ssize_t size, const uint8_t* key) noe
 cdef class DirectReader:
     """Reads the attached sockets of one event loop itself (contract: the pure twin).
 
-    One epoll set, watched by the loop as a single reader: each wake-up drains up to 64 ready
+    One epoll set, watched by the loop as a single reader: each wake-up drains the ready
     sockets with one `recv` each into one shared buffer, and each leg relays the whole frames
     it recognises in C. Through uvloop and picows a read costs two Python-level calls, a
     memoryview and a frame object besides the syscall.
+
+    With a batch interval, a wake-up that found work takes the set off the loop and the next
+    read happens one interval later, by timer: under load the process wakes once per interval
+    for everything that arrived meanwhile, instead of once per few frames (each sleep and wake
+    is a context switch, the larger part of the cost of a small batch). A tick that finds
+    nothing puts the set back on the loop, so an idle node still answers the first byte at once.
     """
     cdef int _epfd
     cdef dict _legs          # fd -> attached DirectLeg: the strong references
@@ -917,9 +924,13 @@ cdef class DirectReader:
     cdef int _by_fd_size
     cdef char* _buf
     cdef object _loop
+    cdef object _tick        # the bound `poll`, made once
+    cdef double _interval_s  # 0: read on every wake-up
+    cdef bint _on_loop       # the set is watched by the loop (else a timer is due)
+    cdef object _timer
     cdef readonly long long frames  # relayed by the legs from this reader's reads, ever
 
-    def __init__(self, loop):
+    def __init__(self, loop, double batch_interval_s=0.0):
         self._epfd = epoll_create1(EPOLL_CLOEXEC)
         if self._epfd < 0:
             raise OSError(errno, "epoll_create1 failed")
@@ -928,7 +939,10 @@ cdef class DirectReader:
         if self._buf == NULL:
             raise MemoryError()
         self._loop = loop
-        loop.add_reader(self._epfd, self.poll)
+        self._interval_s = batch_interval_s
+        self._tick = self.poll
+        loop.add_reader(self._epfd, self._tick)
+        self._on_loop = True
 
     def __dealloc__(self):
         PyMem_Free(self._buf)
@@ -941,29 +955,64 @@ cdef class DirectReader:
         """How many sockets are read here now."""
         return len(self._legs)
 
+    @property
+    def batch_interval_s(self):
+        return self._interval_s
+
+    @property
+    def paced(self):
+        """The next read waits for the interval's timer (the set is off the loop)."""
+        return not self._on_loop
+
     def close(self):
         """Stop: every attached socket goes back to its transport."""
         cdef DirectLeg leg
         for leg in list(self._legs.values()):
             leg._detach(not leg.reads_held)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._epfd >= 0:
-            self._loop.remove_reader(self._epfd)
+            if self._on_loop:
+                self._loop.remove_reader(self._epfd)
             close_fd(self._epfd)
             self._epfd = -1
 
     def poll(self):
         cdef epoll_event events[DIRECT_EVENTS]
-        cdef int count, i, fd
+        cdef int count, i, fd, rounds = 0, found = 0
         cdef DirectLeg leg
+        self._timer = None
         if self._epfd < 0:
             return
-        count = epoll_wait(self._epfd, events, DIRECT_EVENTS, 0)
-        for i in range(count):
-            fd = events[i].data.fd
-            # looked up per event: a leg read earlier in this batch may have let another go
-            if fd < self._by_fd_size and self._by_fd[fd] != NULL:
-                leg = <DirectLeg>self._by_fd[fd]  # a new reference for the call
-                self.frames += leg._read(self._buf, DIRECT_READ_BYTES)
+        try:
+            while True:
+                count = epoll_wait(self._epfd, events, DIRECT_EVENTS, 0)
+                found += count
+                for i in range(count):
+                    fd = events[i].data.fd
+                    # looked up per event: a leg read earlier in this batch may have let another go
+                    if fd < self._by_fd_size and self._by_fd[fd] != NULL:
+                        leg = <DirectLeg>self._by_fd[fd]  # a new reference for the call
+                        self.frames += leg._read(self._buf, DIRECT_READ_BYTES)
+                rounds += 1
+                # a full batch may leave more ready; bounded, so other loop work is not starved
+                if count < DIRECT_EVENTS or rounds == DIRECT_ROUNDS:
+                    break
+        finally:
+            # also after an error in a leg: the set must never be left without a way back
+            if self._interval_s > 0 and self._epfd >= 0:
+                self._next_read(found > 0)
+
+    cdef _next_read(self, bint busy):
+        if busy:
+            if self._on_loop:
+                self._loop.remove_reader(self._epfd)
+                self._on_loop = False
+            self._timer = self._loop.call_later(self._interval_s, self._tick)
+        elif not self._on_loop:
+            self._loop.add_reader(self._epfd, self._tick)
+            self._on_loop = True
 
     cdef bint _add(self, int fd, DirectLeg leg) except -1:
         cdef epoll_event event

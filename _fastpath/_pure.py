@@ -375,16 +375,26 @@ class DirectReader:
     one shared buffer, and the whole frames its leg recognises (client audio; upstream audio
     and transcript deltas for the open item) relayed without a transport call, memoryview or
     frame object in between. The twin attaches nothing: its legs always read through picows,
-    which is the behaviour the direct reads reproduce."""
+    which is the behaviour the direct reads reproduce.
 
-    def __init__(self, loop) -> None:
+    `batch_interval_s` > 0: under load the set is read once per interval, by timer, instead of
+    on every wake-up (fewer context switches); a read that finds nothing puts the set back on
+    the loop, so an idle node answers the first byte at once."""
+
+    def __init__(self, loop, batch_interval_s: float = 0.0) -> None:
         self._loop = loop
+        self.batch_interval_s = batch_interval_s
         self.frames = 0  # relayed by the legs from this reader's reads, ever
 
     @property
     def attached(self) -> int:
         """How many sockets are read here now."""
         return 0
+
+    @property
+    def paced(self) -> bool:
+        """The next read waits for the interval's timer (the set is off the loop)."""
+        return False
 
     def close(self) -> None:
         """Stop: every attached socket goes back to its transport."""

@@ -160,7 +160,7 @@ class GatewayServer:
 
     async def start(self, host: str | None = None, port: int | None = None, reuse_port: bool = False) -> int:
         if self.config.direct_reads == "on":
-            self.reader = DirectReader(asyncio.get_running_loop())
+            self.reader = DirectReader(asyncio.get_running_loop(), self.config.read_batch_ms / 1000.0)
         listening = sockets.listening_sockets(self.config.host if host is None else host,
                                               self.config.port if port is None else port, reuse_port)
         for sock in listening:

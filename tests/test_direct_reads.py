@@ -167,15 +167,16 @@ _AUDIO_SIZES = st.one_of(st.integers(0, 125), st.integers(126, 4000), st.sampled
 @given(sizes=st.lists(_AUDIO_SIZES.map(lambda n: n & ~1), min_size=2, max_size=12),
        extras=st.lists(st.sampled_from(["none", "none", "ping", "fragmented"]), min_size=12, max_size=12),
        cuts=st.one_of(st.none(), st.lists(st.integers(1, 20000), min_size=1, max_size=30)),
-       seed=st.integers(0, 1000))
-def test_any_cut_of_the_client_stream_arrives_exact(sizes, extras, cuts, seed):
+       seed=st.integers(0, 1000), read_batch_ms=st.sampled_from([0, 2]))
+def test_any_cut_of_the_client_stream_arrives_exact(sizes, extras, cuts, seed, read_batch_ms):
     """Audio frames of every length encoding, with pings and fragmented audio messages among
     them, written as one byte stream cut at arbitrary points (mid-header, mid-mask,
     mid-payload) or, with `cuts` None, one message per write: the echo is the audio, byte for
     byte, and every ping got its pong. Written message by message, every audio frame that
     follows another plain one is relayed by the reader (compiled): a ping or a fragmented
     message hands the socket back, and the next frame picows delivers takes it again (as does a
-    frame longer than the reader's 64 KiB read)."""
+    frame longer than the reader's 64 KiB read). Paced reads (`--read-batch-ms 2`) change when
+    the reader reads, never what it relays."""
     pcm = speech_like(sum(sizes) / 48000 + 0.01, seed=seed)
     lead, tail = pcm[:960], speech_like(0.1, seed=seed + 1)
     messages, audio, pings, offset = [], bytearray(), 0, 0
@@ -198,7 +199,7 @@ def test_any_cut_of_the_client_stream_arrives_exact(sizes, extras, cuts, seed):
                         if before == kind == "audio" and len(data) <= 65536)
 
     async def scenario():
-        async with relay() as (gateway, _mock):
+        async with relay(read_batch_ms=read_batch_ms) as (gateway, _mock):
             client = await ready_client(gateway.url)
             gateway_fd = _gateway_fd(gateway)
             # one plain audio frame first, so the reader (compiled) owns the socket from the start
@@ -230,6 +231,60 @@ def test_any_cut_of_the_client_stream_arrives_exact(sizes, extras, cuts, seed):
         assert direct_frames == 0
     elif cuts is None:
         assert direct_frames == follows_audio
+
+
+async def _until(condition, timeout_s: float, what: str) -> None:
+    """Wait, bounded, for a condition that a timer of the gateway's makes true."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.002)
+
+
+def test_paced_reads_wait_for_the_tick_under_load_and_not_when_idle():
+    """`--read-batch-ms`: once a read found work, the reader reads again only when the interval
+    is over — a frame written meanwhile stays in the kernel's queue until the tick — and a tick
+    that finds nothing hands the set back to the loop, so the next frame is read at once. The
+    echo is the audio, exact. (A long interval, so that "not yet" cannot be a scheduling
+    accident; the pure twin reads through picows and is never paced.)"""
+    frames = [speech_like(0.02, seed=20 + i) for i in range(5)]   # one 100 ms echo block
+
+    async def scenario():
+        async with relay(MockOptions(echo_mode="stream"), read_batch_ms=800) as (gateway, _mock):
+            client = await ready_client(gateway.url)
+            gateway_fd = _gateway_fd(gateway)
+            reader = gateway.reader
+            seen = {"interval": reader.batch_interval_s}
+            await write_read(client, gateway_fd, masked_frame(0x82, frames[0]))  # picows; attaches
+            await write_read(client, gateway_fd, masked_frame(0x82, frames[1]))  # the reader: work
+            seen["paced after work"] = reader.paced
+            client_fd = client.transport.underlying_transport.get_extra_info("socket").fileno()
+            os.write(client_fd, masked_frame(0x82, frames[2]))
+            for _ in range(200):
+                await asyncio.sleep(0)
+            seen["unread before the tick"] = _unread_bytes(gateway_fd)
+            await _until(lambda: _unread_bytes(gateway_fd) == 0, 5, "the tick's read")
+            await _until(lambda: not reader.paced, 5, "the idle tick")   # the next tick: nothing
+            # read at once (write_read gives up long before an 800 ms tick) ...
+            await write_read(client, gateway_fd, masked_frame(0x82, frames[3]))
+            # ... and that was work again: the next frame waits for its tick
+            os.write(client_fd, masked_frame(0x82, frames[4]))
+            await _until(lambda: _unread_bytes(gateway_fd) == 0, 5, "the tick's read")
+            await client.wait_until(lambda: client.audio_bytes >= 4800, 5, "the echo")
+            seen["direct"] = _legs(gateway)[0].direct_frames
+            await client.close()
+            return seen, client.audio
+
+    seen, echoed = run(scenario(), timeout=30)
+    assert echoed == b"".join(frames)
+    assert seen["interval"] == 0.8
+    if COMPILED:
+        assert seen["paced after work"] is True
+        assert seen["unread before the tick"] == len(masked_frame(0x82, frames[2]))
+        assert seen["direct"] == 4
+    else:
+        assert seen["paced after work"] is False and seen["unread before the tick"] == 0
 
 
 @pytest.mark.parametrize("ending", ["close_frame", "end_of_stream"])
