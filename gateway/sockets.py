@@ -1,8 +1,8 @@
 """Listening and connected TCP sockets for the node, opened without libuv's thread pool.
 
-uvloop resolves every address — even a numeric one — through `getaddrinfo` on libuv's thread
-pool (`create_server(host, port)`, `sock_connect`), whose four threads then live as long as the
-process. A process with more than one thread shares its file table, and the kernel takes a
+uvloop resolves addresses through `getaddrinfo` on libuv's thread pool — `create_server(host,
+port)` and `sock_connect` even a numeric one, `create_connection` a host name — and the pool's
+four threads then live as long as the process. A process with more than one thread shares its file table, and the kernel takes a
 slower path for every socket syscall on a shared table (a reference count taken and dropped
 per call on each file); glibc's `send`/`recv` also switch cancellation on and off. For a relay
 making ~25,000 socket syscalls per second per 200 sessions that is a few per cent of its CPU.

@@ -131,8 +131,8 @@ class UpstreamListener(UpstreamLeg):
 
 
 def _connected_socket(url):
-    # picows would connect through uvloop's sock_connect, which starts libuv's thread pool even
-    # for a numeric address; gateway.sockets keeps the node single-threaded (see there)
+    # left to picows, uvloop would look a host name up on libuv's thread pool, whose threads then
+    # stay for good; gateway.sockets looks it up in a thread that ends with the lookup (see there)
     return sockets.connect(url.host, url.port)
 
 
