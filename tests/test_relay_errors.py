@@ -52,6 +52,26 @@ def test_upstream_down_is_connection_failed_within_the_connect_timeout():
     run(scenario(), timeout=20)
 
 
+def test_an_upstream_host_that_does_not_resolve_is_connection_failed_every_time():
+    """The node looks host names up itself (gateway.sockets.Resolver): a failed lookup reaches
+    the client as ConnectionFailed, naming the host but no secret, and is not cached as an
+    answer: the next session looks again and fails the same way. `.invalid` never resolves
+    (RFC 6761); where the machine's DNS does not answer at all, the connect timeout ends it."""
+    async def scenario():
+        config = NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key="test-key-resolve",
+                            upstream_url="ws://no-such-upstream.invalid:4443/v1/realtime", connect_timeout_s=2.0)
+        async with GatewayServer(config) as gateway:
+            for _ in range(2):
+                started = time.monotonic()
+                client = await RelayClient.connect(gateway.url)
+                error = await _expect_fatal(client, "ConnectionFailed", CLOSE_INTERNAL_ERROR)
+                assert time.monotonic() - started < 2.5
+                assert "no-such-upstream.invalid" in error["message"] or "2.0 s" in error["message"]
+                assert "test-key-resolve" not in str(error)
+            await gateway.wait_empty(3)
+    run(scenario(), timeout=20)
+
+
 def test_slow_upstream_handshake_times_out_as_connection_failed():
     async def scenario():
         async with relay(MockOptions(handshake_delay_s=3.0), connect_timeout_s=0.5) as (gateway, mock):
