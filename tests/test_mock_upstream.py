@@ -510,6 +510,48 @@ def test_manual_commit_then_response(dialect: str) -> None:
     run(scenario(), timeout=10)
 
 
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_max_output_tokens_cuts_the_reply_inside_a_delta(dialect: str) -> None:
+    """A 2 s echo under a 9-token cap: 100 ms deltas cost 2 tokens each, the transcript's first
+    word ("echo ", 2 tokens) rides on the fifth delta; so four whole deltas (8 tokens), then
+    50 ms of the fifth and no text, message and response "incomplete" (max_output_tokens). The
+    response's own cap overrides the session's; a bad one is an error naming it."""
+    async def scenario() -> None:
+        async with MockRealtimeServer(dialect_options(dialect, delta_ms=100)) as server:
+            client = await open_dialect(server, dialect)
+            cap_key = "max_output_tokens" if dialect == "ga" else "max_response_output_tokens"
+            patch = session_patch(dialect, turn_detection=None)
+            patch[cap_key] = 9
+            await client.send({"type": "session.update", "session": patch})
+            assert (await client.expect("session.updated"))["session"][cap_key] == 9
+            turn = pcm_tone(2000)
+            await client.append(turn)
+            await client.send({"type": "input_audio_buffer.commit"})
+            await client.recv_until(USER_ITEM_EVENTS[dialect][-1])
+            await client.send({"type": "response.create"})
+            ladder = await client.recv_until("response.done")
+            assert collapse([e["type"] for e in ladder]) == AUDIO_LADDER[dialect]
+            assert b64_audio(ladder) == turn[:450 * 48]
+            assert not [e for e in ladder if "transcript.delta" in e["type"]]
+            done = ladder[-1]["response"]
+            assert done["status"] == "incomplete"
+            assert done["status_details"] == {"type": "incomplete", "reason": "max_output_tokens"}
+            assert done["output"][0]["status"] == "incomplete"
+            assert done["usage"]["output_tokens"] == 9
+            assert done["usage"]["output_token_details"] == {"text_tokens": 0, "audio_tokens": 9}
+
+            await client.send({"type": "response.create", "response": {cap_key: "inf"}})
+            ladder = await client.recv_until("response.done")
+            done = ladder[-1]["response"]
+            assert done["status"] == "completed" and done["max_output_tokens"] == "inf"
+            assert b64_audio(ladder) == turn
+
+            await client.send({"type": "response.create", "response": {cap_key: 0}})
+            error = (await client.expect("error"))["error"]
+            assert error["param"] == f"response.{cap_key}"
+    run(scenario(), timeout=10)
+
+
 # ---------------------------------------------------------------------------------------------
 # §7.5 function calling
 

@@ -78,6 +78,37 @@ def test_push_to_talk_with_odd_length_frames():
     run(scenario(), timeout=20)
 
 
+def test_max_response_tokens_caps_the_reply_and_it_ends_incomplete():
+    """The seed's `max_response_tokens` reaches the upstream as the session's max_output_tokens;
+    the mock (≈20 tokens per second of audio) stops a 2 s echo after 450 ms (9 tokens: four
+    100 ms deltas and half of the fifth). The client gets exactly those bytes, in order, then
+    response_done "incomplete"; the next response, uncapped, is whole."""
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none", "max_response_tokens": 9})
+            await client.wait("ready")
+            upstream = mock.sessions[0]
+            update = await upstream.wait_for_client_event("session.update")
+            assert update["session"]["max_output_tokens"] == 9
+            audio = speech_like(2.0, seed=5)
+            for frame in frames(audio, 960):
+                await client.send_audio(frame)
+            await client.send({"type": "commit"})
+            await client.send({"type": "create_response"})
+            done = await client.wait("response_done")
+            assert done["status"] == "incomplete"
+            assert done["usage"]["output_tokens"] == 9
+            assert bytes(client.audio) == audio[:450 * 48]
+            # relayed in order: the upstream applies the update before the response.create
+            await client.send({"type": "config", "max_response_tokens": "inf"})
+            await client.send({"type": "create_response"})
+            done = await client.wait("response_done")
+            assert done["status"] == "completed"
+            assert bytes(client.audio) == audio[:450 * 48] + audio
+    run(scenario(), timeout=20)
+
+
 def test_text_turns_and_respond_false():
     async def scenario():
         async with relay() as (gateway, mock):

@@ -8,6 +8,11 @@ audio delta followed by its share of the transcript.
 Cancellation (client `response.cancel` or VAD barge-in) happens only while the ladder task waits
 between deltas, so the closing ladder knows exactly what was streamed: the transcript so far, the
 audio so far (the item keeps it, for truncate), status "incomplete".
+
+`max_output_tokens` (the session's, or the response's own) caps a message the way OpenAI's does,
+counted as the usage is (≈20 tokens per second of output audio, one per four characters of text):
+output stops where the next piece would pass the cap, the audio cut inside its last delta, and the
+message and response end "incomplete" with reason "max_output_tokens".
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import orjson
 from .audio import BYTES_PER_MS, GA_TO_BETA_FORMAT, new_id, tone
 from .conversation import Item, render_item
 from .errors import MockProtocolError, failure_object
+from .schema import max_tokens
 
 if TYPE_CHECKING:
     from .session import MockSession
@@ -36,6 +42,8 @@ TOKENS_PER_MINUTE_LIMIT = 40000
 TEXT_TONE_MS_PER_CHAR = 60
 TEXT_TONE_MIN_MS, TEXT_TONE_MAX_MS = 300, 10_000
 ARGUMENT_DELTA_CHARS = 8
+AUDIO_MS_PER_TOKEN = 50  # ≈20 output audio tokens per second (§3.3)
+CHARS_PER_TOKEN = 4
 
 
 class OutputPlan:
@@ -62,6 +70,10 @@ def _split(text: str, pieces: int) -> list[str]:
     return ["".join(words[i * n // pieces:(i + 1) * n // pieces]) for i in range(pieces)]
 
 
+def _text_tokens(text: str) -> int:
+    return len(text) // CHARS_PER_TOKEN + 1 if text else 0
+
+
 def _usage(session: "MockSession", output_audio_ms: int, output_text: str,
            zero: bool = False) -> dict[str, Any]:
     """Token usage: ≈10 tokens/s of input audio, 20 tokens/s of output audio (§3.3)."""
@@ -74,10 +86,10 @@ def _usage(session: "MockSession", output_audio_ms: int, output_text: str,
             if item.type == "message" and item.role != "assistant":
                 user_audio_ms += len(item.audio) // BYTES_PER_MS[item.audio_format]
                 text_chars += sum(len(p.get("text") or "") for p in item.content)
-        in_text = text_chars // 4
+        in_text = text_chars // CHARS_PER_TOKEN
         in_audio = user_audio_ms // 100
-        out_audio = output_audio_ms // 50
-        out_text = len(output_text) // 4 + (1 if output_text else 0)
+        out_audio = output_audio_ms // AUDIO_MS_PER_TOKEN
+        out_text = _text_tokens(output_text)
     details: dict[str, Any] = {"text_tokens": in_text, "audio_tokens": in_audio}
     cached: dict[str, Any] = {"text_tokens": 0, "audio_tokens": 0}
     if session.dialect == "ga":
@@ -95,8 +107,12 @@ class Response:
     """One response: its ladder task and what it has streamed so far."""
 
     def __init__(self, session: "MockSession", plans: list[OutputPlan], modalities: list[str],
-                 metadata: Any, failure: Optional[str] = None) -> None:
+                 metadata: Any, failure: Optional[str] = None, max_output_tokens: Any = None) -> None:
         self.session = session
+        # 1..4096 or "inf"; None: the session's
+        self.max_output_tokens = session.config["max_output_tokens"] if max_output_tokens is None \
+            else max_output_tokens
+        self.limited = False  # stopped by max_output_tokens
         self.id = new_id("resp_")
         self.plans = plans
         self.modalities = modalities
@@ -130,7 +146,7 @@ class Response:
         audio_out = config["audio"]["output"]
         if session.dialect == "ga":
             out["output_modalities"] = list(self.modalities)
-            out["max_output_tokens"] = config["max_output_tokens"]
+            out["max_output_tokens"] = self.max_output_tokens
             out["audio"] = {"output": {"format": dict(audio_out["format"]),
                                        "voice": audio_out["voice"]}}
         else:
@@ -138,7 +154,7 @@ class Response:
             out["voice"] = audio_out["voice"]
             out["output_audio_format"] = GA_TO_BETA_FORMAT[audio_out["format"]["type"]]
             out["temperature"] = config["_beta"]["temperature"]
-            out["max_output_tokens"] = config["max_output_tokens"]
+            out["max_output_tokens"] = self.max_output_tokens
         out["usage"] = usage
         out["metadata"] = self.metadata
         return out
@@ -164,8 +180,11 @@ class Response:
                     await self._function_call(index, plan)
                 else:
                     await self._message(index, plan)
-            self.status = "completed"
-            self._done(usage=_usage(self.session, self.audio_ms, self.text_out), status_details=None)
+                if self.limited:
+                    break
+            self.status = "incomplete" if self.limited else "completed"
+            details = {"type": "incomplete", "reason": "max_output_tokens"} if self.limited else None
+            self._done(usage=_usage(self.session, self.audio_ms, self.text_out), status_details=details)
         except asyncio.CancelledError:
             pass  # cancel() already wrote the closing ladder
 
@@ -203,6 +222,15 @@ class Response:
             {"name": "requests", "limit": 5000, "remaining": 4999, "reset_seconds": 0.012}, tokens]
         self.session.send_event("rate_limits.updated", rate_limits=limits)
 
+    def _room(self, audio_ms: int = 0, text: str = "") -> float:
+        """Output tokens left under max_output_tokens once `audio_ms` more audio and `text` more
+        text are out (negative: that would pass the cap)."""
+        if self.max_output_tokens == "inf":
+            return float("inf")
+        spent = (self.audio_ms + audio_ms) // AUDIO_MS_PER_TOKEN \
+            + _text_tokens(self.text_out + self._streamed_text + text)
+        return self.max_output_tokens - spent
+
     async def _pace(self, sent_ms: int, started: float) -> None:
         """Between deltas: realtime pacing waits until `sent_ms` of audio is due; fast pacing
         only yields (so barge-in and cancel can land) and respects write backpressure."""
@@ -236,16 +264,28 @@ class Response:
             started = time.monotonic()
             sent_ms = 0
             for chunk, piece in zip(chunks, pieces):
-                session.send_event("response.output_audio.delta", **ids,
-                                   delta=base64.b64encode(chunk).decode())
-                item.audio += chunk
-                session.voice_locked = True
-                sent_ms += len(chunk) // bytes_per_ms
-                self.audio_ms += len(chunk) // bytes_per_ms
+                chunk_ms = len(chunk) // bytes_per_ms
+                if self._room(chunk_ms, piece) < 0:
+                    # the cap falls inside this delta: as much of its audio as still fits, no
+                    # more text
+                    self.limited = True
+                    fits_ms = int(self._room()) * AUDIO_MS_PER_TOKEN - self.audio_ms % AUDIO_MS_PER_TOKEN
+                    if fits_ms < chunk_ms:
+                        chunk = chunk[:max(0, fits_ms) * bytes_per_ms]
+                    piece = ""
+                if chunk:
+                    session.send_event("response.output_audio.delta", **ids,
+                                       delta=base64.b64encode(chunk).decode())
+                    item.audio += chunk
+                    session.voice_locked = True
+                    sent_ms += len(chunk) // bytes_per_ms
+                    self.audio_ms += len(chunk) // bytes_per_ms
                 if piece:
                     session.send_event("response.output_audio_transcript.delta", **ids, delta=piece)
                     self._streamed_text += piece
                     item.content[0]["transcript"] = self._streamed_text
+                if self.limited:
+                    break
                 await self._pace(sent_ms, started)
             if not chunks and plan.text:
                 session.send_event("response.output_audio_transcript.delta", **ids, delta=plan.text)
@@ -254,12 +294,15 @@ class Response:
             words = plan.text.split(" ")
             for position, word in enumerate(words):
                 piece = word if position == len(words) - 1 else word + " "
+                if self._room(0, piece) < 0:
+                    self.limited = True
+                    break
                 session.send_event("response.output_text.delta", **ids, delta=piece)
                 self._streamed_text += piece
                 item.content[0]["text"] = self._streamed_text
                 await self._pace(0, 0.0)
         self._send_rate_limits()
-        self._close_message(index, item, "completed")
+        self._close_message(index, item, "incomplete" if self.limited else "completed")
 
     def _close_message(self, index: int, item: Item, status: str) -> None:
         session = self.session
@@ -382,6 +425,9 @@ class ResponsePlanner:
                                        or any(m not in ("audio", "text") for m in modalities)):
             raise MockProtocolError("invalid_enum", f"response.{key}", value=str(modalities),
                                     supported="'audio', 'text'")
+        for key in ("max_output_tokens", "max_response_output_tokens"):
+            if key in params:
+                max_tokens(params[key], f"response.{key}")
 
     def plan(self, params: dict[str, Any]) -> Response:
         session = self.session
@@ -400,7 +446,8 @@ class ResponsePlanner:
             plans = [call]
         else:
             plans = [self._speech_for(source, modalities[0])]
-        return Response(session, plans, modalities, params.get("metadata"), failure)
+        limit = params.get("max_output_tokens", params.get("max_response_output_tokens"))
+        return Response(session, plans, modalities, params.get("metadata"), failure, limit)
 
     def _source_item(self) -> Optional[Item]:
         """The newest input a response answers: the latest user message or function output
