@@ -69,7 +69,7 @@ _OUTCOME_BY_CODE = {"AuthenticationFailed": "upstream_auth_failed", "ConnectionF
 
 def seed_defaults(node: NodeConfig) -> cp.SessionConfig:
     """The seed document's defaults, applied under whatever the client asks for."""
-    return cp.SessionConfig(voice=node.default_voice, turn_detection="server_vad", vad_threshold=0.5,
+    return cp.SessionConfig(voice=node.default_voice, instructions="", turn_detection="server_vad", vad_threshold=0.5,
                             vad_silence_duration_ms=500, vad_prefix_padding_ms=300,
                             transcription_model="whisper-1", input_audio_format="pcm16",
                             output_audio_format="pcm16")
@@ -497,19 +497,15 @@ class RelaySession:
             self._note_ignored(error.param)
             self.fail(error)
         update = command.config
-        if update.model is not None and update.model != self.upstream_model:
-            if self.state is READY:
-                self.fail(InvalidConfig("the model cannot change after `ready` (open a new session)",
-                                        param="model"))
-                self._note_ignored("model")
-            else:
-                log.info("session %s: client asked for model %s, re-opening upstream", self.session_id,
-                         update.model)
-                self.upstream_model = update.model
-                self.requested = self.requested.merged(update)
-                self._open_upstream()
-                return
-        update.model = None
+        reopen = update.model is not None and update.model != self.upstream_model
+        if reopen and self.state is READY:
+            self.fail(InvalidConfig("the model cannot change after `ready` (open a new session)",
+                                    param="model"))
+            self._note_ignored("model")
+            reopen = False
+        if not reopen:
+            update.model = None
+        # what the gateway itself does with the config applies on either path below
         if update.levels is not None:
             self._set_levels(update.levels)
         if update.input_audio_format is not None and update.input_audio_format != self.input_format:
@@ -519,7 +515,12 @@ class RelaySession:
         if update.output_audio_format is not None:
             self.output_bytes_per_ms = cp.BYTES_PER_MS[update.output_audio_format]
         self.requested = self.requested.merged(update)
-        if self.created:
+        if reopen:
+            log.info("session %s: client asked for model %s, re-opening upstream", self.session_id,
+                     update.model)
+            self.upstream_model = update.model
+            self._open_upstream()  # its session.update carries all of `requested`
+        elif self.created:
             self._send_session_update(self._upstream_part(update))
 
     def _upstream_part(self, update: cp.SessionConfig) -> cp.SessionConfig:
@@ -575,7 +576,9 @@ class RelaySession:
         self._send_upstream({"type": "response.cancel"})
 
     def _cmd_clear_audio(self, command) -> None:
-        self.coalescer.discard()
+        # what the coalescer holds goes up first, to be cleared there: dropping it here would
+        # put the upstream's audio_ms timeline behind the client's
+        self._flush_audio()
         self._send_upstream({"type": "input_audio_buffer.clear"})
 
     def _cmd_function_result(self, command: cp.FunctionResultCommand) -> None:

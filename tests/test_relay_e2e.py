@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import orjson
 
@@ -200,6 +201,68 @@ def test_config_naming_another_model_before_ready_reopens_the_upstream():
                 await session.wait_closed(3)
             update = await current[0].wait_for_client_event("session.update")
             assert update["session"]["instructions"] == "x"
+    run(scenario(), timeout=20)
+
+
+def test_a_model_reopen_before_ready_keeps_the_rest_of_the_config():
+    """Both seed examples name a model other than the default, so their config takes the re-open
+    path: the formats and levels in it must still apply to the gateway's own audio handling. A
+    4801-byte µ-law turn (1-byte samples: nothing to carry) comes back whole, and levels flow."""
+    async def scenario():
+        async with relay(MockOptions(handshake_delay_s=0.2)) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "model": "gpt-4o-realtime-preview", "turn_detection": "none",
+                               "input_audio_format": "g711_ulaw", "output_audio_format": "g711_ulaw",
+                               "levels": True})
+            ready = await client.wait("ready")
+            assert (ready["model"], ready["input_audio_format"]) == ("gpt-4o-realtime-preview", "g711_ulaw")
+            turn = bytes((i * 37 + 11) % 256 for i in range(4801))
+            for frame in frames(turn, 333):
+                await client.send_audio(frame)
+            await client.send({"type": "commit"})
+            await client.send({"type": "create_response"})
+            await client.wait("response_done")
+            assert bytes(client.audio) == turn
+            await client.wait("level", timeout=2)
+    run(scenario(), timeout=20)
+
+
+def test_the_first_session_update_carries_the_seeds_default_instructions():
+    """The seed's default `instructions` is "" (not the upstream's own default persona)."""
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            first = await mock.sessions[0].wait_for_client_event("session.update")
+            assert first["session"]["instructions"] == ""
+    run(scenario(), timeout=20)
+
+
+def test_clear_audio_sends_what_the_coalescer_held_before_the_clear():
+    """Audio the gateway holds (here up to 100 ms) goes upstream ahead of the clear, so the
+    upstream's input timeline (its audio_ms) stays the client's; the clear still drops it."""
+    async def scenario():
+        async with relay(coalesce_ms=100) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            await client.wait("ready")
+            held = speech_like(0.06, seed=8)
+            for frame in frames(held, 20 * BYTES_PER_MS):
+                await client.send_audio(frame)
+            await client.send({"type": "clear_audio"})
+            turn = speech_like(0.3, seed=9)
+            for frame in frames(turn, 20 * BYTES_PER_MS):
+                await client.send_audio(frame)
+            await client.send({"type": "commit"})
+            await client.send({"type": "create_response"})
+            await client.wait("response_done")
+            assert bytes(client.audio) == turn
+            received = mock.sessions[0].received
+            types = [e["type"] for e in received]
+            before_clear = received[:types.index("input_audio_buffer.clear")]
+            appended = b"".join(base64.b64decode(e["audio"]) for e in before_clear
+                                if e["type"] == "input_audio_buffer.append")
+            assert appended == held
     run(scenario(), timeout=20)
 
 
