@@ -733,12 +733,6 @@ cdef class Coalescer:
         memmove(self._buf, self._buf + whole, self._len)
         return frame
 
-    def discard(self):
-        """Drop pending audio (e.g. on clear); return how many bytes were dropped."""
-        cdef Py_ssize_t dropped = self._len
-        self._len = 0
-        return dropped
-
 
 # ------------------------------------------------------------- the relay's per-frame path
 

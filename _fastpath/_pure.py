@@ -196,8 +196,7 @@ class Coalescer:
     `target_bytes` of whole samples are pending, else None. A trailing partial sample (the odd byte
     of PCM16) is carried to the next push, never dropped. `flush()` encodes whatever whole samples
     are pending (None if there are none) — the session calls it at turn boundaries, on commit and
-    on its timer, so no audio waits longer than the coalescing bound. `discard()` drops pending
-    audio (e.g. `clear_audio`) and returns how many bytes it dropped.
+    on its timer and before `clear_audio`, so no audio waits longer than the coalescing bound.
     """
 
     __slots__ = ("_target_bytes", "_sample_width", "meter", "_pending")
@@ -245,11 +244,6 @@ class Coalescer:
         if whole == 0:
             return None
         return self._emit(whole)
-
-    def discard(self) -> int:
-        dropped = len(self._pending)
-        del self._pending[:]
-        return dropped
 
     def _emit(self, whole: int) -> bytearray:
         chunk = bytes(self._pending[:whole])

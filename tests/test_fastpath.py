@@ -473,16 +473,6 @@ def test_coalescer_flush_sends_whole_samples_pending(fp):
     assert coalescer.pending_bytes == 1
 
 
-def test_coalescer_discard_drops_pending(fp):
-    coalescer = fp.Coalescer(target_bytes=4800)
-    coalescer.push(random_pcm(1501, 4))
-    assert coalescer.discard() == 1501
-    assert coalescer.pending_bytes == 0
-    assert coalescer.flush() is None
-    later = random_pcm(4800, 5)
-    assert audio_of(coalescer.push(later)) == later
-
-
 def test_coalescer_target_is_settable_and_validated(fp):
     coalescer = fp.Coalescer(target_bytes=4800)
     assert coalescer.push(random_pcm(960, 6)) is None
