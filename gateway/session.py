@@ -849,12 +849,14 @@ class RelaySession:
         status = response.get("status")
         if response_id == self.active_response_id:
             self.active_response_id = None
-        if status == "failed":
-            details = (response.get("status_details") or {}).get("error") or {}
-            error = from_upstream_error(details)
-            error.fatal = False if error.code in ("RateLimitExceeded", "UpstreamError") else error.fatal
-            self.fail(error)
         self._send_client(cp.response_done_event(response_id, status, response.get("usage")))
+        if status == "failed":
+            # fatal or not by the upstream code, as when it comes as an `error` event: a rate
+            # limit or a server error fails one response, an account problem (insufficient_quota)
+            # every one after it
+            self.fail(from_upstream_error((response.get("status_details") or {}).get("error") or {}))
+            if self.state is CLOSED:
+                return
         calls = self._response_calls.pop(response_id, None) if isinstance(response_id, str) else None
         if calls:
             waiting = calls - self._answered_calls.keys()

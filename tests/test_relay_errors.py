@@ -102,6 +102,23 @@ def test_rate_limited_response_is_rate_limit_exceeded_and_the_session_goes_on():
     run(scenario(), timeout=20)
 
 
+def test_a_response_failed_for_quota_ends_the_session_after_its_response_done():
+    """insufficient_quota arrives in a failed response.done (as OpenAI sends it); every later
+    response would fail too, so it is fatal there exactly as in an `error` event: the client
+    gets response_done "failed", then UpstreamError (fatal, upstream code kept), then close 1011."""
+    async def scenario():
+        async with relay(MockOptions(fail_responses="insufficient_quota")) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "one"})
+            error = await _expect_fatal(client, "UpstreamError", CLOSE_INTERNAL_ERROR)
+            assert error["upstream"]["code"] == "insufficient_quota"
+            assert [e["type"] for e in client.events[-2:]] == ["response_done", "error"]
+            assert client.events[-2]["status"] == "failed"
+            await gateway.wait_empty(3)
+    run(scenario(), timeout=20)
+
+
 def test_bad_messages_are_invalid_message_and_the_session_goes_on():
     async def scenario():
         async with relay() as (gateway, mock):

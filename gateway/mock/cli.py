@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a text turn naming a configured tool is answered by a call to it")
     parser.add_argument("--function-every-n-audio-turns", type=int, default=0,
                         help="with tools configured, every Nth audio turn is answered by a function call")
-    parser.add_argument("--fail-responses", choices=["rate_limit_exceeded", "server_error", "model_not_found"],
+    parser.add_argument("--fail-responses", choices=["rate_limit_exceeded", "server_error", "model_not_found",
+                                                         "insufficient_quota"],
                         default=None, help="make responses end as failed response.done with this error")
     parser.add_argument("--fail-every-n", type=int, default=1,
                         help="with --fail-responses: every Nth response fails (1 = all)")

@@ -133,6 +133,11 @@ RESPONSE_FAILURES: dict[str, ErrorSpec] = {
         "retry your request, or contact us through our help center at help.openai.com if the "
         "error persists. (include session ID in your message: {session_id}). We recommend you "
         "retry your request."),
+    "insufficient_quota": ErrorSpec(
+        "insufficient_quota", "insufficient_quota",
+        "You exceeded your current quota, please check your plan and billing details. For more "
+        "information on this error, read the docs: "
+        "https://platform.openai.com/docs/guides/error-codes/api-errors."),
     "model_not_found": ErrorSpec(
         "invalid_request_error", "model_not_found",
         "The model `{model}` does not exist or you do not have access to it."),

@@ -12,7 +12,7 @@ BetaMode = Literal["serve", "reject"]
 Pacing = Literal["fast", "realtime"]
 EchoMode = Literal["turn", "stream"]
 FunctionTrigger = Literal["name_in_text", "none"]
-ResponseFailure = Literal["rate_limit_exceeded", "server_error", "model_not_found"]
+ResponseFailure = Literal["rate_limit_exceeded", "server_error", "model_not_found", "insufficient_quota"]
 
 
 @dataclass
@@ -101,5 +101,5 @@ _ALLOWED = {
     "pacing": {"fast", "realtime"},
     "echo_mode": {"turn", "stream"},
     "function_trigger": {"name_in_text", "none"},
-    "fail_responses": {"rate_limit_exceeded", "server_error", "model_not_found"},
+    "fail_responses": {"rate_limit_exceeded", "server_error", "model_not_found", "insufficient_quota"},
 }
