@@ -252,9 +252,10 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
     def check_provider() -> None:
         nonlocal provider
         value = message["provider"]
-        if value != "openai":
+        # WaaV compares provider names case-insensitively ("OpenAI" works there)
+        if not isinstance(value, str) or value.lower() != "openai":
             raise _Bad("provider", f"provider must be 'openai' (got {value!r})")
-        provider = value
+        provider = "openai"
 
     def check_model() -> None:
         value = message["model"]

@@ -103,11 +103,11 @@ def test_waav_config_spellings():
     command = config_of({
         "turn_detection": {"mode": "server_vad", "threshold": 0.4, "silence_duration_ms": 300},
         "transcribe_input": True, "transcription_model": "gpt-4o-transcribe",
-        "max_response_tokens": -1, "input_audio_format": "mulaw",
+        "max_response_tokens": -1, "input_audio_format": "mulaw", "provider": "OpenAI",
         "tools": [{"type": "function", "function": {"name": "lookup", "description": "d",
                                                     "parameters": {"type": "object"}}}],
     })
-    assert command.errors == []
+    assert command.errors == [] and command.provider == "openai"
     c = command.config
     assert (c.turn_detection, c.vad_threshold, c.vad_silence_duration_ms) == ("server_vad", 0.4, 300)
     assert c.transcription_model == "gpt-4o-transcribe"
