@@ -288,9 +288,9 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
             config.turn_detection = "none"
         elif isinstance(value, dict):  # WaaV: {mode, threshold?, silence_duration_ms?, prefix_padding_ms?, eagerness?}
             mode = _WAAV_TURN_MODES.get(value.get("mode", value.get("type")))
+            _vad_params(value, "turn_detection", config, errors)
             if mode is None:
                 raise _Bad("turn_detection.mode", "turn_detection.mode must be server_vad, semantic or manual")
-            _vad_params(value, "turn_detection", config)
             config.turn_detection = mode
         else:
             raise _Bad("turn_detection", "turn_detection must be a string or an object")
@@ -299,10 +299,10 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
         value = message["vad"]
         if not isinstance(value, dict):
             raise _Bad("vad", "vad must be an object")
+        _vad_params(value, "vad", config, errors)
         enabled = value.get("enabled", True)
         if not isinstance(enabled, bool):
             raise _Bad("vad.enabled", "vad.enabled must be a boolean")
-        _vad_params(value, "vad", config)
         if not enabled:
             config.turn_detection = "none"
 
@@ -359,7 +359,11 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
         value = message["tools"]
         if not isinstance(value, list):
             raise _Bad("tools", "tools must be a list of function definitions")
-        config.tools = [_tool(index, tool) for index, tool in enumerate(value)]
+        tools: list[dict[str, Any]] = []
+        for index, tool in enumerate(value):  # a bad tool is left out, the others apply
+            field_(f"tools[{index}]", lambda: tools.append(_tool(index, tool)))
+        if tools or not value:  # `[]` clears the tools; a list of only bad ones changes nothing
+            config.tools = tools
 
     def check_tool_choice() -> None:
         value = message["tool_choice"]
@@ -415,26 +419,33 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
     return ConfigCommand(config, errors, provider)
 
 
-def _vad_params(value: dict, prefix: str, config: SessionConfig) -> None:
+def _vad_params(value: dict, prefix: str, config: SessionConfig, errors: list[InvalidConfig]) -> None:
+    """The VAD parameters in `value`, each on its own: a bad one is reported and left out, the
+    others apply."""
+    def bad(key: str, message: str) -> None:
+        errors.append(InvalidConfig(f"{prefix}.{key} {message}", param=f"{prefix}.{key}"))
+
     threshold = value.get("threshold")
     if threshold is not None:
-        if not _is_number(threshold) or not 0.0 <= threshold <= 1.0:
-            raise _Bad(f"{prefix}.threshold", f"{prefix}.threshold must be a number from 0 to 1")
-    for key in ("silence_duration_ms", "prefix_padding_ms"):
+        if _is_number(threshold) and 0.0 <= threshold <= 1.0:
+            config.vad_threshold = float(threshold)
+        else:
+            bad("threshold", "must be a number from 0 to 1")
+    for key, name in (("silence_duration_ms", "vad_silence_duration_ms"),
+                      ("prefix_padding_ms", "vad_prefix_padding_ms")):
         ms = value.get(key)
-        if ms is not None and (not _is_int(ms) or isinstance(ms, bool) or not 0 <= ms <= 10_000):
-            raise _Bad(f"{prefix}.{key}", f"{prefix}.{key} must be an integer from 0 to 10000")
+        if ms is None:
+            continue
+        if _is_int(ms) and not isinstance(ms, bool) and 0 <= ms <= 10_000:
+            setattr(config, name, int(ms))
+        else:
+            bad(key, "must be an integer from 0 to 10000")
     eagerness = value.get("eagerness")
-    if eagerness is not None and eagerness not in EAGERNESS:
-        raise _Bad(f"{prefix}.eagerness", f"{prefix}.eagerness must be one of {', '.join(EAGERNESS)}")
-    if threshold is not None:
-        config.vad_threshold = float(threshold)
-    if value.get("silence_duration_ms") is not None:
-        config.vad_silence_duration_ms = int(value["silence_duration_ms"])
-    if value.get("prefix_padding_ms") is not None:
-        config.vad_prefix_padding_ms = int(value["prefix_padding_ms"])
     if eagerness is not None:
-        config.vad_eagerness = eagerness
+        if eagerness in EAGERNESS:
+            config.vad_eagerness = eagerness
+        else:
+            bad("eagerness", f"must be one of {', '.join(EAGERNESS)}")
 
 
 def _tool(index: int, tool: Any) -> dict[str, Any]:

@@ -127,6 +127,26 @@ def test_transcription_and_vad_switches():
     assert config_of({"turn_detection": "none"}).config.turn_detection == "none"
 
 
+def test_a_bad_sub_field_is_left_out_and_its_siblings_apply():
+    """"That field is ignored, the rest applies" holds inside objects and lists too."""
+    command = config_of({"vad": {"threshold": 2, "silence_duration_ms": 300}})
+    assert [e.param for e in command.errors] == ["vad.threshold"]
+    assert (command.config.vad_threshold, command.config.vad_silence_duration_ms) == (None, 300)
+    command = config_of({"vad": {"enabled": False, "threshold": 7}})
+    assert [e.param for e in command.errors] == ["vad.threshold"]
+    assert command.config.turn_detection == "none"
+    command = config_of({"turn_detection": {"mode": "manual", "threshold": 3}})   # WaaV
+    assert [e.param for e in command.errors] == ["turn_detection.threshold"]
+    assert command.config.turn_detection == "none"
+    command = config_of({"turn_detection": {"mode": "server_vad", "threshold": 2, "prefix_padding_ms": 100}})
+    assert [e.param for e in command.errors] == ["turn_detection.threshold"]
+    assert (command.config.turn_detection, command.config.vad_prefix_padding_ms) == ("server_vad", 100)
+    command = config_of({"tools": [{"name": "lookup"}, {"name": "bad name!"}, {"name": "book"}]})
+    assert [e.param for e in command.errors] == ["tools[1].name"]
+    assert [tool["name"] for tool in command.config.tools] == ["lookup", "book"]
+    assert config_of({"tools": []}).config.tools == []                   # clears the tools
+
+
 @pytest.mark.parametrize("field, value, param", [
     ("provider", "hume", "provider"),
     ("model", "", "model"),
@@ -138,7 +158,6 @@ def test_transcription_and_vad_switches():
     ("turn_detection", "push_to_talk", "turn_detection"),
     ("turn_detection", 3, "turn_detection"),
     ("turn_detection", {"mode": "sometimes"}, "turn_detection.mode"),
-    ("turn_detection", {"mode": "server_vad", "threshold": 2}, "turn_detection.threshold"),
     ("vad", {"threshold": 1.5}, "vad.threshold"),
     ("vad", {"silence_duration_ms": -5}, "vad.silence_duration_ms"),
     ("vad", {"prefix_padding_ms": "300"}, "vad.prefix_padding_ms"),
