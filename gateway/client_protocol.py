@@ -188,12 +188,21 @@ def _parse_function_result(message: dict) -> FunctionResultCommand:
     name = "output" if "output" in message else "result"  # WaaV spells it `result`
     output = message.get(name)
     if isinstance(output, (dict, list)):
-        output = orjson.dumps(output).decode()
+        output = _json_text(output, name)
     if not isinstance(output, str):
         raise InvalidMessage(f"'{name}' must be a string (or a JSON object)", param=name)
     if len(output.encode()) > MAX_FUNCTION_OUTPUT_BYTES:
         raise InvalidMessage(f"'{name}' is larger than {MAX_FUNCTION_OUTPUT_BYTES} bytes", param=name)
     return FunctionResultCommand(call_id, output)
+
+
+def _json_text(value: Any, param: str) -> str:
+    """`value` as JSON text, or InvalidMessage: orjson reads 1,024 levels of nesting but writes
+    only 254, so what a client sent is not always what can be sent on."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        raise InvalidMessage(f"'{param}' is nested too deeply to forward", param=param) from None
 
 
 def _parse_playback(message: dict) -> PlaybackCommand:
@@ -287,7 +296,8 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
         elif value is None:
             config.turn_detection = "none"
         elif isinstance(value, dict):  # WaaV: {mode, threshold?, silence_duration_ms?, prefix_padding_ms?, eagerness?}
-            mode = _WAAV_TURN_MODES.get(value.get("mode", value.get("type")))
+            named = value.get("mode", value.get("type"))
+            mode = _WAAV_TURN_MODES.get(named) if isinstance(named, str) else None
             _vad_params(value, "turn_detection", config, errors)
             if mode is None:
                 raise _Bad("turn_detection.mode", "turn_detection.mode must be server_vad, semantic or manual")
@@ -471,6 +481,10 @@ def _tool(index: int, tool: Any) -> dict[str, Any]:
     if parameters is not None:
         if not isinstance(parameters, dict):
             raise _Bad(f"{param}.parameters", f"{param}.parameters must be a JSON Schema object")
+        try:
+            _json_text(parameters, f"{param}.parameters")  # else the whole session.update could not be sent
+        except InvalidMessage as exc:
+            raise _Bad(f"{param}.parameters", exc.message) from None
         flat["parameters"] = parameters
     return flat
 

@@ -106,6 +106,7 @@ class ClientListener(ClientLeg):
                 session.on_client_text(payload)
         except Exception:  # a bug must not take the socket down silently: log, report, go on
             log.exception("session %s: error handling a client message", session.session_id)
+            session.fail(InvalidMessage("the gateway could not handle this message (logged as a gateway bug)"))
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.forget_reads()

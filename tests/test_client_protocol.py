@@ -1,6 +1,8 @@
 """The client protocol parser (both spellings, every error) and the error table."""
 from __future__ import annotations
 
+import json
+
 import orjson
 import pytest
 
@@ -125,6 +127,24 @@ def test_transcription_and_vad_switches():
     assert config_of({"input_transcription": {}}).config.transcription_model == "whisper-1"
     assert config_of({"turn_detection": "server_vad", "vad": {"enabled": False}}).config.turn_detection == "none"
     assert config_of({"turn_detection": "none"}).config.turn_detection == "none"
+
+
+def test_values_of_an_unexpected_shape_are_errors_not_crashes():
+    """Found by an adversarial audit: each of these raised inside the parser (a traceback in the
+    log, no event for the client, the config's valid fields lost)."""
+    deep: object = "leaf"
+    for _ in range(300):  # orjson reads 1,024 levels but writes only 254
+        deep = [deep]
+    for name in ("output", "result"):
+        payload = json.dumps({"type": "function_result", "call_id": "c1", name: deep}).encode()
+        with pytest.raises(InvalidMessage) as caught:
+            cp.parse_client_message(payload)
+        assert caught.value.param == name
+    for mode in (["server_vad"], {"a": 1}):
+        for key in ("mode", "type"):
+            command = config_of({"voice": "verse", "turn_detection": {key: mode}})
+            assert [e.param for e in command.errors] == ["turn_detection.mode"]
+            assert command.config.voice == "verse" and command.config.turn_detection is None
 
 
 def test_a_bad_sub_field_is_left_out_and_its_siblings_apply():
