@@ -242,6 +242,12 @@ def _is_number(value: Any) -> bool:
     return type(value) in (int, float)
 
 
+def is_model_name(value: Any) -> bool:
+    """A model name a client may ask for (config.model or ?model=): it goes into logs and
+    upstream URLs, so no control characters and a sane length."""
+    return isinstance(value, str) and 0 < len(value) <= 128 and value.isprintable()
+
+
 def _is_int(value: Any) -> bool:
     return type(value) is int or (type(value) is float and value.is_integer())
 
@@ -268,7 +274,7 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
 
     def check_model() -> None:
         value = message["model"]
-        if not isinstance(value, str) or not value or len(value) > 128 or not value.isprintable():
+        if not is_model_name(value):
             raise _Bad("model", "model must be a non-empty model name")
         config.model = value
 

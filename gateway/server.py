@@ -21,7 +21,7 @@ from _fastpath import ClientLeg, DirectReader, release_handshake
 from gateway import sockets
 from gateway.auth import (AuthRefusal, AuthSettings, ClientAuthenticator, LimitRefusal, OriginPolicy, Principal,
                           Refusal, SessionLimiter, Slot, client_ip, peer_ip)
-from gateway.client_protocol import error_event
+from gateway.client_protocol import error_event, is_model_name
 from gateway.config import NodeConfig
 from gateway.errors import (CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, IdleTimeout, InvalidMessage, Overloaded,
                             SessionExpired)
@@ -217,6 +217,9 @@ class GatewayServer:
             self.metrics.count_refusal(refusal.scope)
             return refusal.to_response()
         models = parse_qs(query).get("model")
+        if models and not is_model_name(models[0]):
+            self.metrics.count_refusal("other")
+            return _json_response(400, {"error": "invalid model name in ?model="})
         listener = ClientListener(self, principal, models[0] if models else None)
         if principal.subprotocol:  # browsers: echo the non-secret protocol name, never the token
             return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(

@@ -5,6 +5,7 @@ import socket
 import time
 
 import pytest
+import websockets
 
 from gateway.config import NodeConfig
 from gateway.errors import CLOSE_INTERNAL_ERROR, CLOSE_MESSAGE_TOO_BIG, CLOSE_SESSION_EXPIRED, CLOSE_UPSTREAM_AUTH_FAILED
@@ -116,6 +117,21 @@ def test_a_response_failed_for_quota_ends_the_session_after_its_response_done():
             assert [e["type"] for e in client.events[-2:]] == ["response_done", "error"]
             assert client.events[-2]["status"] == "failed"
             await gateway.wait_empty(3)
+    run(scenario(), timeout=20)
+
+
+def test_a_model_name_with_control_characters_in_the_query_is_refused_at_the_upgrade():
+    """?model= goes into logs and the upstream URL: a newline could forge a log line. It gets
+    the check config.model gets, at the upgrade (HTTP 400), and no upstream is opened."""
+    async def scenario():
+        async with relay() as (gateway, mock):
+            for bad in ("gpt-realtime%0A2026-01-01%20WARNING%20forged", "gpt%00%1B[31m", "m" * 129):
+                with pytest.raises(websockets.InvalidStatus) as refused:
+                    await websockets.connect(f"{gateway.url}?model={bad}")
+                assert refused.value.response.status_code == 400
+            assert mock.sessions == []
+            client = await RelayClient.connect(gateway.url + "?model=gpt-realtime-mini")
+            assert (await client.wait("ready"))["model"] == "gpt-realtime-mini"
     run(scenario(), timeout=20)
 
 
