@@ -1212,7 +1212,8 @@ cdef class ClientLeg(DirectLeg):
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef AudioPath path = self.path
         if path is not None and path.upstream is not None and frame.msg_type == WSMsgType.BINARY and frame.fin \
-                and not self.assembling and frame.payload_size <= self.max_audio_bytes:
+                and not (frame.rsv1 | frame.rsv2 | frame.rsv3) and not self.assembling \
+                and frame.payload_size <= self.max_audio_bytes:
             try:
                 path._client_audio(frame.payload_ptr, frame.payload_size)
             except Exception:  # a bug must not take the socket down silently: log it, go on

@@ -445,7 +445,8 @@ class ClientLeg(DirectLeg):
     def on_ws_frame(self, transport, frame) -> None:
         path = self.path
         if path is not None and path.upstream is not None and frame.msg_type is _BINARY and frame.fin \
-                and not self.assembling and frame.payload_size <= self.max_audio_bytes:
+                and not (frame.rsv1 | frame.rsv2 | frame.rsv3) and not self.assembling \
+                and frame.payload_size <= self.max_audio_bytes:
             try:
                 path.client_audio(frame.get_payload_as_memoryview())
             except Exception:  # a bug must not take the socket down silently: log it, go on

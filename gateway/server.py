@@ -70,6 +70,12 @@ class ClientListener(ClientLeg):
         self.server._admit(self, transport)
 
     def on_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.rsv1 | frame.rsv2 | frame.rsv3:
+            # no extension is ever negotiated (RFC 6455 §5.2: fail the connection); compressed
+            # bytes must not be played as PCM
+            transport.send_close(WSCloseCode.PROTOCOL_ERROR, b"reserved bits set without an extension")
+            transport.disconnect()
+            return
         if frame.msg_type is _BINARY and frame.fin and not self.assembling \
                 and frame.payload_size <= self.max_audio_bytes:
             # a whole audio frame while the session's audio path is closed (not ready yet)
@@ -79,7 +85,8 @@ class ClientListener(ClientLeg):
                 log.exception("error handling client audio")
             return
         if frame.msg_type is WSMsgType.CLOSE:
-            transport.send_close(frame.get_close_code())
+            code = frame.get_close_code()  # 0 when the client's close carried no code
+            transport.send_close(code if code >= 1000 else WSCloseCode.OK)
             transport.disconnect()
             return
         session = self.session

@@ -26,6 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from picows import WSMsgType
+
 from gateway import client_protocol as cp
 from gateway.errors import CLOSE_MESSAGE_TOO_BIG, ERROR_TABLE
 from gateway.mock import MockOptions
@@ -684,6 +686,33 @@ def test_protocol_violating_fragments_are_reported_not_silently_dropped():
             else:
                 assert client.close_code == 1002, client.close_code
     run(scenario(), timeout=30)
+
+
+@pytest.mark.parametrize("kind", ["text", "binary"])
+def test_a_frame_with_reserved_bits_fails_the_connection(kind):
+    """No extension is negotiated, so RSV1-3 must be clear (RFC 6455 §5.2): a client that
+    assumes permessage-deflate gets close 1002, and its (compressed) bytes are never relayed."""
+    async def scenario():
+        async with battery() as (gateway, mock):
+            client = await ready_client(gateway.url, {"turn_detection": "none"})
+            payload = b'{"type":"text","text":"hi"}' if kind == "text" else b"\x01\x02" * 480
+            client.transport.send(WSMsgType.TEXT if kind == "text" else WSMsgType.BINARY, payload, True, True)
+            await client.wait_closed(5)
+            assert (client.close_code, client.close_reason) == (1002, "reserved bits set without an extension")
+            received = [e["type"] for e in mock.sessions[0].received]
+            assert "conversation.item.create" not in received and "input_audio_buffer.append" not in received
+    run(scenario(), timeout=20)
+
+
+def test_a_close_frame_without_a_code_is_answered_with_1000():
+    """Browsers send ws.close() without a code; the answer must carry a valid code (never 0)."""
+    async def scenario():
+        async with battery() as (gateway, mock):
+            client = await ready_client(gateway.url)
+            client.transport.underlying_transport.write(b"\x88\x80" + b"\x11\x22\x33\x44")  # masked, empty
+            await client.wait_closed(5)
+            assert client.close_code == 1000
+    run(scenario(), timeout=20)
 
 
 # ---- ping floods ---------------------------------------------------------------------------------------
