@@ -41,6 +41,7 @@ from gateway.metrics import GatewayMetrics, SessionStats
 from gateway.errors import (BENIGN_UPSTREAM_CODES, AuthenticationFailed, ConnectionFailed, GatewayError,
                             InvalidConfig, InvalidMessage, NotConnected, SessionExpired, SlowClient,
                             from_upstream_error)
+from gateway.sockets import peer_closed
 from gateway.upstream import UpstreamConnection, build_upstream_url, dialect_for
 
 log = logging.getLogger("gateway.session")
@@ -53,6 +54,8 @@ MAX_PRE_READY_COMMANDS = 256
 #: older ones are forgotten, so an hour of conversation keeps the same small footprint
 RECENT = 256
 CLOSE_GRACE_S = 5.0
+#: while the client is not read (a slow upstream), how often to ask the kernel whether it left
+HANGUP_CHECK_S = 1.0
 _TRUNCATE_PREFIX = "gw_truncate_"
 _UPDATE_PREFIX = "gw_update_"
 _BINARY = WSMsgType.BINARY
@@ -115,7 +118,8 @@ class RelaySession:
     __slots__ = ("_answered_calls", "_audio_item", "_audio_started_at", "_awaiting_results",
                  "_call_names", "_calls_dispatched", "_client_paused", "_client_queue",
                  "_client_queue_bytes", "_client_reading_paused", "_coalesce_s", "_connect_task",
-                 "_created_timer", "_flush_timer", "_level_timer", "_overflow_reported", "_owner",
+                 "_created_timer", "_drop_reported", "_flush_timer", "_hangup_timer", "_level_timer",
+                 "_overflow_reported", "_owner",
                  "_pending_updates", "_played_ms", "_pre_ready", "_pre_ready_audio_bytes",
                  "_pre_ready_commands", "_response_calls", "_turn_end", "_update_counter",
                  "active_at", "active_response_id", "activity_seen", "audio_bytes", "client", "client_leg",
@@ -194,6 +198,8 @@ class RelaySession:
         self._pre_ready_audio_bytes = 0
         self._pre_ready_commands = 0
         self._overflow_reported = False
+        self._drop_reported = False  # the client was told its audio is being dropped
+        self._hangup_timer: asyncio.TimerHandle | None = None
 
         # upstream -> client audio, per item (the current item's counters live in attributes)
         self.active_response_id: str | None = None
@@ -361,10 +367,10 @@ class RelaySession:
         self._teardown()
 
     def _teardown(self) -> None:
-        for timer in (self._flush_timer, self._level_timer, self._created_timer):
+        for timer in (self._flush_timer, self._level_timer, self._created_timer, self._hangup_timer):
             if timer is not None:
                 timer.cancel()
-        self._flush_timer = self._level_timer = self._created_timer = None
+        self._flush_timer = self._level_timer = self._created_timer = self._hangup_timer = None
         self._sync_path()
         if self._connect_task is not None and not self._connect_task.done():
             self._connect_task.cancel()
@@ -932,6 +938,8 @@ class RelaySession:
                 self.client_leg.hold_reads()
             client.underlying_transport.pause_reading()
             self._client_reading_paused = True
+            if self._hangup_timer is None:
+                self._hangup_timer = self.loop.call_later(HANGUP_CHECK_S, self._check_client_hangup)
 
     def on_upstream_resumed(self) -> None:
         client = self.client
@@ -940,6 +948,22 @@ class RelaySession:
                 self.client_leg.release_reads()
             client.underlying_transport.resume_reading()
         self._client_reading_paused = False
+        if self._hangup_timer is not None:
+            self._hangup_timer.cancel()
+            self._hangup_timer = None
+
+    def _check_client_hangup(self) -> None:
+        """While the client is not read, its close frame and FIN wait unread behind its audio,
+        so its leaving would only be seen once the upstream catches up. Ask the kernel instead."""
+        self._hangup_timer = None
+        client = self.client
+        if not self._client_reading_paused or self.state is CLOSED or client is None or client.is_disconnected:
+            return
+        if peer_closed(client.underlying_transport.get_extra_info("socket")):
+            log.info("session %s: the client left while it was not being read", self.session_id)
+            client.disconnect(False)  # -> on_client_closed: the upstream is closed too
+            return
+        self._hangup_timer = self.loop.call_later(HANGUP_CHECK_S, self._check_client_hangup)
 
     # ---- a client that does not read ----------------------------------------------------------
 
@@ -951,6 +975,7 @@ class RelaySession:
     def on_client_resumed(self) -> None:
         """The client is reading again: send what waited, in order, until it pauses again."""
         self._client_paused = False
+        self._drop_reported = False
         self._sync_path()
         self._flush_client_queue()
 
@@ -975,6 +1000,11 @@ class RelaySession:
         if self._client_queue_bytes > limit:
             if self.node.slow_client_policy == "drop-oldest":
                 self._drop_oldest_audio(limit)
+                if not self._drop_reported:  # once until the client reads again; queued, in order
+                    self._drop_reported = True
+                    self.fail(SlowClient(f"the client is not reading fast enough: reply audio more "
+                                         f"than {self.node.max_client_queue_ms} ms behind is dropped",
+                                         fatal=False))
             if self._client_queue_bytes > limit:
                 # the session ends: what is queued will never be played; only the error and the
                 # close frame are still offered to the client

@@ -170,3 +170,16 @@ def _numeric(host: str, port: int) -> AddressInfo | None:
             continue
         return (family, (literal, port)) if family == socket.AF_INET else (family, (literal, port, 0, 0))
     return None
+
+
+_TCP_ESTABLISHED = 1  # tcp_info.tcpi_state (include/net/tcp_states.h)
+
+
+def peer_closed(sock) -> bool:
+    """The peer sent its FIN or reset the connection, seen without reading: TCP_INFO's state has
+    left ESTABLISHED. What it sent before still waits unread in the receive queue; a reader that
+    paused cannot see the end of stream behind it."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_ESTABLISHED
+    except (OSError, AttributeError):  # closed already, or not a TCP socket
+        return True

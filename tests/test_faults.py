@@ -255,6 +255,28 @@ def test_slow_upstream_reader_still_gets_all_audio_in_order():
     run(scenario(), timeout=30)
 
 
+def test_a_client_that_leaves_while_it_is_not_being_read_ends_its_session():
+    """The upstream stops reading, so the gateway stops reading the client (backpressure); the
+    client then goes away. Its close frame and FIN wait unread behind its audio, yet the session
+    and its upstream connection must not stay open until the upstream catches up: the gateway
+    asks the kernel (HANGUP_CHECK_S) and closes both."""
+    async def scenario():
+        async with relay(MockOptions(slow_read_s=5.0)) as (gateway, mock):
+            client = await ready_client(gateway.url, {"turn_detection": "none"})
+            session = next(iter(gateway.sessions))
+            audio = speech_like(1.0, seed=21)
+            for _ in range(200):  # 9.6 MB: more than the kernel buffers between us and the mock
+                client.send_binary(audio)
+            await wait_for(lambda: session._client_reading_paused, 10, "the gateway to stop reading the client")
+            client.transport.disconnect(False)  # gone: what it had not sent yet is dropped (RST)
+            started = time.monotonic()
+            await gateway.wait_empty(5)
+            assert time.monotonic() - started < 3
+            assert session.outcome == "client_disconnected"
+            assert await metric(gateway, "gateway_upstream_connections_open") == 0
+    run(scenario(), timeout=40)
+
+
 # ---- misbehaving clients -----------------------------------------------------------------------
 
 def _small_receive_buffer(_url) -> socket.socket:
@@ -299,8 +321,9 @@ QUEUE_BOUND_BYTES = QUEUE_MS * 48 + 64 * 1024 + CLIENT_BATCH_BYTES + 2 * DELTA_B
 def test_client_that_never_reads_with_drop_oldest_keeps_memory_bounded_and_counts_drops():
     """120 s of reply audio (5.8 MB) towards a client that stopped reading. With
     --slow-client-policy drop-oldest and --max-client-queue-ms 1000, what the gateway holds for
-    that client stays bounded, the oldest audio is dropped and counted, and when the client reads
-    again it gets pieces of the echo, in order (a subsequence, no byte altered)."""
+    that client stays bounded, the oldest audio is dropped, counted and reported to the client
+    (a non-fatal SlowClient), and when the client reads again it gets pieces of the echo, in
+    order (a subsequence, no byte altered)."""
     fields = need(max_client_queue_ms=QUEUE_MS, slow_client_policy="drop-oldest")
 
     async def scenario():
@@ -321,6 +344,9 @@ def test_client_that_never_reads_with_drop_oldest_keeps_memory_bounded_and_count
             client.transport.underlying_transport.resume_reading()
             await client.wait("response_done", 10)
             assert 0 < client.audio_bytes < len(audio)
+            # and it is told, once, in order with what it receives (not only the metrics know)
+            notices = [e for e in client.events if e.get("type") == "error"]
+            assert [(e["code"], e["fatal"]) for e in notices] == [("SlowClient", False)], notices
             # every frame is an unaltered piece of the echo, each after the one before (what was
             # dropped are gaps between them: nothing reordered, nothing corrupted)
             end = 0

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -176,3 +178,25 @@ def test_a_failed_lookup_is_raised_to_every_waiter_and_not_cached(monkeypatch):
             await resolver.resolve("nowhere.example", 443)
         assert attempts == ["nowhere.example"] * 2
     run(scenario(), timeout=10)
+
+
+def test_peer_closed_sees_a_fin_or_a_reset_behind_unread_data():
+    """`peer_closed` answers from TCP_INFO without reading: what the peer sent before leaving is
+    still queued, unread (as behind a paused reader)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        for leave in ("fin", "rst"):
+            peer = socket.create_connection(server.getsockname())
+            accepted, _ = server.accept()
+            with accepted:
+                assert not sockets.peer_closed(accepted)
+                peer.sendall(b"x" * 100_000)
+                if leave == "rst":
+                    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                peer.close()
+                deadline = time.monotonic() + 5
+                while not sockets.peer_closed(accepted):  # loopback: the FIN/RST lands at once
+                    assert time.monotonic() < deadline
+                    time.sleep(0.001)
+                if leave == "fin":
+                    assert accepted.recv(10) == b"x" * 10  # it was only seen, not read
+    assert sockets.peer_closed(socket.socket())  # not connected: nothing to wait for
