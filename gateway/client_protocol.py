@@ -84,6 +84,18 @@ class SessionConfig:
                                            self.vad_prefix_padding_ms, self.vad_eagerness))
 
 
+#: SessionConfig field -> the client's name for it (in `param` of errors and in `ignored`)
+CLIENT_PARAMS = {
+    "model": "model", "voice": "voice", "instructions": "instructions", "turn_detection": "turn_detection",
+    "vad_threshold": "vad.threshold", "vad_silence_duration_ms": "vad.silence_duration_ms",
+    "vad_prefix_padding_ms": "vad.prefix_padding_ms", "vad_eagerness": "vad.eagerness",
+    "transcription_model": "input_transcription.model", "temperature": "temperature",
+    "max_response_tokens": "max_response_tokens", "tools": "tools", "tool_choice": "tool_choice",
+    "input_audio_format": "input_audio_format", "output_audio_format": "output_audio_format",
+    "modalities": "modalities",
+}
+
+
 # ---- commands (client -> gateway) -------------------------------------------------------------
 
 @dataclass(slots=True)

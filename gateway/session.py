@@ -58,6 +58,7 @@ CLOSE_GRACE_S = 5.0
 HANGUP_CHECK_S = 1.0
 _TRUNCATE_PREFIX = "gw_truncate_"
 _UPDATE_PREFIX = "gw_update_"
+_NOTHING = cp.SessionConfig()  # no fallback: a field the upstream refuses is left out
 _BINARY = WSMsgType.BINARY
 _TEXT = WSMsgType.TEXT
 #: first byte of a server-to-client frame (FIN + opcode), RFC 6455 §5.2
@@ -171,7 +172,9 @@ class RelaySession:
         self.upstream_model = model or node.default_model
         self.upstream_session_id: str | None = None
         self.created = False
-        self._pending_updates: list[str] = []
+        # session.updates not answered yet, in the order sent: event_id -> (what it asked for,
+        # what a field the upstream refuses falls back to: the seed's defaults for the first)
+        self._pending_updates: dict[str, tuple[cp.SessionConfig, cp.SessionConfig]] = {}
         self._update_counter = 0
         self._connect_task: asyncio.Task | None = None
         self._created_timer: asyncio.TimerHandle | None = None
@@ -542,7 +545,7 @@ class RelaySession:
                 setattr(part, name, getattr(merged, name))
         return part
 
-    def _send_session_update(self, config: cp.SessionConfig) -> None:
+    def _send_session_update(self, config: cp.SessionConfig, fallback: cp.SessionConfig = _NOTHING) -> None:
         if not config.specified():
             return
         self._update_counter += 1
@@ -550,10 +553,10 @@ class RelaySession:
         event, ignored = self.dialect.session_update(config, event_id)
         for name in ignored:
             self._note_ignored(name)
-        self._pending_updates.append(event_id)
+        self._pending_updates[event_id] = (config, fallback)
         # only tools carry client JSON deep enough to be unsendable (their parameter schemas)
         if not self._send_upstream(event, InvalidConfig, "tools"):  # never sent: nothing to await
-            self._pending_updates.remove(event_id)
+            del self._pending_updates[event_id]
             self._note_ignored("tools")
 
     def _note_ignored(self, name: str | None) -> None:
@@ -691,15 +694,16 @@ class RelaySession:
             self._created_timer.cancel()
             self._created_timer = None
         # one update: the seed's defaults under everything the client asked for so far
-        initial = seed_defaults(self.node).merged(self.requested)
+        defaults = seed_defaults(self.node)
+        initial = defaults.merged(self.requested)
         initial.model = None
         initial.levels = None
-        self._send_session_update(initial)
+        self._send_session_update(initial, fallback=defaults)
         self._maybe_ready()
 
     def _on_session_updated(self, event: dict) -> None:
         if self._pending_updates:  # the upstream answers updates in the order it received them
-            del self._pending_updates[0]
+            del self._pending_updates[next(iter(self._pending_updates))]
         self.effective = self.dialect.effective(event.get("session") or {})
         self._maybe_ready()
 
@@ -727,12 +731,9 @@ class RelaySession:
         error = event.get("error") or {}
         code = error.get("code")
         event_id = error.get("event_id") or ""
-        if event_id in self._pending_updates:
-            # the upstream rejected a whole session.update: report it, keep the previous settings
-            self._pending_updates.remove(event_id)
-            self._note_ignored(str(error.get("param") or "session"))
-            self.fail(InvalidConfig(f"upstream rejected the configuration: {error.get('message')}",
-                                    param=error.get("param"), upstream=_details(error)))
+        rejected = self._pending_updates.pop(event_id, None)
+        if rejected is not None:
+            self._config_rejected(*rejected, error)
             self._maybe_ready()
             return
         if event_id.startswith(_TRUNCATE_PREFIX):
@@ -742,6 +743,45 @@ class RelaySession:
         if code in BENIGN_UPSTREAM_CODES:
             mapped.fatal = False
         self.fail(mapped)
+
+    def _config_rejected(self, part: cp.SessionConfig, fallback: cp.SessionConfig, error: dict) -> None:
+        """The upstream refused a whole session.update (it validates atomically). When the
+        error's `param` names one field, that field is ignored (or falls back to the seed's
+        default, in the first update) and the rest is sent again (SPEC §2.2: the rest applies);
+        else the update is lost. The client is told either way."""
+        name = self.dialect.config_field(error.get("param"))
+        param = cp.CLIENT_PARAMS.get(name) if name is not None else None
+        rest = None
+        if name is not None and getattr(part, name) is not None:
+            rest = part.merged(cp.SessionConfig())
+            default = getattr(fallback, name)
+            setattr(rest, name, default if default != getattr(part, name) else None)
+            if getattr(rest, name) is None:
+                self._follow_upstream(name)
+            else:
+                setattr(self.requested, name, None)  # the seed's default is what it now asks for
+        self._note_ignored(param or str(error.get("param") or "session"))
+        if rest is not None and rest.specified():
+            self.fail(InvalidConfig(f"upstream rejected {param}: {error.get('message')} (ignored; the rest "
+                                    f"of the config applies)", param=param, upstream=_details(error)))
+            self._send_session_update(rest)
+        else:
+            self.fail(InvalidConfig(f"upstream rejected the configuration: {error.get('message')}",
+                                    param=param or error.get("param"), upstream=_details(error)))
+
+    def _follow_upstream(self, name: str) -> None:
+        """A field the upstream refused: what the gateway does itself goes back to the upstream's
+        value (the formats it relays in), and it is no longer asked for."""
+        effective = self.effective
+        if name == "output_audio_format":
+            self.output_bytes_per_ms = cp.BYTES_PER_MS[effective.get("output_audio_format") or "pcm16"]
+        elif name == "input_audio_format":
+            current = effective.get("input_audio_format") or "pcm16"
+            if current != self.input_format:
+                self._flush_audio()
+                self.input_format = current
+                self.coalescer = self._new_coalescer()
+        setattr(self.requested, name, effective.get(name) if name in _EFFECTIVE_FIELDS else None)
 
     def _on_speech_started(self, event: dict) -> None:
         self._send_client(cp.speech_event("speech_started", _int(event.get("audio_start_ms")), event.get("item_id")))
@@ -1062,6 +1102,8 @@ _COMMAND_HANDLERS: dict[type, Callable[[RelaySession, Any], None]] = {
 
 
 _EMPTY: Mapping = MappingProxyType({})
+#: SessionConfig fields the upstream's session object reports back (UpstreamDialect.effective)
+_EFFECTIVE_FIELDS = frozenset({"voice", "turn_detection", "input_audio_format", "output_audio_format"})
 
 
 def _added(items: Mapping[str, None], item: str) -> dict[str, None]:

@@ -171,17 +171,50 @@ def test_invalid_config_names_the_field_and_the_rest_applies():
     run(scenario(), timeout=20)
 
 
-def test_upstream_rejecting_an_update_is_reported_and_ready_still_comes():
+def test_a_field_the_upstream_rejects_is_ignored_and_the_rest_applies():
+    """The upstream validates a session.update atomically: one field it refuses (a voice change
+    after the assistant spoke) would lose the whole update. The gateway reports that field by
+    its client name and sends the rest again, so the instructions and the output format apply,
+    and it relays in the format the upstream really uses."""
     async def scenario():
         async with relay() as (gateway, mock):
             client = await RelayClient.connect(gateway.url)
             await client.wait("ready")
             await client.send({"type": "text", "text": "speak first"})   # voice locks after audio
             await client.wait("response_done")
-            await client.send({"type": "config", "voice": "ash"})
+            upstream = mock.sessions[0]
+            await client.send({"type": "config", "voice": "ash", "instructions": "Be brief.",
+                               "output_audio_format": "g711_ulaw"})
             error = await client.wait("error")
-            assert error["code"] == "InvalidConfig" and error["upstream"]["code"] == "cannot_update_voice"
-            assert error["fatal"] is False
+            assert (error["code"], error["param"], error["fatal"]) == ("InvalidConfig", "voice", False)
+            assert error["upstream"]["code"] == "cannot_update_voice"
+            updated = [e for e in upstream.sent if e["type"] == "session.updated"]
+            while len(updated) < 2:   # the initial update's answer, then the retry's
+                await upstream.wait_for_server_event("session.updated")
+                updated = [e for e in upstream.sent if e["type"] == "session.updated"]
+            retry = [e for e in upstream.received if e["type"] == "session.update"][-1]["session"]
+            assert "voice" not in retry.get("audio", {}).get("output", {})
+            assert retry["instructions"] == "Be brief."
+            assert upstream.config["instructions"] == "Be brief."
+            assert upstream.config["audio"]["output"]["format"] == {"type": "audio/pcmu"}
+            assert upstream.config["audio"]["output"]["voice"] == "alloy"
+            session = next(iter(gateway.sessions))
+            assert session.output_bytes_per_ms == 8   # relays what the upstream now sends: G.711
+    run(scenario(), timeout=20)
+
+
+def test_a_field_the_upstream_rejects_before_ready_is_listed_as_ignored():
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "instructions": "x", "turn_detection": "none",
+                               "input_transcription": {"model": "whisper-2"}})
+            ready = await client.wait("ready")
+            assert ready["ignored"] == ["input_transcription.model"]
+            assert ready["turn_detection"] == "none" and ready["input_transcription"] == "whisper-1"
+            error = await client.wait("error")
+            assert (error["param"], error["fatal"]) == ("input_transcription.model", False)
+            assert mock.sessions[0].config["instructions"] == "x"
     run(scenario(), timeout=20)
 
 

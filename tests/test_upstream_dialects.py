@@ -112,3 +112,21 @@ def test_urls_and_headers():
         [("Authorization", "Bearer test-key-1")]
     assert NodeConfig(upstream="azure", api_key="test-key-1").auth_headers == [("api-key", "test-key-1")]
     assert "test-key-1" not in repr(NodeConfig(api_key="test-key-1"))
+
+
+def test_an_upstream_error_param_names_the_config_field_it_refuses():
+    """The session leaves out exactly the field an atomic rejection names (session._config_rejected)."""
+    ga, beta = GaDialect(), BetaDialect()
+    assert ga.config_field("session.audio.output.voice") == "voice"
+    assert ga.config_field("session.audio.input.transcription.model") == "transcription_model"
+    assert ga.config_field("session.audio.input.turn_detection.threshold") == "vad_threshold"
+    assert ga.config_field("session.audio.input.turn_detection.type") == "turn_detection"
+    assert ga.config_field("session.tools[0].parameters") == "tools"
+    assert ga.config_field("session.max_output_tokens") == "max_response_tokens"
+    assert beta.config_field("session.voice") == "voice"
+    assert beta.config_field("session.input_audio_transcription.model") == "transcription_model"
+    assert beta.config_field("session.turn_detection.silence_duration_ms") == "vad_silence_duration_ms"
+    assert beta.config_field("session.temperature") == "temperature"
+    for dialect in (ga, beta):
+        assert dialect.config_field("session") is None and dialect.config_field(None) is None
+        assert dialect.config_field("session.voiceover") is None   # a prefix of a name is not a match

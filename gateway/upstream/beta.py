@@ -22,6 +22,23 @@ EVENT_NAMES = {
 class BetaDialect(UpstreamDialect):
     name = "beta"
     headers = (("OpenAI-Beta", "realtime=v1"),)
+    param_fields = (
+        ("session.turn_detection.threshold", "vad_threshold"),
+        ("session.turn_detection.silence_duration_ms", "vad_silence_duration_ms"),
+        ("session.turn_detection.prefix_padding_ms", "vad_prefix_padding_ms"),
+        ("session.turn_detection.eagerness", "vad_eagerness"),
+        ("session.turn_detection", "turn_detection"),
+        ("session.input_audio_transcription", "transcription_model"),
+        ("session.input_audio_format", "input_audio_format"),
+        ("session.output_audio_format", "output_audio_format"),
+        ("session.voice", "voice"),
+        ("session.instructions", "instructions"),
+        ("session.modalities", "modalities"),
+        ("session.tools", "tools"),
+        ("session.tool_choice", "tool_choice"),
+        ("session.temperature", "temperature"),
+        ("session.max_response_output_tokens", "max_response_tokens"),
+    )
 
     def session_update(self, config: SessionConfig, event_id: str | None = None) -> tuple[dict[str, Any], list[str]]:
         session: dict[str, Any] = {}

@@ -6,7 +6,8 @@ The internal event model uses GA event names (`response.output_audio.delta`,
   plus the list of fields that dialect cannot carry (reported to the client as ignored);
 - in: `normalize(event)` -> the event renamed into the internal model (in place; returns it);
   `effective(session)` -> the effective settings from a `session.created/updated` session object,
-  in the client protocol's vocabulary.
+  in the client protocol's vocabulary; `config_field(param)` -> the `SessionConfig` field an
+  upstream error's `param` (a dotted path into the session.update) names.
 """
 from __future__ import annotations
 
@@ -19,6 +20,15 @@ class UpstreamDialect:
     name: str = ""
     #: extra handshake headers that select this dialect
     headers: tuple[tuple[str, str], ...] = ()
+    #: (param path prefix, SessionConfig field), the longer prefixes of a path first
+    param_fields: tuple[tuple[str, str], ...] = ()
+
+    def config_field(self, param: Any) -> str | None:
+        if isinstance(param, str):
+            for prefix, name in self.param_fields:
+                if param == prefix or param.startswith(prefix + ".") or param.startswith(prefix + "["):
+                    return name
+        return None
 
     def session_update(self, config: SessionConfig, event_id: str | None = None) -> tuple[dict[str, Any], list[str]]:
         raise NotImplementedError

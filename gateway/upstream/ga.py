@@ -21,6 +21,22 @@ def _format_name(value: Any) -> str | None:
 class GaDialect(UpstreamDialect):
     name = "ga"
     headers = ()
+    param_fields = (
+        ("session.audio.input.turn_detection.threshold", "vad_threshold"),
+        ("session.audio.input.turn_detection.silence_duration_ms", "vad_silence_duration_ms"),
+        ("session.audio.input.turn_detection.prefix_padding_ms", "vad_prefix_padding_ms"),
+        ("session.audio.input.turn_detection.eagerness", "vad_eagerness"),
+        ("session.audio.input.turn_detection", "turn_detection"),
+        ("session.audio.input.transcription", "transcription_model"),
+        ("session.audio.input.format", "input_audio_format"),
+        ("session.audio.output.format", "output_audio_format"),
+        ("session.audio.output.voice", "voice"),
+        ("session.instructions", "instructions"),
+        ("session.output_modalities", "modalities"),
+        ("session.tools", "tools"),
+        ("session.tool_choice", "tool_choice"),
+        ("session.max_output_tokens", "max_response_tokens"),
+    )
 
     def session_update(self, config: SessionConfig, event_id: str | None = None) -> tuple[dict[str, Any], list[str]]:
         session: dict[str, Any] = {"type": "realtime"}
