@@ -39,7 +39,7 @@ from gateway import client_protocol as cp
 from gateway.config import NodeConfig
 from gateway.metrics import GatewayMetrics, SessionStats
 from gateway.errors import (BENIGN_UPSTREAM_CODES, AuthenticationFailed, ConnectionFailed, GatewayError,
-                            InvalidConfig, InvalidMessage, NotConnected, SessionExpired, SlowClient,
+                            InvalidConfig, InvalidMessage, NotConnected, SessionExpired, SlowClient, UpstreamError,
                             from_upstream_error)
 from gateway.sockets import peer_closed
 from gateway.upstream import UpstreamConnection, build_upstream_url, dialect_for
@@ -833,6 +833,14 @@ class RelaySession:
         if isinstance(text, str):
             self._send_client(cp.transcript_event("user", text, True, event.get("item_id")))
 
+    def _on_user_transcript_failed(self, event: dict) -> None:
+        """The upstream could not transcribe a user turn: the client still gets the turn's final
+        (empty) transcript, so nothing waits for one, and the reason as a non-fatal error."""
+        self._send_client(cp.transcript_event("user", "", True, event.get("item_id")))
+        error = event.get("error") or {}
+        self.fail(UpstreamError(f"input transcription failed: {error.get('message') or 'no reason given'}",
+                                upstream=_details(error), fatal=False))
+
     def _on_assistant_delta(self, event: dict) -> None:
         item_id = event.get("item_id")
         delta = event.get("delta")
@@ -1077,6 +1085,7 @@ _EVENT_HANDLERS: dict[str, Callable[[RelaySession, dict], None]] = {
     "input_audio_buffer.speech_stopped": RelaySession._on_speech_stopped,
     "conversation.item.input_audio_transcription.delta": RelaySession._on_user_transcript_delta,
     "conversation.item.input_audio_transcription.completed": RelaySession._on_user_transcript_done,
+    "conversation.item.input_audio_transcription.failed": RelaySession._on_user_transcript_failed,
     "response.created": RelaySession._on_response_created,
     "response.done": RelaySession._on_response_done,
     "response.output_item.added": RelaySession._on_output_item_added,

@@ -110,6 +110,29 @@ def test_max_response_tokens_caps_the_reply_and_it_ends_incomplete():
     run(scenario(), timeout=20)
 
 
+def test_a_turn_the_upstream_cannot_transcribe_gets_an_empty_final_transcript_and_a_reason():
+    """A turn of digital silence fails transcription (the mock does what the real ASR does):
+    the client gets the turn's final user transcript, empty, and a non-fatal UpstreamError
+    with the upstream's code; the turn is still answered."""
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            await client.wait("ready")
+            for frame in frames(silence(0.5), 960):
+                await client.send_audio(frame)
+            await client.send({"type": "commit"})
+            await client.send({"type": "create_response"})
+            final = await client.wait("transcript", role="user", is_final=True)
+            assert final["text"] == "" and final["item_id"]
+            error = await client.wait("error")
+            assert (error["code"], error["fatal"]) == ("UpstreamError", False)
+            assert error["upstream"]["code"] == "audio_unintelligible"
+            assert (await client.wait("response_done"))["status"] == "completed"
+            assert bytes(client.audio) == silence(0.5)
+    run(scenario(), timeout=20)
+
+
 def test_text_turns_and_respond_false():
     async def scenario():
         async with relay() as (gateway, mock):
