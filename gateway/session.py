@@ -54,6 +54,9 @@ MAX_PRE_READY_COMMANDS = 256
 #: older ones are forgotten, so an hour of conversation keeps the same small footprint
 RECENT = 256
 CLOSE_GRACE_S = 5.0
+#: model changes before ready that re-open the upstream: each starts a TCP and TLS handshake
+#: with the provider, so a client may not make the node open connections at will
+MAX_REOPENS = 3
 #: while the client is not read (a slow upstream), how often to ask the kernel whether it left
 HANGUP_CHECK_S = 1.0
 _TRUNCATE_PREFIX = "gw_truncate_"
@@ -120,9 +123,9 @@ class RelaySession:
                  "_call_names", "_calls_dispatched", "_client_paused", "_client_queue",
                  "_client_queue_bytes", "_client_reading_paused", "_coalesce_s", "_connect_task",
                  "_created_timer", "_drop_reported", "_flush_timer", "_hangup_timer", "_level_timer",
-                 "_overflow_reported", "_owner",
-                 "_pending_updates", "_played_ms", "_pre_ready", "_pre_ready_audio_bytes",
-                 "_pre_ready_commands", "_response_calls", "_turn_end", "_update_counter",
+                 "_overflow_reported", "_owner", "_pending_updates", "_played_ms", "_pre_ready",
+                 "_pre_ready_audio_bytes", "_pre_ready_commands", "_reopens", "_response_calls",
+                 "_turn_end", "_update_counter",
                  "active_at", "active_response_id", "activity_seen", "audio_bytes", "client", "client_leg",
                  "close_code", "created", "dialect", "effective", "ignored", "input_format",
                  "input_meter", "interrupted_items", "interrupted_responses", "item_response",
@@ -201,6 +204,7 @@ class RelaySession:
         self._pre_ready_audio_bytes = 0
         self._pre_ready_commands = 0
         self._overflow_reported = False
+        self._reopens = 0
         self._drop_reported = False  # the client was told its audio is being dropped
         self._hangup_timer: asyncio.TimerHandle | None = None
 
@@ -507,9 +511,11 @@ class RelaySession:
             self.fail(error)
         update = command.config
         reopen = update.model is not None and update.model != self.upstream_model
-        if reopen and self.state is READY:
-            self.fail(InvalidConfig("the model cannot change after `ready` (open a new session)",
-                                    param="model"))
+        if reopen and (self.state is READY or self._reopens >= MAX_REOPENS):
+            self.fail(InvalidConfig("the model cannot change after `ready` (open a new session)"
+                                    if self.state is READY else
+                                    f"the model changed more than {MAX_REOPENS} times before `ready`; "
+                                    f"the session keeps {self.upstream_model}", param="model"))
             self._note_ignored("model")
             reopen = False
         if not reopen:
@@ -528,6 +534,7 @@ class RelaySession:
             log.info("session %s: client asked for model %s, re-opening upstream", self.session_id,
                      update.model)
             self.upstream_model = update.model
+            self._reopens += 1
             self._open_upstream()  # its session.update carries all of `requested`
         elif self.created:
             self._send_session_update(self._upstream_part(update))

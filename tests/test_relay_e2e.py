@@ -7,6 +7,7 @@ import base64
 import orjson
 
 from gateway.mock import MockOptions
+from gateway.session import MAX_REOPENS
 from tests.relay_harness import BYTES_PER_MS, RelayClient, frames, relay, silence, speech_like
 from tests.support import run
 
@@ -286,6 +287,23 @@ def test_clear_audio_sends_what_the_coalescer_held_before_the_clear():
             appended = b"".join(base64.b64decode(e["audio"]) for e in before_clear
                                 if e["type"] == "input_audio_buffer.append")
             assert appended == held
+    run(scenario(), timeout=20)
+
+
+def test_model_changes_before_ready_reopen_the_upstream_a_bounded_number_of_times():
+    """Each re-open starts a handshake with the provider: a client changing the model again and
+    again before ready gets InvalidConfig past MAX_REOPENS, not an upstream connection each."""
+    async def scenario():
+        async with relay(MockOptions(handshake_delay_s=0.3)) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            models = [f"gpt-realtime-{n}" for n in range(MAX_REOPENS + 3)]
+            for model in models:
+                await client.send({"type": "config", "model": model})
+            ready = await client.wait("ready")
+            assert ready["model"] == models[MAX_REOPENS - 1]
+            refused = [e for e in client.of_type("error") if e.get("param") == "model"]
+            assert len(refused) == 3 and not any(e["fatal"] for e in refused)
+            assert len(mock.sessions) <= MAX_REOPENS + 1   # the first, then one per re-open at most
     run(scenario(), timeout=20)
 
 
