@@ -1,13 +1,13 @@
 # Compiled half of `_fastpath`; the pure twin `_pure.py` is the reference behaviour and carries
 # the full docstrings. Directives are set in setup.py, in one place.
 #
-# Layout: the byte kernels (base64 both ways with PCM16 metering fused in, scalar + AVX2) are C
-# in _kernels.h; this module owns the Python objects: buffers in and out, the JSON scanner of
-# upstream audio and transcript deltas, LevelMeter and Coalescer, and the relay's per-frame path
-# (AudioPath; the two picows listener bases, ClientLeg and UpstreamLeg; DirectReader, which reads
-# their sockets itself once audio flows). Every input buffer is acquired with the buffer protocol
-# (or read from picows' frame or the reader's buffer) and released or consumed before returning:
-# nothing here keeps a reference to caller memory.
+# Layout: the byte kernels (base64 both ways with PCM16 metering fused in, scalar + AVX2; G.711
+# metering through a lookup table) are C in _kernels.h; this module owns the Python objects:
+# buffers in and out, the JSON scanner of upstream audio and transcript deltas, LevelMeter and
+# Coalescer, and the relay's per-frame path (AudioPath; the two picows listener bases, ClientLeg
+# and UpstreamLeg; DirectReader, which reads their sockets itself once audio flows). Every input
+# buffer is acquired with the buffer protocol (or read from picows' frame or the reader's buffer)
+# and released or consumed before returning: nothing here keeps a reference to caller memory.
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Check, PyByteArray_CheckExact
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
@@ -15,7 +15,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.ref cimport PyObject
 from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DecodeASCII
 from libc.math cimport log10, sqrt
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int16_t, uint8_t, uint32_t, uint64_t
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 from posix.unistd cimport close as close_fd
@@ -26,7 +26,7 @@ from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
 
 import logging
 
-from ._constants import CLIENT_BATCH_BYTES, DBFS_FLOOR, HEADER_ROOM
+from ._constants import AUDIO_FORMATS, CLIENT_BATCH_BYTES, DBFS_FLOOR, G711_TO_PCM16, HEADER_ROOM
 
 
 cdef extern from "Python.h":
@@ -75,6 +75,8 @@ cdef extern from "_kernels.h" nogil:
     void fp_init()
     int fp_set_simd(int enabled)
     void fp_meter(const uint8_t* p, size_t n, fp_level* lv)
+    void fp_meter_table(const uint8_t* p, size_t n, const int16_t* table, uint64_t clip_level,
+                        fp_level* lv)
     size_t fp_b64_encode(const uint8_t* src, size_t n, char* dst, fp_level* lv)
     size_t fp_b64_decoded_size(const char* src, size_t length)
     int fp_b64_decode(const char* src, size_t length, uint8_t* dst, fp_level* lv)
@@ -98,6 +100,33 @@ cdef const char* BETA_TRANSCRIPT_TYPE = b"response.audio_transcript.delta"
 
 assert HEADER_ROOM == HEADER_ROOM_C and DBFS_FLOOR == DBFS_FLOOR_C
 assert len(b'{"type":"input_audio_buffer.append","audio":"') == APPEND_PREFIX_LEN
+
+# G.711 code -> linear PCM16, per law, as C arrays (the shared tables of _constants), and each
+# law's clip level (its largest magnitude). A LevelMeter's `_law` indexes AUDIO_FORMATS: 0 is
+# PCM16, 1 and 2 the laws, whose table is G711_TABLE[_law - 1].
+cdef int16_t G711_TABLE[2][256]
+cdef uint64_t G711_CLIP[2]
+assert AUDIO_FORMATS == ("pcm16", "g711_ulaw", "g711_alaw")
+
+
+def _load_g711_tables():
+    cdef int law, code
+    for law in range(2):
+        table = G711_TO_PCM16[AUDIO_FORMATS[law + 1]]
+        for code in range(256):
+            G711_TABLE[law][code] = table[code]
+        G711_CLIP[law] = max(abs(value) for value in table)
+
+
+_load_g711_tables()
+
+
+def _g711_table(audio_format):
+    """Testing hook: the C table a G.711 meter expands `audio_format`'s codes through."""
+    cdef int law = AUDIO_FORMATS.index(audio_format) - 1
+    if law < 0:
+        raise ValueError("not a G.711 format")
+    return tuple([G711_TABLE[law][code] for code in range(256)])
 
 
 def _set_simd(bint enabled):
@@ -130,17 +159,34 @@ cdef inline double _dbfs(double amplitude) noexcept nogil:
 
 
 cdef class LevelMeter:
-    """Accumulates the level of PCM16 audio fed to it, until `read()` takes and resets it.
+    """Accumulates the level of audio fed to it, until `read()` takes and resets it.
 
-    `feed` ignores a trailing odd byte (the caller carries it to the next chunk). Results are
-    bit-identical to the pure twin's: the sums are exact integers and `read()` divides them the
-    way Python divides ints whenever a double could not hold them exactly.
+    Same contract as the pure twin: `audio_format` ("pcm16" by default, or a G.711 law; settable
+    between feeds) says how `feed` reads its bytes. PCM16 is metered by the kernels, fused into
+    the base64 passes where the meter is handed to them; G.711 codes are expanded through a
+    table in a pass of their own. Results are bit-identical to the pure twin's: the sums are
+    exact integers and `read()` divides them the way Python divides ints whenever a double could
+    not hold them exactly.
     """
     cdef uint64_t _sum_squares_lo
     cdef uint64_t _sum_squares_hi  # carries out of the low word: sum = hi * 2**64 + lo
     cdef uint64_t _peak
     cdef uint64_t _clipped
     cdef uint64_t _samples
+    cdef int _law  # index into AUDIO_FORMATS: 0 PCM16 (the only one fused into base64 passes)
+
+    def __init__(self, audio_format="pcm16"):
+        self.audio_format = audio_format
+
+    @property
+    def audio_format(self):
+        return AUDIO_FORMATS[self._law]
+
+    @audio_format.setter
+    def audio_format(self, audio_format):
+        if audio_format not in AUDIO_FORMATS:
+            raise ValueError(f"audio_format must be one of {', '.join(AUDIO_FORMATS)}")
+        self._law = AUDIO_FORMATS.index(audio_format)
 
     cdef inline void _add(self, const fp_level* lv) noexcept nogil:
         cdef uint64_t before = self._sum_squares_lo
@@ -155,7 +201,10 @@ cdef class LevelMeter:
     cdef inline void _feed_ptr(self, const uint8_t* data, Py_ssize_t size) noexcept nogil:
         cdef fp_level lv
         memset(&lv, 0, sizeof(lv))
-        fp_meter(data, <size_t>size, &lv)
+        if self._law == 0:
+            fp_meter(data, <size_t>size, &lv)
+        else:
+            fp_meter_table(data, <size_t>size, G711_TABLE[self._law - 1], G711_CLIP[self._law - 1], &lv)
         self._add(&lv)
 
     def feed(self, pcm):
@@ -191,9 +240,9 @@ cdef class LevelMeter:
         return result
 
 
-def measure_level(pcm):
-    """One-shot level of a PCM16 chunk: `(rms_dbfs, peak_dbfs, clipped)`."""
-    cdef LevelMeter meter = LevelMeter()
+def measure_level(pcm, audio_format="pcm16"):
+    """One-shot level of a chunk of `audio_format` audio: `(rms_dbfs, peak_dbfs, clipped)`."""
+    cdef LevelMeter meter = LevelMeter(audio_format)
     meter.feed(pcm)
     rms_dbfs, peak_dbfs, clipped, _ = meter.read()
     return rms_dbfs, peak_dbfs, clipped
@@ -232,14 +281,15 @@ def encode_append(pcm, meter=None, out=None):
     Same contract as the pure twin: returns a bytearray whose first HEADER_ROOM bytes are free
     (zeroed) and whose remainder is exactly the JSON text; `out` (a bytearray with no live
     exports) is resized, filled and returned instead of a new one; `meter`, when given, is fed the
-    same samples — a compiled LevelMeter in the encoding pass itself, anything else by its
-    `feed(pcm)` first. `pcm` is any C-contiguous buffer, read only during the call.
+    same audio — a compiled PCM16 LevelMeter in the encoding pass itself, anything else (a G.711
+    meter included) by its `feed(pcm)` first. `pcm` is any C-contiguous buffer, read only during
+    the call.
     """
     cdef Py_buffer view
     cdef LevelMeter fused = None
     cdef Py_ssize_t size
     if meter is not None:
-        if type(meter) is LevelMeter:
+        if type(meter) is LevelMeter and (<LevelMeter>meter)._law == 0:
             fused = <LevelMeter>meter
         else:
             meter.feed(pcm)
@@ -479,8 +529,9 @@ def decode_audio_delta(payload, meter=None):
     values (escapes, non-ASCII, nesting, duplicate keys, long numbers, non-strict base64).
     `payload` (bytes, bytearray, memoryview or ASCII str, as orjson takes) is read only during
     the call — a picows frame may be passed directly. The PCM is decoded straight from it into
-    the new bytes object, and metered in the same pass when `meter` is a compiled LevelMeter
-    (other meters get `feed(pcm)`); the meter is only touched when the result is not None.
+    the new bytes object, and metered in the same pass when `meter` is a compiled PCM16
+    LevelMeter (a G.711 one meters the decoded codes in a pass of its own, other meters get
+    `feed(pcm)`); the meter is only touched when the result is not None.
     """
     cdef Py_buffer view
     if PyBytes_CheckExact(payload) or PyByteArray_CheckExact(payload) or PyMemoryView_Check(payload):
@@ -510,7 +561,8 @@ cdef object _audio_of(const DeltaFields* fields, object meter):
     cdef fp_level lv
     cdef size_t pcm_len
     cdef object pcm
-    cdef bint fused = type(meter) is LevelMeter
+    # levels off (no meter): one type check, as ever; a PCM16 meter is fed in the decoding pass
+    cdef bint fused = type(meter) is LevelMeter and (<LevelMeter>meter)._law == 0
     if fields.delta_len == 0:
         pcm = b""
     else:
@@ -526,7 +578,10 @@ cdef object _audio_of(const DeltaFields* fields, object meter):
             (<LevelMeter>meter)._add(&lv)
     item_id = PyUnicode_DecodeASCII(fields.item_id, fields.item_id_len, NULL)
     if meter is not None and not fused:
-        meter.feed(pcm)
+        if type(meter) is LevelMeter:  # G.711: its own pass over the codes
+            (<LevelMeter>meter)._feed_ptr(<const uint8_t*>PyBytes_AS_STRING(pcm), len(<bytes>pcm))
+        else:
+            meter.feed(pcm)
     return item_id, pcm
 
 
@@ -648,7 +703,7 @@ cdef class Coalescer:
 
     @property
     def sample_width(self):
-        """Bytes per sample: 2 (PCM16, metered) or 1 (G.711, not metered). Read-only."""
+        """Bytes per sample: 2 (PCM16) or 1 (G.711). Read-only."""
         return self._sample_width
 
     @property
@@ -669,14 +724,18 @@ cdef class Coalescer:
         return 0
 
     cdef inline LevelMeter _fused_meter(self):
-        if self._sample_width == 2 and type(self.meter) is LevelMeter:
+        """The meter, if it is fed in the encoding pass (a compiled PCM16 LevelMeter)."""
+        if type(self.meter) is LevelMeter and (<LevelMeter>self.meter)._law == 0:
             return <LevelMeter>self.meter
         return None
 
     cdef object _emit(self, const uint8_t* data, Py_ssize_t whole, object scratch):
         cdef LevelMeter fused = self._fused_meter()
-        if fused is None and self._sample_width == 2 and self.meter is not None:
-            self.meter.feed(PyBytes_FromStringAndSize(<const char*>data, whole))
+        if fused is None and self.meter is not None:
+            if type(self.meter) is LevelMeter:  # G.711: its own pass over the codes
+                (<LevelMeter>self.meter)._feed_ptr(data, whole)
+            else:
+                self.meter.feed(PyBytes_FromStringAndSize(<const char*>data, whole))
         if scratch is None:
             return _new_append(data, whole, fused)
         PyByteArray_Resize(scratch, _append_size(whole))

@@ -14,7 +14,9 @@
  * Metering contract (identical to _pure.LevelMeter.feed): samples are little-endian int16 pairs
  * starting at byte 0 of the chunk; a trailing odd byte is ignored. sum of squares is exact
  * (uint64; one call never sees 2^34 samples), peak is max |s| (|-32768| = 32768), clipped counts
- * |s| >= 32767.
+ * |s| >= 32767. G.711 audio has its own kernel (`fp_meter_table`): one code per byte, expanded
+ * through the caller's code -> PCM16 table, clipped at the caller's level; it is never fused
+ * into the base64 passes, which stay PCM16-only.
  */
 #ifndef FASTPATH_KERNELS_H
 #define FASTPATH_KERNELS_H
@@ -95,6 +97,22 @@ static void fp_meter_scalar(const uint8_t *p, size_t n, fp_level *lv) {
     size_t i, pairs = n >> 1;
     for (i = 0; i < pairs; i++) fp_level_sample(lv, fp_s16(p + 2 * i));
     lv->samples += pairs;
+}
+
+/* Meters n G.711 codes: each byte is expanded through `table` (code -> linear PCM16 value) and
+ * counts as clipped at |s| >= clip_level (its law's largest magnitude). Scalar only: G.711 is
+ * 8 kHz at one byte a sample, a sixth of PCM16's bytes, and only sessions in it come here. */
+static void fp_meter_table(const uint8_t *p, size_t n, const int16_t *table, uint64_t clip_level,
+                           fp_level *lv) {
+    size_t i;
+    for (i = 0; i < n; i++) {
+        const int32_t s = table[p[i]];
+        const uint64_t a = (uint64_t)(s < 0 ? -s : s);
+        lv->sum_squares += (uint64_t)((int64_t)s * s);
+        if (a > lv->peak) lv->peak = a;
+        lv->clipped += (a >= clip_level);
+    }
+    lv->samples += n;
 }
 
 /* Encodes n bytes into 4*ceil(n/3) characters at dst; meters them when lv is not NULL. */

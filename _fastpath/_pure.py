@@ -2,7 +2,8 @@
 
 Units: PCM is 16-bit little-endian mono unless a `sample_width` of 1 says otherwise (G.711);
 levels are in dBFS relative to a full-scale 16-bit sample (32768), floored at `DBFS_FLOOR` so
-digital silence is a finite number that JSON can carry.
+digital silence is a finite number that JSON can carry. A `LevelMeter` reads the audio format it
+was given: G.711 bytes are expanded to their linear PCM16 values (`G711_TO_PCM16`) first.
 """
 from __future__ import annotations
 
@@ -16,10 +17,15 @@ import numpy as np
 import orjson
 from picows import WSListener, WSMsgType
 
-from ._constants import CLIENT_BATCH_BYTES, DBFS_FLOOR, HEADER_ROOM
+from ._constants import AUDIO_FORMATS, CLIENT_BATCH_BYTES, DBFS_FLOOR, G711_TO_PCM16, HEADER_ROOM
 
-#: A sample at or beyond this magnitude counts as clipped.
+#: A PCM16 sample at or beyond this magnitude counts as clipped; a G.711 sample counts when it
+#: is at its law's largest magnitude (µ-law 32124, A-law 32256: the codes a loud signal
+#: saturates to).
 CLIP_LEVEL = 32767
+#: per G.711 format: (code -> linear value as a lookup array, clip level)
+_G711 = {fmt: (np.array(table, dtype=np.int64), max(abs(v) for v in table))
+         for fmt, table in G711_TO_PCM16.items()}
 
 _APPEND_PREFIX = b'{"type":"input_audio_buffer.append","audio":"'
 _APPEND_SUFFIX = b'"}'
@@ -43,29 +49,53 @@ def _samples(pcm) -> np.ndarray:
 
 
 class LevelMeter:
-    """Accumulates the level of PCM16 audio fed to it, until `read()` takes and resets it.
+    """Accumulates the level of audio fed to it, until `read()` takes and resets it.
 
-    `feed` ignores a trailing odd byte (the caller carries it to the next chunk).
+    `audio_format` (one of `AUDIO_FORMATS`, default "pcm16") says how `feed` reads its bytes:
+    PCM16 little-endian samples (a trailing odd byte is ignored: the caller carries it to the
+    next chunk), or one G.711 code per byte, expanded to its linear PCM16 value. It can be
+    changed between feeds (a session's format changed); what was accumulated stays, since every
+    format is metered on the same PCM16 scale.
     """
 
-    __slots__ = ("_sum_squares", "_peak", "_clipped", "_samples")
+    __slots__ = ("_sum_squares", "_peak", "_clipped", "_samples", "_format", "_g711")
 
-    def __init__(self) -> None:
+    def __init__(self, audio_format: str = "pcm16") -> None:
         self._sum_squares = 0
         self._peak = 0
         self._clipped = 0
         self._samples = 0
+        self.audio_format = audio_format
+
+    @property
+    def audio_format(self) -> str:
+        return self._format
+
+    @audio_format.setter
+    def audio_format(self, audio_format: str) -> None:
+        if audio_format not in AUDIO_FORMATS:
+            raise ValueError(f"audio_format must be one of {', '.join(AUDIO_FORMATS)}")
+        self._format = audio_format
+        self._g711 = _G711.get(audio_format)
 
     def feed(self, pcm) -> None:
-        samples = _samples(pcm)
-        if samples.size == 0:
-            return
-        wide = samples.astype(np.int64)
+        if self._g711 is None:
+            samples = _samples(pcm)
+            if samples.size == 0:
+                return
+            wide = samples.astype(np.int64)
+            clip_level = CLIP_LEVEL
+        else:
+            table, clip_level = self._g711
+            codes = np.frombuffer(memoryview(pcm).cast("B"), dtype=np.uint8)
+            if codes.size == 0:
+                return
+            wide = table[codes]
         self._sum_squares += int(np.dot(wide, wide))
         magnitude = np.abs(wide)
         self._peak = max(self._peak, int(magnitude.max()))
-        self._clipped += int(np.count_nonzero(magnitude >= CLIP_LEVEL))
-        self._samples += int(samples.size)
+        self._clipped += int(np.count_nonzero(magnitude >= clip_level))
+        self._samples += int(wide.size)
 
     @property
     def samples(self) -> int:
@@ -83,9 +113,9 @@ class LevelMeter:
         return result
 
 
-def measure_level(pcm) -> tuple[float, float, int]:
-    """One-shot level of a PCM16 chunk: `(rms_dbfs, peak_dbfs, clipped)`."""
-    meter = LevelMeter()
+def measure_level(pcm, audio_format: str = "pcm16") -> tuple[float, float, int]:
+    """One-shot level of a chunk of `audio_format` audio: `(rms_dbfs, peak_dbfs, clipped)`."""
+    meter = LevelMeter(audio_format)
     meter.feed(pcm)
     rms_dbfs, peak_dbfs, clipped, _ = meter.read()
     return rms_dbfs, peak_dbfs, clipped
@@ -100,7 +130,8 @@ def encode_append(pcm, meter: LevelMeter | None = None, out: bytearray | None = 
     `out` must have no live exports, e.g. memoryviews: BufferError, as for any resize). Note that
     picows' zero-copy send writes the WebSocket header into the header room and, on a client
     connection, masks the JSON in place: a sent frame's bytes are not the JSON any more.
-    When `meter` is given, the samples are also fed to it (same pass in the compiled version).
+    When `meter` is given, the audio is also fed to it (in the same pass in the compiled version,
+    for a PCM16 meter).
     """
     if meter is not None:
         meter.feed(pcm)
@@ -197,6 +228,8 @@ class Coalescer:
     of PCM16) is carried to the next push, never dropped. `flush()` encodes whatever whole samples
     are pending (None if there are none) — the session calls it at turn boundaries, on commit and
     on its timer and before `clear_audio`, so no audio waits longer than the coalescing bound.
+    Every emitted frame's audio is fed to `meter` (when set), which reads it in its own
+    `audio_format`: give it the format of the audio pushed.
     """
 
     __slots__ = ("_target_bytes", "_sample_width", "meter", "_pending")
@@ -225,7 +258,7 @@ class Coalescer:
 
     @property
     def sample_width(self) -> int:
-        """Bytes per sample: 2 (PCM16, metered) or 1 (G.711, not metered). Read-only."""
+        """Bytes per sample: 2 (PCM16) or 1 (G.711). Read-only."""
         return self._sample_width
 
     @property
@@ -248,8 +281,7 @@ class Coalescer:
     def _emit(self, whole: int) -> bytearray:
         chunk = bytes(self._pending[:whole])
         del self._pending[:whole]
-        meter = self.meter if self.sample_width == 2 else None
-        return encode_append(chunk, meter)
+        return encode_append(chunk, self.meter)
 
 
 # ------------------------------------------------------------------ the relay's per-frame path
@@ -277,7 +309,9 @@ class AudioPath:
     item (see `decode_transcript_delta`), counted as an upstream JSON message of `message_bytes`.
     `batch` collects what the client gets during one upstream read (the session appends its own
     events while `batching`); `flush_batch()` writes it to `client` in one go at the end of the
-    read, or as soon as the path's frames in it reach `CLIENT_BATCH_BYTES`.
+    read, or as soon as the path's frames in it reach `CLIENT_BATCH_BYTES`. `output_meter` (a
+    `LevelMeter` in the session's output format, or None) is fed every audio delta the legs
+    decode, whichever item it belongs to.
 
     `reader` (a `DirectReader`, or None) is where the legs may move their sockets (see
     `DirectLeg`); the session's server sets it.

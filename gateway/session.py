@@ -524,11 +524,15 @@ class RelaySession:
         if update.levels is not None:
             self._set_levels(update.levels)
         if update.input_audio_format is not None and update.input_audio_format != self.input_format:
-            self._flush_audio()
+            self._flush_audio()  # metered in the old format, like the rest of the meter's sums
             self.input_format = update.input_audio_format
+            if self.input_meter is not None:
+                self.input_meter.audio_format = self.input_format
             self.coalescer = self._new_coalescer()
         if update.output_audio_format is not None:
             self.output_bytes_per_ms = cp.BYTES_PER_MS[update.output_audio_format]
+            if self.output_meter is not None:
+                self.output_meter.audio_format = update.output_audio_format
         self.requested = self.requested.merged(update)
         if reopen:
             log.info("session %s: client asked for model %s, re-opening upstream", self.session_id,
@@ -781,12 +785,17 @@ class RelaySession:
         value (the formats it relays in), and it is no longer asked for."""
         effective = self.effective
         if name == "output_audio_format":
-            self.output_bytes_per_ms = cp.BYTES_PER_MS[effective.get("output_audio_format") or "pcm16"]
+            current = effective.get("output_audio_format") or "pcm16"
+            self.output_bytes_per_ms = cp.BYTES_PER_MS[current]
+            if self.output_meter is not None:
+                self.output_meter.audio_format = current
         elif name == "input_audio_format":
             current = effective.get("input_audio_format") or "pcm16"
             if current != self.input_format:
                 self._flush_audio()
                 self.input_format = current
+                if self.input_meter is not None:
+                    self.input_meter.audio_format = current
                 self.coalescer = self._new_coalescer()
         setattr(self.requested, name, effective.get(name) if name in _EFFECTIVE_FIELDS else None)
 
@@ -938,8 +947,11 @@ class RelaySession:
             return
         self._flush_audio()
         self.levels = enabled
-        self.input_meter = LevelMeter() if enabled else None
-        self.path.output_meter = LevelMeter() if enabled else None
+        # each meter reads its direction's format (G.711 codes are expanded to PCM16 values);
+        # `_cmd_config` keeps them in step when a format changes
+        output_format = self.requested.output_audio_format or "pcm16"
+        self.input_meter = LevelMeter(self.input_format) if enabled else None
+        self.path.output_meter = LevelMeter(output_format) if enabled else None
         self.coalescer = self._new_coalescer()
         if self._level_timer is not None:
             self._level_timer.cancel()

@@ -22,6 +22,8 @@ import pytest
 import _fastpath
 import _fastpath._compiled as compiled
 import _fastpath._pure as pure
+from gateway.mock import audio as mock_audio
+from tests import g711
 
 HEADER_ROOM = _fastpath.HEADER_ROOM
 DBFS_FLOOR = _fastpath.DBFS_FLOOR
@@ -201,6 +203,147 @@ def test_meter_accepts_any_contiguous_buffer_and_rejects_others(fp):
         fp.measure_level("not bytes")
     with pytest.raises(TypeError):
         fp.measure_level(memoryview(pcm16(samples * 2))[::2])
+
+
+# ------------------------------------------------------------------------------ G.711 metering
+
+
+def g711_table(fp, law: str) -> tuple[int, ...]:
+    """The code -> PCM16 table the implementation's G.711 meter expands through."""
+    return compiled._g711_table(law) if fp is compiled else pure.G711_TO_PCM16[law]
+
+
+KNOWN_G711 = {
+    # ITU-T G.711 reference expansions: entries of the classic decoders' tables (Sun's g711.c,
+    # the former audioop's _st_ulaw2linear16 / _st_alaw2linear16)
+    "g711_ulaw": {0xFF: 0, 0x80: 32124, 0x00: -32124, 0x01: -31100, 0x0F: -16764, 0x10: -15996,
+                  0x70: -120, 0x7E: -8, 0x7F: 0, 0xFE: 8},
+    "g711_alaw": {0xD5: 8, 0x55: -8, 0xAA: 32256, 0x2A: -32256, 0x00: -5504, 0x01: -5248,
+                  0x02: -6016, 0x80: 5504},
+}
+
+
+@pytest.mark.parametrize("law", g711.LAWS)
+def test_g711_tables_expand_to_the_reference_values(fp, law):
+    table = g711_table(fp, law)
+    assert len(table) == 256
+    for code, value in KNOWN_G711[law].items():
+        assert table[code] == value, hex(code)
+    # the sign bit is the only difference between a code and its mirror; magnitudes grow
+    # monotonically with the code's 7 magnitude bits (µ-law stores them inverted)
+    assert all(table[code] == -table[code ^ 0x80] for code in range(256))
+    if law == "g711_ulaw":
+        positive = [table[0xFF - magnitude] for magnitude in range(128)]
+    else:
+        positive = [table[(0x80 | magnitude) ^ 0x55] for magnitude in range(128)]
+    assert all(a < b for a, b in zip(positive, positive[1:]))
+    assert max(map(abs, table)) == (32124 if law == "g711_ulaw" else 32256)
+    # the same table as the mock upstream's, written independently (numpy, vectorised)
+    mock_table = mock_audio._ulaw_table() if law == "g711_ulaw" else mock_audio._alaw_table()
+    assert list(table) == mock_table.astype(int).tolist()
+    assert table == pure.G711_TO_PCM16[law]  # compiled == pure
+
+
+@pytest.mark.parametrize("law", g711.LAWS)
+def test_the_test_encoder_inverts_the_tables(law):
+    table = pure.G711_TO_PCM16[law]
+    for code in range(256):
+        if law == "g711_ulaw" and code == 0x7F:
+            continue  # µ-law's negative zero: 0 encodes as 0xFF
+        assert g711.ENCODERS[law](table[code]) == code, hex(code)
+
+
+@pytest.mark.parametrize("law", g711.LAWS)
+@pytest.mark.parametrize("peak_dbfs", [-50.0, -40.0, -20.0, -6.0, -1.0])
+def test_a_g711_tone_meters_as_the_pcm16_tone_it_was_made_from(fp, law, peak_dbfs):
+    encoded, source = g711.g711_tone(1.0, law, peak_dbfs)
+    rms, peak, clipped = fp.measure_level(encoded, law)
+    source_rms, source_peak, _ = fp.measure_level(source)
+    assert source_rms == pytest.approx(peak_dbfs - 3.0103, abs=0.05)
+    assert rms == pytest.approx(source_rms, abs=0.5)
+    assert peak == pytest.approx(source_peak, abs=0.5)
+    assert clipped == 0
+    meter = fp.LevelMeter(law)
+    meter.feed(encoded)
+    assert meter.samples == len(encoded)  # one byte, one sample
+    assert meter.read() == (rms, peak, clipped, len(encoded)) == (*pure.measure_level(encoded, law), 8000)
+
+
+@pytest.mark.parametrize("law", g711.LAWS)
+def test_g711_clipping_counts_the_codes_at_the_laws_largest_magnitude(fp, law):
+    largest, next_largest = (32124, 31100) if law == "g711_ulaw" else (32256, 31232)
+    encode = g711.ENCODERS[law]
+    # an overdriven square saturates to the two largest codes; one step below is not clipped
+    square = bytes([encode(32767), encode(-32768)] * 100)
+    below = bytes([encode(next_largest), encode(-next_largest)] * 100)
+    assert len(set(square + below)) == 4
+    rms, peak, clipped = fp.measure_level(square + below, law)
+    assert clipped == 200
+    assert peak == pytest.approx(20 * math.log10(largest / 32768))
+    assert fp.measure_level(below, law)[2] == 0
+    assert fp.measure_level(square, law)[0] == pytest.approx(20 * math.log10(largest / 32768))
+    # an overdriven sine clips only at its crests
+    loud = g711.encode(g711.tone_samples(0.1, 3.0), law)
+    rails = loud.count(encode(32767)) + loud.count(encode(-32768))
+    assert 0 < rails < len(loud)
+    assert fp.measure_level(loud, law)[2] == rails
+
+
+@pytest.mark.parametrize("law", g711.LAWS)
+def test_g711_audio_is_metered_on_every_path(fp, law):
+    """What the session's meters see: the coalescer's appends (client audio) and decoded
+    upstream deltas, besides `feed`; all in the meter's own format, compiled == pure."""
+    encoded, _ = g711.g711_tone(0.5, law, -20.0)
+    expected = (*pure.measure_level(encoded, law), len(encoded))
+    meter = fp.LevelMeter(law)
+    coalescer = fp.Coalescer(target_bytes=160, sample_width=1, meter=meter)
+    for start in range(0, len(encoded), 333):
+        coalescer.push(encoded[start:start + 333])
+    coalescer.flush()
+    assert meter.read() == expected
+    assert audio_of(fp.encode_append(encoded, meter)) == encoded
+    assert meter.read() == expected
+    assert fp.decode_audio_delta(delta_frame(encoded), meter) == ("item_C1", encoded)
+    assert meter.read() == expected
+    assert fp.decode_audio_delta(delta_frame(b""), meter) == ("item_C1", b"")
+    assert meter.read() == (DBFS_FLOOR, DBFS_FLOOR, 0, 0)
+
+
+def test_meter_format_is_checked_and_can_change_between_feeds(fp):
+    assert fp.LevelMeter().audio_format == "pcm16"
+    for bad in ("opus", "G711_ULAW", None, 1):
+        with pytest.raises(ValueError):
+            fp.LevelMeter(bad)
+    with pytest.raises(ValueError):
+        fp.measure_level(b"\x00", "pcm24")
+    meter = fp.LevelMeter("g711_alaw")
+    assert meter.audio_format == "g711_alaw"
+    with pytest.raises(ValueError):
+        meter.audio_format = "pcm8"
+    assert meter.audio_format == "g711_alaw"
+    # what was accumulated stays: every format is metered on the same PCM16 scale
+    samples = [1000, -2000, 3000]
+    meter.audio_format = "pcm16"
+    meter.feed(pcm16(samples))
+    meter.audio_format = "g711_ulaw"
+    meter.feed(bytes([0x80, 0x00]))
+    rms, peak, clipped, count = meter.read()
+    assert count == 5 and clipped == 2
+    expected_rms, expected_peak, _ = numpy_level([*samples, 32124, -32124])
+    assert (rms, peak) == pytest.approx((expected_rms, expected_peak), abs=1e-9)
+    assert meter.read() == (DBFS_FLOOR, DBFS_FLOOR, 0, 0)
+
+
+def test_g711_meter_accepts_any_contiguous_buffer_and_rejects_others(fp):
+    codes = bytes(range(256))
+    expected = fp.measure_level(codes, "g711_ulaw")
+    assert fp.measure_level(bytearray(codes), "g711_ulaw") == expected
+    assert fp.measure_level(memoryview(codes), "g711_ulaw") == expected
+    assert fp.measure_level(np.frombuffer(codes, dtype=np.uint8), "g711_ulaw") == expected
+    with pytest.raises(TypeError):
+        fp.measure_level("not bytes", "g711_ulaw")
+    with pytest.raises(TypeError):
+        fp.measure_level(memoryview(codes)[::2], "g711_ulaw")
 
 
 # -------------------------------------------------------------------------------------- encoding
@@ -489,14 +632,14 @@ def test_coalescer_target_is_settable_and_validated(fp):
         coalescer.sample_width = 1
 
 
-def test_coalescer_g711_has_no_carry_and_no_meter(fp):
-    meter = fp.LevelMeter()
+def test_coalescer_g711_has_no_carry_and_meters_every_code(fp):
+    meter = fp.LevelMeter("g711_ulaw")
     coalescer = fp.Coalescer(target_bytes=160, sample_width=1, meter=meter)
     assert coalescer.sample_width == 1
     data = random_pcm(161, 8)
     assert audio_of(coalescer.push(data)) == data
     assert coalescer.pending_bytes == 0
-    assert meter.samples == 0
+    assert meter.read() == (*pure.measure_level(data, "g711_ulaw"), 161)
 
 
 def test_coalescer_meters_exactly_the_emitted_samples(fp):

@@ -23,6 +23,7 @@ KERNELS = [True, False] if compiled._set_simd(True) else [False]
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 pcm_bytes = st.binary(min_size=0, max_size=3000)
+formats = st.sampled_from(["pcm16", "g711_ulaw", "g711_alaw"])
 
 
 @contextlib.contextmanager
@@ -60,24 +61,24 @@ extra_fields = st.dictionaries(
 
 
 @PROPERTY
-@given(pcm_bytes)
-def test_encode_compiled_equals_pure_for_every_length(data):
+@given(pcm_bytes, formats)
+def test_encode_compiled_equals_pure_for_every_length(data, audio_format):
     for chunk in every_residue(data):
-        reference_meter = pure.LevelMeter()
+        reference_meter = pure.LevelMeter(audio_format)
         expected = pure.encode_append(chunk, reference_meter)
         expected_level = reference_meter.read()
         for simd in KERNELS:
             with kernels(simd):
-                meter = compiled.LevelMeter()
+                meter = compiled.LevelMeter(audio_format)
                 assert compiled.encode_append(chunk, meter) == expected
                 assert meter.read() == expected_level
 
 
 @PROPERTY
-@given(pcm_bytes, st.lists(st.integers(0, 3000), max_size=6))
-def test_meters_agree_bit_for_bit(data, cuts):
-    reference = pure.LevelMeter()
-    meters = {simd: compiled.LevelMeter() for simd in KERNELS}
+@given(pcm_bytes, st.lists(st.integers(0, 3000), max_size=6), formats)
+def test_meters_agree_bit_for_bit(data, cuts, audio_format):
+    reference = pure.LevelMeter(audio_format)
+    meters = {simd: compiled.LevelMeter(audio_format) for simd in KERNELS}
     bounds = [0, *sorted(c % (len(data) + 1) for c in cuts), len(data)]
     for start, end in zip(bounds, bounds[1:]):
         reference.feed(data[start:end])
@@ -97,8 +98,9 @@ def test_meters_agree_bit_for_bit(data, cuts):
     st.sampled_from([1, 2]),
 )
 def test_coalescer_chunkings_agree_and_lose_nothing(chunks, flush_after, target, width):
-    reference = pure.Coalescer(target, width, pure.LevelMeter())
-    coalescers = {simd: compiled.Coalescer(target, width, compiled.LevelMeter()) for simd in KERNELS}
+    audio_format = "pcm16" if width == 2 else "g711_alaw"
+    reference = pure.Coalescer(target, width, pure.LevelMeter(audio_format))
+    coalescers = {simd: compiled.Coalescer(target, width, compiled.LevelMeter(audio_format)) for simd in KERNELS}
     emitted = []
     for chunk, flush in zip(chunks, flush_after):
         expected = reference.push(chunk)
@@ -131,17 +133,18 @@ def test_coalescer_chunkings_agree_and_lose_nothing(chunks, flush_after, target,
     st.sampled_from(["ga", "beta"]),
     st.permutations([0, 1, 2, 3]),
     extra_fields,
+    formats,
 )
-def test_decode_of_encode_round_trips(data, item_id, dialect, order, extra):
+def test_decode_of_encode_round_trips(data, item_id, dialect, order, extra, audio_format):
     for chunk in every_residue(data):
         audio = orjson.loads(compiled.encode_append(chunk)[HEADER_ROOM:])["audio"]
         frame = wrap_as_delta(audio, item_id, dialect, order, extra)
-        reference_meter = pure.LevelMeter()
+        reference_meter = pure.LevelMeter(audio_format)
         assert pure.decode_audio_delta(frame, reference_meter) == (item_id, chunk)
         expected_level = reference_meter.read()
         for simd in KERNELS:
             with kernels(simd):
-                meter = compiled.LevelMeter()
+                meter = compiled.LevelMeter(audio_format)
                 assert compiled.decode_audio_delta(frame, meter) == (item_id, chunk)
                 assert meter.read() == expected_level
 

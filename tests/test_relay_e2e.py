@@ -5,9 +5,12 @@ import asyncio
 import base64
 
 import orjson
+import pytest
 
+from _fastpath import DBFS_FLOOR, measure_level
 from gateway.mock import MockOptions
 from gateway.session import MAX_REOPENS
+from tests.g711 import LAWS, g711_tone
 from tests.relay_harness import BYTES_PER_MS, RelayClient, frames, relay, silence, speech_like
 from tests.support import run
 
@@ -225,6 +228,56 @@ def test_config_naming_another_model_before_ready_reopens_the_upstream():
                 await session.wait_closed(3)
             update = await current[0].wait_for_client_event("session.update")
             assert update["session"]["instructions"] == "x"
+    run(scenario(), timeout=20)
+
+
+async def _next_level(client: RelayClient, side: str) -> dict:
+    """The next `level` event that metered some audio on `side` ("input" or "output")."""
+    while True:
+        level = await client.wait("level", timeout=3)
+        if level[side]["rms_dbfs"] > DBFS_FLOOR:
+            return level
+
+
+@pytest.mark.parametrize("law", LAWS)
+@pytest.mark.parametrize("formats_later", [False, True], ids=["one_config", "formats_after_levels"])
+def test_g711_levels_in_both_directions(law: str, formats_later: bool):
+    """A G.711 session's levels are those of the linear audio its codes stand for: the caller's
+    turn is metered while it is sent, and the echoed reply (the same codes) on the way back,
+    both within 0.5 dB of the PCM16 tone the codes were made from. With `formats_after_levels`
+    the meters exist (as PCM16) before the formats change and must follow them."""
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            formats = {"input_audio_format": law, "output_audio_format": law}
+            if formats_later:
+                await client.send({"type": "config", "levels": True, "turn_detection": "none"})
+                await client.send({"type": "config", **formats})
+            else:
+                await client.send({"type": "config", "levels": True, "turn_detection": "none", **formats})
+            ready = await client.wait("ready")
+            assert (ready["input_audio_format"], ready["output_audio_format"]) == (law, law)
+            turn, source = g711_tone(1.0, law, peak_dbfs=-20.0)
+            rms, peak, _ = measure_level(source)
+            for frame in frames(turn, 160):  # 20 ms frames at 8 kHz
+                await client.send_audio(frame)
+            heard = await _next_level(client, "input")  # while the caller talks, before the commit
+            assert heard["input"]["rms_dbfs"] == pytest.approx(rms, abs=0.5)
+            assert heard["input"]["peak_dbfs"] == pytest.approx(peak, abs=0.5)
+            assert heard["input"]["clipped"] == 0
+            await client.send({"type": "commit"})
+            await client.send({"type": "create_response"})
+            await client.wait("response_done")
+            assert bytes(client.audio) == turn  # the mock echoes the turn's codes bit-exactly
+            await _next_level(client, "output")
+            levels = client.of_type("level")
+            for side in ("input", "output"):
+                metered = [level[side] for level in levels if level[side]["rms_dbfs"] > DBFS_FLOOR]
+                assert metered, side
+                for level in metered:  # a steady tone: every report, not only the first, is right
+                    assert level["rms_dbfs"] == pytest.approx(rms, abs=0.5), (side, level)
+                    assert level["peak_dbfs"] == pytest.approx(peak, abs=0.5), (side, level)
+                    assert level["clipped"] == 0, (side, level)
     run(scenario(), timeout=20)
 
 
