@@ -76,8 +76,8 @@ _OUTCOME_BY_CODE = {"AuthenticationFailed": "upstream_auth_failed", "ConnectionF
 
 def seed_defaults(node: NodeConfig) -> cp.SessionConfig:
     """The seed document's defaults, applied under whatever the client asks for."""
-    return cp.SessionConfig(voice=node.default_voice, instructions="", turn_detection="server_vad", vad_threshold=0.5,
-                            vad_silence_duration_ms=500, vad_prefix_padding_ms=300,
+    return cp.SessionConfig(voice=node.default_voice, instructions="", turn_detection="server_vad",
+                            vad_threshold=0.5, vad_silence_duration_ms=500, vad_prefix_padding_ms=300,
                             transcription_model="whisper-1", input_audio_format="pcm16",
                             output_audio_format="pcm16")
 
@@ -523,16 +523,10 @@ class RelaySession:
         # what the gateway itself does with the config applies on either path below
         if update.levels is not None:
             self._set_levels(update.levels)
-        if update.input_audio_format is not None and update.input_audio_format != self.input_format:
-            self._flush_audio()  # metered in the old format, like the rest of the meter's sums
-            self.input_format = update.input_audio_format
-            if self.input_meter is not None:
-                self.input_meter.audio_format = self.input_format
-            self.coalescer = self._new_coalescer()
+        if update.input_audio_format is not None:
+            self._use_input_format(update.input_audio_format)
         if update.output_audio_format is not None:
-            self.output_bytes_per_ms = cp.BYTES_PER_MS[update.output_audio_format]
-            if self.output_meter is not None:
-                self.output_meter.audio_format = update.output_audio_format
+            self._use_output_format(update.output_audio_format)
         self.requested = self.requested.merged(update)
         if reopen:
             log.info("session %s: client asked for model %s, re-opening upstream", self.session_id,
@@ -542,6 +536,21 @@ class RelaySession:
             self._open_upstream()  # its session.update carries all of `requested`
         elif self.created:
             self._send_session_update(self._upstream_part(update))
+
+    def _use_input_format(self, audio_format: str) -> None:
+        """Coalesce (and meter) the client's audio in `audio_format` from now on."""
+        if audio_format != self.input_format:
+            self._flush_audio()  # metered in the old format, like the rest of the meter's sums
+            self.input_format = audio_format
+            if self.input_meter is not None:
+                self.input_meter.audio_format = audio_format
+            self.coalescer = self._new_coalescer()
+
+    def _use_output_format(self, audio_format: str) -> None:
+        """Reply audio is `audio_format` from now on: barge-in arithmetic and the meter follow."""
+        self.output_bytes_per_ms = cp.BYTES_PER_MS[audio_format]
+        if self.output_meter is not None:
+            self.output_meter.audio_format = audio_format
 
     def _upstream_part(self, update: cp.SessionConfig) -> cp.SessionConfig:
         """What of `update` goes upstream: a turn_detection object replaces the whole upstream value,
@@ -766,11 +775,12 @@ class RelaySession:
         if name is not None and getattr(part, name) is not None:
             rest = part.merged(cp.SessionConfig())
             default = getattr(fallback, name)
-            setattr(rest, name, default if default != getattr(part, name) else None)
-            if getattr(rest, name) is None:
-                self._follow_upstream(name)
+            if default is not None and default != getattr(part, name):
+                setattr(rest, name, default)  # the first update: the seed's default instead
+                setattr(self.requested, name, None)
             else:
-                setattr(self.requested, name, None)  # the seed's default is what it now asks for
+                setattr(rest, name, None)
+                self._follow_upstream(name)
         self._note_ignored(param or str(error.get("param") or "session"))
         if rest is not None and rest.specified():
             self.fail(InvalidConfig(f"upstream rejected {param}: {error.get('message')} (ignored; the rest "
@@ -785,18 +795,9 @@ class RelaySession:
         value (the formats it relays in), and it is no longer asked for."""
         effective = self.effective
         if name == "output_audio_format":
-            current = effective.get("output_audio_format") or "pcm16"
-            self.output_bytes_per_ms = cp.BYTES_PER_MS[current]
-            if self.output_meter is not None:
-                self.output_meter.audio_format = current
+            self._use_output_format(effective.get(name) or "pcm16")
         elif name == "input_audio_format":
-            current = effective.get("input_audio_format") or "pcm16"
-            if current != self.input_format:
-                self._flush_audio()
-                self.input_format = current
-                if self.input_meter is not None:
-                    self.input_meter.audio_format = current
-                self.coalescer = self._new_coalescer()
+            self._use_input_format(effective.get(name) or "pcm16")
         setattr(self.requested, name, effective.get(name) if name in _EFFECTIVE_FIELDS else None)
 
     def _on_speech_started(self, event: dict) -> None:
