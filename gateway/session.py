@@ -528,6 +528,7 @@ class RelaySession:
         if update.output_audio_format is not None:
             self._use_output_format(update.output_audio_format)
         self.requested = self.requested.merged(update)
+        self._note_inapplicable_vad(update)
         if reopen:
             log.info("session %s: client asked for model %s, re-opening upstream", self.session_id,
                      update.model)
@@ -536,6 +537,16 @@ class RelaySession:
             self._open_upstream()  # its session.update carries all of `requested`
         elif self.created:
             self._send_session_update(self._upstream_part(update))
+
+    def _note_inapplicable_vad(self, update: cp.SessionConfig) -> None:
+        """VAD parameters the current mode does not take (a threshold under semantic VAD, an
+        eagerness under server VAD) are kept for a later switch, and listed as ignored."""
+        mode = self.requested.turn_detection or "server_vad"
+        names = {"semantic_vad": ("vad_threshold", "vad_silence_duration_ms", "vad_prefix_padding_ms"),
+                 "server_vad": ("vad_eagerness",)}.get(mode, ())
+        for name in names:
+            if getattr(update, name) is not None:
+                self._note_ignored(cp.CLIENT_PARAMS[name])
 
     def _use_input_format(self, audio_format: str) -> None:
         """Coalesce (and meter) the client's audio in `audio_format` from now on."""

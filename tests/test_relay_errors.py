@@ -171,6 +171,21 @@ def test_invalid_config_names_the_field_and_the_rest_applies():
     run(scenario(), timeout=20)
 
 
+def test_vad_parameters_the_mode_does_not_take_are_listed_as_ignored():
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "semantic_vad",
+                               "vad": {"threshold": 0.9, "silence_duration_ms": 800, "eagerness": "high"}})
+            ready = await client.wait("ready")
+            assert ready["ignored"] == ["vad.threshold", "vad.silence_duration_ms"]
+            update = await mock.sessions[0].wait_for_client_event("session.update")
+            detection = update["session"]["audio"]["input"]["turn_detection"]
+            assert (detection["type"], detection["eagerness"]) == ("semantic_vad", "high")
+            assert "threshold" not in detection
+    run(scenario(), timeout=20)
+
+
 def test_a_field_the_upstream_rejects_is_ignored_and_the_rest_applies():
     """The upstream validates a session.update atomically: one field it refuses (a voice change
     after the assistant spoke) would lose the whole update. The gateway reports that field by
