@@ -606,6 +606,29 @@ def test_function_call_flow(dialect: str) -> None:
     run(scenario(), timeout=10)
 
 
+def test_a_text_naming_two_tools_gets_two_calls_in_one_response() -> None:
+    """As OpenAI may: one response, two function-call items (output_index 0 and 1), in the order
+    the tools were named, each with its own call id."""
+    time_tool = {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}}}
+
+    async def scenario() -> None:
+        async with MockRealtimeServer() as server:
+            client = await open_dialect(server, "ga")
+            await update(client, "ga", tools=[WEATHER_TOOL, time_tool])
+            await client.send({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": "get_time first, then get_weather"}]}})
+            await client.recv_until("conversation.item.done")
+            await client.send({"type": "response.create"})
+            ladder = await client.recv_until("response.done")
+            added = [e for e in ladder if e["type"] == "response.output_item.added"]
+            assert [(e["output_index"], e["item"]["name"]) for e in added] == [(0, "get_time"), (1, "get_weather")]
+            output = ladder[-1]["response"]["output"]
+            assert [item["name"] for item in output] == ["get_time", "get_weather"]
+            assert len({item["call_id"] for item in output}) == 2
+    run(scenario(), timeout=10)
+
+
 def test_function_call_every_nth_audio_turn() -> None:
     async def scenario() -> None:
         async with MockRealtimeServer(MockOptions(function_every_n_audio_turns=2)) as server:

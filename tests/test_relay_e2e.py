@@ -137,6 +137,28 @@ def test_a_turn_the_upstream_cannot_transcribe_gets_an_empty_final_transcript_an
     run(scenario(), timeout=20)
 
 
+def test_a_user_transcript_that_lands_after_the_response_still_reaches_the_client():
+    """The real server transcribes asynchronously: the user's transcript may arrive after the
+    reply is done (the mock's transcription_delay_ms). It is relayed all the same, final, with
+    the turn's text, after the response_done it followed upstream."""
+    async def scenario():
+        async with relay(MockOptions(transcription_delay_ms=300)) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            await client.wait("ready")
+            audio = speech_like(0.5, seed=12)
+            for frame in frames(audio, 960):
+                await client.send_audio(frame)
+            await client.send({"type": "commit"})
+            await client.send({"type": "create_response"})
+            done = await client.wait("response_done")
+            final = await client.wait("transcript", role="user", is_final=True)
+            assert final["text"] == "user audio turn 1: 500 ms" and final["item_id"]
+            assert client.events.index(done) < client.events.index(final)
+            assert bytes(client.audio) == audio
+    run(scenario(), timeout=20)
+
+
 def test_text_turns_and_respond_false():
     async def scenario():
         async with relay() as (gateway, mock):
@@ -181,6 +203,33 @@ def test_function_call_round_trip_one_response_create_after_results():
             assert output["item"] == {"type": "function_call_output", "call_id": call["call_id"],
                                       "output": '{"temp_c": 18}'}
             assert types.index("conversation.item.create", types.index("response.create") + 1) < len(types) - 1
+    run(scenario(), timeout=20)
+
+
+def test_two_calls_in_one_response_get_one_response_create_after_both_results():
+    """A response that calls two tools (two output items, as OpenAI may send): the client gets
+    both calls, and the gateway asks for the next response once, after the second result."""
+    def tool(name: str) -> dict:
+        return {"type": "function", "name": name, "parameters": {"type": "object", "properties": {}}}
+
+    async def scenario():
+        async with relay(MockOptions(function_trigger="name_in_text")) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "tools": [tool("get_weather"), tool("get_time")]})
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "call get_time, then get_weather"})
+            calls = [await client.wait("function_call"), await client.wait("function_call")]
+            assert [c["name"] for c in calls] == ["get_time", "get_weather"]
+            first = await client.wait("response_done")
+            upstream = mock.sessions[0]
+            await client.send({"type": "function_result", "call_id": calls[0]["call_id"], "output": "12:00"})
+            await client.send({"type": "function_result", "call_id": calls[1]["call_id"], "output": "sunny"})
+            second = await client.wait("response_done")
+            assert second["response_id"] != first["response_id"] and second["status"] == "completed"
+            types = [e["type"] for e in upstream.received]
+            assert types.count("response.create") == 2            # the text's, and ONE after both results
+            last_output = max(i for i, t in enumerate(types) if t == "conversation.item.create")
+            assert types.index("response.create", types.index("response.create") + 1) > last_output
     run(scenario(), timeout=20)
 
 

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--echo-mode", choices=["turn", "stream"], default="turn",
                         help="echo each committed turn in a response, or echo every appended byte "
                              "continuously (relay benchmarks; no VAD)")
+    parser.add_argument("--transcription-delay-ms", type=int, default=0,
+                        help="start each turn's input transcription this long after its commit "
+                             "(the real server's may land after the response)")
     parser.add_argument("--text-tone-hz", type=float, default=440.0,
                         help="frequency of the tone spoken in reply to a text turn")
     parser.add_argument("--function-trigger", choices=["name_in_text", "none"], default="name_in_text",
@@ -67,7 +70,8 @@ def options_from_args(args: argparse.Namespace) -> MockOptions:
         api_keys=set(args.api_keys) if args.api_keys else None,
         bad_key=args.bad_key, beta=args.beta, handshake_delay_s=args.handshake_delay_s,
         pacing=args.pacing, delta_ms=args.delta_ms, echo_mode=args.echo_mode,
-        text_tone_hz=args.text_tone_hz, function_trigger=args.function_trigger,
+        text_tone_hz=args.text_tone_hz, transcription_delay_ms=args.transcription_delay_ms,
+        function_trigger=args.function_trigger,
         function_every_n_audio_turns=args.function_every_n_audio_turns,
         fail_responses=args.fail_responses, fail_every_n=args.fail_every_n,
         close_after_s=args.close_after_s, close_after_events=args.close_after_events,

@@ -45,6 +45,10 @@ class MockOptions:
     echoed continuously inside one long-lived response (relay benchmarks; no VAD)."""
     text_tone_hz: float = 440.0
     """Frequency of the tone spoken in reply to a text turn."""
+    transcription_delay_ms: int = 0
+    """Input transcription of a committed turn starts this long after the commit. The real
+    server transcribes asynchronously: its result may land after the response, even after
+    `response.done` (reference §7.3, §10.18); 0 sends it at once, before the response."""
 
     # --- function calling --------------------------------------------------------------------
     function_trigger: FunctionTrigger = "name_in_text"
@@ -79,6 +83,8 @@ class MockOptions:
     """Largest client message accepted (reassembled); larger ones end the session with 1009."""
 
     def __post_init__(self) -> None:
+        if self.transcription_delay_ms < 0:
+            raise ValueError("transcription_delay_ms must be >= 0")
         if self.delta_ms <= 0:
             raise ValueError("delta_ms must be > 0")
         if self.fail_every_n < 1:

@@ -441,9 +441,9 @@ class ResponsePlanner:
         if options.fail_responses is not None and session.responses_created % options.fail_every_n == 0:
             failure = options.fail_responses
         source = self._source_item()
-        call = self._function_call_for(source)
-        if call is not None:
-            plans = [call]
+        calls = self._function_calls_for(source)
+        if calls:
+            plans = calls
         else:
             plans = [self._speech_for(source, modalities[0])]
         limit = params.get("max_output_tokens", params.get("max_response_output_tokens"))
@@ -457,29 +457,30 @@ class ResponsePlanner:
                 return item
         return None
 
-    def _function_call_for(self, source: Optional[Item]) -> Optional[OutputPlan]:
+    def _function_calls_for(self, source: Optional[Item]) -> list[OutputPlan]:
+        """The calls a response makes: one per tool a text turn names (in the order named; a
+        response may hold several, each its own output item), else per `tool_choice`/options."""
         session = self.session
         options = session.options
         tools = [t for t in session.config["tools"] if t.get("type", "function") == "function"]
         choice = session.config["tool_choice"]
         if not tools or choice == "none" or source is None or source.type != "message":
-            return None
-        chosen = None
+            return []
+        chosen: list[dict[str, Any]] = []
         if isinstance(choice, dict) and choice.get("type") == "function":
-            chosen = next((t for t in tools if t["name"] == choice.get("name")), None)
+            chosen = [t for t in tools if t["name"] == choice.get("name")][:1]
         elif choice == "required":
-            chosen = tools[0]
+            chosen = tools[:1]
         else:
             text = " ".join(p.get("text") or "" for p in source.content if p["type"] == "input_text")
             if text and options.function_trigger == "name_in_text":
-                chosen = next((t for t in tools if t["name"] in text), None)
+                named = [(text.find(t["name"]), index) for index, t in enumerate(tools) if t["name"] in text]
+                chosen = [tools[index] for _, index in sorted(named)]
             elif source.audio and options.function_every_n_audio_turns > 0 \
                     and session.audio_turns % options.function_every_n_audio_turns == 0:
-                chosen = tools[0]
-        if chosen is None:
-            return None
-        return OutputPlan("function_call", name=chosen["name"], call_id=new_id("call_", 16),
-                          arguments=orjson.dumps(_arguments_for(chosen)).decode())
+                chosen = tools[:1]
+        return [OutputPlan("function_call", name=tool["name"], call_id=new_id("call_", 16),
+                           arguments=orjson.dumps(_arguments_for(tool)).decode()) for tool in chosen]
 
     def _speech_for(self, source: Optional[Item], modality: str) -> OutputPlan:
         session = self.session

@@ -488,9 +488,14 @@ class MockSession(WSListener):
         self.announce_item(item, previous)
         transcription = self.config["audio"]["input"]["transcription"]
         if transcription is not None:
-            self._transcribe(item, transcription)
+            delay_s = self.options.transcription_delay_ms / 1000.0
+            if delay_s > 0:  # lands mid-response or after it, as the real one may
+                asyncio.get_running_loop().call_later(delay_s, self._transcribe, item, transcription,
+                                                      self.audio_turns)
+            else:
+                self._transcribe(item, transcription, self.audio_turns)
 
-    def _transcribe(self, item: Item, transcription: dict[str, Any]) -> None:
+    def _transcribe(self, item: Item, transcription: dict[str, Any], turn: int) -> None:
         """Deterministic input transcription; a turn of pure digital silence fails the way the
         real ASR does (`…input_audio_transcription.failed`, audio_unintelligible)."""
         duration_ms = len(item.audio) // BYTES_PER_MS[item.audio_format]
@@ -500,7 +505,7 @@ class MockSession(WSListener):
                             error={"type": "transcription_error", "code": "audio_unintelligible",
                                    "message": "The audio could not be transcribed.", "param": None})
             return
-        transcript = f"user audio turn {self.audio_turns}: {duration_ms} ms"
+        transcript = f"user audio turn {turn}: {duration_ms} ms"
         model = transcription.get("model", "whisper-1")
         if model.startswith("gpt-4o-"):
             words = transcript.split(" ")
