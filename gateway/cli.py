@@ -46,11 +46,21 @@ def build_parser(command: str) -> argparse.ArgumentParser:
             name,
             help=_HELP[name],
             description=_HELP[name],
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_DefaultsHelpFormatter,
         )
         if name == command:
             importlib.import_module(module_name).add_arguments(sub)
     return parser
+
+
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" except where the default is None: the node's flags use None for
+    "not given" and state their real default (and environment twin) in their own help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:

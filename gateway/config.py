@@ -9,6 +9,8 @@ Client credentials likewise come only from the environment (`GATEWAY_API_KEYS`, 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
@@ -115,10 +117,11 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
     ("--max-sessions", "max_sessions", "GATEWAY_MAX_SESSIONS", int, 0,
      "concurrent sessions on this node (per worker); more are refused with HTTP 503 (0 = no limit)"),
     ("--max-sessions-per-ip", "max_sessions_per_ip", "GATEWAY_MAX_SESSIONS_PER_IP", int, 0,
-     "concurrent sessions per client address; more get HTTP 429 (0 = no limit)"),
+     "concurrent sessions per client address (per worker); more get an Overloaded error and close 1013 "
+     "once connected (0 = no limit)"),
     ("--max-sessions-per-key", "max_sessions_per_key", "GATEWAY_MAX_SESSIONS_PER_KEY", int, 0,
-     "concurrent sessions per client key / token subject; more get HTTP 429 (0 = no limit; a JWT's "
-     "max_sessions claim overrides it)"),
+     "concurrent sessions per client key / token subject (per worker); more get HTTP 429 (0 = no limit; "
+     "a JWT's max_sessions claim overrides it)"),
     ("--idle-timeout-s", "idle_timeout_s", "GATEWAY_IDLE_TIMEOUT_S", float, 300.0,
      "close a session after this long with no traffic in either direction (0 = never)"),
     ("--max-session-s", "max_session_s", "GATEWAY_MAX_SESSION_S", float, 3600.0,
@@ -190,8 +193,13 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
             raise ConfigError("--upstream azure needs --upstream-url (the deployment's wss:// URL)")
     else:  # mock: the node starts it and fills in the URL; any non-empty key is accepted
         values["api_key"] = env.get("OPENAI_API_KEY") or "mock-key"
-    for dest in ("port", "coalesce_ms", "pre_ready_buffer_ms", "max_message_bytes", "level_interval_ms"):
-        if values[dest] < (0 if dest == "port" else 1):
+    for dest, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{dest} must be a finite number (got {value})")
+    if not 0 <= values["port"] <= 65535:
+        raise ConfigError(f"port must be 0-65535 (got {values['port']})")
+    for dest in ("coalesce_ms", "pre_ready_buffer_ms", "max_message_bytes", "level_interval_ms"):
+        if values[dest] < 1:
             raise ConfigError(f"{dest} must be positive (got {values[dest]})")
     if values["connect_timeout_s"] <= 0:
         raise ConfigError("connect timeout must be positive")
@@ -202,6 +210,11 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
             raise ConfigError(f"{dest} must not be negative (got {values[dest]})")
     if values["workers"] < 1:
         raise ConfigError("workers must be at least 1")
+    for entry in values["trusted_proxies"]:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(f"trusted proxy {entry!r} is not an IP address or network") from None
     values["client_api_keys"] = env.get("GATEWAY_API_KEYS") or None
     values["jwt_secret"] = env.get("GATEWAY_JWT_SECRET") or None
     return NodeConfig(**values)

@@ -22,7 +22,7 @@ from gateway import config as node_config
 from gateway.config import ConfigError, NodeConfig
 from gateway.metrics import GatewayMetrics
 from gateway.server import GatewayServer
-from gateway.workers import supervise
+from gateway.workers import CANNOT_START, supervise
 
 log = logging.getLogger("gateway.node")
 
@@ -60,8 +60,23 @@ def setup_logging(level: str, fmt: str) -> None:
     logging.getLogger("picows").setLevel(logging.INFO if level == "DEBUG" else logging.WARNING)
 
 
+class StartupError(Exception):
+    """The node could not start (a setting only checkable at start, or the address); the
+    message is safe to print."""
+
+
 async def start_node(config: NodeConfig, metrics_dir: str | None = None, reuse_port: bool = False):
-    """Start the mock (if `--upstream mock` without a URL) and the server. Returns (server, mock)."""
+    """Start the mock (if `--upstream mock` without a URL) and the server. Returns (server, mock).
+    What stops it from starting (API keys, JWT secret, origins; the address) is a StartupError."""
+    try:
+        return await _start_node(config, metrics_dir, reuse_port)
+    except ConfigError as exc:
+        raise StartupError(str(exc)) from None
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
+
+
+async def _start_node(config: NodeConfig, metrics_dir: str | None, reuse_port: bool):
     mock = None
     upstream_url = config.upstream_url
     if config.upstream == "mock" and not upstream_url:
@@ -108,7 +123,11 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, config.log_format)
     log.info("starting with %r", config)
     if config.workers == 1:
-        uvloop.run(serve(config))
+        try:
+            uvloop.run(serve(config))
+        except StartupError as exc:
+            print(f"realtime-gateway: {exc}", file=sys.stderr)
+            return 2
         return 0
     metrics_dir = tempfile.mkdtemp(prefix="realtime-gateway-metrics-")
     try:
@@ -119,5 +138,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_worker(config: NodeConfig, metrics_dir: str) -> int:
     log.info("worker pid %d", os.getpid())
-    uvloop.run(serve(config, metrics_dir=metrics_dir, reuse_port=True))
+    try:
+        uvloop.run(serve(config, metrics_dir=metrics_dir, reuse_port=True))
+    except StartupError as exc:
+        log.error("worker cannot start: %s", exc)
+        return CANNOT_START  # the supervisor stops: a replacement would fail the same way
     return 0

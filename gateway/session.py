@@ -420,6 +420,8 @@ class RelaySession:
         elif self.state is CONNECTING:
             limit = self.node.pre_ready_buffer_ms * cp.BYTES_PER_MS[self.input_format]
             if self._pre_ready_audio_bytes + len(payload) > limit:
+                if self.metrics is not None:
+                    self.metrics.count_drop("pre_ready_overflow", len(payload))
                 if not self._overflow_reported:
                     self._overflow_reported = True
                     self.fail(NotConnected(f"the session is not ready yet and its pre-ready buffer "
@@ -670,7 +672,9 @@ class RelaySession:
         path = self.path
         size = len(pcm)
         path.item_generated += size
-        if item_id in self.interrupted_items:
+        if item_id in self.interrupted_items:  # the user barged in: this reply is not played
+            if self.metrics is not None:
+                self.metrics.count_drop("interrupted", size)
             return
         path.item_delivered += size
         stats = self.stats

@@ -26,12 +26,15 @@ log = logging.getLogger("gateway.workers")
 
 #: a worker slot is restarted at most this often
 RESTART_INTERVAL_S = 1.0
+#: a worker's exit code when it could not start (EX_CONFIG): no replacement, the node stops
+CANNOT_START = 78
 #: prctl(2) option: the signal a process gets when its parent dies (Linux)
 PR_SET_PDEATHSIG = 1
 
 
 def supervise(worker_main: Callable[[int], int], workers: int, metrics_dir: str) -> int:
-    """Run `worker_main(slot)` in `workers` forked processes until told to stop; returns 0.
+    """Run `worker_main(slot)` in `workers` forked processes until told to stop; returns 0, or
+    2 when a worker could not start (exit code CANNOT_START: its replacement would not either).
 
     `worker_main` runs in the child and returns its exit code; it must bind with
     `reuse_port=True` and write its metrics into `metrics_dir`.
@@ -41,6 +44,7 @@ def supervise(worker_main: Callable[[int], int], workers: int, metrics_dir: str)
     children: dict[int, int] = {}       # pid -> worker slot
     started_at: dict[int, float] = {}   # slot -> monotonic time of its latest start
     stopping = False
+    result = 0
 
     def spawn(slot: int) -> None:
         pid = os.fork()
@@ -85,12 +89,17 @@ def supervise(worker_main: Callable[[int], int], workers: int, metrics_dir: str)
         if stopping:
             log.info("worker %d (pid %d) exited", slot, pid)
             continue
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == CANNOT_START:
+            log.error("worker %d could not start: stopping the node", slot)
+            result = 2
+            forward(signal.SIGTERM, None)
+            continue
         log.warning("worker %d (pid %d) died (%s): starting a replacement", slot, pid, _describe(status))
         # pace restarts of a slot: this is a supervisor's back-off, not a synchronisation sleep
         time.sleep(max(0.0, RESTART_INTERVAL_S - (time.monotonic() - started_at[slot])))
         if not stopping:
             spawn(slot)
-    return 0
+    return result
 
 
 def _die_with_parent(supervisor: int) -> None:

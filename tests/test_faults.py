@@ -277,6 +277,25 @@ def test_a_client_that_leaves_while_it_is_not_being_read_ends_its_session():
     run(scenario(), timeout=40)
 
 
+def test_audio_dropped_before_ready_is_counted_as_a_drop():
+    """Audio past the pre-ready buffer is reported to the client (NotConnected) and counted in
+    gateway_drops_total / gateway_dropped_bytes_total {reason="pre_ready_overflow"}, byte for byte."""
+    async def scenario():
+        async with relay(MockOptions(handshake_delay_s=0.5), pre_ready_buffer_ms=100) as (gateway, mock):
+            client = await RawClient.connect(gateway.url)
+            client.send_json({"type": "config", "turn_detection": "none"})
+            frame = speech_like(0.02, seed=30)                 # 960 bytes; 100 ms = 4,800 bytes
+            for _ in range(10):
+                client.send_binary(frame)
+            error = await client.wait("error", 5, code="NotConnected")
+            assert error["fatal"] is False
+            await client.wait("ready", 5)
+            assert await metric(gateway, "gateway_dropped_bytes_total", reason="pre_ready_overflow") == 5 * 960
+            assert await metric(gateway, "gateway_drops_total", reason="pre_ready_overflow") == 5
+            await client.close()
+    run(scenario(), timeout=20)
+
+
 # ---- misbehaving clients -----------------------------------------------------------------------
 
 def _small_receive_buffer(_url) -> socket.socket:

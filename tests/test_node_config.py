@@ -76,3 +76,35 @@ def test_json_logs_carry_the_session_id_and_never_the_keys():
     finally:
         root.setLevel(saved[0])
         root.handlers[:] = saved[1]
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--port", "70000"], {}, "port must be 0-65535"),
+    (["--drain-timeout-s", "nan"], {}, "drain_timeout_s must be a finite number"),
+    ([], {"GATEWAY_IDLE_TIMEOUT_S": "inf"}, "idle_timeout_s must be a finite number"),
+    (["--trusted-proxies", "10.0.0.0/8,not-an-ip"], {}, "trusted proxy 'not-an-ip'"),
+])
+def test_settings_a_node_could_not_run_with_are_refused_at_start(argv, env, message):
+    """Found by an operations audit: a wrapped port, a NaN timeout that crashed the drain, a
+    trusted-proxy entry that failed every session at connect."""
+    with pytest.raises(ConfigError, match=message):
+        build(["--upstream", "mock", *argv], env)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_node_that_cannot_start_says_why_and_exits_2_without_restarting_workers(workers):
+    """Checks that can only run at start (API keys file, origins, JWT secret, the address): one
+    clear line, exit code 2, no traceback; with --workers the supervisor does not replace a
+    worker that could not start (it would fail the same way, once a second, for ever)."""
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for extra in (["--port", str(port)], ["--port", "0", "--api-keys-file", "/nonexistent/keys"]):
+            done = subprocess.run([sys.executable, "-m", "gateway", "--upstream", "mock", "--host", "127.0.0.1",
+                                   "--workers", str(workers), *extra],
+                                  capture_output=True, text=True, timeout=30)
+            assert done.returncode == 2, done.stderr[-2000:]
+            assert "Traceback" not in done.stderr and "starting a replacement" not in done.stderr
+            assert ("Address already in use" in done.stderr) or ("cannot read API keys file" in done.stderr)
