@@ -123,7 +123,8 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
      "concurrent sessions per client key / token subject (per worker); more get HTTP 429 (0 = no limit; "
      "a JWT's max_sessions claim overrides it)"),
     ("--idle-timeout-s", "idle_timeout_s", "GATEWAY_IDLE_TIMEOUT_S", float, 300.0,
-     "close a session after this long with no traffic in either direction (0 = never)"),
+     "close a session after this long with no audio or message in either direction (pings do not "
+     "count; 0 = never)"),
     ("--max-session-s", "max_session_s", "GATEWAY_MAX_SESSION_S", float, 3600.0,
      "longest session; clients get a `closing` warning --session-warning-s before (0 = no limit)"),
     ("--session-warning-s", "session_warning_s", "GATEWAY_SESSION_WARNING_S", float, 60.0,

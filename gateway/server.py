@@ -207,26 +207,28 @@ class GatewayServer:
                 WSUpgradeResponse.create_ok_response(body, extra_headers={"Content-Type": content_type}), None)
         return _json_response(404, {"error": "not found"})
 
+    def _refused(self, reason: str, response):
+        """Count and log a refused upgrade (the reason only: never the credentials it carried)."""
+        self.metrics.count_refusal(reason)
+        log.info("upgrade refused: %s", reason)
+        return response
+
     def _admit_upgrade(self, request: WSUpgradeRequest, query: str):
         if self.draining:
-            self.metrics.count_refusal("draining")
-            return Refusal(503, "Draining", "the gateway is shutting down; connect to another node",
-                           (("Retry-After", "1"),)).to_response()
+            return self._refused("draining", Refusal(
+                503, "Draining", "the gateway is shutting down; connect to another node",
+                (("Retry-After", "1"),)).to_response())
         if self.origins is not None and not self.origins.check(request):
-            self.metrics.count_refusal("origin")
-            return OriginPolicy.refusal.to_response()
+            return self._refused("origin", OriginPolicy.refusal.to_response())
         principal = self.authenticator.authenticate(request)
         if isinstance(principal, AuthRefusal):
-            self.metrics.count_refusal("auth")
-            return principal.to_response()
+            return self._refused("auth", principal.to_response())
         refusal = self.limiter.check(principal.id, None, key_limit=principal.max_sessions)
         if refusal is not None:  # per-IP is checked at connect, where the address is known
-            self.metrics.count_refusal(refusal.scope)
-            return refusal.to_response()
+            return self._refused(refusal.scope, refusal.to_response())
         models = parse_qs(query).get("model")
         if models and not is_model_name(models[0]):
-            self.metrics.count_refusal("other")
-            return _json_response(400, {"error": "invalid model name in ?model="})
+            return self._refused("other", _json_response(400, {"error": "invalid model name in ?model="}))
         listener = ClientListener(self, principal, models[0] if models else None)
         if principal.subprotocol:  # browsers: echo the non-secret protocol name, never the token
             return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(
@@ -239,7 +241,7 @@ class GatewayServer:
         ip = client_ip(peer_ip(transport), transport.request.headers, self.config.trusted_proxies)
         slot = self.limiter.acquire(principal.id, ip, key_limit=principal.max_sessions)
         if isinstance(slot, LimitRefusal):  # lost a race since the upgrade, or per-IP
-            self.metrics.count_refusal(slot.scope)
+            self._refused(slot.scope, None)
             error = Overloaded(slot.reason)
             self.metrics.count_error(error.code)
             transport.send(WSMsgType.TEXT, error_event(error))

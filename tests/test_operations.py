@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -69,14 +70,18 @@ def metric_samples(text: bytes) -> dict[tuple[str, tuple], float]:
 # ---- auth ------------------------------------------------------------------------------------------
 
 
-def test_auth_refuses_anonymous_upgrades_with_401_before_any_upstream_is_opened():
+def test_auth_refuses_anonymous_upgrades_with_401_before_any_upstream_is_opened(caplog):
     async def scenario():
         async with relay(client_api_keys=CLIENT_KEY) as (gateway, mock):
             assert await refused_status(gateway.url) == 401
             assert await refused_status(gateway.url, additional_headers={
                 "Authorization": "Bearer wrong-key"}) == 401
             assert mock.sessions == [] and not gateway.sessions
-    run(scenario(), timeout=20)
+    with caplog.at_level(logging.INFO, logger="gateway.server"):
+        run(scenario(), timeout=20)
+    # each refusal is logged, by its reason only: never the credential it carried
+    assert [r.getMessage() for r in caplog.records if "refused" in r.getMessage()] == ["upgrade refused: auth"] * 2
+    assert "wrong-key" not in caplog.text and CLIENT_KEY not in caplog.text
 
 
 def test_auth_accepts_bearer_query_token_subprotocol_and_jwt():
