@@ -123,6 +123,13 @@ class RelayClient:
         await self.ws.close()
         await self.wait_closed()
 
+    async def push_to_talk(self, audio: bytes, frame_bytes: int = 960) -> None:
+        """One manual turn: `audio` in frames of `frame_bytes`, then `commit` and `create_response`."""
+        for offset in range(0, len(audio), frame_bytes):
+            await self.ws.send(audio[offset:offset + frame_bytes])
+        await self.send({"type": "commit"})
+        await self.send({"type": "create_response"})
+
 
 def speech_like(seconds: float, seed: int, level: float = 0.3) -> bytes:
     """Non-trivial, deterministic 'speech': a random-walk-modulated chirp at about -10 dBFS."""

@@ -72,10 +72,7 @@ def test_push_to_talk_with_odd_length_frames():
             update = await upstream.wait_for_client_event("session.update")
             assert update["session"]["audio"]["input"]["turn_detection"] is None   # null, not {"type":"none"}
             audio = speech_like(0.8, seed=2)
-            for frame in frames(audio, 777):  # odd sizes: the odd byte is carried, never dropped
-                await client.send_audio(frame)
-            await client.send({"type": "commit"})
-            await client.send({"type": "create_response"})
+            await client.push_to_talk(audio, 777)  # odd sizes: the odd byte is carried, never dropped
             await client.wait("response_done")
             assert bytes(client.audio) == audio
             assert client.of_type("speech_started") == []
@@ -97,10 +94,7 @@ def test_max_response_tokens_caps_the_reply_and_it_ends_incomplete():
             update = await upstream.wait_for_client_event("session.update")
             assert update["session"]["max_output_tokens"] == 9
             audio = speech_like(2.0, seed=5)
-            for frame in frames(audio, 960):
-                await client.send_audio(frame)
-            await client.send({"type": "commit"})
-            await client.send({"type": "create_response"})
+            await client.push_to_talk(audio)
             done = await client.wait("response_done")
             assert done["status"] == "incomplete"
             assert done["usage"]["output_tokens"] == 9
@@ -123,10 +117,7 @@ def test_a_turn_the_upstream_cannot_transcribe_gets_an_empty_final_transcript_an
             client = await RelayClient.connect(gateway.url)
             await client.send({"type": "config", "turn_detection": "none"})
             await client.wait("ready")
-            for frame in frames(silence(0.5), 960):
-                await client.send_audio(frame)
-            await client.send({"type": "commit"})
-            await client.send({"type": "create_response"})
+            await client.push_to_talk(silence(0.5))
             final = await client.wait("transcript", role="user", is_final=True)
             assert final["text"] == "" and final["item_id"]
             error = await client.wait("error")
@@ -147,10 +138,7 @@ def test_a_user_transcript_that_lands_after_the_response_still_reaches_the_clien
             await client.send({"type": "config", "turn_detection": "none"})
             await client.wait("ready")
             audio = speech_like(0.5, seed=12)
-            for frame in frames(audio, 960):
-                await client.send_audio(frame)
-            await client.send({"type": "commit"})
-            await client.send({"type": "create_response"})
+            await client.push_to_talk(audio)
             done = await client.wait("response_done")
             final = await client.wait("transcript", role="user", is_final=True)
             assert final["text"] == "user audio turn 1: 500 ms" and final["item_id"]
@@ -343,10 +331,7 @@ def test_a_model_reopen_before_ready_keeps_the_rest_of_the_config():
             ready = await client.wait("ready")
             assert (ready["model"], ready["input_audio_format"]) == ("gpt-4o-realtime-preview", "g711_ulaw")
             turn = bytes((i * 37 + 11) % 256 for i in range(4801))
-            for frame in frames(turn, 333):
-                await client.send_audio(frame)
-            await client.send({"type": "commit"})
-            await client.send({"type": "create_response"})
+            await client.push_to_talk(turn, 333)
             await client.wait("response_done")
             assert bytes(client.audio) == turn
             await client.wait("level", timeout=2)
@@ -377,10 +362,7 @@ def test_clear_audio_sends_what_the_coalescer_held_before_the_clear():
                 await client.send_audio(frame)
             await client.send({"type": "clear_audio"})
             turn = speech_like(0.3, seed=9)
-            for frame in frames(turn, 20 * BYTES_PER_MS):
-                await client.send_audio(frame)
-            await client.send({"type": "commit"})
-            await client.send({"type": "create_response"})
+            await client.push_to_talk(turn, 20 * BYTES_PER_MS)
             await client.wait("response_done")
             assert bytes(client.audio) == turn
             received = mock.sessions[0].received
@@ -415,10 +397,7 @@ def test_audio_and_commands_before_ready_arrive_intact_and_in_order():
             client = await RelayClient.connect(gateway.url)
             await client.send({"type": "config", "turn_detection": "none"})
             audio = speech_like(0.6, seed=3)
-            for frame in frames(audio, 1001):
-                await client.send_audio(frame)
-            await client.send({"type": "commit"})
-            await client.send({"type": "create_response"})
+            await client.push_to_talk(audio, 1001)
             await client.wait("ready")
             await client.wait("response_done")
             assert client.events[0]["type"] == "ready"          # nothing was answered before ready
