@@ -33,6 +33,7 @@ import ipaddress
 import logging
 import os
 import re
+import sqlite3
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
@@ -582,15 +583,20 @@ class SessionLimiter:
     def active_for_ip(self, ip: str) -> int:
         return self._per_ip.get(ip, 0)
 
+    def _counts(self, principal_id: str, ip: str | None) -> tuple[int, int, int]:
+        """Sessions open now: on the node, for `principal_id`, from `ip`."""
+        return self.active, self._per_key.get(principal_id, 0), self._per_ip.get(ip, 0) if ip else 0
+
     def check(self, principal_id: str, ip: str | None = None, *,
               key_limit: int | None = None) -> LimitRefusal | None:
         """The refusal `acquire` would give now, without taking a slot or counting a refusal."""
-        if self.max_sessions is not None and self.active >= self.max_sessions:
+        active, for_key, for_ip = self._counts(principal_id, ip)
+        if self.max_sessions is not None and active >= self.max_sessions:
             return LimitRefusal(503, "Overloaded", "the gateway is at capacity, retry later",
                                 (("Retry-After", "5"),), scope="global")
-        if key_limit is not None and self._per_key.get(principal_id, 0) >= key_limit:
+        if key_limit is not None and for_key >= key_limit:
             return LimitRefusal(429, "Overloaded", "too many concurrent sessions for this key", scope="key")
-        if ip is not None and self.max_per_ip is not None and self._per_ip.get(ip, 0) >= self.max_per_ip:
+        if ip is not None and self.max_per_ip is not None and for_ip >= self.max_per_ip:
             return LimitRefusal(429, "Overloaded", "too many concurrent sessions from this address", scope="ip")
         return None
 
@@ -615,6 +621,72 @@ class SessionLimiter:
         _decrement(self._per_key, principal_id)
         if ip is not None:
             _decrement(self._per_ip, ip)
+
+
+#: the file, in a node's shared directory, that holds its workers' session counts
+SHARED_LIMITS_FILE = "sessions.sqlite"
+
+
+class SharedSessionLimiter(SessionLimiter):
+    """The same admission control for a node of several worker processes (`--workers N`): the
+    counts live in a SQLite file every worker opens (in the node's shared directory), one row
+    per worker and key, address or the node; a check and its taking of the slot are one write
+    transaction, so two workers can never both take the last slot. The supervisor removes the
+    rows of a worker that died (`forget_worker`). Only connects and disconnects touch the file,
+    never a frame; nothing secret is in it (principal ids are key ids or JWT subjects)."""
+
+    def __init__(self, path: str, max_sessions: int | None = None, max_per_ip: int | None = None) -> None:
+        super().__init__(max_sessions, max_per_ip)
+        self._pid = os.getpid()
+        self._db = _open_limits(path)
+
+    def _counts(self, principal_id: str, ip: str | None) -> tuple[int, int, int]:
+        totals = dict(self._db.execute(
+            "SELECT kind, SUM(n) FROM sessions WHERE kind = 'node' OR (kind = 'key' AND name = ?)"
+            " OR (kind = 'ip' AND name = ?) GROUP BY kind", (principal_id, ip or "")).fetchall())
+        return totals.get("node", 0), totals.get("key", 0), totals.get("ip", 0)
+
+    def acquire(self, principal_id: str, ip: str | None = None, *,
+                key_limit: int | None = None) -> Slot | LimitRefusal:
+        with self._db:  # BEGIN IMMEDIATE ... COMMIT: the check and the take are one step
+            self._db.execute("BEGIN IMMEDIATE")
+            taken = super().acquire(principal_id, ip, key_limit=key_limit)
+            if isinstance(taken, Slot):
+                self._add(principal_id, ip, 1)
+        return taken
+
+    def _release(self, principal_id: str, ip: str | None) -> None:
+        super()._release(principal_id, ip)
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._add(principal_id, ip, -1)
+
+    def _add(self, principal_id: str, ip: str | None, delta: int) -> None:
+        for kind, name in (("node", ""), ("key", principal_id), ("ip", ip)):
+            if name is None:
+                continue
+            self._db.execute("INSERT INTO sessions (pid, kind, name, n) VALUES (?, ?, ?, ?) ON CONFLICT"
+                             " (pid, kind, name) DO UPDATE SET n = n + excluded.n", (self._pid, kind, name, delta))
+        self._db.execute("DELETE FROM sessions WHERE pid = ? AND n <= 0", (self._pid,))
+
+
+def _open_limits(path: str) -> sqlite3.Connection:
+    """The shared counts file (created if new). Autocommit mode; `with` blocks are transactions."""
+    db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+    db.execute("PRAGMA synchronous = OFF")  # counts of live sessions: nothing to keep across a crash
+    db.execute("CREATE TABLE IF NOT EXISTS sessions (pid INTEGER, kind TEXT, name TEXT, n INTEGER,"
+               " PRIMARY KEY (pid, kind, name))")
+    return db
+
+
+def forget_worker(path: str, pid: int) -> None:
+    """A worker died: the sessions it counted are gone with it."""
+    db = _open_limits(path)
+    try:
+        with db:
+            db.execute("DELETE FROM sessions WHERE pid = ?", (pid,))
+    finally:
+        db.close()
 
 
 def _decrement(counts: dict[str, int], name: str) -> None:

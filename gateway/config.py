@@ -115,12 +115,13 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
     ("--log-level", "log_level", "GATEWAY_LOG_LEVEL", str, "INFO", "DEBUG, INFO, WARNING, ERROR"),
     ("--log-format", "log_format", "GATEWAY_LOG_FORMAT", str, "text", "text or json"),
     ("--max-sessions", "max_sessions", "GATEWAY_MAX_SESSIONS", int, 0,
-     "concurrent sessions on this node (per worker); more are refused with HTTP 503 (0 = no limit)"),
+     "concurrent sessions on this node (all workers together); more are refused with HTTP 503 "
+     "(0 = no limit)"),
     ("--max-sessions-per-ip", "max_sessions_per_ip", "GATEWAY_MAX_SESSIONS_PER_IP", int, 0,
-     "concurrent sessions per client address (per worker); more get an Overloaded error and close 1013 "
+     "concurrent sessions per client address; more get an Overloaded error and close 1013 "
      "once connected (0 = no limit)"),
     ("--max-sessions-per-key", "max_sessions_per_key", "GATEWAY_MAX_SESSIONS_PER_KEY", int, 0,
-     "concurrent sessions per client key / token subject (per worker); more get HTTP 429 (0 = no limit; "
+     "concurrent sessions per client key / token subject; more get HTTP 429 (0 = no limit; "
      "a JWT's max_sessions claim overrides it)"),
     ("--idle-timeout-s", "idle_timeout_s", "GATEWAY_IDLE_TIMEOUT_S", float, 300.0,
      "close a session after this long with no audio or message in either direction (pings do not "

@@ -85,7 +85,8 @@ async def _start_node(config: NodeConfig, metrics_dir: str | None, reuse_port: b
         await mock.start(host="127.0.0.1", port=0)
         upstream_url = mock.url
         log.info("built-in mock upstream listening at %s", mock.url)
-    server = GatewayServer(config, upstream_url, GatewayMetrics(multiprocess_dir=metrics_dir))
+    # workers share one directory: their metrics files, and their session counts for the limits
+    server = GatewayServer(config, upstream_url, GatewayMetrics(multiprocess_dir=metrics_dir), shared_dir=metrics_dir)
     await server.start(reuse_port=reuse_port)
     return server, mock
 

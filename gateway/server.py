@@ -19,8 +19,9 @@ from picows.common import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponse
 
 from _fastpath import ClientLeg, DirectReader, release_handshake
 from gateway import sockets
-from gateway.auth import (AuthRefusal, AuthSettings, ClientAuthenticator, LimitRefusal, OriginPolicy, Principal,
-                          Refusal, SessionLimiter, Slot, client_ip, peer_ip)
+from gateway.auth import (SHARED_LIMITS_FILE, AuthRefusal, AuthSettings, ClientAuthenticator, LimitRefusal,
+                          OriginPolicy, Principal, Refusal, SessionLimiter, SharedSessionLimiter, Slot, client_ip,
+                          peer_ip)
 from gateway.client_protocol import error_event, is_model_name
 from gateway.config import NodeConfig
 from gateway.errors import (CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, IdleTimeout, InvalidMessage, Overloaded,
@@ -145,7 +146,7 @@ class GatewayServer:
     """
 
     def __init__(self, config: NodeConfig, upstream_url: str | None = None,
-                 metrics: GatewayMetrics | None = None) -> None:
+                 metrics: GatewayMetrics | None = None, shared_dir: str | None = None) -> None:
         self.config = config
         self.upstream_url = upstream_url or config.upstream_url
         if not self.upstream_url:
@@ -156,7 +157,10 @@ class GatewayServer:
             jwt_audience=config.jwt_audience, jwt_issuer=config.jwt_issuer,
             max_sessions_per_key=config.max_sessions_per_key or None))
         self.origins = OriginPolicy(config.allowed_origins) if config.allowed_origins else None
-        self.limiter = SessionLimiter(config.max_sessions or None, config.max_sessions_per_ip or None)
+        # one of several workers: the node's limits are counted across all of them
+        limits = (config.max_sessions or None, config.max_sessions_per_ip or None)
+        self.limiter = SharedSessionLimiter(os.path.join(shared_dir, SHARED_LIMITS_FILE), *limits) \
+            if shared_dir else SessionLimiter(*limits)
         self.sessions: set[RelaySession] = set()
         self.draining = False
         self._servers: list[asyncio.Server] = []

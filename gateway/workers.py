@@ -20,6 +20,7 @@ import signal
 import time
 from typing import Callable
 
+from gateway.auth import SHARED_LIMITS_FILE, forget_worker
 from gateway.metrics import mark_worker_dead, prepare_multiprocess_dir
 
 log = logging.getLogger("gateway.workers")
@@ -86,6 +87,7 @@ def supervise(worker_main: Callable[[int], int], workers: int, metrics_dir: str)
         if slot is None:
             continue
         mark_worker_dead(pid, metrics_dir)
+        forget_worker(os.path.join(metrics_dir, SHARED_LIMITS_FILE), pid)  # its sessions died with it
         if stopping:
             log.info("worker %d (pid %d) exited", slot, pid)
             continue

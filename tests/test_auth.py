@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 import warnings
 
@@ -470,3 +471,26 @@ def test_refusals_and_subprotocol_echo_over_real_sockets():
         assert events.count("connected") == 2
 
     run(scenario(), timeout=10)
+
+
+def test_shared_limiter_counts_across_instances_and_forgets_a_dead_worker(tmp_path):
+    """Two workers' limiters over one file act as one node: the node limit, a key's limit and an
+    address's limit hold across them; a dead worker's rows are removed by `forget_worker`."""
+    from gateway.auth import SharedSessionLimiter, forget_worker
+    path = str(tmp_path / "sessions.sqlite")
+    one, two = SharedSessionLimiter(path, max_sessions=3, max_per_ip=2), SharedSessionLimiter(path, 3, 2)
+    a = one.acquire("key-a", "10.0.0.1", key_limit=1)
+    assert isinstance(a, Slot)
+    assert two.acquire("key-a", "10.0.0.2", key_limit=1).scope == "key"
+    b = two.acquire("key-b", "10.0.0.1")
+    assert isinstance(b, Slot)
+    assert two.acquire("key-c", "10.0.0.1").scope == "ip"
+    c = one.acquire("key-c", "10.0.0.3")
+    assert two.acquire("key-d", "10.0.0.4").scope == "global"
+    a.release()
+    assert isinstance(two.acquire("key-a", "10.0.0.2", key_limit=1), Slot)
+    forget_worker(path, os.getpid())  # both "workers" here share this pid: all their rows go
+    assert isinstance(one.acquire("key-e", "10.0.0.1"), Slot)
+    b.release()  # releases after a forget never take a count below zero
+    c.release()
+    assert one.check("key-f", "10.0.0.1") is None

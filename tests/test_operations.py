@@ -324,6 +324,45 @@ def test_workers_share_the_port_and_survive_the_death_of_one():
         assert process.wait(15) == 0
 
 
+def test_session_limits_hold_for_the_whole_node_across_workers():
+    """With --workers 2 each worker used to count only its own sessions, so a key limited to 1
+    got 2. Now the limits are the node's: whichever worker a connection lands on, a key capped
+    at one session gets exactly one, and when the worker holding it is killed, its sessions
+    are forgotten and the key may connect again (through the other worker or the replacement)."""
+    async def scenario(port: int):
+        url = f"ws://127.0.0.1:{port}/realtime"
+        auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
+        first = RelayClient(await websockets.connect(url, additional_headers=auth, compression=None))
+        await first.wait("ready", timeout=10)
+        for _ in range(8):  # the two workers take connections at random: 8 reach both with certainty
+            assert await refused_status(url, additional_headers=auth) == 429
+        holder = None
+        for _ in range(60):
+            _, body = await http_get(f"http://127.0.0.1:{port}/health")
+            health = orjson.loads(body)
+            if health["sessions"] == 1:
+                holder = health["pid"]
+                break
+        assert holder is not None
+        os.kill(holder, signal.SIGKILL)
+        await first.wait_closed(5)
+        async with asyncio.timeout(15):  # the supervisor reaps it and forgets its sessions
+            while True:
+                try:
+                    again = RelayClient(await websockets.connect(url, additional_headers=auth, compression=None))
+                    break
+                except InvalidStatus as refused:
+                    assert refused.response.status_code == 429
+                    await asyncio.sleep(0.05)
+        await again.wait("ready", timeout=10)
+        await again.close()
+    with gateway_process("--workers", "2", "--max-sessions-per-key", "1", workers=2,
+                         env={"GATEWAY_API_KEYS": CLIENT_KEY}) as (process, port):
+        run(scenario(port), timeout=60)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+
+
 def test_workers_do_not_outlive_a_killed_supervisor():
     """SIGKILL cannot be forwarded: the workers must still go (the kernel tells them), or they
     would hold the port and their sessions with nobody to stop or replace them."""
