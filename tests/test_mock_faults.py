@@ -11,6 +11,7 @@ import base64
 import time
 
 import orjson
+import pytest
 
 from gateway.mock import MockOptions, MockRealtimeServer
 from tests.support import run
@@ -92,6 +93,19 @@ def test_session_max_s_expires_with_session_expired_then_1001() -> None:
             mock._expire()  # the message names whole minutes
             error = await client.recv_until("error")
             assert error[-1]["error"]["message"] == "Your session hit the maximum duration of 30 minutes."
+    run(scenario(), timeout=10)
+
+
+@pytest.mark.parametrize("dialect, minutes", [("ga", 60), ("beta", 30)])
+def test_the_default_session_lifetime_is_the_dialects(dialect: str, minutes: int) -> None:
+    """OpenAI: GA sessions last 60 minutes, beta ones 30 (since December 2024)."""
+    async def scenario() -> None:
+        options = MockOptions(beta="serve") if dialect == "beta" else MockOptions()
+        async with MockRealtimeServer(options) as server:
+            client = await RawClient.open(server, headers={"OpenAI-Beta": "realtime=v1"} if dialect == "beta" else None)
+            created = await client.expect("session.created")
+            left = created["session"]["expires_at"] - time.time()
+            assert minutes * 60 - 5 < left <= minutes * 60
     run(scenario(), timeout=10)
 
 

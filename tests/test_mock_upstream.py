@@ -589,6 +589,8 @@ def test_function_call_flow(dialect: str) -> None:
             final = ladder[-1]["response"]
             assert final["status"] == "completed"
             assert final["output"][0]["status"] == "completed" and final["output"][0]["arguments"] == arguments
+            # the arguments are text the model wrote: they count as output text tokens
+            assert final["usage"]["output_token_details"]["text_tokens"] == len(arguments) // 4 + 1
             # a wrong call id is refused, the right one accepted, then the answer is spoken
             await client.send({"type": "conversation.item.create", "event_id": "bad", "item": {
                 "type": "function_call_output", "call_id": "call_nope", "output": "{}"}})

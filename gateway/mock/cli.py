@@ -57,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drop each connection after it has sent this many server events")
     parser.add_argument("--close-with-frame", action="store_true",
                         help="--close-after-* sends close 1011 instead of dropping the TCP connection")
-    parser.add_argument("--session-max-s", type=float, default=3600.0,
-                        help="session lifetime: then session_expired error and close 1001")
+    parser.add_argument("--session-max-s", type=float, default=None,
+                        help="session lifetime: then session_expired error and close 1001 "
+                             "(default: the dialect's, 3600 s GA, 1800 s beta)")
     parser.add_argument("--slow-read-s", type=float, default=0.0,
                         help="after each client frame stop reading the socket for this long")
     parser.add_argument("--record", action="store_true",

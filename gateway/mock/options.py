@@ -70,8 +70,9 @@ class MockOptions:
     close_with_frame: bool = False
     """How `close_after_*` ends a connection: False = abruptly, no close frame (TCP reset);
     True = close frame 1011 then disconnect."""
-    session_max_s: float = 3600.0
-    """Session lifetime: then `error` session_expired and close 1001 (OpenAI GA: 60 min)."""
+    session_max_s: Optional[float] = None
+    """Session lifetime: then `error` session_expired and close 1001. None: the dialect's
+    (OpenAI GA 60 min, beta 30 min since December 2024)."""
     slow_read_s: float = 0.0
     """After each client frame, stop reading the socket for this long (peer sees backpressure)."""
 

@@ -342,6 +342,7 @@ class Response:
 
     def _close_call(self, index: int, item: Item, status: str) -> None:
         item.arguments = self._streamed_args
+        self.text_out += item.arguments  # the model wrote them: output text tokens in the usage
         self.session.send_event("response.function_call_arguments.done", response_id=self.id,
                                 item_id=item.id, output_index=index, call_id=item.call_id,
                                 name=item.name, arguments=item.arguments)

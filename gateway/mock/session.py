@@ -95,8 +95,9 @@ class MockSession(WSListener):
         self._info = info
         self.id = new_id("sess_")
         self.created_at = time.time()
-        self.config: dict[str, Any] = default_config(
-            self.model, self.id, int(self.created_at + self.options.session_max_s))
+        self.max_s = self.options.session_max_s if self.options.session_max_s is not None \
+            else (1800.0 if self.dialect == "beta" else 3600.0)
+        self.config: dict[str, Any] = default_config(self.model, self.id, int(self.created_at + self.max_s))
         self.conversation = Conversation(new_id("conv_"))
         self.received: list[dict[str, Any]] = []
         self.sent: list[dict[str, Any]] = []
@@ -202,7 +203,7 @@ class MockSession(WSListener):
         opts = self.options
         if opts.close_after_s is not None:
             self._timers.append(self._loop.call_later(opts.close_after_s, self.drop_connection))
-        self._timers.append(self._loop.call_later(opts.session_max_s, self._expire))
+        self._timers.append(self._loop.call_later(self.max_s, self._expire))
         self.send_event("session.created", session=render_session(self.config, self.dialect))
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
@@ -331,7 +332,7 @@ class MockSession(WSListener):
             self.closed = True
 
     def _expire(self) -> None:
-        minutes = self.options.session_max_s / 60.0
+        minutes = self.max_s / 60.0
         shown = int(minutes) if minutes == int(minutes) else f"{minutes:g}"
         self.send_error("session_expired", minutes=shown)
         self.close(WSCloseCode.GOING_AWAY, close_reason("session_expired"))
