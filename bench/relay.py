@@ -233,8 +233,14 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout_s: float, log: P
 
 
 def tail(log: Path, lines: int = 8) -> str:
+    """The log's last distinct lines, a repeated one once with its count: a flooded log (e.g.
+    asyncio's write-pause warning thousands of times) still says what else happened."""
     with contextlib.suppress(OSError):
-        return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:])
+        counts: dict[str, int] = {}
+        for line in log.read_text(errors="replace").strip().splitlines():
+            counts[line] = counts.pop(line, 0) + 1  # re-inserted: ordered by last occurrence
+        return " | ".join(line if count == 1 else f"{line} (×{count})"
+                          for line, count in list(counts.items())[-lines:])
     return ""
 
 
