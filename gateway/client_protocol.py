@@ -523,10 +523,12 @@ def ready_event(session_id: str, upstream_session_id: str | None, effective: dic
 
 
 def transcript_event(role: str, text: str, is_final: bool, item_id: str | None,
-                     response_id: str | None = None) -> bytes:
+                     response_id: str | None = None, interrupted: bool = False) -> bytes:
     event = {"type": "transcript", "role": role, "text": text, "is_final": is_final, "item_id": item_id}
     if response_id is not None:
         event["response_id"] = response_id
+    if interrupted:
+        event["interrupted"] = True
     return orjson.dumps(event)
 
 

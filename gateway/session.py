@@ -61,6 +61,9 @@ MAX_REOPENS = 3
 HANGUP_CHECK_S = 1.0
 _TRUNCATE_PREFIX = "gw_truncate_"
 _UPDATE_PREFIX = "gw_update_"
+_RESPONSE_EVENT_ID = "gw_response"  # a response.create the gateway decided on itself
+#: truncate errors that only mean the item went first (a race, SPEC §2.4), not a wrong position
+_TRUNCATE_RACES = frozenset({"item_truncate_invalid_item_id", "item_already_truncated"})
 _NOTHING = cp.SessionConfig()  # no fallback: a field the upstream refuses is left out
 _BINARY = WSMsgType.BINARY
 _TEXT = WSMsgType.TEXT
@@ -119,12 +122,13 @@ class _UpstreamOwner:
 
 class RelaySession:
     # thousands live at once: no per-instance dict (~1 KB each)
-    __slots__ = ("_answered_calls", "_audio_item", "_audio_started_at", "_awaiting_results",
+    __slots__ = ("_answered_calls", "_audio_item", "_audio_item_bytes_per_ms", "_audio_started_at", "_awaiting_results",
                  "_call_names", "_calls_dispatched", "_client_paused", "_client_queue",
                  "_client_queue_bytes", "_client_reading_paused", "_coalesce_s", "_connect_task",
                  "_created_timer", "_drop_reported", "_flush_timer", "_hangup_timer", "_level_timer",
                  "_overflow_reported", "_owner", "_pending_updates", "_played_ms", "_pre_ready",
-                 "_pre_ready_audio_bytes", "_pre_ready_commands", "_reopens", "_response_calls",
+                 "_pre_ready_audio_bytes", "_pre_ready_commands", "_reopens", "_response_asked",
+                 "_response_calls", "_response_wanted",
                  "_turn_end", "_update_counter",
                  "active_at", "active_response_id", "activity_seen", "audio_bytes", "client", "client_leg",
                  "close_code", "created", "dialect", "effective", "ignored", "input_format",
@@ -216,7 +220,11 @@ class RelaySession:
         # `item_generated` / `item_delivered` (the fast path counts there)
         self._audio_started_at = 0.0   # loop time of the current item's first byte
         self._played_ms: float | None = None  # client `playback` report for the current item
-        self.audio_bytes: dict[str, tuple[int, int]] = {}  # finished items: (generated, delivered)
+        # the current item's output format, as bytes per ms: a `config` changing the format
+        # applies to later responses, not to the audio of one already playing
+        self._audio_item_bytes_per_ms = self.output_bytes_per_ms
+        # items switched away from: (generated, delivered, bytes per ms)
+        self.audio_bytes: dict[str, tuple[int, int, int]] = {}
         # ordered sets (dicts of None, the last RECENT) that most sessions never fill: they start
         # as one shared empty mapping (an empty dict is 64 B, a set 216); `_added` makes them
         self.interrupted_items: Mapping[str, None] = _EMPTY
@@ -228,6 +236,10 @@ class RelaySession:
         self._response_calls: dict[str, set[str]] = {}
         self._answered_calls: Mapping[str, None] = _EMPTY
         self._awaiting_results: dict[str, set[str]] = {}
+        # the replies the gateway asks for itself (after a text turn, after the last function
+        # result): one of ours sent and not started yet / one more wanted once the active is done
+        self._response_asked = False
+        self._response_wanted = False
 
     @property
     def coalescer(self) -> Coalescer:
@@ -602,7 +614,7 @@ class RelaySession:
             "type": "message", "role": "user", "content": [{"type": "input_text", "text": command.text}]}})
         if command.respond:
             self._turn_end_at = self.loop.time()
-            self._send_upstream({"type": "response.create"})
+            self._ask_for_response()
 
     def _cmd_commit(self, command) -> None:
         self._turn_end_at = self.loop.time()
@@ -616,6 +628,9 @@ class RelaySession:
 
     def _cmd_cancel_response(self, command) -> None:
         self._send_upstream({"type": "response.cancel"})
+        # a manual barge-in: the upstream is told how much of the reply was heard, as after
+        # speech_started (reference §7.6: cancel, then truncate)
+        self._interrupt_if_playing()
 
     def _cmd_clear_audio(self, command) -> None:
         # what the coalescer holds goes up first, to be cleared there: dropping it here would
@@ -631,7 +646,20 @@ class RelaySession:
             waiting.discard(command.call_id)
             if not waiting:
                 del self._awaiting_results[response_id]
-                self._send_upstream({"type": "response.create"})  # once, after the last result
+                self._ask_for_response()  # once, after the last result
+
+    def _ask_for_response(self) -> None:
+        """A reply the gateway decides to ask for. The upstream runs one response at a time and
+        refuses another (`conversation_already_has_active_response`), and a refused request is
+        gone: while a response runs, or one of ours has not started yet, the request waits and
+        goes up when that response is done. One request answers everything that waited.
+        (A client's own `create_response` goes up at once: WaaV clients send one after `text`,
+        and a second reply to one question would be worse than the error they get.)"""
+        if self.active_response_id is not None or self._response_asked:
+            self._response_wanted = True
+            return
+        self._response_asked = True
+        self._send_upstream({"type": "response.create", "event_id": _RESPONSE_EVENT_ID})
 
     def _cmd_playback(self, command: cp.PlaybackCommand) -> None:
         self._played_ms = command.played_ms
@@ -698,8 +726,10 @@ class RelaySession:
     def _switch_audio_item(self, item_id: str) -> None:
         path = self.path
         if self._audio_item is not None:
-            _remember(self.audio_bytes, self._audio_item, (path.item_generated, path.item_delivered))
-        path.item_generated, path.item_delivered = self.audio_bytes.pop(item_id, (0, 0))
+            _remember(self.audio_bytes, self._audio_item,
+                      (path.item_generated, path.item_delivered, self._audio_item_bytes_per_ms))
+        path.item_generated, path.item_delivered, self._audio_item_bytes_per_ms = self.audio_bytes.pop(
+            item_id, (0, 0, self.output_bytes_per_ms))
         self._audio_item = item_id
         self._audio_started_at = self.loop.time()
         self._played_ms = None
@@ -772,8 +802,19 @@ class RelaySession:
             self._maybe_ready()
             return
         if event_id.startswith(_TRUNCATE_PREFIX):
-            log.info("session %s: truncate race ignored (%s)", self.session_id, code)
+            if code in _TRUNCATE_RACES:
+                log.info("session %s: truncate race ignored (%s)", self.session_id, code)
+                return
+            # not a race: the position was wrong, and the upstream keeps audio nobody heard
+            log.warning("session %s: truncate refused: %s", self.session_id, error.get("message"))
+            self.fail(UpstreamError(f"the upstream refused to truncate the interrupted reply: "
+                                    f"{error.get('message')}", upstream=_details(error), fatal=False))
             return
+        if event_id == _RESPONSE_EVENT_ID:
+            self._response_asked = False
+            if code == "conversation_already_has_active_response":
+                self._response_wanted = True  # one started first (server VAD): ask after it
+                return
         mapped = from_upstream_error(error)
         if code in BENIGN_UPSTREAM_CODES:
             mapped.fatal = False
@@ -829,7 +870,8 @@ class RelaySession:
         if item_id is None or item_id in self.interrupted_items or delivered == 0:
             return
         response_id = self.item_response.get(item_id)
-        delivered_ms = delivered / self.output_bytes_per_ms
+        bytes_per_ms = self._audio_item_bytes_per_ms
+        delivered_ms = delivered / bytes_per_ms
         active = response_id is not None and response_id == self.active_response_id
         if self._played_ms is not None:
             played_ms = self._played_ms
@@ -839,7 +881,7 @@ class RelaySession:
             played_ms = min(delivered_ms, (self.loop.time() - self._audio_started_at) * 1000.0)
         if not active and played_ms >= delivered_ms:
             return  # everything delivered has been played: nothing to interrupt
-        generated_ms = self.path.item_generated / self.output_bytes_per_ms
+        generated_ms = self.path.item_generated / bytes_per_ms
         audio_end_ms = int(min(played_ms, delivered_ms, generated_ms))
         self.interrupted_items = _added(self.interrupted_items, item_id)
         if response_id is not None:
@@ -851,9 +893,11 @@ class RelaySession:
         log.info("session %s: barge-in, response %s interrupted at %d ms", self.session_id, response_id,
                  audio_end_ms)
         self._send_client(cp.interrupted_event(response_id, audio_end_ms))
-        if audio_end_ms > 0:  # truncating at 0 ms fails upstream ("Only model output audio ...")
-            self._send_upstream({"type": "conversation.item.truncate", "event_id": f"{_TRUNCATE_PREFIX}{item_id}",
-                                 "item_id": item_id, "content_index": 0, "audio_end_ms": audio_end_ms})
+        # also at 0 ms (barge-in before playback started): the item has audio (delivered > 0),
+        # and only an item without any is refused ("Only model output audio messages can be
+        # truncated", reference §7.6); untruncated, the model believes the user heard it all
+        self._send_upstream({"type": "conversation.item.truncate", "event_id": f"{_TRUNCATE_PREFIX}{item_id}",
+                             "item_id": item_id, "content_index": 0, "audio_end_ms": audio_end_ms})
 
     def _on_user_transcript_delta(self, event: dict) -> None:
         delta = event.get("delta")
@@ -883,13 +927,17 @@ class RelaySession:
     def _on_assistant_done(self, event: dict) -> None:
         item_id = event.get("item_id")
         text = event.get("transcript", event.get("text"))
-        if item_id in self.interrupted_items or not isinstance(text, str):
+        if not isinstance(text, str):
             return
-        self._send_client(cp.transcript_event("assistant", text, True, item_id, event.get("response_id")))
+        # an interrupted item's final still comes, so captions are closed: the whole text the
+        # model generated, flagged (its later partials were not sent, and not all of it was heard)
+        self._send_client(cp.transcript_event("assistant", text, True, item_id, event.get("response_id"),
+                                              interrupted=item_id in self.interrupted_items))
 
     def _on_response_created(self, event: dict) -> None:
         response_id = (event.get("response") or {}).get("id")
         self.active_response_id = response_id
+        self._response_asked = False  # ours, or one that came first (then ours is refused)
         if response_id:
             self._send_client(cp.response_started_event(response_id))
 
@@ -911,12 +959,10 @@ class RelaySession:
             self._dispatch_call(item.get("call_id"), item.get("name"), item.get("arguments"),
                                 event.get("response_id"))
 
-    def _on_function_arguments_done(self, event: dict) -> None:
-        self._dispatch_call(event.get("call_id"), event.get("name"), event.get("arguments"),
-                            event.get("response_id"))
-
     def _dispatch_call(self, call_id, name, arguments, response_id) -> None:
-        """Tell the client about a tool call once (both `.done` and `output_item.done` announce it)."""
+        """Tell the client about a tool call once, when its item is done and `completed`: a call cut
+        off by a cancel or a barge-in (`incomplete`, its arguments unfinished JSON; its
+        `function_call_arguments.done` still comes) is not for the client to run."""
         if not isinstance(call_id, str) or call_id in self._calls_dispatched:
             return
         self._calls_dispatched = _added(self._calls_dispatched, call_id)
@@ -943,13 +989,16 @@ class RelaySession:
             self.fail(from_upstream_error((response.get("status_details") or {}).get("error") or {}))
             if self.state is CLOSED:
                 return
+        ask, self._response_wanted = self._response_wanted, False
         calls = self._response_calls.pop(response_id, None) if isinstance(response_id, str) else None
         if calls:
             waiting = calls - self._answered_calls.keys()
             if waiting:
                 _remember(self._awaiting_results, response_id, waiting)
             else:  # every result arrived before the response finished
-                self._send_upstream({"type": "response.create"})
+                ask = True
+        if ask:
+            self._ask_for_response()
 
     # ---- levels -------------------------------------------------------------------------------
 
@@ -1129,7 +1178,6 @@ _EVENT_HANDLERS: dict[str, Callable[[RelaySession, dict], None]] = {
     "response.output_text.delta": RelaySession._on_assistant_delta,
     "response.output_audio_transcript.done": RelaySession._on_assistant_done,
     "response.output_text.done": RelaySession._on_assistant_done,
-    "response.function_call_arguments.done": RelaySession._on_function_arguments_done,
     "response.output_audio.delta": RelaySession._on_audio_delta_slow,
 }
 _COMMAND_HANDLERS: dict[type, Callable[[RelaySession, Any], None]] = {

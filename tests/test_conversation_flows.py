@@ -1,0 +1,227 @@
+"""Conversation flows the gateway runs on the client's behalf (SPEC §2.2-2.4): the replies it asks
+for itself, function calls, a manual barge-in (`cancel_response`), and what an interrupted reply
+leaves behind — end to end through a real node and the mock."""
+from __future__ import annotations
+
+import orjson
+
+from gateway.mock import MockOptions
+from tests.relay_harness import BYTES_PER_MS, RelayClient, frames, relay, silence, speech_like
+from tests.support import run
+
+REALTIME = MockOptions(pacing="realtime", delta_ms=100, record=True)
+WEATHER = [{"type": "function", "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+
+
+def _finals(client: RelayClient, role: str = "assistant") -> list[dict]:
+    return [e for e in client.of_type("transcript") if e["role"] == role and e["is_final"]]
+
+
+def _no_errors(client: RelayClient) -> None:
+    assert client.of_type("error") == [], client.of_type("error")
+
+
+async def _speak(client: RelayClient, seconds: float, seed: int) -> None:
+    for frame in frames(speech_like(seconds, seed=seed) + silence(0.5), 4800):
+        await client.send_audio(frame)
+
+
+def test_a_function_result_sent_while_another_reply_runs_is_answered_after_it():
+    """The user speaks before the app has answered a tool call: the echo of that turn is the
+    active response when the result arrives. The upstream refuses a second response.create, so
+    the gateway asks once the echo is done — and the result gets its reply."""
+    async def scenario():
+        async with relay(REALTIME) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "tools": WEATHER, "vad": {"silence_duration_ms": 300}})
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "what is get_weather in Paris"})
+            asking = await client.wait("response_started")
+            call = await client.wait("function_call")
+            await client.wait("response_done", response_id=asking["response_id"])
+            await _speak(client, 1.2, seed=5)
+            echo = await client.wait("response_started", timeout=5)
+            await client.send({"type": "function_result", "call_id": call["call_id"], "output": '{"temp_c":18}'})
+            done = await client.wait("response_done", response_id=echo["response_id"], timeout=6)
+            assert done["status"] == "completed"
+            after = await client.wait("response_started", timeout=5)
+            final = await client.wait("transcript", role="assistant", is_final=True,
+                                      response_id=after["response_id"], timeout=5)
+            assert final["text"] == 'The get_weather function returned {"temp_c":18}'
+            assert (await client.wait("response_done", response_id=after["response_id"]))["status"] == "completed"
+            _no_errors(client)
+            upstream = mock.sessions[0]
+            assert [e["type"] for e in upstream.received if e["type"] != "input_audio_buffer.append"][-2:] == [
+                "conversation.item.create", "response.create"]
+    run(scenario(), timeout=40)
+
+
+def test_a_second_text_turn_during_a_reply_gets_its_own_reply():
+    async def scenario():
+        async with relay(REALTIME) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "first question"})
+            first = await client.wait("response_started")
+            await client.send({"type": "text", "text": "second question"})
+            await client.wait("response_done", response_id=first["response_id"], timeout=10)
+            second = await client.wait("response_started", timeout=5)
+            await client.wait("response_done", response_id=second["response_id"], timeout=10)
+            assert [f["text"] for f in _finals(client)] == ["You said: first question", "You said: second question"]
+            _no_errors(client)
+    run(scenario(), timeout=40)
+
+
+def test_a_reply_the_gateway_asked_for_that_loses_a_race_is_asked_for_again():
+    """A response that started first (here the client's own `response.create`, forwarded as-is,
+    standing in for server VAD) makes the upstream refuse the gateway's: the refusal is not the
+    client's error, and the gateway asks again once that response is done."""
+    async def scenario():
+        async with relay(REALTIME) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            await client.wait("ready")
+            await client.send({"type": "response.create"})   # upstream-shaped: goes up as it is
+            await client.send({"type": "text", "text": "are you there"})
+            first = await client.wait("response_started")
+            await client.wait("response_done", response_id=first["response_id"], timeout=10)
+            second = await client.wait("response_started", timeout=5)
+            final = await client.wait("transcript", role="assistant", is_final=True,
+                                      response_id=second["response_id"], timeout=10)
+            assert final["text"] == "You said: are you there"
+            _no_errors(client)
+            refused = [e for e in mock.sessions[0].sent if e["type"] == "error"]
+            assert [e["error"]["code"] for e in refused] == ["conversation_already_has_active_response"]
+    run(scenario(), timeout=40)
+
+
+def test_a_function_call_cut_off_by_cancel_is_not_sent_to_the_client():
+    properties = {f"field_{i:03d}": {"type": "string"} for i in range(400)}  # long arguments
+    tools = [{"type": "function", "name": "big_tool", "parameters": {"type": "object", "properties": properties}}]
+
+    async def scenario():
+        async with relay(MockOptions(record=True)) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none", "tools": tools})
+            await client.wait("ready")
+            upstream = mock.sessions[0]
+            await client.send({"type": "text", "text": "run big_tool"})
+            await upstream.wait_for_server_event("response.function_call_arguments.delta", timeout=5)
+            await client.send({"type": "cancel_response"})
+            assert (await client.wait("response_done", timeout=5))["status"] == "cancelled"
+            cut = [e["item"] for e in upstream.sent if e["type"] == "response.output_item.done"]
+            assert [item["status"] for item in cut] == ["incomplete"]
+            # a later turn's reply comes after anything the cancelled one could still produce
+            await client.send({"type": "text", "text": "never mind"})
+            await client.wait("response_done", status="completed", timeout=5)
+            assert client.of_type("function_call") == []
+            # and a completed call still is
+            await client.send({"type": "text", "text": "run big_tool"})
+            call = await client.wait("function_call", timeout=10)
+            assert set(orjson.loads(call["arguments"])) == set(properties)
+    run(scenario(), timeout=40)
+
+
+async def _reply_playing(client: RelayClient, mock, text: str = "tell me a rather long story about the sea please",
+                         audio_ms: int = 500) -> dict:
+    await client.send({"type": "text", "text": text})
+    response = await client.wait("response_started")
+    await client.wait_audio(audio_ms * BYTES_PER_MS, timeout=5)
+    return response
+
+
+def test_cancel_response_while_a_reply_plays_interrupts_it_and_truncates_upstream():
+    async def scenario():
+        async with relay(REALTIME) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            await client.wait("ready")
+            response = await _reply_playing(client, mock)
+            await client.send({"type": "playback", "played_ms": 300})
+            await client.send({"type": "cancel_response"})
+            interrupted = await client.wait("interrupted", timeout=5)
+            assert interrupted == {"type": "interrupted", "response_id": response["response_id"], "played_ms": 300,
+                                   "_audio_before": interrupted["_audio_before"]}
+            upstream = mock.sessions[0]
+            truncate = await upstream.wait_for_client_event("conversation.item.truncate", timeout=5)
+            assert truncate["audio_end_ms"] == 300 and truncate["content_index"] == 0
+            assert (await upstream.wait_for_server_event("conversation.item.truncated", timeout=5))["audio_end_ms"] == 300
+            order = [e["type"] for e in upstream.received if e["type"] in ("response.cancel", "conversation.item.truncate")]
+            assert order == ["response.cancel", "conversation.item.truncate"]
+            done = await client.wait("response_done", response_id=response["response_id"], timeout=5)
+            assert done["status"] == "cancelled" and done["_audio_before"] == interrupted["_audio_before"]
+            _no_errors(client)
+    run(scenario(), timeout=30)
+
+
+def test_a_barge_in_before_playback_started_truncates_at_zero():
+    """`played_ms: 0` (the client's jitter buffer was still filling): the reply's audio exists
+    upstream, so it is truncated to nothing — the model must not believe it was heard."""
+    async def scenario():
+        async with relay(REALTIME) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "vad": {"silence_duration_ms": 300}})
+            await client.wait("ready")
+            response = await _reply_playing(client, mock)
+            await client.send({"type": "playback", "played_ms": 0})
+            await _speak(client, 0.5, seed=8)
+            assert (await client.wait("interrupted", timeout=5))["played_ms"] == 0
+            upstream = mock.sessions[0]
+            truncate = await upstream.wait_for_client_event("conversation.item.truncate", timeout=5)
+            assert truncate["audio_end_ms"] == 0
+            assert (await upstream.wait_for_server_event("conversation.item.truncated", timeout=5))["audio_end_ms"] == 0
+            await client.wait("response_done", response_id=response["response_id"], timeout=5)
+            item = upstream.conversation.items()[1]  # the user's text, then the reply
+            assert item.id == truncate["item_id"] and item.role == "assistant" and len(item.audio) == 0
+            _no_errors(client)
+    run(scenario(), timeout=30)
+
+
+def test_an_interrupted_reply_still_gets_its_final_transcript_flagged_interrupted():
+    async def scenario():
+        async with relay(REALTIME) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "vad": {"silence_duration_ms": 300}})
+            await client.wait("ready")
+            response = await _reply_playing(client, mock, audio_ms=1500)
+            await _speak(client, 0.5, seed=8)
+            interrupted = await client.wait("interrupted", timeout=5)
+            final = await client.wait("transcript", role="assistant", is_final=True,
+                                      response_id=response["response_id"], timeout=5)
+            sent = [e["transcript"] for e in mock.sessions[0].sent
+                    if e["type"] == "response.output_audio_transcript.done" and e["item_id"] == final["item_id"]]
+            assert final["interrupted"] is True and [final["text"]] == sent
+            partials = [e["text"] for e in client.of_type("transcript")
+                        if e.get("response_id") == response["response_id"] and not e["is_final"]]
+            assert final["text"].startswith("".join(partials))   # the partials were its beginning
+            assert final["_audio_before"] == interrupted["_audio_before"]   # no audio after `interrupted`
+            # finals of replies that were not interrupted carry no flag
+            await client.wait("response_done", response_id=response["response_id"], timeout=5)
+            echo = await client.wait("response_done", timeout=10)
+            assert "interrupted" not in next(f for f in _finals(client) if f["response_id"] == echo["response_id"])
+    run(scenario(), timeout=40)
+
+
+def test_an_output_format_change_mid_reply_keeps_the_barge_in_position_in_the_reply_format():
+    """The reply already playing stays PCM16 (the new format applies to later responses): its
+    played position is counted in PCM16 bytes, so the truncate is right and succeeds."""
+    async def scenario():
+        async with relay(REALTIME) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "vad": {"silence_duration_ms": 300}})
+            await client.wait("ready")
+            await _speak(client, 1.5, seed=11)
+            await client.wait("response_started", timeout=5)
+            await client.wait_audio(500 * BYTES_PER_MS, timeout=5)
+            await client.send({"type": "config", "output_audio_format": "g711_ulaw"})
+            await _speak(client, 0.6, seed=12)
+            interrupted = await client.wait("interrupted", timeout=5)
+            received_ms = interrupted["_audio_before"] // BYTES_PER_MS
+            assert 500 <= received_ms < 1500 and interrupted["played_ms"] == received_ms
+            upstream = mock.sessions[0]
+            assert (await upstream.wait_for_server_event("conversation.item.truncated", timeout=5))["audio_end_ms"] \
+                == received_ms
+            _no_errors(client)
+    run(scenario(), timeout=40)
