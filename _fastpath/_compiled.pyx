@@ -983,7 +983,12 @@ cdef class DirectReader:
     cdef object _timer
     cdef readonly long long frames  # relayed by the legs from this reader's reads, ever
 
+    def __cinit__(self):
+        self._epfd = -1  # not 0 (Cython zero-fills): __dealloc__ must never close a descriptor it does not own
+
     def __init__(self, loop, double batch_interval_s=0.0):
+        if self._epfd >= 0 or self._buf != NULL:
+            raise RuntimeError("DirectReader is already initialised")
         self._epfd = epoll_create1(EPOLL_CLOEXEC)
         if self._epfd < 0:
             raise OSError(errno, "epoll_create1 failed")
@@ -1112,6 +1117,8 @@ cdef inline Py_ssize_t _whole_frame(const uint8_t* head, Py_ssize_t available, u
         if available < 4:
             return 0
         size = (<Py_ssize_t>head[2] << 8) | head[3]
+        if size < 126:  # not the shortest form (RFC 6455 §5.2): picows fails it, so must we
+            return 0
         header = 4
     elif size == 127:
         # nothing the legs relay needs more than 31 bits of length
@@ -1119,6 +1126,8 @@ cdef inline Py_ssize_t _whole_frame(const uint8_t* head, Py_ssize_t available, u
             return 0
         size = ((<Py_ssize_t>head[6] << 24) | (<Py_ssize_t>head[7] << 16)
                 | (<Py_ssize_t>head[8] << 8) | head[9])
+        if size < 65536:
+            return 0
         header = 10
     if masked:
         header += 4
@@ -1141,6 +1150,7 @@ cdef class DirectLeg(WSListener):
     cdef public bint reads_held
     cdef readonly long long direct_frames
     cdef int _fd
+    cdef bint _handing_back  # picows is being fed the unread rest: it may end in a partial frame
     cdef WSTransport _transport
     cdef DirectReader _reader
 
@@ -1175,7 +1185,9 @@ cdef class DirectLeg(WSListener):
 
     cdef inline int _maybe_attach(self, DirectReader reader, WSTransport transport, WSFrame frame) except -1:
         cdef int fd
-        if reader is None or self._fd >= 0 or frame.tail_size != 0 or self.reads_held \
+        # while a hand-back feeds picows piece by piece, a frame that ends a piece leaves
+        # tail_size 0 although a later piece may start a frame picows must finish itself
+        if reader is None or self._fd >= 0 or frame.tail_size != 0 or self.reads_held or self._handing_back \
                 or transport.is_secure or transport.is_disconnected or transport.is_close_frame_sent:
             return 0
         fd = transport._socket
@@ -1244,17 +1256,21 @@ cdef class DirectLeg(WSListener):
         if size == 0 or transport is None or transport.is_disconnected:
             return 0
         protocol = transport.underlying_transport.get_protocol()
-        while size > 0:
-            PyObject_GetBuffer(protocol.get_buffer(-1), &view, PyBUF_SIMPLE)
-            take = min(size, view.len)
-            if take <= 0:  # picows keeps free room after every update; never spin if it did not
+        self._handing_back = True
+        try:
+            while size > 0:
+                PyObject_GetBuffer(protocol.get_buffer(-1), &view, PyBUF_SIMPLE)
+                take = min(size, view.len)
+                if take <= 0:  # picows keeps free room after every update; never spin if it did not
+                    PyBuffer_Release(&view)
+                    raise RuntimeError("picows offered no read buffer")
+                memcpy(view.buf, data, take)
                 PyBuffer_Release(&view)
-                raise RuntimeError("picows offered no read buffer")
-            memcpy(view.buf, data, take)
-            PyBuffer_Release(&view)
-            protocol.buffer_updated(take)
-            data += take
-            size -= take
+                protocol.buffer_updated(take)
+                data += take
+                size -= take
+        finally:
+            self._handing_back = False
         return 0
 
 

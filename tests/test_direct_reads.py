@@ -313,6 +313,69 @@ def test_a_session_read_directly_ends_like_any_other(ending):
     assert left == 0
 
 
+def test_a_hand_back_ending_in_a_partial_frame_leaves_the_socket_with_picows():
+    """A ping hands the socket back with the rest of one read: 4,000 small audio frames and the
+    start of a frame F. picows takes that rest in pieces no bigger than its free buffer (4 KiB
+    at first), and a small frame ends every piece exactly: the socket must not move back to the
+    reader before picows has F whole, or the reader would parse F's payload — here crafted to
+    read as a complete frame from byte 50 on — as a frame of its own."""
+    lead, tail = speech_like(0.02, seed=1), speech_like(0.02, seed=2)
+    small = [bytes([i & 0xFF, i >> 8 & 0xFF]) for i in range(4000)]
+    key = b"\x11\x22\x33\x44"
+    on_the_wire = bytes((i * 13 + 7) & 0xFF for i in range(50)) + b"\x82\x84\x00\x00\x00\x00PHAN" + bytes(140)
+    f_payload = bytes(b ^ key[i & 3] for i, b in enumerate(on_the_wire))
+    f_frame = masked_frame(0x82, f_payload, key=key)
+    first_write = (masked_frame(0x89, b"pi") + b"".join(masked_frame(0x82, pcm) for pcm in small)
+                   + f_frame[:8 + 50])
+    assert len(first_write) < 65536  # one recv of the reader
+
+    async def scenario():
+        async with relay(read_batch_ms=0) as (gateway, _mock):
+            client = await ready_client(gateway.url)
+            gateway_fd = _gateway_fd(gateway)
+            await write_read(client, gateway_fd, masked_frame(0x82, lead))
+            await write_read(client, gateway_fd, first_write)
+            held_by_picows = not _legs(gateway)[0].reading_directly
+            await write_read(client, gateway_fd, f_frame[8 + 50:])
+            await write_read(client, gateway_fd, masked_frame(0x82, tail))
+            client.send_json({"type": "commit"})
+            client.send_json({"type": "create_response"})
+            done = await client.wait("response_done", timeout=10)
+            await client.close()
+            return held_by_picows, done, client.audio, client.errors()
+
+    held_by_picows, done, echoed, errors = run(scenario(), timeout=30)
+    assert errors == [] and done["status"] == "completed"
+    assert echoed == lead + b"".join(small) + f_payload + tail
+    assert held_by_picows
+
+
+@pytest.mark.parametrize("form", [16, 64])
+def test_a_length_in_a_longer_form_than_needed_fails_the_connection_as_through_picows(form):
+    """RFC 6455 §5.2: the shortest length encoding only. picows fails the connection (1002) on
+    a 16-byte payload written with the 16- or 64-bit length form; the reader must decline it
+    (and hand it to picows) rather than relay it."""
+    payload = bytes(range(2, 18))
+    key = b"\x9a\x3c\x51\xe7"
+    length = struct.pack("!H", len(payload)) if form == 16 else struct.pack("!Q", len(payload))
+    frame = bytes([0x82, 0x80 | (126 if form == 16 else 127)]) + length + key + bytes(
+        b ^ key[i & 3] for i, b in enumerate(payload))
+
+    async def scenario():
+        async with relay(read_batch_ms=0) as (gateway, _mock):
+            client = await ready_client(gateway.url)
+            gateway_fd = _gateway_fd(gateway)
+            await write_read(client, gateway_fd, masked_frame(0x82, speech_like(0.02, seed=1)))
+            (session,) = gateway.sessions
+            before = session.path.c2u_audio_bytes
+            await write_read(client, gateway_fd, frame)
+            await client.wait_closed()
+            return session.path.c2u_audio_bytes - before, client.close_code
+
+    relayed, close_code = run(scenario(), timeout=20)
+    assert (relayed, close_code) == (0, 1002)
+
+
 def test_backpressure_takes_the_socket_back_and_stops_reading():
     """While the upstream does not take our writes the session holds the client's reads: the
     socket is the transport's again, paused, and stays so; resumed, the audio flows again."""

@@ -112,6 +112,37 @@ def test_normal_install_loads_the_compiled_fast_path():
     assert _fastpath.LevelMeter is compiled.LevelMeter
 
 
+def test_a_direct_reader_closes_only_the_epoll_descriptor_it_made():
+    """A DirectReader whose __init__ never ran (or failed before its epoll set) owns no
+    descriptor: releasing it must not close fd 0 (a zero-filled field), which in a server may
+    be a live socket; and it cannot be initialised twice (the first set would leak)."""
+    try:
+        os.fstat(0)
+        placeholder = None
+    except OSError:  # stdin closed under this runner: the next descriptor opened is 0
+        placeholder = os.open(os.devnull, os.O_RDONLY)
+        assert placeholder == 0
+    try:
+        unused = compiled.DirectReader.__new__(compiled.DirectReader)
+        del unused
+        with pytest.raises(TypeError):
+            compiled.DirectReader("not a loop", "not a number")
+        os.fstat(0)  # still open
+        import asyncio
+        loop = asyncio.new_event_loop()
+        try:
+            reader = compiled.DirectReader(loop)
+            with pytest.raises(RuntimeError, match="already initialised"):
+                reader.__init__(loop)
+            reader.close()
+        finally:
+            loop.close()
+        os.fstat(0)
+    finally:
+        if placeholder is not None:
+            os.close(placeholder)
+
+
 def test_no_extensions_switch_selects_the_pure_twin():
     env = dict(os.environ, GATEWAY_NO_EXTENSIONS="1")
     code = "import _fastpath; print(_fastpath.IMPLEMENTATION, _fastpath.encode_append.__module__)"
