@@ -194,7 +194,8 @@ def decode_transcript_delta(payload) -> tuple[str, bytes | None] | None:
         event = orjson.loads(payload)
     except orjson.JSONDecodeError:
         return None
-    if type(event) is not dict or event.get("type") not in _TRANSCRIPT_DELTA_TYPES:
+    event_type = event.get("type") if type(event) is dict else None
+    if type(event_type) is not str or event_type not in _TRANSCRIPT_DELTA_TYPES:
         return None
     item_id, delta, response_id = event.get("item_id"), event.get("delta"), event.get("response_id", "")
     if type(item_id) is not str or type(delta) is not str or type(response_id) is not str:

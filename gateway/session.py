@@ -680,17 +680,19 @@ class RelaySession:
         is only valid during this call. What it produces for the client is batched until
         `flush_client_batch` (the end of the read)."""
         self.path.batching = True
-        self.stats.u2c_json_frames += 1
-        self.stats.u2c_json_bytes += len(payload)
         try:
             event = orjson.loads(payload)
         except orjson.JSONDecodeError:
+            event = None
             log.warning("session %s: upstream sent a frame that is not JSON", self.session_id)
-            return
-        if type(event) is not dict:
-            return
-        self.dialect.normalize(event)
-        handler = _EVENT_HANDLERS.get(event.get("type"))
+        handler = None
+        # an event whose type is not a string (an array, an object) is no event we know
+        if type(event) is dict and type(event.get("type")) is str:
+            self.dialect.normalize(event)
+            handler = _EVENT_HANDLERS.get(event["type"])
+        if handler is not RelaySession._on_audio_delta_slow:  # that one counts as audio
+            self.stats.u2c_json_frames += 1
+            self.stats.u2c_json_bytes += len(payload)
         if handler is not None:
             handler(self, event)
 

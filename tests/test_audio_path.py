@@ -203,6 +203,9 @@ def test_unusual_transcript_text_is_exact_or_left_to_the_parser(fp, text):
     b'{"type":"response.output_audio_transcript.delta","item_id":"item_1","delta":"Hi","response_id":null}',
     b'{"type":"response.output_audio_transcript.delta","item_id":"item_1","delta":"Hi"',
     b'{"type":"response.output_audio_transcript.delta","delta":"Hi"}',
+    b'{"type":["response.output_audio_transcript.delta"],"item_id":"item_1","delta":"Hi"}',
+    b'{"type":{"a":1},"item_id":"item_1","delta":"Hi"}',
+    b'["response.output_audio_transcript.delta"]',
 ])
 def test_transcript_decoder_leaves_everything_else_alone(fp, frame):
     assert fp.decode_transcript_delta(frame) is None

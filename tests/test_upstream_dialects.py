@@ -130,3 +130,50 @@ def test_an_upstream_error_param_names_the_config_field_it_refuses():
     for dialect in (ga, beta):
         assert dialect.config_field("session") is None and dialect.config_field(None) is None
         assert dialect.config_field("session.voiceover") is None   # a prefix of a name is not a match
+
+
+def test_odd_upstream_events_are_ignored_and_an_audio_delta_counts_once():
+    """Through a live session: an event whose `type` is not a string (an array, an object) or
+    whose format object's type is not one is ignored in both dialects, not an exception in the
+    upstream listener; an audio delta the compiled decoder declines (an escaped `\\/` in its
+    base64: valid JSON) reaches the client and counts as one audio frame, not also as a JSON
+    frame — the same figures as the pure twin, whose decoder takes it."""
+    import base64
+
+    import _fastpath
+    from gateway.mock import MockOptions
+    from tests.relay_harness import RelayClient, relay
+    from tests.support import run
+
+    assert GaDialect().effective({"audio": {"output": {"format": {"type": ["audio/pcm"]}}}})["output_audio_format"] \
+        is None
+    declined = b'{"type":"response.output_audio.delta","item_id":"item_X","delta":"AQ\\/D","response_id":"r"}'
+
+    async def scenario(dialect: str):
+        async with relay(MockOptions(beta="serve"), upstream_dialect=dialect) as (gateway, _mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            (session,) = gateway.sessions
+            stats = session.stats
+            for odd in (b'{"type":["response.output_audio_transcript.delta"],"item_id":"i","delta":"x"}',
+                        b'{"type":{"a":1}}', b'["session.created"]', b'not json'):
+                session.on_upstream_event(odd)
+            session.flush_client_batch()
+            json_frames = stats.u2c_json_frames
+            before = (stats.u2c_audio_frames, stats.u2c_audio_bytes)
+            decoded = _fastpath.decode_audio_delta(declined)
+            if decoded is None:
+                session.on_upstream_event(declined)  # what the upstream leg does with "not handled"
+            else:
+                session.on_upstream_audio(*decoded)
+            session.flush_client_batch()
+            await client.wait_audio(3)
+            after = (stats.u2c_audio_frames, stats.u2c_audio_bytes)
+            return json_frames, stats.u2c_json_frames, before, after, bytes(client.audio), client.of_type("error")
+
+    for dialect in ("ga", "beta"):
+        json_frames, json_after, before, after, audio, errors = run(scenario(dialect), timeout=20)
+        assert json_frames >= 4 and json_after == json_frames  # the declined delta is not JSON traffic
+        assert (after[0] - before[0], after[1] - before[1]) == (1, 3)
+        assert audio == base64.b64decode("AQ/D")
+        assert errors == []

@@ -13,9 +13,8 @@ _FORMAT_NAMES = {"audio/pcm": "pcm16", "audio/pcmu": "g711_ulaw", "audio/pcma": 
 
 
 def _format_name(value: Any) -> str | None:
-    if isinstance(value, dict):
-        return _FORMAT_NAMES.get(value.get("type"))
-    return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    return _FORMAT_NAMES.get(kind) if isinstance(kind, str) else None
 
 
 class GaDialect(UpstreamDialect):
