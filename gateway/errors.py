@@ -52,12 +52,14 @@ ERROR_TABLE: dict[str, ErrorKind] = {
     "SlowClient": ErrorKind(True, CLOSE_SLOW_CLIENT, "client not reading"),
 }
 
-# Credentials: OpenAI keys (sk-..., sk-proj-...), ephemeral keys (ek_...), bearer tokens and
-# api-key header values that might be echoed inside an upstream or library message.
+# Credentials: OpenAI keys (sk-..., sk-proj-...), ephemeral keys (ek_...), also masked the way
+# OpenAI echoes a wrong key (`sk-****...9876`: its last four characters are still the
+# operator's), whatever follows "API key provided:", bearer tokens and api-key header values
+# that might be echoed inside an upstream or library message.
 _SECRET_PATTERNS = (
-    re.compile(r"\b(sk|ek|rk)[-_][A-Za-z0-9_\-]{6,}"),
+    re.compile(r"\b(sk|ek|rk)[-_][A-Za-z0-9_*\-]{6,}"),
     re.compile(r"(?i)(bearer\s+)[^\s\"',]+"),
-    re.compile(r"(?i)(api[-_]key[\"']?\s*[:=]\s*[\"']?)[^\s\"',]+"),
+    re.compile(r"(?i)(api[-_ ]key[\"']?\s*(?:provided)?\s*[:=]\s*[\"']?)[^\s\"',]+"),
 )
 
 

@@ -280,6 +280,13 @@ def test_secrets_are_scrubbed_from_messages():
     assert scrub("api-key: abc123def") == "api-key: [redacted]"
     upstream = from_upstream_error({"code": "invalid_api_key", "message": "key sk-test1234567890 is wrong"})
     assert "sk-test" not in orjson.dumps(upstream.to_event()).decode()
+    # OpenAI's own wording masks the key but keeps its last four characters: those go too
+    openai = from_upstream_error({"code": "invalid_api_key", "message": (
+        "Incorrect API key provided: sk-****************9876. You can find your API key at "
+        "https://platform.openai.com/account/api-keys.")})
+    assert openai.message == ("Incorrect API key provided: [redacted] You can find your API key at "
+                              "https://platform.openai.com/account/api-keys.")
+    assert scrub("Incorrect API key provided: abcd****wxyz.") == "Incorrect API key provided: [redacted]"
 
 
 def test_error_messages_quoting_client_values_are_clipped():

@@ -30,14 +30,20 @@ async def _expect_fatal(client: RelayClient, code: str, close_code: int) -> dict
 
 
 @pytest.mark.parametrize("mode", ["ws_error", "http_401"])
-def test_bad_upstream_key_is_authentication_failed(mode):
+def test_bad_upstream_key_is_authentication_failed(mode, caplog):
+    """Not even a fragment of the key leaves: OpenAI's message quotes it masked, last four
+    characters kept (`sk-****…9876`), and those are the operator's too."""
     async def scenario():
-        async with relay(MockOptions(bad_key=mode), api_key="test-key-wrong") as (gateway, mock):
+        async with relay(MockOptions(bad_key=mode), api_key="sk-test-key-wrong-9876") as (gateway, mock):
             client = await RelayClient.connect(gateway.url)
             error = await _expect_fatal(client, "AuthenticationFailed", CLOSE_UPSTREAM_AUTH_FAILED)
-            assert "test-key-wrong" not in str(error)
             await gateway.wait_empty(3)
-    run(scenario(), timeout=20)
+            return error
+
+    caplog.set_level("DEBUG")
+    error = run(scenario(), timeout=20)
+    assert "9876" not in str(error) and "sk-" not in str(error), error
+    assert "9876" not in caplog.text
 
 
 def test_upstream_down_is_connection_failed_within_the_connect_timeout():
