@@ -126,7 +126,8 @@ class RelaySession:
                  "_call_names", "_calls_dispatched", "_client_paused", "_client_queue",
                  "_client_queue_bytes", "_client_reading_paused", "_coalesce_s", "_connect_task",
                  "_created_timer", "_drop_reported", "_flush_timer", "_hangup_timer", "_level_timer",
-                 "_overflow_reported", "_owner", "_pending_updates", "_played_ms", "_pre_ready",
+                 "_overflow_reported", "_owner", "_pending_updates", "_played_ms", "_playing_items",
+                 "_playing_response", "_pre_ready",
                  "_pre_ready_audio_bytes", "_pre_ready_commands", "_reopens", "_response_asked",
                  "_response_calls", "_response_wanted",
                  "_turn_end", "_update_counter",
@@ -218,8 +219,14 @@ class RelaySession:
         self._audio_item: str | None = None
         # bytes received from upstream / sent to the client for the current item: the path's
         # `item_generated` / `item_delivered` (the fast path counts there)
-        self._audio_started_at = 0.0   # loop time of the current item's first byte
-        self._played_ms: float | None = None  # client `playback` report for the current item
+        # the reply the client is playing: its items in the order their audio came (a reply
+        # may have several), when the client is estimated to have started it (its first byte,
+        # or the end of the reply before it if that was still playing), and the client's
+        # `playback` report of the position in it
+        self._playing_response: str | None = None
+        self._playing_items: tuple[str, ...] = ()
+        self._audio_started_at = 0.0
+        self._played_ms: float | None = None
         # the current item's output format, as bytes per ms: a `config` changing the format
         # applies to later responses, not to the audio of one already playing
         self._audio_item_bytes_per_ms = self.output_bytes_per_ms
@@ -727,15 +734,41 @@ class RelaySession:
 
     def _switch_audio_item(self, item_id: str) -> None:
         path = self.path
+        if item_id not in self._playing_items:
+            response_id = self.item_response.get(item_id)
+            if response_id is not None and response_id == self._playing_response:
+                self._playing_items += (item_id,)  # the reply goes on in another item
+            else:  # a new reply: its audio plays after what is still queued of the previous one
+                now = self.loop.time()
+                queued_until = now
+                if self._playing_items and self._playing_items[0] not in self.interrupted_items:
+                    delivered_ms = sum(delivered for _item, delivered, _generated in self._reply_segments())
+                    queued_until = self._audio_started_at + delivered_ms / 1000.0
+                self._playing_response = response_id
+                self._playing_items = (item_id,)
+                self._audio_started_at = max(now, queued_until)
+                self._played_ms = None  # a `playback` report is about the reply being played
         if self._audio_item is not None:
             _remember(self.audio_bytes, self._audio_item,
                       (path.item_generated, path.item_delivered, self._audio_item_bytes_per_ms))
         path.item_generated, path.item_delivered, self._audio_item_bytes_per_ms = self.audio_bytes.pop(
             item_id, (0, 0, self.output_bytes_per_ms))
         self._audio_item = item_id
-        self._audio_started_at = self.loop.time()
-        self._played_ms = None
         self._sync_path()
+
+    def _reply_segments(self) -> list[tuple[str, float, float]]:
+        """The playing reply's audio, item by item in the order the client got it:
+        (item, ms delivered to the client, ms generated upstream), each in its own format."""
+        path = self.path
+        segments = []
+        for item in self._playing_items:
+            if item == self._audio_item:
+                generated, delivered, bytes_per_ms = (path.item_generated, path.item_delivered,
+                                                      self._audio_item_bytes_per_ms)
+            else:
+                generated, delivered, bytes_per_ms = self.audio_bytes.get(item, (0, 0, self.output_bytes_per_ms))
+            segments.append((item, delivered / bytes_per_ms, generated / bytes_per_ms))
+        return segments
 
     def _on_audio_delta_slow(self, event: dict) -> None:
         """An audio delta the fast path declined (unusual encoding): same semantics, slower."""
@@ -867,25 +900,30 @@ class RelaySession:
         self._send_client(cp.speech_event("speech_stopped", _int(event.get("audio_end_ms")), event.get("item_id")))
 
     def _interrupt_if_playing(self) -> None:
+        """Barge-in over the playing reply: the played position in the reply (the client's
+        `playback` report, else all it got while the reply is still generated, else real time
+        since it started) falls in one of its items; that item is truncated there and every
+        later one (its audio exists upstream, unheard) at 0."""
         item_id = self._audio_item
-        delivered = self.path.item_delivered
-        if item_id is None or item_id in self.interrupted_items or delivered == 0:
+        if item_id is None or item_id in self.interrupted_items:
             return
-        response_id = self.item_response.get(item_id)
-        bytes_per_ms = self._audio_item_bytes_per_ms
-        delivered_ms = delivered / bytes_per_ms
+        segments = self._reply_segments()
+        delivered_ms = sum(delivered for _item, delivered, _generated in segments)
+        if delivered_ms == 0:
+            return
+        response_id = self._playing_response
         active = response_id is not None and response_id == self.active_response_id
         if self._played_ms is not None:
             played_ms = self._played_ms
         elif active:
             played_ms = delivered_ms
-        else:  # generation finished; the client plays in real time from the first byte at most
-            played_ms = min(delivered_ms, (self.loop.time() - self._audio_started_at) * 1000.0)
+        else:  # generation finished; the client plays in real time from the start at most
+            played_ms = min(delivered_ms, max(0.0, self.loop.time() - self._audio_started_at) * 1000.0)
         if not active and played_ms >= delivered_ms:
             return  # everything delivered has been played: nothing to interrupt
-        generated_ms = self.path.item_generated / bytes_per_ms
-        audio_end_ms = int(min(played_ms, delivered_ms, generated_ms))
-        self.interrupted_items = _added(self.interrupted_items, item_id)
+        played_ms = min(played_ms, delivered_ms)
+        for item, _delivered, _generated in segments:
+            self.interrupted_items = _added(self.interrupted_items, item)
         if response_id is not None:
             self.interrupted_responses = _added(self.interrupted_responses, response_id)
             for other, owner in self.item_response.items():
@@ -893,13 +931,22 @@ class RelaySession:
                     self.interrupted_items = _added(self.interrupted_items, other)
         self._sync_path()
         log.info("session %s: barge-in, response %s interrupted at %d ms", self.session_id, response_id,
-                 audio_end_ms)
-        self._send_client(cp.interrupted_event(response_id, audio_end_ms))
-        # also at 0 ms (barge-in before playback started): the item has audio (delivered > 0),
-        # and only an item without any is refused ("Only model output audio messages can be
-        # truncated", reference §7.6); untruncated, the model believes the user heard it all
-        self._send_upstream({"type": "conversation.item.truncate", "event_id": f"{_TRUNCATE_PREFIX}{item_id}",
-                             "item_id": item_id, "content_index": 0, "audio_end_ms": audio_end_ms})
+                 int(played_ms))
+        self._send_client(cp.interrupted_event(response_id, int(played_ms)))
+        position = played_ms
+        for index, (item, delivered, generated) in enumerate(segments):
+            if position >= delivered and index < len(segments) - 1:
+                position -= delivered  # heard in full
+                continue
+            # also at 0 ms (barge-in before playback started, or a later item): an item with
+            # audio accepts it, only one without any is refused ("Only model output audio
+            # messages can be truncated", reference §7.6); untruncated, the model believes the
+            # user heard it all
+            if generated > 0:
+                self._send_upstream({"type": "conversation.item.truncate", "event_id": f"{_TRUNCATE_PREFIX}{item}",
+                                     "item_id": item, "content_index": 0,
+                                     "audio_end_ms": int(min(position, delivered, generated))})
+            position = 0.0
 
     def _on_user_transcript_delta(self, event: dict) -> None:
         delta = event.get("delta")

@@ -225,3 +225,27 @@ def test_an_output_format_change_mid_reply_keeps_the_barge_in_position_in_the_re
                 == received_ms
             _no_errors(client)
     run(scenario(), timeout=40)
+
+
+def test_a_reply_said_in_several_items_reaches_the_client_whole_and_in_order():
+    """The mock's `reply_item_ms` splits a reply the way the real server splits long ones: the
+    echo arrives bit-exact across the items, each item's transcript final in turn."""
+    turn = speech_like(0.5, seed=21)
+
+    async def scenario():
+        async with relay(MockOptions(reply_item_ms=200)) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            await client.wait("ready")
+            await client.push_to_talk(turn)
+            response = await client.wait("response_started")
+            await client.wait("response_done", response_id=response["response_id"], timeout=5)
+            added = [e["item"]["id"] for e in mock.sessions[0].sent if e["type"] == "response.output_item.added"]
+            return client, added
+
+    client, added = run(scenario(), timeout=20)
+    assert bytes(client.audio) == turn
+    finals = _finals(client)
+    assert [f["item_id"] for f in finals] == added and len(added) == 3   # 200 + 200 + 100 ms
+    assert "".join(f["text"] for f in finals) == "echo of 500 ms"
+    _no_errors(client)

@@ -71,3 +71,70 @@ def test_cancel_race_is_reported_but_never_fatal():
             await client.send({"type": "text", "text": "still here?"})
             assert (await client.wait("response_done"))["status"] == "completed"
     run(scenario(), timeout=20)
+
+
+def _reply_items(mock, response_id: str) -> list:
+    """The reply's assistant items in the mock's conversation, in order."""
+    upstream = mock.sessions[0]
+    ids = [e["item"]["id"] for e in upstream.sent
+           if e["type"] == "response.output_item.added" and e["response_id"] == response_id]
+    items = {item.id: item for item in upstream.conversation.items()}
+    return [items[item_id] for item_id in ids]
+
+
+def test_barge_in_over_a_reply_in_several_items_cuts_the_item_being_played():
+    """The real server splits long replies into several message items (reference §7.3). The
+    played position counts from the reply's start across its items: the item it falls in is
+    truncated there, earlier ones are kept whole — what the user heard is what the model keeps."""
+    async def scenario():
+        async with relay(MockOptions(pacing="realtime", delta_ms=100, reply_item_ms=500)) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "vad": {"silence_duration_ms": 300}})
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "tell me a story"})  # 1.5 s: three items
+            response = await client.wait("response_started")
+            await client.wait_audio(700 * BYTES_PER_MS, timeout=5)       # into the second item
+            for frame in frames(speech_like(0.4, seed=12), 4800):
+                await client.send_audio(frame)
+            interrupted = await client.wait("interrupted", timeout=5)
+            await client.wait("response_done", response_id=response["response_id"], timeout=5)
+            upstream = mock.sessions[0]
+            await upstream.wait_for_server_event("conversation.item.truncated", timeout=5)
+            return interrupted, _reply_items(mock, response["response_id"]), upstream.received
+
+    interrupted, items, received = run(scenario(), timeout=30)
+    heard_ms = interrupted["_audio_before"] // BYTES_PER_MS
+    assert 700 <= heard_ms < 1500 and interrupted["played_ms"] == heard_ms
+    kept = [len(item.audio) // BYTES_PER_MS for item in items]
+    assert kept[0] == 500 and sum(kept) == heard_ms, kept
+    truncates = [(e["item_id"], e["audio_end_ms"]) for e in received if e["type"] == "conversation.item.truncate"]
+    cut = heard_ms // 500 if heard_ms % 500 else heard_ms // 500 - 1   # the item the position falls in
+    assert truncates == [(items[cut].id, heard_ms - 500 * cut)]
+
+
+def test_barge_in_after_a_reply_in_several_items_truncates_from_the_played_position_on():
+    """A reply generated faster than it plays, the client reports 650 ms played: the first item
+    stays, the second is cut at 150 ms, the third (all of it unheard) at 0."""
+    async def scenario():
+        async with relay(MockOptions(reply_item_ms=500)) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "vad": {"silence_duration_ms": 300}})
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "tell me a story"})
+            response = await client.wait("response_started")
+            await client.wait("response_done", response_id=response["response_id"], timeout=5)
+            await client.send({"type": "playback", "played_ms": 650})
+            for frame in frames(speech_like(0.4, seed=12), 4800):
+                await client.send_audio(frame)
+            interrupted = await client.wait("interrupted", timeout=5)
+            upstream = mock.sessions[0]
+            for _ in range(2):
+                await upstream.wait_for_server_event("conversation.item.truncated", timeout=5)
+            return interrupted, _reply_items(mock, response["response_id"]), upstream.received, client
+
+    interrupted, items, received, client = run(scenario(), timeout=30)
+    assert interrupted["played_ms"] == 650
+    assert [len(item.audio) // BYTES_PER_MS for item in items] == [500, 150, 0]
+    truncates = [(e["item_id"], e["audio_end_ms"]) for e in received if e["type"] == "conversation.item.truncate"]
+    assert truncates == [(items[1].id, 150), (items[2].id, 0)]
+    assert not any(e["type"] == "error" for e in client.events)

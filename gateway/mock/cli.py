@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the real server's may land after the response)")
     parser.add_argument("--text-tone-hz", type=float, default=440.0,
                         help="frequency of the tone spoken in reply to a text turn")
+    parser.add_argument("--reply-item-ms", type=int, default=0,
+                        help="split spoken replies into assistant items of at most this much audio "
+                             "(the real server splits long replies); 0 = one item")
     parser.add_argument("--function-trigger", choices=["name_in_text", "none"], default="name_in_text",
                         help="a text turn naming a configured tool is answered by a call to it")
     parser.add_argument("--function-every-n-audio-turns", type=int, default=0,
@@ -72,6 +75,7 @@ def options_from_args(args: argparse.Namespace) -> MockOptions:
         bad_key=args.bad_key, beta=args.beta, handshake_delay_s=args.handshake_delay_s,
         pacing=args.pacing, delta_ms=args.delta_ms, echo_mode=args.echo_mode,
         text_tone_hz=args.text_tone_hz, transcription_delay_ms=args.transcription_delay_ms,
+        reply_item_ms=args.reply_item_ms,
         function_trigger=args.function_trigger,
         function_every_n_audio_turns=args.function_every_n_audio_turns,
         fail_responses=args.fail_responses, fail_every_n=args.fail_every_n,

@@ -45,6 +45,10 @@ class MockOptions:
     echoed continuously inside one long-lived response (relay benchmarks; no VAD)."""
     text_tone_hz: float = 440.0
     """Frequency of the tone spoken in reply to a text turn."""
+    reply_item_ms: int = 0
+    """When > 0, a spoken reply longer than this is split into several assistant message items
+    of at most this much audio each, one after another in the same response, its transcript
+    split with it (the real server splits long replies: reference §7.3); 0: one item."""
     transcription_delay_ms: int = 0
     """Input transcription of a committed turn starts this long after the commit. The real
     server transcribes asynchronously: its result may land after the response, even after
@@ -90,6 +94,8 @@ class MockOptions:
             raise ValueError("delta_ms must be > 0")
         if self.fail_every_n < 1:
             raise ValueError("fail_every_n must be >= 1")
+        if self.reply_item_ms < 0:
+            raise ValueError("reply_item_ms must be >= 0")
         if self.function_every_n_audio_turns < 0:
             raise ValueError("function_every_n_audio_turns must be >= 0")
         for name in ("bad_key", "beta", "pacing", "echo_mode", "function_trigger"):

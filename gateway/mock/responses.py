@@ -446,7 +446,8 @@ class ResponsePlanner:
         if calls:
             plans = calls
         else:
-            plans = [self._speech_for(source, modalities[0])]
+            plans = _items_of(self._speech_for(source, modalities[0]),
+                              options.reply_item_ms * BYTES_PER_MS[session.output_format])
         limit = params.get("max_output_tokens", params.get("max_response_output_tokens"))
         return Response(session, plans, modalities, params.get("metadata"), failure, limit)
 
@@ -509,6 +510,16 @@ class ResponsePlanner:
         if modality == "text":
             return OutputPlan("text", text=text)
         return OutputPlan("audio", audio=audio, text=text)
+
+
+def _items_of(plan: OutputPlan, item_bytes: int) -> list[OutputPlan]:
+    """A spoken reply as the message items it is said in: one, or, with `item_bytes` > 0,
+    consecutive slices of its audio of at most that size, each with its share of the text."""
+    if plan.kind != "audio" or item_bytes <= 0 or len(plan.audio) <= item_bytes:
+        return [plan]
+    slices = [plan.audio[i:i + item_bytes] for i in range(0, len(plan.audio), item_bytes)]
+    return [OutputPlan("audio", audio=audio, text=text)
+            for audio, text in zip(slices, _split(plan.text, len(slices)))]
 
 
 def _arguments_for(tool: dict[str, Any]) -> dict[str, Any]:
