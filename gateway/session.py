@@ -126,7 +126,7 @@ class RelaySession:
                  "_call_names", "_calls_dispatched", "_client_paused", "_client_queue",
                  "_client_queue_bytes", "_client_reading_paused", "_coalesce_s", "_connect_task",
                  "_created_timer", "_drop_reported", "_flush_timer", "_hangup_timer", "_level_timer",
-                 "_overflow_reported", "_owner", "_pending_updates", "_played_ms", "_playing_items",
+                 "_overflow_reported", "_owner", "_pending_updates", "_played_ms", "_updates_in_flight", "_playing_items",
                  "_playing_response", "_pre_ready",
                  "_pre_ready_audio_bytes", "_pre_ready_commands", "_reopens", "_response_asked",
                  "_response_calls", "_response_wanted",
@@ -183,6 +183,10 @@ class RelaySession:
         # session.updates not answered yet, in the order sent: event_id -> (what it asked for,
         # what a field the upstream refuses falls back to: the seed's defaults for the first)
         self._pending_updates: dict[str, tuple[cp.SessionConfig, cp.SessionConfig]] = {}
+        # every session.update sent and not answered yet, in order: ours by event_id, a
+        # client's (forwarded as-is) as None — the upstream answers them in that order, so a
+        # `session.updated` answers the first, whoever sent it
+        self._updates_in_flight: list[str | None] = []
         self._update_counter = 0
         self._connect_task: asyncio.Task | None = None
         self._created_timer: asyncio.TimerHandle | None = None
@@ -309,6 +313,7 @@ class RelaySession:
         self.created = False
         self.upstream_session_id = None
         self._pending_updates.clear()
+        self._updates_in_flight.clear()
         self._owner = _UpstreamOwner(self)
         self.upstream = UpstreamConnection(self._owner, self.path)
         self._sync_path()
@@ -341,9 +346,15 @@ class RelaySession:
         self._created_timer = self.loop.call_later(remaining, self._created_timeout, owner)
 
     def _created_timeout(self, owner: _UpstreamOwner) -> None:
-        if owner.alive and not self.created and self.state == CONNECTING:
-            self.fail(ConnectionFailed(
-                f"upstream sent no session.created within {self.node.connect_timeout_s:g} s"))
+        """The connect timeout covers the whole way to `ready`: an upstream that never answers
+        the configuration must not leave the client waiting for ever."""
+        if not owner.alive or self.state != CONNECTING:
+            return
+        if not self.created:
+            self.fail(ConnectionFailed(f"upstream sent no session.created within {self.node.connect_timeout_s:g} s"))
+        else:
+            self.fail(ConnectionFailed(f"upstream did not answer the session configuration within "
+                                       f"{self.node.connect_timeout_s:g} s"))
 
     def fail(self, error: GatewayError, outcome: str | None = None) -> None:
         """Report `error`; if fatal, close the client with its code and the upstream (`outcome`
@@ -606,9 +617,11 @@ class RelaySession:
         for name in ignored:
             self._note_ignored(name)
         self._pending_updates[event_id] = (config, fallback)
+        self._updates_in_flight.append(event_id)
         # only tools carry client JSON deep enough to be unsendable (their parameter schemas)
         if not self._send_upstream(event, InvalidConfig, "tools"):  # never sent: nothing to await
             del self._pending_updates[event_id]
+            self._updates_in_flight.pop()
             self._note_ignored("tools")
 
     def _note_ignored(self, name: str | None) -> None:
@@ -673,7 +686,8 @@ class RelaySession:
 
     def _cmd_passthrough(self, command: cp.PassthroughCommand) -> None:
         self._flush_audio()  # keep the client's order: audio sent before this event goes first
-        self._send_upstream(command.event)
+        if self._send_upstream(command.event) and command.event.get("type") == "session.update":
+            self._updates_in_flight.append(None)
 
     # ---- upstream -> gateway -------------------------------------------------------------------
 
@@ -790,9 +804,6 @@ class RelaySession:
         self.created = True
         self.upstream_session_id = session.get("id")
         self.effective = self.dialect.effective(session)
-        if self._created_timer is not None:
-            self._created_timer.cancel()
-            self._created_timer = None
         # one update: the seed's defaults under everything the client asked for so far
         defaults = seed_defaults(self.node)
         initial = defaults.merged(self.requested)
@@ -802,8 +813,10 @@ class RelaySession:
         self._maybe_ready()
 
     def _on_session_updated(self, event: dict) -> None:
-        if self._pending_updates:  # the upstream answers updates in the order it received them
-            del self._pending_updates[next(iter(self._pending_updates))]
+        if self._updates_in_flight:  # the upstream answers updates in the order it received them
+            answered = self._updates_in_flight.pop(0)
+            if answered is not None:
+                self._pending_updates.pop(answered, None)
         self.effective = self.dialect.effective(event.get("session") or {})
         self._maybe_ready()
 
@@ -811,6 +824,9 @@ class RelaySession:
         if self.state is not CONNECTING or not self.created or self._pending_updates:
             return
         self.state = READY
+        if self._created_timer is not None:
+            self._created_timer.cancel()
+            self._created_timer = None
         self._sync_path()
         effective = dict(self.effective)
         effective["model"] = effective.get("model") or self.upstream_model
@@ -831,8 +847,17 @@ class RelaySession:
         error = event.get("error") or {}
         code = error.get("code")
         event_id = error.get("event_id") or ""
+        if not event_id and self._updates_in_flight and (
+                self.state is CONNECTING or str(error.get("param") or "").startswith("session")):
+            # the server leaves event_id null at times (reference §3.2): before `ready` only
+            # our updates have gone up, and after it a session.* param names an update — the
+            # oldest unanswered one (a client's own goes on to the client as any error)
+            event_id = self._updates_in_flight[0] or ""
+            if not event_id:
+                self._updates_in_flight.pop(0)
         rejected = self._pending_updates.pop(event_id, None)
         if rejected is not None:
+            self._updates_in_flight.remove(event_id)
             self._config_rejected(*rejected, error)
             self._maybe_ready()
             return

@@ -1,0 +1,149 @@
+"""How the gateway pairs the upstream's answers with its session.updates (SPEC §2.1-2.2): the
+upstream answers updates in the order it got them, errors may leave `event_id` null, a client's
+own session.update (forwarded as-is) gets answered in the same queue, and a session that never
+gets its configuration answered fails within the connect timeout instead of hanging.
+
+The upstream here is a scripted WebSocket server speaking the GA shapes of the reference, so
+each test can make the upstream do exactly the unusual thing it is about."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import orjson
+import websockets
+
+from gateway.config import NodeConfig
+from gateway.errors import CLOSE_INTERNAL_ERROR
+from gateway.mock.schema import default_config, render_session
+from gateway.server import GatewayServer
+from tests.relay_harness import RelayClient
+from tests.support import run
+
+SESSION = render_session(default_config("gpt-realtime", "sess_scripted", 1999999999), "ga")
+
+
+class ScriptedUpstream:
+    """One upstream connection at a time: `session.created` on connect, then `script(self)`."""
+
+    def __init__(self, script: Callable[["ScriptedUpstream"], Awaitable[None]]) -> None:
+        self.script = script
+        self.received: list[dict] = []
+        self._ws = None
+        self._server = None
+
+    async def __aenter__(self) -> str:
+        async def serve(ws) -> None:
+            self._ws = ws
+            await self.send({"type": "session.created", "session": SESSION})
+            await self.script(self)
+            await ws.wait_closed()
+        self._server = await websockets.serve(serve, "127.0.0.1", 0)
+        return f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1/realtime"
+
+    async def __aexit__(self, *exc) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def send(self, event: dict) -> None:
+        await self._ws.send(orjson.dumps({"event_id": f"event_{len(self.received)}", **event}).decode())
+
+    async def receive(self, type_: str) -> dict:
+        """The next client event of `type_` (appends and others are recorded and skipped)."""
+        async for message in self._ws:
+            event = orjson.loads(message)
+            self.received.append(event)
+            if event.get("type") == type_:
+                return event
+        raise AssertionError(f"connection closed before {type_}")
+
+    async def updated(self) -> None:
+        await self.send({"type": "session.updated", "session": SESSION})
+
+
+def _node(url: str, connect_timeout_s: float = 5.0) -> NodeConfig:
+    return NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key="test-key-scripted",
+                      upstream_url=url, connect_timeout_s=connect_timeout_s)
+
+
+def test_an_update_rejected_with_a_null_event_id_is_still_retried_without_its_field():
+    async def script(upstream: ScriptedUpstream) -> None:
+        first = await upstream.receive("session.update")
+        assert first["session"]["audio"]["output"]["voice"] == "marin"
+        await upstream.send({"type": "error", "error": {
+            "type": "invalid_request_error", "code": "invalid_value", "param": "session.audio.output.voice",
+            "message": "Invalid value: 'marin'.", "event_id": None}})
+        retry = await upstream.receive("session.update")  # the first update: the seed's default voice
+        assert retry["session"]["audio"]["output"]["voice"] == "alloy"
+        assert retry["session"]["instructions"] == "Be brief."
+        await upstream.updated()
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "voice": "marin", "instructions": "Be brief."})
+            ready = await client.wait("ready", timeout=5)
+            error = await client.wait("error")
+            await client.close()
+            return ready, error
+
+    ready, error = run(scenario(), timeout=20)
+    assert error["code"] == "InvalidConfig" and error["param"] == "voice" and error["fatal"] is False
+    assert "voice" in ready["ignored"]
+
+
+def test_a_configuration_never_answered_fails_within_the_connect_timeout():
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")  # and never a word about it
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(_node(url, connect_timeout_s=1.0)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            started = asyncio.get_running_loop().time()
+            error = await client.wait("error", timeout=5)
+            await client.wait_closed(5)
+            elapsed = asyncio.get_running_loop().time() - started
+            await gateway.wait_empty(3)
+            return error, client.close_code, client.of_type("ready"), elapsed
+
+    error, close_code, ready, elapsed = run(scenario(), timeout=20)
+    assert error["code"] == "ConnectionFailed" and error["fatal"] is True
+    assert "did not answer the session configuration within 1 s" in error["message"]
+    assert close_code == CLOSE_INTERNAL_ERROR and ready == [] and elapsed < 2.5
+
+
+def test_a_clients_own_session_update_does_not_take_the_answer_to_the_gateways():
+    """A raw session.update from the client, then a `config`: the upstream answers the raw one
+    and rejects the gateway's voice by event_id. The rejection is still the gateway's to
+    handle: the voice is reported ignored and the rest (instructions) is sent again."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()                                      # ready
+        raw = await upstream.receive("session.update")
+        ours = await upstream.receive("session.update")
+        assert raw["event_id"] == "client_raw" and ours["event_id"].startswith("gw_update_")
+        await upstream.updated()                                      # answers the raw one
+        await upstream.send({"type": "error", "error": {
+            "type": "invalid_request_error", "code": "cannot_update_voice", "param": "session.audio.output.voice",
+            "message": "Cannot update a conversation's voice if assistant audio is present.",
+            "event_id": ours["event_id"]}})
+        retry = await upstream.receive("session.update")
+        assert retry["session"] == {"type": "realtime", "instructions": "Be brief."}
+        await upstream.updated()
+        await upstream.send({"type": "response.created", "response": {"id": "resp_sentinel", "status": "in_progress"}})
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready", timeout=5)
+            await client.send({"type": "session.update", "event_id": "client_raw",
+                               "session": {"type": "realtime", "instructions": "raw"}})
+            await client.send({"type": "config", "voice": "marin", "instructions": "Be brief."})
+            error = await client.wait("error", timeout=5)
+            await client.wait("response_started", timeout=5)  # the script ran to its end
+            await client.close()
+            return error
+
+    error = run(scenario(), timeout=20)
+    assert error["code"] == "InvalidConfig" and error["param"] == "voice", error
+    assert "the rest of the config applies" in error["message"]
