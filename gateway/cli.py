@@ -37,7 +37,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         prog="realtime-gateway",
         description="Relay full-duplex voice sessions between WebSocket clients and OpenAI's Realtime API.",
         epilog="`serve` is the default command: `realtime-gateway --port 3001` runs a node. Each "
-               "command documents its flags (and their GATEWAY_* environment twins): "
+               "command documents its flags (`serve`'s also have GATEWAY_* environment twins): "
                "realtime-gateway serve --help | mock --help | client --help",
     )
     commands = parser.add_subparsers(dest="command", metavar="{serve,mock,client}")

@@ -87,6 +87,8 @@ class ClientListener(ClientLeg):
             return
         if frame.msg_type is WSMsgType.CLOSE:
             code = frame.get_close_code()  # 0 when the client's close carried no code
+            if self.session is not None:
+                self.session.on_client_close_frame(code)
             transport.send_close(code if code >= 1000 else WSCloseCode.OK)
             transport.disconnect()
             return

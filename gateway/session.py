@@ -376,6 +376,8 @@ class RelaySession:
         self.state = CLOSED
         self.close_code = code
         self.outcome = outcome
+        # every end gets its line (a drain deadline or max duration reaches here without an error)
+        log.info("session %s: closed by the gateway (%s, code %d: %s)", self.session_id, outcome, code, reason)
         client = self.client
         if client is not None and not client.is_disconnected:
             # the last events go before the close frame (at most one of the two holds any: the
@@ -395,12 +397,18 @@ class RelaySession:
         self._send_client(cp.encode({"type": "closing", "reason": reason,
                                      "seconds_left": round(max(0.0, seconds_left), 1)}))
 
+    def on_client_close_frame(self, code: int) -> None:
+        """The client ended the session with a close frame: a normal close (1000, 1001 or none)
+        is a completed session; a drop without one, or another code, is not."""
+        if self.state != CLOSED and code in (0, 1000, 1001):
+            self.outcome = "completed"
+
     def on_client_closed(self) -> None:
         """The client went away: close the upstream, nothing stays half-open."""
         if self.state != CLOSED:
-            log.info("session %s: client disconnected", self.session_id)
             self.state = CLOSED
-            self.outcome = "client_disconnected"
+            self.outcome = self.outcome or "client_disconnected"
+            log.info("session %s: client closed (%s)", self.session_id, self.outcome)
         self._teardown()
 
     def _teardown(self) -> None:

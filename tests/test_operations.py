@@ -190,20 +190,24 @@ def test_metrics_count_exactly_what_the_sessions_did():
             await client.send({"type": "config", "turn_detection": "none"})
             await client.wait("ready")
             await push_to_talk_turn(client, pcm)
-            await client.close()
+            await client.close()                     # a close frame, 1000: a completed session
+            dropped = await RelayClient.connect(gateway.url)
+            await dropped.wait("ready")
+            dropped.ws.transport.abort()             # gone without a close frame
             await gateway.wait_empty(5)
             status, body = await http_get(f"http://127.0.0.1:{gateway.port}/metrics")
             assert status == 200
             samples = metric_samples(body)
             assert samples[("gateway_sessions_active", ())] == 0
             assert samples[("gateway_upstream_connections_open", ())] == 0
+            assert samples[("gateway_sessions_total", (("outcome", "completed"),))] == 1
             assert samples[("gateway_sessions_total", (("outcome", "client_disconnected"),))] == 1
             c2u = (("direction", "client_to_upstream"), ("kind", "audio"))
             u2c = (("direction", "upstream_to_client"), ("kind", "audio"))
             assert samples[("gateway_bytes_total", c2u)] == len(pcm)
             assert samples[("gateway_frames_total", c2u)] == len(range(0, len(pcm), 960))
             assert samples[("gateway_bytes_total", u2c)] == len(pcm)
-            assert samples[("gateway_upstream_connect_seconds_count", ())] == 1
+            assert samples[("gateway_upstream_connect_seconds_count", ())] == 2  # both sessions connected upstream
             assert samples[("gateway_first_audio_seconds_count", ())] == 1
     run(scenario(), timeout=30)
 
@@ -244,17 +248,23 @@ def test_drain_tells_clients_lets_turns_finish_and_refuses_new_sessions():
     run(scenario(), timeout=30)
 
 
-def test_drain_closes_what_remains_with_1001_at_the_deadline():
+def test_drain_closes_what_remains_with_1001_at_the_deadline(caplog):
+    """...and the log says which session was cut off (operators look calls up by id)."""
     async def scenario():
         async with relay(drain_timeout_s=0.5) as (gateway, mock):
             client = await RelayClient.connect(gateway.url)
             await client.wait("ready")
+            session_id = next(iter(gateway.sessions)).session_id
             await gateway.drain()
             await client.wait_closed(5)
             assert client.close_code == 1001
             assert not gateway.sessions
             await mock.sessions[0].wait_closed(5)
-    run(scenario(), timeout=20)
+            return session_id
+
+    caplog.set_level("INFO", logger="gateway")
+    session_id = run(scenario(), timeout=20)
+    assert f"session {session_id}: closed by the gateway (drained, code 1001" in caplog.text
 
 
 # ---- the node as an operator runs it -------------------------------------------------------------------
