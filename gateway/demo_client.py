@@ -3,9 +3,10 @@
     realtime-gateway client --url ws://127.0.0.1:3001/realtime --wav in.wav --out reply.wav
 
 Connects, sends `config`, waits for `ready`, streams the WAV in real time in 20 ms frames
-(converted to 24 kHz mono PCM16 if needed; with server VAD a second of silence follows so the turn
-ends), prints transcripts and events, writes the reply audio to `--out`, and exits once every
-reply is done — or after `--timeout` seconds (exit code 1). `--demo-tone` sends a generated tone
+(converted to 24 kHz mono PCM16 if needed; with server VAD a second of silence follows so the last
+turn ends), prints transcripts and events, writes the reply audio to `--out`, and exits once the
+whole file is sent and every reply is done (with server VAD: one per utterance the VAD detected)
+— or after `--timeout` seconds (exit code 1). `--demo-tone` sends a generated tone
 instead of a WAV; `--text` sends a text turn.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_
 RATE = 24000
 FRAME_MS = 20
 FRAME_BYTES = RATE * 2 * FRAME_MS // 1000  # 960 bytes of PCM16 per 20 ms
+_SPOKEN = object()  # queued by the streamer once the whole audio is sent
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,11 +106,18 @@ class _Listener(WSListener):
 
 async def converse(url: str, audio: bytes | None, text: str | None, out: str, turn_detection: str,
                    voice: str | None, timeout: float, echo=print) -> int:
-    """Run one demo conversation. Returns the exit code (0 when every reply finished)."""
+    """Run one demo conversation. Returns the exit code (0 when every reply finished).
+
+    Push-to-talk: one reply for the audio. Server VAD: one reply per turn the VAD detects (a
+    recording may hold several utterances), so the client streams the whole file and leaves once
+    it is sent, every detected turn's reply is done and no reply is running. `--text` is sent when
+    the audio's replies are done (one reply at a time).
+    """
     transport, listener = await ws_connect(_Listener, url)
     reply = bytearray()
-    expected = (1 if audio else 0) + (1 if text else 0)
-    done = 0
+    vad = audio is not None and turn_detection != "none"
+    ready = streaming = text_sent = False
+    turns_started = turns_stopped = started = done = 0
     config: dict = {"type": "config", "turn_detection": turn_detection}
     if voice:
         config["voice"] = voice
@@ -122,35 +131,49 @@ async def converse(url: str, audio: bytes | None, text: str | None, out: str, tu
                     code = listener.close_info
                     echo(f"connection closed {code or ''}".strip())
                     return 1
-                if isinstance(message, bytes):
+                if message is _SPOKEN:
+                    streaming = False
+                elif isinstance(message, bytes):
                     reply += message
                     continue
-                kind = message.get("type")
-                if kind == "ready":
-                    echo(f"ready: session {message.get('session_id')} model={message.get('model')} "
-                         f"voice={message.get('voice')} turn_detection={message.get('turn_detection')}")
-                    if expected == 0:
-                        return 0
-                    if audio:
-                        streamer = asyncio.create_task(_speak(transport, audio, turn_detection))
-                    else:
-                        _send_text(transport, text)
-                elif kind == "transcript":
-                    if message.get("is_final"):
-                        echo(f"[{message.get('role')}] {message.get('text')}")
-                elif kind == "response_done":
-                    done += 1
-                    echo(f"response done: {message.get('response_id')} ({message.get('status')})")
-                    if done >= expected:
-                        break
-                    if text:  # the audio reply is done: now the text turn (one response at a time)
-                        _send_text(transport, text)
-                elif kind == "error":
-                    echo(f"error {message.get('code')}: {message.get('message')}")
-                    if message.get("fatal"):
-                        return 1
                 else:
-                    echo(f"event: {kind} " + " ".join(f"{k}={v}" for k, v in message.items() if k != "type"))
+                    kind = message.get("type")
+                    if kind == "ready":
+                        ready = True
+                        echo(f"ready: session {message.get('session_id')} model={message.get('model')} "
+                             f"voice={message.get('voice')} turn_detection={message.get('turn_detection')}")
+                        if audio:
+                            streaming = True
+                            streamer = asyncio.create_task(_speak(transport, audio, turn_detection, listener.queue))
+                    elif kind == "transcript":
+                        if message.get("is_final"):
+                            echo(f"[{message.get('role')}] {message.get('text')}")
+                    elif kind == "response_done":
+                        done += 1
+                        echo(f"response done: {message.get('response_id')} ({message.get('status')})")
+                    elif kind == "error":
+                        echo(f"error {message.get('code')}: {message.get('message')}")
+                        if message.get("fatal"):
+                            return 1
+                    else:
+                        if kind == "speech_started":
+                            turns_started += 1
+                        elif kind == "speech_stopped":
+                            turns_stopped += 1
+                        elif kind == "response_started":
+                            started += 1
+                        echo(f"event: {kind} " + " ".join(f"{k}={v}" for k, v in message.items() if k != "type"))
+                if not ready or streaming or started > done or turns_started > turns_stopped:
+                    continue  # still speaking, a reply is running, or a turn has not ended yet
+                # every reply asked for so far: one per VAD turn (or the push-to-talk turn), and the text's
+                asked = (turns_stopped if vad else 1 if audio else 0) + (1 if text_sent else 0)
+                if done < asked:
+                    continue
+                if text and not text_sent:  # the audio's replies are done: now the text turn
+                    _send_text(transport, text)
+                    text_sent = True
+                    continue
+                break
     except TimeoutError:
         echo(f"timed out after {timeout:g} s")
         return 1
@@ -161,6 +184,9 @@ async def converse(url: str, audio: bytes | None, text: str | None, out: str, tu
         transport.send_close(WSCloseCode.OK)
         transport.disconnect()
     echo(f"wrote {len(reply)} bytes ({len(reply) / (RATE * 2):.2f} s) of reply audio to {out}")
+    if vad and turns_stopped == 0:
+        echo("no speech detected in the audio (server VAD): nothing was answered")
+        return 1
     return 0
 
 
@@ -168,8 +194,8 @@ def _send_text(transport: WSTransport, text: str) -> None:
     transport.send(WSMsgType.TEXT, orjson.dumps({"type": "text", "text": text}))
 
 
-async def _speak(transport: WSTransport, audio: bytes, turn_detection: str) -> None:
-    """Stream the audio in real time (20 ms frames), then end the turn."""
+async def _speak(transport: WSTransport, audio: bytes, turn_detection: str, queue: asyncio.Queue) -> None:
+    """Stream the audio in real time (20 ms frames), end the turn, then queue `_SPOKEN`."""
     loop = asyncio.get_running_loop()
     if audio:
         if turn_detection != "none":
@@ -184,6 +210,7 @@ async def _speak(transport: WSTransport, audio: bytes, turn_detection: str) -> N
         if turn_detection == "none":
             transport.send(WSMsgType.TEXT, b'{"type":"commit"}')
             transport.send(WSMsgType.TEXT, b'{"type":"create_response"}')
+    queue.put_nowait(_SPOKEN)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -61,3 +61,34 @@ def test_wav_conversion_to_24k_mono(tmp_path):
     same = tmp_path / "same.wav"
     _write_wav(same, tone.tobytes()[:4800], rate=24000)
     assert load_wav_pcm16(str(same)) == tone.tobytes()[:4800]   # already 24 kHz mono: bit-exact
+
+
+def _speech_turns(stdout: str) -> list[tuple[int, int]]:
+    """The (speech_started, speech_stopped) audio_ms pairs the client printed, in order."""
+    events = {"speech_started": [], "speech_stopped": []}
+    for line in stdout.splitlines():
+        kind, _, fields = line.removeprefix("event: ").partition(" ")
+        if line.startswith("event: ") and kind in events:
+            events[kind].append(int(dict(field.split("=", 1) for field in fields.split())["audio_ms"]))
+    return list(zip(events["speech_started"], events["speech_stopped"], strict=True))
+
+
+def test_demo_client_with_server_vad_answers_every_utterance_of_the_file(tmp_path):
+    # Two utterances 1.5 s apart: server VAD makes them two turns. The client must stream the whole
+    # file and stay until both replies are done, not leave after the first one.
+    first, second = speech_like(0.6, seed=41), speech_like(0.6, seed=42)
+    spoken = silence(0.3) + first + silence(1.5) + second
+    wav_in = tmp_path / "two.wav"
+    _write_wav(wav_in, spoken)
+    port = free_port()
+    with gateway_process(port=port):
+        result = _client(port, "--wav", str(wav_in), "--out", str(tmp_path / "reply.wav"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    turns = _speech_turns(result.stdout)
+    assert len(turns) == 2 and result.stdout.count("response done") == 2, result.stdout
+    sent = spoken + silence(1.0)  # the client ends the file with a second of silence
+    echoes = b"".join(sent[start * 48:stop * 48] for start, stop in turns)  # 48 bytes per ms
+    for utterance, (start, stop) in zip((first, second), turns):  # each turn holds its whole utterance
+        assert start * 48 <= sent.find(utterance) <= stop * 48 - len(utterance)
+    with wave.open(str(tmp_path / "reply.wav"), "rb") as reply:
+        assert reply.readframes(reply.getnframes()) == echoes      # both turns, echoed bit-exactly
