@@ -2,6 +2,7 @@
 both as subprocesses; the reply WAV holds the echoed audio."""
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 import wave
@@ -92,3 +93,54 @@ def test_demo_client_with_server_vad_answers_every_utterance_of_the_file(tmp_pat
         assert start * 48 <= sent.find(utterance) <= stop * 48 - len(utterance)
     with wave.open(str(tmp_path / "reply.wav"), "rb") as reply:
         assert reply.readframes(reply.getnframes()) == echoes      # both turns, echoed bit-exactly
+
+
+def _write_raw_wav(path, format_tag: int, channels: int, rate: int, width: int, samples: bytes,
+                   extensible: bool = False) -> None:
+    """A WAV the stdlib `wave` module cannot write: float, or WAVE_FORMAT_EXTENSIBLE."""
+    block_align = channels * width
+    fmt = struct.pack("<HHIIHH", 0xFFFE if extensible else format_tag, channels, rate, rate * block_align,
+                      block_align, width * 8)
+    if extensible:  # cbSize, valid bits, channel mask, sub-format GUID (starts with the format tag)
+        fmt += struct.pack("<HHI", 22, width * 8, 0) + struct.pack("<H", format_tag) + bytes.fromhex(
+            "000000001000800000aa00389b71")
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(samples)) + samples
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+
+
+def test_float_and_extensible_wavs_are_converted(tmp_path):
+    pcm = speech_like(0.2, seed=7)
+    as_float = np.frombuffer(pcm, dtype="<i2").astype("<f4") / 32768
+    _write_raw_wav(tmp_path / "f32.wav", 3, 1, 24000, 4, as_float.tobytes())
+    assert load_wav_pcm16(str(tmp_path / "f32.wav")) == pcm                 # ±1.0 full scale: bit-exact
+    stereo = np.repeat(as_float.astype("<f8"), 2)
+    _write_raw_wav(tmp_path / "f64x2.wav", 3, 2, 24000, 8, stereo.tobytes(), extensible=True)
+    assert load_wav_pcm16(str(tmp_path / "f64x2.wav")) == pcm
+    _write_raw_wav(tmp_path / "pcm_ext.wav", 1, 1, 24000, 2, pcm, extensible=True)
+    assert load_wav_pcm16(str(tmp_path / "pcm_ext.wav")) == pcm
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_newcomer_mistakes_get_one_line_and_exit_2(tmp_path):
+    port = free_port()  # nothing listens there
+    missing = _one_line_error(_client(port, "--wav", str(tmp_path / "nope.wav")))
+    assert missing == f"realtime-gateway client: cannot read --wav {tmp_path / 'nope.wav'}: No such file or directory"
+    _write_raw_wav(tmp_path / "adpcm.wav", 2, 1, 24000, 1, bytes(100))  # format 2: compressed
+    adpcm = _one_line_error(_client(port, "--wav", str(tmp_path / "adpcm.wav")))
+    assert "unsupported WAV encoding (format tag 2" in adpcm and "float" in adpcm
+    (tmp_path / "notes.wav").write_text("not audio")
+    assert "not a WAV file" in _one_line_error(_client(port, "--wav", str(tmp_path / "notes.wav")))
+    refused = _one_line_error(_client(port, "--demo-tone"))
+    assert refused == f"realtime-gateway client: cannot connect to ws://127.0.0.1:{port}/realtime: Connection refused"
+    with_token = subprocess.run([sys.executable, "-m", "gateway", "client", "--demo-tone", "--url",
+                                 f"ws://127.0.0.1:{port}/realtime?token=s3cret-t0ken"],
+                                capture_output=True, text=True, timeout=60)
+    line = _one_line_error(with_token)
+    assert "s3cret-t0ken" not in line and f"ws://127.0.0.1:{port}/realtime?token=***" in line
