@@ -32,8 +32,8 @@ from locust import User, events, tag, task
 from loadtest import _options
 from loadtest._audio import BYTES_PER_MS, bytes_to_ms, load_clips
 from loadtest._metrics import (
-    AUDIO_ROUND_TRIP, FIRST_AUDIO_AFTER_STOP, INTERRUPTED_REACTION, MIC_LATENESS, REPLY_COMPLETENESS,
-    REPLY_COMPLETENESS_INTERRUPTED, TEXT, TEXT_ROUND_TRIP, VOICE, MetricReporter,
+    AUDIO_ROUND_TRIP, AUDIO_ROUND_TRIP_PTT, FIRST_AUDIO_AFTER_STOP, INTERRUPTED_REACTION, MIC_LATENESS,
+    REPLY_COMPLETENESS, REPLY_COMPLETENESS_INTERRUPTED, TEXT, TEXT_ROUND_TRIP, VOICE, MetricReporter,
 )
 from loadtest._session import Reply, SessionClosed, SpeechEvent, TurnTimeout, Utterance, VoiceSession, clock
 
@@ -273,8 +273,8 @@ class PushToTalkUser(VoiceUser):
         session.send_event({"type": "commit"})
         released_at = clock()
         session.send_event({"type": "create_response"})
-        reply = self.expect_reply_audio(session, reply_index, VOICE, AUDIO_ROUND_TRIP)
-        self.reporter.sample(VOICE, AUDIO_ROUND_TRIP, (reply.first_audio_at - released_at) * 1000.0)
+        reply = self.expect_reply_audio(session, reply_index, VOICE, AUDIO_ROUND_TRIP_PTT)
+        self.reporter.sample(VOICE, AUDIO_ROUND_TRIP_PTT, (reply.first_audio_at - released_at) * 1000.0)
         session.sent.discard_before(session.sent.end)
         self.check_complete_echo(session, reply, clip, "push-to-talk turn")
 
