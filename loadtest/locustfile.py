@@ -53,6 +53,26 @@ def _add_arguments(parser, **_kwargs) -> None:
     _options.add_arguments(parser)
 
 
+def _refuse(message: str) -> None:
+    """Stop Locust at start with one line and exit code 2, as argparse does for a bad flag: a value
+    that cannot work would otherwise fail every user (a traceback each, or failures that look like
+    the gateway's)."""
+    print(f"locust -f loadtest/: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)  # SystemExit passes through Locust's event hook, which logs other exceptions as crashes
+
+
+@events.init.add_listener
+def _check_options(environment, **_kwargs) -> None:
+    """Validate the custom options and load the clip once, before any user starts. (In a
+    distributed run a worker checks its own command line here; the master's values reach it
+    later, and its users check them again in on_start.)"""
+    try:
+        settings = _options.LoadSettings.from_options(environment.parsed_options, environment.host)
+        load_clips(settings.clip)
+    except ValueError as exc:
+        _refuse(str(exc))
+
+
 @events.init.add_listener
 def _select_scenarios_by_tags(environment, **_kwargs) -> None:
     """Run only the user classes whose scenario tag survives --tags / --exclude-tags.
@@ -72,7 +92,7 @@ def _select_scenarios_by_tags(environment, **_kwargs) -> None:
 
     kept = [user_class for user_class in environment.user_classes if selected(user_class)]
     if not kept:
-        raise ValueError(f"no scenario matches the tags; scenario tags are {', '.join(SCENARIO_TAGS)}")
+        _refuse(f"no scenario matches the tags; scenario tags are {', '.join(SCENARIO_TAGS)}")
     environment.user_classes[:] = kept
 
 
