@@ -3,32 +3,38 @@
     realtime-gateway client --url ws://127.0.0.1:3001/realtime --wav in.wav --out reply.wav
 
 Connects, sends `config`, waits for `ready`, streams the WAV in real time in 20 ms frames
-(converted to 24 kHz mono PCM16 if needed; with server VAD a second of silence follows so the turn
-ends), prints transcripts and events, writes the reply audio to `--out`, and exits once every
-reply is done — or after `--timeout` seconds (exit code 1). `--demo-tone` sends a generated tone
+(converted to 24 kHz mono PCM16 if needed; with server VAD a second of silence follows so the last
+turn ends), prints transcripts and events, writes the reply audio to `--out`, and exits once the
+whole file is sent and every reply is done (with server VAD: one per utterance the VAD detected)
+— or after `--timeout` seconds (exit code 1). `--demo-tone` sends a generated tone
 instead of a WAV; `--text` sends a text turn.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import struct
 import sys
+import urllib.parse
 import wave
 
 import numpy as np
 import orjson
 import uvloop
-from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import WSCloseCode, WSError, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 RATE = 24000
 FRAME_MS = 20
 FRAME_BYTES = RATE * 2 * FRAME_MS // 1000  # 960 bytes of PCM16 per 20 ms
+_SPOKEN = object()  # queued by the streamer once the whole audio is sent
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="ws://127.0.0.1:3001/realtime", help="gateway /realtime URL")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--wav", help="WAV file to speak (any rate/width/channels; converted to 24 kHz mono PCM16)")
+    source.add_argument("--wav", help="WAV file to speak (any rate/channels, integer PCM or float; "
+                                      "converted to 24 kHz mono PCM16)")
     source.add_argument("--demo-tone", action="store_true", help="speak a generated 1 s 440 Hz tone instead of a WAV")
     parser.add_argument("--text", help="also send this text as a user message (gets its own reply)")
     parser.add_argument("--out", default="reply.wav", help="where to write the reply audio (24 kHz mono WAV)")
@@ -38,12 +44,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
 
 
+class WavError(ValueError):
+    """A file the demo client cannot speak: not a WAV, or an encoding it does not convert."""
+
+
+_WAVE_PCM, _WAVE_FLOAT, _WAVE_EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
+
+
+def read_wav(path: str) -> tuple[int, int, int, int, bytes]:
+    """(encoding, channels, bytes per sample, rate, sample bytes) of a RIFF/WAVE file; encoding is
+    `_WAVE_PCM` or `_WAVE_FLOAT`. The stdlib `wave` module reads integer PCM only: float WAVs
+    (what many recorders and editors write) and WAVE_FORMAT_EXTENSIBLE ones are read here."""
+    with open(path, "rb") as file:
+        data = file.read()
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise WavError("not a WAV file (no RIFF/WAVE header)")
+    fmt = samples = None
+    offset = 12
+    while offset + 8 <= len(data):
+        chunk, size = data[offset:offset + 4], int.from_bytes(data[offset + 4:offset + 8], "little")
+        if chunk == b"fmt ":
+            fmt = data[offset + 8:offset + 8 + size]
+        elif chunk == b"data" and samples is None:
+            samples = data[offset + 8:offset + 8 + size]  # a streamed WAV's size field may overshoot
+        offset += 8 + size + (size & 1)  # chunks are padded to an even length
+    if fmt is None or len(fmt) < 16 or samples is None:
+        raise WavError("not a WAV file (no fmt or data chunk)")
+    encoding, channels, rate, _, block_align, _ = struct.unpack_from("<HHIIHH", fmt)
+    width = block_align // channels if channels else 0  # the container: 20-bit samples fill 3 bytes
+    if encoding == _WAVE_EXTENSIBLE and len(fmt) >= 26:
+        encoding = int.from_bytes(fmt[24:26], "little")  # the sub-format GUID starts with the format tag
+    supported = {_WAVE_PCM: (1, 2, 3, 4), _WAVE_FLOAT: (4, 8)}
+    if width not in supported.get(encoding, ()):
+        raise WavError(f"unsupported WAV encoding (format tag {encoding}, {width * 8}-bit): "
+                       "the client reads 8/16/24/32-bit integer PCM and 32/64-bit float")
+    if not rate:
+        raise WavError("invalid WAV header (0 Hz)")
+    frame = channels * width
+    return encoding, channels, width, rate, samples[:len(samples) // frame * frame]
+
+
 def load_wav_pcm16(path: str) -> bytes:
-    """Read a WAV and return 24 kHz mono PCM16 LE bytes (mixing channels, resampling linearly)."""
-    with wave.open(path, "rb") as wav:
-        channels, width, rate = wav.getnchannels(), wav.getsampwidth(), wav.getframerate()
-        raw = wav.readframes(wav.getnframes())
-    if width == 1:
+    """Read a WAV and return 24 kHz mono PCM16 LE bytes (mixing channels, resampling linearly).
+    WavError for a file it cannot convert; OSError when the file cannot be read."""
+    encoding, channels, width, rate, raw = read_wav(path)
+    if encoding == _WAVE_FLOAT:  # full scale is ±1.0
+        samples = np.nan_to_num(np.frombuffer(raw, dtype=f"<f{width}").astype(np.float64)) * 32768.0
+    elif width == 1:
         samples = (np.frombuffer(raw, dtype=np.uint8).astype(np.float64) - 128.0) * 256.0
     elif width == 2:
         samples = np.frombuffer(raw, dtype="<i2").astype(np.float64)
@@ -53,17 +100,15 @@ def load_wav_pcm16(path: str) -> bytes:
                 | (bytes3[:, 2].astype(np.int32) << 16))
         ints = np.where(ints >= 1 << 23, ints - (1 << 24), ints)
         samples = ints.astype(np.float64) / 256.0
-    elif width == 4:
-        samples = np.frombuffer(raw, dtype="<i4").astype(np.float64) / 65536.0
     else:
-        raise ValueError(f"unsupported WAV sample width {width}")
+        samples = np.frombuffer(raw, dtype="<i4").astype(np.float64) / 65536.0
     if channels > 1:
         samples = samples.reshape(-1, channels).mean(axis=1)
     if rate != RATE and samples.size:
         count = int(round(samples.size * RATE / rate))
         positions = np.arange(count) * (rate / RATE)
         samples = np.interp(positions, np.arange(samples.size), samples)
-    if width == 2 and channels == 1 and rate == RATE:
+    if encoding == _WAVE_PCM and width == 2 and channels == 1 and rate == RATE:
         return raw  # already the wire format: bit-exact
     return np.clip(np.round(samples), -32768, 32767).astype("<i2").tobytes()
 
@@ -81,6 +126,27 @@ def write_wav(path: str, pcm: bytes) -> None:
         wav.setsampwidth(2)
         wav.setframerate(RATE)
         wav.writeframes(pcm)
+
+
+class ConnectFailed(Exception):
+    """The gateway could not be reached: refused, unknown host, handshake refused, or timed out.
+    The message names the URL, its `token` query value (a client token) masked."""
+
+    def __init__(self, url: str, cause: BaseException) -> None:
+        parts = urllib.parse.urlsplit(url)
+        tokens = [value for name, value in urllib.parse.parse_qsl(parts.query) if name == "token" and value]
+        if isinstance(cause, TimeoutError):
+            reason = "timed out"
+        elif isinstance(cause, OSError) and cause.errno:  # "Connection refused", not uvloop's
+            # "Connect call failed (...)"; a resolver error (negative errno) has its own text
+            reason = os.strerror(cause.errno) if cause.errno > 0 else cause.strerror
+        else:
+            reason = str(cause) or type(cause).__name__
+        message = f"cannot connect to {url}: {reason}"
+        for token in tokens:
+            message = message.replace(token, "***")
+            message = message.replace(urllib.parse.quote(token, safe=""), "***")
+        super().__init__(message)
 
 
 class _Listener(WSListener):
@@ -104,11 +170,21 @@ class _Listener(WSListener):
 
 async def converse(url: str, audio: bytes | None, text: str | None, out: str, turn_detection: str,
                    voice: str | None, timeout: float, echo=print) -> int:
-    """Run one demo conversation. Returns the exit code (0 when every reply finished)."""
-    transport, listener = await ws_connect(_Listener, url)
+    """Run one demo conversation. Returns the exit code (0 when every reply finished).
+
+    Push-to-talk: one reply for the audio. Server VAD: one reply per turn the VAD detects (a
+    recording may hold several utterances), so the client streams the whole file and leaves once
+    it is sent, every detected turn's reply is done and no reply is running. `--text` is sent when
+    the audio's replies are done (one reply at a time). ConnectFailed when `url` cannot be reached.
+    """
+    try:
+        transport, listener = await asyncio.wait_for(ws_connect(_Listener, url), timeout)
+    except (OSError, WSError, TimeoutError) as exc:
+        raise ConnectFailed(url, exc) from None
     reply = bytearray()
-    expected = (1 if audio else 0) + (1 if text else 0)
-    done = 0
+    vad = audio is not None and turn_detection != "none"
+    ready = streaming = text_sent = False
+    turns_started = turns_stopped = started = done = 0
     config: dict = {"type": "config", "turn_detection": turn_detection}
     if voice:
         config["voice"] = voice
@@ -122,35 +198,49 @@ async def converse(url: str, audio: bytes | None, text: str | None, out: str, tu
                     code = listener.close_info
                     echo(f"connection closed {code or ''}".strip())
                     return 1
-                if isinstance(message, bytes):
+                if message is _SPOKEN:
+                    streaming = False
+                elif isinstance(message, bytes):
                     reply += message
                     continue
-                kind = message.get("type")
-                if kind == "ready":
-                    echo(f"ready: session {message.get('session_id')} model={message.get('model')} "
-                         f"voice={message.get('voice')} turn_detection={message.get('turn_detection')}")
-                    if expected == 0:
-                        return 0
-                    if audio:
-                        streamer = asyncio.create_task(_speak(transport, audio, turn_detection))
-                    else:
-                        _send_text(transport, text)
-                elif kind == "transcript":
-                    if message.get("is_final"):
-                        echo(f"[{message.get('role')}] {message.get('text')}")
-                elif kind == "response_done":
-                    done += 1
-                    echo(f"response done: {message.get('response_id')} ({message.get('status')})")
-                    if done >= expected:
-                        break
-                    if text:  # the audio reply is done: now the text turn (one response at a time)
-                        _send_text(transport, text)
-                elif kind == "error":
-                    echo(f"error {message.get('code')}: {message.get('message')}")
-                    if message.get("fatal"):
-                        return 1
                 else:
-                    echo(f"event: {kind} " + " ".join(f"{k}={v}" for k, v in message.items() if k != "type"))
+                    kind = message.get("type")
+                    if kind == "ready":
+                        ready = True
+                        echo(f"ready: session {message.get('session_id')} model={message.get('model')} "
+                             f"voice={message.get('voice')} turn_detection={message.get('turn_detection')}")
+                        if audio:
+                            streaming = True
+                            streamer = asyncio.create_task(_speak(transport, audio, turn_detection, listener.queue))
+                    elif kind == "transcript":
+                        if message.get("is_final"):
+                            echo(f"[{message.get('role')}] {message.get('text')}")
+                    elif kind == "response_done":
+                        done += 1
+                        echo(f"response done: {message.get('response_id')} ({message.get('status')})")
+                    elif kind == "error":
+                        echo(f"error {message.get('code')}: {message.get('message')}")
+                        if message.get("fatal"):
+                            return 1
+                    else:
+                        if kind == "speech_started":
+                            turns_started += 1
+                        elif kind == "speech_stopped":
+                            turns_stopped += 1
+                        elif kind == "response_started":
+                            started += 1
+                        echo(f"event: {kind} " + " ".join(f"{k}={v}" for k, v in message.items() if k != "type"))
+                if not ready or streaming or started > done or turns_started > turns_stopped:
+                    continue  # still speaking, a reply is running, or a turn has not ended yet
+                # every reply asked for so far: one per VAD turn (or the push-to-talk turn), and the text's
+                asked = (turns_stopped if vad else 1 if audio else 0) + (1 if text_sent else 0)
+                if done < asked:
+                    continue
+                if text and not text_sent:  # the audio's replies are done: now the text turn
+                    _send_text(transport, text)
+                    text_sent = True
+                    continue
+                break
     except TimeoutError:
         echo(f"timed out after {timeout:g} s")
         return 1
@@ -161,6 +251,9 @@ async def converse(url: str, audio: bytes | None, text: str | None, out: str, tu
         transport.send_close(WSCloseCode.OK)
         transport.disconnect()
     echo(f"wrote {len(reply)} bytes ({len(reply) / (RATE * 2):.2f} s) of reply audio to {out}")
+    if vad and turns_stopped == 0:
+        echo("no speech detected in the audio (server VAD): nothing was answered")
+        return 1
     return 0
 
 
@@ -168,8 +261,8 @@ def _send_text(transport: WSTransport, text: str) -> None:
     transport.send(WSMsgType.TEXT, orjson.dumps({"type": "text", "text": text}))
 
 
-async def _speak(transport: WSTransport, audio: bytes, turn_detection: str) -> None:
-    """Stream the audio in real time (20 ms frames), then end the turn."""
+async def _speak(transport: WSTransport, audio: bytes, turn_detection: str, queue: asyncio.Queue) -> None:
+    """Stream the audio in real time (20 ms frames), end the turn, then queue `_SPOKEN`."""
     loop = asyncio.get_running_loop()
     if audio:
         if turn_detection != "none":
@@ -184,17 +277,31 @@ async def _speak(transport: WSTransport, audio: bytes, turn_detection: str) -> N
         if turn_detection == "none":
             transport.send(WSMsgType.TEXT, b'{"type":"commit"}')
             transport.send(WSMsgType.TEXT, b'{"type":"create_response"}')
+    queue.put_nowait(_SPOKEN)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.wav:
-        audio = load_wav_pcm16(args.wav)
+        try:
+            audio = load_wav_pcm16(args.wav)
+        except OSError as exc:
+            return _usage_error(f"cannot read --wav {args.wav}: {exc.strerror or exc}")
+        except WavError as exc:
+            return _usage_error(f"cannot use --wav {args.wav}: {exc}")
     elif args.demo_tone:
         audio = demo_tone()
     else:
         audio = None
     if audio is None and not args.text:
-        print("realtime-gateway client: give --wav, --demo-tone or --text", file=sys.stderr)
-        return 2
-    return uvloop.run(converse(args.url, audio, args.text, args.out, args.turn_detection, args.voice,
-                               args.timeout, echo=lambda line: print(line, flush=True)))
+        return _usage_error("give --wav, --demo-tone or --text")
+    try:
+        return uvloop.run(converse(args.url, audio, args.text, args.out, args.turn_detection, args.voice,
+                                   args.timeout, echo=lambda line: print(line, flush=True)))
+    except ConnectFailed as exc:
+        return _usage_error(str(exc))
+
+
+def _usage_error(message: str) -> int:
+    """One line on stderr, exit code 2: what a newcomer's mistake gets instead of a traceback."""
+    print(f"realtime-gateway client: {message}", file=sys.stderr)
+    return 2

@@ -74,14 +74,23 @@ def generated_clip(seed: int = _SEED, syllables: int = 7) -> bytes:
 
 
 def load_wav_clip(path: str) -> bytes:
-    """The PCM frames of a 16-bit mono 24 kHz WAV file; ValueError for any other format."""
-    with wave.open(path, "rb") as wav:
-        if (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) != (1, 2, SAMPLE_RATE):
-            raise ValueError(
-                f"{path}: need 16-bit mono {SAMPLE_RATE} Hz PCM, got {wav.getsampwidth() * 8}-bit "
-                f"{wav.getnchannels()}-channel {wav.getframerate()} Hz"
-            )
-        pcm = wav.readframes(wav.getnframes())
+    """The PCM frames of a 16-bit mono 24 kHz WAV file; ValueError for anything else, including a
+    file that cannot be read (missing, not a WAV, float samples: what `wave` refuses)."""
+    try:
+        with wave.open(path, "rb") as wav:
+            if (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) != (1, 2, SAMPLE_RATE):
+                raise ValueError(
+                    f"{path}: need 16-bit mono {SAMPLE_RATE} Hz PCM, got {wav.getsampwidth() * 8}-bit "
+                    f"{wav.getnchannels()}-channel {wav.getframerate()} Hz"
+                )
+            pcm = wav.readframes(wav.getnframes())
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+    except (EOFError, wave.Error) as exc:
+        reason = str(exc) or "truncated"
+        raise ValueError(
+            f"{path}: need a 16-bit mono {SAMPLE_RATE} Hz PCM WAV, cannot read this one ({reason})"
+        ) from None
     if len(pcm) < ms_to_bytes(100):
         raise ValueError(f"{path}: clip shorter than 100 ms (the upstream's minimum commit)")
     return pcm

@@ -9,7 +9,8 @@ Locust's failures table with the reason.
 |-------|-----------------------------------|---------------------------|-------------------------------------------------------------|--------------|
 | WS    | connect → ready                   | session                   | start of the TCP connect → `ready` received                  | refused, closed or no `ready` in time |
 | VOICE | first audio after speech_stopped  | VAD turn                  | `speech_stopped` received → first reply audio frame          | no speech_started + speech_stopped (VAD heard no turn) or no reply audio in time |
-| VOICE | audio round trip                  | voice turn                | end of the user's speech (last voiced frame sent; push-to-talk: `commit` sent) → first reply audio frame | no reply audio in time |
+| VOICE | audio round trip                  | server-VAD turn           | end of the user's speech (last voiced frame sent) → first reply audio frame; includes the VAD's silence window | no reply audio in time |
+| VOICE | audio round trip (push-to-talk)   | push-to-talk turn         | `commit` sent → first reply audio frame                       | no reply audio in time |
 | VOICE | reply completeness                | completed voice reply     | first → last reply audio frame; size = reply bytes           | reply bytes ≠ the turn's audio (the mock echoes it bit-exactly), status ≠ completed, or audio arrived outside any response |
 | VOICE | reply completeness (interrupted)  | interrupted reply         | first reply audio → `interrupted`; size = reply bytes        | the bytes are not an exact prefix of the turn's audio, or `played_ms` > audio received |
 | VOICE | interrupted reaction              | barge-in                  | first frame of the overlapping speech sent → `interrupted`   | no `interrupted` in time (the reply finished first, or never came) |
@@ -30,7 +31,8 @@ ERROR = "ERROR"
 
 CONNECT_READY = "connect → ready"
 FIRST_AUDIO_AFTER_STOP = "first audio after speech_stopped"
-AUDIO_ROUND_TRIP = "audio round trip"
+AUDIO_ROUND_TRIP = "audio round trip"  # server VAD: includes its silence window (500 ms here)
+AUDIO_ROUND_TRIP_PTT = "audio round trip (push-to-talk)"  # from `commit`: no silence window, its own row
 REPLY_COMPLETENESS = "reply completeness"
 REPLY_COMPLETENESS_INTERRUPTED = "reply completeness (interrupted)"
 INTERRUPTED_REACTION = "interrupted reaction"

@@ -87,21 +87,39 @@ class LoadSettings:
                 return kind(getattr(options, name))
             return kind(os.environ.get(env, default))
 
-        chunk_ms = pick("chunk_ms", "LOADTEST_CHUNK_MS", 20, int)
-        if not 5 <= chunk_ms <= 1000:
-            raise ValueError(f"--chunk-ms must be within 5..1000, got {chunk_ms}")
-        return cls(
+        settings = cls(
             url=pick("gateway_url", "LOADTEST_GATEWAY_URL", "") or endpoint_url(host or DEFAULT_HOST),
             token=pick("token", "LOADTEST_TOKEN", ""),
             token_in=pick("token_in", "LOADTEST_TOKEN_IN", "header"),
             clip=pick("clip", "LOADTEST_CLIP", "generated"),
             turns=pick("turns", "LOADTEST_TURNS", 5, int),
-            chunk_ms=chunk_ms,
+            chunk_ms=pick("chunk_ms", "LOADTEST_CHUNK_MS", 20, int),
             pause_ms=pick("pause_ms", "LOADTEST_PAUSE_MS", 500, int),
             barge_in_after_ms=pick("barge_in_after_ms", "LOADTEST_BARGE_IN_AFTER_MS", 300, int),
             reply_timeout_s=pick("reply_timeout", "LOADTEST_REPLY_TIMEOUT", 20.0, float),
             model=pick("model", "LOADTEST_MODEL", ""),
         )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """ValueError naming the option when a value cannot work (the clip is checked by loading it)."""
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            # the URL itself is not shown: it may carry a token
+            raise ValueError("--gateway-url must be a ws:// or wss:// URL with a host, e.g. ws://h:3001/realtime")
+        if self.token_in not in ("header", "query"):
+            raise ValueError(f"--token-in must be header or query, got {self.token_in!r}")
+        if self.turns < 0:
+            raise ValueError(f"--turns must be 0 (never reconnect) or more, got {self.turns}")
+        if not 5 <= self.chunk_ms <= 1000:
+            raise ValueError(f"--chunk-ms must be within 5..1000, got {self.chunk_ms}")
+        if self.pause_ms < 0:
+            raise ValueError(f"--pause-ms must be 0 or more, got {self.pause_ms}")
+        if self.barge_in_after_ms < 0:
+            raise ValueError(f"--barge-in-after-ms must be 0 or more, got {self.barge_in_after_ms}")
+        if not 0 < self.reply_timeout_s < float("inf"):  # also refuses nan
+            raise ValueError(f"--reply-timeout must be a positive number of seconds, got {self.reply_timeout_s}")
 
     def connect_url(self) -> str:
         """The URL to dial, with ?token= added when the token goes in the query."""

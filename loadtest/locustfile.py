@@ -32,8 +32,8 @@ from locust import User, events, tag, task
 from loadtest import _options
 from loadtest._audio import BYTES_PER_MS, bytes_to_ms, load_clips
 from loadtest._metrics import (
-    AUDIO_ROUND_TRIP, FIRST_AUDIO_AFTER_STOP, INTERRUPTED_REACTION, MIC_LATENESS, REPLY_COMPLETENESS,
-    REPLY_COMPLETENESS_INTERRUPTED, TEXT, TEXT_ROUND_TRIP, VOICE, MetricReporter,
+    AUDIO_ROUND_TRIP, AUDIO_ROUND_TRIP_PTT, FIRST_AUDIO_AFTER_STOP, INTERRUPTED_REACTION, MIC_LATENESS,
+    REPLY_COMPLETENESS, REPLY_COMPLETENESS_INTERRUPTED, TEXT, TEXT_ROUND_TRIP, VOICE, MetricReporter,
 )
 from loadtest._session import Reply, SessionClosed, SpeechEvent, TurnTimeout, Utterance, VoiceSession, clock
 
@@ -51,6 +51,26 @@ TEXT_PROMPTS = (
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser, **_kwargs) -> None:
     _options.add_arguments(parser)
+
+
+def _refuse(message: str) -> None:
+    """Stop Locust at start with one line and exit code 2, as argparse does for a bad flag: a value
+    that cannot work would otherwise fail every user (a traceback each, or failures that look like
+    the gateway's)."""
+    print(f"locust -f loadtest/: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)  # SystemExit passes through Locust's event hook, which logs other exceptions as crashes
+
+
+@events.init.add_listener
+def _check_options(environment, **_kwargs) -> None:
+    """Validate the custom options and load the clip once, before any user starts. (In a
+    distributed run a worker checks its own command line here; the master's values reach it
+    later, and its users check them again in on_start.)"""
+    try:
+        settings = _options.LoadSettings.from_options(environment.parsed_options, environment.host)
+        load_clips(settings.clip)
+    except ValueError as exc:
+        _refuse(str(exc))
 
 
 @events.init.add_listener
@@ -72,7 +92,7 @@ def _select_scenarios_by_tags(environment, **_kwargs) -> None:
 
     kept = [user_class for user_class in environment.user_classes if selected(user_class)]
     if not kept:
-        raise ValueError(f"no scenario matches the tags; scenario tags are {', '.join(SCENARIO_TAGS)}")
+        _refuse(f"no scenario matches the tags; scenario tags are {', '.join(SCENARIO_TAGS)}")
     environment.user_classes[:] = kept
 
 
@@ -273,8 +293,8 @@ class PushToTalkUser(VoiceUser):
         session.send_event({"type": "commit"})
         released_at = clock()
         session.send_event({"type": "create_response"})
-        reply = self.expect_reply_audio(session, reply_index, VOICE, AUDIO_ROUND_TRIP)
-        self.reporter.sample(VOICE, AUDIO_ROUND_TRIP, (reply.first_audio_at - released_at) * 1000.0)
+        reply = self.expect_reply_audio(session, reply_index, VOICE, AUDIO_ROUND_TRIP_PTT)
+        self.reporter.sample(VOICE, AUDIO_ROUND_TRIP_PTT, (reply.first_audio_at - released_at) * 1000.0)
         session.sent.discard_before(session.sent.end)
         self.check_complete_echo(session, reply, clip, "push-to-talk turn")
 

@@ -2,6 +2,7 @@
 both as subprocesses; the reply WAV holds the echoed audio."""
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 import wave
@@ -61,3 +62,85 @@ def test_wav_conversion_to_24k_mono(tmp_path):
     same = tmp_path / "same.wav"
     _write_wav(same, tone.tobytes()[:4800], rate=24000)
     assert load_wav_pcm16(str(same)) == tone.tobytes()[:4800]   # already 24 kHz mono: bit-exact
+
+
+def _speech_turns(stdout: str) -> list[tuple[int, int]]:
+    """The (speech_started, speech_stopped) audio_ms pairs the client printed, in order."""
+    events = {"speech_started": [], "speech_stopped": []}
+    for line in stdout.splitlines():
+        kind, _, fields = line.removeprefix("event: ").partition(" ")
+        if line.startswith("event: ") and kind in events:
+            events[kind].append(int(dict(field.split("=", 1) for field in fields.split())["audio_ms"]))
+    return list(zip(events["speech_started"], events["speech_stopped"], strict=True))
+
+
+def test_demo_client_with_server_vad_answers_every_utterance_of_the_file(tmp_path):
+    # Two utterances 1.5 s apart: server VAD makes them two turns. The client must stream the whole
+    # file and stay until both replies are done, not leave after the first one.
+    first, second = speech_like(0.6, seed=41), speech_like(0.6, seed=42)
+    spoken = silence(0.3) + first + silence(1.5) + second
+    wav_in = tmp_path / "two.wav"
+    _write_wav(wav_in, spoken)
+    port = free_port()
+    with gateway_process(port=port):
+        result = _client(port, "--wav", str(wav_in), "--out", str(tmp_path / "reply.wav"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    turns = _speech_turns(result.stdout)
+    assert len(turns) == 2 and result.stdout.count("response done") == 2, result.stdout
+    sent = spoken + silence(1.0)  # the client ends the file with a second of silence
+    echoes = b"".join(sent[start * 48:stop * 48] for start, stop in turns)  # 48 bytes per ms
+    for utterance, (start, stop) in zip((first, second), turns):  # each turn holds its whole utterance
+        assert start * 48 <= sent.find(utterance) <= stop * 48 - len(utterance)
+    with wave.open(str(tmp_path / "reply.wav"), "rb") as reply:
+        assert reply.readframes(reply.getnframes()) == echoes      # both turns, echoed bit-exactly
+
+
+def _write_raw_wav(path, format_tag: int, channels: int, rate: int, width: int, samples: bytes,
+                   extensible: bool = False) -> None:
+    """A WAV the stdlib `wave` module cannot write: float, or WAVE_FORMAT_EXTENSIBLE."""
+    block_align = channels * width
+    fmt = struct.pack("<HHIIHH", 0xFFFE if extensible else format_tag, channels, rate, rate * block_align,
+                      block_align, width * 8)
+    if extensible:  # cbSize, valid bits, channel mask, sub-format GUID (starts with the format tag)
+        fmt += struct.pack("<HHI", 22, width * 8, 0) + struct.pack("<H", format_tag) + bytes.fromhex(
+            "000000001000800000aa00389b71")
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(samples)) + samples
+    path.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+
+
+def test_float_and_extensible_wavs_are_converted(tmp_path):
+    pcm = speech_like(0.2, seed=7)
+    as_float = np.frombuffer(pcm, dtype="<i2").astype("<f4") / 32768
+    _write_raw_wav(tmp_path / "f32.wav", 3, 1, 24000, 4, as_float.tobytes())
+    assert load_wav_pcm16(str(tmp_path / "f32.wav")) == pcm                 # ±1.0 full scale: bit-exact
+    stereo = np.repeat(as_float.astype("<f8"), 2)
+    _write_raw_wav(tmp_path / "f64x2.wav", 3, 2, 24000, 8, stereo.tobytes(), extensible=True)
+    assert load_wav_pcm16(str(tmp_path / "f64x2.wav")) == pcm
+    _write_raw_wav(tmp_path / "pcm_ext.wav", 1, 1, 24000, 2, pcm, extensible=True)
+    assert load_wav_pcm16(str(tmp_path / "pcm_ext.wav")) == pcm
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_newcomer_mistakes_get_one_line_and_exit_2(tmp_path):
+    port = free_port()  # nothing listens there
+    missing = _one_line_error(_client(port, "--wav", str(tmp_path / "nope.wav")))
+    assert missing == f"realtime-gateway client: cannot read --wav {tmp_path / 'nope.wav'}: No such file or directory"
+    _write_raw_wav(tmp_path / "adpcm.wav", 2, 1, 24000, 1, bytes(100))  # format 2: compressed
+    adpcm = _one_line_error(_client(port, "--wav", str(tmp_path / "adpcm.wav")))
+    assert "unsupported WAV encoding (format tag 2" in adpcm and "float" in adpcm
+    (tmp_path / "notes.wav").write_text("not audio")
+    assert "not a WAV file" in _one_line_error(_client(port, "--wav", str(tmp_path / "notes.wav")))
+    refused = _one_line_error(_client(port, "--demo-tone"))
+    assert refused == f"realtime-gateway client: cannot connect to ws://127.0.0.1:{port}/realtime: Connection refused"
+    with_token = subprocess.run([sys.executable, "-m", "gateway", "client", "--demo-tone", "--url",
+                                 f"ws://127.0.0.1:{port}/realtime?token=s3cret-t0ken"],
+                                capture_output=True, text=True, timeout=60)
+    line = _one_line_error(with_token)
+    assert "s3cret-t0ken" not in line and f"ws://127.0.0.1:{port}/realtime?token=***" in line

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -32,6 +34,7 @@ EXPECTED_METRICS = {
     ("WS", "connect → ready"),
     ("VOICE", "first audio after speech_stopped"),
     ("VOICE", "audio round trip"),
+    ("VOICE", "audio round trip (push-to-talk)"),
     ("VOICE", "reply completeness"),
     ("VOICE", "reply completeness (interrupted)"),
     ("VOICE", "interrupted reaction"),
@@ -135,6 +138,45 @@ def test_settings_from_environment_and_token_placement(monkeypatch):
     monkeypatch.setenv("LOADTEST_CHUNK_MS", "2")
     with pytest.raises(ValueError, match="chunk-ms"):
         LoadSettings.from_options(None, None)
+
+
+def test_bad_options_stop_locust_at_start_with_one_line(tmp_path):
+    """Each value that cannot work is refused once, before any user runs (exit 2, no traceback),
+    instead of failing every user or looking like gateway failures. Nothing listens on the port:
+    a run that got as far as connecting would fail differently."""
+    float_wav = tmp_path / "float.wav"  # IEEE float (format 3): the stdlib wave module refuses it
+    fmt = struct.pack("<HHIIHH", 3, 1, 24_000, 96_000, 4, 32)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", 4800) + bytes(4800)
+    float_wav.write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+    cases = {
+        ("--reply-timeout", "-1"): "--reply-timeout must be a positive number of seconds, got -1.0",
+        ("--chunk-ms", "3"): "--chunk-ms must be within 5..1000, got 3",
+        ("--clip", str(float_wav)): f"{float_wav}: need a 16-bit mono 24000 Hz PCM WAV, cannot read this one "
+                                    "(unknown format: 3)",
+        ("--clip", str(tmp_path / "missing.wav")): f"{tmp_path / 'missing.wav'}: No such file or directory",
+        ("--tags", "nonsense"): "no scenario matches the tags; scenario tags are vad, ptt, barge_in, text",
+        (): "--turns must be 0 (never reconnect) or more, got -1",  # the environment twin: LOADTEST_TURNS=-1
+    }
+    host = f"ws://127.0.0.1:{free_port()}"
+    runs = {
+        args: subprocess.Popen(
+            [sys.executable, "-m", "locust", "-f", "loadtest/", "--headless", "-u", "1", "-r", "1", "-t", "5s",
+             "--host", host, "--loglevel", "WARNING", *args],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "LOADTEST_TURNS": "5" if args else "-1"},
+        )
+        for args in cases
+    }
+    try:
+        for args, expected in cases.items():
+            stdout, stderr = runs[args].communicate(timeout=60)
+            assert runs[args].returncode == 2, (args, stdout, stderr)
+            assert stderr.splitlines() == [f"locust -f loadtest/: error: {expected}"], (args, stderr)
+    finally:
+        for run in runs.values():
+            if run.poll() is None:
+                run.kill()
+                run.wait()
 
 
 # ---- the client's record of what it sent -----------------------------------------------------
@@ -280,4 +322,7 @@ def test_headless_run_of_all_scenarios_has_no_failures_and_reports_every_metric(
     assert int(stats[("WS", "connect → ready")]["Request Count"]) >= 20
     assert float(stats[("VOICE", "reply completeness")]["Average Content Size"]) > 1000 * BYTES_PER_MS
     assert float(stats[("VOICE", "interrupted reaction")]["Median Response Time"]) < 1000
+    # The VAD round trip holds VAD turns only: each includes the 500 ms silence window the VAD
+    # waits for (a push-to-talk sample, measured from `commit`, takes a few ms).
+    assert float(stats[("VOICE", "audio round trip")]["Min Response Time"]) >= 400, context
     assert elapsed < 60
