@@ -140,7 +140,8 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
     ("--drain-timeout-s", "drain_timeout_s", "GATEWAY_DRAIN_TIMEOUT_S", float, 30.0,
      "on SIGTERM: stop accepting, send `closing`, let sessions finish this long, then close them (1001)"),
     ("--workers", "workers", "GATEWAY_WORKERS", int, 1,
-     "worker processes sharing the port (SO_REUSEPORT); a dead worker is replaced"),
+     "worker processes sharing the port (SO_REUSEPORT; more than 1 needs a port number, not 0); "
+     "a dead worker is replaced"),
     ("--api-keys-file", "api_keys_file", "GATEWAY_API_KEYS_FILE", str, None,
      "client API keys, one `key` or `id:key` per line; with this, GATEWAY_API_KEYS or "
      "GATEWAY_JWT_SECRET set, clients must authenticate (Bearer header, ?token= or subprotocol)"),
@@ -215,6 +216,10 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
             raise ConfigError(f"{dest} must not be negative (got {values[dest]})")
     if values["workers"] < 1:
         raise ConfigError("workers must be at least 1")
+    if values["port"] == 0 and values["workers"] > 1:
+        # each worker would bind a random port of its own: N nodes instead of one on N processes
+        raise ConfigError(f"{_setting('port')} 0 (a random port) cannot be shared by {_setting('workers')} "
+                          f"{values['workers']}: give a port number")
     # defaults every session would be refused with: the rules a client's own `config` gets
     if values["default_voice"] not in VOICES:
         raise ConfigError(f"{_setting('default_voice')}: {values['default_voice']!r} is not a realtime voice "

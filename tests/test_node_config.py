@@ -11,6 +11,7 @@ import pytest
 
 from gateway import config as node_config
 from gateway.client_protocol import VOICES
+from tests.relay_harness import free_port
 from gateway.config import ConfigError, NodeConfig
 
 
@@ -143,10 +144,25 @@ def test_a_node_that_cannot_start_says_why_and_exits_2_without_restarting_worker
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        for extra in (["--port", str(port)], ["--port", "0", "--api-keys-file", "/nonexistent/keys"]):
+        for extra in (["--port", str(port)], ["--port", str(free_port()), "--api-keys-file", "/nonexistent/keys"]):
             done = subprocess.run([sys.executable, "-m", "gateway", "--upstream", "mock", "--host", "127.0.0.1",
                                    "--workers", str(workers), *extra],
                                   capture_output=True, text=True, timeout=30)
             assert done.returncode == 2, done.stderr[-2000:]
             assert "Traceback" not in done.stderr and "starting a replacement" not in done.stderr
             assert ("Address already in use" in done.stderr) or ("cannot read API keys file" in done.stderr)
+
+
+@pytest.mark.parametrize("argv, env", [(["--port", "0", "--workers", "2"], {}),
+                                       ([], {"GATEWAY_PORT": "0", "GATEWAY_WORKERS": "3"})])
+def test_workers_cannot_share_a_random_port(argv, env):
+    """Found by an operations audit: with --port 0 each worker bound a random port of its own, so
+    `--workers 2` made two one-process nodes on two ports (the log named both). The node refuses
+    it with one line, exit 2; one process may still take a random port."""
+    done = subprocess.run([sys.executable, "-m", "gateway", "--upstream", "mock", "--host", "127.0.0.1", *argv],
+                          capture_output=True, text=True, timeout=10, env={"PATH": "/usr/bin:/bin", **env})
+    assert done.returncode == 2 and done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith("realtime-gateway: --port (GATEWAY_PORT) 0 (a random port) cannot be shared by "
+                           "--workers (GATEWAY_WORKERS)")
+    assert build(["--upstream", "mock", "--port", "0"], {}).port == 0
