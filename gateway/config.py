@@ -14,6 +14,9 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from gateway.client_protocol import VOICES, is_model_name
 
 OPENAI_URL = "wss://api.openai.com/v1/realtime"
 PROVIDERS = ("mock", "openai", "azure")
@@ -137,7 +140,8 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
     ("--drain-timeout-s", "drain_timeout_s", "GATEWAY_DRAIN_TIMEOUT_S", float, 30.0,
      "on SIGTERM: stop accepting, send `closing`, let sessions finish this long, then close them (1001)"),
     ("--workers", "workers", "GATEWAY_WORKERS", int, 1,
-     "worker processes sharing the port (SO_REUSEPORT); a dead worker is replaced"),
+     "worker processes sharing the port (SO_REUSEPORT; more than 1 needs a port number, not 0); "
+     "a dead worker is replaced"),
     ("--api-keys-file", "api_keys_file", "GATEWAY_API_KEYS_FILE", str, None,
      "client API keys, one `key` or `id:key` per line; with this, GATEWAY_API_KEYS or "
      "GATEWAY_JWT_SECRET set, clients must authenticate (Bearer header, ?token= or subprotocol)"),
@@ -212,6 +216,21 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
             raise ConfigError(f"{dest} must not be negative (got {values[dest]})")
     if values["workers"] < 1:
         raise ConfigError("workers must be at least 1")
+    if values["port"] == 0 and values["workers"] > 1:
+        # each worker would bind a random port of its own: N nodes instead of one on N processes
+        raise ConfigError(f"{_setting('port')} 0 (a random port) cannot be shared by {_setting('workers')} "
+                          f"{values['workers']}: give a port number")
+    # defaults every session would be refused with: the rules a client's own `config` gets
+    if values["default_voice"] not in VOICES:
+        raise ConfigError(f"{_setting('default_voice')}: {values['default_voice']!r} is not a realtime voice "
+                          f"(one of {', '.join(VOICES)})")
+    if not is_model_name(values["default_model"]):
+        raise ConfigError(f"{_setting('default_model')} must be a non-empty model name (printable, at most "
+                          f"128 characters; got {values['default_model'][:40]!r})")
+    if values["upstream_url"]:
+        problem = _upstream_url_problem(values["upstream_url"])
+        if problem:
+            raise ConfigError(f"{_setting('upstream_url')} must be a ws:// or wss:// URL with a host ({problem})")
     for entry in values["trusted_proxies"]:
         try:
             ipaddress.ip_network(entry, strict=False)
@@ -220,3 +239,26 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
     values["client_api_keys"] = env.get("GATEWAY_API_KEYS") or None
     values["jwt_secret"] = env.get("GATEWAY_JWT_SECRET") or None
     return NodeConfig(**values)
+
+
+def _setting(dest: str) -> str:
+    """`--flag (GATEWAY_FLAG)`: how an error names a setting that may have come from either."""
+    flag, env_name = next((flag, env_name) for flag, dest_, env_name, *_ in _FLAGS if dest_ == dest)
+    return f"{flag} ({env_name})"
+
+
+def _upstream_url_problem(url: str) -> str | None:
+    """What stops every upstream connect to `url` (picows' own URL rules), or None. Never quotes
+    the URL: its query may hold a key."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss"):
+        return f"got {parts.scheme}://" if parts.scheme else "got no scheme"
+    if not parts.hostname:
+        return "got no host"
+    if parts.fragment:
+        return "got a #fragment"
+    try:
+        parts.port
+    except ValueError:
+        return "got an invalid port"
+    return None

@@ -142,7 +142,8 @@ class ConnectionFailed(GatewayError):
 
 
 class RateLimitExceeded(GatewayError):
-    """The upstream failed a response with `rate_limit_exceeded`."""
+    """The upstream failed a response with `rate_limit_exceeded` (the session goes on), or
+    refused the handshake with HTTP 429 (fatal: there is no session; close 1013, try later)."""
 
 
 class InvalidConfig(GatewayError):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 
@@ -9,6 +10,8 @@ import orjson
 import pytest
 
 from gateway import config as node_config
+from gateway.client_protocol import VOICES
+from tests.relay_harness import free_port
 from gateway.config import ConfigError, NodeConfig
 
 
@@ -83,12 +86,52 @@ def test_json_logs_carry_the_session_id_and_never_the_keys():
     (["--drain-timeout-s", "nan"], {}, "drain_timeout_s must be a finite number"),
     ([], {"GATEWAY_IDLE_TIMEOUT_S": "inf"}, "idle_timeout_s must be a finite number"),
     (["--trusted-proxies", "10.0.0.0/8,not-an-ip"], {}, "trusted proxy 'not-an-ip'"),
+    (["--default-model", ""], {}, r"^--default-model .* got ''"),   # an empty flag is a value, not unset
+    (["--upstream-url", "ws://h:99999/x"], {}, "invalid port"),
+    (["--upstream-url", "ws://h/v1/realtime#x"], {}, "fragment"),
 ])
 def test_settings_a_node_could_not_run_with_are_refused_at_start(argv, env, message):
     """Found by an operations audit: a wrapped port, a NaN timeout that crashed the drain, a
     trusted-proxy entry that failed every session at connect."""
     with pytest.raises(ConfigError, match=message):
         build(["--upstream", "mock", *argv], env)
+
+
+@pytest.mark.parametrize("flag, env_name, value, message", [
+    ("--default-voice", "GATEWAY_DEFAULT_VOICE", "nosuchvoice", "'nosuchvoice' is not a realtime voice"),
+    ("--default-model", "GATEWAY_DEFAULT_MODEL", "gpt\trealtime", "must be a non-empty model name"),
+    ("--upstream-url", "GATEWAY_UPSTREAM_URL", "http://127.0.0.1:1/x?api-key=sk-test-secret-1",
+     r"must be a ws:// or wss:// URL with a host \(got http://\)"),
+    ("--upstream-url", "GATEWAY_UPSTREAM_URL", "wss:///v1/realtime", r"with a host \(got no host\)"),
+])
+@pytest.mark.parametrize("source", ["flag", "env"])
+def test_defaults_every_session_would_fail_with_are_refused_at_start(flag, env_name, value, message, source):
+    """Found by an operations audit: such a node started, /ready said 200, and every client that
+    named no voice (or model) got InvalidConfig, or every session ConnectionFailed. Now the node
+    refuses them with one line naming the setting, exit 2, whichever way it was given; the check
+    is the one a client's `config.voice` / `config.model` gets. A URL is never quoted (its query
+    may hold a key)."""
+    argv, env = ([flag, value], {}) if source == "flag" else ([], {env_name: value})
+    done = subprocess.run([sys.executable, "-m", "gateway", "--upstream", "mock", *argv], capture_output=True,
+                          text=True, timeout=10, env={"PATH": "/usr/bin:/bin", **env})
+    assert done.returncode == 2 and done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"realtime-gateway: {flag} ({env_name})") and "Traceback" not in line
+    assert re.search(message, line) and "sk-test-secret-1" not in line
+
+
+def test_what_clients_may_ask_for_is_a_valid_default():
+    """Every voice a client may name (on either dialect: the gateway applies one list), the seed's
+    model name, ws:// and wss:// URLs with a port, a path and a query (Azure deployments) pass."""
+    for voice in VOICES:
+        config = build(["--upstream", "mock", "--upstream-dialect", "beta", "--default-voice", voice], {})
+        assert config.default_voice == voice
+    assert build(["--default-model", "gpt-4o-realtime-preview"], {"GATEWAY_UPSTREAM": "mock"}).default_model == \
+        "gpt-4o-realtime-preview"
+    for url in ("wss://r.openai.azure.com/openai/v1/realtime?model=my-deployment",
+                "wss://r.openai.azure.com/openai/realtime?api-version=2024-10-01-preview&deployment=d",
+                "ws://127.0.0.1:4100/v1/realtime", "WSS://API.example.com:443/v1/realtime"):
+        assert build(["--upstream", "azure", "--upstream-url", url], {"AZURE_OPENAI_API_KEY": "k"}).upstream_url == url
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -101,10 +144,25 @@ def test_a_node_that_cannot_start_says_why_and_exits_2_without_restarting_worker
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        for extra in (["--port", str(port)], ["--port", "0", "--api-keys-file", "/nonexistent/keys"]):
+        for extra in (["--port", str(port)], ["--port", str(free_port()), "--api-keys-file", "/nonexistent/keys"]):
             done = subprocess.run([sys.executable, "-m", "gateway", "--upstream", "mock", "--host", "127.0.0.1",
                                    "--workers", str(workers), *extra],
                                   capture_output=True, text=True, timeout=30)
             assert done.returncode == 2, done.stderr[-2000:]
             assert "Traceback" not in done.stderr and "starting a replacement" not in done.stderr
             assert ("Address already in use" in done.stderr) or ("cannot read API keys file" in done.stderr)
+
+
+@pytest.mark.parametrize("argv, env", [(["--port", "0", "--workers", "2"], {}),
+                                       ([], {"GATEWAY_PORT": "0", "GATEWAY_WORKERS": "3"})])
+def test_workers_cannot_share_a_random_port(argv, env):
+    """Found by an operations audit: with --port 0 each worker bound a random port of its own, so
+    `--workers 2` made two one-process nodes on two ports (the log named both). The node refuses
+    it with one line, exit 2; one process may still take a random port."""
+    done = subprocess.run([sys.executable, "-m", "gateway", "--upstream", "mock", "--host", "127.0.0.1", *argv],
+                          capture_output=True, text=True, timeout=10, env={"PATH": "/usr/bin:/bin", **env})
+    assert done.returncode == 2 and done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith("realtime-gateway: --port (GATEWAY_PORT) 0 (a random port) cannot be shared by "
+                           "--workers (GATEWAY_WORKERS)")
+    assert build(["--upstream", "mock", "--port", "0"], {}).port == 0

@@ -1,6 +1,7 @@
 """Errors of SPEC §2.3/§7: codes, fatality, close codes, and nothing left half-open."""
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 
@@ -8,7 +9,8 @@ import pytest
 import websockets
 
 from gateway.config import NodeConfig
-from gateway.errors import CLOSE_INTERNAL_ERROR, CLOSE_MESSAGE_TOO_BIG, CLOSE_SESSION_EXPIRED, CLOSE_UPSTREAM_AUTH_FAILED
+from gateway.errors import (CLOSE_INTERNAL_ERROR, CLOSE_MESSAGE_TOO_BIG, CLOSE_SESSION_EXPIRED, CLOSE_TRY_AGAIN_LATER,
+                            CLOSE_UPSTREAM_AUTH_FAILED)
 from gateway.mock import MockOptions
 from gateway.server import GatewayServer
 from tests.relay_harness import RelayClient, relay, speech_like
@@ -88,6 +90,38 @@ def test_slow_upstream_handshake_times_out_as_connection_failed():
             elapsed = time.monotonic() - started
             assert 0.4 < elapsed < 1.2, elapsed
             assert "0.5 s" in error["message"]
+            await gateway.wait_empty(3)
+    run(scenario(), timeout=20)
+
+
+def test_an_upstream_rate_limiting_the_handshake_is_rate_limit_exceeded():
+    """Found by an operations audit: HTTP 429 at the upgrade reached clients as ConnectionFailed
+    (close 1011), though SPEC §3/§7 say rate limits surface as RateLimitExceeded. There is no
+    session to go on with, so it is fatal, with close 1013 (try again later) and the HTTP status
+    as the upstream code. The upstream here answers every upgrade with 429, as a rate-limiting
+    provider or proxy does."""
+    async def scenario():
+        handshakes: list[bytes] = []
+
+        async def rate_limited(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            handshakes.append(await reader.readuntil(b"\r\n\r\n"))
+            body = b'{"error":{"type":"requests","code":"rate_limit_exceeded","message":"Too many requests"}}'
+            writer.write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nRetry-After: 20\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            writer.close()
+
+        upstream = await asyncio.start_server(rate_limited, "127.0.0.1", 0)
+        port = upstream.sockets[0].getsockname()[1]
+        config = NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key="test-key-429",
+                            upstream_url=f"ws://127.0.0.1:{port}/v1/realtime", connect_timeout_s=5.0)
+        async with upstream, GatewayServer(config) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            error = await _expect_fatal(client, "RateLimitExceeded", CLOSE_TRY_AGAIN_LATER)
+            assert error["upstream"]["code"] == "http_429" and error["upstream"]["type"] == "handshake"
+            assert "HTTP 429" in error["message"] and client.close_reason == "rate limit exceeded"
+            assert "test-key-429" not in str(error) and not any(e["type"] == "ready" for e in client.events)
+            assert len(handshakes) == 1 and b"Bearer test-key-429" in handshakes[0]   # no retry storm
             await gateway.wait_empty(3)
     run(scenario(), timeout=20)
 

@@ -2,7 +2,8 @@
 
 Opens the socket with the provider's auth header (never logged), the dialect's extra headers and
 a bounded handshake; classifies failures into gateway errors (HTTP 401/403 ->
-`AuthenticationFailed`; refused / timeout / other HTTP -> `ConnectionFailed`).
+`AuthenticationFailed`; 429 -> `RateLimitExceeded`, fatal; refused / timeout / other HTTP ->
+`ConnectionFailed`).
 
 Complete upstream messages are classified by the `UpstreamLeg` base (compiled): an output-audio
 delta of the session's open item goes straight into its `AudioPath` (the client batch); another
@@ -25,7 +26,7 @@ from picows.common import WSHandshakeError
 from _fastpath import AudioPath, UpstreamLeg, release_handshake
 
 from gateway import sockets
-from gateway.errors import AuthenticationFailed, ConnectionFailed, GatewayError, UpstreamError
+from gateway.errors import AuthenticationFailed, ConnectionFailed, GatewayError, RateLimitExceeded, UpstreamError
 from gateway.framing import MessageAssembler, MessageTooBig
 
 log = logging.getLogger("gateway.upstream")
@@ -151,7 +152,8 @@ class UpstreamConnection:
         return self.listener.transport
 
     async def connect(self, url: str, headers: list[tuple[str, str]], timeout_s: float) -> None:
-        """Open the socket within `timeout_s`. Raises AuthenticationFailed or ConnectionFailed."""
+        """Open the socket within `timeout_s`. Raises AuthenticationFailed, RateLimitExceeded or
+        ConnectionFailed."""
         where = _safe_location(url)
         try:
             async with asyncio.timeout(timeout_s):
@@ -165,6 +167,9 @@ class UpstreamConnection:
             if status in (401, 403):
                 raise AuthenticationFailed(f"upstream {where} refused the API key (HTTP {status})",
                                            upstream={"code": f"http_{status}", "type": "handshake"}) from None
+            if status == 429:  # SPEC §3: rate limits are RateLimitExceeded; without a session, fatal
+                raise RateLimitExceeded(f"upstream {where} is rate limiting new sessions (HTTP 429)",
+                                        upstream={"code": "http_429", "type": "handshake"}, fatal=True) from None
             raise ConnectionFailed(f"upstream {where} refused the WebSocket handshake"
                                    + (f" (HTTP {status})" if status else "")) from None
         except TimeoutError:
