@@ -73,6 +73,7 @@ _FIN_TEXT = 0x81
 
 #: how a session ended, for the sessions_total{outcome} metric, by the error that ended it
 _OUTCOME_BY_CODE = {"AuthenticationFailed": "upstream_auth_failed", "ConnectionFailed": "upstream_failed",
+                    "RateLimitExceeded": "upstream_failed",
                     "UpstreamError": "upstream_failed", "SessionExpired": "expired",
                     "IdleTimeout": "idle_timeout", "SlowClient": "slow_client"}
 

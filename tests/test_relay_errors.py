@@ -123,6 +123,8 @@ def test_an_upstream_rate_limiting_the_handshake_is_rate_limit_exceeded():
             assert "test-key-429" not in str(error) and not any(e["type"] == "ready" for e in client.events)
             assert len(handshakes) == 1 and b"Bearer test-key-429" in handshakes[0]   # no retry storm
             await gateway.wait_empty(3)
+            from tests.test_faults import metric
+            assert await metric(gateway, "gateway_sessions_total", outcome="upstream_failed") == 1
     run(scenario(), timeout=20)
 
 
