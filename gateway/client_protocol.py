@@ -141,9 +141,11 @@ class FunctionResultCommand:
 
 @dataclass(slots=True)
 class PlaybackCommand:
-    """The client has played `played_ms` of the current response audio."""
+    """The client has played `played_ms` of a reply's audio: the one `response_id` names, else
+    the one it is playing now."""
 
     played_ms: float
+    response_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -221,7 +223,10 @@ def _parse_playback(message: dict) -> PlaybackCommand:
     played = message.get("played_ms")
     if type(played) not in (int, float) or played < 0:
         raise InvalidMessage("'played_ms' must be a non-negative number", param="played_ms")
-    return PlaybackCommand(float(played))
+    response_id = message.get("response_id")
+    if response_id is not None and type(response_id) is not str:
+        raise InvalidMessage("'response_id' must be a string", param="response_id")
+    return PlaybackCommand(float(played), response_id)
 
 
 def _parse_config(message: dict) -> ConfigCommand:

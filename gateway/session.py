@@ -59,6 +59,8 @@ CLOSE_GRACE_S = 5.0
 MAX_REOPENS = 3
 #: while the client is not read (a slow upstream), how often to ask the kernel whether it left
 HANGUP_CHECK_S = 1.0
+#: items queued on a client's playback timeline at most (replies generated faster than played)
+MAX_QUEUED_ITEMS = 32
 _TRUNCATE_PREFIX = "gw_truncate_"
 _UPDATE_PREFIX = "gw_update_"
 _RESPONSE_EVENT_ID = "gw_response"  # a response.create the gateway decided on itself
@@ -127,8 +129,8 @@ class RelaySession:
                  "_call_names", "_calls_dispatched", "_client_paused", "_client_queue",
                  "_client_queue_bytes", "_client_reading_paused", "_coalesce_s", "_connect_task",
                  "_created_timer", "_drop_reported", "_flush_timer", "_hangup_timer", "_level_timer",
-                 "_overflow_reported", "_owner", "_pending_updates", "_played_ms", "_updates_in_flight", "_playing_items",
-                 "_playing_response", "_pre_ready",
+                 "_overflow_reported", "_owner", "_pending_updates", "_played", "_updates_in_flight", "_playing",
+                 "_pre_ready",
                  "_pre_ready_audio_bytes", "_pre_ready_commands", "_reopens", "_response_asked",
                  "_response_calls", "_response_wanted",
                  "_turn_end", "_update_counter",
@@ -185,9 +187,9 @@ class RelaySession:
         # what a field the upstream refuses falls back to: the seed's defaults for the first)
         self._pending_updates: dict[str, tuple[cp.SessionConfig, cp.SessionConfig]] = {}
         # every session.update sent and not answered yet, in order: ours by event_id, a
-        # client's (forwarded as-is) as None — the upstream answers them in that order, so a
-        # `session.updated` answers the first, whoever sent it
-        self._updates_in_flight: list[str | None] = []
+        # client's (forwarded as-is) as (None, its event_id or None) — the upstream answers
+        # them in that order, so a `session.updated` answers the first, whoever sent it
+        self._updates_in_flight: list[str | tuple[None, str | None]] = []
         self._update_counter = 0
         self._connect_task: asyncio.Task | None = None
         self._created_timer: asyncio.TimerHandle | None = None
@@ -224,14 +226,14 @@ class RelaySession:
         self._audio_item: str | None = None
         # bytes received from upstream / sent to the client for the current item: the path's
         # `item_generated` / `item_delivered` (the fast path counts there)
-        # the reply the client is playing: its items in the order their audio came (a reply
-        # may have several), when the client is estimated to have started it (its first byte,
-        # or the end of the reply before it if that was still playing), and the client's
-        # `playback` report of the position in it
-        self._playing_response: str | None = None
-        self._playing_items: tuple[str, ...] = ()
+        # what the client is playing: the (response, item) pairs whose audio it got, in order
+        # — a reply may have several items, and a reply generated faster than it plays may be
+        # followed by the next before it ends — from the first byte that found its queue
+        # empty (loop time `_audio_started_at`) on; and the client's last `playback` report as
+        # (position on that timeline in ms, loop time of the report)
+        self._playing: tuple[tuple[str | None, str], ...] = ()
         self._audio_started_at = 0.0
-        self._played_ms: float | None = None
+        self._played: tuple[float, float] | None = None
         # the current item's output format, as bytes per ms: a `config` changing the format
         # applies to later responses, not to the audio of one already playing
         self._audio_item_bytes_per_ms = self.output_bytes_per_ms
@@ -626,12 +628,19 @@ class RelaySession:
         for name in ignored:
             self._note_ignored(name)
         self._pending_updates[event_id] = (config, fallback)
-        self._updates_in_flight.append(event_id)
+        self._expect_update_answer(event_id)
         # only tools carry client JSON deep enough to be unsendable (their parameter schemas)
         if not self._send_upstream(event, InvalidConfig, "tools"):  # never sent: nothing to await
             del self._pending_updates[event_id]
             self._updates_in_flight.pop()
             self._note_ignored("tools")
+
+    def _expect_update_answer(self, entry: str | tuple[None, str | None]) -> None:
+        self._updates_in_flight.append(entry)
+        if len(self._updates_in_flight) > RECENT:  # an upstream that answers none: forget the oldest
+            forgotten = self._updates_in_flight.pop(0)
+            if type(forgotten) is str:
+                self._pending_updates.pop(forgotten, None)
 
     def _note_ignored(self, name: str | None) -> None:
         if name and name not in self.ignored:
@@ -691,12 +700,25 @@ class RelaySession:
         self._send_upstream({"type": "response.create", "event_id": _RESPONSE_EVENT_ID})
 
     def _cmd_playback(self, command: cp.PlaybackCommand) -> None:
-        self._played_ms = command.played_ms
+        """`played_ms` is a position in one reply: the one named (`response_id`), else the one
+        the client is playing now by the clock. Kept as a position on the whole timeline."""
+        now = self.loop.time()
+        replies = self._replies(self._segments())
+        if not replies:
+            return
+        named = [r for r in replies if r[0] == command.response_id] if command.response_id else []
+        if named:
+            start = named[0][1]
+        else:
+            clock_ms = (now - self._audio_started_at) * 1000.0
+            start = next((begin for _r, begin, length in replies if begin + length > clock_ms), replies[-1][1])
+        self._played = (start + command.played_ms, now)
 
     def _cmd_passthrough(self, command: cp.PassthroughCommand) -> None:
         self._flush_audio()  # keep the client's order: audio sent before this event goes first
         if self._send_upstream(command.event) and command.event.get("type") == "session.update":
-            self._updates_in_flight.append(None)
+            client_event_id = command.event.get("event_id")
+            self._expect_update_answer((None, client_event_id if type(client_event_id) is str else None))
 
     # ---- upstream -> gateway -------------------------------------------------------------------
 
@@ -757,20 +779,29 @@ class RelaySession:
 
     def _switch_audio_item(self, item_id: str) -> None:
         path = self.path
-        if item_id not in self._playing_items:
+        if all(item != item_id for _response, item in self._playing):
             response_id = self.item_response.get(item_id)
-            if response_id is not None and response_id == self._playing_response:
-                self._playing_items += (item_id,)  # the reply goes on in another item
-            else:  # a new reply: its audio plays after what is still queued of the previous one
+            playing = self._playing
+            if playing and response_id is not None and response_id == playing[-1][0]:
+                self._playing = playing + ((response_id, item_id),)  # the reply goes on in another item
+            else:
                 now = self.loop.time()
-                queued_until = now
-                if self._playing_items and self._playing_items[0] not in self.interrupted_items:
-                    delivered_ms = sum(delivered for _item, delivered, _generated in self._reply_segments())
-                    queued_until = self._audio_started_at + delivered_ms / 1000.0
-                self._playing_response = response_id
-                self._playing_items = (item_id,)
-                self._audio_started_at = max(now, queued_until)
-                self._played_ms = None  # a `playback` report is about the reply being played
+                segments = self._segments()
+                queued_ms = sum(segment[2] for segment in segments)
+                if not playing or playing[-1][1] in self.interrupted_items \
+                        or now >= self._audio_started_at + queued_ms / 1000.0:
+                    # the client's queue is empty (or was dropped at a barge-in): a new timeline
+                    self._playing = ((response_id, item_id),)
+                    self._audio_started_at = now
+                    self._played = None
+                else:  # queued behind the reply the client is still playing
+                    self._playing = playing + ((response_id, item_id),)
+                    if len(self._playing) > MAX_QUEUED_ITEMS:  # bounded: the oldest has long been heard
+                        forgotten = segments[0][2]
+                        self._playing = self._playing[1:]
+                        self._audio_started_at += forgotten / 1000.0
+                        if self._played is not None:
+                            self._played = (max(0.0, self._played[0] - forgotten), self._played[1])
         if self._audio_item is not None:
             _remember(self.audio_bytes, self._audio_item,
                       (path.item_generated, path.item_delivered, self._audio_item_bytes_per_ms))
@@ -779,19 +810,31 @@ class RelaySession:
         self._audio_item = item_id
         self._sync_path()
 
-    def _reply_segments(self) -> list[tuple[str, float, float]]:
-        """The playing reply's audio, item by item in the order the client got it:
-        (item, ms delivered to the client, ms generated upstream), each in its own format."""
+    def _segments(self) -> list[tuple[str | None, str, float, float]]:
+        """The client's playback timeline item by item, in the order it got them: (response,
+        item, ms delivered to the client, ms generated upstream), each in its own format."""
         path = self.path
         segments = []
-        for item in self._playing_items:
+        for response_id, item in self._playing:
             if item == self._audio_item:
                 generated, delivered, bytes_per_ms = (path.item_generated, path.item_delivered,
                                                       self._audio_item_bytes_per_ms)
             else:
                 generated, delivered, bytes_per_ms = self.audio_bytes.get(item, (0, 0, self.output_bytes_per_ms))
-            segments.append((item, delivered / bytes_per_ms, generated / bytes_per_ms))
+            segments.append((response_id, item, delivered / bytes_per_ms, generated / bytes_per_ms))
         return segments
+
+    @staticmethod
+    def _replies(segments) -> list[tuple[str | None, float, float]]:
+        """(response, start ms on the timeline, ms delivered) of each reply on the timeline."""
+        replies: list[list] = []
+        position = 0.0
+        for response_id, _item, delivered, _generated in segments:
+            if not replies or replies[-1][0] != response_id:
+                replies.append([response_id, position, 0.0])
+            replies[-1][2] += delivered
+            position += delivered
+        return [tuple(reply) for reply in replies]
 
     def _on_audio_delta_slow(self, event: dict) -> None:
         """An audio delta the fast path declined (unusual encoding): same semantics, slower."""
@@ -824,7 +867,7 @@ class RelaySession:
     def _on_session_updated(self, event: dict) -> None:
         if self._updates_in_flight:  # the upstream answers updates in the order it received them
             answered = self._updates_in_flight.pop(0)
-            if answered is not None:
+            if type(answered) is str:
                 self._pending_updates.pop(answered, None)
         self.effective = self.dialect.effective(event.get("session") or {})
         self._maybe_ready()
@@ -861,9 +904,13 @@ class RelaySession:
             # the server leaves event_id null at times (reference §3.2): before `ready` only
             # our updates have gone up, and after it a session.* param names an update — the
             # oldest unanswered one (a client's own goes on to the client as any error)
-            event_id = self._updates_in_flight[0] or ""
-            if not event_id:
+            oldest = self._updates_in_flight[0]
+            if type(oldest) is str:
+                event_id = oldest
+            elif oldest[1] is None:  # a client's without an id: the error answers it
                 self._updates_in_flight.pop(0)
+        elif event_id and (None, event_id) in self._updates_in_flight:
+            self._updates_in_flight.remove((None, event_id))  # the client's own update, refused
         rejected = self._pending_updates.pop(event_id, None)
         if rejected is not None:
             self._updates_in_flight.remove(event_id)
@@ -879,9 +926,9 @@ class RelaySession:
             self.fail(UpstreamError(f"the upstream refused to truncate the interrupted reply: "
                                     f"{error.get('message')}", upstream=_details(error), fatal=False))
             return
-        if event_id == _RESPONSE_EVENT_ID:
+        if event_id == _RESPONSE_EVENT_ID or (not event_id and self._response_asked and _active_response_refusal(error)):
             self._response_asked = False
-            if code == "conversation_already_has_active_response":
+            if _active_response_refusal(error):
                 self._response_wanted = True  # one started first (server VAD): ask after it
                 return
         mapped = from_upstream_error(error)
@@ -934,53 +981,65 @@ class RelaySession:
         self._send_client(cp.speech_event("speech_stopped", _int(event.get("audio_end_ms")), event.get("item_id")))
 
     def _interrupt_if_playing(self) -> None:
-        """Barge-in over the playing reply: the played position in the reply (the client's
-        `playback` report, else all it got while the reply is still generated, else real time
-        since it started) falls in one of its items; that item is truncated there and every
-        later one (its audio exists upstream, unheard) at 0."""
+        """Barge-in over what the client is playing. The played position on its timeline — the
+        client's last `playback` report, else everything it got while a lone reply is still
+        being generated, else real time since it started — falls in one
+        item: that item is truncated there and every later one (its audio exists upstream,
+        unheard) at 0; each reply from that one on is told `interrupted`."""
         item_id = self._audio_item
         if item_id is None or item_id in self.interrupted_items:
             return
-        segments = self._reply_segments()
-        delivered_ms = sum(delivered for _item, delivered, _generated in segments)
+        now = self.loop.time()
+        segments = self._segments()
+        delivered_ms = sum(segment[2] for segment in segments)
         if delivered_ms == 0:
             return
-        response_id = self._playing_response
-        active = response_id is not None and response_id == self.active_response_id
-        if self._played_ms is not None:
-            played_ms = self._played_ms
-        elif active:
-            played_ms = delivered_ms
-        else:  # generation finished; the client plays in real time from the start at most
-            played_ms = min(delivered_ms, max(0.0, self.loop.time() - self._audio_started_at) * 1000.0)
-        if not active and played_ms >= delivered_ms:
+        last_response = segments[-1][0]
+        active = last_response is not None and last_response == self.active_response_id
+        if self._played is not None:
+            # the client's word, exact when fresh, at worst one report behind (then what it has
+            # not said it heard counts as unheard); but a report older than what was left to
+            # play means playout has ended since — not a barge-in
+            position, reported_at = self._played
+            if not active and position + (now - reported_at) * 1000.0 >= delivered_ms:
+                return
+        elif active and segments[0][0] == last_response:
+            position = delivered_ms  # generated as it plays: the client is at what it got
+        else:
+            position = max(0.0, now - self._audio_started_at) * 1000.0
+        if not active and position >= delivered_ms:
             return  # everything delivered has been played: nothing to interrupt
-        played_ms = min(played_ms, delivered_ms)
-        for item, _delivered, _generated in segments:
+        position = min(position, delivered_ms)
+        cut = 0  # the segment the position falls in (the last one at the very end)
+        offset = position
+        while cut < len(segments) - 1 and offset >= segments[cut][2]:
+            offset -= segments[cut][2]
+            cut += 1
+        replies = self._replies(segments)
+        cut_response = segments[cut][0]
+        told = [(response_id, max(0.0, position - begin)) for response_id, begin, _length in replies
+                if response_id == cut_response or begin > position]
+        for response_id, item, _delivered, _generated in segments[cut:]:
             self.interrupted_items = _added(self.interrupted_items, item)
-        if response_id is not None:
-            self.interrupted_responses = _added(self.interrupted_responses, response_id)
-            for other, owner in self.item_response.items():
-                if owner == response_id:
-                    self.interrupted_items = _added(self.interrupted_items, other)
+            if response_id is not None:
+                self.interrupted_responses = _added(self.interrupted_responses, response_id)
+        for other, owner in self.item_response.items():
+            if owner in self.interrupted_responses:
+                self.interrupted_items = _added(self.interrupted_items, other)
         self._sync_path()
-        log.info("session %s: barge-in, response %s interrupted at %d ms", self.session_id, response_id,
-                 int(played_ms))
-        self._send_client(cp.interrupted_event(response_id, int(played_ms)))
-        position = played_ms
-        for index, (item, delivered, generated) in enumerate(segments):
-            if position >= delivered and index < len(segments) - 1:
-                position -= delivered  # heard in full
-                continue
+        log.info("session %s: barge-in, response %s interrupted at %d ms", self.session_id, cut_response,
+                 int(told[0][1]))
+        for response_id, played_ms in told:
+            self._send_client(cp.interrupted_event(response_id, int(played_ms)))
+        for index, (_response_id, item, delivered, generated) in enumerate(segments[cut:]):
             # also at 0 ms (barge-in before playback started, or a later item): an item with
             # audio accepts it, only one without any is refused ("Only model output audio
             # messages can be truncated", reference §7.6); untruncated, the model believes the
             # user heard it all
             if generated > 0:
+                end_ms = min(offset, delivered, generated) if index == 0 else 0
                 self._send_upstream({"type": "conversation.item.truncate", "event_id": f"{_TRUNCATE_PREFIX}{item}",
-                                     "item_id": item, "content_index": 0,
-                                     "audio_end_ms": int(min(position, delivered, generated))})
-            position = 0.0
+                                     "item_id": item, "content_index": 0, "audio_end_ms": int(end_ms)})
 
     def _on_user_transcript_delta(self, event: dict) -> None:
         delta = event.get("delta")
@@ -1064,6 +1123,9 @@ class RelaySession:
         status = response.get("status")
         if response_id == self.active_response_id:
             self.active_response_id = None
+        # ours never announced itself (a conforming upstream sends response.created first): it
+        # is over all the same, and must not hold back every later request
+        self._response_asked = False
         self._send_client(cp.response_done_event(response_id, status, response.get("usage")))
         if status == "failed":
             # fatal or not by the upstream code, as when it comes as an `error` event: a rate
@@ -1288,6 +1350,13 @@ def _added(items: Mapping[str, None], item: str) -> dict[str, None]:
         return {item: None}
     _remember(items, item, None)
     return items
+
+
+def _active_response_refusal(error: dict) -> bool:
+    """The upstream refused a response.create because one is running: the code, or, from
+    servers of early 2025, no code and the message (reference §8)."""
+    return error.get("code") == "conversation_already_has_active_response" or (
+        not error.get("code") and str(error.get("message") or "").startswith("Conversation already has an active response"))
 
 
 def _remember(memory: dict, key, value) -> None:

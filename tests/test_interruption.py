@@ -1,6 +1,8 @@
 """Barge-in (SPEC §2.4): stop forwarding, `interrupted`, truncate at the played position, clamped."""
 from __future__ import annotations
 
+import asyncio
+
 from gateway.mock import MockOptions
 from tests.relay_harness import BYTES_PER_MS, RelayClient, frames, relay, silence, speech_like
 from tests.support import run
@@ -138,3 +140,64 @@ def test_barge_in_after_a_reply_in_several_items_truncates_from_the_played_posit
     truncates = [(e["item_id"], e["audio_end_ms"]) for e in received if e["type"] == "conversation.item.truncate"]
     assert truncates == [(items[1].id, 150), (items[2].id, 0)]
     assert not any(e["type"] == "error" for e in client.events)
+
+
+def test_barge_in_while_an_earlier_reply_still_plays_cuts_it_and_drops_the_next():
+    """Reply A is generated in a flash and plays for seconds; reply B (the answer to a second
+    text) arrives right after and queues behind it at the client. The user talks while A is
+    still playing: A is cut at the played position (here the client's report of 400 ms into A,
+    sent as B arrives), B is cut at 0, and each is told `interrupted`."""
+    async def scenario():
+        async with relay(MockOptions()) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "vad": {"silence_duration_ms": 300}})
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "tell me a long story about the sea and the ships"})
+            first = await client.wait("response_started")
+            await client.wait("response_done", response_id=first["response_id"])
+            await client.send({"type": "text", "text": "and another one"})
+            second = await client.wait("response_started")
+            await client.wait("response_done", response_id=second["response_id"])
+            await client.send({"type": "playback", "played_ms": 400})   # 400 ms into A, by the clock
+            for frame in frames(speech_like(0.4, seed=12), 4800):
+                await client.send_audio(frame)
+            told = [await client.wait("interrupted", timeout=5) for _ in range(2)]
+            upstream = mock.sessions[0]
+            for _ in range(2):
+                await upstream.wait_for_server_event("conversation.item.truncated", timeout=5)
+            return first, second, told, _reply_items(mock, first["response_id"]), \
+                _reply_items(mock, second["response_id"]), upstream.received
+
+    first, second, told, a_items, b_items, received = run(scenario(), timeout=30)
+    assert [(e["response_id"], e["played_ms"]) for e in told] == [(first["response_id"], 400),
+                                                                 (second["response_id"], 0)]
+    assert [len(item.audio) // BYTES_PER_MS for item in a_items + b_items] == [400, 0]
+    truncates = [(e["item_id"], e["audio_end_ms"]) for e in received if e["type"] == "conversation.item.truncate"]
+    assert truncates == [(a_items[0].id, 400), (b_items[0].id, 0)]
+
+
+def test_a_playback_report_older_than_the_rest_of_the_reply_is_no_barge_in():
+    """A client reporting its position every so often: its last report came before the reply
+    ended, and the reply has played out since. The next turn is no barge-in — nothing heard
+    is cut."""
+    async def scenario():
+        async with relay(REALTIME) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "vad": {"silence_duration_ms": 300}})
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "hello there"})   # a 1.26 s reply
+            response = await client.wait("response_started")
+            await client.wait_audio(600 * BYTES_PER_MS, timeout=5)
+            await client.send({"type": "playback", "played_ms": 600})
+            done = await client.wait("response_done", response_id=response["response_id"], timeout=5)
+            # the scenario's own time: the client plays out the last of the reply, unreported
+            await asyncio.sleep(0.8)
+            for frame in frames(speech_like(0.4, seed=12) + silence(0.5), 4800):
+                await client.send_audio(frame)
+            echo = await client.wait("response_started", timeout=5)   # the user's turn is answered
+            return done, echo, client, mock.sessions[0], _reply_items(mock, response["response_id"])
+
+    done, echo, client, upstream, items = run(scenario(), timeout=30)
+    assert client.of_type("interrupted") == []
+    assert not any(e["type"] == "conversation.item.truncate" for e in upstream.received)
+    assert len(items[0].audio) // BYTES_PER_MS == done["_audio_before"] // BYTES_PER_MS == 1260

@@ -147,3 +147,97 @@ def test_a_clients_own_session_update_does_not_take_the_answer_to_the_gateways()
     error = run(scenario(), timeout=20)
     assert error["code"] == "InvalidConfig" and error["param"] == "voice", error
     assert "the rest of the config applies" in error["message"]
+
+
+def test_a_clients_own_rejected_update_is_answered_and_leaves_the_queue():
+    """Refusals of the client's raw session.updates (with its event_id, and without one) are the
+    client's errors, as the upstream sent them; they answer those updates, so the gateway's own
+    `config` in between is still paired with its own answer and nothing is pinned on it."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()                                       # ready
+        bad = await upstream.receive("session.update")
+        await upstream.send({"type": "error", "error": {
+            "type": "invalid_request_error", "code": "invalid_value", "param": "session.audio.output.voice",
+            "message": "Invalid value: 'nova'.", "event_id": bad["event_id"]}})
+        await upstream.receive("session.update")                       # the gateway's config
+        await upstream.updated()
+        await upstream.receive("session.update")                       # raw, no event_id
+        await upstream.send({"type": "error", "error": {
+            "type": "invalid_request_error", "code": "invalid_value", "param": "session.audio.output.voice",
+            "message": "Invalid value: 'nova'.", "event_id": None}})
+        await upstream.send({"type": "response.created", "response": {"id": "resp_sentinel", "status": "in_progress"}})
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready", timeout=5)
+            await client.send({"type": "session.update", "event_id": "cli_bad",
+                               "session": {"type": "realtime", "audio": {"output": {"voice": "nova"}}}})
+            await client.send({"type": "config", "voice": "ash", "instructions": "Be brief."})
+            await client.send({"type": "session.update",
+                               "session": {"type": "realtime", "audio": {"output": {"voice": "nova"}}}})
+            await client.wait("response_started", timeout=5)   # the script ran to its end
+            (session,) = gateway.sessions
+            left = (list(session._updates_in_flight), list(session._pending_updates))
+            await client.close()
+            return client.of_type("error"), left
+
+    errors, left = run(scenario(), timeout=20)
+    assert [(e["code"], e["upstream"]["event_id"]) for e in errors] == [("UpstreamError", "cli_bad"),
+                                                                        ("UpstreamError", None)]
+    assert left == ([], [])
+
+
+def test_a_refusal_in_the_early_2025_shape_still_asks_again_after_the_running_reply():
+    """`conversation_already_has_active_response` came with code null and a shorter message from
+    servers of early 2025 (reference §8): the gateway's own request lost a race all the same,
+    and it asks again when the reply that won is done — no error for the client."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        ours = await upstream.receive("response.create")
+        await upstream.send({"type": "response.created", "response": {"id": "resp_vad", "status": "in_progress"}})
+        await upstream.send({"type": "error", "error": {
+            "type": "invalid_request_error", "code": None, "param": None,
+            "message": "Conversation already has an active response", "event_id": ours["event_id"]}})
+        await upstream.send({"type": "response.done", "response": {"id": "resp_vad", "status": "completed"}})
+        again = await upstream.receive("response.create")
+        await upstream.send({"type": "response.created", "response": {"id": "resp_again", "status": "in_progress"}})
+        await upstream.send({"type": "response.done", "response": {"id": "resp_again", "status": "completed"}})
+        assert again["event_id"] == ours["event_id"] == "gw_response"
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready", timeout=5)
+            await client.send({"type": "text", "text": "hello"})
+            await client.wait("response_done", response_id="resp_again", timeout=5)
+            await client.close()
+            return client.of_type("error")
+
+    assert run(scenario(), timeout=20) == []
+
+
+def test_a_reply_done_without_ever_being_created_does_not_hold_back_the_next():
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        await upstream.receive("response.create")
+        await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "failed",
+                                                                   "status_details": {"type": "failed"}}})
+        await upstream.receive("response.create")   # the second text's: the test's point
+        await upstream.send({"type": "response.created", "response": {"id": "resp_2", "status": "in_progress"}})
+        await upstream.send({"type": "response.done", "response": {"id": "resp_2", "status": "completed"}})
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready", timeout=5)
+            await client.send({"type": "text", "text": "one"})
+            await client.wait("response_done", response_id="resp_1", timeout=5)
+            await client.send({"type": "text", "text": "two"})
+            await client.wait("response_done", response_id="resp_2", timeout=5)
+            await client.close()
+
+    run(scenario(), timeout=20)
