@@ -156,7 +156,8 @@ class GatewayServer:
         self.metrics = metrics or GatewayMetrics()
         self.authenticator = ClientAuthenticator.from_settings(AuthSettings(
             api_keys_file=config.api_keys_file, api_keys=config.client_api_keys, jwt_secret=config.jwt_secret,
-            jwt_audience=config.jwt_audience, jwt_issuer=config.jwt_issuer,
+            jwt_audience=config.jwt_audience, jwt_issuer=config.jwt_issuer, jwt_leeway_s=config.jwt_leeway_s,
+            jwt_max_sessions_claim=config.jwt_max_sessions_claim,
             max_sessions_per_key=config.max_sessions_per_key or None))
         self.origins = OriginPolicy(config.allowed_origins) if config.allowed_origins else None
         # one of several workers: the node's limits are counted across all of them

@@ -29,6 +29,10 @@ def test_defaults_flags_and_env_fallbacks():
     assert (from_env.port, from_env.upstream_dialect) == (4100, "beta")
     flag_wins = build(["--port", "4200"], {"GATEWAY_UPSTREAM": "mock", "GATEWAY_PORT": "4100"})
     assert flag_wins.port == 4200
+    assert (config.jwt_leeway_s, config.jwt_max_sessions_claim) == (30.0, "max_sessions")
+    jwt_env = build([], {"GATEWAY_UPSTREAM": "mock", "GATEWAY_JWT_LEEWAY_S": "0",
+                         "GATEWAY_JWT_MAX_SESSIONS_CLAIM": "https://example.com/max_sessions"})
+    assert (jwt_env.jwt_leeway_s, jwt_env.jwt_max_sessions_claim) == (0.0, "https://example.com/max_sessions")
 
 
 def test_openai_needs_a_key_and_azure_a_url():
@@ -89,6 +93,9 @@ def test_json_logs_carry_the_session_id_and_never_the_keys():
     (["--default-model", ""], {}, r"^--default-model .* got ''"),   # an empty flag is a value, not unset
     (["--upstream-url", "ws://h:99999/x"], {}, "invalid port"),
     (["--upstream-url", "ws://h/v1/realtime#x"], {}, "fragment"),
+    (["--jwt-leeway-s", "-1"], {}, "jwt_leeway_s must not be negative"),
+    ([], {"GATEWAY_JWT_LEEWAY_S": "inf"}, "jwt_leeway_s must be a finite number"),
+    (["--jwt-max-sessions-claim", ""], {}, r"^--jwt-max-sessions-claim .* must name a claim"),
 ])
 def test_settings_a_node_could_not_run_with_are_refused_at_start(argv, env, message):
     """Found by an operations audit: a wrapped port, a NaN timeout that crashed the drain, a

@@ -101,11 +101,48 @@ def test_auth_accepts_bearer_query_token_subprotocol_and_jwt():
             for client in clients:
                 ready = await client.wait("ready", timeout=5)
                 assert CLIENT_KEY not in orjson.dumps(ready).decode()
-            expired = jwt.encode({"sub": "tenant-7", "exp": int(time.time()) - 10}, JWT_SECRET, algorithm="HS256")
+            # beyond the default 30 s of clock-skew leeway (--jwt-leeway-s)
+            expired = jwt.encode({"sub": "tenant-7", "exp": int(time.time()) - 120}, JWT_SECRET, algorithm="HS256")
             assert await refused_status(gateway.url, additional_headers={"Authorization": f"Bearer {expired}"}) == 401
             for client in clients:
                 await client.close()
     run(scenario(), timeout=30)
+
+
+def test_a_node_allows_jwt_clock_skew_by_default():
+    """Found by an auth audit: the node had no leeway setting, so a token minted by an issuer
+    whose clock is a second ahead (iat/nbf in the node's future) was refused. The node now allows
+    --jwt-leeway-s (default 30 s) either way, and still refuses a token minted two minutes ahead."""
+    async def scenario(port: int):
+        url = f"ws://127.0.0.1:{port}/realtime"
+        now = int(time.time())
+
+        def token(ahead_s: int) -> dict[str, str]:
+            claims = {"sub": "tenant-7", "iat": now + ahead_s, "nbf": now + ahead_s, "exp": now + 300}
+            return {"Authorization": f"Bearer {jwt.encode(claims, JWT_SECRET, algorithm='HS256')}"}
+
+        # +2 on a whole-second clock: 1-2 s ahead of the node when it checks, never behind it
+        skewed = RelayClient(await websockets.connect(url, additional_headers=token(2), compression=None))
+        await skewed.wait("ready", timeout=10)
+        assert await refused_status(url, additional_headers=token(120)) == 401
+        await skewed.close()
+    with gateway_process(env={"GATEWAY_JWT_SECRET": JWT_SECRET}) as (process, port):
+        run(scenario(port), timeout=30)
+
+
+def test_the_session_limit_claim_of_client_jwts_can_be_named():
+    """Identity providers that namespace custom claims: --jwt-max-sessions-claim names the one
+    that caps a token's concurrent sessions."""
+    async def scenario():
+        claim = "https://example.com/max_sessions"
+        token = jwt.encode({"sub": "tenant-7", "exp": int(time.time()) + 60, claim: 1}, JWT_SECRET, algorithm="HS256")
+        bearer = {"Authorization": f"Bearer {token}"}
+        async with relay(jwt_secret=JWT_SECRET, jwt_max_sessions_claim=claim) as (gateway, mock):
+            first = RelayClient(await websockets.connect(gateway.url, additional_headers=bearer))
+            await first.wait("ready")
+            assert await refused_status(gateway.url, additional_headers=bearer) == 429
+            await first.close()
+    run(scenario(), timeout=20)
 
 
 def test_per_key_session_limit_refuses_then_admits_after_a_close():
