@@ -707,12 +707,45 @@ def peer_ip(transport) -> str | None:
     return peer[0] if peer else None
 
 
+def forwarded_address(hop: str) -> str | None:
+    """The IP address in one ``X-Forwarded-For`` entry, normalised, or None if it is not one.
+
+    Proxies write ``203.0.113.9``, ``203.0.113.9:5555``, ``2001:db8::1``, ``[2001:db8::1]`` or
+    ``[2001:db8::1]:443``. A port is dropped only where it cannot be part of the address: after
+    an IPv4 address (one colon) or after a bracketed IPv6 one; a bare IPv6 address keeps every
+    colon. Anything else (``unknown``, a host name, an obfuscated ``_id``) is None.
+    """
+    hop = hop.strip()
+    if hop.startswith("["):  # [v6] or [v6]:port
+        address, bracket, rest = hop[1:].partition("]")
+        if not bracket or (rest and not (rest[:1] == ":" and _is_port(rest[1:]))):
+            return None
+    elif hop.count(":") == 1:  # v4:port (an IPv6 address has at least two colons)
+        address, _, port = hop.partition(":")
+        if not _is_port(port):
+            return None
+    else:
+        address = hop
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if hop.startswith("[") and ip.version != 6:
+        return None
+    return str(ip)
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65535
+
+
 def client_ip(peer: str | None, headers: "CIMultiDict[str] | None" = None,
               trusted_proxies: Iterable[str] = ()) -> str | None:
     """The address to count per-IP limits against.
 
     ``X-Forwarded-For`` is honoured only when the TCP peer is one of `trusted_proxies` (addresses or
-    CIDR networks); then the right-most entry that is not itself a trusted proxy is the client.
+    CIDR networks); then the right-most entry that is not itself a trusted proxy is the client
+    (entries may carry a port or IPv6 brackets: `forwarded_address`).
     Without trusted proxies the header is ignored: anyone can write it (WaaV B16).
     """
     networks = [ipaddress.ip_network(entry, strict=False) for entry in trusted_proxies]
@@ -728,9 +761,11 @@ def client_ip(peer: str | None, headers: "CIMultiDict[str] | None" = None,
         return peer
     hops = [hop.strip() for value in headers.getall("X-Forwarded-For", ()) for hop in value.split(",")]
     for hop in reversed(hops):
-        if hop and not trusted(hop):
-            try:
-                return str(ipaddress.ip_address(hop))
-            except ValueError:
-                return peer  # garbage in the header: count against the proxy, do not trust it
+        if not hop:
+            continue
+        address = forwarded_address(hop)
+        if address is None:
+            return peer  # garbage in the header: count against the proxy, do not trust it
+        if not trusted(address):
+            return address
     return peer

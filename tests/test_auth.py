@@ -19,7 +19,7 @@ from picows.common import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponse
 
 from gateway.auth import (BEARER_SUBPROTOCOL_PREFIX, SUBPROTOCOL, AuthRefusal, AuthSettings, ClientAuthenticator,
                           LimitRefusal, OriginPolicy, Principal, SessionLimiter, Slot, client_ip, extract_credentials,
-                          is_loopback_host, parse_api_keys_env, parse_api_keys_file, redact_path)
+                          forwarded_address, is_loopback_host, parse_api_keys_env, parse_api_keys_file, redact_path)
 from gateway.config import ConfigError
 from tests.support import run
 
@@ -394,6 +394,40 @@ def test_client_ip_trusts_forwarded_for_only_from_trusted_proxies():
     assert client_ip("10.0.0.2", spoof, ["10.0.0.0/8"]) == "203.0.113.9"
     assert client_ip("10.0.0.2", CIMultiDict([("X-Forwarded-For", "junk")]), ["10.0.0.0/8"]) == "10.0.0.2"
     assert client_ip("10.0.0.2", CIMultiDict(), ["10.0.0.0/8"]) == "10.0.0.2"
+
+
+def test_forwarded_address_takes_ports_and_ipv6_brackets_off():
+    """Found by an auth audit: behind a trusted proxy that writes ``ip:port`` or ``[v6]``, every
+    client counted against the proxy's own address, so they all shared one per-IP bucket."""
+    parsed = {
+        "203.0.113.9": "203.0.113.9", " 203.0.113.9 ": "203.0.113.9", "3.3.3.3:5555": "3.3.3.3",
+        "2001:db8::1": "2001:db8::1", "2001:DB8:0::1": "2001:db8::1", "[2001:db8::1]": "2001:db8::1",
+        "[2001:db8::1]:443": "2001:db8::1", "[::1]:0": "::1",
+    }
+    for hop, address in parsed.items():
+        assert forwarded_address(hop) == address, hop
+    garbage = ["", "unknown", "_hidden", "proxy.example.com", "proxy.example.com:80", "3.3.3.3:", "3.3.3.3:x",
+               "3.3.3.3:65536", "3.3.3.3:+80", "3.3.3.3:٣", "3.3.3.3:5555:1", "[2001:db8::1", "[2001:db8::1]443",
+               "[2001:db8::1]:", "[2001:db8::1]:99999", "[3.3.3.3]", "[3.3.3.3]:80", "2001:db8::1:443:",
+               "[]", "[]:80", "1.2.3", "999.1.1.1", "[[2001:db8::1]]"]
+    for hop in garbage:
+        assert forwarded_address(hop) is None, hop
+
+
+def test_client_ip_reads_forwarded_ports_and_brackets_and_still_falls_back_on_garbage():
+    proxies = ["10.0.0.0/8"]
+
+    def via_proxy(value: str) -> str | None:
+        return client_ip("10.0.0.2", CIMultiDict([("X-Forwarded-For", value)]), proxies)
+
+    assert via_proxy("3.3.3.3:5555") == "3.3.3.3"
+    assert via_proxy("[2001:db8::1]") == "2001:db8::1"
+    assert via_proxy("[2001:db8::1]:443, 10.0.0.7:8080") == "2001:db8::1"  # a trusted hop with a port
+    assert via_proxy("1.1.1.1, 3.3.3.3:5555") == "3.3.3.3"  # still the right-most untrusted entry
+    for garbage in ("3.3.3.3:x", "[2001:db8::1", "unknown", "1.1.1.1, [3.3.3.3]:80", "host:80"):
+        assert via_proxy(garbage) == "10.0.0.2", garbage  # counted against the proxy, not trusted
+    # without a trusted peer the header still means nothing, whatever its form
+    assert client_ip("198.51.100.1", CIMultiDict([("X-Forwarded-For", "3.3.3.3:5555")]), proxies) == "198.51.100.1"
 
 
 # ---- over a real socket: the wiring the server will use ---------------------------------

@@ -191,6 +191,30 @@ def test_global_and_per_ip_limits():
     run(scenario(), timeout=30)
 
 
+def test_per_ip_limit_behind_a_proxy_that_writes_ports_and_ipv6_brackets():
+    """Found by an auth audit: `3.3.3.3:5555` or `[2001:db8::1]:443` in X-Forwarded-For from a
+    trusted proxy counted against the proxy itself, so every client behind it shared one slot."""
+    async def scenario():
+        async with relay(max_sessions_per_ip=1, trusted_proxies=("127.0.0.1",)) as (gateway, mock):
+            async def connect(forwarded_for: str) -> RelayClient:
+                return RelayClient(await websockets.connect(
+                    gateway.url, additional_headers={"X-Forwarded-For": forwarded_for}, compression=None))
+
+            v4 = await connect("3.3.3.3:5555")
+            v6 = await connect("[2001:db8::1]:443")
+            await v4.wait("ready")
+            await v6.wait("ready")        # another client behind the same proxy: its own slot
+            again = await connect("3.3.3.3:6666")   # the first client again, from another port
+            refused = await again.wait("error")
+            assert refused["code"] == "Overloaded" and "address" in refused["message"]
+            await again.wait_closed()
+            assert again.close_code == 1013
+            assert len(gateway.sessions) == 2
+            await v4.close()
+            await v6.close()
+    run(scenario(), timeout=20)
+
+
 def test_origin_allow_list():
     async def scenario():
         async with relay(allowed_origins=("https://app.example.com", "https://*.voice.example.com")) as (gateway, mock):
