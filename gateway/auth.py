@@ -59,6 +59,9 @@ JWT_SECRET_ENV = "GATEWAY_JWT_SECRET"
 MAX_TOKEN_CHARS = 8192
 #: RFC 7518 §3.2: an HS256 key must be at least as long as the hash output
 MIN_JWT_SECRET_BYTES = 32
+#: a static key is a password nobody types: short ones (``x``, or the tail of a split ``id:key``)
+#: are refused at start
+MIN_API_KEY_CHARS = 16
 #: principal ids end up in logs: a conservative charset rules out log injection
 _PRINCIPAL_ID = re.compile(r"[A-Za-z0-9._:@/+=#-]{1,128}")
 #: characters allowed in a static key (printable ASCII without whitespace, comma or double quote)
@@ -171,7 +174,8 @@ def _digest(secret: str) -> bytes:
 
 
 def _parse_key_entry(entry: str, default_id: str, where: str) -> _StoredKey:
-    """One ``key`` or ``id:key`` entry. Errors name the location, never the entry's text."""
+    """One ``key`` or ``id:key`` entry, split at the first ``:`` (so a key itself may contain
+    ``:``, a bare key may not). Errors name the location, never the entry's text."""
     key_id, sep, key = entry.partition(":")
     if not sep:
         key_id, key = default_id, entry
@@ -180,6 +184,9 @@ def _parse_key_entry(entry: str, default_id: str, where: str) -> _StoredKey:
         raise ConfigError(f"{where}: key id must be 1-128 of [A-Za-z0-9._:@/+=#-]")
     if not key or not _KEY_CHARS.fullmatch(key):
         raise ConfigError(f"{where}: key must be non-empty printable ASCII without spaces, commas or double quotes")
+    if len(key) < MIN_API_KEY_CHARS:
+        split = " (an entry with a ':' is `id:key`, split at its first ':')" if sep else ""
+        raise ConfigError(f"{where}: the key must be at least {MIN_API_KEY_CHARS} characters{split}")
     return _StoredKey(key_id, _digest(key))
 
 

@@ -145,7 +145,8 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
      "worker processes sharing the port (SO_REUSEPORT; more than 1 needs a port number, not 0); "
      "a dead worker is replaced"),
     ("--api-keys-file", "api_keys_file", "GATEWAY_API_KEYS_FILE", str, None,
-     "client API keys, one `key` or `id:key` per line; with this, GATEWAY_API_KEYS or "
+     "client API keys, one `key` or `id:key` (split at the first ':'; keys of 16+ characters) per line; "
+     "with this, GATEWAY_API_KEYS or "
      "GATEWAY_JWT_SECRET set, clients must authenticate (Bearer header, ?token= or subprotocol)"),
     ("--jwt-audience", "jwt_audience", "GATEWAY_JWT_AUDIENCE", str, None, "required `aud` of client JWTs"),
     ("--jwt-issuer", "jwt_issuer", "GATEWAY_JWT_ISSUER", str, None, "required `iss` of client JWTs"),

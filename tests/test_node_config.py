@@ -160,6 +160,20 @@ def test_a_node_that_cannot_start_says_why_and_exits_2_without_restarting_worker
             assert ("Address already in use" in done.stderr) or ("cannot read API keys file" in done.stderr)
 
 
+@pytest.mark.parametrize("keys, where", [("Zq9", "GATEWAY_API_KEYS entry 1"),
+                                         ("sk-live:Zm9vYmFy", "GATEWAY_API_KEYS entry 1")])
+def test_a_short_client_key_stops_the_node(keys, where):
+    """Found by an auth audit: a one-character key was accepted. One line, exit 2, the key never
+    quoted (the JWT secret's 32-byte rule has always worked this way)."""
+    done = subprocess.run([sys.executable, "-m", "gateway", "--upstream", "mock", "--host", "127.0.0.1",
+                           "--port", str(free_port())], capture_output=True, text=True, timeout=30,
+                          env={"PATH": "/usr/bin:/bin", "GATEWAY_API_KEYS": keys})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    [line] = [line for line in done.stderr.splitlines() if "realtime-gateway:" in line]
+    assert line.startswith(f"realtime-gateway: {where}: the key must be at least 16 characters")
+    assert keys.split(":")[-1] not in done.stderr
+
+
 @pytest.mark.parametrize("argv, env", [(["--port", "0", "--workers", "2"], {}),
                                        ([], {"GATEWAY_PORT": "0", "GATEWAY_WORKERS": "3"})])
 def test_workers_cannot_share_a_random_port(argv, env):
