@@ -64,6 +64,8 @@ MIN_JWT_SECRET_BYTES = 32
 MIN_API_KEY_CHARS = 16
 #: principal ids end up in logs: a conservative charset rules out log injection
 _PRINCIPAL_ID = re.compile(r"[A-Za-z0-9._:@/+=#-]{1,128}")
+#: the ids keys without one get (``keyfile#<line>``, ``env#<entry>``): not for explicit ids
+_AUTOMATIC_KEY_ID = re.compile(r"(keyfile|env)#[0-9]+")
 #: characters allowed in a static key (printable ASCII without whitespace, comma or double quote)
 _KEY_CHARS = re.compile(r"[!#-+\--~]+")
 
@@ -85,6 +87,16 @@ class Principal:
     max_sessions: int | None
     subprotocol: str | None
     method: str
+
+    @property
+    def limit_key(self) -> str:
+        """The name its sessions are counted under for per-key limits: ``key:<id>``, ``jwt:<sub>``
+        (``anonymous:anonymous``). A key id and a token subject may be the same text (a JWT with
+        ``sub: keyfile#1``): they are different clients and must not share a limit."""
+        return f"{_LIMIT_PREFIXES.get(self.method, self.method)}:{self.id}"
+
+
+_LIMIT_PREFIXES = {"api_key": "key", "jwt": "jwt"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +194,9 @@ def _parse_key_entry(entry: str, default_id: str, where: str) -> _StoredKey:
     key_id, key = key_id.strip(), key.strip()
     if not _PRINCIPAL_ID.fullmatch(key_id):
         raise ConfigError(f"{where}: key id must be 1-128 of [A-Za-z0-9._:@/+=#-]")
+    if sep and _AUTOMATIC_KEY_ID.fullmatch(key_id):
+        # it would share the per-key limit and the log name of another entry's bare key
+        raise ConfigError(f"{where}: key ids keyfile#N and env#N are reserved for keys given without an id")
     if not key or not _KEY_CHARS.fullmatch(key):
         raise ConfigError(f"{where}: key must be non-empty printable ASCII without spaces, commas or double quotes")
     if len(key) < MIN_API_KEY_CHARS:
@@ -565,7 +580,8 @@ class Slot:
 
 class SessionLimiter:
     """Admission control: at most `max_sessions` on the node (503), at most a principal's own limit
-    per principal id and `max_per_ip` per client address (429). None means unlimited.
+    per principal (counted under its `Principal.limit_key`) and `max_per_ip` per client address
+    (429). None means unlimited.
 
     Single-threaded (one event loop): `acquire` checks and increments in one synchronous call, so
     two upgrades can never both take the last slot. Counts are exact and drop to zero (entries

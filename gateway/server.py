@@ -230,7 +230,7 @@ class GatewayServer:
         principal = self.authenticator.authenticate(request)
         if isinstance(principal, AuthRefusal):
             return self._refused("auth", principal.to_response())
-        refusal = self.limiter.check(principal.id, None, key_limit=principal.max_sessions)
+        refusal = self.limiter.check(principal.limit_key, None, key_limit=principal.max_sessions)
         if refusal is not None:  # per-IP is checked at connect, where the address is known
             return self._refused(refusal.scope, refusal.to_response())
         models = parse_qs(query).get("model")
@@ -246,7 +246,7 @@ class GatewayServer:
         """The WebSocket is open: take a limiter slot, create and start the session."""
         principal = listener.principal
         ip = client_ip(peer_ip(transport), transport.request.headers, self.config.trusted_proxies)
-        slot = self.limiter.acquire(principal.id, ip, key_limit=principal.max_sessions)
+        slot = self.limiter.acquire(principal.limit_key, ip, key_limit=principal.max_sessions)
         if isinstance(slot, LimitRefusal):  # lost a race since the upgrade, or per-IP
             self._refused(slot.scope, None)
             error = Overloaded(slot.reason)

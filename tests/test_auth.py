@@ -140,6 +140,31 @@ def test_key_ids_are_positional_not_derived_from_the_key():
         assert_secret_free(key, KEY_A, KEY_B)
 
 
+def test_explicit_key_ids_cannot_take_the_automatic_ones():
+    """Found by an auth audit: `keyfile#1:<key>` or `env#2:<key>` would share the per-key limit
+    (and the log name) of another entry's bare key."""
+    for value in (f"keyfile#1:{KEY_A}", f"env#2:{KEY_A}", f"{KEY_B},env#1:{KEY_A}"):
+        with pytest.raises(ConfigError) as info:
+            parse_api_keys_env(value)
+        assert "reserved for keys given without an id" in str(info.value) and KEY_A not in str(info.value)
+    with pytest.raises(ConfigError, match="line 2: key ids keyfile#N and env#N are reserved"):
+        parse_api_keys_file(f"{KEY_B}\nkeyfile#1:{KEY_A}\n")
+    # ids that merely resemble them are ordinary ids
+    keys = parse_api_keys_env(f"keyfile:{KEY_A},env#x:{KEY_B},team#1:{KEY_A}-3")
+    assert [key.id for key in keys] == ["keyfile", "env#x", "team#1"]
+
+
+def test_key_ids_and_token_subjects_are_counted_apart():
+    """A JWT whose `sub` is `keyfile#1` is not the client holding key-file line 1: per-key limits
+    count under `key:<id>` and `jwt:<sub>`."""
+    auth = ClientAuthenticator(parse_api_keys_file(f"{KEY_A}\n"), jwt_secret=JWT_SECRET, max_sessions_per_key=1)
+    by_key = auth.authenticate(bearer(KEY_A))
+    by_token = auth.authenticate(bearer(make_jwt(sub="keyfile#1")))
+    assert by_key.id == by_token.id == "keyfile#1"
+    assert (by_key.limit_key, by_token.limit_key) == ("key:keyfile#1", "jwt:keyfile#1")
+    assert Principal("anonymous", None, None, "anonymous").limit_key == "anonymous:anonymous"
+
+
 def test_static_key_match_compares_every_key(monkeypatch):
     import gateway.auth as auth_module
     keys = parse_api_keys_env(",".join(f"k{i}:test-client-key-{i}" for i in range(5)))

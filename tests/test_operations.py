@@ -166,6 +166,30 @@ def test_per_key_session_limit_refuses_then_admits_after_a_close():
     run(scenario(), timeout=30)
 
 
+def test_a_token_subject_does_not_share_the_limit_of_a_key_with_the_same_id(tmp_path):
+    """Found by an auth audit: per-key limits counted key ids and JWT subjects in one namespace,
+    so a token with `sub: keyfile#1` was refused while key-file line 1 was in use (and could
+    block it in turn)."""
+    async def scenario():
+        keys = tmp_path / "keys.txt"
+        keys.write_text(f"{CLIENT_KEY}\n")  # a bare key: id keyfile#1
+        token = jwt.encode({"sub": "keyfile#1", "exp": int(time.time()) + 60}, JWT_SECRET, algorithm="HS256")
+        async with relay(api_keys_file=str(keys), jwt_secret=JWT_SECRET, max_sessions_per_key=1) as (gateway, mock):
+            by_key = RelayClient(await websockets.connect(
+                gateway.url, additional_headers={"Authorization": f"Bearer {CLIENT_KEY}"}))
+            await by_key.wait("ready")
+            by_token = RelayClient(await websockets.connect(
+                gateway.url, additional_headers={"Authorization": f"Bearer {token}"}))
+            await by_token.wait("ready")
+            # each is still held to its own limit of one
+            for credential in (CLIENT_KEY, token):
+                assert await refused_status(gateway.url, additional_headers={
+                    "Authorization": f"Bearer {credential}"}) == 429
+            await by_key.close()
+            await by_token.close()
+    run(scenario(), timeout=20)
+
+
 def test_global_and_per_ip_limits():
     async def scenario():
         async with relay(max_sessions=2) as (gateway, mock):
