@@ -350,6 +350,11 @@ class ClientAuthenticator:
     def enabled(self) -> bool:
         return bool(self._keys) or self._jwt_secret is not None
 
+    @property
+    def key_count(self) -> int:
+        """How many static API keys are accepted (file and environment together)."""
+        return len(self._keys)
+
     def __repr__(self) -> str:
         return (f"ClientAuthenticator(keys={len(self._keys)}, jwt={self._jwt_secret is not None}, "
                 f"max_sessions_per_key={self.max_sessions_per_key})")

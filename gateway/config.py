@@ -147,7 +147,8 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
     ("--api-keys-file", "api_keys_file", "GATEWAY_API_KEYS_FILE", str, None,
      "client API keys, one `key` or `id:key` (split at the first ':'; keys of 16+ characters) per line; "
      "with this, GATEWAY_API_KEYS or "
-     "GATEWAY_JWT_SECRET set, clients must authenticate (Bearer header, ?token= or subprotocol)"),
+     "GATEWAY_JWT_SECRET set, clients must authenticate (Bearer header, ?token= or subprotocol); "
+     "SIGHUP re-reads the file"),
     ("--jwt-audience", "jwt_audience", "GATEWAY_JWT_AUDIENCE", str, None, "required `aud` of client JWTs"),
     ("--jwt-issuer", "jwt_issuer", "GATEWAY_JWT_ISSUER", str, None, "required `iss` of client JWTs"),
     ("--jwt-leeway-s", "jwt_leeway_s", "GATEWAY_JWT_LEEWAY_S", float, 30.0,

@@ -380,6 +380,100 @@ def test_sigterm_drains_live_calls_then_exits():
         assert process.wait(10) == 0
 
 
+async def logged(log: list[str], text: str, count: int = 1, timeout: float = 10.0) -> list[str]:
+    """The node's log lines containing `text`, once there are `count` of them (another process's
+    log announces nothing to us: look, within a deadline)."""
+    async with asyncio.timeout(timeout):
+        while len(lines := [line for line in log if text in line]) < count:
+            await asyncio.sleep(0.02)
+    return lines
+
+
+async def admitted(url: str, key: str) -> None:
+    """A session with this key gets `ready`; then it is closed."""
+    client = RelayClient(await websockets.connect(
+        url, additional_headers={"Authorization": f"Bearer {key}"}, compression=None))
+    await client.wait("ready", timeout=10)
+    await client.close()
+
+
+def test_sighup_reloads_the_api_keys_file_and_live_calls_go_on(tmp_path):
+    """Found by an auth audit: SIGHUP killed the node at once (live calls dropped without a close
+    frame). Now it re-reads --api-keys-file for new upgrades; a file it cannot use keeps the keys
+    in use, and the log says why without quoting a key."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"first:{CLIENT_KEY}\n")
+    log: list[str] = []
+
+    async def scenario(port: int, process: subprocess.Popen):
+        url = f"ws://127.0.0.1:{port}/realtime"
+        live = RelayClient(await websockets.connect(
+            url, additional_headers={"Authorization": f"Bearer {CLIENT_KEY}"}, compression=None))
+        await live.send({"type": "config", "turn_detection": "none"})
+        await live.wait("ready")
+        assert await refused_status(url, additional_headers={"Authorization": f"Bearer {OTHER_KEY}"}) == 401
+
+        keys.write_text(f"first:{CLIENT_KEY}\nsecond:{OTHER_KEY}\n")
+        process.send_signal(signal.SIGHUP)
+        await logged(log, "reloaded 2 client keys")
+        await admitted(url, OTHER_KEY)
+
+        keys.write_text(f"first:{CLIENT_KEY}\nthird:short-secret-x\n")  # a key too short to load
+        process.send_signal(signal.SIGHUP)
+        [line] = await logged(log, "client keys not reloaded")
+        assert "keeping the 2 in use" in line and "line 2: the key must be at least 16 characters" in line
+        await admitted(url, OTHER_KEY)  # the keys in use stay in use
+
+        await push_to_talk_turn(live, speech_like(0.5, seed=11))  # the call admitted first went on
+        assert not live.closed.is_set() and process.poll() is None
+        await live.close()
+
+    with gateway_process("--api-keys-file", str(keys), log=log) as (process, port):
+        run(scenario(port, process), timeout=40)
+    assert not any(secret in line for line in log for secret in (CLIENT_KEY, OTHER_KEY, "short-secret-x"))
+
+
+def test_sighup_without_a_keys_file_changes_nothing(caplog):
+    """GATEWAY_API_KEYS and GATEWAY_JWT_SECRET come from the environment, which a signal cannot
+    change: the reload says so and keeps them."""
+    async def scenario():
+        async with relay(client_api_keys=CLIENT_KEY) as (gateway, mock):
+            before = gateway.authenticator
+            gateway.reload_keys()
+            assert gateway.authenticator is before
+            await admitted(gateway.url, CLIENT_KEY)
+    with caplog.at_level(logging.INFO, logger="gateway.server"):
+        run(scenario(), timeout=20)
+    assert "SIGHUP: no --api-keys-file to reload; client keys unchanged" in caplog.text
+
+
+def test_sighup_reaches_every_worker(tmp_path):
+    """With --workers the supervisor forwards SIGHUP: every worker reloads, none stops."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"first:{CLIENT_KEY}\n")
+    log: list[str] = []
+
+    async def scenario(port: int, process: subprocess.Popen):
+        url = f"ws://127.0.0.1:{port}/realtime"
+        live = RelayClient(await websockets.connect(
+            url, additional_headers={"Authorization": f"Bearer {CLIENT_KEY}"}, compression=None))
+        await live.wait("ready", timeout=10)
+        keys.write_text(f"first:{CLIENT_KEY}\nsecond:{OTHER_KEY}\n")
+        process.send_signal(signal.SIGHUP)
+        await logged(log, "reloaded 2 client keys", count=2)
+        for _ in range(8):  # the two workers take connections at random: 8 reach both all but surely
+            await admitted(url, OTHER_KEY)
+        await live.send({"type": "text", "text": "still there?"})
+        assert (await live.wait("response_done", timeout=10))["status"] == "completed"
+        assert process.poll() is None and not any("worker" in line and "died" in line for line in log)
+        await live.close()
+
+    with gateway_process("--workers", "2", "--api-keys-file", str(keys), workers=2, log=log) as (process, port):
+        run(scenario(port, process), timeout=60)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+
+
 def test_workers_share_the_port_and_survive_the_death_of_one():
     async def scenario(port: int):
         url = f"ws://127.0.0.1:{port}/realtime"
