@@ -59,8 +59,13 @@ JWT_SECRET_ENV = "GATEWAY_JWT_SECRET"
 MAX_TOKEN_CHARS = 8192
 #: RFC 7518 §3.2: an HS256 key must be at least as long as the hash output
 MIN_JWT_SECRET_BYTES = 32
+#: a static key is a password nobody types: short ones (``x``, or the tail of a split ``id:key``)
+#: are refused at start
+MIN_API_KEY_CHARS = 16
 #: principal ids end up in logs: a conservative charset rules out log injection
 _PRINCIPAL_ID = re.compile(r"[A-Za-z0-9._:@/+=#-]{1,128}")
+#: the ids keys without one get (``keyfile#<line>``, ``env#<entry>``): not for explicit ids
+_AUTOMATIC_KEY_ID = re.compile(r"(keyfile|env)#[0-9]+")
 #: characters allowed in a static key (printable ASCII without whitespace, comma or double quote)
 _KEY_CHARS = re.compile(r"[!#-+\--~]+")
 
@@ -82,6 +87,16 @@ class Principal:
     max_sessions: int | None
     subprotocol: str | None
     method: str
+
+    @property
+    def limit_key(self) -> str:
+        """The name its sessions are counted under for per-key limits: ``key:<id>``, ``jwt:<sub>``
+        (``anonymous:anonymous``). A key id and a token subject may be the same text (a JWT with
+        ``sub: keyfile#1``): they are different clients and must not share a limit."""
+        return f"{_LIMIT_PREFIXES.get(self.method, self.method)}:{self.id}"
+
+
+_LIMIT_PREFIXES = {"api_key": "key", "jwt": "jwt"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,15 +186,22 @@ def _digest(secret: str) -> bytes:
 
 
 def _parse_key_entry(entry: str, default_id: str, where: str) -> _StoredKey:
-    """One ``key`` or ``id:key`` entry. Errors name the location, never the entry's text."""
+    """One ``key`` or ``id:key`` entry, split at the first ``:`` (so a key itself may contain
+    ``:``, a bare key may not). Errors name the location, never the entry's text."""
     key_id, sep, key = entry.partition(":")
     if not sep:
         key_id, key = default_id, entry
     key_id, key = key_id.strip(), key.strip()
     if not _PRINCIPAL_ID.fullmatch(key_id):
         raise ConfigError(f"{where}: key id must be 1-128 of [A-Za-z0-9._:@/+=#-]")
+    if sep and _AUTOMATIC_KEY_ID.fullmatch(key_id):
+        # it would share the per-key limit and the log name of another entry's bare key
+        raise ConfigError(f"{where}: key ids keyfile#N and env#N are reserved for keys given without an id")
     if not key or not _KEY_CHARS.fullmatch(key):
         raise ConfigError(f"{where}: key must be non-empty printable ASCII without spaces, commas or double quotes")
+    if len(key) < MIN_API_KEY_CHARS:
+        split = " (an entry with a ':' is `id:key`, split at its first ':')" if sep else ""
+        raise ConfigError(f"{where}: the key must be at least {MIN_API_KEY_CHARS} characters{split}")
     return _StoredKey(key_id, _digest(key))
 
 
@@ -327,6 +349,11 @@ class ClientAuthenticator:
     @property
     def enabled(self) -> bool:
         return bool(self._keys) or self._jwt_secret is not None
+
+    @property
+    def key_count(self) -> int:
+        """How many static API keys are accepted (file and environment together)."""
+        return len(self._keys)
 
     def __repr__(self) -> str:
         return (f"ClientAuthenticator(keys={len(self._keys)}, jwt={self._jwt_secret is not None}, "
@@ -558,7 +585,8 @@ class Slot:
 
 class SessionLimiter:
     """Admission control: at most `max_sessions` on the node (503), at most a principal's own limit
-    per principal id and `max_per_ip` per client address (429). None means unlimited.
+    per principal (counted under its `Principal.limit_key`) and `max_per_ip` per client address
+    (429). None means unlimited.
 
     Single-threaded (one event loop): `acquire` checks and increments in one synchronous call, so
     two upgrades can never both take the last slot. Counts are exact and drop to zero (entries
@@ -707,12 +735,45 @@ def peer_ip(transport) -> str | None:
     return peer[0] if peer else None
 
 
+def forwarded_address(hop: str) -> str | None:
+    """The IP address in one ``X-Forwarded-For`` entry, normalised, or None if it is not one.
+
+    Proxies write ``203.0.113.9``, ``203.0.113.9:5555``, ``2001:db8::1``, ``[2001:db8::1]`` or
+    ``[2001:db8::1]:443``. A port is dropped only where it cannot be part of the address: after
+    an IPv4 address (one colon) or after a bracketed IPv6 one; a bare IPv6 address keeps every
+    colon. Anything else (``unknown``, a host name, an obfuscated ``_id``) is None.
+    """
+    hop = hop.strip()
+    if hop.startswith("["):  # [v6] or [v6]:port
+        address, bracket, rest = hop[1:].partition("]")
+        if not bracket or (rest and not (rest[:1] == ":" and _is_port(rest[1:]))):
+            return None
+    elif hop.count(":") == 1:  # v4:port (an IPv6 address has at least two colons)
+        address, _, port = hop.partition(":")
+        if not _is_port(port):
+            return None
+    else:
+        address = hop
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if hop.startswith("[") and ip.version != 6:
+        return None
+    return str(ip)
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65535
+
+
 def client_ip(peer: str | None, headers: "CIMultiDict[str] | None" = None,
               trusted_proxies: Iterable[str] = ()) -> str | None:
     """The address to count per-IP limits against.
 
     ``X-Forwarded-For`` is honoured only when the TCP peer is one of `trusted_proxies` (addresses or
-    CIDR networks); then the right-most entry that is not itself a trusted proxy is the client.
+    CIDR networks); then the right-most entry that is not itself a trusted proxy is the client
+    (entries may carry a port or IPv6 brackets: `forwarded_address`).
     Without trusted proxies the header is ignored: anyone can write it (WaaV B16).
     """
     networks = [ipaddress.ip_network(entry, strict=False) for entry in trusted_proxies]
@@ -728,9 +789,11 @@ def client_ip(peer: str | None, headers: "CIMultiDict[str] | None" = None,
         return peer
     hops = [hop.strip() for value in headers.getall("X-Forwarded-For", ()) for hop in value.split(",")]
     for hop in reversed(hops):
-        if hop and not trusted(hop):
-            try:
-                return str(ipaddress.ip_address(hop))
-            except ValueError:
-                return peer  # garbage in the header: count against the proxy, do not trust it
+        if not hop:
+            continue
+        address = forwarded_address(hop)
+        if address is None:
+            return peer  # garbage in the header: count against the proxy, do not trust it
+        if not trusted(address):
+            return address
     return peer

@@ -63,6 +63,8 @@ class NodeConfig:
     api_keys_file: str | None = None
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
+    jwt_leeway_s: float = 30.0
+    jwt_max_sessions_claim: str = "max_sessions"
     allowed_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     api_key: str | None = field(default=None, repr=False)
@@ -143,10 +145,17 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
      "worker processes sharing the port (SO_REUSEPORT; more than 1 needs a port number, not 0); "
      "a dead worker is replaced"),
     ("--api-keys-file", "api_keys_file", "GATEWAY_API_KEYS_FILE", str, None,
-     "client API keys, one `key` or `id:key` per line; with this, GATEWAY_API_KEYS or "
-     "GATEWAY_JWT_SECRET set, clients must authenticate (Bearer header, ?token= or subprotocol)"),
+     "client API keys, one `key` or `id:key` (split at the first ':'; keys of 16+ characters) per line; "
+     "with this, GATEWAY_API_KEYS or "
+     "GATEWAY_JWT_SECRET set, clients must authenticate (Bearer header, ?token= or subprotocol); "
+     "SIGHUP re-reads the file"),
     ("--jwt-audience", "jwt_audience", "GATEWAY_JWT_AUDIENCE", str, None, "required `aud` of client JWTs"),
     ("--jwt-issuer", "jwt_issuer", "GATEWAY_JWT_ISSUER", str, None, "required `iss` of client JWTs"),
+    ("--jwt-leeway-s", "jwt_leeway_s", "GATEWAY_JWT_LEEWAY_S", float, 30.0,
+     "clock skew (s) allowed when checking a client JWT's exp, nbf and iat against this node's clock"),
+    ("--jwt-max-sessions-claim", "jwt_max_sessions_claim", "GATEWAY_JWT_MAX_SESSIONS_CLAIM", str, "max_sessions",
+     "the client JWT claim (a positive integer) that overrides --max-sessions-per-key for its token, "
+     "for identity providers that must namespace custom claims"),
     ("--allowed-origins", "allowed_origins", "GATEWAY_ALLOWED_ORIGINS", str, None,
      "comma-separated browser origins allowed to connect (`https://app.example.com`, "
      "`https://*.example.com`); requests without Origin are not affected (default: any origin)"),
@@ -211,11 +220,13 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
         raise ConfigError("connect timeout must be positive")
     for dest in ("max_sessions", "max_sessions_per_ip", "max_sessions_per_key", "idle_timeout_s",
                  "max_session_s", "session_warning_s", "drain_timeout_s", "max_client_queue_ms",
-                 "read_batch_ms"):
+                 "read_batch_ms", "jwt_leeway_s"):
         if values[dest] < 0:
             raise ConfigError(f"{dest} must not be negative (got {values[dest]})")
     if values["workers"] < 1:
         raise ConfigError("workers must be at least 1")
+    if not values["jwt_max_sessions_claim"].strip():
+        raise ConfigError(f"{_setting('jwt_max_sessions_claim')} must name a claim (got an empty value)")
     if values["port"] == 0 and values["workers"] > 1:
         # each worker would bind a random port of its own: N nodes instead of one on N processes
         raise ConfigError(f"{_setting('port')} 0 (a random port) cannot be shared by {_setting('workers')} "

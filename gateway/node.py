@@ -1,4 +1,5 @@
-"""The `serve` command: run a gateway node on uvloop until SIGINT/SIGTERM, which drain it.
+"""The `serve` command: run a gateway node on uvloop until SIGINT/SIGTERM, which drain it;
+SIGHUP re-reads `--api-keys-file` (`GatewayServer.reload_keys`).
 
 `--upstream mock` starts the built-in mock upstream in-process on a free 127.0.0.1 port and
 points the node at it, so a newcomer needs no API key. `--workers N` runs N such processes on one
@@ -103,6 +104,7 @@ async def serve(config: NodeConfig, metrics_dir: str | None = None, reuse_port: 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_keys)  # a reload, never a stop: calls go on
     try:
         await stop.wait()
         log.info("stop requested: draining %d session(s) for up to %g s", len(server.sessions),
@@ -123,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     setup_logging(config.log_level, config.log_format)
     log.info("starting with %r", config)
+    # SIGHUP means "reload" once the node runs (serve, supervise); while it starts, the keys file
+    # is being read anyway, and the default action would kill it
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if config.workers == 1:
         try:
             uvloop.run(serve(config))

@@ -23,7 +23,7 @@ from gateway.auth import (SHARED_LIMITS_FILE, AuthRefusal, AuthSettings, ClientA
                           OriginPolicy, Principal, Refusal, SessionLimiter, SharedSessionLimiter, Slot, client_ip,
                           peer_ip)
 from gateway.client_protocol import error_event, is_model_name
-from gateway.config import NodeConfig
+from gateway.config import ConfigError, NodeConfig
 from gateway.errors import (CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, IdleTimeout, InvalidMessage, Overloaded,
                             SessionExpired)
 from gateway.framing import FragmentOutOfOrder, MessageAssembler, MessageTooBig
@@ -154,10 +154,12 @@ class GatewayServer:
         if not self.upstream_url:
             raise ValueError("GatewayServer needs an upstream URL")
         self.metrics = metrics or GatewayMetrics()
-        self.authenticator = ClientAuthenticator.from_settings(AuthSettings(
+        self._auth_settings = AuthSettings(
             api_keys_file=config.api_keys_file, api_keys=config.client_api_keys, jwt_secret=config.jwt_secret,
-            jwt_audience=config.jwt_audience, jwt_issuer=config.jwt_issuer,
-            max_sessions_per_key=config.max_sessions_per_key or None))
+            jwt_audience=config.jwt_audience, jwt_issuer=config.jwt_issuer, jwt_leeway_s=config.jwt_leeway_s,
+            jwt_max_sessions_claim=config.jwt_max_sessions_claim,
+            max_sessions_per_key=config.max_sessions_per_key or None)
+        self.authenticator = ClientAuthenticator.from_settings(self._auth_settings)
         self.origins = OriginPolicy(config.allowed_origins) if config.allowed_origins else None
         # one of several workers: the node's limits are counted across all of them
         limits = (config.max_sessions or None, config.max_sessions_per_ip or None)
@@ -229,7 +231,7 @@ class GatewayServer:
         principal = self.authenticator.authenticate(request)
         if isinstance(principal, AuthRefusal):
             return self._refused("auth", principal.to_response())
-        refusal = self.limiter.check(principal.id, None, key_limit=principal.max_sessions)
+        refusal = self.limiter.check(principal.limit_key, None, key_limit=principal.max_sessions)
         if refusal is not None:  # per-IP is checked at connect, where the address is known
             return self._refused(refusal.scope, refusal.to_response())
         models = parse_qs(query).get("model")
@@ -245,7 +247,7 @@ class GatewayServer:
         """The WebSocket is open: take a limiter slot, create and start the session."""
         principal = listener.principal
         ip = client_ip(peer_ip(transport), transport.request.headers, self.config.trusted_proxies)
-        slot = self.limiter.acquire(principal.id, ip, key_limit=principal.max_sessions)
+        slot = self.limiter.acquire(principal.limit_key, ip, key_limit=principal.max_sessions)
         if isinstance(slot, LimitRefusal):  # lost a race since the upgrade, or per-IP
             self._refused(slot.scope, None)
             error = Overloaded(slot.reason)
@@ -270,6 +272,21 @@ class GatewayServer:
         self.sessions.discard(session)
         if not self.sessions:
             self._empty.set()
+
+    def reload_keys(self) -> None:
+        """SIGHUP: read --api-keys-file again; new upgrades are admitted with its keys, sessions
+        already admitted go on. A file that cannot be used (unreadable, empty, a bad entry) keeps
+        the keys in use; either way one log line says what happened (never quoting a key)."""
+        if not self.config.api_keys_file:
+            log.info("SIGHUP: no --api-keys-file to reload; client keys unchanged")
+            return
+        try:
+            authenticator = ClientAuthenticator.from_settings(self._auth_settings)
+        except ConfigError as exc:  # its message names the file and line, never the key
+            log.error("client keys not reloaded, keeping the %d in use: %s", self.authenticator.key_count, exc)
+            return
+        self.authenticator = authenticator  # one assignment: an upgrade sees the old or the new keys
+        log.info("reloaded %d client keys", authenticator.key_count)
 
     # ---- the sweep: metrics flush, idle timeout, maximum duration ------------------------------
 

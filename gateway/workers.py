@@ -6,7 +6,8 @@ loop exists, then only waits on them:
   crashes at start cannot spin the machine); the others are untouched, and the kernel spreads new
   connections over the live listeners;
 - SIGTERM / SIGINT are forwarded to every worker, each of which drains (stops accepting, tells its
-  clients, closes them after the drain timeout); the supervisor returns once all have exited.
+  clients, closes them after the drain timeout); the supervisor returns once all have exited;
+- SIGHUP is forwarded too: each worker re-reads its API keys file and goes on.
 
 Metrics: every worker writes prometheus-client's value files into one shared directory, so
 `GET /metrics` on whichever worker answers reports the sum over all workers.
@@ -52,6 +53,9 @@ def supervise(worker_main: Callable[[int], int], workers: int, metrics_dir: str)
         if pid == 0:  # the worker
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # until its event loop takes SIGHUP over: a worker that is still starting reads the
+            # keys file anyway, and the default action would kill it
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             _die_with_parent(supervisor)
             code = 1
             try:
@@ -64,17 +68,21 @@ def supervise(worker_main: Callable[[int], int], workers: int, metrics_dir: str)
         started_at[slot] = time.monotonic()
         log.info("worker %d started (pid %d)", slot, pid)
 
-    def forward(signum: int, _frame) -> None:
-        nonlocal stopping
-        stopping = True
+    def signal_workers(signum: int, _frame) -> None:
         for pid in list(children):
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
+    def forward(signum: int, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        signal_workers(signum, _frame)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, signal_workers)  # a reload, not a stop: the workers go on
     for slot in range(workers):
         spawn(slot)
 

@@ -19,12 +19,12 @@ from picows.common import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponse
 
 from gateway.auth import (BEARER_SUBPROTOCOL_PREFIX, SUBPROTOCOL, AuthRefusal, AuthSettings, ClientAuthenticator,
                           LimitRefusal, OriginPolicy, Principal, SessionLimiter, Slot, client_ip, extract_credentials,
-                          is_loopback_host, parse_api_keys_env, parse_api_keys_file, redact_path)
+                          forwarded_address, is_loopback_host, parse_api_keys_env, parse_api_keys_file, redact_path)
 from gateway.config import ConfigError
 from tests.support import run
 
-KEY_A = "test-key-1"
-KEY_B = "test-key-2"
+KEY_A = "test-client-key-1"
+KEY_B = "test-client-key-2"
 JWT_SECRET = "test-jwt-secret-0123456789abcdef-0123"  # >= 32 bytes
 OTHER_SECRET = "test-jwt-secret-wrong-0123456789abcdef"
 
@@ -72,7 +72,7 @@ def test_keys_from_file_with_ids_comments_and_bare_keys(tmp_path):
     assert auth.enabled
     assert auth.authenticate(bearer(KEY_A)) == Principal("alice", 3, None, "api_key")
     assert auth.authenticate(bearer(KEY_B)) == Principal("keyfile#4", 3, None, "api_key")
-    assert auth.authenticate(bearer("test-key-3")) == AuthRefusal(
+    assert auth.authenticate(bearer("test-client-key-3")) == AuthRefusal(
         401, "Unauthorized", "invalid credentials", (("WWW-Authenticate", 'Bearer realm="realtime-gateway"'),))
     assert auth.authenticate(bearer("# team keys")).status == 401
     assert_secret_free(auth, KEY_A, KEY_B)
@@ -81,25 +81,25 @@ def test_keys_from_file_with_ids_comments_and_bare_keys(tmp_path):
 def test_keys_from_env_and_file_combined(tmp_path):
     path = tmp_path / "keys.txt"
     path.write_text(f"file-user:{KEY_A}\n")
-    settings = AuthSettings.from_env({"GATEWAY_API_KEYS": f" env-user:{KEY_B} , test-key-9,"},
+    settings = AuthSettings.from_env({"GATEWAY_API_KEYS": f" env-user:{KEY_B} , test-client-key-9,"},
                                      api_keys_file=str(path))
-    assert_secret_free(settings, KEY_B, "test-key-9")
+    assert_secret_free(settings, KEY_B, "test-client-key-9")
     auth = ClientAuthenticator.from_settings(settings)
     assert auth.authenticate(bearer(KEY_A)).id == "file-user"
     assert auth.authenticate(bearer(KEY_B)).id == "env-user"
-    assert auth.authenticate(bearer("test-key-9")).id == "env#2"
-    assert auth.authenticate(bearer("test-key-")).status == 401  # a prefix of a key is not the key
+    assert auth.authenticate(bearer("test-client-key-9")).id == "env#2"
+    assert auth.authenticate(bearer("test-client-key-")).status == 401  # a prefix of a key is not the key
 
 
 def test_key_config_errors_never_echo_the_line(tmp_path):
-    cases = [("bad id!:test-key-secret-1", "line 1"), ("ok:has space-test-key-secret-1", "line 1"),
+    cases = [("bad id!:test-client-key-secret-1", "line 1"), ("ok:has space-test-client-key-secret-1", "line 1"),
              ("\n\nid:", "line 3")]
     for text, where in cases:
         path = tmp_path / "keys.txt"
         path.write_text(text)
         with pytest.raises(ConfigError) as info:
             authenticator(api_keys_file=str(path))
-        assert where in str(info.value) and "test-key-secret-1" not in str(info.value)
+        assert where in str(info.value) and "test-client-key-secret-1" not in str(info.value)
     with pytest.raises(ConfigError, match="twice"):
         ClientAuthenticator(parse_api_keys_env(f"a:{KEY_A},b:{KEY_A}"))
     with pytest.raises(ConfigError, match="cannot read"):
@@ -111,6 +111,28 @@ def test_key_config_errors_never_echo_the_line(tmp_path):
         authenticator(jwt_secret="short-secret")
 
 
+def test_short_keys_are_refused_without_quoting_them(tmp_path):
+    """Found by an auth audit: `GATEWAY_API_KEYS=x` was accepted, and a bare key containing ':'
+    silently became `id:key` with a short secret. A key needs 16 characters (the JWT secret 32
+    bytes); the error names the entry, never its text, and says how a ':' is read."""
+    for value, where in (("x", "GATEWAY_API_KEYS entry 1"),
+                         (f"{KEY_A},short-key-15chr", "GATEWAY_API_KEYS entry 2")):
+        with pytest.raises(ConfigError) as info:
+            parse_api_keys_env(value)
+        assert str(info.value) == f"{where}: the key must be at least 16 characters"
+    path = tmp_path / "keys.txt"
+    path.write_text(f"# generated\n{KEY_A}\nsk-live:Zm9vYmFyYmF6cXV\n")  # 15 characters after the ':'
+    with pytest.raises(ConfigError) as info:
+        authenticator(api_keys_file=str(path))
+    assert str(info.value) == (f"{path} line 3: the key must be at least 16 characters "
+                               "(an entry with a ':' is `id:key`, split at its first ':')")
+    assert "Zm9vYmFyYmF6cXV" not in str(info.value)
+    # 16 characters pass, and everything after the first ':' is the key, ':' included
+    assert ClientAuthenticator(parse_api_keys_env("k" * 16)).verify_token("k" * 16).id == "env#1"
+    split = ClientAuthenticator(parse_api_keys_env("svc:part-one:part-two"))
+    assert split.verify_token("part-one:part-two").id == "svc"
+
+
 def test_key_ids_are_positional_not_derived_from_the_key():
     keys = parse_api_keys_file(f"{KEY_A}\n\n{KEY_B}\n") + parse_api_keys_env(f"{KEY_A}x")
     assert [key.id for key in keys] == ["keyfile#1", "keyfile#3", "env#1"]
@@ -118,9 +140,34 @@ def test_key_ids_are_positional_not_derived_from_the_key():
         assert_secret_free(key, KEY_A, KEY_B)
 
 
+def test_explicit_key_ids_cannot_take_the_automatic_ones():
+    """Found by an auth audit: `keyfile#1:<key>` or `env#2:<key>` would share the per-key limit
+    (and the log name) of another entry's bare key."""
+    for value in (f"keyfile#1:{KEY_A}", f"env#2:{KEY_A}", f"{KEY_B},env#1:{KEY_A}"):
+        with pytest.raises(ConfigError) as info:
+            parse_api_keys_env(value)
+        assert "reserved for keys given without an id" in str(info.value) and KEY_A not in str(info.value)
+    with pytest.raises(ConfigError, match="line 2: key ids keyfile#N and env#N are reserved"):
+        parse_api_keys_file(f"{KEY_B}\nkeyfile#1:{KEY_A}\n")
+    # ids that merely resemble them are ordinary ids
+    keys = parse_api_keys_env(f"keyfile:{KEY_A},env#x:{KEY_B},team#1:{KEY_A}-3")
+    assert [key.id for key in keys] == ["keyfile", "env#x", "team#1"]
+
+
+def test_key_ids_and_token_subjects_are_counted_apart():
+    """A JWT whose `sub` is `keyfile#1` is not the client holding key-file line 1: per-key limits
+    count under `key:<id>` and `jwt:<sub>`."""
+    auth = ClientAuthenticator(parse_api_keys_file(f"{KEY_A}\n"), jwt_secret=JWT_SECRET, max_sessions_per_key=1)
+    by_key = auth.authenticate(bearer(KEY_A))
+    by_token = auth.authenticate(bearer(make_jwt(sub="keyfile#1")))
+    assert by_key.id == by_token.id == "keyfile#1"
+    assert (by_key.limit_key, by_token.limit_key) == ("key:keyfile#1", "jwt:keyfile#1")
+    assert Principal("anonymous", None, None, "anonymous").limit_key == "anonymous:anonymous"
+
+
 def test_static_key_match_compares_every_key(monkeypatch):
     import gateway.auth as auth_module
-    keys = parse_api_keys_env(",".join(f"k{i}:test-key-{i}" for i in range(5)))
+    keys = parse_api_keys_env(",".join(f"k{i}:test-client-key-{i}" for i in range(5)))
     auth = ClientAuthenticator(keys)
     calls = []
     real = auth_module.hmac.compare_digest
@@ -130,12 +177,12 @@ def test_static_key_match_compares_every_key(monkeypatch):
         return real(a, b)
 
     monkeypatch.setattr(auth_module.hmac, "compare_digest", counting)
-    for token in ("test-key-0", "test-key-4", "nope", "x" * 4000):
+    for token in ("test-client-key-0", "test-client-key-4", "nope", "x" * 4000):
         calls.clear()
         auth.verify_token(token)
         # no early exit on a match, and equal-length digests whatever the token's length
         assert calls == [(32, 32)] * 5
-    assert auth.verify_token("test-key-0").id == "k0" and auth.verify_token("test-key-4").id == "k4"
+    assert auth.verify_token("test-client-key-0").id == "k0" and auth.verify_token("test-client-key-4").id == "k4"
 
 
 # ---- JWT ---------------------------------------------------------------------------------
@@ -213,7 +260,7 @@ def test_each_token_location():
                              ("Sec-WebSocket-Protocol", SUBPROTOCOL)])
     assert auth.authenticate(split).subprotocol == SUBPROTOCOL
     # a percent-encoded query token is decoded
-    assert auth.authenticate(request("/realtime?token=test%2Dkey%2D1")).id == "alice"
+    assert auth.authenticate(request("/realtime?token=test%2Dclient%2Dkey%2D1")).id == "alice"
 
 
 def test_malformed_credentials_are_refused_with_a_clear_reason():
@@ -394,6 +441,40 @@ def test_client_ip_trusts_forwarded_for_only_from_trusted_proxies():
     assert client_ip("10.0.0.2", spoof, ["10.0.0.0/8"]) == "203.0.113.9"
     assert client_ip("10.0.0.2", CIMultiDict([("X-Forwarded-For", "junk")]), ["10.0.0.0/8"]) == "10.0.0.2"
     assert client_ip("10.0.0.2", CIMultiDict(), ["10.0.0.0/8"]) == "10.0.0.2"
+
+
+def test_forwarded_address_takes_ports_and_ipv6_brackets_off():
+    """Found by an auth audit: behind a trusted proxy that writes ``ip:port`` or ``[v6]``, every
+    client counted against the proxy's own address, so they all shared one per-IP bucket."""
+    parsed = {
+        "203.0.113.9": "203.0.113.9", " 203.0.113.9 ": "203.0.113.9", "3.3.3.3:5555": "3.3.3.3",
+        "2001:db8::1": "2001:db8::1", "2001:DB8:0::1": "2001:db8::1", "[2001:db8::1]": "2001:db8::1",
+        "[2001:db8::1]:443": "2001:db8::1", "[::1]:0": "::1",
+    }
+    for hop, address in parsed.items():
+        assert forwarded_address(hop) == address, hop
+    garbage = ["", "unknown", "_hidden", "proxy.example.com", "proxy.example.com:80", "3.3.3.3:", "3.3.3.3:x",
+               "3.3.3.3:65536", "3.3.3.3:+80", "3.3.3.3:٣", "3.3.3.3:5555:1", "[2001:db8::1", "[2001:db8::1]443",
+               "[2001:db8::1]:", "[2001:db8::1]:99999", "[3.3.3.3]", "[3.3.3.3]:80", "2001:db8::1:443:",
+               "[]", "[]:80", "1.2.3", "999.1.1.1", "[[2001:db8::1]]"]
+    for hop in garbage:
+        assert forwarded_address(hop) is None, hop
+
+
+def test_client_ip_reads_forwarded_ports_and_brackets_and_still_falls_back_on_garbage():
+    proxies = ["10.0.0.0/8"]
+
+    def via_proxy(value: str) -> str | None:
+        return client_ip("10.0.0.2", CIMultiDict([("X-Forwarded-For", value)]), proxies)
+
+    assert via_proxy("3.3.3.3:5555") == "3.3.3.3"
+    assert via_proxy("[2001:db8::1]") == "2001:db8::1"
+    assert via_proxy("[2001:db8::1]:443, 10.0.0.7:8080") == "2001:db8::1"  # a trusted hop with a port
+    assert via_proxy("1.1.1.1, 3.3.3.3:5555") == "3.3.3.3"  # still the right-most untrusted entry
+    for garbage in ("3.3.3.3:x", "[2001:db8::1", "unknown", "1.1.1.1, [3.3.3.3]:80", "host:80"):
+        assert via_proxy(garbage) == "10.0.0.2", garbage  # counted against the proxy, not trusted
+    # without a trusted peer the header still means nothing, whatever its form
+    assert client_ip("198.51.100.1", CIMultiDict([("X-Forwarded-For", "3.3.3.3:5555")]), proxies) == "198.51.100.1"
 
 
 # ---- over a real socket: the wiring the server will use ---------------------------------

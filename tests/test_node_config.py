@@ -29,6 +29,10 @@ def test_defaults_flags_and_env_fallbacks():
     assert (from_env.port, from_env.upstream_dialect) == (4100, "beta")
     flag_wins = build(["--port", "4200"], {"GATEWAY_UPSTREAM": "mock", "GATEWAY_PORT": "4100"})
     assert flag_wins.port == 4200
+    assert (config.jwt_leeway_s, config.jwt_max_sessions_claim) == (30.0, "max_sessions")
+    jwt_env = build([], {"GATEWAY_UPSTREAM": "mock", "GATEWAY_JWT_LEEWAY_S": "0",
+                         "GATEWAY_JWT_MAX_SESSIONS_CLAIM": "https://example.com/max_sessions"})
+    assert (jwt_env.jwt_leeway_s, jwt_env.jwt_max_sessions_claim) == (0.0, "https://example.com/max_sessions")
 
 
 def test_openai_needs_a_key_and_azure_a_url():
@@ -89,6 +93,9 @@ def test_json_logs_carry_the_session_id_and_never_the_keys():
     (["--default-model", ""], {}, r"^--default-model .* got ''"),   # an empty flag is a value, not unset
     (["--upstream-url", "ws://h:99999/x"], {}, "invalid port"),
     (["--upstream-url", "ws://h/v1/realtime#x"], {}, "fragment"),
+    (["--jwt-leeway-s", "-1"], {}, "jwt_leeway_s must not be negative"),
+    ([], {"GATEWAY_JWT_LEEWAY_S": "inf"}, "jwt_leeway_s must be a finite number"),
+    (["--jwt-max-sessions-claim", ""], {}, r"^--jwt-max-sessions-claim .* must name a claim"),
 ])
 def test_settings_a_node_could_not_run_with_are_refused_at_start(argv, env, message):
     """Found by an operations audit: a wrapped port, a NaN timeout that crashed the drain, a
@@ -151,6 +158,20 @@ def test_a_node_that_cannot_start_says_why_and_exits_2_without_restarting_worker
             assert done.returncode == 2, done.stderr[-2000:]
             assert "Traceback" not in done.stderr and "starting a replacement" not in done.stderr
             assert ("Address already in use" in done.stderr) or ("cannot read API keys file" in done.stderr)
+
+
+@pytest.mark.parametrize("keys, where", [("Zq9", "GATEWAY_API_KEYS entry 1"),
+                                         ("sk-live:Zm9vYmFy", "GATEWAY_API_KEYS entry 1")])
+def test_a_short_client_key_stops_the_node(keys, where):
+    """Found by an auth audit: a one-character key was accepted. One line, exit 2, the key never
+    quoted (the JWT secret's 32-byte rule has always worked this way)."""
+    done = subprocess.run([sys.executable, "-m", "gateway", "--upstream", "mock", "--host", "127.0.0.1",
+                           "--port", str(free_port())], capture_output=True, text=True, timeout=30,
+                          env={"PATH": "/usr/bin:/bin", "GATEWAY_API_KEYS": keys})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    [line] = [line for line in done.stderr.splitlines() if "realtime-gateway:" in line]
+    assert line.startswith(f"realtime-gateway: {where}: the key must be at least 16 characters")
+    assert keys.split(":")[-1] not in done.stderr
 
 
 @pytest.mark.parametrize("argv, env", [(["--port", "0", "--workers", "2"], {}),

@@ -101,11 +101,48 @@ def test_auth_accepts_bearer_query_token_subprotocol_and_jwt():
             for client in clients:
                 ready = await client.wait("ready", timeout=5)
                 assert CLIENT_KEY not in orjson.dumps(ready).decode()
-            expired = jwt.encode({"sub": "tenant-7", "exp": int(time.time()) - 10}, JWT_SECRET, algorithm="HS256")
+            # beyond the default 30 s of clock-skew leeway (--jwt-leeway-s)
+            expired = jwt.encode({"sub": "tenant-7", "exp": int(time.time()) - 120}, JWT_SECRET, algorithm="HS256")
             assert await refused_status(gateway.url, additional_headers={"Authorization": f"Bearer {expired}"}) == 401
             for client in clients:
                 await client.close()
     run(scenario(), timeout=30)
+
+
+def test_a_node_allows_jwt_clock_skew_by_default():
+    """Found by an auth audit: the node had no leeway setting, so a token minted by an issuer
+    whose clock is a second ahead (iat/nbf in the node's future) was refused. The node now allows
+    --jwt-leeway-s (default 30 s) either way, and still refuses a token minted two minutes ahead."""
+    async def scenario(port: int):
+        url = f"ws://127.0.0.1:{port}/realtime"
+        now = int(time.time())
+
+        def token(ahead_s: int) -> dict[str, str]:
+            claims = {"sub": "tenant-7", "iat": now + ahead_s, "nbf": now + ahead_s, "exp": now + 300}
+            return {"Authorization": f"Bearer {jwt.encode(claims, JWT_SECRET, algorithm='HS256')}"}
+
+        # +2 on a whole-second clock: 1-2 s ahead of the node when it checks, never behind it
+        skewed = RelayClient(await websockets.connect(url, additional_headers=token(2), compression=None))
+        await skewed.wait("ready", timeout=10)
+        assert await refused_status(url, additional_headers=token(120)) == 401
+        await skewed.close()
+    with gateway_process(env={"GATEWAY_JWT_SECRET": JWT_SECRET}) as (process, port):
+        run(scenario(port), timeout=30)
+
+
+def test_the_session_limit_claim_of_client_jwts_can_be_named():
+    """Identity providers that namespace custom claims: --jwt-max-sessions-claim names the one
+    that caps a token's concurrent sessions."""
+    async def scenario():
+        claim = "https://example.com/max_sessions"
+        token = jwt.encode({"sub": "tenant-7", "exp": int(time.time()) + 60, claim: 1}, JWT_SECRET, algorithm="HS256")
+        bearer = {"Authorization": f"Bearer {token}"}
+        async with relay(jwt_secret=JWT_SECRET, jwt_max_sessions_claim=claim) as (gateway, mock):
+            first = RelayClient(await websockets.connect(gateway.url, additional_headers=bearer))
+            await first.wait("ready")
+            assert await refused_status(gateway.url, additional_headers=bearer) == 429
+            await first.close()
+    run(scenario(), timeout=20)
 
 
 def test_per_key_session_limit_refuses_then_admits_after_a_close():
@@ -127,6 +164,30 @@ def test_per_key_session_limit_refuses_then_admits_after_a_close():
             await again.close()
             await other.close()
     run(scenario(), timeout=30)
+
+
+def test_a_token_subject_does_not_share_the_limit_of_a_key_with_the_same_id(tmp_path):
+    """Found by an auth audit: per-key limits counted key ids and JWT subjects in one namespace,
+    so a token with `sub: keyfile#1` was refused while key-file line 1 was in use (and could
+    block it in turn)."""
+    async def scenario():
+        keys = tmp_path / "keys.txt"
+        keys.write_text(f"{CLIENT_KEY}\n")  # a bare key: id keyfile#1
+        token = jwt.encode({"sub": "keyfile#1", "exp": int(time.time()) + 60}, JWT_SECRET, algorithm="HS256")
+        async with relay(api_keys_file=str(keys), jwt_secret=JWT_SECRET, max_sessions_per_key=1) as (gateway, mock):
+            by_key = RelayClient(await websockets.connect(
+                gateway.url, additional_headers={"Authorization": f"Bearer {CLIENT_KEY}"}))
+            await by_key.wait("ready")
+            by_token = RelayClient(await websockets.connect(
+                gateway.url, additional_headers={"Authorization": f"Bearer {token}"}))
+            await by_token.wait("ready")
+            # each is still held to its own limit of one
+            for credential in (CLIENT_KEY, token):
+                assert await refused_status(gateway.url, additional_headers={
+                    "Authorization": f"Bearer {credential}"}) == 429
+            await by_key.close()
+            await by_token.close()
+    run(scenario(), timeout=20)
 
 
 def test_global_and_per_ip_limits():
@@ -152,6 +213,30 @@ def test_global_and_per_ip_limits():
             assert len(gateway.sessions) == 1 and len(mock.sessions) == 1  # no upstream for it
             await a.close()
     run(scenario(), timeout=30)
+
+
+def test_per_ip_limit_behind_a_proxy_that_writes_ports_and_ipv6_brackets():
+    """Found by an auth audit: `3.3.3.3:5555` or `[2001:db8::1]:443` in X-Forwarded-For from a
+    trusted proxy counted against the proxy itself, so every client behind it shared one slot."""
+    async def scenario():
+        async with relay(max_sessions_per_ip=1, trusted_proxies=("127.0.0.1",)) as (gateway, mock):
+            async def connect(forwarded_for: str) -> RelayClient:
+                return RelayClient(await websockets.connect(
+                    gateway.url, additional_headers={"X-Forwarded-For": forwarded_for}, compression=None))
+
+            v4 = await connect("3.3.3.3:5555")
+            v6 = await connect("[2001:db8::1]:443")
+            await v4.wait("ready")
+            await v6.wait("ready")        # another client behind the same proxy: its own slot
+            again = await connect("3.3.3.3:6666")   # the first client again, from another port
+            refused = await again.wait("error")
+            assert refused["code"] == "Overloaded" and "address" in refused["message"]
+            await again.wait_closed()
+            assert again.close_code == 1013
+            assert len(gateway.sessions) == 2
+            await v4.close()
+            await v6.close()
+    run(scenario(), timeout=20)
 
 
 def test_origin_allow_list():
@@ -293,6 +378,100 @@ def test_sigterm_drains_live_calls_then_exits():
     with gateway_process("--drain-timeout-s", "2") as (process, port):
         run(scenario(port, process), timeout=30)
         assert process.wait(10) == 0
+
+
+async def logged(log: list[str], text: str, count: int = 1, timeout: float = 10.0) -> list[str]:
+    """The node's log lines containing `text`, once there are `count` of them (another process's
+    log announces nothing to us: look, within a deadline)."""
+    async with asyncio.timeout(timeout):
+        while len(lines := [line for line in log if text in line]) < count:
+            await asyncio.sleep(0.02)
+    return lines
+
+
+async def admitted(url: str, key: str) -> None:
+    """A session with this key gets `ready`; then it is closed."""
+    client = RelayClient(await websockets.connect(
+        url, additional_headers={"Authorization": f"Bearer {key}"}, compression=None))
+    await client.wait("ready", timeout=10)
+    await client.close()
+
+
+def test_sighup_reloads_the_api_keys_file_and_live_calls_go_on(tmp_path):
+    """Found by an auth audit: SIGHUP killed the node at once (live calls dropped without a close
+    frame). Now it re-reads --api-keys-file for new upgrades; a file it cannot use keeps the keys
+    in use, and the log says why without quoting a key."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"first:{CLIENT_KEY}\n")
+    log: list[str] = []
+
+    async def scenario(port: int, process: subprocess.Popen):
+        url = f"ws://127.0.0.1:{port}/realtime"
+        live = RelayClient(await websockets.connect(
+            url, additional_headers={"Authorization": f"Bearer {CLIENT_KEY}"}, compression=None))
+        await live.send({"type": "config", "turn_detection": "none"})
+        await live.wait("ready")
+        assert await refused_status(url, additional_headers={"Authorization": f"Bearer {OTHER_KEY}"}) == 401
+
+        keys.write_text(f"first:{CLIENT_KEY}\nsecond:{OTHER_KEY}\n")
+        process.send_signal(signal.SIGHUP)
+        await logged(log, "reloaded 2 client keys")
+        await admitted(url, OTHER_KEY)
+
+        keys.write_text(f"first:{CLIENT_KEY}\nthird:short-secret-x\n")  # a key too short to load
+        process.send_signal(signal.SIGHUP)
+        [line] = await logged(log, "client keys not reloaded")
+        assert "keeping the 2 in use" in line and "line 2: the key must be at least 16 characters" in line
+        await admitted(url, OTHER_KEY)  # the keys in use stay in use
+
+        await push_to_talk_turn(live, speech_like(0.5, seed=11))  # the call admitted first went on
+        assert not live.closed.is_set() and process.poll() is None
+        await live.close()
+
+    with gateway_process("--api-keys-file", str(keys), log=log) as (process, port):
+        run(scenario(port, process), timeout=40)
+    assert not any(secret in line for line in log for secret in (CLIENT_KEY, OTHER_KEY, "short-secret-x"))
+
+
+def test_sighup_without_a_keys_file_changes_nothing(caplog):
+    """GATEWAY_API_KEYS and GATEWAY_JWT_SECRET come from the environment, which a signal cannot
+    change: the reload says so and keeps them."""
+    async def scenario():
+        async with relay(client_api_keys=CLIENT_KEY) as (gateway, mock):
+            before = gateway.authenticator
+            gateway.reload_keys()
+            assert gateway.authenticator is before
+            await admitted(gateway.url, CLIENT_KEY)
+    with caplog.at_level(logging.INFO, logger="gateway.server"):
+        run(scenario(), timeout=20)
+    assert "SIGHUP: no --api-keys-file to reload; client keys unchanged" in caplog.text
+
+
+def test_sighup_reaches_every_worker(tmp_path):
+    """With --workers the supervisor forwards SIGHUP: every worker reloads, none stops."""
+    keys = tmp_path / "keys.txt"
+    keys.write_text(f"first:{CLIENT_KEY}\n")
+    log: list[str] = []
+
+    async def scenario(port: int, process: subprocess.Popen):
+        url = f"ws://127.0.0.1:{port}/realtime"
+        live = RelayClient(await websockets.connect(
+            url, additional_headers={"Authorization": f"Bearer {CLIENT_KEY}"}, compression=None))
+        await live.wait("ready", timeout=10)
+        keys.write_text(f"first:{CLIENT_KEY}\nsecond:{OTHER_KEY}\n")
+        process.send_signal(signal.SIGHUP)
+        await logged(log, "reloaded 2 client keys", count=2)
+        for _ in range(8):  # the two workers take connections at random: 8 reach both all but surely
+            await admitted(url, OTHER_KEY)
+        await live.send({"type": "text", "text": "still there?"})
+        assert (await live.wait("response_done", timeout=10))["status"] == "completed"
+        assert process.poll() is None and not any("worker" in line and "died" in line for line in log)
+        await live.close()
+
+    with gateway_process("--workers", "2", "--api-keys-file", str(keys), workers=2, log=log) as (process, port):
+        run(scenario(port, process), timeout=60)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
 
 
 def test_workers_share_the_port_and_survive_the_death_of_one():
