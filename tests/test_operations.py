@@ -397,6 +397,11 @@ async def admitted(url: str, key: str) -> None:
     await client.close()
 
 
+async def _keyed_client(url: str, key: str) -> RelayClient:
+    return RelayClient(await websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"},
+                                                compression=None))
+
+
 def test_sighup_reloads_the_api_keys_file_and_live_calls_go_on(tmp_path):
     """Found by an auth audit: SIGHUP killed the node at once (live calls dropped without a close
     frame). Now it re-reads --api-keys-file for new upgrades; a file it cannot use keeps the keys
@@ -407,8 +412,7 @@ def test_sighup_reloads_the_api_keys_file_and_live_calls_go_on(tmp_path):
 
     async def scenario(port: int, process: subprocess.Popen):
         url = f"ws://127.0.0.1:{port}/realtime"
-        live = RelayClient(await websockets.connect(
-            url, additional_headers={"Authorization": f"Bearer {CLIENT_KEY}"}, compression=None))
+        live = await _keyed_client(url, CLIENT_KEY)
         await live.send({"type": "config", "turn_detection": "none"})
         await live.wait("ready")
         assert await refused_status(url, additional_headers={"Authorization": f"Bearer {OTHER_KEY}"}) == 401
@@ -455,8 +459,7 @@ def test_sighup_reaches_every_worker(tmp_path):
 
     async def scenario(port: int, process: subprocess.Popen):
         url = f"ws://127.0.0.1:{port}/realtime"
-        live = RelayClient(await websockets.connect(
-            url, additional_headers={"Authorization": f"Bearer {CLIENT_KEY}"}, compression=None))
+        live = await _keyed_client(url, CLIENT_KEY)
         await live.wait("ready", timeout=10)
         keys.write_text(f"first:{CLIENT_KEY}\nsecond:{OTHER_KEY}\n")
         process.send_signal(signal.SIGHUP)

@@ -60,6 +60,11 @@ class ScriptedUpstream:
     async def updated(self) -> None:
         await self.send({"type": "session.updated", "session": SESSION})
 
+    async def refuse(self, event_id: str | None, message: str, *, code: str | None = "invalid_value",
+                     param: str | None = "session.audio.output.voice") -> None:
+        await self.send({"type": "error", "error": {"type": "invalid_request_error", "code": code, "param": param,
+                                                    "message": message, "event_id": event_id}})
+
 
 def _node(url: str, connect_timeout_s: float = 5.0) -> NodeConfig:
     return NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key="test-key-scripted",
@@ -70,9 +75,7 @@ def test_an_update_rejected_with_a_null_event_id_is_still_retried_without_its_fi
     async def script(upstream: ScriptedUpstream) -> None:
         first = await upstream.receive("session.update")
         assert first["session"]["audio"]["output"]["voice"] == "marin"
-        await upstream.send({"type": "error", "error": {
-            "type": "invalid_request_error", "code": "invalid_value", "param": "session.audio.output.voice",
-            "message": "Invalid value: 'marin'.", "event_id": None}})
+        await upstream.refuse(None, "Invalid value: 'marin'.")
         retry = await upstream.receive("session.update")  # the first update: the seed's default voice
         assert retry["session"]["audio"]["output"]["voice"] == "alloy"
         assert retry["session"]["instructions"] == "Be brief."
@@ -157,15 +160,11 @@ def test_a_clients_own_rejected_update_is_answered_and_leaves_the_queue():
         await upstream.receive("session.update")
         await upstream.updated()                                       # ready
         bad = await upstream.receive("session.update")
-        await upstream.send({"type": "error", "error": {
-            "type": "invalid_request_error", "code": "invalid_value", "param": "session.audio.output.voice",
-            "message": "Invalid value: 'nova'.", "event_id": bad["event_id"]}})
+        await upstream.refuse(bad["event_id"], "Invalid value: 'nova'.")
         await upstream.receive("session.update")                       # the gateway's config
         await upstream.updated()
         await upstream.receive("session.update")                       # raw, no event_id
-        await upstream.send({"type": "error", "error": {
-            "type": "invalid_request_error", "code": "invalid_value", "param": "session.audio.output.voice",
-            "message": "Invalid value: 'nova'.", "event_id": None}})
+        await upstream.refuse(None, "Invalid value: 'nova'.")
         await upstream.send({"type": "response.created", "response": {"id": "resp_sentinel", "status": "in_progress"}})
 
     async def scenario():
@@ -198,9 +197,7 @@ def test_a_refusal_in_the_early_2025_shape_still_asks_again_after_the_running_re
         await upstream.updated()
         ours = await upstream.receive("response.create")
         await upstream.send({"type": "response.created", "response": {"id": "resp_vad", "status": "in_progress"}})
-        await upstream.send({"type": "error", "error": {
-            "type": "invalid_request_error", "code": None, "param": None,
-            "message": "Conversation already has an active response", "event_id": ours["event_id"]}})
+        await upstream.refuse(ours["event_id"], "Conversation already has an active response", code=None, param=None)
         await upstream.send({"type": "response.done", "response": {"id": "resp_vad", "status": "completed"}})
         again = await upstream.receive("response.create")
         await upstream.send({"type": "response.created", "response": {"id": "resp_again", "status": "in_progress"}})
