@@ -126,7 +126,7 @@ class _UpstreamOwner:
 class RelaySession:
     # thousands live at once: no per-instance dict (~1 KB each)
     __slots__ = ("_answered_calls", "_audio_item", "_audio_item_bytes_per_ms", "_audio_started_at", "_awaiting_results",
-                 "_call_names", "_calls_dispatched", "_client_paused", "_client_queue",
+                 "_calls_dispatched", "_client_paused", "_client_queue",
                  "_client_queue_bytes", "_client_reading_paused", "_coalesce_s", "_connect_task",
                  "_created_timer", "_drop_reported", "_flush_timer", "_hangup_timer", "_level_timer",
                  "_overflow_reported", "_owner", "_pending_updates", "_played", "_updates_in_flight", "_playing",
@@ -246,7 +246,6 @@ class RelaySession:
 
         # function calls
         self._calls_dispatched: Mapping[str, None] = _EMPTY
-        self._call_names: dict[str, str] = {}
         self._response_calls: dict[str, set[str]] = {}
         self._answered_calls: Mapping[str, None] = _EMPTY
         self._awaiting_results: dict[str, set[str]] = {}
@@ -1092,8 +1091,6 @@ class RelaySession:
             if response_id in self.interrupted_responses:
                 self.interrupted_items = _added(self.interrupted_items, item_id)
                 self._sync_path()
-        if item.get("type") == "function_call" and isinstance(item.get("call_id"), str):
-            _remember(self._call_names, item["call_id"], item.get("name"))
 
     def _on_output_item_done(self, event: dict) -> None:
         item = event.get("item") or {}
@@ -1108,7 +1105,6 @@ class RelaySession:
         if not isinstance(call_id, str) or call_id in self._calls_dispatched:
             return
         self._calls_dispatched = _added(self._calls_dispatched, call_id)
-        name = name or self._call_names.get(call_id)
         if isinstance(response_id, str):
             calls = self._response_calls.get(response_id)
             if calls is None:

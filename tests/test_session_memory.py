@@ -26,7 +26,7 @@ def test_bookkeeping_keeps_only_the_most_recent_entries():
                 "id": item_id, "type": "function_call", "call_id": call_id, "name": "lookup"}})
             session._switch_audio_item(item_id)
             session._dispatch_call(call_id, "lookup", "{}", response_id)
-        for name in ("item_response", "audio_bytes", "_call_names", "_response_calls", "_calls_dispatched"):
+        for name in ("item_response", "audio_bytes", "_playing", "_response_calls", "_calls_dispatched"):
             remembered = getattr(session, name)
             assert len(remembered) <= RECENT, (name, len(remembered))
         last = ROUNDS - 1
