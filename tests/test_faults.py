@@ -261,7 +261,8 @@ def test_a_client_that_leaves_while_it_is_not_being_read_ends_its_session():
     and its upstream connection must not stay open until the upstream catches up: the gateway
     asks the kernel (HANGUP_CHECK_S) and closes both."""
     async def scenario():
-        async with relay(MockOptions(slow_read_s=5.0)) as (gateway, mock):
+        # the upstream would catch up only after a minute: ending within 20 s proves nobody waited
+        async with relay(MockOptions(slow_read_s=60.0)) as (gateway, mock):
             client = await ready_client(gateway.url, {"turn_detection": "none"})
             session = next(iter(gateway.sessions))
             audio = speech_like(1.0, seed=21)
@@ -269,9 +270,7 @@ def test_a_client_that_leaves_while_it_is_not_being_read_ends_its_session():
                 client.send_binary(audio)
             await wait_for(lambda: session._client_reading_paused, 10, "the gateway to stop reading the client")
             client.transport.disconnect(False)  # gone: what it had not sent yet is dropped (RST)
-            started = time.monotonic()
-            await gateway.wait_empty(5)
-            assert time.monotonic() - started < 3
+            await gateway.wait_empty(20)
             assert session.outcome == "client_disconnected"
             assert await metric(gateway, "gateway_upstream_connections_open") == 0
     run(scenario(), timeout=40)
