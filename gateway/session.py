@@ -16,11 +16,10 @@ the two socket legs built on it move audio without calling the session, while it
   `on_upstream_event` -> orjson -> `dialect.normalize` -> an event handler.
 `_sync_path()` sets both gates from the session's state; every change of that state calls it.
 
-Interruption: on `speech_started` while a response's audio is still being delivered (its response
-is active, or the client has not played all of it yet) the session drops that response's later
-audio, tells the client `interrupted {response_id, played_ms}` and sends
-`conversation.item.truncate` with the played position (client `playback` report, else the audio
-already delivered for that item), clamped to what was generated; no truncate at 0 ms.
+Interruption: on `speech_started` (or `cancel_response`) while the client still has assistant
+audio to play, `PlaybackTimeline.barge_in` (gateway/playback.py) decides the cut; the session
+drops the cut replies' later audio, tells the client `interrupted {response_id, played_ms}` and
+sends `conversation.item.truncate` for each cut item.
 """
 from __future__ import annotations
 
@@ -28,7 +27,6 @@ import asyncio
 import logging
 import uuid
 from collections import deque
-from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 import orjson
@@ -38,6 +36,8 @@ from _fastpath import HEADER_ROOM, AudioPath, ClientLeg, Coalescer, LevelMeter, 
 from gateway import client_protocol as cp
 from gateway.config import NodeConfig
 from gateway.metrics import GatewayMetrics, SessionStats
+from gateway.playback import PlaybackTimeline
+from gateway.recent import EMPTY, RECENT, added, remember
 from gateway.errors import (BENIGN_UPSTREAM_CODES, AuthenticationFailed, ConnectionFailed, GatewayError,
                             InvalidConfig, InvalidMessage, NotConnected, SessionExpired, SlowClient, UpstreamError,
                             from_upstream_error)
@@ -50,17 +50,12 @@ CONNECTING, READY, CLOSED = "connecting", "ready", "closed"
 #: commands (not audio) that may wait for `ready`; beyond this the client gets NotConnected
 MAX_PRE_READY_COMMANDS = 256
 #: seconds a closed client that is not reading gets to take its close frame before it is cut off
-#: items, responses and calls a session remembers for interruption and function-call bookkeeping;
-#: older ones are forgotten, so an hour of conversation keeps the same small footprint
-RECENT = 256
 CLOSE_GRACE_S = 5.0
 #: model changes before ready that re-open the upstream: each starts a TCP and TLS handshake
 #: with the provider, so a client may not make the node open connections at will
 MAX_REOPENS = 3
 #: while the client is not read (a slow upstream), how often to ask the kernel whether it left
 HANGUP_CHECK_S = 1.0
-#: items queued on a client's playback timeline at most (replies generated faster than played)
-MAX_QUEUED_ITEMS = 32
 _TRUNCATE_PREFIX = "gw_truncate_"
 _UPDATE_PREFIX = "gw_update_"
 _RESPONSE_EVENT_ID = "gw_response"  # a response.create the gateway decided on itself
@@ -125,20 +120,19 @@ class _UpstreamOwner:
 
 class RelaySession:
     # thousands live at once: no per-instance dict (~1 KB each)
-    __slots__ = ("_answered_calls", "_audio_item", "_audio_item_bytes_per_ms", "_audio_started_at", "_awaiting_results",
+    __slots__ = ("_answered_calls", "_awaiting_results",
                  "_calls_dispatched", "_client_paused", "_client_queue",
                  "_client_queue_bytes", "_client_reading_paused", "_coalesce_s", "_connect_task",
                  "_created_timer", "_drop_reported", "_flush_timer", "_hangup_timer", "_level_timer",
-                 "_overflow_reported", "_owner", "_pending_updates", "_played", "_updates_in_flight", "_playing",
+                 "_overflow_reported", "_owner", "_pending_updates", "_updates_in_flight",
                  "_pre_ready",
                  "_pre_ready_audio_bytes", "_pre_ready_commands", "_reopens", "_response_asked",
                  "_response_calls", "_response_wanted",
                  "_turn_end", "_update_counter",
-                 "active_at", "active_response_id", "activity_seen", "audio_bytes", "client", "client_leg",
+                 "active_at", "active_response_id", "activity_seen", "client", "client_leg",
                  "close_code", "created", "dialect", "effective", "ignored", "input_format",
-                 "input_meter", "interrupted_items", "interrupted_responses", "item_response",
-                 "levels", "loop", "metrics", "node", "on_closed", "outcome",
-                 "output_bytes_per_ms", "path", "requested", "session_id", "started_at", "state",
+                 "input_meter", "levels", "loop", "metrics", "node", "on_closed", "outcome",
+                 "output_bytes_per_ms", "path", "playback", "requested", "session_id", "started_at", "state",
                  "stats", "upstream", "upstream_model", "upstream_session_id", "upstream_url",
                  "warned")
 
@@ -220,34 +214,14 @@ class RelaySession:
         self._drop_reported = False  # the client was told its audio is being dropped
         self._hangup_timer: asyncio.TimerHandle | None = None
 
-        # upstream -> client audio, per item (the current item's counters live in attributes)
+        # upstream -> client audio: what the client is playing, for barge-in
         self.active_response_id: str | None = None
-        self.item_response: dict[str, str] = {}  # the last RECENT items (so every such dict)
-        self._audio_item: str | None = None
-        # bytes received from upstream / sent to the client for the current item: the path's
-        # `item_generated` / `item_delivered` (the fast path counts there)
-        # what the client is playing: the (response, item) pairs whose audio it got, in order
-        # — a reply may have several items, and a reply generated faster than it plays may be
-        # followed by the next before it ends — from the first byte that found its queue
-        # empty (loop time `_audio_started_at`) on; and the client's last `playback` report as
-        # (position on that timeline in ms, loop time of the report)
-        self._playing: tuple[tuple[str | None, str], ...] = ()
-        self._audio_started_at = 0.0
-        self._played: tuple[float, float] | None = None
-        # the current item's output format, as bytes per ms: a `config` changing the format
-        # applies to later responses, not to the audio of one already playing
-        self._audio_item_bytes_per_ms = self.output_bytes_per_ms
-        # items switched away from: (generated, delivered, bytes per ms)
-        self.audio_bytes: dict[str, tuple[int, int, int]] = {}
-        # ordered sets (dicts of None, the last RECENT) that most sessions never fill: they start
-        # as one shared empty mapping (an empty dict is 64 B, a set 216); `_added` makes them
-        self.interrupted_items: Mapping[str, None] = _EMPTY
-        self.interrupted_responses: Mapping[str, None] = _EMPTY
+        self.playback = PlaybackTimeline(self.path)
 
         # function calls
-        self._calls_dispatched: Mapping[str, None] = _EMPTY
+        self._calls_dispatched: Mapping[str, None] = EMPTY
         self._response_calls: dict[str, set[str]] = {}
-        self._answered_calls: Mapping[str, None] = _EMPTY
+        self._answered_calls: Mapping[str, None] = EMPTY
         self._awaiting_results: dict[str, set[str]] = {}
         # the replies the gateway asks for itself (after a text turn, after the last function
         # result): one of ours sent and not started yet / one more wanted once the active is done
@@ -284,9 +258,9 @@ class RelaySession:
         upstream = self.upstream
         # the inbound gate: client audio goes the fast way while the path has an upstream
         path.upstream = upstream.transport if self.state is READY and upstream is not None else None
-        item = self._audio_item
+        item = self.playback.item
         if item is None or self.state is CLOSED or self.client is None or self._client_paused \
-                or self._turn_end is not None or item in self.interrupted_items:
+                or self._turn_end is not None or item in self.playback.interrupted_items:
             item = None
         path.outbound_item = item
 
@@ -678,7 +652,7 @@ class RelaySession:
     def _cmd_function_result(self, command: cp.FunctionResultCommand) -> None:
         self._send_upstream({"type": "conversation.item.create", "item": {
             "type": "function_call_output", "call_id": command.call_id, "output": command.output}})
-        self._answered_calls = _added(self._answered_calls, command.call_id)
+        self._answered_calls = added(self._answered_calls, command.call_id)
         for response_id, waiting in list(self._awaiting_results.items()):
             waiting.discard(command.call_id)
             if not waiting:
@@ -699,19 +673,7 @@ class RelaySession:
         self._send_upstream({"type": "response.create", "event_id": _RESPONSE_EVENT_ID})
 
     def _cmd_playback(self, command: cp.PlaybackCommand) -> None:
-        """`played_ms` is a position in one reply: the one named (`response_id`), else the one
-        the client is playing now by the clock. Kept as a position on the whole timeline."""
-        now = self.loop.time()
-        replies = self._replies(self._segments())
-        if not replies:
-            return
-        named = [r for r in replies if r[0] == command.response_id] if command.response_id else []
-        if named:
-            start = named[0][1]
-        else:
-            clock_ms = (now - self._audio_started_at) * 1000.0
-            start = next((begin for _r, begin, length in replies if begin + length > clock_ms), replies[-1][1])
-        self._played = (start + command.played_ms, now)
+        self.playback.report(command.played_ms, command.response_id, self.loop.time())
 
     def _cmd_passthrough(self, command: cp.PassthroughCommand) -> None:
         self._flush_audio()  # keep the client's order: audio sent before this event goes first
@@ -748,12 +710,14 @@ class RelaySession:
             handler(self, event)
 
     def _audio_out(self, item_id: str, pcm) -> None:
-        if item_id != self._audio_item:
-            self._switch_audio_item(item_id)
+        playback = self.playback
+        if item_id != playback.item:
+            playback.start_item(item_id, self.loop.time(), self.output_bytes_per_ms)
+            self._sync_path()
         path = self.path
         size = len(pcm)
         path.item_generated += size
-        if item_id in self.interrupted_items:  # the user barged in: this reply is not played
+        if item_id in playback.interrupted_items:  # the user barged in: this reply is not played
             if self.metrics is not None:
                 self.metrics.count_drop("interrupted", size)
             return
@@ -775,65 +739,6 @@ class RelaySession:
                 batch.append(pcm)
             else:
                 client.send(_BINARY, pcm)
-
-    def _switch_audio_item(self, item_id: str) -> None:
-        path = self.path
-        if all(item != item_id for _response, item in self._playing):
-            response_id = self.item_response.get(item_id)
-            playing = self._playing
-            if playing and response_id is not None and response_id == playing[-1][0]:
-                self._playing = playing + ((response_id, item_id),)  # the reply goes on in another item
-            else:
-                now = self.loop.time()
-                segments = self._segments()
-                queued_ms = sum(segment[2] for segment in segments)
-                if not playing or playing[-1][1] in self.interrupted_items \
-                        or now >= self._audio_started_at + queued_ms / 1000.0:
-                    # the client's queue is empty (or was dropped at a barge-in): a new timeline
-                    self._playing = ((response_id, item_id),)
-                    self._audio_started_at = now
-                    self._played = None
-                else:  # queued behind the reply the client is still playing
-                    self._playing = playing + ((response_id, item_id),)
-                    if len(self._playing) > MAX_QUEUED_ITEMS:  # bounded: the oldest has long been heard
-                        forgotten = segments[0][2]
-                        self._playing = self._playing[1:]
-                        self._audio_started_at += forgotten / 1000.0
-                        if self._played is not None:
-                            self._played = (max(0.0, self._played[0] - forgotten), self._played[1])
-        if self._audio_item is not None:
-            _remember(self.audio_bytes, self._audio_item,
-                      (path.item_generated, path.item_delivered, self._audio_item_bytes_per_ms))
-        path.item_generated, path.item_delivered, self._audio_item_bytes_per_ms = self.audio_bytes.pop(
-            item_id, (0, 0, self.output_bytes_per_ms))
-        self._audio_item = item_id
-        self._sync_path()
-
-    def _segments(self) -> list[tuple[str | None, str, float, float]]:
-        """The client's playback timeline item by item, in the order it got them: (response,
-        item, ms delivered to the client, ms generated upstream), each in its own format."""
-        path = self.path
-        segments = []
-        for response_id, item in self._playing:
-            if item == self._audio_item:
-                generated, delivered, bytes_per_ms = (path.item_generated, path.item_delivered,
-                                                      self._audio_item_bytes_per_ms)
-            else:
-                generated, delivered, bytes_per_ms = self.audio_bytes.get(item, (0, 0, self.output_bytes_per_ms))
-            segments.append((response_id, item, delivered / bytes_per_ms, generated / bytes_per_ms))
-        return segments
-
-    @staticmethod
-    def _replies(segments) -> list[tuple[str | None, float, float]]:
-        """(response, start ms on the timeline, ms delivered) of each reply on the timeline."""
-        replies: list[list] = []
-        position = 0.0
-        for response_id, _item, delivered, _generated in segments:
-            if not replies or replies[-1][0] != response_id:
-                replies.append([response_id, position, 0.0])
-            replies[-1][2] += delivered
-            position += delivered
-        return [tuple(reply) for reply in replies]
 
     def _on_audio_delta_slow(self, event: dict) -> None:
         """An audio delta the fast path declined (unusual encoding): same semantics, slower."""
@@ -980,65 +885,17 @@ class RelaySession:
         self._send_client(cp.speech_event("speech_stopped", _int(event.get("audio_end_ms")), event.get("item_id")))
 
     def _interrupt_if_playing(self) -> None:
-        """Barge-in over what the client is playing. The played position on its timeline — the
-        client's last `playback` report, else everything it got while a lone reply is still
-        being generated, else real time since it started — falls in one
-        item: that item is truncated there and every later one (its audio exists upstream,
-        unheard) at 0; each reply from that one on is told `interrupted`."""
-        item_id = self._audio_item
-        if item_id is None or item_id in self.interrupted_items:
+        """Barge-in: cut what the client is playing, if anything (`PlaybackTimeline.barge_in`)."""
+        cut = self.playback.barge_in(self.loop.time(), self.active_response_id)
+        if cut is None:
             return
-        now = self.loop.time()
-        segments = self._segments()
-        delivered_ms = sum(segment[2] for segment in segments)
-        if delivered_ms == 0:
-            return
-        last_response = segments[-1][0]
-        active = last_response is not None and last_response == self.active_response_id
-        if self._played is not None:
-            # the client's word, exact when fresh, at worst one report behind (then what it has
-            # not said it heard counts as unheard); but a report older than what was left to
-            # play means playout has ended since — not a barge-in
-            position, reported_at = self._played
-            if not active and position + (now - reported_at) * 1000.0 >= delivered_ms:
-                return
-        elif active and segments[0][0] == last_response:
-            position = delivered_ms  # generated as it plays: the client is at what it got
-        else:
-            position = max(0.0, now - self._audio_started_at) * 1000.0
-        if not active and position >= delivered_ms:
-            return  # everything delivered has been played: nothing to interrupt
-        position = min(position, delivered_ms)
-        cut = 0  # the segment the position falls in (the last one at the very end)
-        offset = position
-        while cut < len(segments) - 1 and offset >= segments[cut][2]:
-            offset -= segments[cut][2]
-            cut += 1
-        replies = self._replies(segments)
-        cut_response = segments[cut][0]
-        told = [(response_id, max(0.0, position - begin)) for response_id, begin, _length in replies
-                if response_id == cut_response or begin > position]
-        for response_id, item, _delivered, _generated in segments[cut:]:
-            self.interrupted_items = _added(self.interrupted_items, item)
-            if response_id is not None:
-                self.interrupted_responses = _added(self.interrupted_responses, response_id)
-        for other, owner in self.item_response.items():
-            if owner in self.interrupted_responses:
-                self.interrupted_items = _added(self.interrupted_items, other)
         self._sync_path()
-        log.info("session %s: barge-in, response %s interrupted at %d ms", self.session_id, cut_response,
-                 int(told[0][1]))
-        for response_id, played_ms in told:
-            self._send_client(cp.interrupted_event(response_id, int(played_ms)))
-        for index, (_response_id, item, delivered, generated) in enumerate(segments[cut:]):
-            # also at 0 ms (barge-in before playback started, or a later item): an item with
-            # audio accepts it, only one without any is refused ("Only model output audio
-            # messages can be truncated", reference §7.6); untruncated, the model believes the
-            # user heard it all
-            if generated > 0:
-                end_ms = min(offset, delivered, generated) if index == 0 else 0
-                self._send_upstream({"type": "conversation.item.truncate", "event_id": f"{_TRUNCATE_PREFIX}{item}",
-                                     "item_id": item, "content_index": 0, "audio_end_ms": int(end_ms)})
+        log.info("session %s: barge-in, response %s interrupted at %d ms", self.session_id, *cut.interrupted[0])
+        for response_id, played_ms in cut.interrupted:
+            self._send_client(cp.interrupted_event(response_id, played_ms))
+        for item_id, end_ms in cut.truncates:
+            self._send_upstream({"type": "conversation.item.truncate", "event_id": f"{_TRUNCATE_PREFIX}{item_id}",
+                                 "item_id": item_id, "content_index": 0, "audio_end_ms": end_ms})
 
     def _on_user_transcript_delta(self, event: dict) -> None:
         delta = event.get("delta")
@@ -1061,7 +918,7 @@ class RelaySession:
     def _on_assistant_delta(self, event: dict) -> None:
         item_id = event.get("item_id")
         delta = event.get("delta")
-        if item_id in self.interrupted_items or not isinstance(delta, str) or not delta:
+        if item_id in self.playback.interrupted_items or not isinstance(delta, str) or not delta:
             return
         self._send_client(cp.transcript_event("assistant", delta, False, item_id, event.get("response_id")))
 
@@ -1073,7 +930,7 @@ class RelaySession:
         # an interrupted item's final still comes, so captions are closed: the whole text the
         # model generated, flagged (its later partials were not sent, and not all of it was heard)
         self._send_client(cp.transcript_event("assistant", text, True, item_id, event.get("response_id"),
-                                              interrupted=item_id in self.interrupted_items))
+                                              interrupted=item_id in self.playback.interrupted_items))
 
     def _on_response_created(self, event: dict) -> None:
         response_id = (event.get("response") or {}).get("id")
@@ -1086,11 +943,8 @@ class RelaySession:
         item = event.get("item") or {}
         response_id = event.get("response_id")
         item_id = item.get("id")
-        if isinstance(item_id, str) and isinstance(response_id, str):
-            _remember(self.item_response, item_id, response_id)
-            if response_id in self.interrupted_responses:
-                self.interrupted_items = _added(self.interrupted_items, item_id)
-                self._sync_path()
+        if isinstance(item_id, str) and isinstance(response_id, str) and self.playback.note_item(item_id, response_id):
+            self._sync_path()
 
     def _on_output_item_done(self, event: dict) -> None:
         item = event.get("item") or {}
@@ -1104,12 +958,12 @@ class RelaySession:
         `function_call_arguments.done` still comes) is not for the client to run."""
         if not isinstance(call_id, str) or call_id in self._calls_dispatched:
             return
-        self._calls_dispatched = _added(self._calls_dispatched, call_id)
+        self._calls_dispatched = added(self._calls_dispatched, call_id)
         if isinstance(response_id, str):
             calls = self._response_calls.get(response_id)
             if calls is None:
                 calls = set()
-                _remember(self._response_calls, response_id, calls)
+                remember(self._response_calls, response_id, calls)
             calls.add(call_id)
         self._send_client(cp.function_call_event(call_id, name, arguments if isinstance(arguments, str) else ""))
 
@@ -1135,7 +989,7 @@ class RelaySession:
         if calls:
             waiting = calls - self._answered_calls.keys()
             if waiting:
-                _remember(self._awaiting_results, response_id, waiting)
+                remember(self._awaiting_results, response_id, waiting)
             else:  # every result arrived before the response finished
                 ask = True
         if ask:
@@ -1334,18 +1188,8 @@ _COMMAND_HANDLERS: dict[type, Callable[[RelaySession, Any], None]] = {
 }
 
 
-_EMPTY: Mapping = MappingProxyType({})
 #: SessionConfig fields the upstream's session object reports back (UpstreamDialect.effective)
 _EFFECTIVE_FIELDS = frozenset({"voice", "turn_detection", "input_audio_format", "output_audio_format"})
-
-
-def _added(items: Mapping[str, None], item: str) -> dict[str, None]:
-    """`items` (an ordered set: a dict of None) with `item` added: the dict itself, or a new one
-    in place of the shared `_EMPTY`; past RECENT entries the oldest is forgotten."""
-    if items is _EMPTY:
-        return {item: None}
-    _remember(items, item, None)
-    return items
 
 
 def _active_response_refusal(error: dict) -> bool:
@@ -1353,14 +1197,6 @@ def _active_response_refusal(error: dict) -> bool:
     servers of early 2025, no code and the message (reference §8)."""
     return error.get("code") == "conversation_already_has_active_response" or (
         not error.get("code") and str(error.get("message") or "").startswith("Conversation already has an active response"))
-
-
-def _remember(memory: dict, key, value) -> None:
-    """`memory[key] = value`, forgetting the oldest entry past RECENT (dicts keep insertion
-    order; re-setting a key keeps its place)."""
-    memory[key] = value
-    if len(memory) > RECENT:
-        del memory[next(iter(memory))]
 
 
 def _ignore_message(payload) -> None:

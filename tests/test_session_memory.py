@@ -3,7 +3,8 @@ responses and calls for interruption and function-call bookkeeping, never all of
 from __future__ import annotations
 
 from gateway.config import NodeConfig
-from gateway.session import RECENT, RelaySession
+from gateway.recent import RECENT
+from gateway.session import RelaySession
 from tests.support import run
 
 ROUNDS = 3 * RECENT
@@ -24,15 +25,17 @@ def test_bookkeeping_keeps_only_the_most_recent_entries():
             response_id, item_id, call_id = f"resp_{n}", f"item_{n}", f"call_{n}"
             session._on_output_item_added({"response_id": response_id, "item": {
                 "id": item_id, "type": "function_call", "call_id": call_id, "name": "lookup"}})
-            session._switch_audio_item(item_id)
+            session._audio_out(item_id, b"\0\0")
             session._dispatch_call(call_id, "lookup", "{}", response_id)
-        for name in ("item_response", "audio_bytes", "_playing", "_response_calls", "_calls_dispatched"):
-            remembered = getattr(session, name)
+        playback = session.playback
+        for owner, name in ((playback, "item_response"), (playback, "_finished"), (playback, "_playing"),
+                            (session, "_response_calls"), (session, "_calls_dispatched")):
+            remembered = getattr(owner, name)
             assert len(remembered) <= RECENT, (name, len(remembered))
         last = ROUNDS - 1
-        assert session.item_response[f"item_{last}"] == f"resp_{last}"  # the recent ones stay
+        assert playback.item_response[f"item_{last}"] == f"resp_{last}"  # the recent ones stay
         assert f"call_{last}" in session._calls_dispatched and "call_0" not in session._calls_dispatched
-        assert f"item_{last - 1}" in session.audio_bytes and "item_0" not in session.audio_bytes
+        assert f"item_{last - 1}" in playback._finished and "item_0" not in playback._finished
 
     run(scenario(), timeout=20)
 
@@ -42,13 +45,13 @@ def test_interruption_marks_stay_bounded_and_recent():
         session = _session()
         for n in range(ROUNDS):
             session._on_output_item_added({"response_id": f"resp_{n}", "item": {"id": f"item_{n}"}})
-            session._switch_audio_item(f"item_{n}")
-            session.path.item_delivered = 4800  # 100 ms delivered and being played
+            session._audio_out(f"item_{n}", bytes(4800))  # 100 ms delivered and being played
             session.active_response_id = f"resp_{n}"
             session._interrupt_if_playing()
-        assert len(session.interrupted_items) <= RECENT and len(session.interrupted_responses) <= RECENT
+        interrupted_items, interrupted_responses = session.playback.interrupted_items, session.playback.interrupted_responses
+        assert len(interrupted_items) <= RECENT and len(interrupted_responses) <= RECENT
         last = ROUNDS - 1
-        assert f"item_{last}" in session.interrupted_items and f"resp_{last}" in session.interrupted_responses
-        assert "item_0" not in session.interrupted_items
+        assert f"item_{last}" in interrupted_items and f"resp_{last}" in interrupted_responses
+        assert "item_0" not in interrupted_items
 
     run(scenario(), timeout=20)
