@@ -72,8 +72,9 @@ class NodeConfig:
     jwt_secret: str | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
-                          if f.name not in _SECRET_FIELDS)
+        # the URL may carry credentials too (userinfo, Azure's ?api-key=): host and path only
+        shown = ", ".join(f"{f.name}={_shown_url(self.upstream_url) if f.name == 'upstream_url' else getattr(self, f.name)!r}"
+                          for f in fields(self) if f.name not in _SECRET_FIELDS)
         masked = ", ".join(f"{name}={'***' if getattr(self, name) else None}" for name in _SECRET_FIELDS)
         return f"NodeConfig({shown}, {masked})"
 
@@ -273,3 +274,18 @@ def _upstream_url_problem(url: str) -> str | None:
     except ValueError:
         return "got an invalid port"
     return None
+
+
+def safe_location(url: str) -> str:
+    """host[:port]/path of the URL, without query (may hold keys for Azure browsers) or userinfo."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{host}{port}{parts.path}"
+
+
+def _shown_url(url: str | None) -> str | None:
+    if not url:
+        return url
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{safe_location(url)}" + ("?…" if parts.query else "")

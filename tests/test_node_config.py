@@ -46,6 +46,12 @@ def test_openai_needs_a_key_and_azure_a_url():
     azure = build(["--upstream", "azure", "--upstream-url", "wss://r.example/openai/v1/realtime?model=d"],
                   {"AZURE_OPENAI_API_KEY": "test-key-2"})
     assert azure.auth_headers == [("api-key", "test-key-2")]
+    # the start-up log shows the config: a URL with credentials in it shows host and path only
+    keyed = build(["--upstream", "azure", "--upstream-url",
+                   "wss://user:url-password@r.example/openai/v1/realtime?deployment=d&api-key=url-key"],
+                  {"AZURE_OPENAI_API_KEY": "test-key-2"})
+    assert "upstream_url='wss://r.example/openai/v1/realtime?…'" in repr(keyed)
+    assert "url-password" not in repr(keyed) and "url-key" not in repr(keyed)
     with pytest.raises(ConfigError):
         build(["--upstream", "mock"], {"GATEWAY_LOG_FORMAT": "xml"})
     with pytest.raises(ConfigError):

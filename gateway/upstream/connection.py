@@ -26,6 +26,7 @@ from picows.common import WSHandshakeError
 from _fastpath import AudioPath, UpstreamLeg, release_handshake
 
 from gateway import sockets
+from gateway.config import safe_location
 from gateway.errors import AuthenticationFailed, ConnectionFailed, GatewayError, RateLimitExceeded, UpstreamError
 from gateway.framing import MessageAssembler, MessageTooBig
 
@@ -154,7 +155,7 @@ class UpstreamConnection:
     async def connect(self, url: str, headers: list[tuple[str, str]], timeout_s: float) -> None:
         """Open the socket within `timeout_s`. Raises AuthenticationFailed, RateLimitExceeded or
         ConnectionFailed."""
-        where = _safe_location(url)
+        where = safe_location(url)
         try:
             async with asyncio.timeout(timeout_s):
                 transport, _listener = await ws_connect(
@@ -217,14 +218,6 @@ class UpstreamConnection:
         if transport is not None and not transport.is_disconnected:
             transport.send_close(WSCloseCode.OK)
             transport.disconnect()
-
-
-def _safe_location(url: str) -> str:
-    """host[:port]/path of the URL, without query (may hold keys for Azure browsers) or userinfo."""
-    parts = urlsplit(url)
-    host = parts.hostname or "?"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{host}{port}{parts.path}"
 
 
 __all__ = ["UpstreamConnection", "UpstreamListener", "build_upstream_url", "UpstreamError"]
