@@ -90,8 +90,8 @@ class SessionStats:
       (``audio`` = audio deltas, bytes = decoded PCM bytes; ``json`` = other events, bytes = frame
       bytes). All but ``c2u_json_*`` live in ``path`` (`PathCounters`, replaced by the session's
       `AudioPath` before any traffic) and read and write through to it.
-    Levels (set, not added): ``c2u_buffered_bytes`` = client audio held for the upstream (pre-ready
-      buffer + coalescer), ``u2c_buffered_bytes`` = bytes queued towards the client; flushes turn
+    Levels (set, not added): ``c2u_buffered_bytes`` = client audio waiting for `ready` (the
+      coalescer's few ms are not counted), ``u2c_buffered_bytes`` = bytes queued towards the client; flushes turn
       them into the ``gateway_buffered_bytes`` gauge and track the per-session peak.
     Owned by one session on one event loop; `GatewayMetrics` reads it only in `flush`.
     """
@@ -188,10 +188,12 @@ class GatewayMetrics:
         self.sessions_active = gauge("gateway_sessions_active", "Client sessions open now")
         self.sessions_total = Counter("gateway_sessions", "Client sessions ended, by outcome",
                                       ["outcome"], registry=reg)
-        self.frames_total = Counter("gateway_frames", "Messages relayed, by direction and kind",
-                                    ["direction", "kind"], registry=reg)
-        self.bytes_total = Counter("gateway_bytes", "Payload bytes relayed (PCM bytes for audio)",
-                                   ["direction", "kind"], registry=reg)
+        self.frames_total = Counter(
+            "gateway_frames", "Messages received to relay, by direction and kind: client messages; upstream "
+            "audio deltas and other upstream events", ["direction", "kind"], registry=reg)
+        self.bytes_total = Counter(
+            "gateway_bytes", "Bytes of those messages: audio in the session's format (PCM16 or G.711, "
+            "decoded from base64 upstream), JSON as received", ["direction", "kind"], registry=reg)
         self.upstream_connect_seconds = Histogram(
             "gateway_upstream_connect_seconds", "Time to open an upstream session (until session.created)",
             registry=reg, buckets=CONNECT_BUCKETS_S)
@@ -202,7 +204,8 @@ class GatewayMetrics:
                                     ["code"], registry=reg)
         self.audio_level = Histogram(
             "gateway_audio_rms_db_below_full_scale",
-            "Audio RMS level in dB below full scale (-dBFS): 0 = full scale, 120 = digital silence",
+            "Audio RMS level in dB below full scale (-dBFS): 0 = full scale, 120 = digital silence; "
+            "metered for sessions whose client asked for levels (config levels:true), per --level-interval-ms",
             ["stream"], registry=reg, buckets=LEVEL_BUCKETS_DB_BELOW_FS)
         self.buffered_bytes = gauge("gateway_buffered_bytes", "Audio bytes queued now, by direction",
                                     ("direction",))
@@ -278,14 +281,17 @@ class GatewayMetrics:
 
     # -- upstream ---------------------------------------------------------------------------
 
-    def upstream_opened(self, stats: SessionStats, connect_seconds: float | None = None) -> None:
+    def upstream_opened(self, stats: SessionStats) -> None:
         """The session's upstream is connected (once per connection; a re-open after
-        `upstream_closed` counts again). `connect_seconds` feeds the connect-latency histogram."""
-        if connect_seconds is not None:
-            self.upstream_connect_seconds.observe(connect_seconds)
+        `upstream_closed` counts again)."""
         if not stats._upstream_open:
             stats._upstream_open = True
             self.upstream_open.inc()
+
+    def observe_upstream_connect(self, seconds: float) -> None:
+        """An upstream session exists: `seconds` from the start of its TCP connect to its
+        `session.created` (the whole wait a client's `ready` depends on, not just the handshake)."""
+        self.upstream_connect_seconds.observe(seconds)
 
     def upstream_closed(self, stats: SessionStats) -> None:
         """The session's upstream connection is gone (idempotent)."""

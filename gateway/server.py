@@ -315,7 +315,7 @@ class GatewayServer:
             self.metrics.flush(stats)
             activity = (stats.c2u_audio_frames + stats.c2u_json_frames + stats.u2c_audio_frames
                         + stats.u2c_json_frames)
-            if activity != session.activity_seen:
+            if activity != session.activity_seen or session.waiting_on_upstream:
                 session.activity_seen = activity
                 session.active_at = now
             elif config.idle_timeout_s and now - session.active_at >= config.idle_timeout_s:

@@ -73,6 +73,7 @@ _OUTCOME_BY_CODE = {"AuthenticationFailed": "upstream_auth_failed", "ConnectionF
                     "RateLimitExceeded": "upstream_failed",
                     "UpstreamError": "upstream_failed", "SessionExpired": "expired",
                     "IdleTimeout": "idle_timeout", "SlowClient": "slow_client"}
+_UPSTREAM_OUTCOMES = frozenset({"upstream_failed", "upstream_auth_failed", "expired"})
 
 
 def seed_defaults(node: NodeConfig) -> cp.SessionConfig:
@@ -120,7 +121,7 @@ class _UpstreamOwner:
 
 class RelaySession:
     # thousands live at once: no per-instance dict (~1 KB each)
-    __slots__ = ("_answered_calls", "_awaiting_results",
+    __slots__ = ("_answered_calls", "_awaiting_results", "_connect_started",
                  "_calls_dispatched", "_client_paused", "_client_queue",
                  "_client_queue_bytes", "_client_reading_paused", "_coalesce_s", "_connect_task",
                  "_created_timer", "_drop_reported", "_flush_timer", "_hangup_timer", "_level_timer",
@@ -186,6 +187,7 @@ class RelaySession:
         self._updates_in_flight: list[str | tuple[None, str | None]] = []
         self._update_counter = 0
         self._connect_task: asyncio.Task | None = None
+        self._connect_started = 0.0  # loop time the latest upstream connect began
         self._created_timer: asyncio.TimerHandle | None = None
 
         # configuration: what the client asked for (merged), what the upstream confirmed
@@ -306,7 +308,7 @@ class RelaySession:
     async def _open(self, upstream: UpstreamConnection, owner: _UpstreamOwner) -> None:
         url = build_upstream_url(self.upstream_url, self.upstream_model)
         headers = list(self.node.auth_headers) + list(self.dialect.headers)
-        started = self.loop.time()
+        started = self._connect_started = self.loop.time()
         try:
             await upstream.connect(url, headers, self.node.connect_timeout_s)
         except GatewayError as error:
@@ -317,7 +319,7 @@ class RelaySession:
             upstream.close()
             return
         if self.metrics is not None:
-            self.metrics.upstream_opened(self.stats, self.loop.time() - started)
+            self.metrics.upstream_opened(self.stats)
         remaining = max(0.05, self.node.connect_timeout_s - (self.loop.time() - started))
         self._created_timer = self.loop.call_later(remaining, self._created_timeout, owner)
 
@@ -373,6 +375,13 @@ class RelaySession:
         self._send_client(cp.encode({"type": "closing", "reason": reason,
                                      "seconds_left": round(max(0.0, seconds_left), 1)}))
 
+    @property
+    def waiting_on_upstream(self) -> bool:
+        """The session waits for the upstream, not for the client: the upstream session is still
+        opening, or it reads audio too slowly for the gateway to go on reading the client. No
+        idle time runs meanwhile: the client is not the one who went quiet."""
+        return self.state is CONNECTING or self._client_reading_paused
+
     def on_client_close_frame(self, code: int) -> None:
         """The client ended the session with a close frame: a normal close (1000, 1001 or none)
         is a completed session; a drop without one, or another code, is not."""
@@ -399,6 +408,13 @@ class RelaySession:
             self._owner.retire()
         if self.upstream is not None:
             self.upstream.close()
+        # client audio that never went up is lost with the session (unless the client ended it:
+        # then it wanted nothing more), and must show as lost
+        unsent = self._pre_ready_audio_bytes + self.coalescer.pending_bytes
+        if unsent and self.metrics is not None and not self.stats.closed \
+                and self.outcome not in ("completed", "client_disconnected"):
+            self.metrics.count_drop("upstream_closed" if self.outcome in _UPSTREAM_OUTCOMES else "other", unsent)
+        self._pre_ready_audio_bytes = self.stats.c2u_buffered_bytes = 0
         self._pre_ready = None
         self._client_queue = None
         self._client_queue_bytes = self.stats.u2c_buffered_bytes = 0
@@ -443,6 +459,7 @@ class RelaySession:
                                            "audio beyond it was dropped; wait for `ready`"))
                 return
             self._pre_ready_audio_bytes += len(payload)
+            stats.c2u_buffered_bytes = self._pre_ready_audio_bytes
             self._queue_pre_ready(bytes(payload))
 
     def _audio_in(self, payload) -> None:
@@ -757,6 +774,8 @@ class RelaySession:
 
     def _on_session_created(self, event: dict) -> None:
         session = event.get("session") or {}
+        if self.metrics is not None and not self.created:
+            self.metrics.observe_upstream_connect(self.loop.time() - self._connect_started)
         self.created = True
         self.upstream_session_id = session.get("id")
         self.effective = self.dialect.effective(session)
@@ -790,7 +809,7 @@ class RelaySession:
         log.info("session %s: ready (model=%s voice=%s turn_detection=%s)", self.session_id,
                  effective["model"], effective.get("voice"), effective.get("turn_detection"))
         queued, self._pre_ready = self._pre_ready or (), None
-        self._pre_ready_audio_bytes = self._pre_ready_commands = 0
+        self._pre_ready_audio_bytes = self._pre_ready_commands = self.stats.c2u_buffered_bytes = 0
         for item in queued:  # in the order the client sent them
             if self.state is not READY:
                 break

@@ -1,10 +1,12 @@
 """Shared pieces of the relay's end-to-end tests: a gateway in front of a mock upstream (both
-in-process, real sockets on 127.0.0.1), a recording test client, and test audio."""
+in-process, real sockets on 127.0.0.1), a scripted upstream for the unusual things the mock does
+not do, a recording test client, and test audio."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -13,11 +15,14 @@ import websockets
 
 from gateway.config import NodeConfig
 from gateway.mock import MockOptions, MockRealtimeServer
+from gateway.mock.schema import default_config, render_session
 from gateway.server import GatewayServer
 
 TEST_KEY = "test-key-1"
 RATE = 24000
 BYTES_PER_MS = 48
+#: the GA session object a scripted upstream announces
+SESSION = render_session(default_config("gpt-realtime", "sess_scripted", 1999999999), "ga")
 
 
 @contextlib.asynccontextmanager
@@ -38,6 +43,57 @@ async def relay(mock_options: MockOptions | None = None, **node_fields: Any):
     finally:
         await gateway.stop()
         await mock.stop()
+
+
+class ScriptedUpstream:
+    """One upstream connection at a time, speaking the reference's GA shapes: `session.created`
+    on connect (`created_after_s` later: the real one takes its time), then `script(self)`."""
+
+    def __init__(self, script: Callable[["ScriptedUpstream"], Awaitable[None]], created_after_s: float = 0.0) -> None:
+        self.script = script
+        self.created_after_s = created_after_s
+        self.received: list[dict] = []
+        self._ws = None
+        self._server = None
+
+    async def __aenter__(self) -> str:
+        async def serve(ws) -> None:
+            self._ws = ws
+            if self.created_after_s:
+                await asyncio.sleep(self.created_after_s)  # the scenario's upstream latency
+            await self.send({"type": "session.created", "session": SESSION})
+            await self.script(self)
+            await ws.wait_closed()
+        self._server = await websockets.serve(serve, "127.0.0.1", 0)
+        return f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1/realtime"
+
+    async def __aexit__(self, *exc) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def send(self, event: dict) -> None:
+        await self._ws.send(orjson.dumps({"event_id": f"event_{len(self.received)}", **event}).decode())
+
+    async def receive(self, type_: str) -> dict:
+        """The next client event of `type_` (appends and others are recorded and skipped)."""
+        async for message in self._ws:
+            event = orjson.loads(message)
+            self.received.append(event)
+            if event.get("type") == type_:
+                return event
+        raise AssertionError(f"connection closed before {type_}")
+
+    async def updated(self) -> None:
+        await self.send({"type": "session.updated", "session": SESSION})
+
+    async def hang_up(self) -> None:
+        """Close the connection as a failing upstream does (1011)."""
+        await self._ws.close(1011, "scripted failure")
+
+    async def refuse(self, event_id: str | None, message: str, *, code: str | None = "invalid_value",
+                     param: str | None = "session.audio.output.voice") -> None:
+        await self.send({"type": "error", "error": {"type": "invalid_request_error", "code": code, "param": param,
+                                                    "message": message, "event_id": event_id}})
 
 
 class RelayClient:

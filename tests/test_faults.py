@@ -459,6 +459,19 @@ def test_client_that_vanishes_without_a_close_takes_its_upstream_with_it(when):
 
 # ---- time limits (issue 6 flags) -----------------------------------------------------------------
 
+def test_no_idle_time_runs_while_the_upstream_is_still_opening():
+    """The idle timeout is the client's silence. A client waiting for `ready` while the upstream
+    takes longer than the idle timeout to open is waiting on the gateway: it gets `ready`, not
+    IdleTimeout (and would get ConnectionFailed at the connect timeout)."""
+    async def scenario():
+        async with relay(MockOptions(handshake_delay_s=1.0), idle_timeout_s=0.3) as (gateway, mock):
+            client = await RawClient.connect(gateway.url)
+            await client.wait("ready", 5)
+            assert client.errors() == []
+            await client.close()
+    run(scenario(), timeout=20)
+
+
 def test_idle_session_gets_idle_timeout_then_close():
     fields = need(idle_timeout_s=0.5)
     kind = need_code("IdleTimeout")

@@ -9,9 +9,13 @@ import sys
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.config import NodeConfig
 from gateway.errors import ERROR_TABLE
 from gateway.metrics import (C2U, U2C, GatewayMetrics, SessionStats, mark_worker_dead, prepare_multiprocess_dir,
                              render_multiprocess)
+from gateway.server import GatewayServer
+from tests.raw_client import http_get
+from tests.relay_harness import RelayClient, ScriptedUpstream
 from tests.support import run
 
 
@@ -86,7 +90,8 @@ def test_counters_match_what_the_sessions_did():
 def test_gauges_return_to_zero_whatever_the_session_forgot():
     metrics = GatewayMetrics()
     stats = metrics.session_opened()
-    metrics.upstream_opened(stats, connect_seconds=0.04)
+    metrics.upstream_opened(stats)
+    metrics.observe_upstream_connect(0.04)
     metrics.upstream_opened(stats)  # repeated report of the same connection: counted once
     stats.u2c_buffered_bytes = 96_000
     stats.c2u_buffered_bytes = 4_800
@@ -182,7 +187,8 @@ live = [metrics.session_opened() for _ in range(open_sessions)]
 live[0].c2u_audio_frames += 10 * open_sessions
 live[0].c2u_audio_bytes += 960 * 10 * open_sessions
 metrics.flush(live[0])
-metrics.upstream_opened(live[0], connect_seconds=0.05)
+metrics.upstream_opened(live[0])
+metrics.observe_upstream_connect(0.05)
 metrics.session_closed(metrics.session_opened(), "completed")
 metrics.count_error("InvalidMessage")
 if render:
@@ -250,3 +256,66 @@ def test_two_worker_processes_are_summed(tmp_path):
     run(scenario(), timeout=30)
     prepare_multiprocess_dir(directory)  # a restart starts from clean files
     assert os.listdir(directory) == []
+
+
+# ---- end to end: a node and a scripted upstream ------------------------------------------------
+
+def _scripted_node(url: str) -> NodeConfig:
+    return NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key="test-key-scripted", upstream_url=url)
+
+
+async def _samples(gateway) -> dict[tuple[str, frozenset], float]:
+    status, body = await http_get(gateway.port, "/metrics")
+    assert status == 200
+    return scrape(body)
+
+
+def test_the_upstream_connect_time_runs_until_session_created():
+    """`gateway_upstream_connect_seconds` is the wait a client's `ready` depends on: TCP, the
+    WebSocket handshake and then the upstream's `session.created` — not the handshake alone."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+
+    async def scenario():
+        async with ScriptedUpstream(script, created_after_s=0.3) as url, GatewayServer(_scripted_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready", 5)
+            samples = await _samples(gateway)
+            assert value(samples, "gateway_upstream_connect_seconds_count") == 1
+            assert value(samples, "gateway_upstream_connect_seconds_sum") >= 0.3
+            await client.close()
+    run(scenario(), timeout=20)
+
+
+def test_audio_waiting_for_ready_is_buffered_and_counted_as_dropped_when_the_upstream_fails():
+    """Client audio held before `ready` shows in gateway_buffered_bytes{client_to_upstream}; when
+    the upstream then fails the session, that audio never went up: a drop, `upstream_closed`,
+    byte for byte — not bytes silently counted as relayed."""
+    hang_up = asyncio.Event()
+
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")  # never answered: the session waits for `ready`
+        await hang_up.wait()
+        await upstream.hang_up()
+
+    async def buffered(gateway) -> float:
+        return value(await _samples(gateway), "gateway_buffered_bytes", direction=C2U)
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(_scripted_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            for _ in range(10):
+                await client.ws.send(bytes(960))
+            async with asyncio.timeout(10):  # the sweep publishes the figure: no event to wait on
+                while await buffered(gateway) != 9600:
+                    await asyncio.sleep(0.05)
+            hang_up.set()
+            error = await client.wait("error", 5)
+            assert error["code"] == "ConnectionFailed" and error["fatal"] is True
+            await gateway.wait_empty(5)
+            samples = await _samples(gateway)
+            assert value(samples, "gateway_dropped_bytes_total", reason="upstream_closed") == 9600
+            assert value(samples, "gateway_drops_total", reason="upstream_closed") == 1
+            assert value(samples, "gateway_buffered_bytes", direction=C2U) == 0
+    run(scenario(), timeout=30)

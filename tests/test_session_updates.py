@@ -8,63 +8,12 @@ each test can make the upstream do exactly the unusual thing it is about."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-
-import orjson
-import websockets
 
 from gateway.config import NodeConfig
 from gateway.errors import CLOSE_INTERNAL_ERROR
-from gateway.mock.schema import default_config, render_session
 from gateway.server import GatewayServer
-from tests.relay_harness import RelayClient
+from tests.relay_harness import RelayClient, ScriptedUpstream
 from tests.support import run
-
-SESSION = render_session(default_config("gpt-realtime", "sess_scripted", 1999999999), "ga")
-
-
-class ScriptedUpstream:
-    """One upstream connection at a time: `session.created` on connect, then `script(self)`."""
-
-    def __init__(self, script: Callable[["ScriptedUpstream"], Awaitable[None]]) -> None:
-        self.script = script
-        self.received: list[dict] = []
-        self._ws = None
-        self._server = None
-
-    async def __aenter__(self) -> str:
-        async def serve(ws) -> None:
-            self._ws = ws
-            await self.send({"type": "session.created", "session": SESSION})
-            await self.script(self)
-            await ws.wait_closed()
-        self._server = await websockets.serve(serve, "127.0.0.1", 0)
-        return f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1/realtime"
-
-    async def __aexit__(self, *exc) -> None:
-        self._server.close()
-        await self._server.wait_closed()
-
-    async def send(self, event: dict) -> None:
-        await self._ws.send(orjson.dumps({"event_id": f"event_{len(self.received)}", **event}).decode())
-
-    async def receive(self, type_: str) -> dict:
-        """The next client event of `type_` (appends and others are recorded and skipped)."""
-        async for message in self._ws:
-            event = orjson.loads(message)
-            self.received.append(event)
-            if event.get("type") == type_:
-                return event
-        raise AssertionError(f"connection closed before {type_}")
-
-    async def updated(self) -> None:
-        await self.send({"type": "session.updated", "session": SESSION})
-
-    async def refuse(self, event_id: str | None, message: str, *, code: str | None = "invalid_value",
-                     param: str | None = "session.audio.output.voice") -> None:
-        await self.send({"type": "error", "error": {"type": "invalid_request_error", "code": code, "param": param,
-                                                    "message": message, "event_id": event_id}})
-
 
 def _node(url: str, connect_timeout_s: float = 5.0) -> NodeConfig:
     return NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key="test-key-scripted",
