@@ -34,6 +34,8 @@ BYTES_PER_MS = {"pcm16": 48, "g711_ulaw": 8, "g711_alaw": 8}
 MAX_INSTRUCTIONS_BYTES = 100 * 1024
 MAX_TEXT_BYTES = 50 * 1024
 MAX_FUNCTION_OUTPUT_BYTES = 100 * 1024
+#: unknown `config` fields reported one by one; the rest of them in one count
+MAX_UNKNOWN_REPORTED = 10
 
 _FORMAT_ALIASES = {"pcm16": "pcm16", "pcm": "pcm16", "linear16": "pcm16", "g711_ulaw": "g711_ulaw",
                    "ulaw": "g711_ulaw", "mulaw": "g711_ulaw", "g711_alaw": "g711_alaw", "alaw": "g711_alaw"}
@@ -286,7 +288,7 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
         value = message["provider"]
         # WaaV compares provider names case-insensitively ("OpenAI" works there)
         if not isinstance(value, str) or value.lower() != "openai":
-            raise _Bad("provider", f"provider must be 'openai' (got {value!r})")
+            raise _Bad("provider", f"provider must be 'openai' (got {_shown(value)})")
         provider = "openai"
 
     def check_model() -> None:
@@ -298,7 +300,7 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
     def check_voice() -> None:
         value = message["voice"]
         if value not in VOICES:
-            raise _Bad("voice", f"voice {value!r} is not a realtime voice (one of {', '.join(VOICES)}); "
+            raise _Bad("voice", f"voice {_shown(value)} is not a realtime voice (one of {', '.join(VOICES)}); "
                                 "the session keeps its current voice")
         config.voice = value
 
@@ -446,10 +448,20 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
     for name in order:
         if name in message:
             field_(name, checks[name])
-    for name in message:
-        if name not in checks and name not in ("type", "event_id"):
-            errors.append(InvalidConfig(f"unknown config field {name!r} (ignored)", param=name))
+    unknown = [name for name in message if name not in checks and name not in ("type", "event_id")]
+    for name in unknown[:MAX_UNKNOWN_REPORTED]:
+        errors.append(InvalidConfig(f"unknown config field {_shown(name)} (ignored)", param=name))
+    if len(unknown) > MAX_UNKNOWN_REPORTED:  # one message must not turn into thousands of errors
+        errors.append(InvalidConfig(f"{len(unknown) - MAX_UNKNOWN_REPORTED} more unknown config fields (ignored)"))
     return ConfigCommand(config, errors, provider)
+
+
+def _shown(value: Any) -> str:
+    """A client's value for an error message: a string quoted (clipped), anything else by its
+    JSON type only — never repr() of untrusted data (10,000 nested arrays overflow it)."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= 64 else value[:64] + "…")
+    return {dict: "an object", list: "an array", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
 
 
 def _vad_params(value: dict, prefix: str, config: SessionConfig, errors: list[InvalidConfig]) -> None:

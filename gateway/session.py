@@ -54,6 +54,8 @@ CLOSE_GRACE_S = 5.0
 #: model changes before ready that re-open the upstream: each starts a TCP and TLS handshake
 #: with the provider, so a client may not make the node open connections at will
 MAX_REOPENS = 3
+#: fields `ready.ignored` lists at most (a client may send thousands of unknown ones)
+MAX_IGNORED = 32
 #: while the client is not read (a slow upstream), how often to ask the kernel whether it left
 HANGUP_CHECK_S = 1.0
 _TRUNCATE_PREFIX = "gw_truncate_"
@@ -193,7 +195,7 @@ class RelaySession:
         # configuration: what the client asked for (merged), what the upstream confirmed
         self.requested = cp.SessionConfig()
         self.effective: dict[str, Any] = {}
-        self.ignored: list[str] = []
+        self.ignored: dict[str, None] = {}  # an ordered set, at most MAX_IGNORED
 
         # client -> upstream audio
         self.input_format = "pcm16"
@@ -579,7 +581,9 @@ class RelaySession:
                  "server_vad": ("vad_eagerness",)}.get(mode, ())
         for name in names:
             if getattr(update, name) is not None:
-                self._note_ignored(cp.CLIENT_PARAMS[name])
+                param = cp.CLIENT_PARAMS[name]
+                self._note_ignored(param, f"{param} does not apply to {mode}: kept for a change of "
+                                          "turn detection, ignored for now")
 
     def _use_input_format(self, audio_format: str) -> None:
         """Coalesce (and meter) the client's audio in `audio_format` from now on."""
@@ -616,7 +620,10 @@ class RelaySession:
         event_id = f"{_UPDATE_PREFIX}{self._update_counter}"
         event, ignored = self.dialect.session_update(config, event_id)
         for name in ignored:
-            self._note_ignored(name)
+            self._note_ignored(name, f"{name} is not supported by the upstream ({self.node.upstream_dialect} "
+                                     "dialect): ignored")
+        if not set(event["session"]) - {"type"}:
+            return  # nothing left to send
         self._pending_updates[event_id] = (config, fallback)
         self._expect_update_answer(event_id)
         # only tools carry client JSON deep enough to be unsendable (their parameter schemas)
@@ -632,9 +639,14 @@ class RelaySession:
             if type(forgotten) is str:
                 self._pending_updates.pop(forgotten, None)
 
-    def _note_ignored(self, name: str | None) -> None:
-        if name and name not in self.ignored:
-            self.ignored.append(name)
+    def _note_ignored(self, name: str | None, why: str | None = None) -> None:
+        """Field `name` is not applied. Until `ready` it is listed in `ready.ignored`; after it,
+        a field no error has named yet (`why` given) gets its own non-fatal InvalidConfig: nothing
+        the client asked for is dropped without a word."""
+        if name and len(self.ignored) < MAX_IGNORED:
+            self.ignored[name] = None
+        if why is not None and self.state is READY:
+            self.fail(InvalidConfig(why, param=name))
 
     def _cmd_text(self, command: cp.TextCommand) -> None:
         self._flush_audio()
@@ -805,7 +817,7 @@ class RelaySession:
         self._sync_path()
         effective = dict(self.effective)
         effective["model"] = effective.get("model") or self.upstream_model
-        self._send_client(cp.ready_event(self.session_id, self.upstream_session_id, effective, self.ignored))
+        self._send_client(cp.ready_event(self.session_id, self.upstream_session_id, effective, list(self.ignored)))
         log.info("session %s: ready (model=%s voice=%s turn_detection=%s)", self.session_id,
                  effective["model"], effective.get("voice"), effective.get("turn_detection"))
         queued, self._pre_ready = self._pre_ready or (), None

@@ -464,6 +464,69 @@ def test_wrong_type_for_a_config_field_is_invalid_config_and_the_rest_applies(fi
     run(scenario(), timeout=30)
 
 
+def test_a_config_with_thousands_of_unknown_fields_gets_a_bounded_answer():
+    """60,000 unknown field names in one config once cost the node 13 s of event loop (a list
+    searched once per name) and 60,000 error events. Now: the first ten by name, one count for
+    the rest, a bounded `ignored`, and the session (and its neighbour) go on at once."""
+    async def scenario():
+        async with battery() as (gateway, mock):
+            client = await RawClient.connect(gateway.url)
+            message = {"type": "config", "instructions": "the rest applies", **{f"x{n}": 1 for n in range(50_000)}}
+            client.send_json(message)
+            ready = await client.wait("ready")
+            errors = client.errors()
+            assert [e["param"] for e in errors[:10]] == [f"x{n}" for n in range(10)]
+            assert errors[10]["message"] == "49990 more unknown config fields (ignored)" and len(errors) == 11
+            assert all(e["code"] == "InvalidConfig" and e["fatal"] is False for e in errors)
+            assert ready["ignored"] == [f"x{n}" for n in range(10)]
+            updates = [e for e in mock.sessions[-1].received if e.get("type") == "session.update"]
+            assert any(u["session"].get("instructions") == "the rest applies" for u in updates)  # answered before ready
+            await echo_turn(client, speech_like(0.3, seed=7))
+            await client.close()
+    run(scenario(), timeout=30)
+
+
+@pytest.mark.parametrize("field", ["provider", "voice"])
+def test_a_deeply_nested_value_is_refused_by_its_field_and_the_rest_applies(field):
+    """The error message used to quote the value with repr(), which overflows the stack on 1,000
+    nested arrays: the whole config was lost as a 'gateway bug'. Values are described, not quoted."""
+    async def scenario():
+        async with battery() as (gateway, mock):
+            client = await RawClient.connect(gateway.url)
+            nested = b"[" * 1000 + b"]" * 1000  # orjson writes only 254 levels: built by hand
+            client.send_text(b'{"type":"config","turn_detection":"none","%s":%s}' % (field.encode(), nested))
+            ready = await client.wait("ready")
+            assert_non_fatal(client.errors(), "InvalidConfig", field)
+            assert "an array" in client.errors()[0]["message"]
+            assert ready["turn_detection"] == "none" and ready["ignored"] == [field]
+            await client.close()
+    run(scenario(), timeout=30)
+
+
+def test_a_field_the_upstream_cannot_take_after_ready_is_reported_not_dropped():
+    """`temperature` on the GA dialect: before `ready` it is listed in `ready.ignored`; after
+    `ready` (the seed's own flow sends config then) it gets a non-fatal InvalidConfig naming it,
+    and no empty session.update goes upstream. Same for a VAD parameter the mode does not take."""
+    async def scenario():
+        async with battery() as (gateway, mock):
+            client = await ready_client(gateway.url)
+            upstream = mock.sessions[-1]
+            updates_before = sum(1 for e in upstream.received if e.get("type") == "session.update")
+            start = len(client.events)
+            client.send_json({"type": "config", "temperature": 0.8})
+            end = await client.sentinel()
+            assert_non_fatal(client.errors(start, end), "InvalidConfig", "temperature")
+            start = len(client.events)
+            client.send_json({"type": "config", "turn_detection": "semantic_vad", "vad": {"threshold": 0.7}})
+            end = await client.sentinel()
+            assert_non_fatal(client.errors(start, end), "InvalidConfig", "vad.threshold")
+            await echo_turn(client, speech_like(0.3, seed=8))
+            updates = [e for e in upstream.received if e.get("type") == "session.update"][updates_before:]
+            assert len(updates) == 1 and updates[0]["session"]["audio"]["input"]["turn_detection"]["type"] == "semantic_vad"
+            await client.close()
+    run(scenario(), timeout=30)
+
+
 # ---- size limits ---------------------------------------------------------------------------------
 
 def test_large_json_within_the_message_limit_is_an_error_not_a_close():
