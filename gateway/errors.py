@@ -125,7 +125,7 @@ def _scrub_upstream(upstream: dict[str, Any]) -> dict[str, Any]:
     kept = {}
     for key in ("code", "type", "param", "event_id"):
         value = upstream.get(key)
-        kept[key] = scrub(value) if isinstance(value, str) else value
+        kept[key] = _clip(scrub(value)) if isinstance(value, str) else value  # may echo the client's input
     return kept
 
 

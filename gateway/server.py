@@ -89,7 +89,10 @@ class ClientListener(ClientLeg):
             code = frame.get_close_code()  # 0 when the client's close carried no code
             if self.session is not None:
                 self.session.on_client_close_frame(code)
-            transport.send_close(code if code >= 1000 else WSCloseCode.OK)
+            # codes 1000-4999 are echoed; picows itself fails 1004-1006, 1015 and 1016-2999 with
+            # 1002, but not codes no RFC defines (5000 and up): those fail the connection too
+            transport.send_close(code if 1000 <= code <= 4999 else
+                                 WSCloseCode.OK if code == 0 else WSCloseCode.PROTOCOL_ERROR)
             transport.disconnect()
             return
         session = self.session

@@ -778,6 +778,35 @@ def test_a_close_frame_without_a_code_is_answered_with_1000():
     run(scenario(), timeout=20)
 
 
+@pytest.mark.parametrize("code", [5000, 65535])
+def test_a_close_code_no_rfc_defines_fails_the_connection(code):
+    """RFC 6455 §7.4.2: codes above 4999 are not valid; echoing them back is a protocol error."""
+    async def scenario():
+        async with battery() as (gateway, mock):
+            client = await ready_client(gateway.url)
+            payload = code.to_bytes(2, "big")
+            mask = b"\x11\x22\x33\x44"
+            masked = bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
+            client.transport.underlying_transport.write(b"\x88\x82" + mask + masked)
+            await client.wait_closed(5)
+            assert client.close_code == 1002
+    run(scenario(), timeout=20)
+
+
+def test_upstream_error_details_that_echo_client_input_are_clipped():
+    """An upstream error echoes the client's `event_id`: a 1 MiB one came back whole."""
+    async def scenario():
+        async with battery() as (gateway, mock):
+            client = await ready_client(gateway.url)
+            huge = "e" * (1 << 20)
+            client.send_json({"type": "conversation.item.create", "event_id": huge, "item": 7})
+            error = await client.wait("error", 5)
+            assert error["code"] == "UpstreamError" and error["fatal"] is False
+            assert error["upstream"]["event_id"].startswith("e" * 100) and len(orjson.dumps(error)) < 4096
+            await client.close()
+    run(scenario(), timeout=20)
+
+
 # ---- ping floods ---------------------------------------------------------------------------------------
 
 def test_ping_flood_is_answered_and_the_session_survives():

@@ -27,6 +27,7 @@ from gateway.config import NodeConfig
 from gateway.errors import (CLOSE_INTERNAL_ERROR, CLOSE_POLICY_VIOLATION, CLOSE_SESSION_EXPIRED,
                             CLOSE_UPSTREAM_AUTH_FAILED, ERROR_TABLE)
 from gateway.mock import MockOptions
+from gateway.server import GatewayServer
 from tests.relay_harness import TEST_KEY, free_port, relay, speech_like
 from tests.support import run
 from tests.raw_client import RawClient, echo_turn, http_get, ready_client
@@ -196,6 +197,28 @@ def test_upstream_session_expiry_mid_response_is_session_expired():
             assert error["upstream"]["code"] == "session_expired"
             assert 0 < client.audio_bytes < len(audio) and client.audio == audio[:client.audio_bytes]
             await no_leaks(gateway, mock, tasks)
+    run(scenario(), timeout=20)
+
+
+def test_an_upstream_that_hangs_up_during_the_handshake_fails_the_session_at_once():
+    """An upstream that accepts TCP and closes it before answering the upgrade: picows returns
+    no listener instead of raising. That is a ConnectionFailed now, not a silent success that
+    only the connect timeout (30 s here) would end."""
+    async def hang_up(reader, writer) -> None:
+        writer.close()
+
+    async def scenario():
+        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/realtime"
+        try:
+            async with GatewayServer(NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY,
+                                                upstream_url=url, connect_timeout_s=30.0)) as gateway:
+                client = await RawClient.connect(gateway.url)
+                error = await expect_fatal(client, "ConnectionFailed", CLOSE_INTERNAL_ERROR)
+                assert "closed the connection during the WebSocket handshake" in error["message"]
+                assert await metric(gateway, "gateway_upstream_connections_open") == 0
+        finally:
+            server.close()
     run(scenario(), timeout=20)
 
 

@@ -184,6 +184,11 @@ class UpstreamConnection:
             raise
         except Exception as exc:  # picows/ssl errors: classify, never leak internals beyond the type
             raise ConnectionFailed(f"cannot connect to upstream {where}: {type(exc).__name__}") from None
+        if _listener is None or transport.is_disconnected:
+            # the peer closed (or reset) the TCP connection before answering the upgrade: picows
+            # returns no listener rather than raising, and no disconnect callback will come
+            transport.disconnect(False)
+            raise ConnectionFailed(f"upstream {where} closed the connection during the WebSocket handshake")
         release_handshake(transport)  # its request holds the API key: let it go
         if self.closing:  # closed while connecting
             self.close()
