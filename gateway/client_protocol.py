@@ -107,6 +107,8 @@ class ConfigCommand:
     config: SessionConfig
     errors: list[InvalidConfig] = field(default_factory=list)
     provider: str | None = None
+    #: `vad.enabled: true` without a turn_detection: VAD back on, in the mode the session had
+    vad_on: bool = False
 
 
 @dataclass(slots=True)
@@ -276,6 +278,7 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
     config = SessionConfig()
     errors: list[InvalidConfig] = []
     provider = None
+    vad_on = False
 
     def field_(param: str, check) -> None:
         try:
@@ -340,6 +343,9 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
             raise _Bad("vad.enabled", "vad.enabled must be a boolean")
         if not enabled:
             config.turn_detection = "none"
+        elif "enabled" in value and "turn_detection" not in message:
+            nonlocal vad_on
+            vad_on = True
 
     def check_input_transcription() -> None:
         value = message["input_transcription"]
@@ -453,7 +459,7 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
         errors.append(InvalidConfig(f"unknown config field {_shown(name)} (ignored)", param=name))
     if len(unknown) > MAX_UNKNOWN_REPORTED:  # one message must not turn into thousands of errors
         errors.append(InvalidConfig(f"{len(unknown) - MAX_UNKNOWN_REPORTED} more unknown config fields (ignored)"))
-    return ConfigCommand(config, errors, provider)
+    return ConfigCommand(config, errors, provider, vad_on)
 
 
 def _shown(value: Any) -> str:

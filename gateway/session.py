@@ -123,7 +123,7 @@ class _UpstreamOwner:
 
 class RelaySession:
     # thousands live at once: no per-instance dict (~1 KB each)
-    __slots__ = ("_answered_calls", "_awaiting_results", "_connect_started",
+    __slots__ = ("_answered_calls", "_awaiting_results", "_connect_started", "_vad_mode",
                  "_calls_dispatched", "_client_paused", "_client_queue",
                  "_client_queue_bytes", "_client_reading_paused", "_coalesce_s", "_connect_task",
                  "_created_timer", "_drop_reported", "_flush_timer", "_hangup_timer", "_level_timer",
@@ -194,6 +194,7 @@ class RelaySession:
 
         # configuration: what the client asked for (merged), what the upstream confirmed
         self.requested = cp.SessionConfig()
+        self._vad_mode = "server_vad"  # the turn detection `vad.enabled: true` turns back on
         self.effective: dict[str, Any] = {}
         self.ignored: dict[str, None] = {}  # an ordered set, at most MAX_IGNORED
 
@@ -555,6 +556,15 @@ class RelaySession:
             reopen = False
         if not reopen:
             update.model = None
+        if update.turn_detection not in (None, "none"):
+            self._vad_mode = update.turn_detection
+        elif command.vad_on and update.turn_detection is None and self.requested.turn_detection == "none":
+            update.turn_detection = self._vad_mode  # vad.enabled: true after false: back to the mode it had
+        if update.input_audio_format is not None and update.output_audio_format is None \
+                and self.requested.output_audio_format is None:
+            # "both input and output audio use the same format" (the seed; WaaV too) until the
+            # client names an output format of its own
+            update.output_audio_format = update.input_audio_format
         # what the gateway itself does with the config applies on either path below
         if update.levels is not None:
             self._set_levels(update.levels)

@@ -249,3 +249,44 @@ def test_a_reply_said_in_several_items_reaches_the_client_whole_and_in_order():
     assert [f["item_id"] for f in finals] == added and len(added) == 3   # 200 + 200 + 100 ms
     assert "".join(f["text"] for f in finals) == "echo of 500 ms"
     _no_errors(client)
+
+
+def test_vad_enabled_true_turns_voice_activity_detection_back_on():
+    """The seed's `vad.enabled` is a switch: off (push-to-talk), then on again (hands-free) must
+    restore server VAD — it used to stay off, silently, for the rest of the session."""
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "config", "vad": {"enabled": False}})
+            await client.send({"type": "config", "vad": {"enabled": True, "threshold": 0.5}})
+            await _speak(client, 0.6, seed=41)
+            await client.wait("speech_started")  # VAD heard the turn
+            updates = [e for e in mock.sessions[0].received if e["type"] == "session.update"]
+            assert updates[-2]["session"]["audio"]["input"]["turn_detection"] is None
+            on = updates[-1]["session"]["audio"]["input"]["turn_detection"]
+            assert on["type"] == "server_vad" and on["threshold"] == 0.5
+            _no_errors(client)
+            await client.close()
+    run(scenario(), timeout=30)
+
+
+def test_an_input_format_alone_sets_the_output_format_too():
+    """The seed: "both input and output audio use the same format". A client (WaaV's among them)
+    that names only `input_audio_format` gets its replies in it, not in PCM16."""
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "input_audio_format": "g711_ulaw"})
+            ready = await client.wait("ready")
+            assert (ready["input_audio_format"], ready["output_audio_format"]) == ("g711_ulaw", "g711_ulaw")
+            await client.send({"type": "config", "output_audio_format": "pcm16"})  # named: its own
+            await client.send({"type": "config", "input_audio_format": "g711_alaw"})
+            update = None
+            while update is None or "format" not in update["session"]["audio"].get("input", {}) \
+                    or update["session"]["audio"]["input"]["format"]["type"] != "audio/pcma":
+                update = await mock.sessions[0].wait_for_client_event("session.update", timeout=5)
+            assert "output" not in update["session"]["audio"]
+            _no_errors(client)
+            await client.close()
+    run(scenario(), timeout=30)
