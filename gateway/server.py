@@ -37,6 +37,7 @@ log = logging.getLogger("gateway.server")
 #: drops the connection; within it the gateway answers with a proper error and close 1009
 _FRAME_SLACK_BYTES = 64 * 1024
 _BINARY = WSMsgType.BINARY
+_PING = WSMsgType.PING
 #: picows' initial read buffer per client socket (it doubles on demand and never shrinks); the
 #: default 16 KiB is mostly idle for 960-byte audio frames and dominated RSS per session
 CLIENT_READ_BUFFER_INIT_BYTES = 4 * 1024
@@ -54,7 +55,7 @@ class ClientListener(ClientLeg):
     through the session's `AudioPath` while the session is ready; everything else — and audio
     before `ready` — arrives in `on_frame`."""
 
-    __slots__ = ("server", "principal", "model", "session", "slot", "assembler", "_on_audio")
+    __slots__ = ("server", "principal", "model", "session", "slot", "assembler", "_on_audio", "_pong")
 
     def __init__(self, server: "GatewayServer", principal: Principal, model: str | None) -> None:
         super().__init__()
@@ -66,6 +67,7 @@ class ClientListener(ClientLeg):
         self.max_audio_bytes = server.config.max_message_bytes
         self.assembler = MessageAssembler(server.config.max_message_bytes)
         self._on_audio = _ignore
+        self._pong: bytes | None = None  # the latest ping's payload, while the client does not read
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.server._admit(self, transport)
@@ -76,6 +78,15 @@ class ClientListener(ClientLeg):
             # bytes must not be played as PCM
             transport.send_close(WSCloseCode.PROTOCOL_ERROR, b"reserved bits set without an extension")
             transport.disconnect()
+            return
+        if frame.msg_type is _PING:
+            # answered here, not by picows' auto-pong, whose pongs ignore backpressure: a client
+            # that pings and never reads grew the node's memory without bound. While it does not
+            # read, only its latest ping is answered, once it reads again (RFC 6455 §5.5.3)
+            if self.session is not None and self.session.client_paused:
+                self._pong = frame.get_payload_as_bytes()
+            else:
+                transport.send_pong(frame.get_payload_as_bytes())
             return
         if frame.msg_type is _BINARY and frame.fin and not self.assembling \
                 and frame.payload_size <= self.max_audio_bytes:
@@ -135,6 +146,9 @@ class ClientListener(ClientLeg):
     def resume_writing(self) -> None:
         if self.session is not None:
             self.session.on_client_resumed()
+            if self._pong is not None and self.session.client is not None:
+                self.session.client.send_pong(self._pong)
+                self._pong = None
 
 
 def _ignore(_payload) -> None:
@@ -187,7 +201,7 @@ class GatewayServer:
                 self._route, sock=sock,
                 max_frame_size=self.config.max_message_bytes + _FRAME_SLACK_BYTES,
                 websocket_handshake_timeout=10, read_buffer_init_size=CLIENT_READ_BUFFER_INIT_BYTES,
-                use_aiofastnet=USE_AIOFASTNET))
+                enable_auto_pong=False, use_aiofastnet=USE_AIOFASTNET))
         self.port = listening[0].getsockname()[1]
         self._schedule_sweep()
         return self.port

@@ -379,6 +379,11 @@ class RelaySession:
                                      "seconds_left": round(max(0.0, seconds_left), 1)}))
 
     @property
+    def client_paused(self) -> bool:
+        """The client does not read: its socket's buffers are full (picows paused writing)."""
+        return self._client_paused
+
+    @property
     def waiting_on_upstream(self) -> bool:
         """The session waits for the upstream, not for the client: the upstream session is still
         opening, or it reads audio too slowly for the gateway to go on reading the client. No

@@ -751,15 +751,16 @@ def test_protocol_violating_fragments_are_reported_not_silently_dropped():
     run(scenario(), timeout=30)
 
 
-@pytest.mark.parametrize("kind", ["text", "binary"])
+@pytest.mark.parametrize("kind", ["text", "binary", "ping"])
 def test_a_frame_with_reserved_bits_fails_the_connection(kind):
     """No extension is negotiated, so RSV1-3 must be clear (RFC 6455 §5.2): a client that
     assumes permessage-deflate gets close 1002, and its (compressed) bytes are never relayed."""
     async def scenario():
         async with battery() as (gateway, mock):
             client = await ready_client(gateway.url, {"turn_detection": "none"})
-            payload = b'{"type":"text","text":"hi"}' if kind == "text" else b"\x01\x02" * 480
-            client.transport.send(WSMsgType.TEXT if kind == "text" else WSMsgType.BINARY, payload, True, True)
+            payload = {"text": b'{"type":"text","text":"hi"}', "binary": b"\x01\x02" * 480, "ping": b"p"}[kind]
+            kinds = {"text": WSMsgType.TEXT, "binary": WSMsgType.BINARY, "ping": WSMsgType.PING}
+            client.transport.send(kinds[kind], payload, True, True)  # a ping used to get its pong
             await client.wait_closed(5)
             assert (client.close_code, client.close_reason) == (1002, "reserved bits set without an extension")
             received = [e["type"] for e in mock.sessions[0].received]

@@ -435,6 +435,36 @@ def test_client_that_never_reads_with_close_policy_is_closed_with_slow_client():
     run(scenario(), timeout=40)
 
 
+def test_a_ping_flood_from_a_client_that_does_not_read_keeps_memory_bounded():
+    """picows answered every ping itself, past the session's backpressure: 100,000 pings from a
+    client that never reads grew the node by ~13 MB of pongs, without limit. Pings are now
+    answered by the gateway while the client reads; while it does not, only the latest one is
+    answered, once it reads again (RFC 6455 §5.5.3)."""
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RawClient.connect(gateway.url, socket_factory=_small_receive_buffer)
+            await client.wait("ready")
+            session = next(iter(gateway.sessions))
+            client.transport.underlying_transport.pause_reading()
+            mask = b"\x01\x02\x03\x04"
+            def ping(index: int) -> bytes:
+                payload = index.to_bytes(4, "big") + b"p" * 121
+                return b"\x89\xfd" + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            last = 99_999
+            first = ping(0)
+            flood = first * last + ping(last)   # same-payload pings, then a distinct last one
+            client.transport.underlying_transport.write(flood)
+            client.send_json({"type": "playback", "played_ms": 0})  # read after every ping
+            await wait_for(lambda: session.stats.c2u_json_frames >= 1, 20, "the gateway to read the flood")
+            assert _queued_towards_client(session) < 1 << 20
+            client.transport.underlying_transport.resume_reading()
+            await client.wait_until(lambda: client.pongs and client.pongs[-1][:4] == last.to_bytes(4, "big"), 10,
+                                    "the latest ping answered")
+            assert len(client.pongs) < 50_000  # what the kernel's buffers took before the pause
+            await client.close()
+    run(scenario(), timeout=40)
+
+
 def test_slow_client_that_never_reads_again_is_cut_off():
     """The same, but the client never reads again: a graceful close would wait for ever to flush
     towards it, keeping the socket and its buffer. The gateway lets go of the connection within
