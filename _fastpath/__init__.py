@@ -9,7 +9,7 @@ performance bug there is, so tests assert which one is loaded.
 """
 import os
 
-from ._constants import CLIENT_BATCH_BYTES, DBFS_FLOOR, HEADER_ROOM
+from ._constants import CLIENT_BATCH_BYTES, DBFS_FLOOR, HEADER_ROOM, MAX_APPEND_AUDIO_BYTES
 
 if os.environ.get("GATEWAY_NO_EXTENSIONS", "") not in ("", "0"):
     from . import _pure as _impl
@@ -39,6 +39,7 @@ __all__ = [
     "CLIENT_BATCH_BYTES",
     "DBFS_FLOOR",
     "HEADER_ROOM",
+    "MAX_APPEND_AUDIO_BYTES",
     "IMPLEMENTATION",
     "LevelMeter",
     "measure_level",

@@ -26,7 +26,7 @@ from picows.picows cimport WSFrame, WSListener, WSMsgType, WSTransport
 
 import logging
 
-from ._constants import AUDIO_FORMATS, CLIENT_BATCH_BYTES, DBFS_FLOOR, G711_TO_PCM16, HEADER_ROOM
+from ._constants import AUDIO_FORMATS, CLIENT_BATCH_BYTES, DBFS_FLOOR, G711_TO_PCM16, HEADER_ROOM, MAX_APPEND_AUDIO_BYTES
 
 
 cdef extern from "Python.h":
@@ -91,6 +91,7 @@ cdef enum:
     # _constants.HEADER_ROOM, checked against it at import below
     HEADER_ROOM_C = 14
 
+cdef Py_ssize_t _MAX_APPEND_AUDIO = MAX_APPEND_AUDIO_BYTES
 cdef const char* APPEND_PREFIX = b'{"type":"input_audio_buffer.append","audio":"'
 cdef const char* APPEND_SUFFIX = b'"}'
 cdef const char* GA_DELTA_TYPE = b"response.output_audio.delta"
@@ -764,6 +765,7 @@ cdef class Coalescer:
             memcpy(self._buf + self._len, data, size)
             self._len = total
             return None
+        whole = min(whole, _MAX_APPEND_AUDIO)
         if self._len == 0:
             # nothing pending: encode from the caller's buffer, keep only the partial sample
             frame = self._emit(<const uint8_t*>data, whole, scratch)
@@ -787,6 +789,7 @@ cdef class Coalescer:
         cdef object frame
         if whole == 0:
             return None
+        whole = min(whole, _MAX_APPEND_AUDIO)
         frame = self._emit(<const uint8_t*>self._buf, whole, None)
         self._len -= whole
         memmove(self._buf, self._buf + whole, self._len)
@@ -874,10 +877,11 @@ cdef class AudioPath:
         # the frame is sent (or copied by the transport) before this returns: one scratch
         # buffer serves every session's appends, warm in cache, no allocation per append
         frame = coalescer._push(data, size, _APPEND_SCRATCH)
-        if frame is not None:
+        while frame is not None:  # more than one only for a frame over MAX_APPEND_AUDIO_BYTES
             upstream = self.upstream
             if upstream is not None and not upstream.is_disconnected and not upstream.is_close_frame_sent:
                 upstream.send_reuse_external_bytearray(WSMsgType.TEXT, frame, HEADER_ROOM_C)
+            frame = coalescer._push(data, 0, _APPEND_SCRATCH)
         if (coalescer._len >= coalescer._sample_width) != self.flush_armed:
             self.on_pending()
         return 0

@@ -16,6 +16,10 @@ DBFS_FLOOR = -100.0
 #: reads fill it), and a client that stopped reading must get no more than this past its
 #: transport's high-water mark before the pause reaches the session and the queue takes over.
 CLIENT_BATCH_BYTES = 32 * 1024
+#: The most audio one `input_audio_buffer.append` carries (bytes, whole samples of either
+#: width): a client frame larger than this goes up in several appends. OpenAI refuses an append
+#: over 15 MiB of base64 (11.25 MiB of audio), and a multi-megabyte JSON event helps no one.
+MAX_APPEND_AUDIO_BYTES = 1 << 20
 
 #: The audio formats a `LevelMeter` reads (the client protocol's `input_audio_format` /
 #: `output_audio_format`): PCM16 little-endian, or 8-bit G.711 (µ-law, A-law).

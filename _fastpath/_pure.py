@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 from picows import WSListener, WSMsgType
 
-from ._constants import AUDIO_FORMATS, CLIENT_BATCH_BYTES, DBFS_FLOOR, G711_TO_PCM16, HEADER_ROOM
+from ._constants import AUDIO_FORMATS, CLIENT_BATCH_BYTES, DBFS_FLOOR, G711_TO_PCM16, HEADER_ROOM, MAX_APPEND_AUDIO_BYTES
 
 #: A PCM16 sample at or beyond this magnitude counts as clipped; a G.711 sample counts when it
 #: is at its law's largest magnitude (µ-law 32124, A-law 32256: the codes a loud signal
@@ -229,6 +229,8 @@ class Coalescer:
     of PCM16) is carried to the next push, never dropped. `flush()` encodes whatever whole samples
     are pending (None if there are none) — the session calls it at turn boundaries, on commit and
     on its timer and before `clear_audio`, so no audio waits longer than the coalescing bound.
+    A frame carries at most MAX_APPEND_AUDIO_BYTES: after a larger push, `push(b"")` returns the
+    next frame while `target_bytes` are still pending, and `flush()` until it returns None.
     Every emitted frame's audio is fed to `meter` (when set), which reads it in its own
     `audio_format`: give it the format of the audio pushed.
     """
@@ -271,13 +273,13 @@ class Coalescer:
         whole = len(self._pending) - len(self._pending) % self.sample_width
         if whole < self.target_bytes:
             return None
-        return self._emit(whole)
+        return self._emit(min(whole, MAX_APPEND_AUDIO_BYTES))
 
     def flush(self) -> bytearray | None:
         whole = len(self._pending) - len(self._pending) % self.sample_width
         if whole == 0:
             return None
-        return self._emit(whole)
+        return self._emit(min(whole, MAX_APPEND_AUDIO_BYTES))
 
     def _emit(self, whole: int) -> bytearray:
         chunk = bytes(self._pending[:whole])
@@ -346,10 +348,11 @@ class AudioPath:
         self.c2u_audio_bytes += len(pcm)
         coalescer = self.coalescer
         frame = coalescer.push(pcm)
-        if frame is not None:
+        while frame is not None:  # more than one only for a frame over MAX_APPEND_AUDIO_BYTES
             upstream = self.upstream
             if upstream is not None and not upstream.is_disconnected and not upstream.is_close_frame_sent:
                 upstream.send_reuse_external_bytearray(_TEXT, frame, HEADER_ROOM)
+            frame = coalescer.push(b"")
         if (coalescer.pending_bytes >= coalescer.sample_width) != self.flush_armed:
             self.on_pending()
 

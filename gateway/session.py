@@ -475,8 +475,9 @@ class RelaySession:
         arrived while the path's gate was closed): what `AudioPath.client_audio` does."""
         coalescer = self.coalescer
         frame = coalescer.push(payload)
-        if frame is not None:
+        while frame is not None:  # more than one only for a frame over MAX_APPEND_AUDIO_BYTES
             self.upstream.send_frame(frame, HEADER_ROOM)
+            frame = coalescer.push(b"")
         if (coalescer.pending_bytes >= coalescer.sample_width) != self.path.flush_armed:
             self._on_audio_pending()
 
@@ -503,8 +504,10 @@ class RelaySession:
             self._flush_timer = None
         self.path.flush_armed = False
         frame = self.coalescer.flush()
-        if frame is not None and self.upstream is not None:
-            self.upstream.send_frame(frame, HEADER_ROOM)
+        while frame is not None:  # more than one only for audio over MAX_APPEND_AUDIO_BYTES
+            if self.upstream is not None:
+                self.upstream.send_frame(frame, HEADER_ROOM)
+            frame = self.coalescer.flush()
 
     def on_client_text(self, payload) -> None:
         if self.state is CLOSED:

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from picows import WSMsgType
 
+from _fastpath import MAX_APPEND_AUDIO_BYTES
 from gateway import client_protocol as cp
 from gateway.errors import CLOSE_MESSAGE_TOO_BIG, ERROR_TABLE
 from gateway.mock import MockOptions
@@ -608,6 +609,26 @@ def test_giant_base64_append_passes_through_and_is_echoed_exactly():
             assert error["upstream"]["code"] == "invalid_value" and error["upstream"]["param"] == "audio"
             assert client.events.index(error) >= start
             await echo_turn(client, speech_like(0.3, seed=8))
+            await client.close()
+    run(scenario(), timeout=30)
+
+
+def test_a_huge_audio_frame_goes_up_in_appends_of_bounded_size_and_comes_back_exact():
+    """One 2.9 MB binary frame (60 s) used to become one 3.8 MB append (WaaV bug B19); past
+    11.25 MiB of audio that append is over OpenAI's 15 MiB limit and the audio is lost. It goes
+    up in appends of at most MAX_APPEND_AUDIO_BYTES, and the echo is exact."""
+    async def scenario():
+        async with battery() as (gateway, mock):
+            client = await ready_client(gateway.url, {"turn_detection": "none"})
+            pcm = speech_like(60.0, seed=11)
+            client.send_binary(pcm)
+            client.send_json({"type": "commit"})
+            client.send_json({"type": "create_response"})
+            assert (await client.wait("response_done", 15))["status"] == "completed"
+            appends = [e for e in mock.sessions[-1].received if e["type"] == "input_audio_buffer.append"]
+            sizes = [len(base64.b64decode(append["audio"])) for append in appends]
+            assert sum(sizes) == len(pcm) and len(sizes) == 3 and max(sizes) == MAX_APPEND_AUDIO_BYTES
+            assert client.audio == pcm
             await client.close()
     run(scenario(), timeout=30)
 

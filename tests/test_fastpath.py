@@ -647,6 +647,27 @@ def test_coalescer_flush_sends_whole_samples_pending(fp):
     assert coalescer.pending_bytes == 1
 
 
+@pytest.mark.parametrize("width", [2, 1])
+def test_coalescer_sends_a_huge_frame_in_appends_of_bounded_size(fp, width):
+    """One 2.5 MiB client frame is three appends, not one 3.3 MiB JSON event (WaaV bug B19; a
+    frame past 11.25 MiB would be over OpenAI's 15 MiB append limit and lost): push returns
+    them one by one while the target is pending, flush the rest."""
+    coalescer = fp.Coalescer(960 * width // 2, sample_width=width)
+    audio = bytes(range(256)) * (10 * 1024) + b"\x07" * 3   # 2.5 MiB + 3 bytes
+    chunks = []
+    frame = coalescer.push(audio)
+    while frame is not None:
+        chunks.append(audio_of(frame))
+        frame = coalescer.push(b"")
+    frame = coalescer.flush()
+    while frame is not None:
+        chunks.append(audio_of(frame))
+        frame = coalescer.flush()
+    assert all(len(chunk) <= fp.MAX_APPEND_AUDIO_BYTES for chunk in chunks) and len(chunks) == 3
+    assert b"".join(chunks) == audio[:len(audio) - len(audio) % width]
+    assert coalescer.pending_bytes == len(audio) % width
+
+
 def test_coalescer_target_is_settable_and_validated(fp):
     coalescer = fp.Coalescer(target_bytes=4800)
     assert coalescer.push(random_pcm(960, 6)) is None
