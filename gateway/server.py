@@ -216,6 +216,11 @@ class GatewayServer:
         parts = urlsplit(request.path.decode("latin-1"))
         path = parts.path
         if path == "/realtime":
+            version = request.headers.get("Sec-WebSocket-Version")
+            if version is not None and version.strip() != "13":
+                # RFC 6455 §4.2.2: a version the server does not speak is refused with the one it does
+                return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
+                    426, b"WebSocket version 13 only", extra_headers={"Sec-WebSocket-Version": "13"}), None)
             return self._admit_upgrade(request, parts.query)
         if request.method != b"GET":
             return _json_response(405, {"error": "method not allowed"})

@@ -829,6 +829,22 @@ def test_upstream_error_details_that_echo_client_input_are_clipped():
     run(scenario(), timeout=20)
 
 
+def test_an_upgrade_for_another_websocket_version_is_426_naming_13():
+    """RFC 6455 §4.2.2: a Sec-WebSocket-Version the server does not speak gets 426 and the
+    version it does; version 8 used to be upgraded as if it were 13."""
+    async def scenario():
+        async with relay() as (gateway, mock):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            writer.write(b"GET /realtime HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                         b"Sec-WebSocket-Version: 8\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.close()
+            assert head.startswith(b"HTTP/1.1 426") and b"sec-websocket-version: 13" in head.lower()
+            assert gateway.sessions == set()
+    run(scenario(), timeout=20)
+
+
 # ---- ping floods ---------------------------------------------------------------------------------------
 
 def test_ping_flood_is_answered_and_the_session_survives():
