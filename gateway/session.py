@@ -555,7 +555,11 @@ class RelaySession:
             self.fail(error)
         update = command.config
         reopen = update.model is not None and update.model != self.upstream_model
-        if reopen and (self.state is READY or self._reopens >= MAX_REOPENS):
+        # the client's very first message, a config sent on open, can arrive just after `ready`
+        # when the upstream opened faster than the client's round trip: it was sent before the
+        # client saw `ready`, and re-opens as one before it would (a new `ready` follows)
+        first_message = self.stats.c2u_json_frames == 1 and self.stats.c2u_audio_frames == 0
+        if reopen and ((self.state is READY and not first_message) or self._reopens >= MAX_REOPENS):
             self.fail(InvalidConfig("the model cannot change after `ready` (open a new session)"
                                     if self.state is READY else
                                     f"the model changed more than {MAX_REOPENS} times before `ready`; "
@@ -587,6 +591,7 @@ class RelaySession:
                      update.model)
             self.upstream_model = update.model
             self._reopens += 1
+            self.state = CONNECTING  # if it was READY: the new upstream gets its own `ready`
             self._open_upstream()  # its session.update carries all of `requested`
         elif self.created:
             self._send_session_update(self._upstream_part(update))
