@@ -205,7 +205,7 @@ class GatewayMetrics:
         self.audio_level = Histogram(
             "gateway_audio_rms_db_below_full_scale",
             "Audio RMS level in dB below full scale (-dBFS): 0 = full scale, 120 = digital silence; "
-            "metered for sessions whose client asked for levels (config levels:true), per --level-interval-ms",
+            "every session, once a second (per --level-interval-ms for clients that asked for level events)",
             ["stream"], registry=reg, buckets=LEVEL_BUCKETS_DB_BELOW_FS)
         self.buffered_bytes = gauge("gateway_buffered_bytes", "Audio bytes queued now, by direction",
                                     ("direction",))

@@ -335,6 +335,7 @@ class GatewayServer:
         for session in list(self.sessions):
             stats = session.stats
             self.metrics.flush(stats)
+            session.observe_levels()
             activity = (stats.c2u_audio_frames + stats.c2u_json_frames + stats.u2c_audio_frames
                         + stats.u2c_json_frames)
             if activity != session.activity_seen or session.waiting_on_upstream:

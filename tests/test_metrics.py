@@ -9,13 +9,14 @@ import sys
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from _fastpath import measure_level
 from gateway.config import NodeConfig
 from gateway.errors import ERROR_TABLE
 from gateway.metrics import (C2U, U2C, GatewayMetrics, SessionStats, mark_worker_dead, prepare_multiprocess_dir,
                              render_multiprocess)
 from gateway.server import GatewayServer
 from tests.raw_client import http_get
-from tests.relay_harness import RelayClient, ScriptedUpstream
+from tests.relay_harness import RelayClient, ScriptedUpstream, relay, speech_like
 from tests.support import run
 
 
@@ -318,4 +319,36 @@ def test_audio_waiting_for_ready_is_buffered_and_counted_as_dropped_when_the_ups
             assert value(samples, "gateway_dropped_bytes_total", reason="upstream_closed") == 9600
             assert value(samples, "gateway_drops_total", reason="upstream_closed") == 1
             assert value(samples, "gateway_buffered_bytes", direction=C2U) == 0
+    run(scenario(), timeout=30)
+
+
+def test_audio_levels_are_in_the_metrics_for_sessions_that_did_not_ask_for_level_events():
+    """SPEC §6 lists audio levels in /metrics. They used to be metered only for clients that had
+    asked for `level` events, so an operator saw none for ordinary clients (silent microphones,
+    clipping, across the fleet). The meters now always run; the sweep reads them."""
+    async def levels(gateway) -> dict[str, tuple[float, float]]:
+        samples = await _samples(gateway)
+        return {stream: (value(samples, "gateway_audio_rms_db_below_full_scale_count", stream=stream),
+                         value(samples, "gateway_audio_rms_db_below_full_scale_sum", stream=stream))
+                for stream in ("input", "output")}
+
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            await client.wait("ready")
+            pcm = speech_like(1.0, seed=5)
+            for offset in range(0, len(pcm), 960):
+                await client.send_audio(pcm[offset:offset + 960])
+            await client.send({"type": "commit"})
+            await client.send({"type": "create_response"})
+            await client.wait("response_done")
+            async with asyncio.timeout(10):  # the sweep reads the meters once a second
+                while min(count for count, _sum in (await levels(gateway)).values()) == 0:
+                    await asyncio.sleep(0.05)
+            rms_dbfs = measure_level(pcm)[0]
+            for stream, (count, total) in (await levels(gateway)).items():
+                assert abs(total / count + rms_dbfs) < 6, (stream, total / count, rms_dbfs)  # dB below full scale
+            assert client.of_type("level") == []  # the client asked for no events, and got none
+            await client.close()
     run(scenario(), timeout=30)
