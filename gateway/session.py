@@ -54,6 +54,9 @@ CLOSE_GRACE_S = 5.0
 #: model changes before ready that re-open the upstream: each starts a TCP and TLS handshake
 #: with the provider, so a client may not make the node open connections at will
 MAX_REOPENS = 3
+#: how long after `ready` a client's first message, a config naming another model, counts as
+#: sent before the client saw `ready` (a round trip; later, SPEC §2.1: the model cannot change)
+FIRST_CONFIG_GRACE_S = 1.0
 #: fields `ready.ignored` lists at most (a client may send thousands of unknown ones)
 MAX_IGNORED = 32
 #: while the client is not read (a slow upstream), how often to ask the kernel whether it left
@@ -123,7 +126,7 @@ class _UpstreamOwner:
 
 class RelaySession:
     # thousands live at once: no per-instance dict (~1 KB each)
-    __slots__ = ("_answered_calls", "_awaiting_results", "_connect_started", "_vad_mode",
+    __slots__ = ("_answered_calls", "_awaiting_results", "_connect_started", "_output_named", "_ready_at", "_vad_mode",
                  "_calls_dispatched", "_client_paused", "_client_queue",
                  "_client_queue_bytes", "_client_reading_paused", "_coalesce_s", "_connect_task",
                  "_created_timer", "_drop_reported", "_flush_timer", "_hangup_timer", "_level_timer",
@@ -195,6 +198,8 @@ class RelaySession:
         # configuration: what the client asked for (merged), what the upstream confirmed
         self.requested = cp.SessionConfig()
         self._vad_mode = "server_vad"  # the turn detection `vad.enabled: true` turns back on
+        self._output_named = False  # the client set output_audio_format itself (else it follows the input)
+        self._ready_at = 0.0  # loop time `ready` went out
         self.effective: dict[str, Any] = {}
         self.ignored: dict[str, None] = {}  # an ordered set, at most MAX_IGNORED
 
@@ -388,10 +393,11 @@ class RelaySession:
 
     @property
     def waiting_on_upstream(self) -> bool:
-        """The session waits for the upstream, not for the client: the upstream session is still
-        opening, or it reads audio too slowly for the gateway to go on reading the client. No
-        idle time runs meanwhile: the client is not the one who went quiet."""
-        return self.state is CONNECTING or self._client_reading_paused
+        """The upstream session is still opening: the client waits for `ready`, and no idle time
+        runs (the connect timeout bounds the wait). An upstream that stops reading later does
+        not stop the idle clock: a hung upstream must not pin the session until its maximum
+        duration."""
+        return self.state is CONNECTING
 
     def on_client_close_frame(self, code: int) -> None:
         """The client ended the session with a close frame: a normal close (1000, 1001 or none)
@@ -561,7 +567,8 @@ class RelaySession:
         # the client's very first message, a config sent on open, can arrive just after `ready`
         # when the upstream opened faster than the client's round trip: it was sent before the
         # client saw `ready`, and re-opens as one before it would (a new `ready` follows)
-        first_message = self.stats.c2u_json_frames == 1 and self.stats.c2u_audio_frames == 0
+        first_message = self.stats.c2u_json_frames == 1 and self.stats.c2u_audio_frames == 0 \
+            and (self.state is not READY or self.loop.time() - self._ready_at <= FIRST_CONFIG_GRACE_S)
         if reopen and ((self.state is READY and not first_message) or self._reopens >= MAX_REOPENS):
             self.fail(InvalidConfig("the model cannot change after `ready` (open a new session)"
                                     if self.state is READY else
@@ -575,8 +582,9 @@ class RelaySession:
             self._vad_mode = update.turn_detection
         elif command.vad_on and update.turn_detection is None and self.requested.turn_detection == "none":
             update.turn_detection = self._vad_mode  # vad.enabled: true after false: back to the mode it had
-        if update.input_audio_format is not None and update.output_audio_format is None \
-                and self.requested.output_audio_format is None:
+        if update.output_audio_format is not None:
+            self._output_named = True
+        elif update.input_audio_format is not None and not self._output_named:
             # "both input and output audio use the same format" (the seed; WaaV too) until the
             # client names an output format of its own
             update.output_audio_format = update.input_audio_format
@@ -834,6 +842,7 @@ class RelaySession:
         if self.state is not CONNECTING or not self.created or self._pending_updates:
             return
         self.state = READY
+        self._ready_at = self.loop.time()
         if self._created_timer is not None:
             self._created_timer.cancel()
             self._created_timer = None

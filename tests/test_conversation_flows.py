@@ -280,6 +280,11 @@ def test_an_input_format_alone_sets_the_output_format_too():
             await client.send({"type": "config", "input_audio_format": "g711_ulaw"})
             ready = await client.wait("ready")
             assert (ready["input_audio_format"], ready["output_audio_format"]) == ("g711_ulaw", "g711_ulaw")
+            await client.send({"type": "config", "input_audio_format": "pcm16"})  # and back: both again
+            update = None
+            while update is None or update["session"]["audio"]["input"]["format"]["type"] != "audio/pcm":
+                update = await mock.sessions[0].wait_for_client_event("session.update", timeout=5)
+            assert update["session"]["audio"]["output"]["format"]["type"] == "audio/pcm"
             await client.send({"type": "config", "output_audio_format": "pcm16"})  # named: its own
             await client.send({"type": "config", "input_audio_format": "g711_alaw"})
             update = None

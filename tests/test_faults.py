@@ -28,7 +28,7 @@ from gateway.errors import (CLOSE_INTERNAL_ERROR, CLOSE_POLICY_VIOLATION, CLOSE_
                             CLOSE_UPSTREAM_AUTH_FAILED, ERROR_TABLE)
 from gateway.mock import MockOptions
 from gateway.server import GatewayServer
-from tests.relay_harness import TEST_KEY, free_port, relay, speech_like
+from tests.relay_harness import TEST_KEY, ScriptedUpstream, free_port, relay, speech_like
 from tests.support import run
 from tests.raw_client import RawClient, echo_turn, http_get, ready_client
 
@@ -523,6 +523,32 @@ def test_no_idle_time_runs_while_the_upstream_is_still_opening():
             assert client.errors() == []
             await client.close()
     run(scenario(), timeout=20)
+
+
+def test_a_session_whose_upstream_stops_reading_still_idles_out():
+    """An upstream that keeps TCP open but stops reading (a hung server) pauses the client's
+    reads; the idle clock must go on, or the session would hold its slot until its maximum
+    duration with the client told nothing."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        upstream._ws.transport.pause_reading()  # hung: reads nothing more, ever
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(NodeConfig(
+                host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY, upstream_url=url,
+                idle_timeout_s=1.0)) as gateway:
+            client = await RawClient.connect(gateway.url)
+            await client.wait("ready")
+            session = next(iter(gateway.sessions))
+            frame = bytes(32 * 1024)
+            for _ in range(400):  # 13 MB: more than the kernel buffers between us and the upstream
+                client.send_binary(frame)
+            await wait_for(lambda: session._client_reading_paused, 15, "the gateway to stop reading the client")
+            error = await client.wait("error", 10, code="IdleTimeout")
+            assert error["fatal"] is True
+            await client.wait_closed(5)
+    run(scenario(), timeout=40)
 
 
 def test_idle_session_gets_idle_timeout_then_close():

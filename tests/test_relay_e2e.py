@@ -271,6 +271,25 @@ def test_a_first_config_naming_another_model_just_after_ready_reopens_the_upstre
     run(scenario(), timeout=20)
 
 
+def test_a_first_config_naming_another_model_long_after_ready_is_refused(monkeypatch):
+    """The re-open is for a config sent before the client saw `ready`: past a round trip
+    (FIRST_CONFIG_GRACE_S, here none at all) a client that waited for `ready` and then asks for
+    another model gets InvalidConfig (SPEC §2.1), and keeps its working session."""
+    from gateway import session as session_module
+    monkeypatch.setattr(session_module, "FIRST_CONFIG_GRACE_S", -1.0)
+
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "config", "model": "gpt-4o-realtime-preview"})
+            error = await client.wait("error")
+            assert error["code"] == "InvalidConfig" and error["param"] == "model"
+            assert len(mock.sessions) == 1 and client.of_type("ready")[1:] == []
+            await client.close()
+    run(scenario(), timeout=20)
+
+
 def test_config_naming_another_model_before_ready_reopens_the_upstream():
     async def scenario():
         async with relay(MockOptions(handshake_delay_s=0.2)) as (gateway, mock):
