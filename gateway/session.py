@@ -126,7 +126,8 @@ class _UpstreamOwner:
 
 class RelaySession:
     # thousands live at once: no per-instance dict (~1 KB each)
-    __slots__ = ("_answered_calls", "_awaiting_results", "_connect_started", "_output_named", "_ready_at", "_vad_mode",
+    __slots__ = ("_answered_calls", "_awaiting_results", "_connect_started", "_output_named", "_ready_at",
+                 "_vad_mode",
                  "_calls_dispatched", "_client_paused", "_client_queue",
                  "_client_queue_bytes", "_client_reading_paused", "_coalesce_s", "_connect_task",
                  "_created_timer", "_drop_reported", "_flush_timer", "_hangup_timer", "_level_timer",
