@@ -336,6 +336,7 @@ class GatewayServer:
             stats = session.stats
             self.metrics.flush(stats)
             session.observe_levels()
+            session.check_client_reading()
             activity = (stats.c2u_audio_frames + stats.c2u_json_frames + stats.u2c_audio_frames
                         + stats.u2c_json_frames)
             if activity != session.activity_seen or session.waiting_on_upstream:

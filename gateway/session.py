@@ -41,7 +41,7 @@ from gateway.recent import EMPTY, RECENT, added, remember
 from gateway.errors import (BENIGN_UPSTREAM_CODES, AuthenticationFailed, ConnectionFailed, GatewayError,
                             InvalidConfig, InvalidMessage, NotConnected, SessionExpired, SlowClient, UpstreamError,
                             from_upstream_error)
-from gateway.sockets import peer_closed
+from gateway.sockets import delivery, peer_closed
 from gateway.upstream import UpstreamConnection, build_upstream_url, dialect_for
 
 log = logging.getLogger("gateway.session")
@@ -128,7 +128,8 @@ class RelaySession:
     # thousands live at once: no per-instance dict (~1 KB each)
     __slots__ = ("_answered_calls", "_awaiting_results", "_connect_started", "_output_named", "_ready_at",
                  "_vad_mode",
-                 "_calls_dispatched", "_client_paused", "_client_queue",
+                 "_calls_dispatched", "_client_acked", "_client_paused", "_client_queue", "_client_stalled",
+                 "_client_waiting", "_u2c_seen",
                  "_client_queue_bytes", "_client_reading_paused", "_coalesce_s", "_connect_task",
                  "_created_timer", "_drop_reported", "_flush_timer", "_hangup_timer", "_level_timer",
                  "_overflow_reported", "_owner", "_pending_updates", "_updates_in_flight",
@@ -162,6 +163,13 @@ class RelaySession:
         # a client that stops reading: picows tells the listener, which tells us; meanwhile
         # messages wait here (bounded by --max-client-queue-ms, then --slow-client-policy)
         self._client_paused = False
+        # the sweep's watch on a client that stopped reading while the kernel still takes our
+        # writes (`check_client_reading`): at its last look, the client's acknowledged bytes,
+        # the bytes waiting for it, the reply audio counted; and whether it paused the client
+        self._client_acked = 0
+        self._client_waiting = 0
+        self._u2c_seen = 0
+        self._client_stalled = False
         self._client_reading_paused = False  # while the upstream does not keep up
         self._client_queue: deque | None = None
         self._client_queue_bytes = 0
@@ -1163,6 +1171,41 @@ class RelaySession:
         self._hangup_timer = self.loop.call_later(HANGUP_CHECK_S, self._check_client_hangup)
 
     # ---- a client that does not read ----------------------------------------------------------
+
+    def check_client_reading(self) -> None:
+        """The server's sweep: is the client still reading? picows pauses us only once the
+        kernel stops taking our writes, and the kernel's send buffer autotunes up to
+        net.ipv4.tcp_wmem's maximum (4 MiB, ~87 s of PCM16): a client that stopped reading
+        would fall that far behind before --max-client-queue-ms applied. So: a client that
+        acknowledged nothing since the last look, with more than the queue bound waiting in
+        the kernel for it, is paused here, and the slow-client policy takes over (its audio
+        queues, then is dropped or the session closed). It resumes when it reads again. A
+        healthy client behind a burst keeps acknowledging, however much waits."""
+        client = self.client
+        if self.state is not READY or client is None or client.is_disconnected:
+            return
+        if not self._client_stalled and not self._client_waiting and self.stats.u2c_audio_bytes == self._u2c_seen:
+            return  # nothing waited, nothing new went its way: nothing can be waiting (no syscall)
+        self._u2c_seen = self.stats.u2c_audio_bytes
+        seen = delivery(client.underlying_transport.get_extra_info("socket"))
+        if seen is None:
+            return
+        acked, waiting = seen
+        reading = acked != self._client_acked
+        self._client_acked, self._client_waiting = acked, waiting
+        if self._client_stalled:
+            if reading:
+                self._client_stalled = False
+                self.on_client_resumed()
+            return
+        limit = self.node.max_client_queue_ms * self.output_bytes_per_ms
+        if not reading and waiting > limit and not self._client_paused:
+            log.info("session %s: the client stopped reading (%d bytes waiting in the kernel)", self.session_id, waiting)
+            self._client_stalled = True
+            self.on_client_paused()
+            if self.node.slow_client_policy == "close":
+                self.fail(SlowClient(f"the client did not read its audio: more than "
+                                     f"{self.node.max_client_queue_ms} ms waiting"))
 
     def on_client_paused(self) -> None:
         """The client socket's write buffer is over its high-water mark: queue from now on."""

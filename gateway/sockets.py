@@ -183,3 +183,22 @@ def peer_closed(sock) -> bool:
         return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != _TCP_ESTABLISHED
     except (OSError, AttributeError):  # closed already, or not a TCP socket
         return True
+
+
+#: struct tcp_info (include/uapi/linux/tcp.h): where `delivery` finds its two fields
+_TCPI_BYTES_ACKED = slice(120, 128)    # __u64 tcpi_bytes_acked (Linux 4.1+)
+_TCPI_NOTSENT_BYTES = slice(144, 148)  # __u32 tcpi_notsent_bytes (Linux 4.6+)
+_TCP_INFO_BYTES = 148
+
+
+def delivery(sock) -> tuple[int, int] | None:
+    """(bytes the peer has acknowledged so far, bytes waiting in our kernel that could not be
+    sent yet) of a connected TCP socket, from one TCP_INFO read; None where unavailable. A peer
+    that stopped reading fills its receive window: acknowledged stops moving, waiting grows."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+    except (OSError, AttributeError):  # closed already, or not a TCP socket
+        return None
+    if len(info) < _TCP_INFO_BYTES:
+        return None
+    return (int.from_bytes(info[_TCPI_BYTES_ACKED], "little"), int.from_bytes(info[_TCPI_NOTSENT_BYTES], "little"))

@@ -435,6 +435,51 @@ def test_client_that_never_reads_with_close_policy_is_closed_with_slow_client():
     run(scenario(), timeout=40)
 
 
+def test_a_client_that_stops_reading_meets_the_policy_before_the_kernel_buffers_seconds():
+    """20 s of reply audio (960 KB) towards a client that stopped reading, with a 1 s bound: the
+    kernel's send buffer autotunes to megabytes and took it all, so the policy never applied
+    (the client was 20 s behind and nothing said so). The sweep now sees a client that
+    acknowledges nothing with more than the bound waiting for it: SlowClient, close 4004."""
+    fields = need(max_client_queue_ms=QUEUE_MS, slow_client_policy="close")
+
+    async def scenario():
+        async with relay(**fields) as (gateway, mock):
+            client, audio, upstream = await _stalled_client_with_a_long_reply(gateway, mock, 20.0)
+            await _until_slow_client_is_closed(gateway, next(iter(gateway.sessions)))
+            client.transport.underlying_transport.resume_reading()
+            await client.wait_closed(10)
+            assert [e["code"] for e in client.errors()] == ["SlowClient"]
+            assert client.audio == audio[:client.audio_bytes]  # what the kernel held, intact
+    run(scenario(), timeout=40)
+
+
+def test_a_client_that_stops_reading_then_reads_again_gets_the_rest_with_drop_oldest():
+    """A stall with drop-oldest, the reply streamed in real time: once more than the bound waits
+    in the kernel and the client acknowledges nothing, the sweep pauses it; its audio queues and
+    the oldest beyond the bound is dropped (one non-fatal SlowClient); when it reads again it
+    gets what the kernel held, then the queue: pieces of the echo, in order, nothing altered."""
+    fields = need(max_client_queue_ms=QUEUE_MS, slow_client_policy="drop-oldest")
+
+    async def scenario():
+        async with relay(MockOptions(pacing="realtime"), **fields) as (gateway, mock):
+            client, audio, upstream = await _stalled_client_with_a_long_reply(gateway, mock, 6.0)
+            async with asyncio.timeout(10):  # the sweep looks once a second: no event to wait on
+                while await metric(gateway, "gateway_drops_total", reason="slow_client") == 0:
+                    await asyncio.sleep(0.05)
+            client.transport.underlying_transport.resume_reading()
+            await client.wait("response_done", 10)
+            assert [(e["code"], e["fatal"]) for e in client.errors()] == [("SlowClient", False)]
+            assert 0 < client.audio_bytes < len(audio)
+            end = 0
+            for frame in client.audio_frames:
+                index = audio.find(frame, end)
+                assert index >= end, f"a {len(frame)}-byte frame is not the echo after byte {end}"
+                end = index + len(frame)
+            assert not client.disconnected
+            await client.close()
+    run(scenario(), timeout=40)
+
+
 def test_a_ping_flood_from_a_client_that_does_not_read_keeps_memory_bounded():
     """picows answered every ping itself, past the session's backpressure: 100,000 pings from a
     client that never reads grew the node by ~13 MB of pongs, without limit. Pings are now
