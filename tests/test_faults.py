@@ -351,6 +351,16 @@ def _queued_towards_client(session) -> int:
     return session.stats.u2c_buffered_bytes + session.client.underlying_transport.get_write_buffer_size()
 
 
+def _pieces_of_in_order(frames: list[bytes], audio: bytes) -> None:
+    """Every frame is an unaltered piece of `audio`, each after the one before: what was dropped
+    are gaps between them — nothing reordered, nothing corrupted."""
+    end = 0
+    for frame in frames:
+        index = audio.find(frame, end)
+        assert index >= end, f"a {len(frame)}-byte frame is not the echo after byte {end}"
+        end = index + len(frame)
+
+
 QUEUE_MS = 1000
 #: the queue bound in bytes, plus what may sit in the transport above it: uvloop's write
 #: high-water mark (64 KiB), and the most the audio path writes at once (a read of a fast
@@ -388,13 +398,7 @@ def test_client_that_never_reads_with_drop_oldest_keeps_memory_bounded_and_count
             # and it is told, once, in order with what it receives (not only the metrics know)
             notices = [e for e in client.events if e.get("type") == "error"]
             assert [(e["code"], e["fatal"]) for e in notices] == [("SlowClient", False)], notices
-            # every frame is an unaltered piece of the echo, each after the one before (what was
-            # dropped are gaps between them: nothing reordered, nothing corrupted)
-            end = 0
-            for frame in client.audio_frames:
-                index = audio.find(frame, end)
-                assert index >= end, f"a {len(frame)}-byte frame is not the echo after byte {end}"
-                end = index + len(frame)
+            _pieces_of_in_order(client.audio_frames, audio)
             assert not client.disconnected
             await client.close()
             await no_leaks(gateway, mock, tasks)
@@ -470,11 +474,7 @@ def test_a_client_that_stops_reading_then_reads_again_gets_the_rest_with_drop_ol
             await client.wait("response_done", 10)
             assert [(e["code"], e["fatal"]) for e in client.errors()] == [("SlowClient", False)]
             assert 0 < client.audio_bytes < len(audio)
-            end = 0
-            for frame in client.audio_frames:
-                index = audio.find(frame, end)
-                assert index >= end, f"a {len(frame)}-byte frame is not the echo after byte {end}"
-                end = index + len(frame)
+            _pieces_of_in_order(client.audio_frames, audio)
             assert not client.disconnected
             await client.close()
     run(scenario(), timeout=40)
