@@ -284,7 +284,9 @@ def test_the_upstream_connect_time_runs_until_session_created():
             await client.wait("ready", 5)
             samples = await _samples(gateway)
             assert value(samples, "gateway_upstream_connect_seconds_count") == 1
-            assert value(samples, "gateway_upstream_connect_seconds_sum") >= 0.3
+            # 0.3 s of waiting for session.created, not the ~1 ms handshake (uvloop timers may fire
+            # a hair early on the loop clock: 0.29999…)
+            assert value(samples, "gateway_upstream_connect_seconds_sum") > 0.25
             await client.close()
     run(scenario(), timeout=20)
 
