@@ -1198,14 +1198,12 @@ class RelaySession:
                 self._client_stalled = False
                 self.on_client_resumed()
             return
-        limit = self.node.max_client_queue_ms * self.output_bytes_per_ms
-        if not reading and waiting > limit and not self._client_paused:
+        if not reading and waiting > self._client_queue_limit and not self._client_paused:
             log.info("session %s: the client stopped reading (%d bytes waiting in the kernel)", self.session_id, waiting)
             self._client_stalled = True
             self.on_client_paused()
             if self.node.slow_client_policy == "close":
-                self.fail(SlowClient(f"the client did not read its audio: more than "
-                                     f"{self.node.max_client_queue_ms} ms waiting"))
+                self._close_slow_client()
 
     def on_client_paused(self) -> None:
         """The client socket's write buffer is over its high-water mark: queue from now on."""
@@ -1236,7 +1234,7 @@ class RelaySession:
             self._client_queue = deque()
         self._client_queue.append((msg_type, data, audio))
         self._client_queue_bytes += len(data)
-        limit = self.node.max_client_queue_ms * self.output_bytes_per_ms
+        limit = self._client_queue_limit
         if self._client_queue_bytes > limit:
             if self.node.slow_client_policy == "drop-oldest":
                 self._drop_oldest_audio(limit)
@@ -1246,14 +1244,23 @@ class RelaySession:
                                          f"than {self.node.max_client_queue_ms} ms behind is dropped",
                                          fatal=False))
             if self._client_queue_bytes > limit:
-                # the session ends: what is queued will never be played; only the error and the
-                # close frame are still offered to the client
-                self._client_queue.clear()
-                self._client_queue_bytes = self.stats.u2c_buffered_bytes = 0
-                self.fail(SlowClient(f"the client did not read its audio: more than "
-                                     f"{self.node.max_client_queue_ms} ms queued"))
+                self._close_slow_client()
                 return
         self.stats.u2c_buffered_bytes = self._client_queue_bytes
+
+    @property
+    def _client_queue_limit(self) -> int:
+        """--max-client-queue-ms as bytes of the session's output audio."""
+        return self.node.max_client_queue_ms * self.output_bytes_per_ms
+
+    def _close_slow_client(self) -> None:
+        """--slow-client-policy close: the session ends; what is queued will never be played,
+        only the error and the close frame are still offered to the client."""
+        if self._client_queue is not None:
+            self._client_queue.clear()
+        self._client_queue_bytes = self.stats.u2c_buffered_bytes = 0
+        self.fail(SlowClient(f"the client did not read its audio: more than "
+                             f"{self.node.max_client_queue_ms} ms behind"))
 
     def _drop_oldest_audio(self, limit: int) -> None:
         kept: deque = deque()
