@@ -15,6 +15,8 @@ the two socket legs built on it move audio without calling the session, while it
   nothing needs the session for it); other audio -> `on_upstream_audio`; anything else ->
   `on_upstream_event` -> orjson -> `dialect.normalize` -> an event handler.
 `_sync_path()` sets both gates from the session's state; every change of that state calls it.
+Everything else for the client goes through `ClientOutbox` (gateway/outbox.py), which also
+queues for a client that does not read and reports when --slow-client-policy applies.
 
 Interruption: on `speech_started` (or `cancel_response`) while the client still has assistant
 audio to play, `PlaybackTimeline.barge_in` (gateway/playback.py) decides the cut; the session
@@ -30,18 +32,19 @@ from collections import deque
 from typing import Any, Callable, Mapping
 
 import orjson
-from picows import WSCloseCode, WSMsgType, WSTransport
+from picows import WSCloseCode, WSTransport
 
-from _fastpath import HEADER_ROOM, AudioPath, ClientLeg, Coalescer, LevelMeter, frame_header
+from _fastpath import HEADER_ROOM, AudioPath, ClientLeg, Coalescer, LevelMeter
 from gateway import client_protocol as cp
 from gateway.config import NodeConfig
 from gateway.metrics import GatewayMetrics, SessionStats
+from gateway.outbox import DROPPING, OVERFLOW, READING, STALLED, ClientOutbox
 from gateway.playback import PlaybackTimeline
 from gateway.recent import EMPTY, RECENT, added, remember
 from gateway.errors import (BENIGN_UPSTREAM_CODES, AuthenticationFailed, ConnectionFailed, GatewayError,
                             InvalidConfig, InvalidMessage, NotConnected, SessionExpired, SlowClient, UpstreamError,
                             from_upstream_error)
-from gateway.sockets import delivery, peer_closed
+from gateway.sockets import peer_closed
 from gateway.upstream import UpstreamConnection, build_upstream_url, dialect_for
 
 log = logging.getLogger("gateway.session")
@@ -67,11 +70,6 @@ _RESPONSE_EVENT_ID = "gw_response"  # a response.create the gateway decided on i
 #: truncate errors that only mean the item went first (a race, SPEC §2.4), not a wrong position
 _TRUNCATE_RACES = frozenset({"item_truncate_invalid_item_id", "item_already_truncated"})
 _NOTHING = cp.SessionConfig()  # no fallback: a field the upstream refuses is left out
-_BINARY = WSMsgType.BINARY
-_TEXT = WSMsgType.TEXT
-#: first byte of a server-to-client frame (FIN + opcode), RFC 6455 §5.2
-_FIN_BINARY = 0x82
-_FIN_TEXT = 0x81
 
 #: how a session ended, for the sessions_total{outcome} metric, by the error that ended it
 _OUTCOME_BY_CODE = {"AuthenticationFailed": "upstream_auth_failed", "ConnectionFailed": "upstream_failed",
@@ -128,10 +126,9 @@ class RelaySession:
     # thousands live at once: no per-instance dict (~1 KB each)
     __slots__ = ("_answered_calls", "_awaiting_results", "_connect_started", "_output_named", "_ready_at",
                  "_vad_mode",
-                 "_calls_dispatched", "_client_acked", "_client_paused", "_client_queue", "_client_stalled",
-                 "_client_waiting", "_u2c_seen",
-                 "_client_queue_bytes", "_client_reading_paused", "_coalesce_s", "_connect_task",
-                 "_created_timer", "_drop_reported", "_flush_timer", "_hangup_timer", "_level_timer",
+                 "_calls_dispatched",
+                 "_client_reading_paused", "_coalesce_s", "_connect_task",
+                 "_created_timer", "_flush_timer", "_hangup_timer", "_level_timer",
                  "_overflow_reported", "_owner", "_pending_updates", "_updates_in_flight",
                  "_pre_ready",
                  "_pre_ready_audio_bytes", "_pre_ready_commands", "_reopens", "_response_asked",
@@ -140,7 +137,7 @@ class RelaySession:
                  "active_at", "active_response_id", "activity_seen", "client", "client_leg",
                  "close_code", "created", "dialect", "effective", "ignored", "input_format",
                  "input_meter", "levels", "loop", "metrics", "node", "on_closed", "outcome",
-                 "output_bytes_per_ms", "path", "playback", "requested", "session_id", "started_at", "state",
+                 "outbox", "output_bytes_per_ms", "path", "playback", "requested", "session_id", "started_at", "state",
                  "stats", "upstream", "upstream_model", "upstream_session_id", "upstream_url",
                  "warned")
 
@@ -160,22 +157,7 @@ class RelaySession:
         self.active_at = self.started_at
         self.warned = False
         self._turn_end: float | None = None  # for time-to-first-reply-audio (`_turn_end_at`)
-        # a client that stops reading: picows tells the listener, which tells us; meanwhile
-        # messages wait here (bounded by --max-client-queue-ms, then --slow-client-policy)
-        self._client_paused = False
-        # the sweep's watch on a client that stopped reading while the kernel still takes our
-        # writes (`check_client_reading`): at its last look, the client's acknowledged bytes,
-        # the bytes waiting for it, the reply audio counted; and whether it paused the client
-        self._client_acked = 0
-        self._client_waiting = 0
-        self._u2c_seen = 0
-        self._client_stalled = False
         self._client_reading_paused = False  # while the upstream does not keep up
-        self._client_queue: deque | None = None
-        self._client_queue_bytes = 0
-        # While an upstream read is being handled, client-bound frames (header, payload, ...)
-        # collect in `path.batch` and go out in one write when the read is done
-        # (`flush_client_batch`): one syscall per upstream read, as a byte proxy would do.
         self.upstream_url = upstream_url
         self.session_id = "gw_" + uuid.uuid4().hex[:20]
         self.dialect = dialect_for(node.upstream_dialect)
@@ -225,6 +207,11 @@ class RelaySession:
         self.path = AudioPath(self._new_coalescer(), self._on_audio_pending)
         self.path.output_meter = LevelMeter("pcm16")
         self.stats.path = self.path  # the path keeps the counters of what it moves
+        # everything to the client goes through the outbox: at once, in the batch of the current
+        # upstream read (one write per read, as a byte proxy would do), or queued while the
+        # client does not read (bounded by --max-client-queue-ms, then --slow-client-policy)
+        self.outbox = ClientOutbox(self.path, self.stats, metrics, node.slow_client_policy == "drop-oldest",
+                                   self._client_queue_limit())
         self._level_timer: asyncio.TimerHandle | None = None
         # audio (bytes) and commands that arrived before `ready`, in order; created on first use
         # (an empty deque is ~600 B per session, and most clients wait for `ready`)
@@ -233,7 +220,6 @@ class RelaySession:
         self._pre_ready_commands = 0
         self._overflow_reported = False
         self._reopens = 0
-        self._drop_reported = False  # the client was told its audio is being dropped
         self._hangup_timer: asyncio.TimerHandle | None = None
 
         # upstream -> client audio: what the client is playing, for barge-in
@@ -281,7 +267,7 @@ class RelaySession:
         # the inbound gate: client audio goes the fast way while the path has an upstream
         path.upstream = upstream.transport if self.state is READY and upstream is not None else None
         item = self.playback.item
-        if item is None or self.state is CLOSED or self.client is None or self._client_paused \
+        if item is None or self.state is CLOSED or self.client is None or self.outbox.paused \
                 or self._turn_end is not None or item in self.playback.interrupted_items:
             item = None
         path.outbound_item = item
@@ -294,6 +280,7 @@ class RelaySession:
         self.client = client
         self.client_leg = leg
         self.path.client = client
+        self.outbox.client = client
         log.info("session %s: client connected, opening upstream (model=%s, dialect=%s)",
                  self.session_id, self.upstream_model, self.dialect.name)
         self._open_upstream()
@@ -380,11 +367,11 @@ class RelaySession:
         if client is not None and not client.is_disconnected:
             # the last events go before the close frame (at most one of the two holds any: the
             # queue fills only while the client is paused, the batch only while it is not)
-            self.flush_client_batch()
-            self._flush_client_queue(force=True)
+            self.outbox.flush_batch()
+            self.outbox.flush(force=True)
             client.send_close(WSCloseCode(code), reason.encode())
             client.disconnect()
-            if self._client_paused:
+            if self.outbox.paused:
                 # a client that does not read would keep its socket (and buffer) until TCP gives
                 # up: give it a moment to take the close frame, then cut it off
                 self.loop.call_later(CLOSE_GRACE_S, client.disconnect, False)
@@ -398,7 +385,7 @@ class RelaySession:
     @property
     def client_paused(self) -> bool:
         """The client does not read: its socket's buffers are full (picows paused writing)."""
-        return self._client_paused
+        return self.outbox.paused
 
     @property
     def waiting_on_upstream(self) -> bool:
@@ -442,8 +429,7 @@ class RelaySession:
             self.metrics.count_drop("upstream_closed" if self.outcome in _UPSTREAM_OUTCOMES else "other", unsent)
         self._pre_ready_audio_bytes = self.stats.c2u_buffered_bytes = 0
         self._pre_ready = None
-        self._client_queue = None
-        self._client_queue_bytes = self.stats.u2c_buffered_bytes = 0
+        self.outbox.clear()
         if self.metrics is not None:
             self.metrics.session_closed(self.stats, self.outcome or "other")
         if self.on_closed is not None:
@@ -640,6 +626,7 @@ class RelaySession:
         """Reply audio is `audio_format` from now on: barge-in arithmetic and the meter follow."""
         self.output_bytes_per_ms = cp.BYTES_PER_MS[audio_format]
         self.output_meter.audio_format = audio_format
+        self.outbox.limit = self._client_queue_limit()
 
     def _upstream_part(self, update: cp.SessionConfig) -> cp.SessionConfig:
         """What of `update` goes upstream: a turn_detection object replaces the whole upstream value,
@@ -799,16 +786,8 @@ class RelaySession:
             if self.metrics is not None:
                 self.metrics.observe_first_audio(self.loop.time() - self._turn_end_at)
             self._turn_end_at = None
-        client = self.client
-        if client is not None and self.state is not CLOSED:
-            if self._client_paused:
-                self._queue_for_client(_BINARY, pcm, True)
-            elif path.batching:
-                batch = path.batch
-                batch.append(frame_header(_FIN_BINARY, size))
-                batch.append(pcm)
-            else:
-                client.send(_BINARY, pcm)
+        if self.client is not None and self.state is not CLOSED:
+            self._slow_client(self.outbox.send_audio(pcm))
 
     def _on_audio_delta_slow(self, event: dict) -> None:
         """An audio delta the fast path declined (unusual encoding): same semantics, slower."""
@@ -1116,20 +1095,11 @@ class RelaySession:
     def _send_client(self, data: bytes) -> None:
         client = self.client
         if client is not None and not client.is_disconnected and self.state is not CLOSED:
-            if self._client_paused:
-                self._queue_for_client(_TEXT, data, False)
-            elif self.path.batching:
-                batch = self.path.batch
-                batch.append(frame_header(_FIN_TEXT, len(data)))
-                batch.append(data)
-            else:
-                client.send(_TEXT, data)
+            self._slow_client(self.outbox.send_event(data))
 
     def flush_client_batch(self) -> None:
-        """Write the client frames batched during the current upstream read in one write
-        (one writev of headers and payloads, no copy) and stop batching. Called at the end of
-        every upstream read and before the client is closed; a no-op when nothing is batched."""
-        self.path.flush_batch()
+        """The end of an upstream read: its client frames go out in one write."""
+        self.outbox.flush_batch()
 
     # ---- an upstream that does not read ---------------------------------------------------------
 
@@ -1170,108 +1140,53 @@ class RelaySession:
             return
         self._hangup_timer = self.loop.call_later(HANGUP_CHECK_S, self._check_client_hangup)
 
-    # ---- a client that does not read ----------------------------------------------------------
+    # ---- a client that does not read (gateway/outbox.py) ------------------------------------------
 
     def check_client_reading(self) -> None:
-        """The server's sweep: is the client still reading? picows pauses us only once the
-        kernel stops taking our writes, and the kernel's send buffer autotunes up to
-        net.ipv4.tcp_wmem's maximum (4 MiB, ~87 s of PCM16): a client that stopped reading
-        would fall that far behind before --max-client-queue-ms applied. So: a client that
-        acknowledged nothing since the last look, with more than the queue bound waiting in
-        the kernel for it, is paused here, and the slow-client policy takes over (its audio
-        queues, then is dropped or the session closed). It resumes when it reads again. A
-        healthy client behind a burst keeps acknowledging, however much waits."""
+        """The server's sweep: pause a client that stopped reading while the kernel still took
+        our writes, resume it once it reads again (`ClientOutbox.check_reading`)."""
         client = self.client
         if self.state is not READY or client is None or client.is_disconnected:
             return
-        if not self._client_stalled and not self._client_waiting and self.stats.u2c_audio_bytes == self._u2c_seen:
-            return  # nothing waited, nothing new went its way: nothing can be waiting (no syscall)
-        self._u2c_seen = self.stats.u2c_audio_bytes
-        seen = delivery(client.underlying_transport.get_extra_info("socket"))
-        if seen is None:
-            return
-        acked, waiting = seen
-        reading = acked != self._client_acked
-        self._client_acked, self._client_waiting = acked, waiting
-        if self._client_stalled:
-            if reading:
-                self._client_stalled = False
-                self.on_client_resumed()
-            return
-        if not reading and waiting > self._client_queue_limit and not self._client_paused:
-            log.info("session %s: the client stopped reading (%d bytes waiting in the kernel)", self.session_id, waiting)
-            self._client_stalled = True
+        verdict = self.outbox.check_reading(self.stats.u2c_audio_bytes)
+        if verdict is STALLED:
+            log.info("session %s: the client stopped reading (more than %d bytes waiting in the kernel)",
+                     self.session_id, self.outbox.limit)
             self.on_client_paused()
             if self.node.slow_client_policy == "close":
                 self._close_slow_client()
+        elif verdict is READING:
+            self.on_client_resumed()
 
     def on_client_paused(self) -> None:
         """The client socket's write buffer is over its high-water mark: queue from now on."""
-        self._client_paused = True
+        self.outbox.pause()
         self._sync_path()
 
     def on_client_resumed(self) -> None:
         """The client is reading again: send what waited, in order, until it pauses again."""
-        self._client_paused = False
-        self._drop_reported = False
+        self.outbox.resume()
         self._sync_path()
-        self._flush_client_queue()
+        self.outbox.flush()
 
-    def _flush_client_queue(self, force: bool = False) -> None:
-        queue, client = self._client_queue, self.client
-        if not queue or client is None:
-            return
-        while queue and (force or not self._client_paused):  # a send may pause us again
-            msg_type, data, _audio = queue.popleft()
-            self._client_queue_bytes -= len(data)
-            client.send(msg_type, data)
-        self.stats.u2c_buffered_bytes = self._client_queue_bytes
+    def _slow_client(self, verdict: str | None) -> None:
+        """Apply --slow-client-policy to what queueing for a paused client reported."""
+        if verdict is DROPPING:  # once until the client reads again; queued, in order
+            self.fail(SlowClient(f"the client is not reading fast enough: reply audio more "
+                                 f"than {self.node.max_client_queue_ms} ms behind is dropped", fatal=False))
+        elif verdict is OVERFLOW:
+            self._close_slow_client()
 
-    def _queue_for_client(self, msg_type: WSMsgType, data: bytes, audio: bool) -> None:
-        """Hold a message for a paused client; past the bound apply --slow-client-policy:
-        drop the oldest queued audio (events are never dropped), or close the session."""
-        if self._client_queue is None:
-            self._client_queue = deque()
-        self._client_queue.append((msg_type, data, audio))
-        self._client_queue_bytes += len(data)
-        limit = self._client_queue_limit
-        if self._client_queue_bytes > limit:
-            if self.node.slow_client_policy == "drop-oldest":
-                self._drop_oldest_audio(limit)
-                if not self._drop_reported:  # once until the client reads again; queued, in order
-                    self._drop_reported = True
-                    self.fail(SlowClient(f"the client is not reading fast enough: reply audio more "
-                                         f"than {self.node.max_client_queue_ms} ms behind is dropped",
-                                         fatal=False))
-            if self._client_queue_bytes > limit:
-                self._close_slow_client()
-                return
-        self.stats.u2c_buffered_bytes = self._client_queue_bytes
-
-    @property
     def _client_queue_limit(self) -> int:
         """--max-client-queue-ms as bytes of the session's output audio."""
         return self.node.max_client_queue_ms * self.output_bytes_per_ms
 
     def _close_slow_client(self) -> None:
-        """--slow-client-policy close: the session ends; what is queued will never be played,
-        only the error and the close frame are still offered to the client."""
-        if self._client_queue is not None:
-            self._client_queue.clear()
-        self._client_queue_bytes = self.stats.u2c_buffered_bytes = 0
+        """The session ends: what is queued will never be played, only the error and the close
+        frame are still offered to the client."""
+        self.outbox.clear()
         self.fail(SlowClient(f"the client did not read its audio: more than "
                              f"{self.node.max_client_queue_ms} ms behind"))
-
-    def _drop_oldest_audio(self, limit: int) -> None:
-        kept: deque = deque()
-        for entry in self._client_queue:
-            if entry[2] and self._client_queue_bytes > limit:
-                self._client_queue_bytes -= len(entry[1])
-                if self.metrics is not None:
-                    self.metrics.count_drop("slow_client", len(entry[1]))
-            else:
-                kept.append(entry)
-        self._client_queue = kept
 
 
 # Dispatch tables, shared by every session (per-session dicts of bound methods cost ~2.5 KB each):

@@ -8,7 +8,7 @@ import pytest
 from picows import WSListener, WSMsgType, ws_connect, ws_create_server
 
 from _fastpath import frame_header as _frame_header
-from gateway.session import _FIN_BINARY, _FIN_TEXT
+from gateway.outbox import _FIN_BINARY, _FIN_TEXT
 from tests.support import run
 
 
