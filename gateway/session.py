@@ -67,6 +67,7 @@ HANGUP_CHECK_S = 1.0
 _TRUNCATE_PREFIX = "gw_truncate_"
 _UPDATE_PREFIX = "gw_update_"
 _RESPONSE_EVENT_ID = "gw_response"  # a response.create the gateway decided on itself
+_CANCEL_EVENT_ID = "gw_cancel"  # a response.cancel that came with a barge-in
 #: truncate errors that only mean the item went first (a race, SPEC §2.4), not a wrong position
 _TRUNCATE_RACES = frozenset({"item_truncate_invalid_item_id", "item_already_truncated"})
 _NOTHING = cp.SessionConfig()  # no fallback: a field the upstream refuses is left out
@@ -695,10 +696,9 @@ class RelaySession:
         self._send_upstream({"type": "response.create"})
 
     def _cmd_cancel_response(self, command) -> None:
-        self._send_upstream({"type": "response.cancel"})
         # a manual barge-in: the upstream is told how much of the reply was heard, as after
         # speech_started (reference §7.6: cancel, then truncate)
-        self._interrupt_if_playing()
+        self._interrupt_if_playing(cancel=True)
 
     def _cmd_clear_audio(self, command) -> None:
         # what the coalescer holds goes up first, to be cleared there: dropping it here would
@@ -881,6 +881,9 @@ class RelaySession:
             self.fail(UpstreamError(f"the upstream refused to truncate the interrupted reply: "
                                     f"{error.get('message')}", upstream=_details(error), fatal=False))
             return
+        if event_id == _CANCEL_EVENT_ID and code == "response_cancel_not_active":
+            log.info("session %s: the cancelled reply had ended upstream already", self.session_id)
+            return
         if event_id == _RESPONSE_EVENT_ID or (not event_id and self._response_asked and _active_response_refusal(error)):
             self._response_asked = False
             if _active_response_refusal(error):
@@ -935,9 +938,16 @@ class RelaySession:
         self._turn_end_at = self.loop.time()
         self._send_client(cp.speech_event("speech_stopped", _int(event.get("audio_end_ms")), event.get("item_id")))
 
-    def _interrupt_if_playing(self) -> None:
-        """Barge-in: cut what the client is playing, if anything (`PlaybackTimeline.barge_in`)."""
+    def _interrupt_if_playing(self, cancel: bool = False) -> None:
+        """Barge-in: cut what the client is playing, if anything (`PlaybackTimeline.barge_in`).
+        With `cancel` (the client's `cancel_response`), a response.cancel goes first. When it
+        cuts a reply the client is playing, it is tagged: that reply is usually generated in
+        full already (models run faster than real time), and the upstream's "no active
+        response" is then the expected race, not news for the client."""
         cut = self.playback.barge_in(self.loop.time(), self.active_response_id)
+        if cancel:
+            self._send_upstream({"type": "response.cancel", "event_id": _CANCEL_EVENT_ID} if cut is not None
+                                else {"type": "response.cancel"})
         if cut is None:
             return
         self._sync_path()

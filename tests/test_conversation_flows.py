@@ -156,6 +156,34 @@ def test_cancel_response_while_a_reply_plays_interrupts_it_and_truncates_upstrea
     run(scenario(), timeout=30)
 
 
+def test_cancel_response_over_a_reply_generated_in_full_is_a_barge_in_without_an_error():
+    """Models generate faster than real time (reference §7.6), so a manual barge-in usually
+    finds the reply done upstream: the cancel then meets "no active response", which is the
+    expected race, not news for the client. It gets `interrupted`, the upstream a truncate."""
+    async def scenario():
+        async with relay(MockOptions(record=True)) as (gateway, mock):  # fast pacing
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "tell me a rather long story about the sea please"})
+            started = await client.wait("response_started", timeout=5)
+            done = await client.wait("response_done", timeout=5)
+            assert done["status"] == "completed" and done["_audio_before"] > 1000 * BYTES_PER_MS
+            await client.send({"type": "playback", "played_ms": 300})
+            await client.send({"type": "cancel_response"})
+            interrupted = await client.wait("interrupted", timeout=5)
+            assert interrupted["response_id"] == done["response_id"] and interrupted["played_ms"] == 300
+            upstream = mock.sessions[0]
+            assert (await upstream.wait_for_server_event("conversation.item.truncated", timeout=5))["audio_end_ms"] == 300
+            refusal = await upstream.wait_for_server_event("error", timeout=5)
+            assert refusal["error"]["code"] == "response_cancel_not_active"  # the race did happen
+            # the upstream answers in order: once the next reply starts, an error would be here
+            await client.send({"type": "text", "text": "and another one"})
+            assert (await client.wait("response_started", timeout=5))["response_id"] != started["response_id"]
+            _no_errors(client)
+    run(scenario(), timeout=30)
+
+
 def test_a_barge_in_before_playback_started_truncates_at_zero():
     """`played_ms: 0` (the client's jitter buffer was still filling): the reply's audio exists
     upstream, so it is truncated to nothing — the model must not believe it was heard."""
