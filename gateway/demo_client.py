@@ -121,7 +121,9 @@ def demo_tone() -> bytes:
 
 
 def write_wav(path: str, pcm: bytes) -> None:
-    with wave.open(path, "wb") as wav:
+    # the file is opened here, not by `wave`: a Wave_write whose open failed complains again,
+    # in a traceback of its own, when it is collected
+    with open(path, "wb") as handle, wave.open(handle, "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(2)
         wav.setframerate(RATE)
@@ -294,11 +296,30 @@ def run(args: argparse.Namespace) -> int:
         audio = None
     if audio is None and not args.text:
         return _usage_error("give --wav, --demo-tone or --text")
+    unwritable = _cannot_write(args.out)
+    if unwritable:  # found now, not after the whole conversation
+        return _usage_error(f"cannot write --out {args.out}: {unwritable}")
     try:
         return uvloop.run(converse(args.url, audio, args.text, args.out, args.turn_detection, args.voice,
                                    args.timeout, echo=lambda line: print(line, flush=True)))
     except ConnectFailed as exc:
         return _usage_error(str(exc))
+    except OSError as exc:  # --out could not be written after all (a full disk, say)
+        if exc.filename != args.out:
+            raise
+        return _usage_error(f"cannot write --out {args.out}: {exc.strerror or exc}")
+
+
+def _cannot_write(path: str) -> str | None:
+    """Why the reply cannot be written to `path`, or None (it is not created or changed here)."""
+    if os.path.isdir(path):
+        return "it is a directory"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"no such directory {folder}"
+    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        return "permission denied"
+    return None
 
 
 def _usage_error(message: str) -> int:

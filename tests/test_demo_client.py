@@ -137,6 +137,10 @@ def test_newcomer_mistakes_get_one_line_and_exit_2(tmp_path):
     assert "unsupported WAV encoding (format tag 2" in adpcm and "float" in adpcm
     (tmp_path / "notes.wav").write_text("not audio")
     assert "not a WAV file" in _one_line_error(_client(port, "--wav", str(tmp_path / "notes.wav")))
+    nowhere = tmp_path / "no-such-dir" / "reply.wav"  # found before connecting, not after the talk
+    assert _one_line_error(_client(port, "--demo-tone", "--out", str(nowhere))) == \
+        f"realtime-gateway client: cannot write --out {nowhere}: no such directory {nowhere.parent}"
+    assert _one_line_error(_client(port, "--demo-tone", "--out", str(tmp_path))).endswith("it is a directory")
     refused = _one_line_error(_client(port, "--demo-tone"))
     assert refused == f"realtime-gateway client: cannot connect to ws://127.0.0.1:{port}/realtime: Connection refused"
     with_token = subprocess.run([sys.executable, "-m", "gateway", "client", "--demo-tone", "--url",
