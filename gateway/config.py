@@ -139,7 +139,7 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
     ("--max-client-queue-ms", "max_client_queue_ms", "GATEWAY_MAX_CLIENT_QUEUE_MS", int, 5000,
      "reply audio (ms) held for a client that is not reading; beyond it --slow-client-policy applies"),
     ("--slow-client-policy", "slow_client_policy", "GATEWAY_SLOW_CLIENT_POLICY", str, "drop-oldest",
-     "drop-oldest (discard the oldest queued audio, counted in gateway_drops) or close (code 4004)"),
+     "drop-oldest (discard the oldest queued audio, counted in gateway_drops_total) or close (code 4004)"),
     ("--drain-timeout-s", "drain_timeout_s", "GATEWAY_DRAIN_TIMEOUT_S", float, 30.0,
      "on SIGTERM: stop accepting, send `closing`, let sessions finish this long, then close them (1001)"),
     ("--workers", "workers", "GATEWAY_WORKERS", int, 1,

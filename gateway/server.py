@@ -135,6 +135,11 @@ class ClientListener(ClientLeg):
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.forget_reads()
         if self.session is not None:
+            handshake = transport.close_handshake
+            if handshake is not None and handshake.sent is not None and handshake.recv is None:
+                # a close frame nobody asked for and the session did not send (it would be
+                # CLOSED, see on_client_failed): picows' frame parser refused a client frame
+                self.session.on_client_failed(handshake.sent.code, handshake.sent.reason)
             self.session.on_client_closed()
         if self.slot is not None:
             self.slot.release()

@@ -402,6 +402,17 @@ class RelaySession:
         if self.state != CLOSED and code in (0, 1000, 1001):
             self.outcome = "completed"
 
+    def on_client_failed(self, code: int, reason: str) -> None:
+        """picows failed the client connection itself, before the gateway saw the frame: one
+        announcing more than --max-message-bytes + 64 KiB (1009), or a malformed one (1002).
+        No event could go first (the close frame is out); the session ends as an error, not as
+        a client that left."""
+        if self.state is CLOSED:
+            return
+        log.info("session %s: the client's frame was refused (close %d: %s)", self.session_id, code, reason)
+        self.close_code = code
+        self.outcome = "error"
+
     def on_client_closed(self) -> None:
         """The client went away: close the upstream, nothing stays half-open."""
         if self.state != CLOSED:

@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.node",
         description="Run a realtime-gateway node with the built-in mock upstream for local load tests.",
-        epilog="Anything after -- is passed to the node (see `realtime-gateway --help`).",
+        epilog="Anything after -- is passed to the node (see `realtime-gateway serve --help`).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address the node listens on")
     parser.add_argument("--port", type=int, default=3001, help="port the node listens on")

@@ -582,6 +582,14 @@ def test_messages_over_the_limit_close_with_1009(shape):
                 assert len(errors) == 1 and errors[0]["code"] == "InvalidMessage" and errors[0]["fatal"] is True
                 assert str(limit) in errors[0]["message"]
             assert client.audio_frames == []
+            # either way the session ended as an error, not as a client that went away
+            for _ in range(1000):  # bounded: until the node has let go of it (only the bystander left)
+                if len(gateway.sessions) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            ended = {outcome: gateway.metrics.registry.get_sample_value("gateway_sessions_total", {"outcome": outcome})
+                     for outcome in ("error", "client_disconnected")}
+            assert ended == {"error": 1.0, "client_disconnected": 0.0}
     run(scenario(), timeout=40)
 
 
