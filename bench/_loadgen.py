@@ -2,6 +2,8 @@
 
 Run by bench/relay.py as a child pinned to core 1 (next to the upstream); it talks to its parent
 over stdout, one JSON object per line:
+    {"event": "half_connected", ...} with --await-parent: half of them are (then a line on stdin
+                                     lets it go on; so does one after `connected`)
     {"event": "connected", ...}      all sessions are connected (and `ready`, for --protocol relay)
     {"event": "window_start"}        the steady-state measurement window begins (after warmup)
     {"event": "window_end"}          it ends; sessions finish their current 100 ms block and stop
@@ -15,9 +17,11 @@ session start phases spread evenly over the 20 ms frame period (staggered starts
 Content matching: five frames make one 100 ms block (4,800 bytes); the first 8 bytes of every
 block are replaced by (block index, session index) as two little-endian uint32, the rest is a
 fixed -20 dBFS 440 Hz tone. The round trip of a block is the time from sending the client frame
-that COMPLETED it to receiving its last byte back; the block is identified by the index read
-from the returned bytes (not by counting), its session tag and body are checked, and every
-mismatch is counted. Returned audio may be chunked arbitrarily; the byte stream is what counts.
+that COMPLETED it (stamped right after that send) to receiving its last byte back; the block is
+identified by the index read from the returned bytes (not by counting), its session tag and
+every byte of its body are checked, and every mismatch is counted. Returned audio may be chunked
+arbitrarily (each piece is checked at the offset it lands on); the byte stream is what counts.
+Text frames after `ready` are counted: the parent expects one (a transcript) per block.
 Bytes lost = audio bytes sent - audio bytes received after the drain (must be 0).
 
 Protocols: `relay` (our client protocol: wait for the JSON `ready` text frame before streaming;
@@ -103,6 +107,7 @@ class LoadSession(WSListener):
         self.rx_block = 0  # index of the next block expected back
         self.rx_fill = 0  # bytes of the current returned block seen so far
         self.rx_header = bytearray(HEADER.size)
+        self.rx_body_differs = False  # a piece of the current returned block did not match
         self.text_frames = 0
         self.stopping = False
         self.stopped = False
@@ -110,7 +115,7 @@ class LoadSession(WSListener):
         self.closing = False
 
     # -- sending ---------------------------------------------------------------------------
-    def send_next_frame(self, now: float) -> None:
+    def send_next_frame(self) -> None:
         """Send the next 20 ms frame; called by the scheduler once per frame period."""
         if self.stopped:
             return
@@ -124,7 +129,9 @@ class LoadSession(WSListener):
         self.sent_bytes += FRAME_BYTES
         self.send_frame += 1
         if self.send_frame == FRAMES_PER_BLOCK:
-            self.sent_at.append(now)
+            # stamped after the send: the slot's other sessions went first, and their sends are
+            # not this block's round trip (the tick's own lateness is reported as pacing lag)
+            self.sent_at.append(time.perf_counter())
             self.send_frame = 0
             self.send_block += 1
 
@@ -176,18 +183,27 @@ class LoadSession(WSListener):
                 self._block_done(block_index, session_index, now)
                 pos += BLOCK_BYTES
                 continue
+            # A piece of a block: keep its header bytes, check its body bytes against the
+            # template at the offset they land on (a reordered, repeated or altered piece of
+            # a block shows here, whatever the relay's chunking).
+            take = min(BLOCK_BYTES - fill, size - pos)
             if fill < HEADER.size:
-                take = min(HEADER.size - fill, size - pos)
-                self.rx_header[fill:fill + take] = payload[pos:pos + take]
-            need = BLOCK_BYTES - fill
-            if size - pos >= need:
+                head = min(HEADER.size - fill, take)
+                self.rx_header[fill:fill + head] = payload[pos:pos + head]
+            body_from = max(fill, HEADER.size)
+            if fill + take > body_from and \
+                    bytes(payload[pos + body_from - fill:pos + take]) != TEMPLATE[body_from:fill + take]:
+                self.rx_body_differs = True
+            pos += take
+            fill += take
+            if fill == BLOCK_BYTES:
                 block_index, session_index = HEADER.unpack_from(self.rx_header, 0)
+                if self.rx_body_differs:
+                    self._mismatch(f"s{self.index} block {block_index}: body differs")
+                    self.rx_body_differs = False
                 self._block_done(block_index, session_index, now)
-                self.rx_fill = 0
-                pos += need
-            else:
-                self.rx_fill = fill + size - pos
-                pos = size
+                fill = 0
+            self.rx_fill = fill
         if self.draining and self.recv_bytes >= self.sent_bytes:
             self._drained()
 
@@ -221,8 +237,8 @@ def percentile(sorted_values, q: float) -> float | None:
     return sorted_values[k]
 
 
-async def connect_all(run: Run, url: str, count: int, concurrency: int, timeout_s: float):
-    """Open `count` sessions (at most `concurrency` handshakes in flight); wait for `ready`."""
+async def connect_all(run: Run, url: str, indices: range, concurrency: int, timeout_s: float):
+    """Open the sessions `indices` (at most `concurrency` handshakes in flight); wait for `ready`."""
     gate = asyncio.Semaphore(concurrency)
     failure_samples: list[str] = []
 
@@ -239,20 +255,35 @@ async def connect_all(run: Run, url: str, count: int, concurrency: int, timeout_
                     failure_samples.append(f"{type(exc).__name__}: {exc}")
                 return None
 
-    results = await asyncio.gather(*(open_one(i) for i in range(count)))
+    results = await asyncio.gather(*(open_one(i) for i in indices))
     sessions = [s for s in results if s is not None]
-    return sessions, count - len(sessions), failure_samples
+    return sessions, len(indices) - len(sessions), failure_samples
 
 
 async def run_load(args) -> dict:
     loop = asyncio.get_running_loop()
     run = Run(args.protocol)
     t_connect = time.perf_counter()
+    # --await-parent: open half the sessions, say so, and wait for a line on stdin before the
+    # rest (and again once all are ready, before streaming). The parent samples the relay's
+    # memory at both points: what the second half adds is memory per session, free of what the
+    # relay's allocator kept from its start-up and reuses for the first sessions.
+    half = args.sessions // 2 if args.await_parent else 0
     sessions, connect_failures, failure_samples = await connect_all(
-        run, args.url, args.sessions, args.connect_concurrency, args.connect_timeout)
+        run, args.url, range(half), args.connect_concurrency, args.connect_timeout)
+    if args.await_parent:
+        emit({"event": "half_connected", "sessions": len(sessions)})
+        await loop.run_in_executor(None, sys.stdin.readline)
+    rest, rest_failures, rest_samples = await connect_all(
+        run, args.url, range(half, args.sessions), args.connect_concurrency, args.connect_timeout)
+    sessions += rest
+    connect_failures += rest_failures
+    failure_samples = (failure_samples + rest_samples)[:5]
     connect_s = time.perf_counter() - t_connect
     emit({"event": "connected", "sessions": len(sessions), "failures": connect_failures,
           "connect_s": round(connect_s, 3)})
+    if args.await_parent:
+        await loop.run_in_executor(None, sys.stdin.readline)
     if not sessions:
         return {"event": "result", "sessions_ready": 0, "connect_failures": connect_failures,
                 "connect_failure_samples": failure_samples}
@@ -287,7 +318,7 @@ async def run_load(args) -> dict:
             if state["phase"] == "window":
                 window_lags.append(lag)
             for session in slots[tick % TICKS_PER_FRAME]:
-                session.send_next_frame(now)
+                session.send_next_frame()
             state["tick"] = tick + 1
             now = time.perf_counter()
         phase_changes(now)
@@ -360,6 +391,7 @@ async def run_load(args) -> dict:
                    "p99": ms(percentile(rtts, 99)), "max": ms(rtts[-1] if rtts else None)},
         "content_mismatches": run.mismatches,
         "mismatch_samples": run.mismatch_samples,
+        "blocks_received": sum(s.rx_block for s in sessions),
         "text_frames": sum(s.text_frames for s in sessions),
         "errors": run.errors,
         "error_samples": run.error_samples,
@@ -380,6 +412,8 @@ def main() -> None:
     parser.add_argument("--drain-timeout", type=float, default=5.0, help="seconds to wait for the echo tail")
     parser.add_argument("--connect-timeout", type=float, default=20.0, help="per-session handshake + ready")
     parser.add_argument("--connect-concurrency", type=int, default=32)
+    parser.add_argument("--await-parent", action="store_true",
+                        help="wait for a line on stdin after `half_connected` and after `connected`")
     args = parser.parse_args()
     result = uvloop.run(run_load(args))
     emit(result)

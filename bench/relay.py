@@ -18,10 +18,13 @@ Per relay and N it reports:
     over the steady-state window / (N x window seconds); sessions/core = 1e6 / that;
   - p50/p99 round trip: from sending the client frame that completed a 100 ms block to receiving
     that block's audio back (blocks identified by a counter written into the PCM);
-  - bytes lost: audio bytes sent - received after the drain (must be 0), and content mismatches;
-  - RSS per session: (VmRSS at N - idle VmRSS) / N, whole process tree;
+  - bytes lost: audio bytes sent - received after the drain (must be 0); content mismatches
+    (every returned byte is checked); text frames missing (one transcript per block expected);
+  - RSS per session, whole process tree: what the second half of the N sessions added, per
+    session, plus what streaming added, per session (`rss_per_session_kib`);
   - saturation marks: the load generator's own CPU > 85 % of its core, core 1 (load generator +
-    upstream) > 95 %, or pacing lag p99 > --lag-threshold-ms mark the row as not trustworthy;
+    upstream) > 95 %, other processes using > --core1-others-limit % of core 1, or pacing lag
+    p99 > --lag-threshold-ms mark the row as not trustworthy;
     a relay using > 95 % of core 0 is itself saturated (it is not run at larger N).
   - the relay's run-queue wait (time it was runnable but another process held core 0): on a
     shared machine other work makes absolute numbers noisy; this column shows how much, and
@@ -197,6 +200,18 @@ def rss_kib(pid: int) -> int:
     return total
 
 
+def core_busy_seconds(core: int) -> float:
+    """Time one core was not idle since boot, seconds, whoever ran (/proc/stat: user, nice,
+    system, irq, softirq and steal). Tick-sampled, so only for gross effects: another process
+    taking a share of the load generator's core over a whole window."""
+    with open("/proc/stat") as handle:
+        for line in handle:
+            if line.startswith(f"cpu{core} "):
+                ticks = [int(value) for value in line.split()[1:9]]
+                return (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK  # minus idle, iowait
+    raise RuntimeError(f"no cpu{core} line in /proc/stat")
+
+
 def runqueue_wait_seconds(pid: int) -> float:
     """Time the process tree's threads were runnable but waiting for a CPU, seconds.
 
@@ -322,9 +337,11 @@ def run_point(spec: RelaySpec, sessions: int, args, upstream_kind: str, workdir:
         loadgen_cmd = [PYTHON, str(BENCH_DIR / "_loadgen.py"), "--url",
                        f"ws://127.0.0.1:{relay_port}{spec.client_path}", "--sessions", str(sessions),
                        "--protocol", spec.protocol, "--warmup", str(args.warmup),
-                       "--duration", str(args.duration), "--drain-timeout", str(args.drain_timeout)]
+                       "--duration", str(args.duration), "--drain-timeout", str(args.drain_timeout),
+                       "--await-parent"]
         with open(workdir / "loadgen.log", "wb") as loadgen_log:
-            loadgen = subprocess.Popen(loadgen_cmd, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=loadgen_log,
+            loadgen = subprocess.Popen(loadgen_cmd, cwd=REPO_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=loadgen_log,
                                        preexec_fn=lambda: os.sched_setaffinity(0, {LOAD_CORE}))
         # Bounded: a watchdog kills the load generator past the point's deadline, which ends
         # the read loop below (EOF).
@@ -336,11 +353,18 @@ def run_point(spec: RelaySpec, sessions: int, args, upstream_kind: str, workdir:
         for raw in loadgen.stdout:
             event = json.loads(raw)
             now = time.monotonic()
-            if event["event"] == "connected":
+            if event["event"] == "half_connected":
+                # memory per session is what the second half adds (see derive)
+                point["half_sessions"] = event["sessions"]
+                point["half_rss_kib"] = rss_kib(relay.pid)
+                go_on(loadgen)
+            elif event["event"] == "connected":
                 point["connected"] = event
+                point["connected_rss_kib"] = rss_kib(relay.pid)
+                go_on(loadgen)
             elif event["event"] == "window_start":
                 start = {"t": now, "relay": cpu_split(relay.pid), "upstream": cpu_seconds(upstream.pid),
-                         "relay_wait": runqueue_wait_seconds(relay.pid)}
+                         "relay_wait": runqueue_wait_seconds(relay.pid), "core1": core_busy_seconds(LOAD_CORE)}
             elif event["event"] == "window_end":
                 window = now - start["t"]
                 relay_user, relay_kernel = (end - begin for end, begin in zip(cpu_split(relay.pid), start["relay"]))
@@ -352,6 +376,7 @@ def run_point(spec: RelaySpec, sessions: int, args, upstream_kind: str, workdir:
                     relay_cpu_pct=round(100 * relay_cpu / window, 1),
                     upstream_cpu_pct=round(100 * (cpu_seconds(upstream.pid) - start["upstream"]) / window, 1),
                     relay_wait_pct=round(100 * (runqueue_wait_seconds(relay.pid) - start["relay_wait"]) / window, 1),
+                    core1_total_pct=round(100 * (core_busy_seconds(LOAD_CORE) - start["core1"]) / window, 1),
                     rss_kib=rss_kib(relay.pid),
                 )
             elif event["event"] == "result":
@@ -375,6 +400,26 @@ def run_point(spec: RelaySpec, sessions: int, args, upstream_kind: str, workdir:
             child.stop()
 
 
+def go_on(loadgen: subprocess.Popen) -> None:
+    """Let a load generator that waits for its parent (--await-parent) go on."""
+    with contextlib.suppress(OSError):  # it may have died: the read loop sees EOF
+        loadgen.stdin.write(b"\n")
+        loadgen.stdin.flush()
+
+
+def rss_per_session_kib(point: dict, ready: int) -> float:
+    """Memory per session, KiB: what the second half of the sessions added to the connected
+    relay, per session, plus what streaming added over the connected figure, per session.
+    Not (RSS at N - idle RSS) / N: an allocator keeps memory freed during start-up (the
+    gateway ~2 MB of glibc heap) and the first sessions reuse it, which hid ~12 KiB per
+    session at N = 200."""
+    half = point.get("half_sessions")
+    if not half or ready <= half or "connected_rss_kib" not in point:
+        return (point["rss_kib"] - point["idle_rss_kib"]) / ready
+    return ((point["connected_rss_kib"] - point["half_rss_kib"]) / (ready - half)
+            + (point["rss_kib"] - point["connected_rss_kib"]) / ready)
+
+
 def derive(point: dict, args) -> None:
     """Per-session figures and saturation marks from the raw counters of a point."""
     lg = point["loadgen"]
@@ -387,14 +432,19 @@ def derive(point: dict, args) -> None:
     point["kernel_us_per_session_s"] = round(1e6 * point["relay_kernel_s"] / (ready * point["window_s"]), 1)
     point["sessions_per_core"] = (round(1e6 / point["cpu_us_per_session_s"])
                                   if point["cpu_us_per_session_s"] > 0 else None)
-    point["rss_kib_per_session"] = round((point["rss_kib"] - point["idle_rss_kib"]) / ready, 1)
+    point["rss_kib_per_session"] = round(rss_per_session_kib(point, ready), 1)
     # Core 1 carries the load generator and the upstream (this script only sleeps on a pipe).
     point["core1_busy_pct"] = round((lg.get("loadgen_cpu_pct") or 0) + point["upstream_cpu_pct"], 1)
+    # ... and nothing else, on a quiet machine: another process there delays the sends and the
+    # receives, which inflates every round trip without the load generator's own CPU showing it
+    point["core1_others_pct"] = round(point["core1_total_pct"] - point["core1_busy_pct"], 1)
     marks = []
     if (lg.get("loadgen_cpu_pct") or 0) > args.loadgen_cpu_limit:
         marks.append(f"loadgen CPU {lg['loadgen_cpu_pct']}%")
     if point["core1_busy_pct"] > 95:
         marks.append(f"core 1 (loadgen + upstream) {point['core1_busy_pct']}%")
+    if point["core1_others_pct"] > args.core1_others_limit:
+        marks.append(f"core 1 shared: {point['core1_others_pct']}% by other processes")
     lag_p99 = (lg.get("pacing_lag_ms") or {}).get("p99")
     if lag_p99 is not None and lag_p99 > args.lag_threshold_ms:
         marks.append(f"pacing lag p99 {lag_p99} ms")
@@ -409,6 +459,9 @@ def derive(point: dict, args) -> None:
         problems.append(f"{lg['content_mismatches']} content mismatches")
     if lg.get("errors"):
         problems.append(f"{lg['errors']} error events")
+    missing_text = (lg.get("blocks_received") or 0) - (lg.get("text_frames") or 0)
+    if missing_text > 0:  # one transcript (nginx: one text frame) comes with every 100 ms block
+        problems.append(f"{missing_text} text frames missing")
     if lg.get("unexpected_disconnects"):
         problems.append(f"{lg['unexpected_disconnects']} disconnects")
     point["problems"] = problems
@@ -543,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="echo upstream of the transcoding relays: the project mock, or the minimal "
                              "bench/peers/realtime_echo.py; auto = mock when its CLI runs")
     parser.add_argument("--loadgen-cpu-limit", type=float, default=85.0, help="loadgen CPU %% above which a row is marked saturated")
+    parser.add_argument("--core1-others-limit", type=float, default=10.0,
+                        help="%% of core 1 used by other processes above which a row is marked saturated")
     parser.add_argument("--lag-threshold-ms", type=float, default=10.0, help="pacing lag p99 above which a row is marked saturated")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds per N: the relays run in alternating order each round, and the table "
