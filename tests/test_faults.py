@@ -288,6 +288,7 @@ def test_a_client_that_leaves_while_it_is_not_being_read_ends_its_session():
         async with relay(MockOptions(slow_read_s=60.0)) as (gateway, mock):
             client = await ready_client(gateway.url, {"turn_detection": "none"})
             session = next(iter(gateway.sessions))
+            upstream = session.upstream.transport
             audio = speech_like(1.0, seed=21)
             for _ in range(200):  # 9.6 MB: more than the kernel buffers between us and the mock
                 client.send_binary(audio)
@@ -296,6 +297,9 @@ def test_a_client_that_leaves_while_it_is_not_being_read_ends_its_session():
             await gateway.wait_empty(20)
             assert session.outcome == "client_disconnected"
             assert await metric(gateway, "gateway_upstream_connections_open") == 0
+            # and the upstream socket is really gone: a polite close would wait for the stalled
+            # upstream to take the audio still queued for it (here a minute; in production, ever)
+            await wait_for(lambda: upstream.is_disconnected, 2, "the gateway to let go of the upstream socket")
     run(scenario(), timeout=40)
 
 

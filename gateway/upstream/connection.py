@@ -16,7 +16,10 @@ taken away calls the owner's `on_upstream_read_end()` instead); the end of the c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from typing import Protocol
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -43,6 +46,9 @@ USE_AIOFASTNET = False
 #: picows grows its read buffer on demand (doubling, never shrinking); start small so sessions
 #: stay light: 8 KiB holds a 100 ms output-audio delta (~6.6 KB of JSON) and its transcript delta
 READ_BUFFER_INIT_BYTES = 8 * 1024
+#: seconds a graceful close may take before the connection is reset (an upstream that does not
+#: read keeps our close frame, and the socket, for as long as it stalls)
+CLOSE_GRACE_S = 5.0
 
 
 class UpstreamOwner(Protocol):
@@ -216,13 +222,35 @@ class UpstreamConnection:
     def close(self) -> None:
         """Close politely (1000) and drop the socket; safe to call at any time, repeatedly.
         What it still delivers goes to the owner (which ignores a retired upstream), never
-        through the session's audio path."""
+        through the session's audio path.
+
+        Politely only while the upstream reads: a graceful close waits, without a deadline,
+        until everything written has been sent, and an upstream that stopped reading would keep
+        the socket, its buffers and the session's objects for as long as it stalls. What is
+        still waiting then is audio for a session that has ended: it is reset instead, and a
+        graceful close that has not finished within CLOSE_GRACE_S is cut off too."""
         self.listener.closing = True
         self.listener.path = None
         transport = self.transport
-        if transport is not None and not transport.is_disconnected:
-            transport.send_close(WSCloseCode.OK)
-            transport.disconnect()
+        if transport is None or transport.is_disconnected:
+            return
+        if transport.underlying_transport.get_write_buffer_size():
+            _reset(transport)
+            return
+        transport.send_close(WSCloseCode.OK)
+        transport.disconnect()
+        asyncio.get_running_loop().call_later(CLOSE_GRACE_S, _reset, transport)
+
+
+def _reset(transport: WSTransport) -> None:
+    """Drop the connection now, with what our kernel still holds for it (RST, not FIN)."""
+    if transport.is_disconnected:
+        return
+    sock = transport.underlying_transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.disconnect(False)
 
 
 __all__ = ["UpstreamConnection", "UpstreamListener", "build_upstream_url", "UpstreamError"]
