@@ -51,7 +51,8 @@ def add_arguments(parser: Any) -> None:
     )
     parser.add_argument(
         "--barge-in-after-ms", env_var="LOADTEST_BARGE_IN_AFTER_MS", type=int, default=300,
-        help="barge-in users start talking this long after the first reply audio arrived",
+        help="barge-in users start talking this long after the first reply audio arrived "
+        "(in the microphone's next frame: up to --chunk-ms later)",
     )
     parser.add_argument(
         "--reply-timeout", env_var="LOADTEST_REPLY_TIMEOUT", type=float, default=20.0,

@@ -157,13 +157,7 @@ class Microphone:
         current: Utterance | None = None
         position = 0
         while True:
-            if current is None and self._queue:
-                current, position = self._queue.pop(0), 0
-            if current is not None:
-                frame = current.pcm[position:position + self._chunk_bytes]
-            elif self._continuous:
-                frame = self._silence
-            else:
+            if current is None and not self._queue and not self._continuous:
                 due = None  # push-to-talk: the button is up; the next spurt starts a new schedule
                 self._queued.clear()
                 self._queued.wait()
@@ -178,6 +172,11 @@ class Microphone:
                 lateness_ms = max(0.0, (now - due) * 1000.0)
             elif lateness_ms > self.MAX_CATCH_UP_MS:
                 due = now
+            # The frame is chosen once it is due, not before the wait: speech queued during the
+            # wait goes out in this frame, not one frame of silence later.
+            if current is None and self._queue:
+                current, position = self._queue.pop(0), 0
+            frame = current.pcm[position:position + self._chunk_bytes] if current is not None else self._silence
             self._send_frame(frame)
             if current is not None and current.first_sent_at is None:
                 current.first_sent_at = now

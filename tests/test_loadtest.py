@@ -24,7 +24,8 @@ import pytest
 
 from loadtest._audio import BYTES_PER_MS, MAX_INNER_PAUSE_MS, SAMPLE_RATE, generated_clip, load_clips
 from loadtest._options import LoadSettings, endpoint_url
-from loadtest._session import Microphone, SentAudio
+from loadtest import _session
+from loadtest._session import Microphone, SentAudio, SessionClosed
 from loadtest.node import MockNode
 
 REPO = Path(__file__).resolve().parent.parent
@@ -227,6 +228,41 @@ def test_microphone_paces_in_real_time_and_catches_up_after_a_stall():
     assert 70.0 <= utterance.max_lateness_ms <= 150.0
     late = [(t - start) * 1000 - k * 20 for k, (t, _, _) in enumerate(sends)]
     assert max(abs(x) for x in late[20:]) < 30.0, "back on schedule after the stall"
+
+
+def test_speech_queued_while_the_microphone_waits_goes_out_in_the_frame_it_waits_for(monkeypatch):
+    """A barge-in user talks `--barge-in-after-ms` into a reply, mid-way between two frames of the
+    open microphone's silence: the speech starts at the next frame boundary, not a frame later.
+    Deterministic: the microphone runs on a simulated clock, its waits advance that clock, and
+    the user speaks during the third wait."""
+    now = [1000.0]
+    sends: list[tuple[float, bytes]] = []
+    chunk = 100 * BYTES_PER_MS
+    speech = bytes(range(1, 201)) * (2 * chunk // 200)  # 200 ms, no silent frame in it
+    spoken: list = []
+
+    def send(frame: bytes) -> None:
+        sends.append((now[0], frame))
+        if len(sends) == 6:
+            raise SessionClosed("enough")  # ends the microphone's loop, as a closed session does
+
+    def sleep(seconds: float) -> None:
+        if len(sends) == 2:  # from +100 ms, waiting for frame 2 (due at +200 ms): the user speaks at +130 ms
+            now[0] += 0.03
+            spoken.append((now[0], mic.say(speech)))
+            seconds -= 0.03
+        now[0] += seconds
+
+    monkeypatch.setattr(_session, "clock", lambda: now[0])
+    monkeypatch.setattr(_session.gevent, "sleep", sleep)
+    mic = Microphone(send, 100, continuous=True, on_utterance_done=lambda: None)
+    mic._run()
+    silence = bytes(chunk)
+    assert [frame for _, frame in sends] == [silence, silence, speech[:chunk], speech[chunk:], silence, silence]
+    assert [round((at - 1000.0) * 1000) for at, _ in sends] == [0, 100, 200, 300, 400, 500], "on schedule"
+    said_at, utterance = spoken[0]
+    assert (utterance.first_sent_at, utterance.start_offset) == (sends[2][0], 2 * chunk)
+    assert round((utterance.first_sent_at - said_at) * 1000) == 70, "the rest of the wait, not a frame more"
 
 
 def test_open_microphone_streams_silence_push_to_talk_stays_quiet():
