@@ -8,14 +8,14 @@ Locust's failures table with the reason.
 | type  | name                              | one sample per            | time measured (ms)                                          | failure when |
 |-------|-----------------------------------|---------------------------|-------------------------------------------------------------|--------------|
 | WS    | connect → ready                   | session                   | start of the TCP connect → `ready` received                  | refused, closed or no `ready` in time |
-| VOICE | first audio after speech_stopped  | VAD turn                  | `speech_stopped` received → first reply audio frame          | no speech_started + speech_stopped (VAD heard no turn) or no reply audio in time |
-| VOICE | audio round trip                  | server-VAD turn           | end of the user's speech (last voiced frame sent) → first reply audio frame; includes the VAD's silence window | no reply audio in time |
-| VOICE | audio round trip (push-to-talk)   | push-to-talk turn         | `commit` sent → first reply audio frame                       | no reply audio in time |
+| VOICE | first audio after speech_stopped  | VAD turn                  | `speech_stopped` received → first reply audio frame          | no speech_started + speech_stopped (VAD heard no turn), no reply audio in time, or reply audio before `speech_stopped` (wrong order) |
+| VOICE | audio round trip                  | server-VAD turn           | end of the user's speech (last voiced frame sent) → first reply audio frame; includes the VAD's silence window | no reply audio in time, or before the end of the speech |
+| VOICE | audio round trip (push-to-talk)   | push-to-talk turn         | `commit` sent → first reply audio frame                       | no reply audio in time, or before `commit` |
 | VOICE | reply completeness                | completed voice reply     | first → last reply audio frame; size = reply bytes           | reply bytes ≠ the turn's audio (the mock echoes it bit-exactly), status ≠ completed, or audio arrived outside any response |
 | VOICE | reply completeness (interrupted)  | interrupted reply         | first reply audio → `interrupted`; size = reply bytes        | the bytes are not an exact prefix of the turn's audio, or `played_ms` > audio received |
 | VOICE | interrupted reaction              | barge-in                  | first frame of the overlapping speech sent → `interrupted`   | no `interrupted` in time (the reply finished first, or never came) |
 | VOICE | mic lateness                      | talk spurt                | worst lateness of a frame against the real-time schedule     | the clip could not even be sent before the deadline (a stalled socket); a high value is not a failure, it shows the load generator falling behind |
-| TEXT  | text round trip                   | text turn                 | `text` sent → first reply audio frame                        | no reply audio in time |
+| TEXT  | text round trip                   | text turn                 | `text` sent → first reply audio frame                        | no reply audio in time, or before `text` |
 | TEXT  | reply completeness                | text reply                | first → last reply audio frame; size = reply bytes           | empty, odd-length, status ≠ completed, or different bytes than an earlier reply to the same text |
 | ERROR | <gateway error code>              | `error` event             | 0                                                            | always: every gateway `error` is a failure named by its code |
 | WS    | session lost                      | unexpected close          | session age                                                  | always: the socket closed without a fatal `error` first |
@@ -54,9 +54,12 @@ class MetricReporter:
         self._fire = events.request.fire
 
     def sample(self, request_type: str, name: str, ms: float, size: int = 0) -> None:
-        """One successful measurement of `ms` milliseconds (`size` bytes where meaningful)."""
+        """One successful measurement of `ms` milliseconds (`size` bytes where meaningful).
+
+        Never clamped: a negative time means events in the wrong order, which the caller reports
+        as a failure (a zero would pass it off as a fast reply)."""
         self._fire(
-            request_type=request_type, name=name, response_time=max(0.0, ms), response_length=size,
+            request_type=request_type, name=name, response_time=ms, response_length=size,
             exception=None, context={},
         )
 

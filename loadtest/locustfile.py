@@ -180,6 +180,20 @@ class VoiceUser(User):
             self.reporter.failure(request_type, metric, str(exc))
             raise TurnAbandoned from None
 
+    def sample_delay(
+        self, request_type: str, metric: str, since: float, until: float, since_what: str, until_what: str,
+    ) -> None:
+        """Report `until - since` (clock() seconds) as a sample of `metric`, in ms. A negative delay
+        is not a fast reply but events in the wrong order (reply audio before the turn it answers
+        ended): a failure, and the turn is abandoned."""
+        ms = (until - since) * 1000.0
+        if ms < 0:
+            self.reporter.failure(
+                request_type, metric, f"wrong order: {until_what} arrived {-ms:.0f} ms before {since_what}",
+            )
+            raise TurnAbandoned
+        self.reporter.sample(request_type, metric, ms)
+
     def speak(self, session: VoiceSession, pcm: bytes) -> Utterance:
         """Queue `pcm` on the microphone and wait until its last frame is sent."""
         utterance = session.mic.say(pcm)
@@ -230,12 +244,21 @@ class VoiceUser(User):
         session.sent.discard_before(end)
         return expected
 
+    def sample_first_audio(self, reply: Reply, stopped: SpeechEvent, spoken: Utterance) -> None:
+        """The VAD turn's delays to the reply's first audio: from speech_stopped, from the end of speech."""
+        self.sample_delay(
+            VOICE, FIRST_AUDIO_AFTER_STOP, stopped.at, reply.first_audio_at, "speech_stopped", "reply audio",
+        )
+        self.sample_delay(
+            VOICE, AUDIO_ROUND_TRIP, spoken.last_sent_at, reply.first_audio_at, "the end of the speech was sent",
+            "reply audio",
+        )
+
     def hear_vad_reply(self, session: VoiceSession, speech_index: int, reply_index: int, spoken: Utterance) -> None:
         """After a spoken turn: speech events, the reply's first audio, and its completeness."""
         started, stopped = self.expect_speech_turn(session, speech_index)
         reply = self.expect_reply_audio(session, reply_index, VOICE, FIRST_AUDIO_AFTER_STOP)
-        self.reporter.sample(VOICE, FIRST_AUDIO_AFTER_STOP, (reply.first_audio_at - stopped.at) * 1000.0)
-        self.reporter.sample(VOICE, AUDIO_ROUND_TRIP, (reply.first_audio_at - spoken.last_sent_at) * 1000.0)
+        self.sample_first_audio(reply, stopped, spoken)
         self.check_complete_echo(
             session, reply, self.vad_turn_echo(session, started, stopped),
             f"VAD turn [{started.audio_ms}, {stopped.audio_ms}) ms",
@@ -294,7 +317,7 @@ class PushToTalkUser(VoiceUser):
         released_at = clock()
         session.send_event({"type": "create_response"})
         reply = self.expect_reply_audio(session, reply_index, VOICE, AUDIO_ROUND_TRIP_PTT)
-        self.reporter.sample(VOICE, AUDIO_ROUND_TRIP_PTT, (reply.first_audio_at - released_at) * 1000.0)
+        self.sample_delay(VOICE, AUDIO_ROUND_TRIP_PTT, released_at, reply.first_audio_at, "commit", "reply audio")
         session.sent.discard_before(session.sent.end)
         self.check_complete_echo(session, reply, clip, "push-to-talk turn")
 
@@ -317,8 +340,7 @@ class BargeInUser(VoiceUser):
         spoken = self.speak(session, self.next_clip())
         started, stopped = self.expect_speech_turn(session, speech_index)
         reply = self.expect_reply_audio(session, reply_index, VOICE, FIRST_AUDIO_AFTER_STOP)
-        self.reporter.sample(VOICE, FIRST_AUDIO_AFTER_STOP, (reply.first_audio_at - stopped.at) * 1000.0)
-        self.reporter.sample(VOICE, AUDIO_ROUND_TRIP, (reply.first_audio_at - spoken.last_sent_at) * 1000.0)
+        self.sample_first_audio(reply, stopped, spoken)
 
         # Listen to the start of the reply, then talk over it.
         gevent.sleep(max(0.0, reply.first_audio_at + self.settings.barge_in_after_ms / 1000.0 - clock()))
@@ -395,7 +417,7 @@ class TextTurnUser(VoiceUser):
         sent_at = clock()
         session.send_event({"type": "text", "text": prompt})
         reply = self.expect_reply_audio(session, reply_index, TEXT, TEXT_ROUND_TRIP)
-        self.reporter.sample(TEXT, TEXT_ROUND_TRIP, (reply.first_audio_at - sent_at) * 1000.0)
+        self.sample_delay(TEXT, TEXT_ROUND_TRIP, sent_at, reply.first_audio_at, "the text was sent", "reply audio")
         self.expect(session, lambda: reply.done_at is not None, "response_done", TEXT, REPLY_COMPLETENESS)
         got = bytes(reply.audio)
         reply.audio = bytearray()

@@ -362,3 +362,95 @@ def test_headless_run_of_all_scenarios_has_no_failures_and_reports_every_metric(
     # waits for (a push-to-talk sample, measured from `commit`, takes a few ms).
     assert float(stats[("VOICE", "audio round trip")]["Min Response Time"]) >= 400, context
     assert elapsed < 60
+
+
+# ---- against a broken relay: each fault must fail its own row, with a reason ---------------------
+
+# A relay between the load test and the node that breaks one thing, chosen by the first segment
+# of the URL path (ws://127.0.0.1:P/<fault>/realtime); it prints its port once it listens.
+_FAULTY_RELAY_SCRIPT = r"""
+import asyncio, json, sys
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
+
+NODE = sys.argv[1]
+
+async def relay(client):
+    fault, _, path = client.request.path.lstrip("/").partition("/")
+    async with connect(f"{NODE}/{path}", max_size=None, compression=None) as node:
+        async def upstream():
+            async for message in client:
+                await node.send(message)
+
+        async def downstream():
+            held_audio = held_stop = None
+            async for message in node:
+                if isinstance(message, bytes):
+                    if fault == "drop_last":  # each frame waits for the next: a reply's last one is lost
+                        message, held_audio = held_audio, message
+                    if message is not None:
+                        await client.send(message)
+                    if held_stop is not None:  # late_speech_stopped: after the reply's first frame
+                        await client.send(held_stop)
+                        held_stop = None
+                    continue
+                kind = json.loads(message)["type"]
+                if fault == "drop_last" and kind in ("response_done", "interrupted"):
+                    held_audio = None
+                if fault == "late_speech_stopped" and kind == "speech_stopped":
+                    held_stop = message
+                    continue
+                await client.send(message)
+
+        tasks = [asyncio.create_task(upstream()), asyncio.create_task(downstream())]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            task.cancel()
+
+async def main():
+    async with serve(relay, "127.0.0.1", 0, max_size=None, compression=None) as server:
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.sleep(300)  # bounded life; the test kills it sooner
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture(scope="module")
+def faulty_relay(node):
+    """The relay's base URL (ws://127.0.0.1:P); append /<fault>/realtime."""
+    relay = subprocess.Popen(
+        [sys.executable, "-c", _FAULTY_RELAY_SCRIPT, node.host_url], cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        port = relay.stdout.readline().strip()
+        assert port.isdigit(), "the relay did not start"
+        yield f"ws://127.0.0.1:{port}"
+    finally:
+        relay.kill()
+        relay.wait()
+
+
+def _run_against(url: str, user_class: str, csv_prefix: Path, seconds: int = 8) -> tuple[dict, list[dict]]:
+    command = [
+        sys.executable, "-m", "locust", "-f", "loadtest/", "--headless", "-u", "2", "-r", "2", "-t", f"{seconds}s",
+        "--gateway-url", url, "--csv", str(csv_prefix), "--only-summary", "--loglevel", "WARNING", user_class,
+    ]
+    subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    return _read_stats(csv_prefix)
+
+
+def _failure_reasons(failures: list[dict], request_type: str, name: str) -> list[str]:
+    return [row["Error"] for row in failures if (row["Method"], row["Name"]) == (request_type, name)]
+
+
+def test_reply_audio_before_speech_stopped_is_a_wrong_order_failure_not_zero_latency(faulty_relay, tmp_path):
+    """The relay holds each speech_stopped back until the reply's first audio frame has passed."""
+    stats, failures = _run_against(f"{faulty_relay}/late_speech_stopped/realtime", "VadConversationUser",
+                                   tmp_path / "run")
+    reasons = _failure_reasons(failures, "VOICE", "first audio after speech_stopped")
+    assert reasons, f"failures: {failures}"
+    assert all(reason.startswith("MetricFailure('wrong order: reply audio arrived ")
+               and reason.endswith(" ms before speech_stopped')") for reason in reasons), reasons
+    row = stats.get(("VOICE", "first audio after speech_stopped"))
+    assert row["Request Count"] == row["Failure Count"], "no turn passed as a zero-latency sample"
