@@ -198,7 +198,7 @@ class Reply:
 
     __slots__ = (
         "response_id", "started_at", "first_audio_at", "last_audio_at", "audio", "done_at", "status",
-        "interrupted", "interrupted_at",
+        "interrupted", "interrupted_at", "status_when_interrupted",
     )
 
     def __init__(self, response_id: str | None, started_at: float) -> None:
@@ -211,6 +211,8 @@ class Reply:
         self.status: str | None = None
         self.interrupted: dict | None = None  # the `interrupted` event, if the user barged in
         self.interrupted_at: float | None = None
+        # the response_done status that came before `interrupted`; None: the reply was still generating
+        self.status_when_interrupted: str | None = None
 
 
 class SpeechEvent:
@@ -427,6 +429,7 @@ class VoiceSession:
             if reply is not None:
                 reply.interrupted = event
                 reply.interrupted_at = now
+                reply.status_when_interrupted = reply.status
                 if reply is self._current_reply:
                     self._current_reply = None  # the gateway drops the rest of its audio
         elif kind == "ready":

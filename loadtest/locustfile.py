@@ -368,10 +368,13 @@ class BargeInUser(VoiceUser):
         self.hear_vad_reply(session, speech_index + 1, reply_index + 1, overlap)
 
     def _check_interrupted_prefix(self, reply: Reply, expected: bytes | None) -> None:
-        """The audio of an interrupted reply must be an exact prefix of the turn's echo (all of it
-        when the upstream had finished generating), and `interrupted.played_ms` can never exceed
-        the audio the client received (this client sends no `playback` reports, so the gateway
-        uses what it delivered or, once generation finished, the real-time playback position)."""
+        """The audio of an interrupted reply must be an exact prefix of the turn's echo, and all of
+        it when `response_done` (completed) came before `interrupted`: the upstream had generated
+        the whole reply and the gateway had relayed it (it stops relaying a reply at `interrupted`;
+        what it sent before stays sent, in order before `response_done`). `interrupted.played_ms`
+        can never exceed the audio the client received (this client sends no `playback` reports,
+        so the gateway uses what it delivered or, once generation finished, the real-time
+        playback position)."""
         got = bytes(reply.audio)
         reply.audio = bytearray()
         self.playback_ends_at = reply.interrupted_at  # the client drops the queued playback
@@ -380,6 +383,11 @@ class BargeInUser(VoiceUser):
         heard_ms = (reply.interrupted_at - reply.first_audio_at) * 1000.0
         if expected is None:
             reason = "the interrupted turn's audio is not on the client's record any more"
+        elif reply.status_when_interrupted == "completed" and got != expected:
+            reason = (
+                "interrupted after response_done (completed), yet the reply is not the whole turn: "
+                f"{describe_mismatch(got, expected)}"
+            )
         elif not expected.startswith(got):
             reason = f"interrupted reply is not a prefix of the turn: {describe_mismatch(got, expected[:len(got)])}"
         elif not isinstance(played_ms, (int, float)) or not 0 <= played_ms <= received_ms + 1.0:

@@ -454,3 +454,14 @@ def test_reply_audio_before_speech_stopped_is_a_wrong_order_failure_not_zero_lat
                and reason.endswith(" ms before speech_stopped')") for reason in reasons), reasons
     row = stats.get(("VOICE", "first audio after speech_stopped"))
     assert row["Request Count"] == row["Failure Count"], "no turn passed as a zero-latency sample"
+
+
+def test_an_interrupted_reply_that_had_completed_must_be_whole(faulty_relay, tmp_path):
+    """The node's mock generates a reply faster than real time, so `response_done` (completed)
+    comes before the barge-in's `interrupted`: by then the client has the whole reply. The relay
+    drops each reply's last frame; a prefix is not enough."""
+    _stats, failures = _run_against(f"{faulty_relay}/drop_last/realtime", "BargeInUser", tmp_path / "run")
+    reasons = _failure_reasons(failures, "VOICE", "reply completeness (interrupted)")
+    assert reasons, f"failures: {failures}"
+    assert all(reason.startswith("MetricFailure('interrupted after response_done (completed), yet the reply is "
+                                 "not the whole turn: reply has ") for reason in reasons), reasons
