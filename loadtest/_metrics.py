@@ -16,7 +16,7 @@ Locust's failures table with the reason.
 | VOICE | interrupted reaction              | barge-in                  | first frame of the overlapping speech sent → `interrupted`   | no `interrupted` in time (the reply finished first, or never came) |
 | VOICE | mic lateness                      | talk spurt                | worst lateness of a frame against the real-time schedule     | the clip could not even be sent before the deadline (a stalled socket); a high value is not a failure, it shows the load generator falling behind |
 | TEXT  | text round trip                   | text turn                 | `text` sent → first reply audio frame                        | no reply audio in time, or before `text` |
-| TEXT  | reply completeness                | text reply                | first → last reply audio frame; size = reply bytes           | empty, odd-length, status ≠ completed, or different bytes than an earlier reply to the same text |
+| TEXT  | reply completeness                | text reply                | first → last reply audio frame; size = reply bytes           | status ≠ completed, or not bit-exactly the mock's reply to the text (its deterministic tone) |
 | ERROR | <gateway error code>              | `error` event             | 0                                                            | always: every gateway `error` is a failure named by its code |
 | WS    | session lost                      | unexpected close          | session age                                                  | always: the socket closed without a fatal `error` first |
 """

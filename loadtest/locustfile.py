@@ -18,7 +18,7 @@ only the pause between turns (`--pause-ms`). The metrics are listed in `_metrics
 """
 from __future__ import annotations
 
-import hashlib
+import functools
 import os
 import sys
 from typing import Callable
@@ -29,6 +29,9 @@ if __package__ in (None, ""):  # loaded by Locust as a top-level file (`locust -
 import gevent
 from locust import User, events, tag, task
 
+from gateway.mock.audio import tone
+from gateway.mock.options import MockOptions
+from gateway.mock.responses import TEXT_TONE_MAX_MS, TEXT_TONE_MIN_MS, TEXT_TONE_MS_PER_CHAR
 from loadtest import _options
 from loadtest._audio import BYTES_PER_MS, bytes_to_ms, load_clips
 from loadtest._metrics import (
@@ -270,7 +273,7 @@ def describe_mismatch(got: bytes | bytearray, expected: bytes) -> str:
     common = min(len(got), len(expected))
     first_difference = next((i for i in range(common) if got[i] != expected[i]), common)
     return (
-        f"reply has {len(got)} bytes, the turn had {len(expected)} "
+        f"reply has {len(got)} bytes, expected {len(expected)} "
         f"({bytes_to_ms(len(got)):.0f} vs {bytes_to_ms(len(expected)):.0f} ms); first difference at byte "
         f"{first_difference}"
     )
@@ -399,9 +402,15 @@ class BargeInUser(VoiceUser):
         raise TurnAbandoned
 
 
-# Replies to the same text must be identical (the mock's text voice is deterministic); the first
-# reply seen in this process for a prompt is the reference: prompt -> (bytes, sha256).
-_text_reply_reference: dict[str, tuple[int, bytes]] = {}
+@functools.lru_cache(maxsize=len(TEXT_PROMPTS))
+def mock_text_reply(prompt: str) -> bytes:
+    """The audio the node's built-in mock speaks in reply to the text `prompt`, in the sessions'
+    output format (PCM16 24 kHz): the mock's own tone for what it says ("You said: <prompt>",
+    `ResponsePlanner._speech_for` in gateway/mock/responses.py), at the frequency of the options
+    the node starts it with (the defaults). The voice checks assume that mock too: it echoes."""
+    said = f"You said: {prompt}"
+    duration_ms = min(TEXT_TONE_MAX_MS, max(TEXT_TONE_MIN_MS, TEXT_TONE_MS_PER_CHAR * len(said)))
+    return tone(duration_ms, "audio/pcm", MockOptions().text_tone_hz)
 
 
 class TextTurnUser(VoiceUser):
@@ -431,14 +440,11 @@ class TextTurnUser(VoiceUser):
         reply.audio = bytearray()
         self.listen(reply, len(got))
         delivery_ms = (reply.last_audio_at - reply.first_audio_at) * 1000.0
-        fingerprint = (len(got), hashlib.sha256(got).digest())
-        reference = _text_reply_reference.setdefault(prompt, fingerprint)
+        expected = mock_text_reply(prompt)
         if reply.status != "completed":
             reason = f"response status {reply.status!r}"
-        elif not got or len(got) % 2:
-            reason = f"reply audio of {len(got)} bytes is not whole PCM16 samples"
-        elif fingerprint != reference:
-            reason = f"reply to the same text differs from an earlier one ({len(got)} vs {reference[0]} bytes)"
+        elif got != expected:
+            reason = f"not the mock's reply to {prompt!r}: {describe_mismatch(got, expected)}"
         else:
             self.reporter.sample(TEXT, REPLY_COMPLETENESS, delivery_ms, len(got))
             return

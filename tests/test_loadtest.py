@@ -465,3 +465,18 @@ def test_an_interrupted_reply_that_had_completed_must_be_whole(faulty_relay, tmp
     assert reasons, f"failures: {failures}"
     assert all(reason.startswith("MetricFailure('interrupted after response_done (completed), yet the reply is "
                                  "not the whole turn: reply has ") for reason in reasons), reasons
+
+
+def test_text_replies_are_checked_against_the_mocks_reply_not_the_first_one_seen(faulty_relay, tmp_path):
+    """Every reply loses its last frame, so all replies to a prompt agree with each other: only an
+    absolute expectation (the mock's tone for the text) catches it, from the first reply on."""
+    stats, failures = _run_against(f"{faulty_relay}/drop_last/realtime", "TextTurnUser", tmp_path / "run")
+    reasons = _failure_reasons(failures, "TEXT", "reply completeness")
+    assert reasons, f"failures: {failures}"
+    prompts = ("What time is it in Lisbon?", "Spell the word gateway, please.",
+               "Tell me a two sentence story about a lighthouse keeper.")
+    assert any(f"not the mock's reply to '{prompts[0]}': reply has " in reason for reason in reasons), reasons
+    assert all(any(f"not the mock's reply to '{prompt}': reply has " in reason for prompt in prompts)
+               for reason in reasons), reasons
+    row = stats[("TEXT", "reply completeness")]
+    assert row["Request Count"] == row["Failure Count"], "no reply passed"
