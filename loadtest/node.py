@@ -6,8 +6,10 @@
 It runs `python -m gateway --upstream mock --host HOST --port PORT --log-level WARNING [node
 flags]` (exactly what `realtime-gateway --upstream mock` does; `--log-level` is yours to override
 after --), raises the open-files limit first (each session holds
-two sockets: client and upstream), waits until `GET /health` answers, prints the Locust command
-to run, and stops the node on Ctrl-C / SIGTERM. The mock's voice echoes each user turn
+two sockets: client and upstream), waits until the node's own `GET /health` answers (its `pid` is
+the node's, or with `--workers N` one of its workers'), prints the Locust command to run, and
+stops the node on Ctrl-C / SIGTERM. A port some other server already listens on is refused with
+one line and exit code 2: a load test would measure that server instead. The mock's voice echoes each user turn
 bit-exactly, which is what lets the load test check every reply byte for byte.
 
 `MockNode` is the same thing as a context manager (the test suite uses it).
@@ -19,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import json
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,20 +45,53 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-def health_ok(host: str, port: int, timeout_s: float = 1.0) -> bool:
-    """True when `GET /health` on the node answers 200."""
+class PortInUse(RuntimeError):
+    """Another server already listens on the node's port."""
+
+
+def port_in_use(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """True when something already accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def health_pid(host: str, port: int, timeout_s: float = 1.0) -> int | None:
+    """The `pid` of a 200 answer to `GET /health` (a gateway's `{"status":"ok",...,"pid":P}`);
+    None when nothing answers, or the answer is not that."""
     connection = http.client.HTTPConnection(host, port, timeout=timeout_s)
     try:
         connection.request("GET", "/health")
-        return connection.getresponse().status == 200
-    except OSError:
-        return False
+        response = connection.getresponse()
+        if response.status != 200:
+            return None
+        body = json.loads(response.read())
+    except (OSError, http.client.HTTPException, ValueError):  # not up yet, or not HTTP / JSON
+        return None
     finally:
         connection.close()
+    pid = body.get("pid") if isinstance(body, dict) else None
+    return pid if isinstance(pid, int) else None
+
+
+def parent_pid(pid: int) -> int | None:
+    """The parent of process `pid` (Linux /proc, else `ps`); None when it is gone or unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rpartition(b")")[2].split()[1])  # after "(comm)": state, ppid
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        output = subprocess.run(["ps", "-o", "ppid=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+        return int(output.stdout.strip())
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
 
 
 class MockNode:
-    """A `python -m gateway --upstream mock` subprocess, up once `/health` answers.
+    """A `python -m gateway --upstream mock` subprocess, up once its own `/health` answers.
 
     `url` is the client endpoint (ws://HOST:PORT/realtime), `host_url` the Locust --host.
     stdout/stderr go to `log` (a file object) or are inherited.
@@ -80,7 +117,16 @@ class MockNode:
     def url(self) -> str:
         return f"{self.host_url}/realtime"
 
+    def answers_for_node(self, pid: int) -> bool:
+        """Is `pid`, the process that answered `/health`, this node: its process, or (`--workers N`)
+        one of the workers it forked?"""
+        node = self.process.pid
+        return pid == node or parent_pid(pid) == node
+
     def start(self) -> "MockNode":
+        """Start the node and wait until it answers; PortInUse when another server holds the port."""
+        if port_in_use(self.host, self.port):  # refused before the node starts: one clear message
+            raise PortInUse(f"port {self.port} on {self.host} is in use: another server already listens there")
         raise_open_file_limit()
         self.process = subprocess.Popen(
             self.command, stdout=self._log, stderr=subprocess.STDOUT if self._log else None,
@@ -88,7 +134,14 @@ class MockNode:
         )
         # Poll /health: the node is a separate process; there is no in-process event to await.
         deadline = time.monotonic() + self._start_timeout_s
-        while not health_ok(self.host, self.port):
+        while True:
+            pid = health_pid(self.host, self.port)
+            if pid is not None and self.answers_for_node(pid):
+                break
+            if pid is not None:  # another server took the port after the check above
+                self.stop()
+                raise PortInUse(f"port {self.port} on {self.host} is in use: /health there is answered by "
+                                f"pid {pid}, not by the node (pid {self.process.pid})")
             if self.process.poll() is not None:
                 raise RuntimeError(f"the node exited with code {self.process.returncode} before /health answered")
             if time.monotonic() > deadline:
@@ -146,6 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return node.process.wait()
     except KeyboardInterrupt:
         return 0
+    except PortInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ from loadtest._audio import BYTES_PER_MS, MAX_INNER_PAUSE_MS, SAMPLE_RATE, gener
 from loadtest._options import LoadSettings, endpoint_url
 from loadtest import _session
 from loadtest._session import Microphone, SentAudio, SessionClosed
+from loadtest import node as loadtest_node
 from loadtest.node import MockNode
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,6 +66,47 @@ def node(tmp_path_factory):
             yield mock_node
         finally:
             mock_node.stop()
+
+
+# ---- the node it runs against --------------------------------------------------------------------
+
+def test_loadtest_node_refuses_a_port_another_server_holds(node):
+    """Another gateway answers /health on the port: `node ready` would send the load there."""
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest.node", "--port", str(node.port)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2, result
+    assert result.stdout == "", "no `node ready`"
+    assert result.stderr.splitlines() == [
+        f"error: port {node.port} on 127.0.0.1 is in use: another server already listens there"
+    ]
+
+
+def test_a_node_is_up_only_when_its_own_health_answers(node, tmp_path, monkeypatch):
+    """Another server takes the port between the check and the node's start: its /health answers
+    200 with its own pid, which is neither the node's nor one of its workers'."""
+    monkeypatch.setattr(loadtest_node, "port_in_use", lambda host, port: False, raising=False)
+    with open(tmp_path / "node.log", "w") as log:
+        impostor = MockNode(node.port, "127.0.0.1", ["--log-level", "WARNING"], log=log)
+        try:
+            with pytest.raises(RuntimeError) as refused:  # PortInUse, which `main` turns into exit code 2
+                impostor.start()
+        finally:
+            impostor.stop()
+    assert type(refused.value).__name__ == "PortInUse"
+    assert str(refused.value) == (
+        f"port {node.port} on 127.0.0.1 is in use: /health there is answered by pid {node.process.pid}, "
+        f"not by the node (pid {impostor.process.pid})"
+    )
+    assert impostor.process.poll() is not None, "the node it started is stopped"
+
+
+def test_a_node_with_workers_is_up_when_a_worker_answers(tmp_path):
+    with open(tmp_path / "node.log", "w") as log, \
+            MockNode(free_port(), "127.0.0.1", ["--workers", "2", "--log-level", "WARNING"], log=log) as workers:
+        pid = loadtest_node.health_pid(workers.host, workers.port)
+        assert pid != workers.process.pid and loadtest_node.parent_pid(pid) == workers.process.pid
 
 
 # ---- the audio users speak ------------------------------------------------------------------
