@@ -169,6 +169,17 @@ class MockNode:
         self.stop()
 
 
+def _port(text: str) -> int:
+    """argparse type of --port: a TCP port number, so a bad one gets argparse's one-line error."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (1-65535), got {text!r}")
+    return port
+
+
 def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -180,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="Anything after -- is passed to the node (see `realtime-gateway serve --help`).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address the node listens on")
-    parser.add_argument("--port", type=int, default=3001, help="port the node listens on")
+    parser.add_argument("--port", type=_port, default=3001, help="port the node listens on")
     parser.add_argument("node_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     node_args = args.node_args[1:] if args.node_args[:1] == ["--"] else args.node_args
@@ -203,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
+        if node.process is not None and node.process.returncode == 2:
+            return 2  # the node refused its flags and said why, in one line: no second line
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -83,6 +83,22 @@ def test_loadtest_node_refuses_a_port_another_server_holds(node):
     ]
 
 
+def test_loadtest_node_bad_flags_get_one_error_line_and_exit_code_2():
+    """Its own (argparse's usage and error) and the node's (which explains itself in one line)."""
+    bad_port = subprocess.run([sys.executable, "-m", "loadtest.node", "--port", "99999"],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad_port.returncode == 2
+    assert bad_port.stderr.splitlines()[-1] == (
+        "python -m loadtest.node: error: argument --port: must be a port number (1-65535), got '99999'")
+    bad_node_flag = subprocess.run(
+        [sys.executable, "-m", "loadtest.node", "--port", str(free_port()), "--", "--default-voice", "nova"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert bad_node_flag.returncode == 2
+    assert (bad_node_flag.stdout, len(bad_node_flag.stderr.splitlines())) == ("", 1), bad_node_flag.stderr
+    assert "--default-voice" in bad_node_flag.stderr and "Traceback" not in bad_node_flag.stderr
+
+
 def test_a_node_is_up_only_when_its_own_health_answers(node, tmp_path, monkeypatch):
     """Another server takes the port between the check and the node's start: its /health answers
     200 with its own pid, which is neither the node's nor one of its workers'."""
