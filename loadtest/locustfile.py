@@ -29,9 +29,8 @@ if __package__ in (None, ""):  # loaded by Locust as a top-level file (`locust -
 import gevent
 from locust import User, events, tag, task
 
-from gateway.mock.audio import tone
 from gateway.mock.options import MockOptions
-from gateway.mock.responses import TEXT_TONE_MAX_MS, TEXT_TONE_MIN_MS, TEXT_TONE_MS_PER_CHAR
+from gateway.mock.responses import spoken_tone
 from loadtest import _options
 from loadtest._audio import BYTES_PER_MS, bytes_to_ms, load_clips
 from loadtest._metrics import (
@@ -408,9 +407,7 @@ def mock_text_reply(prompt: str) -> bytes:
     output format (PCM16 24 kHz): the mock's own tone for what it says ("You said: <prompt>",
     `ResponsePlanner._speech_for` in gateway/mock/responses.py), at the frequency of the options
     the node starts it with (the defaults). The voice checks assume that mock too: it echoes."""
-    said = f"You said: {prompt}"
-    duration_ms = min(TEXT_TONE_MAX_MS, max(TEXT_TONE_MIN_MS, TEXT_TONE_MS_PER_CHAR * len(said)))
-    return tone(duration_ms, "audio/pcm", MockOptions().text_tone_hz)
+    return spoken_tone(f"You said: {prompt}", "audio/pcm", MockOptions().text_tone_hz)
 
 
 class TextTurnUser(VoiceUser):

@@ -505,11 +505,17 @@ class ResponsePlanner:
                 said = " ".join(p.get("text") or "" for p in source.content
                                 if p["type"] == "input_text")
                 text = f"You said: {said}"
-            duration_ms = min(TEXT_TONE_MAX_MS, max(TEXT_TONE_MIN_MS, TEXT_TONE_MS_PER_CHAR * len(text)))
-            audio = tone(duration_ms, fmt, session.options.text_tone_hz)
+            audio = spoken_tone(text, fmt, session.options.text_tone_hz)
         if modality == "text":
             return OutputPlan("text", text=text)
         return OutputPlan("audio", audio=audio, text=text)
+
+
+def spoken_tone(text: str, fmt: str, hz: float) -> bytes:
+    """The mock's voice saying `text`: a tone whose length follows the text's (deterministic,
+    so a load test can check a reply bit-exactly)."""
+    duration_ms = min(TEXT_TONE_MAX_MS, max(TEXT_TONE_MIN_MS, TEXT_TONE_MS_PER_CHAR * len(text)))
+    return tone(duration_ms, fmt, hz)
 
 
 def _items_of(plan: OutputPlan, item_bytes: int) -> list[OutputPlan]:
