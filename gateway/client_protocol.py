@@ -152,6 +152,10 @@ class PlaybackCommand:
     response_id: str | None = None
 
 
+#: event_ids of upstream events the gateway sends itself start with this (see gateway/session.py)
+RESERVED_EVENT_ID_PREFIX = "gw_"
+
+
 @dataclass(slots=True)
 class PassthroughCommand:
     """A raw OpenAI client event (its type contains a '.'), forwarded upstream as-is."""
@@ -175,6 +179,13 @@ def parse_client_message(payload: bytes | bytearray | memoryview | str) -> Comma
     if not isinstance(kind, str):
         raise InvalidMessage("message has no string 'type' field", param="type")
     if "." in kind:
+        event_id = message.get("event_id")
+        if type(event_id) is str and event_id.startswith(RESERVED_EVENT_ID_PREFIX):
+            # the gateway tags its own events so it can tell their answers apart (a refused
+            # cancel of a finished reply, a truncate race, its own response.create): a client's
+            # event must not be mistaken for one, nor its error swallowed
+            raise InvalidMessage(f"event_id {_shown(event_id)}: the prefix {RESERVED_EVENT_ID_PREFIX!r} is "
+                                 "reserved for the gateway's own events", param="event_id")
         return PassthroughCommand(message)
     parser = _PARSERS.get(kind)
     if parser is None:

@@ -64,10 +64,11 @@ FIRST_CONFIG_GRACE_S = 1.0
 MAX_IGNORED = 32
 #: while the client is not read (a slow upstream), how often to ask the kernel whether it left
 HANGUP_CHECK_S = 1.0
-_TRUNCATE_PREFIX = "gw_truncate_"
-_UPDATE_PREFIX = "gw_update_"
-_RESPONSE_EVENT_ID = "gw_response"  # a response.create the gateway decided on itself
-_CANCEL_EVENT_ID = "gw_cancel"  # a response.cancel that came with a barge-in
+# the gateway's own upstream events, by event_id (a client's may not use the prefix)
+_TRUNCATE_PREFIX = cp.RESERVED_EVENT_ID_PREFIX + "truncate_"
+_UPDATE_PREFIX = cp.RESERVED_EVENT_ID_PREFIX + "update_"
+_RESPONSE_EVENT_ID = cp.RESERVED_EVENT_ID_PREFIX + "response"  # a response.create the gateway decided on itself
+_CANCEL_EVENT_ID = cp.RESERVED_EVENT_ID_PREFIX + "cancel"  # a response.cancel that came with a barge-in
 #: truncate errors that only mean the item went first (a race, SPEC §2.4), not a wrong position
 _TRUNCATE_RACES = frozenset({"item_truncate_invalid_item_id", "item_already_truncated"})
 _NOTHING = cp.SessionConfig()  # no fallback: a field the upstream refuses is left out

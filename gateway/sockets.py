@@ -20,8 +20,10 @@ import socket
 import threading
 import time
 
-#: asyncio's own listen backlog for create_server
-LISTEN_BACKLOG = 100
+#: connections the kernel queues for accept(): as many as it allows (net.core.somaxconn caps
+#: it; 4096 on current kernels). asyncio's 100 overflowed in a storm of 2,000 upgrades, and the
+#: clients (and /health probes) it silently dropped retried after 1, 3, 7 s
+LISTEN_BACKLOG = socket.SOMAXCONN
 #: how long a resolved host name is reused (nginx's resolver default `valid` is the record's
 #: TTL; 30 s keeps a moving endpoint picked up quickly and costs one lookup per host per 30 s)
 RESOLVE_TTL_S = 30.0

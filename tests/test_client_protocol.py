@@ -77,6 +77,16 @@ def test_openai_events_pass_through_untouched():
     assert isinstance(command, cp.PassthroughCommand) and command.event == event
 
 
+@pytest.mark.parametrize("event_id", ["gw_cancel", "gw_response", "gw_update_1", "gw_truncate_item_1", "gw_"])
+def test_the_gateways_event_id_prefix_is_reserved(event_id):
+    """The gateway tells the answers to its own upstream events apart by their event_id: a
+    client's event with one of them would be mistaken for the gateway's (and its error lost)."""
+    with pytest.raises(InvalidMessage) as raised:
+        parse({"type": "response.cancel", "event_id": event_id})
+    assert raised.value.param == "event_id" and "reserved" in str(raised.value)
+    assert isinstance(parse({"type": "response.cancel", "event_id": "GW_cancel"}), cp.PassthroughCommand)
+
+
 # ---- config: every field ----------------------------------------------------------------------
 
 def test_seed_config_with_every_field():

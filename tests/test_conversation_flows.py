@@ -184,6 +184,24 @@ def test_cancel_response_over_a_reply_generated_in_full_is_a_barge_in_without_an
     run(scenario(), timeout=30)
 
 
+def test_a_clients_event_with_the_gateways_event_id_prefix_is_refused_not_swallowed():
+    """The gateway swallows "no active response" for its own tagged cancel (gw_cancel): a
+    client's pass-through cancel with that id must get an error, not silence."""
+    async def scenario():
+        async with relay(MockOptions(record=True)) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "response.cancel", "event_id": "gw_cancel"})
+            refused = await client.wait("error", timeout=5)
+            assert (refused["code"], refused["param"], refused["fatal"]) == ("InvalidMessage", "event_id", False)
+            await client.send({"type": "response.cancel", "event_id": "mine"})  # the client's own id: forwarded
+            answered = await client.wait("error", timeout=5)
+            assert answered["code"] == "UpstreamError" and answered["upstream"]["event_id"] == "mine"
+            upstream = mock.sessions[0]
+            assert [e.get("event_id") for e in upstream.received if e["type"] == "response.cancel"] == ["mine"]
+    run(scenario(), timeout=20)
+
+
 def test_a_barge_in_before_playback_started_truncates_at_zero():
     """`played_ms: 0` (the client's jitter buffer was still filling): the reply's audio exists
     upstream, so it is truncated to nothing — the model must not believe it was heard."""
