@@ -120,14 +120,21 @@ def demo_tone() -> bytes:
     return np.zeros(int(0.3 * RATE), dtype="<i2").tobytes() + tone.tobytes()
 
 
+class OutputFailed(Exception):
+    """The reply could not be written to --out (the message says why)."""
+
+
 def write_wav(path: str, pcm: bytes) -> None:
     # the file is opened here, not by `wave`: a Wave_write whose open failed complains again,
     # in a traceback of its own, when it is collected
-    with open(path, "wb") as handle, wave.open(handle, "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(RATE)
-        wav.writeframes(pcm)
+    try:
+        with open(path, "wb") as handle, wave.open(handle, "wb") as wav:
+            wav.setnchannels(1)
+            wav.setsampwidth(2)
+            wav.setframerate(RATE)
+            wav.writeframes(pcm)
+    except OSError as exc:  # a write error names no file: this one does
+        raise OutputFailed(f"cannot write --out {path}: {exc.strerror or exc}") from None
 
 
 class ConnectFailed(Exception):
@@ -249,9 +256,9 @@ async def converse(url: str, audio: bytes | None, text: str | None, out: str, tu
     finally:
         if streamer is not None:
             streamer.cancel()
-        write_wav(out, bytes(reply))
-        transport.send_close(WSCloseCode.OK)
+        transport.send_close(WSCloseCode.OK)  # the session ends normally, whatever the file does
         transport.disconnect()
+        write_wav(out, bytes(reply))
     echo(f"wrote {len(reply)} bytes ({len(reply) / (RATE * 2):.2f} s) of reply audio to {out}")
     if vad and turns_stopped == 0:
         echo("no speech detected in the audio (server VAD): nothing was answered")
@@ -302,19 +309,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         return uvloop.run(converse(args.url, audio, args.text, args.out, args.turn_detection, args.voice,
                                    args.timeout, echo=lambda line: print(line, flush=True)))
-    except ConnectFailed as exc:
+    except (ConnectFailed, OutputFailed) as exc:  # OutputFailed: --out failed after all (a full disk)
         return _usage_error(str(exc))
-    except OSError as exc:  # --out could not be written after all (a full disk, say)
-        if exc.filename != args.out:
-            raise
-        return _usage_error(f"cannot write --out {args.out}: {exc.strerror or exc}")
 
 
 def _cannot_write(path: str) -> str | None:
     """Why the reply cannot be written to `path`, or None (it is not created or changed here)."""
+    if not path:
+        return "an empty path"
+    path = os.path.realpath(path)  # a symbolic link is written through: its target's folder counts
     if os.path.isdir(path):
         return "it is a directory"
-    folder = os.path.dirname(os.path.abspath(path))
+    folder = os.path.dirname(path)
     if not os.path.isdir(folder):
         return f"no such directory {folder}"
     if not os.access(path if os.path.exists(path) else folder, os.W_OK):

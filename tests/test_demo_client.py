@@ -2,12 +2,14 @@
 both as subprocesses; the reply WAV holds the echoed audio."""
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import sys
 import wave
 
 import numpy as np
+import pytest
 
 from gateway.demo_client import load_wav_pcm16
 from tests.relay_harness import free_port, gateway_process, silence, speech_like
@@ -141,6 +143,11 @@ def test_newcomer_mistakes_get_one_line_and_exit_2(tmp_path):
     assert _one_line_error(_client(port, "--demo-tone", "--out", str(nowhere))) == \
         f"realtime-gateway client: cannot write --out {nowhere}: no such directory {nowhere.parent}"
     assert _one_line_error(_client(port, "--demo-tone", "--out", str(tmp_path))).endswith("it is a directory")
+    dangling = tmp_path / "dangling.wav"
+    dangling.symlink_to(nowhere)  # written through: the target's missing folder counts
+    assert _one_line_error(_client(port, "--demo-tone", "--out", str(dangling))).endswith(
+        f"no such directory {nowhere.parent}")
+    assert _one_line_error(_client(port, "--demo-tone", "--out", "")).endswith("an empty path")
     refused = _one_line_error(_client(port, "--demo-tone"))
     assert refused == f"realtime-gateway client: cannot connect to ws://127.0.0.1:{port}/realtime: Connection refused"
     with_token = subprocess.run([sys.executable, "-m", "gateway", "client", "--demo-tone", "--url",
@@ -148,3 +155,13 @@ def test_newcomer_mistakes_get_one_line_and_exit_2(tmp_path):
                                 capture_output=True, text=True, timeout=60)
     line = _one_line_error(with_token)
     assert "s3cret-t0ken" not in line and f"ws://127.0.0.1:{port}/realtime?token=***" in line
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_write_that_fails_after_the_conversation_is_one_line_too():
+    """/dev/full opens, then every write fails (a full disk): found only after the talk."""
+    port = free_port()
+    with gateway_process(port=port):
+        result = _client(port, "--demo-tone", "--out", "/dev/full")
+    assert result.returncode == 2 and "response done" in result.stdout, result.stdout + result.stderr
+    assert result.stderr == "realtime-gateway client: cannot write --out /dev/full: No space left on device\n"
