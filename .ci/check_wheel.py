@@ -35,7 +35,13 @@ wanted = {path.relative_to(ROOT).as_posix() for package in PACKAGES for path in 
           if "__pycache__" not in path.parts}
 missing = sorted(wanted - shipped)
 compiled = [name for name in shipped if name.startswith("_fastpath/_compiled.") and name.endswith(".so")]
-if missing or not compiled:
-    print(f"{wheel.name} lacks: {missing or ''}{' the compiled _fastpath' if not compiled else ''}", file=sys.stderr)
+# and nothing else: the modules, the compiled fast path, its sources and stubs, the metadata
+extra = sorted(name for name in shipped - wanted
+               if not name.startswith("realtime_gateway-") and name not in compiled
+               and not name.endswith((".pyx", ".pxd", ".pyi", ".h")))
+faults = ([f"lacks {missing}"] if missing else []) + ([] if compiled else ["lacks the compiled _fastpath"]) \
+    + ([f"should not carry {extra}"] if extra else [])
+if faults:
+    print(f"{wheel.name}: {'; '.join(faults)}", file=sys.stderr)
     sys.exit(1)
 print(f"{wheel.name}: all {len(wanted)} modules and the compiled fast path are in it")
