@@ -53,6 +53,7 @@ class NodeConfig:
     max_sessions: int = 0
     max_sessions_per_ip: int = 0
     max_sessions_per_key: int = 0
+    overload_lag_ms: int = 250
     idle_timeout_s: float = 300.0
     max_session_s: float = 3600.0
     session_warning_s: float = 60.0
@@ -129,6 +130,10 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
     ("--max-sessions-per-key", "max_sessions_per_key", "GATEWAY_MAX_SESSIONS_PER_KEY", int, 0,
      "concurrent sessions per client key / token subject; more get HTTP 429 (0 = no limit; "
      "a JWT's max_sessions claim overrides it)"),
+    ("--overload-lag-ms", "overload_lag_ms", "GATEWAY_OVERLOAD_LAG_MS", int, 250,
+     "while the event loop runs this many ms late or more (two once-a-second checks in a row: more "
+     "sessions than the CPU carries), /ready answers 503 and new upgrades get 503 Overloaded; "
+     "admitted sessions go on (0 = never)"),
     ("--idle-timeout-s", "idle_timeout_s", "GATEWAY_IDLE_TIMEOUT_S", float, 300.0,
      "close a session after this long with no audio or message in either direction (pings do not "
      "count; 0 = never)"),
@@ -221,7 +226,7 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
         raise ConfigError("connect timeout must be positive")
     for dest in ("max_sessions", "max_sessions_per_ip", "max_sessions_per_key", "idle_timeout_s",
                  "max_session_s", "session_warning_s", "drain_timeout_s", "max_client_queue_ms",
-                 "read_batch_ms", "jwt_leeway_s"):
+                 "read_batch_ms", "jwt_leeway_s", "overload_lag_ms"):
         if values[dest] < 0:
             raise ConfigError(f"{dest} must not be negative (got {values[dest]})")
     if values["workers"] < 1:

@@ -40,7 +40,7 @@ SESSION_OUTCOMES = ("completed", "client_disconnected", "upstream_failed", "upst
 #: why audio was discarded (`count_drop`)
 DROP_REASONS = ("slow_client", "pre_ready_overflow", "interrupted", "upstream_closed", "other")
 #: why an upgrade was refused (`count_refusal`): auth, origin, or a `LimitRefusal.scope`
-REFUSAL_REASONS = ("auth", "origin", "global", "key", "ip", "draining", "other")
+REFUSAL_REASONS = ("auth", "origin", "global", "key", "ip", "draining", "overloaded", "other")
 ERROR_CODES = (*ERROR_TABLE, "other")
 #: which audio a level belongs to (`observe_level`)
 LEVEL_STREAMS = ("input", "output")
@@ -224,6 +224,9 @@ class GatewayMetrics:
         self._reader_frames_seen = 0
         self.refusals_total = Counter("gateway_refusals", "Upgrades refused, by reason", ["reason"], registry=reg)
         self.workers = gauge("gateway_workers", "Live worker processes (1 per process, summed)")
+        self.loop_lag = Gauge("gateway_event_loop_lag_seconds", "How late the once-a-second sweep ran, "
+                              "the latest (the worst of the workers): the event loop's backlog",
+                              registry=reg, multiprocess_mode="livemax")
         self.workers.set(1)
 
         # Children resolved once: flush/observe never look labels up.

@@ -43,6 +43,8 @@ _PING = WSMsgType.PING
 CLIENT_READ_BUFFER_INIT_BYTES = 4 * 1024
 #: the longest interval between sweeps (metrics flush, idle and duration checks)
 SWEEP_INTERVAL_S = 1.0
+#: sweeps in a row that run --overload-lag-ms late before the node refuses new sessions
+OVERLOAD_SWEEPS = 2
 
 
 class ClientListener(ClientLeg):
@@ -189,6 +191,11 @@ class GatewayServer:
             if shared_dir else SessionLimiter(*limits)
         self.sessions: set[RelaySession] = set()
         self.draining = False
+        # the event loop runs --overload-lag-ms late or more: /ready 503, upgrades refused
+        self.overloaded = False
+        self._sweep_due = 0.0  # loop time the next sweep is due: how late it runs is the loop's lag
+        self._late_sweeps = 0  # in a row, --overload-lag-ms late or more
+        self.loop_lag_s = 0.0  # how late the latest sweep ran
         self._servers: list[asyncio.Server] = []
         self.reader: DirectReader | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -231,10 +238,11 @@ class GatewayServer:
             return _json_response(405, {"error": "method not allowed"})
         if path == "/health":
             return _json_response(200, {"status": "ok", "sessions": len(self.sessions), "pid": os.getpid(),
-                                        "draining": self.draining})
+                                        "draining": self.draining, "overloaded": self.overloaded})
         if path == "/ready":
-            return _json_response(503 if self.draining else 200, {"ready": not self.draining,
-                                                                  "draining": self.draining})
+            ready = not (self.draining or self.overloaded)
+            return _json_response(200 if ready else 503, {"ready": ready, "draining": self.draining,
+                                                          "overloaded": self.overloaded})
         if path == "/metrics":
             self._observe_reader()
             body, content_type = self.metrics.render(request.headers.get("Accept"))
@@ -253,6 +261,10 @@ class GatewayServer:
             return self._refused("draining", Refusal(
                 503, "Draining", "the gateway is shutting down; connect to another node",
                 (("Retry-After", "1"),)).to_response())
+        if self.overloaded:
+            return self._refused("overloaded", Refusal(
+                503, "Overloaded", "the gateway is overloaded (it cannot keep up with its sessions); retry "
+                "later or connect to another node", (("Retry-After", "1"),)).to_response())
         if self.origins is not None and not self.origins.check(request):
             return self._refused("origin", OriginPolicy.refusal.to_response())
         principal = self.authenticator.authenticate(request)
@@ -327,7 +339,28 @@ class GatewayServer:
 
     def _schedule_sweep(self) -> None:
         loop = asyncio.get_running_loop()
-        self._sweeper = loop.call_later(self._sweep_interval(), self._sweep)
+        interval = self._sweep_interval()
+        self._sweep_due = loop.time() + interval
+        self._sweeper = loop.call_later(interval, self._sweep)
+
+    def _observe_lag(self, now: float) -> None:
+        """How late this sweep runs is how far behind the event loop is: every frame of every
+        session waits that long. Two sweeps in a row --overload-lag-ms late or more (one can be
+        a single long task: a 10 MiB message, a collection) and the node says it is full
+        (/ready 503, upgrades 503 Overloaded) until a sweep runs on time again; admitted
+        sessions go on."""
+        lag = self.loop_lag_s = max(0.0, now - self._sweep_due)
+        self.metrics.loop_lag.set(lag)
+        limit_ms = self.config.overload_lag_ms
+        self._late_sweeps = self._late_sweeps + 1 if limit_ms and lag * 1000.0 >= limit_ms else 0
+        overloaded = self._late_sweeps >= OVERLOAD_SWEEPS
+        if overloaded != self.overloaded:
+            self.overloaded = overloaded
+            if overloaded:
+                log.warning("overloaded: the event loop runs %.0f ms late with %d sessions; refusing new "
+                            "sessions until it catches up", lag * 1000.0, len(self.sessions))
+            else:
+                log.warning("no longer overloaded (%d sessions): admitting new sessions", len(self.sessions))
 
     def _observe_reader(self) -> None:
         if self.reader is not None:
@@ -336,6 +369,7 @@ class GatewayServer:
     def _sweep(self) -> None:
         now = asyncio.get_running_loop().time()
         config = self.config
+        self._observe_lag(now)
         self._observe_reader()
         for session in list(self.sessions):
             stats = session.stats

@@ -333,6 +333,57 @@ def test_drain_tells_clients_lets_turns_finish_and_refuses_new_sessions():
     run(scenario(), timeout=30)
 
 
+# ---- overload ------------------------------------------------------------------------------------------
+
+
+async def late_sweep(gateway, after: float | None = None) -> float:
+    """Hold the event loop for longer than the sweep interval (1 s), so the next sweep runs late,
+    and return the lag it measured (once it differs from `after`, the previous one)."""
+    time.sleep(1.5)  # the scenario: a loop busy with something else, not a wait for an event
+    for _ in range(300):  # bounded: the late sweep runs as soon as the loop is free
+        lag = gateway.loop_lag_s
+        if lag >= 0.1 and lag != after:
+            return lag
+        await asyncio.sleep(0.01)
+    raise AssertionError("no late sweep")
+
+
+def test_a_node_whose_event_loop_falls_behind_says_it_is_full_until_it_catches_up():
+    """More sessions than the CPU carries show as an event loop running late: every frame of
+    every session waits that long. Past --overload-lag-ms the node refuses new sessions (503
+    Overloaded) and /ready answers 503, so a load balancer sends them elsewhere; the sessions it
+    has go on; the first sweep on time again lifts it. The loop is held here by blocking it,
+    twice: one late sweep alone may be one long task, not overload."""
+    async def scenario():
+        async with relay(overload_lag_ms=100) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            await client.wait("ready")
+            ready_url = f"http://127.0.0.1:{gateway.port}/ready"
+            assert (await http_get(ready_url))[0] == 200
+            lag_seen = await late_sweep(gateway)
+            assert (await http_get(ready_url))[0] == 200  # one late sweep may be one long task
+            lag_seen = await late_sweep(gateway, after=lag_seen)
+            status, body = await http_get(ready_url)
+            assert status == 503 and orjson.loads(body) == {"ready": False, "draining": False, "overloaded": True}
+            assert await refused_status(gateway.url) == 503
+            metrics = metric_samples((await http_get(f"http://127.0.0.1:{gateway.port}/metrics"))[1])
+            assert metrics[("gateway_refusals_total", (("reason", "overloaded"),))] == 1
+            assert metrics[("gateway_event_loop_lag_seconds", ())] >= 0.1
+            await push_to_talk_turn(client, speech_like(0.3, seed=9))  # the admitted session goes on
+            for _ in range(300):  # the next sweep runs on time
+                status, body = await http_get(ready_url)
+                if status == 200:
+                    break
+                await asyncio.sleep(0.01)
+            assert status == 200 and orjson.loads(body)["overloaded"] is False
+            second = await RelayClient.connect(gateway.url)
+            await second.wait("ready")
+            await second.close()
+            await client.close()
+    run(scenario(), timeout=30)
+
+
 def test_drain_closes_what_remains_with_1001_at_the_deadline(caplog):
     """...and the log says which session was cut off (operators look calls up by id)."""
     async def scenario():
