@@ -213,7 +213,8 @@ class GatewayServer:
                 self._route, sock=sock,
                 max_frame_size=self.config.max_message_bytes + _FRAME_SLACK_BYTES,
                 websocket_handshake_timeout=10, read_buffer_init_size=CLIENT_READ_BUFFER_INIT_BYTES,
-                enable_auto_pong=False, use_aiofastnet=USE_AIOFASTNET))
+                enable_auto_pong=False, use_aiofastnet=USE_AIOFASTNET,
+                backlog=sockets.LISTEN_BACKLOG))  # create_server listens again, with 100 unless told
         self.port = listening[0].getsockname()[1]
         self._schedule_sweep()
         return self.port

@@ -102,6 +102,29 @@ def test_listening_sockets_bind_every_address_of_the_host_on_one_port():
             sock.close()
 
 
+@pytest.mark.skipif(subprocess.run(["sh", "-c", "command -v ss"], capture_output=True).returncode != 0,
+                    reason="needs ss (iproute2) to read a listener's backlog")
+def test_the_node_and_the_mock_listen_with_the_kernels_largest_backlog():
+    """create_server listens again on the socket it is given, with 100 unless told: a storm of
+    connections then overflowed the queue, and the dropped ones (health probes too) retried
+    after 1-7 s."""
+    from gateway.mock import MockOptions
+    from tests.relay_harness import relay
+
+    async def scenario():
+        async with relay(MockOptions()) as (gateway, mock):
+            for port in (gateway.port, mock.port):
+                listing = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout
+                backlogs = {int(line.split()[2]) for line in listing.splitlines()}
+                assert backlogs == {min(socket.SOMAXCONN, _somaxconn())}, listing
+    run(scenario(), timeout=20)
+
+
+def _somaxconn() -> int:
+    with open("/proc/sys/net/core/somaxconn") as handle:
+        return int(handle.read())
+
+
 def test_a_port_in_use_is_an_error_and_leaks_nothing():
     taken = sockets.listening_sockets("127.0.0.1", 0)
     fds_before = len(os.listdir("/proc/self/fd"))

@@ -20,7 +20,7 @@ import orjson
 from picows import (WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener,
                     ws_create_server)
 
-from gateway.sockets import listening_sockets
+from gateway.sockets import LISTEN_BACKLOG, listening_sockets
 
 from .errors import ERRORS, mask_key
 from .options import MockOptions
@@ -73,7 +73,8 @@ class MockRealtimeServer:
         # the node that embeds this mock (see gateway.sockets)
         listening = listening_sockets(host, 0 if delay > 0 else port)
         self._servers = [await ws_create_server(self._route, sock=sock, max_frame_size=self.options.max_message_bytes,
-                                                websocket_handshake_timeout=max(5.0, delay + 5.0))
+                                                websocket_handshake_timeout=max(5.0, delay + 5.0),
+                                                backlog=LISTEN_BACKLOG)
                          for sock in listening]
         ws_port = listening[0].getsockname()[1]
         if delay > 0:
