@@ -767,6 +767,28 @@ def _is_port(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65535
 
 
+#: IPv6 clients are counted per /64: one host, or one home or office network, is routinely
+#: given a whole /64 and can take a fresh address in it for every connection
+IPV6_LIMIT_PREFIX = 64
+
+
+def limit_address(ip: str | None) -> str | None:
+    """The key per-IP limits count `ip` under: an IPv4 address as it is, an IPv4-mapped IPv6
+    address (``::ffff:203.0.113.9``, how a dual-stack socket shows an IPv4 peer) as that IPv4
+    address, and any other IPv6 address as its /64 (``2001:db8:0:1::/64``)."""
+    if ip is None:
+        return None
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip  # not an address (a Unix socket's peer): counted as written
+    if address.version == 4:
+        return str(address)
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{address}/{IPV6_LIMIT_PREFIX}", strict=False))
+
+
 def client_ip(peer: str | None, headers: "CIMultiDict[str] | None" = None,
               trusted_proxies: Iterable[str] = ()) -> str | None:
     """The address to count per-IP limits against.

@@ -21,7 +21,7 @@ from _fastpath import ClientLeg, DirectReader, release_handshake
 from gateway import sockets
 from gateway.auth import (SHARED_LIMITS_FILE, AuthRefusal, AuthSettings, ClientAuthenticator, LimitRefusal,
                           OriginPolicy, Principal, Refusal, SessionLimiter, SharedSessionLimiter, Slot, client_ip,
-                          peer_ip)
+                          limit_address, peer_ip)
 from gateway.client_protocol import error_event, is_model_name
 from gateway.config import ConfigError, NodeConfig
 from gateway.errors import (CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, IdleTimeout, InvalidMessage, Overloaded,
@@ -287,7 +287,7 @@ class GatewayServer:
         """The WebSocket is open: take a limiter slot, create and start the session."""
         principal = listener.principal
         ip = client_ip(peer_ip(transport), transport.request.headers, self.config.trusted_proxies)
-        slot = self.limiter.acquire(principal.limit_key, ip, key_limit=principal.max_sessions)
+        slot = self.limiter.acquire(principal.limit_key, limit_address(ip), key_limit=principal.max_sessions)
         if isinstance(slot, LimitRefusal):  # lost a race since the upgrade, or per-IP
             self._refused(slot.scope, None)
             error = Overloaded(slot.reason)

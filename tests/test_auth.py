@@ -19,7 +19,7 @@ from picows.common import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponse
 
 from gateway.auth import (BEARER_SUBPROTOCOL_PREFIX, SUBPROTOCOL, AuthRefusal, AuthSettings, ClientAuthenticator,
                           LimitRefusal, OriginPolicy, Principal, SessionLimiter, Slot, client_ip, extract_credentials,
-                          forwarded_address, is_loopback_host, parse_api_keys_env, parse_api_keys_file, redact_path)
+                          forwarded_address, is_loopback_host, limit_address, parse_api_keys_env, parse_api_keys_file, redact_path)
 from gateway.config import ConfigError
 from tests.support import run
 
@@ -459,6 +459,18 @@ def test_forwarded_address_takes_ports_and_ipv6_brackets_off():
                "[]", "[]:80", "1.2.3", "999.1.1.1", "[[2001:db8::1]]"]
     for hop in garbage:
         assert forwarded_address(hop) is None, hop
+
+
+def test_limit_address_counts_ipv6_per_64_and_mapped_ipv4_as_ipv4():
+    assert limit_address("203.0.113.9") == "203.0.113.9"
+    assert limit_address("::ffff:203.0.113.9") == "203.0.113.9"  # a dual-stack socket's IPv4 peer
+    same_host = {limit_address(ip) for ip in ("2001:db8:0:1::1", "2001:db8:0:1:ffff:ffff:ffff:ffff",
+                                              "2001:DB8:0:1:a:b:c:d")}
+    assert same_host == {"2001:db8:0:1::/64"}
+    assert limit_address("2001:db8:0:2::1") == "2001:db8:0:2::/64"
+    assert limit_address("::1") == "::/64"
+    assert limit_address(None) is None
+    assert limit_address("unix-peer") == "unix-peer"
 
 
 def test_client_ip_reads_forwarded_ports_and_brackets_and_still_falls_back_on_garbage():

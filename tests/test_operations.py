@@ -234,8 +234,18 @@ def test_per_ip_limit_behind_a_proxy_that_writes_ports_and_ipv6_brackets():
             await again.wait_closed()
             assert again.close_code == 1013
             assert len(gateway.sessions) == 2
+            # IPv6 is counted per /64: another address of the same network is the same client,
+            # one in the next /64 is not; a dual-stack socket's ::ffff:3.3.3.3 is 3.3.3.3
+            for same_client in ("2001:db8::2", "::ffff:3.3.3.3"):
+                refused = await connect(same_client)
+                assert (await refused.wait("error"))["code"] == "Overloaded"
+                await refused.wait_closed()
+            neighbour = await connect("[2001:db8:0:1::1]:443")
+            await neighbour.wait("ready")
+            assert len(gateway.sessions) == 3
             await v4.close()
             await v6.close()
+            await neighbour.close()
     run(scenario(), timeout=20)
 
 
