@@ -361,7 +361,12 @@ class BargeInUser(VoiceUser):
                 f"(speech_started at {detected} ms); the overlapping speech became a new turn",
             )
             raise TurnAbandoned
-        self.reporter.sample(VOICE, INTERRUPTED_REACTION, (reply.interrupted_at - overlap.first_sent_at) * 1000.0)
+        if overlap.first_sent_at is None:  # it answers nothing the user did
+            self.reporter.failure(VOICE, INTERRUPTED_REACTION,
+                                  "wrong order: interrupted arrived before any overlapping speech was sent")
+            raise TurnAbandoned
+        self.sample_delay(VOICE, INTERRUPTED_REACTION, overlap.first_sent_at, reply.interrupted_at,
+                          "the overlapping speech", "interrupted")
         self._check_interrupted_prefix(reply, self.vad_turn_echo(session, started, stopped))
 
         # The interrupting speech is a turn of its own: its reply must come back complete.

@@ -442,17 +442,23 @@ async def relay(client):
 
         async def downstream():
             held_audio = held_stop = None
+            reply_heard = False
             async for message in node:
                 if isinstance(message, bytes):
                     if fault == "drop_last":  # each frame waits for the next: a reply's last one is lost
                         message, held_audio = held_audio, message
                     if message is not None:
                         await client.send(message)
+                    if fault == "early_interrupted" and not reply_heard:  # nobody has barged in yet
+                        reply_heard = True
+                        await client.send(json.dumps({"type": "interrupted", "played_ms": 0}))
                     if held_stop is not None:  # late_speech_stopped: after the reply's first frame
                         await client.send(held_stop)
                         held_stop = None
                     continue
                 kind = json.loads(message)["type"]
+                if kind == "response_started":
+                    reply_heard = False
                 if fault == "drop_last" and kind in ("response_done", "interrupted"):
                     held_audio = None
                 if fault == "late_speech_stopped" and kind == "speech_stopped":
@@ -523,6 +529,17 @@ def test_an_interrupted_reply_that_had_completed_must_be_whole(faulty_relay, tmp
     assert reasons, f"failures: {failures}"
     assert all(reason.startswith("MetricFailure('interrupted after response_done (completed), yet the reply is "
                                  "not the whole turn: reply has ") for reason in reasons), reasons
+
+
+def test_an_interrupted_before_the_overlapping_speech_is_a_wrong_order_failure(faulty_relay, tmp_path):
+    """The relay tells the client `interrupted` as soon as a reply's first audio has passed,
+    before the user has said anything over it: no reaction time can be measured from that."""
+    stats, failures = _run_against(f"{faulty_relay}/early_interrupted/realtime", "BargeInUser", tmp_path / "run")
+    reasons = _failure_reasons(failures, "VOICE", "interrupted reaction")
+    assert reasons, f"failures: {failures}"
+    assert all(reason.startswith("MetricFailure('wrong order: interrupted arrived ") for reason in reasons), reasons
+    row = stats.get(("VOICE", "interrupted reaction"))
+    assert row["Request Count"] == row["Failure Count"], "no barge-in passed as a reaction sample"
 
 
 def test_text_replies_are_checked_against_the_mocks_reply_not_the_first_one_seen(faulty_relay, tmp_path):
