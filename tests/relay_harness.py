@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,13 +27,15 @@ SESSION = render_session(default_config("gpt-realtime", "sess_scripted", 1999999
 
 
 @contextlib.asynccontextmanager
-async def relay(mock_options: MockOptions | None = None, **node_fields: Any):
-    """A mock upstream (accepting only TEST_KEY) and a gateway pointed at it. Yields (gateway, mock)."""
+async def relay(mock_options: MockOptions | None = None, *, upstream_tls: ssl.SSLContext | None = None,
+                **node_fields: Any):
+    """A mock upstream (accepting only TEST_KEY; wss:// with `upstream_tls`, a server context) and
+    a gateway pointed at it. Yields (gateway, mock)."""
     options = mock_options or MockOptions()
     if options.api_keys is None:
         options = dataclasses.replace(options, api_keys={TEST_KEY})
     mock = MockRealtimeServer(options)
-    await mock.start(host="127.0.0.1", port=0)
+    await mock.start(host="127.0.0.1", port=0, tls=upstream_tls)
     fields = {"host": "127.0.0.1", "port": 0, "upstream": "openai", "upstream_url": mock.url,
               "api_key": TEST_KEY, "connect_timeout_s": 3.0}
     fields.update(node_fields)

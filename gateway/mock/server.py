@@ -13,6 +13,7 @@ the browser subprotocol `openai-insecure-api-key.KEY`. The beta dialect is chose
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Any, Optional
 from urllib.parse import parse_qs, urlsplit
 
@@ -53,10 +54,12 @@ class MockRealtimeServer:
         self._front: Optional[asyncio.AbstractServer] = None
         self._session_waiters: list[tuple[int, asyncio.Future[MockSession]]] = []
         self._pipes: set[asyncio.Task[Any]] = set()
+        self._tls: Optional[ssl.SSLContext] = None
 
     @property
     def url(self) -> str:
-        return f"ws://{self.host}:{self.port}/v1/realtime"
+        scheme = "wss" if self._tls is not None else "ws"
+        return f"{scheme}://{self.host}:{self.port}/v1/realtime"
 
     async def __aenter__(self) -> "MockRealtimeServer":
         await self.start()
@@ -65,16 +68,22 @@ class MockRealtimeServer:
     async def __aexit__(self, *exc: Any) -> None:
         await self.stop()
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Start listening; returns the bound port."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, tls: Optional[ssl.SSLContext] = None) -> int:
+        """Start listening; returns the bound port. With `tls` (a server context) it speaks
+        wss://, as OpenAI and Azure do."""
         self.host = host
+        self._tls = tls
         delay = self.options.handshake_delay_s
         # sockets bound here, not by uvloop: its address lookup would start libuv's thread pool in
         # the node that embeds this mock (see gateway.sockets)
         listening = listening_sockets(host, 0 if delay > 0 else port)
         self._servers = [await ws_create_server(self._route, sock=sock, max_frame_size=self.options.max_message_bytes,
                                                 websocket_handshake_timeout=max(5.0, delay + 5.0),
-                                                backlog=LISTEN_BACKLOG)
+                                                backlog=LISTEN_BACKLOG, ssl=tls,
+                                                # aiofastnet's TLS server logs a refused handshake
+                                                # with an exception class, not an instance, and the
+                                                # loop's handler fails on it: uvloop's TLS instead
+                                                use_aiofastnet=tls is None)
                          for sock in listening]
         ws_port = listening[0].getsockname()[1]
         if delay > 0:

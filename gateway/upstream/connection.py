@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import struct
 from typing import Protocol
 from urllib.parse import parse_qs, quote, urlsplit
@@ -181,6 +182,11 @@ class UpstreamConnection:
                                    + (f" (HTTP {status})" if status else "")) from None
         except TimeoutError:
             raise ConnectionFailed(f"upstream {where} did not answer within {timeout_s:g} s") from None
+        except ssl.SSLCertVerificationError as exc:  # before OSError: it is one
+            raise ConnectionFailed(f"upstream {where} presented a TLS certificate that does not verify: "
+                                   f"{exc.verify_message or exc.reason}") from None
+        except ssl.SSLError as exc:
+            raise ConnectionFailed(f"TLS with upstream {where} failed: {exc.reason or type(exc).__name__}") from None
         except OSError as exc:
             raise ConnectionFailed(f"cannot reach upstream {where}: {exc.strerror or type(exc).__name__}") from None
         except GatewayError:

@@ -1,0 +1,109 @@
+"""The upstream over TLS: OpenAI and Azure are wss://, and everything else in the suite talks to
+the mock over ws://. Here the mock speaks wss:// with a certificate from a test CA (trustme);
+the gateway trusts that CA the way an operator makes it trust a private one, through
+`SSL_CERT_FILE`, and must verify it: an unknown issuer or another host's name is refused at
+once, as `ConnectionFailed`, without the key or the certificate's details leaking.
+
+The compiled reader reads sockets itself only where the bytes are the WebSocket's own: a TLS
+socket stays with its transport, so the echo is exact with direct reads on."""
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+import pytest
+import trustme
+
+import _fastpath
+
+from tests.relay_harness import TEST_KEY, RelayClient, relay, speech_like
+from tests.support import run
+
+COMPILED = _fastpath.IMPLEMENTATION == "compiled"
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def server_context(ca: trustme.CA, *names: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*names).configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def trusted(ca, tmp_path, monkeypatch):
+    """The gateway process trusts the test CA (and only it), as `SSL_CERT_FILE` makes OpenSSL do."""
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    monkeypatch.setenv("SSL_CERT_FILE", str(path))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+
+
+def test_a_wss_upstream_carries_a_turn_byte_exact(ca, trusted):
+    """The same turn over ws:// and wss://: both echo exactly; the compiled reader reads the
+    plain upstream socket itself and never the TLS one."""
+    audio = speech_like(0.6, seed=11)
+
+    async def turn(upstream_tls: ssl.SSLContext | None):
+        async with relay(upstream_tls=upstream_tls) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            ready = await client.wait("ready")
+            await client.push_to_talk(audio)
+            done = await client.wait("response_done")
+            (session,) = gateway.sessions
+            read_directly = session.upstream.listener.direct_frames
+            await client.close()
+            return mock.url, ready, done, bytes(client.audio), read_directly
+
+    async def scenario():
+        return await turn(None), await turn(server_context(ca, "127.0.0.1"))
+
+    plain, tls = run(scenario(), timeout=20)
+    assert plain[0].startswith("ws://127.0.0.1:") and tls[0].startswith("wss://127.0.0.1:")
+    for _url, ready, done, echoed, _read_directly in (plain, tls):
+        assert ready["session_id"] and done["status"] == "completed"
+        assert echoed == audio
+    assert tls[4] == 0  # ciphertext is never parsed as frames
+    if COMPILED:
+        assert plain[4] > 0  # ...which the reader would have done with a plain socket
+
+
+@pytest.mark.parametrize("names, why", [
+    (("127.0.0.1",), "issuer"),           # a CA the gateway does not trust
+    (("upstream.example",), "hostname"),  # a trusted CA, another host's certificate
+])
+def test_an_upstream_certificate_that_fails_verification_is_a_prompt_connection_failure(
+        ca, tmp_path, monkeypatch, names, why):
+    if why == "issuer":
+        other = trustme.CA()  # the gateway trusts `other`, the upstream's certificate is from `ca`
+        path = tmp_path / "other.pem"
+        other.cert_pem.write_to_path(str(path))
+    else:
+        path = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(path))
+    monkeypatch.setenv("SSL_CERT_FILE", str(path))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+
+    async def scenario():
+        # connect_timeout_s 3: a refusal must come from the verification, not the timer
+        async with relay(upstream_tls=server_context(ca, *names)) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            error = await client.wait("error", timeout=5)
+            elapsed = loop.time() - started
+            await client.wait_closed()
+            return error, elapsed, client, len(mock.open_sessions)
+
+    error, elapsed, client, upstream_sessions = run(scenario(), timeout=20)
+    assert error["code"] == "ConnectionFailed" and error["fatal"] is True
+    assert "presented a TLS certificate that does not verify: " in error["message"], error
+    assert {"issuer": "unable to get local issuer certificate",
+            "hostname": "IP address mismatch"}[why] in error["message"], error
+    assert elapsed < 2.0
+    assert client.of_type("ready") == [] and client.audio == b""
+    assert upstream_sessions == 0  # no WebSocket was opened over the refused channel
+    assert TEST_KEY not in str(client.events)
