@@ -9,10 +9,16 @@ socket stays with its transport, so the echo is exact with direct reads on."""
 from __future__ import annotations
 
 import asyncio
+import re
+import signal
 import ssl
+import subprocess
+import sys
 
+import orjson
 import pytest
 import trustme
+import websockets
 
 import _fastpath
 
@@ -107,3 +113,41 @@ def test_an_upstream_certificate_that_fails_verification_is_a_prompt_connection_
     assert client.of_type("ready") == [] and client.audio == b""
     assert upstream_sessions == 0  # no WebSocket was opened over the refused channel
     assert TEST_KEY not in str(client.events)
+
+
+def test_the_standalone_mock_serves_wss_with_tls_flags_and_refuses_half_of_them(ca, tmp_path):
+    """`realtime-gateway mock --tls-cert --tls-key`: what the relay benchmark's TLS point and an
+    operator testing a wss:// client pipeline start."""
+    certificate = ca.issue_cert("127.0.0.1")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certificate.cert_chain_pems[0].write_to_path(str(cert_path))
+    certificate.private_key_pem.write_to_path(str(key_path))
+    mock = [sys.executable, "-m", "gateway", "mock", "--host", "127.0.0.1", "--port", "0"]
+
+    for flags, complaint in ((["--tls-cert", str(cert_path)], "--tls-cert and --tls-key go together"),
+                             (["--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(key_path)],
+                              "cannot load --tls-cert/--tls-key: No such file or directory")):
+        refused = subprocess.run(mock + flags, capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 2 and refused.stderr.strip() == f"realtime-gateway mock: {complaint}", refused
+
+    process = subprocess.Popen(mock + ["--tls-cert", str(cert_path), "--tls-key", str(key_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()  # printed once listening
+        match = re.search(r"wss://127\.0\.0\.1:(\d+)/v1/realtime", line)
+        assert match, line
+
+        async def scenario() -> dict:
+            client_context = ssl.create_default_context()
+            ca.configure_trust(client_context)
+            async with websockets.connect(match.group(0) + "?model=gpt-realtime", ssl=client_context,
+                                          additional_headers={"Authorization": f"Bearer {TEST_KEY}"}) as ws:
+                return orjson.loads(await ws.recv())
+
+        assert run(scenario(), timeout=10)["type"] == "session.created"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -1,6 +1,7 @@
 """`realtime-gateway mock`: run the mock OpenAI Realtime server standalone.
 
     realtime-gateway mock --host 127.0.0.1 --port 3002 --echo-mode stream --delta-ms 100
+    realtime-gateway mock --tls-cert cert.pem --tls-key key.pem     # wss://, as OpenAI
 
 Every `MockOptions` knob is a flag. Runs on uvloop until SIGINT/SIGTERM. Standalone, nobody can
 read the sessions' event records, so recording is off unless `--record` is given.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import ssl
 import sys
 
 import uvloop
@@ -65,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the dialect's, 3600 s GA, 1800 s beta)")
     parser.add_argument("--slow-read-s", type=float, default=0.0,
                         help="after each client frame stop reading the socket for this long")
+    parser.add_argument("--tls-cert", default=None, metavar="PEM",
+                        help="serve wss:// with this certificate chain (with --tls-key), as OpenAI does")
+    parser.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
     parser.add_argument("--record", action="store_true",
                         help="keep every event in memory (only useful in-process)")
 
@@ -84,11 +89,25 @@ def options_from_args(args: argparse.Namespace) -> MockOptions:
         slow_read_s=args.slow_read_s, record=args.record)
 
 
-async def serve(options: MockOptions, host: str, port: int) -> None:
+def tls_from_args(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The server context for --tls-cert/--tls-key, or None; ValueError names what is wrong."""
+    if args.tls_cert is None and args.tls_key is None:
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise ValueError("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load --tls-cert/--tls-key: {exc.strerror or exc.reason or exc}") from None
+    return context
+
+
+async def serve(options: MockOptions, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
     """Run a mock server until SIGINT/SIGTERM."""
     server = MockRealtimeServer(options)
-    bound = await server.start(host, port)
-    print(f"mock OpenAI Realtime server listening on ws://{host}:{bound}/v1/realtime", flush=True)
+    await server.start(host, port, tls=tls)
+    print(f"mock OpenAI Realtime server listening on {server.url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -102,8 +121,9 @@ async def serve(options: MockOptions, host: str, port: int) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         options = options_from_args(args)
+        tls = tls_from_args(args)
     except ValueError as exc:
         print(f"realtime-gateway mock: {exc}", file=sys.stderr)
         return 2
-    uvloop.run(serve(options, args.host, args.port))
+    uvloop.run(serve(options, args.host, args.port, tls))
     return 0
