@@ -84,8 +84,10 @@ UPSTREAM_COMMANDS = {
 }
 UPSTREAM_PATH = "/v1/realtime"
 GATEWAY_COMMAND = [PYTHON, "-m", "gateway", "--host", "127.0.0.1", "--port", "{port}",
-                   "--upstream", "openai", "--upstream-url", "ws://127.0.0.1:{upstream_port}" + UPSTREAM_PATH,
+                   "--upstream", "openai", "--upstream-url", "{scheme}://127.0.0.1:{upstream_port}" + UPSTREAM_PATH,
                    "--log-level", "WARNING"]
+#: what the mock adds to serve wss:// (the relay trusts the bench's own CA through SSL_CERT_FILE)
+UPSTREAM_TLS_FLAGS = ["--tls-cert", "{cert}", "--tls-key", "{key}"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class RelaySpec:
     protocol: str = "relay"  # load generator protocol: "relay" (JSON ready, binary audio) or "binary"
     client_path: str = "/realtime"
     upstream: str = "realtime"  # "realtime" (mock or bench-echo, per --upstream) or "binary-echo"
+    upstream_tls: bool = False  # wss:// to the mock, as to OpenAI
 
 
 RELAYS = {
@@ -113,6 +116,8 @@ RELAYS = {
     "gateway-coalesce-40": RelaySpec("gateway-coalesce-40", "this gateway, compiled, --coalesce-ms 40",
                                      GATEWAY_COMMAND, env={"OPENAI_API_KEY": BENCH_API_KEY,
                                                            "GATEWAY_COALESCE_MS": "40"}),
+    "gateway-tls-upstream": RelaySpec("gateway-tls-upstream", "this gateway, compiled, wss:// upstream (as to OpenAI)",
+                                      GATEWAY_COMMAND, env={"OPENAI_API_KEY": BENCH_API_KEY}, upstream_tls=True),
     "gateway-pure": RelaySpec("gateway-pure", "this gateway, GATEWAY_NO_EXTENSIONS=1", GATEWAY_COMMAND,
                               env={"OPENAI_API_KEY": BENCH_API_KEY, "GATEWAY_NO_EXTENSIONS": "1"}),
     "websockets": RelaySpec("websockets", "typical Python relay (websockets, json, base64, asyncio)",
@@ -143,7 +148,14 @@ def availability(name: str, upstream: str) -> str | None:
         missing = [flag for flag in ("--upstream-url", "--port", "--log-level") if flag not in probe.stdout]
         if missing:
             return f"gateway CLI lacks {missing}"
-    if name in ("gateway", "gateway-pure", "websockets", "node") and upstream == "mock":
+    if RELAYS[name].upstream_tls:
+        if upstream != "mock":
+            return "a TLS upstream needs the mock (--upstream mock): bench-echo speaks ws:// only"
+        try:
+            import trustme  # noqa: F401  (the bench's certificates; a test extra)
+        except ImportError:
+            return "trustme not installed (pip install -e '.[test]')"
+    if name in ("gateway", "gateway-pure", "gateway-tls-upstream", "websockets", "node") and upstream == "mock":
         probe = subprocess.run([PYTHON, "-c", MOCK_LAUNCHER, "--help"], cwd=REPO_DIR,
                                capture_output=True, text=True, timeout=60)
         if probe.returncode != 0 or "--echo-mode" not in probe.stdout:
@@ -280,15 +292,30 @@ class Child:
             self.process.wait(5)
 
 
-def start_upstream(kind: str, workdir: Path) -> tuple[Child, int]:
+def tls_files(workdir: Path) -> dict[str, str]:
+    """A CA and a certificate for 127.0.0.1, written to `workdir`: {"ca", "cert", "key"}."""
+    import trustme
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    paths = {"ca": workdir / "ca.pem", "cert": workdir / "cert.pem", "key": workdir / "key.pem"}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    issued.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    issued.private_key_pem.write_to_path(str(paths["key"]))
+    return {name: str(path) for name, path in paths.items()}
+
+
+def start_upstream(kind: str, workdir: Path, tls: dict[str, str] | None = None) -> tuple[Child, int]:
     port = free_port()
     command = [part.format(port=port) for part in UPSTREAM_COMMANDS[kind]]
+    if tls:
+        command += [part.format(**tls) for part in UPSTREAM_TLS_FLAGS]
     child = Child(f"upstream-{kind}", command, LOAD_CORE, workdir)
     wait_for_port(port, child.process, 30, child.log)
     return child, port
 
 
-def start_relay(spec: RelaySpec, upstream_port: int, workdir: Path) -> tuple[Child, int]:
+def start_relay(spec: RelaySpec, upstream_port: int, workdir: Path,
+                tls: dict[str, str] | None = None) -> tuple[Child, int]:
     port = free_port()
     if spec.name == "nginx":
         prefix = workdir / "nginx"
@@ -303,8 +330,10 @@ def start_relay(spec: RelaySpec, upstream_port: int, workdir: Path) -> tuple[Chi
         (prefix / "nginx.conf").write_text(conf)
         command = [nginx_binary(), "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")]
     else:
-        command = [part.format(port=port, upstream_port=upstream_port) for part in spec.command]
-    child = Child(f"relay-{spec.name}", command, RELAY_CORE, workdir, spec.env)
+        command = [part.format(port=port, upstream_port=upstream_port, scheme="wss" if tls else "ws")
+                   for part in spec.command]
+    env = dict(spec.env, SSL_CERT_FILE=tls["ca"]) if tls else spec.env
+    child = Child(f"relay-{spec.name}", command, RELAY_CORE, workdir, env)
     wait_for_port(port, child.process, 30, child.log)
     return child, port
 
@@ -315,9 +344,10 @@ def run_point(spec: RelaySpec, sessions: int, args, upstream_kind: str, workdir:
     point = {"relay": spec.name, "sessions": sessions, "upstream": upstream_kind}
     children: list[Child] = []
     try:
-        upstream, upstream_port = start_upstream(upstream_kind, workdir)
+        tls = tls_files(workdir) if spec.upstream_tls else None
+        upstream, upstream_port = start_upstream(upstream_kind, workdir, tls)
         children.append(upstream)
-        relay, relay_port = start_relay(spec, upstream_port, workdir)
+        relay, relay_port = start_relay(spec, upstream_port, workdir, tls)
         children.append(relay)
         time.sleep(args.settle)  # let the relay finish start-up work before the idle RSS sample
         point["idle_rss_kib"] = rss_kib(relay.pid)
