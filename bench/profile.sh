@@ -7,12 +7,17 @@
 # Needs Linux perf (Debian: linux-perf) and root or perf_event_paranoid <= 1. Bounded: about
 # 45 s; everything binds 127.0.0.1 and is stopped on exit.
 #
-#   bash bench/profile.sh [--sessions N] [-- gateway flags, e.g. --direct-reads off]
+#   bash bench/profile.sh [--sessions N] [--tls] [-- gateway flags, e.g. --direct-reads off]
+#
+# --tls: the mock serves wss:// (a certificate from a CA made here with trustme, trusted by the
+# gateway through SSL_CERT_FILE), the upstream leg as it is to OpenAI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SESSIONS=200
 if [[ "${1:-}" == "--sessions" ]]; then SESSIONS=$2; shift 2; fi
+TLS=0
+if [[ "${1:-}" == "--tls" ]]; then TLS=1; shift; fi
 if [[ "${1:-}" == "--" ]]; then shift; fi
 PY=${PYTHON:-.venv/bin/python}
 OUT=$(mktemp -d /tmp/gateway-profile.XXXXXX)
@@ -31,11 +36,21 @@ wait_port() {
     echo "port $1 never opened" >&2; exit 1
 }
 
+SCHEME=ws; MOCK_TLS=()
+if [[ $TLS == 1 ]]; then
+    "$PY" -c 'import sys, trustme
+ca = trustme.CA(); issued = ca.issue_cert("127.0.0.1")
+ca.cert_pem.write_to_path(sys.argv[1] + "/ca.pem")
+issued.cert_chain_pems[0].write_to_path(sys.argv[1] + "/cert.pem")
+issued.private_key_pem.write_to_path(sys.argv[1] + "/key.pem")' "$OUT"
+    SCHEME=wss; MOCK_TLS=(--tls-cert "$OUT/cert.pem" --tls-key "$OUT/key.pem")
+    export SSL_CERT_FILE="$OUT/ca.pem"
+fi
 taskset -c 1 "$PY" -m gateway mock --host 127.0.0.1 --port "$MOCK_PORT" --echo-mode stream --delta-ms 100 \
-    >"$OUT/mock.log" 2>&1 &
+    "${MOCK_TLS[@]}" >"$OUT/mock.log" 2>&1 &
 pids+=($!); wait_port "$MOCK_PORT"
 OPENAI_API_KEY=test-key-bench taskset -c 0 "$PY" -m gateway --host 127.0.0.1 --port "$GATEWAY_PORT" \
-    --upstream-url "ws://127.0.0.1:$MOCK_PORT/v1/realtime" --log-level WARNING "$@" >"$OUT/gateway.log" 2>&1 &
+    --upstream-url "$SCHEME://127.0.0.1:$MOCK_PORT/v1/realtime" --log-level WARNING "$@" >"$OUT/gateway.log" 2>&1 &
 GATEWAY=$!; pids+=($GATEWAY); wait_port "$GATEWAY_PORT"
 taskset -c 1 "$PY" bench/_loadgen.py --url "ws://127.0.0.1:$GATEWAY_PORT/realtime" --sessions "$SESSIONS" \
     --protocol relay --warmup 3 --duration 30 --drain-timeout 3 >"$OUT/loadgen.out" 2>"$OUT/loadgen.err" &
