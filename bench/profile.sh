@@ -38,11 +38,9 @@ wait_port() {
 
 SCHEME=ws; MOCK_TLS=()
 if [[ $TLS == 1 ]]; then
-    "$PY" -c 'import sys, trustme
-ca = trustme.CA(); issued = ca.issue_cert("127.0.0.1")
-ca.cert_pem.write_to_path(sys.argv[1] + "/ca.pem")
-issued.cert_chain_pems[0].write_to_path(sys.argv[1] + "/cert.pem")
-issued.private_key_pem.write_to_path(sys.argv[1] + "/key.pem")' "$OUT"
+    # the relay benchmark's own CA and certificate (ca.pem, cert.pem, key.pem in $OUT)
+    "$PY" -c 'import sys; from pathlib import Path; sys.path.insert(0, "bench")
+from relay import tls_files; tls_files(Path(sys.argv[1]))' "$OUT"
     SCHEME=wss; MOCK_TLS=(--tls-cert "$OUT/cert.pem" --tls-key "$OUT/key.pem")
     export SSL_CERT_FILE="$OUT/ca.pem"
 fi
