@@ -29,7 +29,7 @@ from gateway.errors import (CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, IdleTimeout
 from gateway.framing import FragmentOutOfOrder, MessageAssembler, MessageTooBig
 from gateway.metrics import GatewayMetrics
 from gateway.session import RelaySession
-from gateway.upstream.connection import USE_AIOFASTNET
+from gateway.upstream.connection import USE_AIOFASTNET, client_tls_context
 
 log = logging.getLogger("gateway.server")
 
@@ -204,6 +204,8 @@ class GatewayServer:
         self._empty.set()
 
     async def start(self, host: str | None = None, port: int | None = None, reuse_port: bool = False) -> int:
+        if urlsplit(self.upstream_url).scheme == "wss":
+            client_tls_context()  # made now rather than in the first session's connect (~15 ms)
         if self.config.direct_reads == "on":
             self.reader = DirectReader(asyncio.get_running_loop(), self.config.read_batch_ms / 1000.0)
         listening = sockets.listening_sockets(self.config.host if host is None else host,
