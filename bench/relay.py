@@ -293,12 +293,17 @@ class Child:
 
 
 def tls_files(workdir: Path) -> dict[str, str]:
-    """A CA and a certificate for 127.0.0.1, written to `workdir`: {"ca", "cert", "key"}."""
+    """A CA and a certificate for 127.0.0.1, written to `workdir`: {"ca", "cert", "key"}. "ca" is
+    the system's CA bundle with the bench's CA added, as an operator adds a private CA: the relay
+    then loads as many certificates as it does in front of OpenAI (what a TLS context costs
+    depends on them)."""
+    import ssl
     import trustme
     ca = trustme.CA()
     issued = ca.issue_cert("127.0.0.1")
     paths = {"ca": workdir / "ca.pem", "cert": workdir / "cert.pem", "key": workdir / "key.pem"}
-    ca.cert_pem.write_to_path(str(paths["ca"]))
+    system_bundle = ssl.get_default_verify_paths().cafile
+    paths["ca"].write_bytes((Path(system_bundle).read_bytes() if system_bundle else b"") + ca.cert_pem.bytes())
     issued.cert_chain_pems[0].write_to_path(str(paths["cert"]))
     issued.private_key_pem.write_to_path(str(paths["key"]))
     return {name: str(path) for name, path in paths.items()}
