@@ -9,13 +9,16 @@ making ~25,000 socket syscalls per second per 200 sessions that is a few per cen
 
 So the node opens its sockets itself and stays single-threaded:
 - `listening_sockets` resolves the listen address once, synchronously, at start-up;
-- `connect` connects a non-blocking socket, waiting for it with `loop.add_writer`; a host name
-  is looked up by `Resolver` in a thread that ends with the lookup, and the answer is kept for
-  `ttl_s` (one lookup per host per TTL, not per session).
+- `connect` connects non-blocking sockets, waiting for them with `loop.add_writer`, to a host's
+  addresses Happy Eyeballs style (the next address after 250 ms, so one that drops packets
+  does not time the session out); a host name is looked up by `Resolver` in a thread that
+  ends with the lookup, and the answer is kept for `ttl_s` (one lookup per host per TTL, not
+  per session).
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import threading
 import time
@@ -27,6 +30,10 @@ LISTEN_BACKLOG = socket.SOMAXCONN
 #: how long a resolved host name is reused (nginx's resolver default `valid` is the record's
 #: TTL; 30 s keeps a moving endpoint picked up quickly and costs one lookup per host per 30 s)
 RESOLVE_TTL_S = 30.0
+
+#: how long one address may take to connect before the next is tried beside it: RFC 8305's
+#: recommended Connection Attempt Delay (asyncio's happy_eyeballs_delay, where given, is the same)
+ATTEMPT_DELAY_S = 0.25
 
 AddressInfo = tuple[int, tuple]  # (family, sockaddr)
 
@@ -119,18 +126,45 @@ class Resolver:
 RESOLVER = Resolver()
 
 
-async def connect(host: str, port: int, resolver: Resolver = RESOLVER) -> socket.socket:
-    """A connected non-blocking TCP socket to the first address of `host` that accepts.
-    Raises OSError (the last address's error) when none does."""
-    addresses = await resolver.resolve(host, port)
+async def connect(host: str, port: int, resolver: Resolver = RESOLVER,
+                  attempt_delay_s: float = ATTEMPT_DELAY_S) -> socket.socket:
+    """A connected non-blocking TCP socket to `host`, Happy Eyeballs style (RFC 8305): its
+    addresses, the families interleaved, are tried in turn, each given `attempt_delay_s` before
+    the next starts beside it (at once when one fails). The first to connect wins; the others
+    are cancelled, and closed. Raises OSError (the last error) when none connects."""
+    waiting = _interleaved(await resolver.resolve(host, port))
+    attempts: set[asyncio.Task] = set()
     error: OSError | None = None
-    for family, sockaddr in addresses:
-        try:
-            return await _connect_one(family, sockaddr)
-        except OSError as exc:
-            error = exc
+    try:
+        while waiting or attempts:
+            if waiting:
+                attempts.add(asyncio.ensure_future(_connect_one(*waiting.pop(0))))
+            done, attempts = await asyncio.wait(attempts, timeout=attempt_delay_s if waiting else None,
+                                                return_when=asyncio.FIRST_COMPLETED)
+            connected = [attempt.result() for attempt in done if attempt.exception() is None]
+            for attempt in done:
+                if isinstance(attempt.exception(), OSError):
+                    error = attempt.exception()
+            if connected:
+                for extra in connected[1:]:  # two finished in the same turn of the loop
+                    extra.close()
+                return connected[0]
+    finally:
+        for attempt in attempts:  # still connecting: the task closes its socket as it ends
+            attempt.cancel()
     resolver.forget(host, port)
     raise error if error is not None else OSError(f"no address for {host!r}")
+
+
+def _interleaved(addresses: list[AddressInfo]) -> list[AddressInfo]:
+    """RFC 8305 §4: alternate the address families, starting with the resolver's first choice,
+    so that a family that does not route (IPv6 in many containers) costs one delay, not one per
+    address of it."""
+    if not addresses:
+        return []
+    first = [address for address in addresses if address[0] == addresses[0][0]]
+    other = [address for address in addresses if address[0] != addresses[0][0]]
+    return [address for pair in itertools.zip_longest(first, other) for address in pair if address is not None]
 
 
 async def _connect_one(family: int, sockaddr: tuple) -> socket.socket:

@@ -16,7 +16,7 @@ import pytest
 
 from _fastpath import IMPLEMENTATION
 from gateway import sockets
-from tests.relay_harness import TEST_KEY, RelayClient, gateway_process, speech_like
+from tests.relay_harness import TEST_KEY, RelayClient, gateway_process, relay, speech_like
 from tests.support import run
 
 
@@ -223,3 +223,107 @@ def test_peer_closed_sees_a_fin_or_a_reset_behind_unread_data():
                 if leave == "fin":
                     assert accepted.recv(10) == b"x" * 10  # it was only seen, not read
     assert sockets.peer_closed(socket.socket())  # not connected: nothing to wait for
+
+
+class _BlackHole:
+    """A local address that takes SYNs and never answers them, as a route that drops packets
+    does: a listener with a full accept queue (listen(0) queues one connection; the kernel drops
+    the SYNs that come after it)."""
+
+    def __enter__(self) -> tuple:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+        self.filler = socket.create_connection(self.listener.getsockname(), timeout=5)
+        return self.listener.getsockname()
+
+    def __exit__(self, *_exc) -> None:
+        self.filler.close()
+        self.listener.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _resolver_with(host: str, port: int, *sockaddrs: tuple) -> sockets.Resolver:
+    resolver = sockets.Resolver()
+    resolver._cache[(host, port)] = (time.monotonic() + 60, [
+        (socket.AF_INET6 if ":" in sockaddr[0] else socket.AF_INET, sockaddr) for sockaddr in sockaddrs])
+    return resolver
+
+
+def test_connect_races_past_an_address_that_drops_packets_and_closes_the_loser():
+    """Happy Eyeballs (RFC 8305): an address that never answers costs one attempt delay, not
+    the session's whole connect timeout (before, every session to such a host timed out)."""
+    with _BlackHole() as hole, socket.create_server(("127.0.0.1", 0)) as live:
+        resolver = _resolver_with("upstream.test", 443, hole, live.getsockname())
+        fds_before = _open_fds()
+
+        async def scenario():
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            sock = await sockets.connect("upstream.test", 443, resolver)
+            return sock, loop.time() - started
+
+        sock, elapsed = run(scenario(), timeout=10)
+        with sock:
+            assert sock.getpeername() == live.getsockname()
+            assert sockets.ATTEMPT_DELAY_S <= elapsed < 2.0
+            assert _open_fds() == fds_before + 1  # the attempt at the black hole was closed
+        accepted, _ = live.accept()
+        accepted.close()
+
+
+def test_connect_moves_on_at_once_when_an_address_refuses():
+    with socket.create_server(("127.0.0.1", 0)) as live:
+        refusing = socket.create_server(("127.0.0.1", 0))
+        refused_at = refusing.getsockname()
+        refusing.close()
+        resolver = _resolver_with("upstream.test", 443, refused_at, live.getsockname())
+
+        async def scenario():
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            # a 5 s attempt delay: waiting it out would show
+            sock = await sockets.connect("upstream.test", 443, resolver, attempt_delay_s=5.0)
+            return sock, loop.time() - started
+
+        sock, elapsed = run(scenario(), timeout=10)
+        with sock:
+            assert sock.getpeername() == live.getsockname() and elapsed < 2.5
+        accepted, _ = live.accept()
+        accepted.close()
+    resolver = _resolver_with("upstream.test", 443, refused_at, refused_at)
+    with pytest.raises(OSError) as refused:  # none connects: the last error, and the answer forgotten
+        run(sockets.connect("upstream.test", 443, resolver, attempt_delay_s=5.0), timeout=10)
+    assert refused.value.errno == 111 and ("upstream.test", 443) not in resolver._cache
+
+
+def test_address_families_are_interleaved_starting_with_the_resolvers_first_choice():
+    v6 = [(socket.AF_INET6, (f"2001:db8::{n}", 443, 0, 0)) for n in (1, 2, 3)]
+    v4 = [(socket.AF_INET, (f"192.0.2.{n}", 443)) for n in (1, 2)]
+    assert sockets._interleaved(v6 + v4) == [v6[0], v4[0], v6[1], v4[1], v6[2]]
+    assert sockets._interleaved(v4 + v6) == [v4[0], v6[0], v4[1], v6[1], v6[2]]
+    assert sockets._interleaved(v4) == v4 and sockets._interleaved([]) == []
+
+
+def test_a_session_reaches_an_upstream_host_whose_first_address_drops_packets(monkeypatch):
+    """End to end: the upstream URL's host name resolves to a black hole first and the mock
+    second; the session opens and echoes well within its 3 s connect timeout."""
+    audio = speech_like(0.3, seed=4)
+
+    async def scenario():
+        with _BlackHole() as hole:
+            async with relay() as (gateway, mock):
+                port = int(mock.url.split(":")[2].split("/")[0])
+                monkeypatch.setitem(sockets.RESOLVER._cache, ("upstream.test", port),
+                                    (time.monotonic() + 60, [(socket.AF_INET, hole), (socket.AF_INET, ("127.0.0.1", port))]))
+                gateway.upstream_url = mock.url.replace("127.0.0.1", "upstream.test")
+                client = await RelayClient.connect(gateway.url)
+                ready = await client.wait("ready")
+                await client.push_to_talk(audio)
+                await client.wait("response_done")
+                await client.close()
+                return ready, bytes(client.audio)
+
+    ready, echoed = run(scenario(), timeout=20)
+    assert ready["session_id"] and echoed == audio
