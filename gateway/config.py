@@ -12,6 +12,7 @@ import argparse
 import ipaddress
 import math
 import os
+import urllib.request
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -23,6 +24,7 @@ PROVIDERS = ("mock", "openai", "azure")
 DIALECTS = ("ga", "beta")
 SLOW_CLIENT_POLICIES = ("drop-oldest", "close")
 _SECRET_FIELDS = ("api_key", "client_api_keys", "jwt_secret")
+_URL_FIELDS = ("upstream_url", "upstream_proxy")  # shown without userinfo or query: they may hold credentials
 
 
 class ConfigError(ValueError):
@@ -38,6 +40,7 @@ class NodeConfig:
     upstream: str = "openai"
     upstream_url: str | None = None
     upstream_dialect: str = "ga"
+    upstream_proxy: str | None = None  # http://[user:password@]host:port, resolved (flag, env, or none)
     default_model: str = "gpt-realtime"
     default_voice: str = "alloy"
     connect_timeout_s: float = 10.0
@@ -74,7 +77,7 @@ class NodeConfig:
 
     def __repr__(self) -> str:
         # the URL may carry credentials too (userinfo, Azure's ?api-key=): host and path only
-        shown = ", ".join(f"{f.name}={_shown_url(self.upstream_url) if f.name == 'upstream_url' else getattr(self, f.name)!r}"
+        shown = ", ".join(f"{f.name}={_shown_url(getattr(self, f.name)) if f.name in _URL_FIELDS else getattr(self, f.name)!r}"
                           for f in fields(self) if f.name not in _SECRET_FIELDS)
         masked = ", ".join(f"{name}={'***' if getattr(self, name) else None}" for name in _SECRET_FIELDS)
         return f"NodeConfig({shown}, {masked})"
@@ -98,6 +101,10 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
      "upstream WebSocket URL (default: wss://api.openai.com/v1/realtime for openai; required for azure)"),
     ("--upstream-dialect", "upstream_dialect", "GATEWAY_UPSTREAM_DIALECT", str, "ga",
      "upstream protocol shape: ga (current OpenAI) or beta (OpenAI-Beta: realtime=v1, Azure preview)"),
+    ("--upstream-proxy", "upstream_proxy", "GATEWAY_UPSTREAM_PROXY", str, None,
+     "HTTP proxy the upstream connections tunnel through (CONNECT), http://[user:password@]host:port; "
+     "none: no proxy. Unset: https_proxy / HTTPS_PROXY for a wss:// upstream, http_proxy / HTTP_PROXY "
+     "for ws://, minus no_proxy / NO_PROXY, as curl reads them; a loopback upstream never goes through them"),
     ("--default-model", "default_model", "GATEWAY_DEFAULT_MODEL", str, "gpt-realtime",
      "model when the client names none (?model= or config.model)"),
     ("--default-voice", "default_voice", "GATEWAY_DEFAULT_VOICE", str, "alloy",
@@ -248,6 +255,7 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
         problem = _upstream_url_problem(values["upstream_url"])
         if problem:
             raise ConfigError(f"{_setting('upstream_url')} must be a ws:// or wss:// URL with a host ({problem})")
+    values["upstream_proxy"] = _upstream_proxy(values["upstream_proxy"], values["upstream_url"], env)
     for entry in values["trusted_proxies"]:
         try:
             ipaddress.ip_network(entry, strict=False)
@@ -278,6 +286,63 @@ def _upstream_url_problem(url: str) -> str | None:
         parts.port
     except ValueError:
         return "got an invalid port"
+    return None
+
+
+def _upstream_proxy(given: str | None, upstream_url: str | None, env) -> str | None:
+    """The proxy upstream connections go through: the setting ("none": none), else the standard
+    variable for the upstream's scheme unless no_proxy lists its host. Raises ConfigError for a
+    proxy the gateway cannot use, naming where it came from (never quoting it: credentials)."""
+    if given is not None:
+        proxy, source = (None if given.strip().lower() in ("", "none") else given), _setting("upstream_proxy")
+    else:
+        proxy, source = _environment_proxy(upstream_url, env)
+    if proxy is not None:
+        problem = _proxy_url_problem(proxy)
+        if problem:
+            unless = f"; {_setting('upstream_proxy').split()[0]} none ignores it" if given is None else ""
+            raise ConfigError(f"{source} must be an http:// proxy URL with a host ({problem}){unless}")
+    return proxy
+
+
+def _environment_proxy(upstream_url: str | None, env) -> tuple[str | None, str]:
+    """(proxy, variable it came from) per the conventions curl and most HTTP clients follow;
+    a loopback upstream (the embedded mock: no URL yet) is never proxied by them (Go's rule),
+    so a proxy set for the rest of a machine cannot reroute a local upstream."""
+    parts = urlsplit(upstream_url or "ws://127.0.0.1")
+    if _is_loopback(parts.hostname or ""):
+        return None, ""
+    name = "https_proxy" if parts.scheme == "wss" else "http_proxy"
+    source = name if env.get(name) else name.upper()
+    proxy = env.get(source) or None
+    no_proxy = env.get("no_proxy") or env.get("NO_PROXY") or ""
+    if proxy and no_proxy and urllib.request.proxy_bypass_environment(parts.hostname or "", {"no": no_proxy}):
+        return None, ""
+    return proxy, source
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _proxy_url_problem(url: str) -> str | None:
+    """What stops a CONNECT tunnel through `url`, or None. Never quotes the URL."""
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return f"got {parts.scheme}:// (only http:// proxies are supported)" if parts.scheme else "got no scheme"
+    if not parts.hostname:
+        return "got no host"
+    try:
+        parts.port
+    except ValueError:
+        return "got an invalid port"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "got a path, query or fragment"
     return None
 
 

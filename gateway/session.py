@@ -319,7 +319,7 @@ class RelaySession:
         headers = list(self.node.auth_headers) + list(self.dialect.headers)
         started = self._connect_started = self.loop.time()
         try:
-            await upstream.connect(url, headers, self.node.connect_timeout_s)
+            await upstream.connect(url, headers, self.node.connect_timeout_s, self.node.upstream_proxy)
         except GatewayError as error:
             if owner.alive:
                 self.fail(error)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import socket
 import threading
 import time
@@ -184,7 +185,7 @@ async def _connect_one(family: int, sockaddr: tuple) -> socket.socket:
                 loop.remove_writer(fd)
             errno = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if errno:
-                raise OSError(errno, f"connect to {sockaddr[0]} port {sockaddr[1]} failed")
+                raise OSError(errno, os.strerror(errno))  # as a blocking connect would say it
         return sock
     except BaseException:
         sock.close()

@@ -193,3 +193,50 @@ def test_workers_cannot_share_a_random_port(argv, env):
     assert line.startswith("realtime-gateway: --port (GATEWAY_PORT) 0 (a random port) cannot be shared by "
                            "--workers (GATEWAY_WORKERS)")
     assert build(["--upstream", "mock", "--port", "0"], {}).port == 0
+
+
+@pytest.mark.parametrize("argv, env, proxy", [
+    ([], {"HTTPS_PROXY": "http://egress:3128"}, "http://egress:3128"),                   # wss:// -> https_proxy
+    ([], {"https_proxy": "http://lower:3128", "HTTPS_PROXY": "http://upper:3128"}, "http://lower:3128"),
+    ([], {"HTTP_PROXY": "http://egress:3128"}, None),                                    # not for wss://
+    (["--upstream-url", "ws://upstream.internal/v1/realtime"], {"HTTP_PROXY": "http://egress:3128"},
+     "http://egress:3128"),
+    ([], {"HTTPS_PROXY": "http://egress:3128", "NO_PROXY": "localhost,.openai.com"}, None),
+    ([], {"HTTPS_PROXY": "http://egress:3128", "no_proxy": "*"}, None),
+    (["--upstream-url", "wss://127.0.0.1:9443/v1/realtime"], {"HTTPS_PROXY": "http://egress:3128"}, None),
+    (["--upstream-url", "wss://[::1]:9443/v1/realtime"], {"HTTPS_PROXY": "http://egress:3128"}, None),
+    (["--upstream-url", "wss://localhost:9443/v1/realtime"], {"HTTPS_PROXY": "http://egress:3128"}, None),
+    (["--upstream-proxy", "http://explicit:8080"], {"HTTPS_PROXY": "http://egress:3128", "NO_PROXY": "*"},
+     "http://explicit:8080"),                                                           # the flag wins
+    (["--upstream-proxy", "none"], {"HTTPS_PROXY": "http://egress:3128"}, None),
+    ([], {"GATEWAY_UPSTREAM_PROXY": "http://gw-env:8080"}, "http://gw-env:8080"),
+])
+def test_the_upstream_proxy_comes_from_the_setting_or_the_standard_variables(argv, env, proxy):
+    assert build(argv, dict(env, OPENAI_API_KEY="sk-test")).upstream_proxy == proxy
+
+
+def test_the_embedded_mock_is_never_proxied_by_the_standard_variables():
+    env = {"HTTPS_PROXY": "http://egress:3128", "HTTP_PROXY": "http://egress:3128"}
+    assert build(["--upstream", "mock"], env).upstream_proxy is None
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--upstream-proxy", "https://egress:3128"], {},
+     r"--upstream-proxy \(GATEWAY_UPSTREAM_PROXY\) must be an http:// proxy URL with a host "
+     r"\(got https:// \(only http:// proxies are supported\)\)$"),
+    ([], {"HTTPS_PROXY": "socks5://user:secret-pw@egress:1080"},
+     r"HTTPS_PROXY must be .* \(got socks5:// .*\); --upstream-proxy none ignores it$"),
+    (["--upstream-proxy", "http://user:secret-pw@:3128"], {}, r"\(got no host\)$"),
+    (["--upstream-proxy", "http://egress:99999"], {}, r"\(got an invalid port\)$"),
+    (["--upstream-proxy", "http://egress:3128/path"], {}, r"\(got a path, query or fragment\)$"),
+])
+def test_a_proxy_the_gateway_cannot_use_stops_it_without_quoting_it(argv, env, message):
+    with pytest.raises(ConfigError, match=message) as refused:
+        build(argv, dict(env, OPENAI_API_KEY="sk-test"))
+    assert "secret-pw" not in str(refused.value)
+
+
+def test_the_proxy_credentials_never_show_in_the_config_repr():
+    config = build(["--upstream-proxy", "http://user:secret-pw@egress:3128"], {"OPENAI_API_KEY": "sk-test"})
+    assert config.upstream_proxy == "http://user:secret-pw@egress:3128"
+    assert "secret-pw" not in repr(config) and "upstream_proxy='http://egress:3128'" in repr(config)

@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport, ws_connect
 from picows.common import WSHandshakeError
+from python_socks import ProxyError  # picows' dependency: what its CONNECT tunnel raises
 
 from _fastpath import AudioPath, UpstreamLeg, release_handshake
 
@@ -176,10 +177,12 @@ class UpstreamConnection:
         # (session.created) can be handled, and answered, before `connect()` returns
         return self.listener.transport
 
-    async def connect(self, url: str, headers: list[tuple[str, str]], timeout_s: float) -> None:
-        """Open the socket within `timeout_s`. Raises AuthenticationFailed, RateLimitExceeded or
-        ConnectionFailed."""
+    async def connect(self, url: str, headers: list[tuple[str, str]], timeout_s: float,
+                      proxy: str | None = None) -> None:
+        """Open the socket within `timeout_s`, tunnelled through the HTTP `proxy` if one is given.
+        Raises AuthenticationFailed, RateLimitExceeded or ConnectionFailed."""
         where = safe_location(url)
+        through = f" through proxy {safe_location(proxy)}" if proxy else ""
         try:
             async with asyncio.timeout(timeout_s):
                 transport, _listener = await ws_connect(
@@ -187,7 +190,8 @@ class UpstreamConnection:
                     websocket_handshake_timeout=timeout_s, read_buffer_init_size=READ_BUFFER_INIT_BYTES,
                     max_frame_size=MAX_UPSTREAM_MESSAGE_BYTES, enable_auto_ping=False,
                     use_aiofastnet=USE_AIOFASTNET, socket_factory=_connected_socket,
-                    ssl_context=client_tls_context() if urlsplit(url).scheme == "wss" else None)
+                    ssl_context=client_tls_context() if urlsplit(url).scheme == "wss" else None,
+                    proxy=proxy)
         except WSHandshakeError as exc:
             status = int(exc.response.status) if exc.response is not None else None
             if status in (401, 403):
@@ -199,14 +203,18 @@ class UpstreamConnection:
             raise ConnectionFailed(f"upstream {where} refused the WebSocket handshake"
                                    + (f" (HTTP {status})" if status else "")) from None
         except TimeoutError:
-            raise ConnectionFailed(f"upstream {where} did not answer within {timeout_s:g} s") from None
+            raise ConnectionFailed(f"upstream {where}{through} did not answer within {timeout_s:g} s") from None
+        except ProxyError as exc:  # the proxy's own words: a status, or that it hung up
+            raise ConnectionFailed(f"upstream proxy {safe_location(proxy or '')} gave no tunnel to {where}: "
+                                   f"{exc}") from None
         except ssl.SSLCertVerificationError as exc:  # before OSError: it is one
             raise ConnectionFailed(f"upstream {where} presented a TLS certificate that does not verify: "
                                    f"{exc.verify_message or exc.reason}") from None
         except ssl.SSLError as exc:
             raise ConnectionFailed(f"TLS with upstream {where} failed: {exc.reason or type(exc).__name__}") from None
-        except OSError as exc:
-            raise ConnectionFailed(f"cannot reach upstream {where}: {exc.strerror or type(exc).__name__}") from None
+        except OSError as exc:  # with a proxy, every TCP connect is to the proxy
+            target = f"proxy {safe_location(proxy)}" if proxy else where
+            raise ConnectionFailed(f"cannot reach upstream {target}: {exc.strerror or type(exc).__name__}") from None
         except GatewayError:
             raise
         except asyncio.CancelledError:
