@@ -457,10 +457,10 @@ class RelaySession:
                                                        upstream={"code": "invalid_api_key"})
         elif reason and "session_expired" in reason:
             error = SessionExpired("upstream session expired", upstream={"code": "session_expired"})
-        elif self.state == CONNECTING:
-            error = ConnectionFailed(f"upstream closed before the session was ready (close code {code})")
         else:
-            error = ConnectionFailed(f"upstream connection lost (close code {code})")
+            how = f"close code {code}" if code is not None else "no close frame"
+            error = ConnectionFailed(f"upstream closed before the session was ready ({how})" if self.state == CONNECTING
+                                     else f"upstream connection lost ({how})")
         self.fail(error)
 
     # ---- client -> gateway --------------------------------------------------------------------

@@ -9,7 +9,8 @@ making ~25,000 socket syscalls per second per 200 sessions that is a few per cen
 
 So the node opens its sockets itself and stays single-threaded:
 - `listening_sockets` resolves the listen address once, synchronously, at start-up;
-- `connect` connects non-blocking sockets, waiting for them with `loop.add_writer`, to a host's
+- `connect` (the upstream's sockets, which notice a dead peer within UPSTREAM_ACK_TIMEOUT_S of
+  it going silent) connects non-blocking sockets, waiting for them with `loop.add_writer`, to a host's
   addresses Happy Eyeballs style (the next address after 250 ms, so one that drops packets
   does not time the session out); a host name is looked up by `Resolver` in a thread that
   ends with the lookup, and the answer is kept for `ttl_s` (one lookup per host per TTL, not
@@ -35,6 +36,17 @@ RESOLVE_TTL_S = 30.0
 #: how long one address may take to connect before the next is tried beside it: RFC 8305's
 #: recommended Connection Attempt Delay (asyncio's happy_eyeballs_delay, where given, is the same)
 ATTEMPT_DELAY_S = 0.25
+
+#: an upstream that leaves what we sent unacknowledged this long is gone (a path that drops
+#: packets, a host that vanished without FIN or RST): the kernel ends the connection
+#: (TCP_USER_TIMEOUT) instead of retransmitting for ~15 minutes (tcp_retries2) while the
+#: session hangs and its client streams into a full buffer
+UPSTREAM_ACK_TIMEOUT_S = 20.0
+#: an idle upstream (push-to-talk between turns) is probed after this long without traffic,
+#: then every KEEPALIVE_INTERVAL_S; a dead one ends UPSTREAM_ACK_TIMEOUT_S after the first
+#: unanswered probe, and the probes keep NAT and firewall mappings (60-350 s) from expiring
+KEEPALIVE_IDLE_S = 30
+KEEPALIVE_INTERVAL_S = 10
 
 AddressInfo = tuple[int, tuple]  # (family, sockaddr)
 
@@ -172,6 +184,7 @@ async def _connect_one(family: int, sockaddr: tuple) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
+        _notice_a_dead_peer(sock)
         try:
             sock.connect(sockaddr)
         except BlockingIOError:
@@ -190,6 +203,13 @@ async def _connect_one(family: int, sockaddr: tuple) -> socket.socket:
     except BaseException:
         sock.close()
         raise
+
+
+def _notice_a_dead_peer(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(UPSTREAM_ACK_TIMEOUT_S * 1000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
 
 
 def _settle_once(future: asyncio.Future) -> None:
