@@ -190,6 +190,20 @@ class RelayClient:
         await self.send({"type": "create_response"})
 
 
+async def one_turn(audio: bytes, **relay_args: Any) -> tuple[str, dict, dict, bytes, int]:
+    """One push-to-talk turn through a fresh `relay(**relay_args)`: (the mock's URL, `ready`,
+    `response_done`, the audio echoed, upstream frames the compiled reader relayed itself)."""
+    async with relay(**relay_args) as (gateway, mock):
+        client = await RelayClient.connect(gateway.url)
+        ready = await client.wait("ready")
+        await client.push_to_talk(audio)
+        done = await client.wait("response_done")
+        (session,) = gateway.sessions
+        read_directly = session.upstream.listener.direct_frames
+        await client.close()
+        return mock.url, ready, done, bytes(client.audio), read_directly
+
+
 def speech_like(seconds: float, seed: int, level: float = 0.3) -> bytes:
     """Non-trivial, deterministic 'speech': a random-walk-modulated chirp at about -10 dBFS."""
     rng = np.random.default_rng(seed)

@@ -23,7 +23,7 @@ import websockets
 import _fastpath
 
 from gateway.upstream.connection import client_tls_context
-from tests.relay_harness import TEST_KEY, RelayClient, relay, speech_like
+from tests.relay_harness import TEST_KEY, RelayClient, one_turn, relay, speech_like
 from tests.support import run
 
 COMPILED = _fastpath.IMPLEMENTATION == "compiled"
@@ -54,19 +54,8 @@ def test_a_wss_upstream_carries_a_turn_byte_exact(ca, trusted):
     plain upstream socket itself and never the TLS one."""
     audio = speech_like(0.6, seed=11)
 
-    async def turn(upstream_tls: ssl.SSLContext | None):
-        async with relay(upstream_tls=upstream_tls) as (gateway, mock):
-            client = await RelayClient.connect(gateway.url)
-            ready = await client.wait("ready")
-            await client.push_to_talk(audio)
-            done = await client.wait("response_done")
-            (session,) = gateway.sessions
-            read_directly = session.upstream.listener.direct_frames
-            await client.close()
-            return mock.url, ready, done, bytes(client.audio), read_directly
-
     async def scenario():
-        return await turn(None), await turn(server_context(ca, "127.0.0.1"))
+        return await one_turn(audio), await one_turn(audio, upstream_tls=server_context(ca, "127.0.0.1"))
 
     plain, tls = run(scenario(), timeout=20)
     assert plain[0].startswith("ws://127.0.0.1:") and tls[0].startswith("wss://127.0.0.1:")

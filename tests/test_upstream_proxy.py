@@ -14,29 +14,17 @@ import trustme
 import _fastpath
 
 from tests.connect_proxy import ConnectProxy
-from tests.relay_harness import TEST_KEY, RelayClient, free_port, relay, speech_like
+from tests.relay_harness import TEST_KEY, RelayClient, free_port, one_turn, relay, speech_like
 from tests.support import run
 from tests.test_tls_upstream import server_context
 
 COMPILED = _fastpath.IMPLEMENTATION == "compiled"
 CREDENTIALS = ("egress-user", "proxy-secret-7531")
+AUDIO = speech_like(0.4, seed=21)
 
 
 def _with_credentials(proxy_url: str, credentials: tuple[str, str]) -> str:
     return proxy_url.replace("http://", f"http://{credentials[0]}:{credentials[1]}@")
-
-
-async def _turn_through(proxy: ConnectProxy, proxy_url: str, upstream_tls=None):
-    audio = speech_like(0.4, seed=21)
-    async with relay(upstream_tls=upstream_tls, upstream_proxy=proxy_url) as (gateway, mock):
-        client = await RelayClient.connect(gateway.url)
-        ready = await client.wait("ready")
-        await client.push_to_talk(audio)
-        done = await client.wait("response_done")
-        (session,) = gateway.sessions
-        read_directly = session.upstream.listener.direct_frames
-        await client.close()
-        return mock.url, ready, done, audio, bytes(client.audio), read_directly
 
 
 def test_a_ws_upstream_through_an_authenticating_proxy_is_byte_exact():
@@ -44,12 +32,12 @@ def test_a_ws_upstream_through_an_authenticating_proxy_is_byte_exact():
         proxy = ConnectProxy(credentials=CREDENTIALS)
         proxy_url = _with_credentials(await proxy.start(), CREDENTIALS)
         try:
-            return proxy, await _turn_through(proxy, proxy_url)
+            return proxy, await one_turn(AUDIO, upstream_proxy=proxy_url)
         finally:
             await proxy.stop()
 
-    proxy, (mock_url, ready, done, audio, echoed, read_directly) = run(scenario(), timeout=20)
-    assert ready["session_id"] and done["status"] == "completed" and echoed == audio
+    proxy, (mock_url, ready, done, echoed, read_directly) = run(scenario(), timeout=20)
+    assert ready["session_id"] and done["status"] == "completed" and echoed == AUDIO
     (request_line, headers), = proxy.requests
     assert request_line == f"CONNECT {urlsplit(mock_url).netloc} HTTP/1.1" and proxy.tunnels == 1
     assert headers["Proxy-Authorization"].startswith("Basic ")
@@ -68,12 +56,12 @@ def test_a_wss_upstream_through_a_proxy_verifies_tls_end_to_end(tmp_path, monkey
         proxy = ConnectProxy()
         proxy_url = await proxy.start()
         try:
-            return proxy, await _turn_through(proxy, proxy_url, server_context(ca, "127.0.0.1"))
+            return proxy, await one_turn(AUDIO, upstream_proxy=proxy_url, upstream_tls=server_context(ca, "127.0.0.1"))
         finally:
             await proxy.stop()
 
-    proxy, (mock_url, ready, done, audio, echoed, read_directly) = run(scenario(), timeout=20)
-    assert mock_url.startswith("wss://") and echoed == audio and done["status"] == "completed"
+    proxy, (mock_url, ready, done, echoed, read_directly) = run(scenario(), timeout=20)
+    assert mock_url.startswith("wss://") and echoed == AUDIO and done["status"] == "completed"
     assert [line for line, _headers in proxy.requests] == [f"CONNECT {urlsplit(mock_url).netloc} HTTP/1.1"]
     assert read_directly == 0  # ciphertext: never parsed as frames
 
