@@ -9,12 +9,12 @@ making ~25,000 socket syscalls per second per 200 sessions that is a few per cen
 
 So the node opens its sockets itself and stays single-threaded:
 - `listening_sockets` resolves the listen address once, synchronously, at start-up;
-- `connect` (the upstream's sockets, which notice a dead peer within UPSTREAM_ACK_TIMEOUT_S of
-  it going silent) connects non-blocking sockets, waiting for them with `loop.add_writer`, to a host's
-  addresses Happy Eyeballs style (the next address after 250 ms, so one that drops packets
-  does not time the session out); a host name is looked up by `Resolver` in a thread that
-  ends with the lookup, and the answer is kept for `ttl_s` (one lookup per host per TTL, not
-  per session).
+- `connect` opens the upstream's sockets, non-blocking, waiting for them with
+  `loop.add_writer`. It tries a host's addresses Happy Eyeballs style (the next address after
+  250 ms, so one that drops packets does not time the session out), and its sockets notice a
+  dead peer within UPSTREAM_ACK_TIMEOUT_S of it going silent. A host name is looked up by
+  `Resolver` in a thread that ends with the lookup, and the answer is kept for `ttl_s` (one
+  lookup per host per TTL, not per session).
 """
 from __future__ import annotations
 
