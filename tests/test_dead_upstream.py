@@ -2,39 +2,22 @@
 host that vanished — must end the session with a fatal ConnectionFailed, not leave it hanging
 while TCP retransmits for ~15 minutes and the client streams into a full buffer.
 
-Dropping packets needs a network of its own: each case runs in a child process in a new
-network namespace (`unshare -n`, root), where a `tc` class on loopback passes the mock's port
-at 8 bit/s once the session is up. The node's liveness settings are shortened there (1.5 s
-instead of 20 s), so a case takes seconds."""
+Dropping packets needs a network of its own (tests/black_hole.py): each case runs in a child
+process in a new network namespace, where the mock's port passes 8 bit/s once the session is
+up. The node's liveness settings are shortened there (1.5 s instead of 20 s), so a case takes
+seconds."""
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from gateway import sockets
+from tests.black_hole import black_hole, prepare_namespace, run_in_namespace
 from tests.relay_harness import RelayClient, relay, speech_like
 from tests.support import run
-
-ROOT = Path(__file__).resolve().parent.parent
-NAMESPACE_TOOLS_MISSING = 77  # the child's exit status when the namespace cannot drop packets
-
-
-def _black_hole(port: int) -> None:
-    """From now on, TCP to and from `port` on loopback stalls: 8 bit/s, one byte of burst."""
-    for command in ("tc qdisc add dev lo root handle 1: htb default 10",
-                    "tc class add dev lo parent 1: classid 1:10 htb rate 10gbit",
-                    "tc class add dev lo parent 1: classid 1:20 htb rate 8bit ceil 8bit burst 1 cburst 1",
-                    f"tc filter add dev lo parent 1: protocol ip prio 1 u32 match ip dport {port} 0xffff flowid 1:20",
-                    f"tc filter add dev lo parent 1: protocol ip prio 1 u32 match ip sport {port} 0xffff flowid 1:20"):
-        subprocess.run(command.split(), check=True, capture_output=True)
 
 
 async def _scenario(mode: str) -> dict:
@@ -45,7 +28,7 @@ async def _scenario(mode: str) -> dict:
         await client.push_to_talk(audio)  # the path works before the silence
         await client.wait("response_done")
         echoed = bytes(client.audio)
-        _black_hole(int(mock.url.split(":")[2].split("/")[0]))
+        black_hole(int(mock.url.split(":")[2].split("/")[0]))
         loop = asyncio.get_running_loop()
         started = loop.time()
         talking = None
@@ -65,14 +48,9 @@ async def _scenario(mode: str) -> dict:
 
 
 def _in_namespace(mode: str) -> None:
-    """The child: loopback up, tc usable, liveness shortened; prints the scenario's result."""
+    """The child: liveness shortened; prints the scenario's result."""
     import uvloop
-    try:
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=True, capture_output=True)
-        subprocess.run("tc qdisc add dev lo root handle 9: htb".split(), check=True, capture_output=True)
-        subprocess.run("tc qdisc del dev lo root".split(), check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError):
-        sys.exit(NAMESPACE_TOOLS_MISSING)
+    prepare_namespace()
     sockets.UPSTREAM_ACK_TIMEOUT_S = 1.5
     sockets.KEEPALIVE_IDLE_S = 1
     sockets.KEEPALIVE_INTERVAL_S = 1
@@ -94,15 +72,7 @@ def test_upstream_sockets_are_set_to_notice_a_dead_peer():
 def test_an_upstream_that_goes_silent_ends_the_session_promptly(mode):
     """Streaming: what the client says goes unacknowledged (TCP_USER_TIMEOUT). Idle (between
     push-to-talk turns, nothing in flight): the keepalive probes go unanswered."""
-    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("unshare", "ip", "tc")):
-        pytest.skip("needs root, unshare, ip and tc to drop packets in a network namespace")
-    child = subprocess.run(
-        ["unshare", "-n", sys.executable, "-c", f"from tests.test_dead_upstream import _in_namespace; _in_namespace({mode!r})"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60)
-    if child.returncode == NAMESPACE_TOOLS_MISSING or (child.returncode != 0 and "unshare failed" in child.stderr):
-        pytest.skip(f"no network namespace with tc here: {child.stderr.strip()[-200:]}")
-    assert child.returncode == 0, child.stderr[-3000:]
-    result = json.loads(child.stdout.strip().splitlines()[-1])
+    result = run_in_namespace("tests.test_dead_upstream", f"_in_namespace({mode!r})")
     assert result["echoed"]
     error = result["error"]
     assert (error["code"], error["fatal"]) == ("ConnectionFailed", True)
