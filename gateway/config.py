@@ -58,6 +58,8 @@ class NodeConfig:
     max_sessions_per_key: int = 0
     overload_lag_ms: int = 250
     idle_timeout_s: float = 300.0
+    client_ping_interval_s: float = 20.0
+    client_ping_timeout_s: float = 20.0
     max_session_s: float = 3600.0
     session_warning_s: float = 60.0
     max_client_queue_ms: int = 5000
@@ -144,6 +146,12 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
     ("--idle-timeout-s", "idle_timeout_s", "GATEWAY_IDLE_TIMEOUT_S", float, 300.0,
      "close a session after this long with no audio or message in either direction (pings do not "
      "count; 0 = never)"),
+    ("--client-ping-interval-s", "client_ping_interval_s", "GATEWAY_CLIENT_PING_INTERVAL_S", float, 20.0,
+     "ping a client that has sent nothing (no audio, message or pong) for this long: a client that "
+     "vanished without closing (a dropped network, a sleeping laptop) is found, and idle clients keep "
+     "NAT and load-balancer mappings alive (0 = never)"),
+    ("--client-ping-timeout-s", "client_ping_timeout_s", "GATEWAY_CLIENT_PING_TIMEOUT_S", float, 20.0,
+     "a pinged client that sends nothing more for this long is gone: ClientUnresponsive, close 4005"),
     ("--max-session-s", "max_session_s", "GATEWAY_MAX_SESSION_S", float, 3600.0,
      "longest session; clients get a `closing` warning --session-warning-s before (0 = no limit)"),
     ("--session-warning-s", "session_warning_s", "GATEWAY_SESSION_WARNING_S", float, 60.0,
@@ -232,10 +240,14 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
     if values["connect_timeout_s"] <= 0:
         raise ConfigError("connect timeout must be positive")
     for dest in ("max_sessions", "max_sessions_per_ip", "max_sessions_per_key", "idle_timeout_s",
+                 "client_ping_interval_s",
                  "max_session_s", "session_warning_s", "drain_timeout_s", "max_client_queue_ms",
                  "read_batch_ms", "jwt_leeway_s", "overload_lag_ms"):
         if values[dest] < 0:
             raise ConfigError(f"{dest} must not be negative (got {values[dest]})")
+    if values["client_ping_interval_s"] and values["client_ping_timeout_s"] <= 0:
+        raise ConfigError(f"{_setting('client_ping_timeout_s')} must be positive while "
+                          f"{_setting('client_ping_interval_s')} is on (got {values['client_ping_timeout_s']})")
     if values["workers"] < 1:
         raise ConfigError("workers must be at least 1")
     if not values["jwt_max_sessions_claim"].strip():

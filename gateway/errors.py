@@ -26,6 +26,7 @@ CLOSE_UPSTREAM_AUTH_FAILED = 4001
 CLOSE_SESSION_EXPIRED = 4002
 CLOSE_IDLE_TIMEOUT = 4003
 CLOSE_SLOW_CLIENT = 4004
+CLOSE_CLIENT_UNRESPONSIVE = 4005
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,7 @@ ERROR_TABLE: dict[str, ErrorKind] = {
     "Overloaded": ErrorKind(True, CLOSE_TRY_AGAIN_LATER, "overloaded"),
     "IdleTimeout": ErrorKind(True, CLOSE_IDLE_TIMEOUT, "idle timeout"),
     "SlowClient": ErrorKind(True, CLOSE_SLOW_CLIENT, "client not reading"),
+    "ClientUnresponsive": ErrorKind(True, CLOSE_CLIENT_UNRESPONSIVE, "no pong"),
 }
 
 # Credentials: OpenAI keys (sk-..., sk-proj-...), ephemeral keys (ek_...), also masked the way
@@ -172,6 +174,11 @@ class IdleTimeout(GatewayError):
 
 class SlowClient(GatewayError):
     """The client stopped reading and its queued audio passed --max-client-queue-ms (policy close)."""
+
+
+class ClientUnresponsive(GatewayError):
+    """The client sent nothing, not even a pong, for --client-ping-timeout-s after a ping: it is
+    gone without closing (close 4005; it usually never sees the error or the close)."""
 
 
 # Every table row has its class, and every class its row.

@@ -36,7 +36,8 @@ DIRECTIONS = (C2U, U2C)
 KINDS = ("audio", "json")
 #: how a session ended (`session_closed`)
 SESSION_OUTCOMES = ("completed", "client_disconnected", "upstream_failed", "upstream_auth_failed",
-                    "expired", "idle_timeout", "max_duration", "slow_client", "drained", "error", "other")
+                    "expired", "idle_timeout", "max_duration", "slow_client", "client_unresponsive", "drained",
+                    "error", "other")
 #: why audio was discarded (`count_drop`)
 DROP_REASONS = ("slow_client", "pre_ready_overflow", "interrupted", "upstream_closed", "other")
 #: why an upgrade was refused (`count_refusal`): auth, origin, or a `LimitRefusal.scope`
@@ -86,17 +87,19 @@ class SessionStats:
 
     Counters (monotonic; the session only ever adds):
       ``c2u_*``: messages received from the client (``audio`` = binary frames, bytes = PCM bytes;
-      ``json`` = text messages, bytes = message bytes). ``u2c_*``: upstream messages for the client
-      (``audio`` = audio deltas, bytes = decoded PCM bytes; ``json`` = other events, bytes = frame
-      bytes). All but ``c2u_json_*`` live in ``path`` (`PathCounters`, replaced by the session's
-      `AudioPath` before any traffic) and read and write through to it.
+      ``json`` = text messages, bytes = message bytes; ``other`` = frames that are no message
+      yet or ever: pings, pongs, fragments, only a sign of life and not flushed). ``u2c_*``:
+      upstream messages for the client (``audio`` = audio deltas, bytes = decoded PCM bytes;
+      ``json`` = other events, bytes = frame bytes). The ``audio`` and ``u2c_json`` counters live
+      in ``path`` (`PathCounters`, replaced by the session's `AudioPath` before any traffic) and
+      read and write through to it.
     Levels (set, not added): ``c2u_buffered_bytes`` = client audio waiting for `ready` (the
       coalescer's few ms are not counted), ``u2c_buffered_bytes`` = bytes queued towards the client; flushes turn
       them into the ``gateway_buffered_bytes`` gauge and track the per-session peak.
     Owned by one session on one event loop; `GatewayMetrics` reads it only in `flush`.
     """
 
-    __slots__ = ("path", "c2u_json_frames", "c2u_json_bytes",
+    __slots__ = ("path", "c2u_json_frames", "c2u_json_bytes", "c2u_other_frames",
                  "c2u_buffered_bytes", "u2c_buffered_bytes", "c2u_buffered_peak", "u2c_buffered_peak",
                  "_flushed", "_buffered_reported", "_upstream_open", "closed")
 
@@ -110,6 +113,7 @@ class SessionStats:
     def __init__(self) -> None:
         self.path = PathCounters()
         self.c2u_json_frames = self.c2u_json_bytes = 0
+        self.c2u_other_frames = 0
         self.c2u_buffered_bytes = self.u2c_buffered_bytes = 0
         self.c2u_buffered_peak = self.u2c_buffered_peak = 0
         self._flushed = [0] * len(_TRAFFIC_FIELDS)

@@ -38,10 +38,11 @@ log = logging.getLogger("gateway.server")
 _FRAME_SLACK_BYTES = 64 * 1024
 _BINARY = WSMsgType.BINARY
 _PING = WSMsgType.PING
+_PONG = WSMsgType.PONG
 #: picows' initial read buffer per client socket (it doubles on demand and never shrinks); the
 #: default 16 KiB is mostly idle for 960-byte audio frames and dominated RSS per session
 CLIENT_READ_BUFFER_INIT_BYTES = 4 * 1024
-#: the longest interval between sweeps (metrics flush, idle and duration checks)
+#: the longest interval between sweeps (metrics flush, idle, ping and duration checks)
 SWEEP_INTERVAL_S = 1.0
 #: sweeps in a row that run --overload-lag-ms late before the node refuses new sessions
 OVERLOAD_SWEEPS = 2
@@ -81,7 +82,13 @@ class ClientListener(ClientLeg):
             transport.send_close(WSCloseCode.PROTOCOL_ERROR, b"reserved bits set without an extension")
             transport.disconnect()
             return
+        if frame.msg_type is _PONG:
+            if self.session is not None:  # an answer to the liveness ping, or a heartbeat of its own
+                self.session.stats.c2u_other_frames += 1
+            return
         if frame.msg_type is _PING:
+            if self.session is not None:
+                self.session.stats.c2u_other_frames += 1
             # answered here, not by picows' auto-pong, whose pongs ignore backpressure: a client
             # that pings and never reads grew the node's memory without bound. While it does not
             # read, only its latest ping is answered, once it reads again (RFC 6455 §5.5.3)
@@ -122,7 +129,8 @@ class ClientListener(ClientLeg):
         finally:
             # while a fragmented message is assembled, no frame may bypass the assembler
             self.assembling = self.assembler.partial is not None
-        if message is None:
+        if message is None:  # a fragment: the client is there
+            session.stats.c2u_other_frames += 1
             return
         msg_type, payload = message
         try:
@@ -168,7 +176,7 @@ class GatewayServer:
     Admission, in order: path; draining (503); Origin allow-list (403); client auth (401); session
     limits (503 global / 429 per key or per IP) — all answered at the HTTP upgrade, before any
     upstream is opened. A periodic sweep flushes per-session traffic into the metrics and enforces
-    the idle timeout and the maximum session duration.
+    the idle timeout, the client pings and the maximum session duration.
     """
 
     def __init__(self, config: NodeConfig, upstream_url: str | None = None,
@@ -330,7 +338,7 @@ class GatewayServer:
         self.authenticator = authenticator  # one assignment: an upgrade sees the old or the new keys
         log.info("reloaded %d client keys", authenticator.key_count)
 
-    # ---- the sweep: metrics flush, idle timeout, maximum duration ------------------------------
+    # ---- the sweep: metrics flush, idle timeout, client pings, maximum duration --------------
 
     def _sweep_interval(self) -> float:
         limits = [SWEEP_INTERVAL_S]
@@ -338,6 +346,8 @@ class GatewayServer:
             limits.append(self.config.idle_timeout_s / 4)
         if self.config.max_session_s:
             limits.append(self.config.max_session_s / 8)
+        if self.config.client_ping_interval_s:
+            limits.append(min(self.config.client_ping_interval_s, self.config.client_ping_timeout_s) / 4)
         return max(0.05, min(limits))
 
     def _schedule_sweep(self) -> None:
@@ -387,6 +397,8 @@ class GatewayServer:
             elif config.idle_timeout_s and now - session.active_at >= config.idle_timeout_s:
                 session.fail(IdleTimeout(f"no traffic in either direction for {config.idle_timeout_s:g} s"))
                 continue
+            if config.client_ping_interval_s:
+                session.check_client_alive(now, config.client_ping_interval_s, config.client_ping_timeout_s)
             if config.max_session_s:
                 age = now - session.started_at
                 if age >= config.max_session_s:

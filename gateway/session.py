@@ -42,8 +42,8 @@ from gateway.outbox import DROPPING, OVERFLOW, READING, STALLED, ClientOutbox
 from gateway.playback import PlaybackTimeline
 from gateway.recent import EMPTY, RECENT, added, remember
 from gateway.errors import (BENIGN_UPSTREAM_CODES, AuthenticationFailed, ConnectionFailed, GatewayError,
-                            InvalidConfig, InvalidMessage, NotConnected, SessionExpired, SlowClient, UpstreamError,
-                            from_upstream_error)
+                            ClientUnresponsive, InvalidConfig, InvalidMessage, NotConnected, SessionExpired, SlowClient,
+                            UpstreamError, from_upstream_error)
 from gateway.sockets import peer_closed
 from gateway.upstream import UpstreamConnection, build_upstream_url, dialect_for
 
@@ -77,7 +77,8 @@ _NOTHING = cp.SessionConfig()  # no fallback: a field the upstream refuses is le
 _OUTCOME_BY_CODE = {"AuthenticationFailed": "upstream_auth_failed", "ConnectionFailed": "upstream_failed",
                     "RateLimitExceeded": "upstream_failed",
                     "UpstreamError": "upstream_failed", "SessionExpired": "expired",
-                    "IdleTimeout": "idle_timeout", "SlowClient": "slow_client"}
+                    "IdleTimeout": "idle_timeout", "SlowClient": "slow_client",
+                    "ClientUnresponsive": "client_unresponsive"}
 _UPSTREAM_OUTCOMES = frozenset({"upstream_failed", "upstream_auth_failed", "expired"})
 
 
@@ -137,9 +138,9 @@ class RelaySession:
                  "_response_calls", "_response_wanted",
                  "_turn_end", "_update_counter",
                  "active_at", "active_response_id", "activity_seen", "client", "client_leg",
-                 "close_code", "created", "dialect", "effective", "ignored", "input_format",
+                 "close_code", "created", "dialect", "effective", "heard_at", "heard_seen", "ignored", "input_format",
                  "input_meter", "levels", "loop", "metrics", "node", "on_closed", "outcome",
-                 "outbox", "output_bytes_per_ms", "path", "playback", "requested", "session_id", "started_at", "state",
+                 "outbox", "output_bytes_per_ms", "path", "playback", "ping_sent_at", "requested", "session_id", "started_at", "state",
                  "stats", "upstream", "upstream_model", "upstream_session_id", "upstream_url",
                  "warned")
 
@@ -158,6 +159,11 @@ class RelaySession:
         self.activity_seen = 0
         self.active_at = self.started_at
         self.warned = False
+        # kept by `check_client_alive`: frames heard from the client at its last look, when that
+        # last changed, and when the unanswered ping went out (0.0: none is)
+        self.heard_seen = 0
+        self.heard_at = self.started_at
+        self.ping_sent_at = 0.0
         self._turn_end: float | None = None  # for time-to-first-reply-audio (`_turn_end_at`)
         self._client_reading_paused = False  # while the upstream does not keep up
         self.upstream_url = upstream_url
@@ -1161,6 +1167,33 @@ class RelaySession:
             client.disconnect(False)  # -> on_client_closed: the upstream is closed too
             return
         self._hangup_timer = self.loop.call_later(HANGUP_CHECK_S, self._check_client_hangup)
+
+    # ---- a client that vanished ------------------------------------------------------------------
+
+    def check_client_alive(self, now: float, interval_s: float, timeout_s: float) -> None:
+        """The server's sweep (--client-ping-interval-s): ping a client that has sent nothing
+        for `interval_s`; if it then sends nothing, not even the pong, for `timeout_s`, it is
+        gone without closing (a dropped network, a sleeping laptop). TCP cannot tell while
+        neither side sends, and a ghost session would hold its key's session slot until the
+        idle timeout. A client that is not read (the upstream does not keep up) or does not
+        read (its writes are paused) cannot answer: the hang-up check and --slow-client-policy
+        own those, so their time does not count."""
+        client = self.client
+        if self.state is CLOSED or client is None or client.is_disconnected:
+            return
+        stats = self.stats
+        heard = stats.c2u_audio_frames + stats.c2u_json_frames + stats.c2u_other_frames
+        if heard != self.heard_seen or self._client_reading_paused or self.outbox.paused:
+            self.heard_seen = heard
+            self.heard_at = now
+            self.ping_sent_at = 0.0
+        elif self.ping_sent_at:
+            if now - self.ping_sent_at >= timeout_s:
+                self.fail(ClientUnresponsive(f"the client answered no ping for {timeout_s:g} s, after "
+                                             f"{round(now - self.heard_at, 1):g} s without a frame"))
+        elif now - self.heard_at >= interval_s:
+            client.send_ping()
+            self.ping_sent_at = now
 
     # ---- a client that does not read (gateway/outbox.py) ------------------------------------------
 

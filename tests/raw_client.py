@@ -16,15 +16,18 @@ MiB = 1024 * 1024
 
 class RawClient(WSListener):
     """Records every frame from the gateway: JSON `events` in order, binary `audio_frames` in
-    order (each as its own bytes object, so frame boundaries are visible), `pongs` payloads, and
-    the close code. All waits are on conditions with deadlines."""
+    order (each as its own bytes object, so frame boundaries are visible), `pings` and `pongs`
+    payloads, and the close code. Pings are answered, as every WebSocket client does, unless
+    `answer_pings` is false (a client that is gone). All waits are on conditions with deadlines."""
 
     def __init__(self) -> None:
         self.transport: WSTransport | None = None
         self.events: list[dict[str, Any]] = []
         self.audio_frames: list[bytes] = []
         self.audio_bytes = 0
+        self.pings: list[bytes] = []
         self.pongs: list[bytes] = []
+        self.answer_pings = True
         self.close_code: int | None = None
         self.close_reason = ""
         self.disconnected = False
@@ -34,7 +37,7 @@ class RawClient(WSListener):
 
     @classmethod
     async def connect(cls, url: str, **kwargs: Any) -> "RawClient":
-        _transport, client = await ws_connect(cls, url, max_frame_size=64 * MiB,
+        _transport, client = await ws_connect(cls, url, max_frame_size=64 * MiB, enable_auto_pong=False,
                                               websocket_handshake_timeout=5, **kwargs)
         return client
 
@@ -49,6 +52,10 @@ class RawClient(WSListener):
         elif kind is WSMsgType.BINARY:
             self.audio_frames.append(frame.get_payload_as_bytes())
             self.audio_bytes += frame.payload_size
+        elif kind is WSMsgType.PING:
+            self.pings.append(frame.get_payload_as_bytes())
+            if self.answer_pings:
+                transport.send_pong(frame.get_payload_as_bytes())
         elif kind is WSMsgType.PONG:
             self.pongs.append(frame.get_payload_as_bytes())
         elif kind is WSMsgType.CLOSE:

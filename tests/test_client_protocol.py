@@ -260,7 +260,7 @@ def test_event_builders():
 def test_error_table_covers_every_code_with_close_codes():
     assert set(ERROR_TABLE) == {"AuthenticationFailed", "NotConnected", "ConnectionFailed", "RateLimitExceeded",
                                 "InvalidConfig", "InvalidMessage", "UpstreamError", "SessionExpired", "Overloaded",
-                                "IdleTimeout", "SlowClient"}
+                                "IdleTimeout", "SlowClient", "ClientUnresponsive"}
     for code, kind in ERROR_TABLE.items():
         assert 1000 <= kind.close_code <= 4999 and kind.close_reason
     assert AuthenticationFailed("x").fatal and SessionExpired("x").fatal

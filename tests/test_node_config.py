@@ -30,6 +30,10 @@ def test_defaults_flags_and_env_fallbacks():
     flag_wins = build(["--port", "4200"], {"GATEWAY_UPSTREAM": "mock", "GATEWAY_PORT": "4100"})
     assert flag_wins.port == 4200
     assert (config.jwt_leeway_s, config.jwt_max_sessions_claim) == (30.0, "max_sessions")
+    assert (config.client_ping_interval_s, config.client_ping_timeout_s) == (20.0, 20.0)
+    pings_env = build([], {"GATEWAY_UPSTREAM": "mock", "GATEWAY_CLIENT_PING_INTERVAL_S": "0",
+                           "GATEWAY_CLIENT_PING_TIMEOUT_S": "0"})  # no pings: the timeout is moot
+    assert (pings_env.client_ping_interval_s, pings_env.client_ping_timeout_s) == (0.0, 0.0)
     jwt_env = build([], {"GATEWAY_UPSTREAM": "mock", "GATEWAY_JWT_LEEWAY_S": "0",
                          "GATEWAY_JWT_MAX_SESSIONS_CLAIM": "https://example.com/max_sessions"})
     assert (jwt_env.jwt_leeway_s, jwt_env.jwt_max_sessions_claim) == (0.0, "https://example.com/max_sessions")
@@ -102,6 +106,9 @@ def test_json_logs_carry_the_session_id_and_never_the_keys():
     (["--jwt-leeway-s", "-1"], {}, "jwt_leeway_s must not be negative"),
     ([], {"GATEWAY_JWT_LEEWAY_S": "inf"}, "jwt_leeway_s must be a finite number"),
     (["--jwt-max-sessions-claim", ""], {}, r"^--jwt-max-sessions-claim .* must name a claim"),
+    (["--client-ping-interval-s", "-5"], {}, "client_ping_interval_s must not be negative"),
+    ([], {"GATEWAY_CLIENT_PING_TIMEOUT_S": "0"}, r"^--client-ping-timeout-s .* must be positive while "
+                                                  r"--client-ping-interval-s .* is on"),
 ])
 def test_settings_a_node_could_not_run_with_are_refused_at_start(argv, env, message):
     """Found by an operations audit: a wrapped port, a NaN timeout that crashed the drain, a
