@@ -30,7 +30,7 @@ from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport, ws_connect
 from picows.common import WSHandshakeError
 from python_socks import ProxyError  # picows' dependency: what its CONNECT tunnel raises
 
-from _fastpath import AudioPath, UpstreamLeg, release_handshake
+from _fastpath import HEADER_ROOM, AudioPath, UpstreamLeg, release_handshake
 
 from gateway import sockets
 from gateway.config import safe_location
@@ -47,9 +47,14 @@ MAX_UPSTREAM_MESSAGE_BYTES = 64 * 1024 * 1024
 #: memory per session (an aiofastnet transport embeds a 256-entry iovec array): 46 -> 34 KiB.
 #: Both legs of every session (client: gateway.server, upstream: here) use this.
 USE_AIOFASTNET = False
-#: picows grows its read buffer on demand (doubling, never shrinking); start small so sessions
-#: stay light: 8 KiB holds a 100 ms output-audio delta (~6.6 KB of JSON) and its transcript delta
+#: picows grows its read buffer on demand (doubling, never shrinking; gateway/read_buffers.py gives
+#: its pages back after a burst); start small so sessions stay light: 8 KiB holds a 100 ms
+#: output-audio delta (~6.6 KB of JSON) and its transcript delta
 READ_BUFFER_INIT_BYTES = 8 * 1024
+#: longest event sent through picows' own write buffer, which it masks a copy into and never
+#: shrinks (a forwarded 4 MiB `conversation.item.create` kept 4 MiB per session); a longer one is
+#: copied once into a bytearray of its own, masked there and freed with it
+COPY_SEND_MAX_BYTES = 8 * 1024
 #: seconds a graceful close may take before the connection is reset (an upstream that does not
 #: read keeps our close frame, and the socket, for as long as it stalls)
 CLOSE_GRACE_S = 5.0
@@ -240,8 +245,14 @@ class UpstreamConnection:
         return self.transport is not None and not self.transport.is_disconnected and not self.closing
 
     def send_json_bytes(self, data: bytes) -> None:
-        if self.connected:
-            self.transport.send(WSMsgType.TEXT, data)
+        if not self.connected:
+            return
+        if len(data) <= COPY_SEND_MAX_BYTES:
+            self.transport.send(_TEXT, data)
+            return
+        frame = bytearray(HEADER_ROOM + len(data))
+        frame[HEADER_ROOM:] = data
+        self.transport.send_reuse_external_bytearray(_TEXT, frame, HEADER_ROOM)
 
     def send_frame(self, frame: bytearray, offset: int) -> None:
         """Zero-copy send of an encoded frame whose first `offset` bytes are free header room
