@@ -389,6 +389,7 @@ class GatewayServer:
             self.metrics.flush(stats)
             session.observe_levels()
             session.check_client_reading()
+            session.release_read_buffers()
             activity = (stats.c2u_audio_frames + stats.c2u_json_frames + stats.u2c_audio_frames
                         + stats.u2c_json_frames)
             if activity != session.activity_seen or session.waiting_on_upstream:

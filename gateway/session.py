@@ -36,6 +36,7 @@ from picows import WSCloseCode, WSTransport
 
 from _fastpath import HEADER_ROOM, AudioPath, ClientLeg, Coalescer, LevelMeter
 from gateway import client_protocol as cp
+from gateway import read_buffers
 from gateway.config import NodeConfig
 from gateway.metrics import GatewayMetrics, SessionStats
 from gateway.outbox import DROPPING, OVERFLOW, READING, STALLED, ClientOutbox
@@ -139,6 +140,7 @@ class RelaySession:
                  "_turn_end", "_update_counter",
                  "active_at", "active_response_id", "activity_seen", "client", "client_leg",
                  "close_code", "created", "dialect", "effective", "heard_at", "heard_seen", "ignored", "input_format",
+                 "read_seen",
                  "input_meter", "levels", "loop", "metrics", "node", "on_closed", "outcome",
                  "outbox", "output_bytes_per_ms", "path", "playback", "ping_sent_at", "requested", "session_id", "started_at", "state",
                  "stats", "upstream", "upstream_model", "upstream_session_id", "upstream_url",
@@ -164,6 +166,8 @@ class RelaySession:
         self.heard_seen = 0
         self.heard_at = self.started_at
         self.ping_sent_at = 0.0
+        # kept by `release_read_buffers`: bytes each leg had received at its last release
+        self.read_seen = (0, 0)
         self._turn_end: float | None = None  # for time-to-first-reply-audio (`_turn_end_at`)
         self._client_reading_paused = False  # while the upstream does not keep up
         self.upstream_url = upstream_url
@@ -1167,6 +1171,28 @@ class RelaySession:
             client.disconnect(False)  # -> on_client_closed: the upstream is closed too
             return
         self._hangup_timer = self.loop.call_later(HANGUP_CHECK_S, self._check_client_hangup)
+
+    # ---- memory after a burst (gateway/read_buffers.py) --------------------------------------------
+
+    def release_read_buffers(self) -> None:
+        """The server's sweep: a leg that received more than a burst since the last release may
+        have grown its read buffer (a big message, a backlog read at once); give back its free
+        pages, so the session's memory returns to its small steady size."""
+        stats = self.stats
+        from_client = stats.c2u_audio_bytes + stats.c2u_json_bytes
+        from_upstream = stats.u2c_audio_bytes + stats.u2c_json_bytes
+        client_seen, upstream_seen = self.read_seen
+        if from_client - client_seen < read_buffers.BURST_BYTES and \
+                from_upstream - upstream_seen < read_buffers.BURST_BYTES:
+            return
+        if from_client - client_seen >= read_buffers.BURST_BYTES:
+            read_buffers.release(self.client)
+            client_seen = from_client
+        if from_upstream - upstream_seen >= read_buffers.BURST_BYTES:
+            if self.upstream is not None:
+                read_buffers.release(self.upstream.transport)
+            upstream_seen = from_upstream
+        self.read_seen = (client_seen, upstream_seen)
 
     # ---- a client that vanished ------------------------------------------------------------------
 

@@ -1,0 +1,63 @@
+"""Giving back the memory of a connection's read buffer after a burst.
+
+picows reads every WebSocket connection into one buffer of its own. A frame must fit in it
+whole, so the buffer doubles until the largest frame (or the largest backlog read at once)
+fits, and it never shrinks: one 8 MiB message left its session holding 16 MiB for the rest of
+its life, and 1,000 sessions that each sent one held 16 GB. picows offers no way to shrink
+it, but it does hand out its free part — everything after the unparsed bytes — through
+`get_buffer`, the `asyncio.BufferedProtocol` call uvloop reads into. `release` tells the kernel
+it may take that part's pages back (`madvise(MADV_DONTNEED)`): the buffer keeps its size, and
+a page is given a fresh zeroed one only when a later read reaches it again.
+
+The server's sweep calls `release` for a session's legs that received more than
+`BURST_BYTES` since its last look: a talking session (48 KB of audio a second each way) is
+never touched, and a leg that was is touched once per burst, not once per frame.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+#: traffic on one leg between two sweeps that may have grown its read buffer past `KEEP_BYTES`
+BURST_BYTES = 256 * 1024
+#: free read buffer a leg keeps resident: what a second of audio and its replies need at most
+KEEP_BYTES = 64 * 1024
+PAGE_BYTES = mmap.PAGESIZE
+
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+_madvise = None
+if _MADV_DONTNEED is not None:
+    try:
+        _madvise = ctypes.CDLL(None, use_errno=True).madvise
+        _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        _madvise.restype = ctypes.c_int
+    except (OSError, AttributeError):  # no libc symbol to call: nothing is released
+        _madvise = None
+
+
+def free_region(transport) -> tuple[int, int] | None:
+    """(address, length) of the free part of the read buffer behind a picows `transport`, or
+    None once the connection is gone."""
+    if transport is None or transport.is_disconnected:
+        return None
+    protocol = transport.underlying_transport.get_protocol()
+    view = protocol.get_buffer(-1)  # picows: a writable view of [write position, buffer size)
+    if len(view) == 0:
+        return None
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)), len(view)
+
+
+def release(transport, keep: int = KEEP_BYTES) -> int:
+    """Let the kernel take back the pages of `transport`'s free read buffer beyond its first
+    `keep` bytes; returns how many bytes were given back (0 where nothing could be)."""
+    region = free_region(transport)
+    if region is None or _madvise is None:
+        return 0
+    address, length = region
+    start = -(-(address + keep) // PAGE_BYTES) * PAGE_BYTES  # whole pages only, inside the region
+    end = (address + length) // PAGE_BYTES * PAGE_BYTES
+    if end <= start:
+        return 0
+    if _madvise(start, end - start, _MADV_DONTNEED) != 0:
+        return 0
+    return end - start
