@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from gateway import tls
 from gateway.client_protocol import VOICES, is_model_name
 
 OPENAI_URL = "wss://api.openai.com/v1/realtime"
@@ -37,6 +38,8 @@ class NodeConfig:
 
     host: str = "0.0.0.0"
     port: int = 3001
+    tls_cert: str | None = None
+    tls_key: str | None = None
     upstream: str = "openai"
     upstream_url: str | None = None
     upstream_dialect: str = "ga"
@@ -96,6 +99,12 @@ class NodeConfig:
 _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
     ("--host", "host", "GATEWAY_HOST", str, "0.0.0.0", "interface to listen on"),
     ("--port", "port", "GATEWAY_PORT", int, 3001, "TCP port for /realtime and /health"),
+    ("--tls-cert", "tls_cert", "GATEWAY_TLS_CERT", str, None,
+     "serve wss:// (and https:// for /health, /ready, /metrics) with this PEM certificate chain, "
+     "leaf first; SIGHUP re-reads it and --tls-key for new connections (default: plain ws://, for "
+     "a node behind a TLS-terminating load balancer)"),
+    ("--tls-key", "tls_key", "GATEWAY_TLS_KEY", str, None,
+     "the unencrypted PEM private key of --tls-cert (default: the key in --tls-cert's file)"),
     ("--upstream", "upstream", "GATEWAY_UPSTREAM", str, "openai",
      "upstream provider: mock (built-in mock, in-process, no key), openai (needs OPENAI_API_KEY), "
      "azure (needs AZURE_OPENAI_API_KEY and --upstream-url)"),
@@ -245,6 +254,13 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
                  "read_batch_ms", "jwt_leeway_s", "overload_lag_ms"):
         if values[dest] < 0:
             raise ConfigError(f"{dest} must not be negative (got {values[dest]})")
+    if values["tls_key"] and not values["tls_cert"]:
+        raise ConfigError(f"{_setting('tls_key')} needs {_setting('tls_cert')}")
+    if values["tls_cert"]:
+        try:
+            tls.server_context(values["tls_cert"], values["tls_key"])
+        except tls.TLSFilesError as exc:
+            raise ConfigError(f"{_setting('tls_cert')}: {exc}") from None
     if values["client_ping_interval_s"] and values["client_ping_timeout_s"] <= 0:
         raise ConfigError(f"{_setting('client_ping_timeout_s')} must be positive while "
                           f"{_setting('client_ping_interval_s')} is on (got {values['client_ping_timeout_s']})")

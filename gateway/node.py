@@ -1,5 +1,5 @@
 """The `serve` command: run a gateway node on uvloop until SIGINT/SIGTERM, which drain it;
-SIGHUP re-reads `--api-keys-file` (`GatewayServer.reload_keys`).
+SIGHUP re-reads `--api-keys-file` and the TLS certificate (`GatewayServer.reload`).
 
 `--upstream mock` starts the built-in mock upstream in-process on a free 127.0.0.1 port and
 points the node at it, so a newcomer needs no API key. `--workers N` runs N such processes on one
@@ -97,14 +97,15 @@ async def serve(config: NodeConfig, metrics_dir: str | None = None, reuse_port: 
     warning = server.authenticator.auth_warning(config.host)
     if warning:
         log.warning(warning)
-    log.info("realtime-gateway listening on %s:%d (/realtime, /health, /ready, /metrics); upstream=%s "
-             "dialect=%s default_model=%s auth=%s", config.host, server.port, config.upstream,
-             config.upstream_dialect, config.default_model, "on" if server.authenticator.enabled else "off")
+    log.info("realtime-gateway listening on %s://%s:%d (/realtime, /health, /ready, /metrics); upstream=%s "
+             "dialect=%s default_model=%s auth=%s", "wss" if server.tls else "ws", config.host, server.port,
+             config.upstream, config.upstream_dialect, config.default_model,
+             "on" if server.authenticator.enabled else "off")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, server.reload_keys)  # a reload, never a stop: calls go on
+    loop.add_signal_handler(signal.SIGHUP, server.reload)  # a reload, never a stop: calls go on
     try:
         await stop.wait()
         log.info("stop requested: draining %d session(s) for up to %g s", len(server.sessions),

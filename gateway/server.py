@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
@@ -18,7 +19,7 @@ from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport, ws_create_serve
 from picows.common import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
 from _fastpath import ClientLeg, DirectReader, release_handshake
-from gateway import sockets
+from gateway import sockets, tls
 from gateway.auth import (SHARED_LIMITS_FILE, AuthRefusal, AuthSettings, ClientAuthenticator, LimitRefusal,
                           OriginPolicy, Principal, Refusal, SessionLimiter, SharedSessionLimiter, Slot, client_ip,
                           limit_address, peer_ip)
@@ -206,6 +207,7 @@ class GatewayServer:
         self.loop_lag_s = 0.0  # how late the latest sweep ran
         self._servers: list[asyncio.Server] = []
         self.reader: DirectReader | None = None
+        self.tls: ssl.SSLContext | None = None  # --tls-cert: the listener's, reloaded in place
         self._sweeper: asyncio.TimerHandle | None = None
         self.port: int | None = None
         self._empty = asyncio.Event()
@@ -214,6 +216,8 @@ class GatewayServer:
     async def start(self, host: str | None = None, port: int | None = None, reuse_port: bool = False) -> int:
         if urlsplit(self.upstream_url).scheme == "wss":
             client_tls_context()  # made now rather than in the first session's connect (~15 ms)
+        if self.config.tls_cert and self.tls is None:
+            self.tls = tls.server_context(self.config.tls_cert, self.config.tls_key)
         if self.config.direct_reads == "on":
             self.reader = DirectReader(asyncio.get_running_loop(), self.config.read_batch_ms / 1000.0)
         listening = sockets.listening_sockets(self.config.host if host is None else host,
@@ -223,7 +227,7 @@ class GatewayServer:
                 self._route, sock=sock,
                 max_frame_size=self.config.max_message_bytes + _FRAME_SLACK_BYTES,
                 websocket_handshake_timeout=10, read_buffer_init_size=CLIENT_READ_BUFFER_INIT_BYTES,
-                enable_auto_pong=False, use_aiofastnet=USE_AIOFASTNET,
+                enable_auto_pong=False, use_aiofastnet=USE_AIOFASTNET, ssl=self.tls,
                 backlog=sockets.LISTEN_BACKLOG))  # create_server listens again, with 100 unless told
         self.port = listening[0].getsockname()[1]
         self._schedule_sweep()
@@ -231,7 +235,7 @@ class GatewayServer:
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/realtime"
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.port}/realtime"
 
     # ---- HTTP routing and admission ------------------------------------------------------------
 
@@ -322,6 +326,23 @@ class GatewayServer:
         self.sessions.discard(session)
         if not self.sessions:
             self._empty.set()
+
+    def reload(self) -> None:
+        """SIGHUP: the client keys file and the TLS certificate, each on its own."""
+        self.reload_keys()
+        self.reload_tls()
+
+    def reload_tls(self) -> None:
+        """Put --tls-cert / --tls-key in service again (a renewed certificate): new connections
+        get it, live ones keep theirs. A pair that cannot be used keeps the one in service."""
+        if self.tls is None:
+            return
+        try:
+            tls.reload(self.tls, self.config.tls_cert, self.config.tls_key)
+        except tls.TLSFilesError as exc:
+            log.error("TLS certificate not reloaded, keeping the one in service: %s", exc)
+            return
+        log.info("reloaded the TLS certificate from %s", self.config.tls_cert)
 
     def reload_keys(self) -> None:
         """SIGHUP: read --api-keys-file again; new upgrades are admitted with its keys, sessions
