@@ -14,6 +14,7 @@ from gateway.mock import MockOptions
 from tests.raw_client import RawClient, ready_client
 from tests.relay_harness import TEST_KEY, gateway_process, relay
 from tests.support import run
+from tests.test_bad_input import rss_bytes
 from tests.test_faults import wait_for
 from tests.test_tls_upstream import ca, server_context, trusted  # noqa: F401 (fixtures)
 
@@ -86,8 +87,7 @@ def test_release_keeps_the_first_pages_and_gives_nothing_for_a_closed_connection
 
 
 def _rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+    return rss_bytes(pid) / MiB
 
 
 def test_a_node_gives_back_the_memory_big_messages_took():
