@@ -138,13 +138,12 @@ class RelaySession:
                  "_pre_ready_audio_bytes", "_pre_ready_commands", "_reopens", "_response_asked",
                  "_response_calls", "_response_wanted",
                  "_turn_end", "_update_counter",
-                 "active_at", "active_response_id", "activity_seen", "client", "client_leg",
+                 "active_at", "active_response_id", "activity_seen", "client", "client_leg", "client_read_seen",
                  "close_code", "created", "dialect", "effective", "heard_at", "heard_seen", "ignored", "input_format",
-                 "read_seen",
                  "input_meter", "levels", "loop", "metrics", "node", "on_closed", "outcome",
-                 "outbox", "output_bytes_per_ms", "path", "playback", "ping_sent_at", "requested", "session_id", "started_at", "state",
-                 "stats", "upstream", "upstream_model", "upstream_session_id", "upstream_url",
-                 "warned")
+                 "outbox", "output_bytes_per_ms", "path", "ping_sent_at", "playback", "requested", "session_id",
+                 "started_at", "state", "stats", "upstream", "upstream_model", "upstream_read_seen",
+                 "upstream_session_id", "upstream_url", "warned")
 
     def __init__(self, node: NodeConfig, upstream_url: str, model: str | None,
                  on_closed: Callable[["RelaySession"], None] | None = None,
@@ -167,7 +166,7 @@ class RelaySession:
         self.heard_at = self.started_at
         self.ping_sent_at = 0.0
         # kept by `release_read_buffers`: bytes each leg had received at its last release
-        self.read_seen = (0, 0)
+        self.client_read_seen = self.upstream_read_seen = 0
         self._turn_end: float | None = None  # for time-to-first-reply-audio (`_turn_end_at`)
         self._client_reading_paused = False  # while the upstream does not keep up
         self.upstream_url = upstream_url
@@ -1179,20 +1178,15 @@ class RelaySession:
         have grown its read buffer (a big message, a backlog read at once); give back its free
         pages, so the session's memory returns to its small steady size."""
         stats = self.stats
-        from_client = stats.c2u_audio_bytes + stats.c2u_json_bytes
-        from_upstream = stats.u2c_audio_bytes + stats.u2c_json_bytes
-        client_seen, upstream_seen = self.read_seen
-        if from_client - client_seen < read_buffers.BURST_BYTES and \
-                from_upstream - upstream_seen < read_buffers.BURST_BYTES:
-            return
-        if from_client - client_seen >= read_buffers.BURST_BYTES:
+        received = stats.c2u_audio_bytes + stats.c2u_json_bytes
+        if received - self.client_read_seen >= read_buffers.BURST_BYTES:
+            self.client_read_seen = received
             read_buffers.release(self.client)
-            client_seen = from_client
-        if from_upstream - upstream_seen >= read_buffers.BURST_BYTES:
+        received = stats.u2c_audio_bytes + stats.u2c_json_bytes
+        if received - self.upstream_read_seen >= read_buffers.BURST_BYTES:
+            self.upstream_read_seen = received
             if self.upstream is not None:
                 read_buffers.release(self.upstream.transport)
-            upstream_seen = from_upstream
-        self.read_seen = (client_seen, upstream_seen)
 
     # ---- a client that vanished ------------------------------------------------------------------
 
