@@ -3,8 +3,10 @@
 `/realtime[?model=...]` upgrades to a WebSocket relayed by a `RelaySession`, after admission
 (origin, auth, limits); `GET /health` answers 200 `{"status":"ok","sessions":N,"pid":P}` (liveness),
 `GET /ready` 200, or 503 while draining (readiness), `GET /metrics` the Prometheus exposition;
-any other path is 404. The server keeps a registry of live sessions (`sessions`); `drain()` ends
-them gracefully, `stop()` closes every one of them (1001) before returning.
+any other path is 404. HEAD, OPTIONS and HTTP/1.0 requests, which picows' parser refuses, are
+answered by `gateway.http_probes` in front of it. The server keeps a registry of live sessions
+(`sessions`); `drain()` ends them gracefully, `stop()` closes every one of them (1001) before
+returning.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import ssl
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
-from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport, ws_create_server
+from picows import WSAutoPingStrategy, WSCloseCode, WSFrame, WSMsgType, WSTransport
+from picows.picows import WSProtocol
 from picows.common import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
 from _fastpath import ClientLeg, DirectReader, release_handshake
@@ -28,11 +31,13 @@ from gateway.config import ConfigError, NodeConfig
 from gateway.errors import (CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, IdleTimeout, InvalidMessage, Overloaded,
                             SessionExpired)
 from gateway.framing import FragmentOutOfOrder, MessageAssembler, MessageTooBig
+from gateway.http_probes import RequestSniffer
 from gateway.metrics import GatewayMetrics
 from gateway.session import RelaySession
-from gateway.upstream.connection import USE_AIOFASTNET, client_tls_context
+from gateway.upstream.connection import client_tls_context
 
 log = logging.getLogger("gateway.server")
+_PICOWS_LOG = logging.getLogger("picows.server")  # the logger picows' own server would use
 
 #: a single client frame may exceed the message limit only by this much before picows itself
 #: drops the connection; within it the gateway answers with a proper error and close 1009
@@ -222,12 +227,10 @@ class GatewayServer:
             self.reader = DirectReader(asyncio.get_running_loop(), self.config.read_batch_ms / 1000.0)
         listening = sockets.listening_sockets(self.config.host if host is None else host,
                                               self.config.port if port is None else port, reuse_port)
+        loop = asyncio.get_running_loop()
         for sock in listening:
-            self._servers.append(await ws_create_server(
-                self._route, sock=sock,
-                max_frame_size=self.config.max_message_bytes + _FRAME_SLACK_BYTES,
-                websocket_handshake_timeout=10, read_buffer_init_size=CLIENT_READ_BUFFER_INIT_BYTES,
-                enable_auto_pong=False, use_aiofastnet=USE_AIOFASTNET, ssl=self.tls,
+            self._servers.append(await loop.create_server(
+                self._connection_protocol, sock=sock, ssl=self.tls,
                 backlog=sockets.LISTEN_BACKLOG))  # create_server listens again, with 100 unless told
         self.port = listening[0].getsockname()[1]
         self._schedule_sweep()
@@ -239,6 +242,17 @@ class GatewayServer:
 
     # ---- HTTP routing and admission ------------------------------------------------------------
 
+    def _connection_protocol(self) -> RequestSniffer:
+        # picows.ws_create_server's protocol, made as it makes it (picows is pinned exactly), behind
+        # the sniffer that answers the probes picows' parser refuses
+        websocket = WSProtocol(
+            None, None, False, self._route, _PICOWS_LOG, True,
+            10,  # handshake timeout (s): also ends a connection that never sends its request
+            False, 20, 20, WSAutoPingStrategy.PING_WHEN_IDLE,  # no auto pings: the sweep pings clients
+            False,  # no auto pongs: ClientListener answers pings, holding them while the client does not read
+            self.config.max_message_bytes + _FRAME_SLACK_BYTES, None, CLIENT_READ_BUFFER_INIT_BYTES)
+        return RequestSniffer(websocket, self.plain_endpoint)
+
     def _route(self, request: WSUpgradeRequest):
         parts = urlsplit(request.path.decode("latin-1"))
         path = parts.path
@@ -249,21 +263,25 @@ class GatewayServer:
                 return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
                     426, b"WebSocket version 13 only", extra_headers={"Sec-WebSocket-Version": "13"}), None)
             return self._admit_upgrade(request, parts.query)
-        if request.method != b"GET":
-            return _json_response(405, {"error": "method not allowed"})
+        return _plain_response(self.plain_endpoint(path, request.headers.get("Accept")))
+
+    def plain_endpoint(self, path: str, accept: str | None) -> tuple[int, bytes, str]:
+        """A GET of a plain HTTP endpoint: status, body, content type. picows' handshake and the
+        sniffer (HEAD, HTTP/1.0) both answer from here."""
         if path == "/health":
-            return _json_response(200, {"status": "ok", "sessions": len(self.sessions), "pid": os.getpid(),
-                                        "draining": self.draining, "overloaded": self.overloaded})
+            return _json(200, {"status": "ok", "sessions": len(self.sessions), "pid": os.getpid(),
+                               "draining": self.draining, "overloaded": self.overloaded})
         if path == "/ready":
             ready = not (self.draining or self.overloaded)
-            return _json_response(200 if ready else 503, {"ready": ready, "draining": self.draining,
-                                                          "overloaded": self.overloaded})
+            return _json(200 if ready else 503, {"ready": ready, "draining": self.draining,
+                                                 "overloaded": self.overloaded})
         if path == "/metrics":
             self._observe_reader()
-            body, content_type = self.metrics.render(request.headers.get("Accept"))
-            return WSUpgradeResponseWithListener(
-                WSUpgradeResponse.create_ok_response(body, extra_headers={"Content-Type": content_type}), None)
-        return _json_response(404, {"error": "not found"})
+            body, content_type = self.metrics.render(accept)
+            return 200, body, content_type
+        if path == "/realtime":  # reached only by a request picows' parser would refuse
+            return _json(400, {"error": "/realtime is a WebSocket endpoint: open it with an HTTP/1.1 GET upgrade"})
+        return _json(404, {"error": "not found"})
 
     def _refused(self, reason: str, response):
         """Count and log a refused upgrade (the reason only: never the credentials it carried)."""
@@ -290,7 +308,7 @@ class GatewayServer:
             return self._refused(refusal.scope, refusal.to_response())
         models = parse_qs(query).get("model")
         if models and not is_model_name(models[0]):
-            return self._refused("other", _json_response(400, {"error": "invalid model name in ?model="}))
+            return self._refused("other", _plain_response(_json(400, {"error": "invalid model name in ?model="})))
         listener = ClientListener(self, principal, models[0] if models else None)
         if principal.subprotocol:  # browsers: echo the non-secret protocol name, never the token
             return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(
@@ -479,12 +497,16 @@ class GatewayServer:
         await self.stop()
 
 
-def _json_response(status: int, body: dict) -> WSUpgradeResponseWithListener:
-    payload = orjson.dumps(body)
-    headers = {"Content-Type": "application/json"}
+def _json(status: int, body: dict) -> tuple[int, bytes, str]:
+    return status, orjson.dumps(body), "application/json"
+
+
+def _plain_response(answer: tuple[int, bytes, str]) -> WSUpgradeResponseWithListener:
+    status, body, content_type = answer
+    headers = {"Content-Type": content_type}
     if status < 400:
-        return WSUpgradeResponseWithListener(WSUpgradeResponse.create_ok_response(payload, extra_headers=headers), None)
-    return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(status, payload, extra_headers=headers), None)
+        return WSUpgradeResponseWithListener(WSUpgradeResponse.create_ok_response(body, extra_headers=headers), None)
+    return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(status, body, extra_headers=headers), None)
 
 
 __all__ = ["GatewayServer", "ClientListener", "WSCloseCode"]

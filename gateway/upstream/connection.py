@@ -45,7 +45,7 @@ MAX_UPSTREAM_MESSAGE_BYTES = 64 * 1024 * 1024
 #: picows defaults to aiofastnet's transports when that package is installed (it is, as picows'
 #: dependency); uvloop's own TCP transports cost the same CPU per frame here but ~12 KiB less
 #: memory per session (an aiofastnet transport embeds a 256-entry iovec array): 46 -> 34 KiB.
-#: Both legs of every session (client: gateway.server, upstream: here) use this.
+#: The client leg's listener (gateway.server) uses uvloop's transports as well.
 USE_AIOFASTNET = False
 #: picows grows its read buffer on demand (doubling, never shrinking; gateway/read_buffers.py gives
 #: its pages back after a burst); start small so sessions stay light: 8 KiB holds a 100 ms

@@ -1,0 +1,111 @@
+"""The requests picows' parser refuses — HEAD, OPTIONS, HTTP/1.0 — answered by the node itself.
+
+picows reads every request on the node's port, and its parser takes HTTP/1.1 `GET` only: anything
+else gets a bare 400. Health checkers send more than that: HAProxy's `option httpchk` speaks
+HTTP/1.0 (`OPTIONS /` unless told a method), `curl -I` sends HEAD. So every connection starts
+with a `RequestSniffer`. It reads the request line of the first bytes, hands an HTTP/1.1 GET —
+every WebSocket upgrade, every ordinary probe — to picows' protocol untouched, and answers the
+rest from the node's plain endpoints: GET and HEAD (headers only), OPTIONS with the methods
+allowed, 405 for other methods, 400 for what is not HTTP/1.x; then it closes the connection.
+
+It costs one Python call per connection and none per frame: once it hands the request over,
+the sniffer is no longer the transport's protocol. picows' protocol is connected from the start,
+so its handshake timeout covers a client that connects and says nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+from http import HTTPStatus
+from typing import Callable
+
+#: an endpoint's answer: status, body, content type
+Answer = tuple[int, bytes, str]
+#: path, Accept header -> the answer of a GET on it
+Endpoint = Callable[[str, "str | None"], Answer]
+
+ALLOWED_METHODS = "GET, HEAD, OPTIONS"
+#: picows' own limit on a request head (`_http_max_size`); a longer one is refused here too
+MAX_REQUEST_HEAD_BYTES = 16 * 1024
+_UPGRADE_LINE_START = b"GET "
+_UPGRADE_LINE_END = b" HTTP/1.1"
+_VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
+
+
+class RequestSniffer(asyncio.Protocol):
+    """The first protocol of every client connection: picks who answers its request."""
+
+    __slots__ = ("ws", "endpoint", "transport", "head")
+
+    def __init__(self, ws: asyncio.BufferedProtocol, endpoint: Endpoint) -> None:
+        self.ws = ws  # picows' WSProtocol for this connection
+        self.endpoint = endpoint
+        self.transport: asyncio.Transport | None = None
+        self.head = b""  # what arrived before the request line (or head) was whole
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.ws.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        head = self.head + data if self.head else data
+        line_end = head.find(b"\r\n")
+        if line_end < 0 and len(head) < MAX_REQUEST_HEAD_BYTES:
+            self.head = head
+            return
+        if head.startswith(_UPGRADE_LINE_START) and head.endswith(_UPGRADE_LINE_END, 0, line_end):
+            self.transport.set_protocol(self.ws)
+            _feed(self.ws, head)
+            return
+        head_end = head.find(b"\r\n\r\n")
+        if head_end < 0 and len(head) < MAX_REQUEST_HEAD_BYTES:
+            self.head = head
+            return
+        self.head = b""
+        self.transport.pause_reading()  # one request per connection: the answer closes it
+        self.transport.write(self.answer(head[:head_end] if head_end >= 0 else None))
+        self.transport.close()
+
+    def answer(self, head: bytes | None) -> bytes:
+        """The whole response to a request head the node answers itself (None: too long)."""
+        if head is None:
+            return _response(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, b"", "text/plain", False)
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or parts[2] not in _VERSIONS or not parts[1]:
+            return _response(HTTPStatus.BAD_REQUEST, b"malformed HTTP request line\n", "text/plain", False)
+        method, target = parts[0], parts[1].decode("latin-1")
+        if method == b"OPTIONS":
+            return _response(HTTPStatus.OK, b"", "text/plain", False)
+        if method not in (b"GET", b"HEAD"):
+            return _response(HTTPStatus.METHOD_NOT_ALLOWED, b"", "text/plain", False)
+        status, body, content_type = self.endpoint(target.split("?", 1)[0], _header(lines, b"accept"))
+        return _response(status, body, content_type, method == b"HEAD")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ws.connection_lost(exc)  # cancels picows' handshake timeout
+
+
+def _feed(protocol: asyncio.BufferedProtocol, data: bytes) -> None:
+    """Give `data` to a buffered protocol as its transport would (its buffer grows as it fills)."""
+    view = memoryview(data)
+    while view:
+        buffer = protocol.get_buffer(len(view))
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        protocol.buffer_updated(size)
+        view = view[size:]
+
+
+def _header(lines: list[bytes], name: bytes) -> str | None:
+    for line in lines[1:]:
+        key, colon, value = line.partition(b":")
+        if colon and key.strip().lower() == name:
+            return value.strip().decode("latin-1")
+    return None
+
+
+def _response(status: int, body: bytes, content_type: str, head_only: bool) -> bytes:
+    status = HTTPStatus(status)
+    head = (f"HTTP/1.1 {status.value} {status.phrase}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nAllow: {ALLOWED_METHODS}\r\nConnection: close\r\n\r\n")
+    return head.encode("latin-1") if head_only else head.encode("latin-1") + body

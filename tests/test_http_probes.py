@@ -1,0 +1,167 @@
+"""Probes picows' request parser refuses — HEAD, OPTIONS, HTTP/1.0 (HAProxy's `option httpchk`,
+`curl -I`) — are answered by the node from the same endpoints, and every WebSocket upgrade still
+reaches picows however its request is cut into packets."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import ssl
+
+import orjson
+import pytest
+
+from gateway.http_probes import MAX_REQUEST_HEAD_BYTES
+from tests.raw_client import http_get
+from tests.relay_harness import relay
+from tests.support import run
+from tests.test_client_tls import write_pair
+from tests.test_tls_upstream import ca, trusted  # noqa: F401 (fixtures: a CA the test process trusts)
+
+
+async def exchange(port: int, request: bytes, tls: ssl.SSLContext | None = None) -> tuple[bytes, bytes]:
+    """Send one raw request; read until the node closes: (response head, what follows it)."""
+    async with asyncio.timeout(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls,
+                                                       server_hostname="127.0.0.1" if tls else None)
+        writer.write(request)
+        response = await reader.read()  # to EOF: these answers close the connection
+        writer.close()
+    head, _, rest = response.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def header(head: bytes, name: str) -> str:
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name.lower().encode():
+            return value.strip().decode()
+    raise AssertionError(f"no {name} header in {head!r}")
+
+
+def test_head_answers_with_the_get_headers_and_no_body():
+    async def scenario():
+        async with relay() as (gateway, _mock):
+            status, body = await http_get(gateway.port, "/health")
+            head, rest = await exchange(gateway.port, b"HEAD /health HTTP/1.1\r\nHost: node\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert (status, header(head, "Content-Length")) == (200, str(len(body)))
+            assert header(head, "Content-Type") == "application/json"
+            assert rest == b""  # headers only, then the node closes
+            missing, rest = await exchange(gateway.port, b"HEAD /nowhere HTTP/1.0\r\n\r\n")
+            assert missing.startswith(b"HTTP/1.1 404 Not Found\r\n") and rest == b""
+
+    run(scenario())
+
+
+def test_haproxy_style_http10_checks_follow_readiness():
+    """`option httpchk GET /ready` sends HTTP/1.0 without a Host: 200 while the node admits,
+    503 once it drains; HAProxy's default check (`OPTIONS /`) gets 200 with the methods allowed."""
+    async def scenario():
+        async with relay() as (gateway, _mock):
+            head, body = await exchange(gateway.port, b"GET /ready HTTP/1.0\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n") and header(head, "Connection") == "close"
+            assert orjson.loads(body) == {"ready": True, "draining": False, "overloaded": False}
+            head, body = await exchange(gateway.port, b"OPTIONS / HTTP/1.0\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body == b""
+            assert header(head, "Allow") == "GET, HEAD, OPTIONS"
+            await gateway.drain(timeout_s=1)  # no sessions: returns at once
+            head, body = await exchange(gateway.port, b"GET /ready HTTP/1.0\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+            assert orjson.loads(body) == {"ready": False, "draining": True, "overloaded": False}
+
+    run(scenario())
+
+
+def test_http10_metrics_negotiates_the_exposition_format():
+    async def scenario():
+        async with relay() as (gateway, _mock):
+            head, body = await exchange(gateway.port, b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert header(head, "Content-Type").startswith("text/plain")
+            assert b"\ngateway_sessions_active 0.0\n" in body
+            head, body = await exchange(
+                gateway.port, b"GET /metrics HTTP/1.0\r\nAccept: application/openmetrics-text\r\n\r\n")
+            assert header(head, "Content-Type").startswith("application/openmetrics-text")
+            assert body.endswith(b"# EOF\n")
+
+    run(scenario())
+
+
+def test_what_the_node_cannot_serve_is_refused_with_a_reason():
+    async def scenario():
+        async with relay() as (gateway, _mock):
+            port = gateway.port
+            head, _ = await exchange(port, b"POST /health HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+            assert head.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
+            assert header(head, "Allow") == "GET, HEAD, OPTIONS"
+            upgrade = (b"GET /realtime HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + base64.b64encode(os.urandom(16)) +
+                       b"\r\n\r\n")
+            head, body = await exchange(port, upgrade)
+            assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+            assert b"HTTP/1.1 GET upgrade" in orjson.loads(body)["error"].encode()
+            head, body = await exchange(port, b"HELLO\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n") and body == b"malformed HTTP request line\n"
+            head, _ = await exchange(port, b"HEAD /health HTTP/1.1\r\nX-Pad: " + b"a" * MAX_REQUEST_HEAD_BYTES)
+            assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+            assert gateway.sessions == set()
+
+    run(scenario())
+
+
+def test_an_upgrade_cut_into_single_bytes_still_reaches_picows():
+    """The request line arrives a byte a packet: the sniffer waits for all of it, then hands
+    every byte to picows, which upgrades and the session says `ready`."""
+    async def scenario():
+        async with relay() as (gateway, _mock):
+            key = base64.b64encode(os.urandom(16))
+            request = (b"GET /realtime HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                       b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key +
+                       b"\r\n\r\n")
+            async with asyncio.timeout(10):
+                reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+                for byte in request[:40]:  # asyncio streams are TCP_NODELAY: a packet each
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                writer.write(request[40:])
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 101 ")
+                first, length = await reader.readexactly(2)
+                assert first == 0x81  # one unmasked text frame
+                if length == 126:
+                    length = int.from_bytes(await reader.readexactly(2), "big")
+                event = orjson.loads(await reader.readexactly(length))
+                writer.close()
+            assert event["type"] == "ready"
+
+    run(scenario())
+
+
+def test_head_over_https(ca, trusted, tmp_path):
+    cert_path, key_path = write_pair(ca.issue_cert("127.0.0.1"), tmp_path, "node")
+
+    async def scenario():
+        async with relay(tls_cert=cert_path, tls_key=key_path) as (gateway, _mock):
+            head, rest = await exchange(gateway.port, b"HEAD /ready HTTP/1.0\r\n\r\n", ssl.create_default_context())
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n") and rest == b""
+            assert int(header(head, "Content-Length")) > 0
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("cut", [1, 5, 23])
+def test_a_probe_cut_anywhere_is_answered_once(cut):
+    """A HEAD request whose bytes straddle packets gets one whole answer."""
+    async def scenario():
+        async with relay() as (gateway, _mock):
+            request = b"HEAD /health HTTP/1.1\r\nHost: node\r\n\r\n"
+            async with asyncio.timeout(5):
+                reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+                writer.write(request[:cut])
+                await writer.drain()  # asyncio streams are TCP_NODELAY: the first part leaves alone
+                writer.write(request[cut:])
+                response = await reader.read()
+                writer.close()
+            assert response.count(b"HTTP/1.1 200 OK\r\n") == 1 and response.endswith(b"\r\n\r\n")
+
+    run(scenario())
