@@ -47,6 +47,13 @@ def free_region(transport) -> tuple[int, int] | None:
     return ctypes.addressof(ctypes.c_char.from_buffer(view)), len(view)
 
 
+def read_mark(transport) -> int | None:
+    """Where the next byte read from `transport` will land: it moves with every byte that
+    arrives, a whole frame or a piece of one (None once the connection is gone)."""
+    region = free_region(transport)
+    return None if region is None else region[0]
+
+
 def release(transport, keep: int = KEEP_BYTES) -> int:
     """Let the kernel take back the pages of `transport`'s free read buffer beyond its first
     `keep` bytes; returns how many bytes were given back (0 where nothing could be)."""

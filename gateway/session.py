@@ -139,7 +139,7 @@ class RelaySession:
                  "_response_calls", "_response_wanted",
                  "_turn_end", "_update_counter",
                  "active_at", "active_response_id", "activity_seen", "client", "client_leg", "client_read_seen",
-                 "close_code", "created", "dialect", "effective", "heard_at", "heard_seen", "ignored", "input_format",
+                 "close_code", "created", "dialect", "effective", "heard_at", "heard_mark", "heard_seen", "ignored", "input_format",
                  "input_meter", "levels", "loop", "metrics", "node", "on_closed", "outcome",
                  "outbox", "output_bytes_per_ms", "path", "ping_sent_at", "playback", "requested", "session_id",
                  "started_at", "state", "stats", "upstream", "upstream_model", "upstream_read_seen",
@@ -160,9 +160,11 @@ class RelaySession:
         self.activity_seen = 0
         self.active_at = self.started_at
         self.warned = False
-        # kept by `check_client_alive`: frames heard from the client at its last look, when that
-        # last changed, and when the unanswered ping went out (0.0: none is)
+        # kept by `check_client_alive`: frames heard from the client at its last look, where its
+        # read buffer was filled to while none were (None: not looked at), when either last
+        # changed, and when the unanswered ping went out (0.0: none is)
         self.heard_seen = 0
+        self.heard_mark: int | None = None
         self.heard_at = self.started_at
         self.ping_sent_at = 0.0
         # kept by `release_read_buffers`: bytes each leg had received at its last release
@@ -1191,8 +1193,8 @@ class RelaySession:
     # ---- a client that vanished ------------------------------------------------------------------
 
     def check_client_alive(self, now: float, interval_s: float, timeout_s: float) -> None:
-        """The server's sweep (--client-ping-interval-s): ping a client that has sent nothing
-        for `interval_s`; if it then sends nothing, not even the pong, for `timeout_s`, it is
+        """The server's sweep (--client-ping-interval-s): ping a client that has sent nothing,
+        not a frame nor a piece of one, for `interval_s`; if it then sends nothing, not even the pong, for `timeout_s`, it is
         gone without closing (a dropped network, a sleeping laptop). TCP cannot tell while
         neither side sends, and a ghost session would hold its key's session slot until the
         idle timeout. A client that is not read (the upstream does not keep up) or does not
@@ -1205,15 +1207,26 @@ class RelaySession:
         heard = stats.c2u_audio_frames + stats.c2u_json_frames + stats.c2u_other_frames
         if heard != self.heard_seen or self._client_reading_paused or self.outbox.paused:
             self.heard_seen = heard
-            self.heard_at = now
-            self.ping_sent_at = 0.0
-        elif self.ping_sent_at:
+            self.heard_mark = None
+            self._heard(now)
+            return
+        last_mark, self.heard_mark = self.heard_mark, read_buffers.read_mark(client)
+        if last_mark is not None and last_mark != self.heard_mark:
+            # no whole frame, but a piece of one: a big message on a slow link can take longer
+            # than a ping timeout, and the pong can only follow it
+            self._heard(now)
+            return
+        if self.ping_sent_at:
             if now - self.ping_sent_at >= timeout_s:
                 self.fail(ClientUnresponsive(f"the client answered no ping for {timeout_s:g} s, after "
                                              f"{round(now - self.heard_at, 1):g} s without a frame"))
         elif now - self.heard_at >= interval_s:
             client.send_ping()
             self.ping_sent_at = now
+
+    def _heard(self, now: float) -> None:
+        self.heard_at = now
+        self.ping_sent_at = 0.0
 
     # ---- a client that does not read (gateway/outbox.py) ------------------------------------------
 

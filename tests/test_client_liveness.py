@@ -13,13 +13,17 @@ from __future__ import annotations
 import asyncio
 import json
 
+import orjson
+
 from gateway.errors import CLOSE_CLIENT_UNRESPONSIVE
 from gateway.mock import MockOptions
 from tests.raw_client import RawClient, echo_turn, ready_client
 from tests.relay_harness import relay, speech_like
 from tests.support import run
 from tests.black_hole import black_hole, prepare_namespace, run_in_namespace
+from tests.test_direct_reads import masked_frame
 from tests.test_faults import _stalled_client_with_a_long_reply, metric, no_leaks, session_tasks, wait_for
+from tests.test_read_buffers import forwarded_text, item_create
 
 PINGS = {"client_ping_interval_s": 0.2, "client_ping_timeout_s": 0.3}
 
@@ -85,6 +89,29 @@ def test_a_client_that_streams_audio_is_never_pinged():
             assert client.audio == audio
             assert client.pings == []
             await client.close()
+    run(scenario(), timeout=20)
+
+
+def test_a_big_message_arriving_slowly_is_a_sign_of_life():
+    """A 192 KiB message dribbles in over ~1.4 s, nearly three ping intervals plus timeouts,
+    from a client that answers no ping (on a real slow link its pong would queue behind the
+    message anyway). Pieces of a frame count as life: the session lives and the message arrives
+    whole upstream. Once nothing more comes, the unanswered ping ends the session."""
+    async def scenario():
+        async with relay(MockOptions(record=True), **PINGS) as (gateway, mock):
+            client = await ready_client(gateway.url)
+            client.answer_pings = False
+            text = "slow link " * (192 * 1024 // 10)
+            frame = masked_frame(0x81, orjson.dumps(item_create(text)))
+            piece = -(-len(frame) // 48)
+            for offset in range(0, len(frame), piece):  # the link's pace is the thing under test
+                client.transport.underlying_transport.write(frame[offset:offset + piece])
+                await asyncio.sleep(0.03)
+            upstream = mock.sessions[-1]
+            assert forwarded_text(await upstream.wait_for_client_event("conversation.item.create", 5)) == text
+            assert client.errors() == []
+            error = await client.wait("error", 5, code="ClientUnresponsive")
+            assert error["fatal"] is True
     run(scenario(), timeout=20)
 
 
