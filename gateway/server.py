@@ -34,7 +34,7 @@ from gateway.framing import FragmentOutOfOrder, MessageAssembler, MessageTooBig
 from gateway.http_probes import RequestSniffer
 from gateway.metrics import GatewayMetrics
 from gateway.session import RelaySession
-from gateway.upstream.connection import client_tls_context
+from gateway.upstream.connection import TrustStoreError, client_tls_context, reload_client_trust
 
 log = logging.getLogger("gateway.server")
 _PICOWS_LOG = logging.getLogger("picows.server")  # the logger picows' own server would use
@@ -346,9 +346,21 @@ class GatewayServer:
             self._empty.set()
 
     def reload(self) -> None:
-        """SIGHUP: the client keys file and the TLS certificate, each on its own."""
+        """SIGHUP: the client keys file, the TLS certificate and the CAs a wss:// upstream is
+        verified with, each on its own."""
         self.reload_keys()
         self.reload_tls()
+        self.reload_upstream_trust()
+
+    def reload_upstream_trust(self) -> None:
+        if urlsplit(self.upstream_url).scheme != "wss":
+            return
+        try:
+            held = reload_client_trust()
+        except TrustStoreError as exc:
+            log.error("upstream trust store not reloaded: %s", exc)
+            return
+        log.info("reloaded the upstream trust store: %s", held)
 
     def reload_tls(self) -> None:
         """Put --tls-cert / --tls-key in service again (a renewed certificate): new connections

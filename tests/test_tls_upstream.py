@@ -94,6 +94,51 @@ def test_wss_sessions_share_one_tls_context(ca, trusted):
     assert echoed == [audio] * 3
 
 
+def test_sighup_reloads_the_trusted_cas_for_new_upstream_connections(ca, trusted, tmp_path, caplog):
+    """The CA bundle is read again on SIGHUP (a rotated private CA): connections opened after it
+    verify against the new bundle, a call opened before goes on, and an emptied bundle is refused
+    with one log line while the one in service stays."""
+    bundle = tmp_path / "ca.pem"  # the `trusted` fixture's SSL_CERT_FILE: the path never changes
+    other = trustme.CA()
+    audio = speech_like(0.3, seed=7)
+
+    async def new_call(gateway, first_event: str) -> dict:
+        """A new client's first event: `ready`, or the `error` that refused its upstream."""
+        client = await RelayClient.connect(gateway.url)
+        event = await client.wait(first_event)
+        await client.close()
+        return event
+
+    async def turn(client: RelayClient) -> None:
+        before = len(client.audio)
+        await client.push_to_talk(audio)
+        await client.wait("response_done", timeout=10)
+        assert bytes(client.audio[before:]) == audio
+
+    async def scenario():
+        async with relay(upstream_tls=server_context(ca, "127.0.0.1")) as (gateway, mock):
+            first = await RelayClient.connect(gateway.url)
+            await first.wait("ready")
+            bundle.write_bytes(b"")
+            gateway.reload()
+            assert "upstream trust store not reloaded" in caplog.text and "kept those" in caplog.text
+            await new_call(gateway, "ready")  # still the CA in service
+            other.cert_pem.write_to_path(str(bundle))  # rotated to a CA that did not sign the upstream
+            gateway.reload()
+            refused = await new_call(gateway, "error")
+            assert refused["code"] == "ConnectionFailed" and "unable to get local issuer" in refused["message"]
+            await turn(first)  # opened before the reload: goes on
+            bundle.write_bytes(ca.cert_pem.bytes() + other.cert_pem.bytes())
+            gateway.reload()
+            assert "reloaded the upstream trust store: 2 CA certificate(s)" in caplog.text
+            await new_call(gateway, "ready")
+            await turn(first)
+            await first.close()
+
+    caplog.set_level("INFO", logger="gateway.server")
+    run(scenario(), timeout=30)
+
+
 @pytest.mark.parametrize("names, why", [
     (("127.0.0.1",), "issuer"),           # a CA the gateway does not trust
     (("upstream.example",), "hostname"),  # a trusted CA, another host's certificate

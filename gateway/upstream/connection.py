@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import socket
@@ -147,6 +146,14 @@ class UpstreamListener(UpstreamLeg):
         self.owner.on_upstream_closed(self.close_code, self.close_reason)
 
 
+class TrustStoreError(Exception):
+    """A reloaded trust store the node refused (it keeps the one in service)."""
+
+
+#: ((SSL_CERT_FILE, SSL_CERT_DIR) it was read from, the context): see `client_tls_context`
+_trust: tuple[tuple[str | None, str | None], ssl.SSLContext] | None = None
+
+
 def client_tls_context() -> ssl.SSLContext:
     """The context every wss:// upstream connection of this process verifies with.
 
@@ -154,12 +161,41 @@ def client_tls_context() -> ssl.SSLContext:
     (~140 certificates) is ~0.8 MiB and ~15 ms of CPU per context, which picows, left to itself
     (uvloop's `ssl=True`), pays again for every connection. Keyed on the variables OpenSSL reads
     the trust store from, so a changed `SSL_CERT_FILE` is honoured (tests change it)."""
-    return _tls_context_for(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    global _trust
+    where = _trust_store_location()
+    if _trust is None or _trust[0] != where:
+        _trust = where, ssl.create_default_context()  # verifies the chain and the host name
+    return _trust[1]
 
 
-@functools.lru_cache(maxsize=2)
-def _tls_context_for(_cert_file: str | None, _cert_dir: str | None) -> ssl.SSLContext:
-    return ssl.create_default_context()  # verifies the chain and the host name; reads the two above
+def reload_client_trust() -> str:
+    """SIGHUP: read the trusted CAs again (a rotated private CA, an updated system bundle) for
+    the connections opened from now on; open ones keep theirs. A store that now yields no CA
+    where the one in service had some (a truncated or emptied file) is refused with
+    `TrustStoreError`, and the one in service stays. Returns what the new store holds."""
+    global _trust
+    in_service = client_tls_context()
+    context = ssl.create_default_context()
+    held, had = _ca_count(context), _ca_count(in_service)
+    if held == 0 and had > 0:
+        raise TrustStoreError(f"the trusted CA certificates ({_trust_store_name()}) now yield none, where "
+                              f"{had} were in service: kept those")
+    _trust = _trust_store_location(), context
+    return f"{held} CA certificate(s) from {_trust_store_name()}"
+
+
+def _trust_store_location() -> tuple[str | None, str | None]:
+    return os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+
+
+def _trust_store_name() -> str:
+    cert_file, cert_dir = _trust_store_location()
+    return cert_file or cert_dir or ssl.get_default_verify_paths().openssl_cafile
+
+
+def _ca_count(context: ssl.SSLContext) -> int:
+    # certificates read from a file; a hashed directory's are read when a chain needs them
+    return context.cert_store_stats()["x509_ca"]
 
 
 def _connected_socket(url):
