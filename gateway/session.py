@@ -45,7 +45,7 @@ from gateway.recent import EMPTY, RECENT, added, remember
 from gateway.errors import (BENIGN_UPSTREAM_CODES, AuthenticationFailed, ConnectionFailed, GatewayError,
                             ClientUnresponsive, InvalidConfig, InvalidMessage, NotConnected, SessionExpired, SlowClient,
                             UpstreamError, from_upstream_error)
-from gateway.sockets import peer_closed
+from gateway.sockets import peer_closed, unanswered_s
 from gateway.upstream import UpstreamConnection, build_upstream_url, dialect_for
 
 log = logging.getLogger("gateway.session")
@@ -1194,18 +1194,26 @@ class RelaySession:
 
     def check_client_alive(self, now: float, interval_s: float, timeout_s: float) -> None:
         """The server's sweep (--client-ping-interval-s): ping a client that has sent nothing,
-        not a frame nor a piece of one, for `interval_s`; if it then sends nothing, not even the pong, for `timeout_s`, it is
-        gone without closing (a dropped network, a sleeping laptop). TCP cannot tell while
-        neither side sends, and a ghost session would hold its key's session slot until the
-        idle timeout. A client that is not read (the upstream does not keep up) or does not
-        read (its writes are paused) cannot answer: the hang-up check and --slow-client-policy
-        own those, so their time does not count."""
+        not a frame nor a piece of one, for `interval_s`; if it then sends nothing, not even the
+        pong, for `timeout_s`, it is gone without closing (a dropped network, a sleeping laptop).
+        TCP cannot tell while neither side sends, and a ghost session would hold its key's
+        session slot until the idle timeout. A client that is not read (the upstream does not
+        keep up) or does not read (its writes are paused) can neither see a ping nor answer it;
+        its TCP stack still answers while it lives, so it is gone once that answers nothing for
+        `timeout_s` (`sockets.unanswered_s`)."""
         client = self.client
         if self.state is CLOSED or client is None or client.is_disconnected:
             return
         stats = self.stats
         heard = stats.c2u_audio_frames + stats.c2u_json_frames + stats.c2u_other_frames
-        if heard != self.heard_seen or self._client_reading_paused or self.outbox.paused:
+        if self._client_reading_paused or self.outbox.paused:
+            silent_s = unanswered_s(client.underlying_transport.get_extra_info("socket"))
+            if silent_s >= timeout_s:
+                self.fail(ClientUnresponsive(f"the client's network acknowledged nothing for "
+                                             f"{round(silent_s, 1):g} s while it was not reading"))
+                return
+            heard = -1  # never a count: the ping clock starts again once it reads and is read
+        if heard != self.heard_seen or heard < 0:
             self.heard_seen = heard
             self.heard_mark = None
             self._heard(now)

@@ -242,7 +242,10 @@ def peer_closed(sock) -> bool:
         return True
 
 
-#: struct tcp_info (include/uapi/linux/tcp.h): where `delivery` finds its two fields
+#: struct tcp_info (include/uapi/linux/tcp.h): the fields `delivery` and `unanswered_s` read
+_TCPI_RETRANSMITS = 2                  # __u8: retransmission timeouts in a row, no ACK between
+_TCPI_PROBES = 3                       # __u8: zero-window probes in a row, none answered
+_TCPI_LAST_ACK_RECV = slice(56, 60)    # __u32: ms since the peer last acknowledged anything
 _TCPI_BYTES_ACKED = slice(120, 128)    # __u64 tcpi_bytes_acked (Linux 4.1+)
 _TCPI_NOTSENT_BYTES = slice(144, 148)  # __u32 tcpi_notsent_bytes (Linux 4.6+)
 _TCP_INFO_BYTES = 148
@@ -259,3 +262,18 @@ def delivery(sock) -> tuple[int, int] | None:
     if len(info) < _TCP_INFO_BYTES:
         return None
     return (int.from_bytes(info[_TCPI_BYTES_ACKED], "little"), int.from_bytes(info[_TCPI_NOTSENT_BYTES], "little"))
+
+
+def unanswered_s(sock) -> float:
+    """How long the peer's TCP has answered nothing it owes us: since its last acknowledgement,
+    once two retransmissions or two window probes in a row went unanswered; else 0.0. A live
+    peer acknowledges data, and answers window probes even while its application reads nothing
+    (its window stays shut), each within a round trip, so neither count reaches two: a vanished
+    one answers nothing, and both climb. 0.0 where TCP_INFO is unavailable."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_LAST_ACK_RECV.stop)
+    except (OSError, AttributeError):  # closed already, or not a TCP socket
+        return 0.0
+    if len(info) < _TCPI_LAST_ACK_RECV.stop or max(info[_TCPI_RETRANSMITS], info[_TCPI_PROBES]) < 2:
+        return 0.0
+    return int.from_bytes(info[_TCPI_LAST_ACK_RECV], "little") / 1000.0

@@ -156,6 +156,50 @@ async def _vanishing_scenario() -> dict:
                 "outcome": await metric(gateway, "gateway_sessions_total", outcome="client_unresponsive")}
 
 
+async def _vanishing_listener_scenario() -> dict:
+    """--slow-client-policy drop-oldest keeps a client that stops reading; this one vanishes
+    while a 20 s reply streams to it (the mock sends it faster than real time)."""
+    async with relay(MockOptions(), **PINGS, slow_client_policy="drop-oldest",
+                     max_client_queue_ms=1000) as (gateway, mock):
+        ghost = await ready_client(gateway.url)
+        session = next(iter(gateway.sessions))
+        audio = speech_like(20.0, seed=27)
+        for offset in range(0, len(audio), 48_000):
+            ghost.send_binary(audio[offset:offset + 48_000])
+        ghost.send_json({"type": "commit"})
+        await mock.sessions[-1].wait_for_server_event("input_audio_buffer.committed", timeout=10)
+        ghost.send_json({"type": "create_response"})
+        await ghost.wait_until(lambda: ghost.audio_bytes >= 48_000, 5, "the reply to reach the client")
+        black_hole(ghost.transport.underlying_transport.get_extra_info("sockname")[1])
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await wait_for(lambda: session.outbox.paused or session not in gateway.sessions, 5,
+                       "the client to be seen not reading")
+        paused = session.outbox.paused
+        await gateway.wait_empty(10)
+        ended = loop.time() - started
+        await wait_for(lambda: gateway.limiter.active == 0, 5, "the ghost's slot to be released")
+        return {"ended": ended, "paused": paused,
+                "outcome": await metric(gateway, "gateway_sessions_total", outcome="client_unresponsive")}
+
+
+def _listener_in_namespace() -> None:
+    import uvloop
+    prepare_namespace()
+    print(json.dumps(uvloop.run(asyncio.wait_for(_vanishing_listener_scenario(), 30))))
+
+
+def test_a_client_that_vanishes_while_not_reading_is_ended_by_its_silent_tcp():
+    """A client that is not reading cannot answer pings, so pings do not judge it; its TCP stack
+    does, while it lives (the slow-client test above: a live non-reader is kept). This one's
+    network goes silent mid-reply: the gateway's retransmissions go unanswered, and the session
+    ends within the ping timeout of the last acknowledgement, not at the idle timeout."""
+    result = run_in_namespace("tests.test_client_liveness", "_listener_in_namespace()")
+    assert result["paused"] is True, result  # the path under test: a client not reading
+    assert result["outcome"] == 1
+    assert result["ended"] < 5, result
+
+
 def _in_namespace() -> None:
     import uvloop
     prepare_namespace()
