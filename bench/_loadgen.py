@@ -24,6 +24,9 @@ arbitrarily (each piece is checked at the offset it lands on); the byte stream i
 Text frames after `ready` are counted: the parent expects one (a transcript) per block.
 Bytes lost = audio bytes sent - audio bytes received after the drain (must be 0).
 
+TLS: a `wss://` url is verified against `--ca` (certificate and host name; one context for all
+sessions); that is the only difference from `ws://`, made at connect time.
+
 Protocols: `relay` (our client protocol: wait for the JSON `ready` text frame before streaming;
 text frames afterwards are counted as transcripts/events) and `binary` (nginx pass-through to
 the binary echo: no handshake).
@@ -35,6 +38,7 @@ import asyncio
 import gc
 import math
 import os
+import ssl
 import struct
 import sys
 import time
@@ -237,15 +241,25 @@ def percentile(sorted_values, q: float) -> float | None:
     return sorted_values[k]
 
 
-async def connect_all(run: Run, url: str, indices: range, concurrency: int, timeout_s: float):
-    """Open the sessions `indices` (at most `concurrency` handshakes in flight); wait for `ready`."""
+def client_tls_context(ca: str) -> ssl.SSLContext:
+    """Verifies the relay's certificate chain against `ca` and its name against the url's host
+    (PROTOCOL_TLS_CLIENT: CERT_REQUIRED and check_hostname)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(ca)
+    return context
+
+
+async def connect_all(run: Run, url: str, indices: range, concurrency: int, timeout_s: float,
+                      tls: ssl.SSLContext | None):
+    """Open the sessions `indices` (at most `concurrency` handshakes in flight); wait for `ready`.
+    `tls`: the context of a wss:// url (None for ws://)."""
     gate = asyncio.Semaphore(concurrency)
     failure_samples: list[str] = []
 
     async def open_one(index: int):
         async with gate:
             try:
-                _, session = await ws_connect(lambda: LoadSession(run, index), url,
+                _, session = await ws_connect(lambda: LoadSession(run, index), url, ssl_context=tls,
                                               websocket_handshake_timeout=timeout_s,
                                               read_buffer_init_size=8 * 1024)
                 await asyncio.wait_for(session.ready, timeout_s)
@@ -269,13 +283,14 @@ async def run_load(args) -> dict:
     # memory at both points: what the second half adds is memory per session, free of what the
     # relay's allocator kept from its start-up and reuses for the first sessions.
     half = args.sessions // 2 if args.await_parent else 0
+    tls = client_tls_context(args.ca) if args.ca else None
     sessions, connect_failures, failure_samples = await connect_all(
-        run, args.url, range(half), args.connect_concurrency, args.connect_timeout)
+        run, args.url, range(half), args.connect_concurrency, args.connect_timeout, tls)
     if args.await_parent:
         emit({"event": "half_connected", "sessions": len(sessions)})
         await loop.run_in_executor(None, sys.stdin.readline)
     rest, rest_failures, rest_samples = await connect_all(
-        run, args.url, range(half, args.sessions), args.connect_concurrency, args.connect_timeout)
+        run, args.url, range(half, args.sessions), args.connect_concurrency, args.connect_timeout, tls)
     sessions += rest
     connect_failures += rest_failures
     failure_samples = (failure_samples + rest_samples)[:5]
@@ -404,7 +419,9 @@ async def run_load(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True, help="ws://host:port/path of the relay under test")
+    parser.add_argument("--url", required=True, help="ws:// or wss://host:port/path of the relay under test")
+    parser.add_argument("--ca", default=None,
+                        help="PEM file of the CAs a wss:// relay's certificate is verified against")
     parser.add_argument("--sessions", type=int, required=True)
     parser.add_argument("--protocol", choices=("relay", "binary"), default="relay")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of streaming before the window")
@@ -415,6 +432,8 @@ def main() -> None:
     parser.add_argument("--await-parent", action="store_true",
                         help="wait for a line on stdin after `half_connected` and after `connected`")
     args = parser.parse_args()
+    if args.url.startswith("wss://") != bool(args.ca):
+        parser.error("--ca goes with a wss:// url, and a wss:// url needs --ca")
     result = uvloop.run(run_load(args))
     emit(result)
 

@@ -86,8 +86,9 @@ UPSTREAM_PATH = "/v1/realtime"
 GATEWAY_COMMAND = [PYTHON, "-m", "gateway", "--host", "127.0.0.1", "--port", "{port}",
                    "--upstream", "openai", "--upstream-url", "{scheme}://127.0.0.1:{upstream_port}" + UPSTREAM_PATH,
                    "--log-level", "WARNING"]
-#: what the mock adds to serve wss:// (the relay trusts the bench's own CA through SSL_CERT_FILE)
-UPSTREAM_TLS_FLAGS = ["--tls-cert", "{cert}", "--tls-key", "{key}"]
+#: what the mock or the gateway adds to serve wss:// (both take the same flags). A relay trusts
+#: the bench's CA through SSL_CERT_FILE, the load generator through its --ca.
+TLS_SERVER_FLAGS = ["--tls-cert", "{cert}", "--tls-key", "{key}"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class RelaySpec:
     client_path: str = "/realtime"
     upstream: str = "realtime"  # "realtime" (mock or bench-echo, per --upstream) or "binary-echo"
     upstream_tls: bool = False  # wss:// to the mock, as to OpenAI
+    client_tls: bool = False  # the relay serves wss:// (--tls-cert/--tls-key); the load generator verifies it
 
 
 RELAYS = {
@@ -118,6 +120,10 @@ RELAYS = {
                                                            "GATEWAY_COALESCE_MS": "40"}),
     "gateway-tls-upstream": RelaySpec("gateway-tls-upstream", "this gateway, compiled, wss:// upstream (as to OpenAI)",
                                       GATEWAY_COMMAND, env={"OPENAI_API_KEY": BENCH_API_KEY}, upstream_tls=True),
+    "gateway-tls-client": RelaySpec("gateway-tls-client",
+                                    "this gateway, compiled, serving wss:// to its clients (--tls-cert), "
+                                    "ws:// upstream",
+                                    GATEWAY_COMMAND, env={"OPENAI_API_KEY": BENCH_API_KEY}, client_tls=True),
     "gateway-pure": RelaySpec("gateway-pure", "this gateway, GATEWAY_NO_EXTENSIONS=1", GATEWAY_COMMAND,
                               env={"OPENAI_API_KEY": BENCH_API_KEY, "GATEWAY_NO_EXTENSIONS": "1"}),
     "websockets": RelaySpec("websockets", "typical Python relay (websockets, json, base64, asyncio)",
@@ -140,22 +146,25 @@ def nginx_binary() -> str | None:
 
 def availability(name: str, upstream: str) -> str | None:
     """None when relay `name` can run here, else why not."""
+    spec = RELAYS[name]
     if name.startswith("gateway"):
         probe = subprocess.run([PYTHON, "-m", "gateway", "serve", "--help"], cwd=REPO_DIR,
                                capture_output=True, text=True, timeout=60)
         if probe.returncode != 0:
             return "gateway CLI not runnable: " + (probe.stderr.strip().splitlines() or ["?"])[-1]
-        missing = [flag for flag in ("--upstream-url", "--port", "--log-level") if flag not in probe.stdout]
+        needed = ("--upstream-url", "--port", "--log-level") + (("--tls-cert", "--tls-key") if spec.client_tls else ())
+        missing = [flag for flag in needed if flag not in probe.stdout]
         if missing:
             return f"gateway CLI lacks {missing}"
-    if RELAYS[name].upstream_tls:
-        if upstream != "mock":
-            return "a TLS upstream needs the mock (--upstream mock): bench-echo speaks ws:// only"
+    if spec.upstream_tls and upstream != "mock":
+        return "a TLS upstream needs the mock (--upstream mock): bench-echo speaks ws:// only"
+    if spec.upstream_tls or spec.client_tls:  # a TLS client leg takes either upstream
         try:
             import trustme  # noqa: F401  (the bench's certificates; a test extra)
         except ImportError:
             return "trustme not installed (pip install -e '.[test]')"
-    if name in ("gateway", "gateway-pure", "gateway-tls-upstream", "websockets", "node") and upstream == "mock":
+    if name in ("gateway", "gateway-pure", "gateway-tls-upstream", "gateway-tls-client", "websockets", "node") \
+            and upstream == "mock":
         probe = subprocess.run([PYTHON, "-c", MOCK_LAUNCHER, "--help"], cwd=REPO_DIR,
                                capture_output=True, text=True, timeout=60)
         if probe.returncode != 0 or "--echo-mode" not in probe.stdout:
@@ -296,7 +305,7 @@ def tls_files(workdir: Path) -> dict[str, str]:
     """A CA and a certificate for 127.0.0.1, written to `workdir`: {"ca", "cert", "key"}. "ca" is
     the system's CA bundle with the bench's CA added, as an operator adds a private CA: the relay
     then loads as many certificates as it does in front of OpenAI (what a TLS context costs
-    depends on them)."""
+    depends on them). A load generator verifies a wss:// relay against the same file."""
     import ssl
     import trustme
     ca = trustme.CA()
@@ -313,7 +322,7 @@ def start_upstream(kind: str, workdir: Path, tls: dict[str, str] | None = None) 
     port = free_port()
     command = [part.format(port=port) for part in UPSTREAM_COMMANDS[kind]]
     if tls:
-        command += [part.format(**tls) for part in UPSTREAM_TLS_FLAGS]
+        command += [part.format(**tls) for part in TLS_SERVER_FLAGS]
     child = Child(f"upstream-{kind}", command, LOAD_CORE, workdir)
     wait_for_port(port, child.process, 30, child.log)
     return child, port
@@ -321,6 +330,7 @@ def start_upstream(kind: str, workdir: Path, tls: dict[str, str] | None = None) 
 
 def start_relay(spec: RelaySpec, upstream_port: int, workdir: Path,
                 tls: dict[str, str] | None = None) -> tuple[Child, int]:
+    """`tls`: the bench's certificates (tls_files), used on the legs `spec` says are TLS."""
     port = free_port()
     if spec.name == "nginx":
         prefix = workdir / "nginx"
@@ -335,9 +345,11 @@ def start_relay(spec: RelaySpec, upstream_port: int, workdir: Path,
         (prefix / "nginx.conf").write_text(conf)
         command = [nginx_binary(), "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")]
     else:
-        command = [part.format(port=port, upstream_port=upstream_port, scheme="wss" if tls else "ws")
+        command = [part.format(port=port, upstream_port=upstream_port, scheme="wss" if spec.upstream_tls else "ws")
                    for part in spec.command]
-    env = dict(spec.env, SSL_CERT_FILE=tls["ca"]) if tls else spec.env
+        if spec.client_tls:
+            command += [part.format(**tls) for part in TLS_SERVER_FLAGS]
+    env = dict(spec.env, SSL_CERT_FILE=tls["ca"]) if spec.upstream_tls else spec.env
     child = Child(f"relay-{spec.name}", command, RELAY_CORE, workdir, env)
     wait_for_port(port, child.process, 30, child.log)
     return child, port
@@ -349,19 +361,20 @@ def run_point(spec: RelaySpec, sessions: int, args, upstream_kind: str, workdir:
     point = {"relay": spec.name, "sessions": sessions, "upstream": upstream_kind}
     children: list[Child] = []
     try:
-        tls = tls_files(workdir) if spec.upstream_tls else None
-        upstream, upstream_port = start_upstream(upstream_kind, workdir, tls)
+        tls = tls_files(workdir) if spec.upstream_tls or spec.client_tls else None
+        upstream, upstream_port = start_upstream(upstream_kind, workdir, tls if spec.upstream_tls else None)
         children.append(upstream)
         relay, relay_port = start_relay(spec, upstream_port, workdir, tls)
         children.append(relay)
         time.sleep(args.settle)  # let the relay finish start-up work before the idle RSS sample
         point["idle_rss_kib"] = rss_kib(relay.pid)
 
+        client_scheme = "wss" if spec.client_tls else "ws"
         loadgen_cmd = [PYTHON, str(BENCH_DIR / "_loadgen.py"), "--url",
-                       f"ws://127.0.0.1:{relay_port}{spec.client_path}", "--sessions", str(sessions),
+                       f"{client_scheme}://127.0.0.1:{relay_port}{spec.client_path}", "--sessions", str(sessions),
                        "--protocol", spec.protocol, "--warmup", str(args.warmup),
                        "--duration", str(args.duration), "--drain-timeout", str(args.drain_timeout),
-                       "--await-parent"]
+                       "--await-parent"] + (["--ca", tls["ca"]] if spec.client_tls else [])
         with open(workdir / "loadgen.log", "wb") as loadgen_log:
             loadgen = subprocess.Popen(loadgen_cmd, cwd=REPO_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        stderr=loadgen_log,
@@ -614,7 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--relays", default="gateway,gateway-pure,websockets,node,nginx",
-                        help=f"comma-separated, from: {', '.join(RELAYS)}")
+                        help="comma-separated, from: " + "; ".join(f"{name}: {spec.description}"
+                                                                   for name, spec in RELAYS.items()))
     parser.add_argument("--sessions", default="50,100,200,500,1000", help="comma-separated session counts")
     parser.add_argument("--max-sessions", type=int, default=2000, help="never run a point above this N")
     parser.add_argument("--duration", type=float, default=15.0, help="steady-state window per point, s")
