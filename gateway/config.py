@@ -137,7 +137,7 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
      "largest client message (bytes, after reassembly); larger closes with 1009"),
     ("--level-interval-ms", "level_interval_ms", "GATEWAY_LEVEL_INTERVAL_MS", int, 100,
      "minimum interval between `level` events for clients that asked for them"),
-    ("--log-level", "log_level", "GATEWAY_LOG_LEVEL", str, "INFO", "DEBUG, INFO, WARNING, ERROR"),
+    ("--log-level", "log_level", "GATEWAY_LOG_LEVEL", str.upper, "INFO", "DEBUG, INFO, WARNING, ERROR (any case)"),
     ("--log-format", "log_format", "GATEWAY_LOG_FORMAT", str, "text", "text or json"),
     ("--max-sessions", "max_sessions", "GATEWAY_MAX_SESSIONS", int, 0,
      "concurrent sessions on this node (all workers together); more are refused with HTTP 503 "
@@ -156,7 +156,7 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
      "close a session after this long with no audio or message in either direction (pings do not "
      "count; 0 = never)"),
     ("--client-ping-interval-s", "client_ping_interval_s", "GATEWAY_CLIENT_PING_INTERVAL_S", float, 20.0,
-     "ping a client that has sent nothing (no audio, message or pong) for this long: a client that "
+     "ping a client that has sent nothing (no audio, message, ping or pong, nor a piece of one) for this long: a client that "
      "vanished without closing (a dropped network, a sleeping laptop) is found, and idle clients keep "
      "NAT and load-balancer mappings alive (0 = never)"),
     ("--client-ping-timeout-s", "client_ping_timeout_s", "GATEWAY_CLIENT_PING_TIMEOUT_S", float, 20.0,

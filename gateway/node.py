@@ -1,5 +1,6 @@
 """The `serve` command: run a gateway node on uvloop until SIGINT/SIGTERM, which drain it;
-SIGHUP re-reads `--api-keys-file` and the TLS certificate (`GatewayServer.reload`).
+SIGHUP re-reads `--api-keys-file`, the TLS certificate and a wss:// upstream's trusted CAs
+(`GatewayServer.reload`).
 
 `--upstream mock` starts the built-in mock upstream in-process on a free 127.0.0.1 port and
 points the node at it, so a newcomer needs no API key. `--workers N` runs N such processes on one

@@ -1,8 +1,8 @@
 """`GatewayServer`: the picows server of a node — `/realtime`, `/health`, `/ready`, `/metrics`.
 
 `/realtime[?model=...]` upgrades to a WebSocket relayed by a `RelaySession`, after admission
-(origin, auth, limits); `GET /health` answers 200 `{"status":"ok","sessions":N,"pid":P}` (liveness),
-`GET /ready` 200, or 503 while draining (readiness), `GET /metrics` the Prometheus exposition;
+(origin, auth, limits); `GET /health` answers 200 `{"status":"ok","sessions":N,"pid":P,...}`
+(liveness), `GET /ready` 200, or 503 while draining or overloaded (readiness), `GET /metrics` the Prometheus exposition;
 any other path is 404. HEAD, OPTIONS and HTTP/1.0 requests, which picows' parser refuses, are
 answered by `gateway.http_probes` in front of it. The server keeps a registry of live sessions
 (`sessions`); `drain()` ends them gracefully, `stop()` closes every one of them (1001) before

@@ -7,7 +7,8 @@ loop exists, then only waits on them:
   connections over the live listeners;
 - SIGTERM / SIGINT are forwarded to every worker, each of which drains (stops accepting, tells its
   clients, closes them after the drain timeout); the supervisor returns once all have exited;
-- SIGHUP is forwarded too: each worker re-reads its API keys file and goes on.
+- SIGHUP is forwarded too: each worker re-reads its API keys file, TLS certificate and upstream
+  CAs, and goes on.
 
 Metrics: every worker writes prometheus-client's value files into one shared directory, so
 `GET /metrics` on whichever worker answers reports the sum over all workers.

@@ -1,7 +1,7 @@
 """The load test's own options: Locust custom arguments, each with an environment-variable twin.
 
-They appear in `locust -f loadtest/ --help` (under "Custom options") and in the web UI's
-"Custom parameters". In a distributed run the master sends its values to every worker.
+They appear in the web UI's "Custom parameters" (Locust's `--help` does not list a
+locustfile's own options). In a distributed run the master sends its values to every worker.
 `LoadSettings.from_options` turns the parsed options into one immutable object per process.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Start a gateway node whose upstream is the built-in mock, for local load tests.
 
     python -m loadtest.node                       # node on 127.0.0.1:3001, until Ctrl-C
-    python -m loadtest.node --port 3101 -- --log-level warning   # flags after -- go to the node
+    python -m loadtest.node --port 3101 -- --log-level DEBUG   # flags after -- go to the node
 
 It runs `python -m gateway --upstream mock --host HOST --port PORT --log-level WARNING [node
 flags]` (exactly what `realtime-gateway --upstream mock` does; `--log-level` is yours to override

@@ -39,6 +39,13 @@ def test_defaults_flags_and_env_fallbacks():
     assert (jwt_env.jwt_leeway_s, jwt_env.jwt_max_sessions_claim) == (0.0, "https://example.com/max_sessions")
 
 
+def test_the_log_level_is_read_in_any_case():
+    assert build(["--upstream", "mock", "--log-level", "warning"], {}).log_level == "WARNING"
+    assert build(["--upstream", "mock"], {"GATEWAY_LOG_LEVEL": "Debug"}).log_level == "DEBUG"
+    with pytest.raises(SystemExit):  # argparse: not a level in any case
+        build(["--upstream", "mock", "--log-level", "loud"], {})
+
+
 def test_openai_needs_a_key_and_azure_a_url():
     with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
         build(["--upstream", "openai"], {})
