@@ -156,9 +156,9 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
      "close a session after this long with no audio or message in either direction (pings do not "
      "count; 0 = never)"),
     ("--client-ping-interval-s", "client_ping_interval_s", "GATEWAY_CLIENT_PING_INTERVAL_S", float, 20.0,
-     "ping a client that has sent nothing (no audio, message, ping or pong, nor a piece of one) for this long: a client that "
-     "vanished without closing (a dropped network, a sleeping laptop) is found, and idle clients keep "
-     "NAT and load-balancer mappings alive (0 = never)"),
+     "ping a client that has sent nothing (no audio, message, ping or pong, nor a piece of one) for "
+     "this long: a client that vanished without closing (a dropped network, a sleeping laptop) is "
+     "found, and idle clients keep NAT and load-balancer mappings alive (0 = never)"),
     ("--client-ping-timeout-s", "client_ping_timeout_s", "GATEWAY_CLIENT_PING_TIMEOUT_S", float, 20.0,
      "a pinged client that sends nothing more for this long is gone: ClientUnresponsive, close 4005"),
     ("--max-session-s", "max_session_s", "GATEWAY_MAX_SESSION_S", float, 3600.0,

@@ -139,8 +139,8 @@ class RelaySession:
                  "_response_calls", "_response_wanted",
                  "_turn_end", "_update_counter",
                  "active_at", "active_response_id", "activity_seen", "client", "client_leg", "client_read_seen",
-                 "close_code", "created", "dialect", "effective", "heard_at", "heard_mark", "heard_seen", "ignored", "input_format",
-                 "input_meter", "levels", "loop", "metrics", "node", "on_closed", "outcome",
+                 "close_code", "created", "dialect", "effective", "heard_at", "heard_mark", "heard_seen", "ignored",
+                 "input_format", "input_meter", "levels", "loop", "metrics", "node", "on_closed", "outcome",
                  "outbox", "output_bytes_per_ms", "path", "ping_sent_at", "playback", "requested", "session_id",
                  "started_at", "state", "stats", "upstream", "upstream_model", "upstream_read_seen",
                  "upstream_session_id", "upstream_url", "warned")
@@ -1213,9 +1213,8 @@ class RelaySession:
                                              f"{round(silent_s, 1):g} s while it was not reading"))
                 return
             heard = -1  # never a count: the ping clock starts again once it reads and is read
-        if heard != self.heard_seen or heard < 0:
-            self.heard_seen = heard
-            self.heard_mark = None
+        if heard != self.heard_seen or heard == -1:
+            self.heard_seen, self.heard_mark = heard, None
             self._heard(now)
             return
         last_mark, self.heard_mark = self.heard_mark, read_buffers.read_mark(client)
