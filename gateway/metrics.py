@@ -220,6 +220,11 @@ class GatewayMetrics:
         self.dropped_bytes_total = Counter("gateway_dropped_bytes", "Audio bytes discarded, by reason",
                                            ["reason"], registry=reg)
         self.upstream_open = gauge("gateway_upstream_connections_open", "Upstream connections open now")
+        tls_handshakes = Counter(
+            "gateway_upstream_tls_handshakes", "TLS handshakes of wss:// upstream connections, by whether they "
+            "resumed an earlier session (no: a full handshake, the certificate chain verified)", ["resumed"],
+            registry=reg)
+        self._tls_handshakes = {True: tls_handshakes.labels("yes"), False: tls_handshakes.labels("no")}
         self.direct_read_frames = Counter(
             "gateway_direct_read_frames", "Frames the compiled reader read and relayed itself "
             "(--direct-reads; the rest go through picows)", registry=reg)
@@ -288,12 +293,14 @@ class GatewayMetrics:
 
     # -- upstream ---------------------------------------------------------------------------
 
-    def upstream_opened(self, stats: SessionStats) -> None:
+    def upstream_opened(self, stats: SessionStats, tls_resumed: bool | None = None) -> None:
         """The session's upstream is connected (once per connection; a re-open after
-        `upstream_closed` counts again)."""
+        `upstream_closed` counts again); over wss://, whether its TLS handshake resumed."""
         if not stats._upstream_open:
             stats._upstream_open = True
             self.upstream_open.inc()
+            if tls_resumed is not None:
+                self._tls_handshakes[tls_resumed].inc()
 
     def observe_upstream_connect(self, seconds: float) -> None:
         """An upstream session exists: `seconds` from the start of its TCP connect to its

@@ -34,7 +34,7 @@ from gateway.framing import FragmentOutOfOrder, MessageAssembler, MessageTooBig
 from gateway.http_probes import RequestSniffer
 from gateway.metrics import GatewayMetrics
 from gateway.session import RelaySession
-from gateway.upstream.connection import TrustStoreError, client_tls_context, reload_client_trust
+from gateway.upstream.trust import TrustStoreError, client_tls_context, reload_client_trust
 
 log = logging.getLogger("gateway.server")
 _PICOWS_LOG = logging.getLogger("picows.server")  # the logger picows' own server would use

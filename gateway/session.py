@@ -339,7 +339,7 @@ class RelaySession:
             upstream.close()
             return
         if self.metrics is not None:
-            self.metrics.upstream_opened(self.stats)
+            self.metrics.upstream_opened(self.stats, upstream.tls_resumed)
         remaining = max(0.05, self.node.connect_timeout_s - (self.loop.time() - started))
         self._created_timer = self.loop.call_later(remaining, self._created_timeout, owner)
 

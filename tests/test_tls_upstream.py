@@ -22,7 +22,7 @@ import websockets
 
 import _fastpath
 
-from gateway.upstream.connection import client_tls_context
+from gateway.upstream.trust import client_tls_context
 from tests.relay_harness import TEST_KEY, RelayClient, one_turn, relay, speech_like
 from tests.support import run
 
@@ -92,6 +92,63 @@ def test_wss_sessions_share_one_tls_context(ca, trusted):
     assert len(contexts) == 3 and all(context is client_tls_context() for context in contexts)
     assert contexts[0].verify_mode == ssl.CERT_REQUIRED and contexts[0].check_hostname
     assert echoed == [audio] * 3
+
+
+def test_the_upstream_context_verifies_as_the_default_one_does():
+    """The process's context is built by hand (a subclass, to resume sessions): it must verify
+    exactly as `ssl.create_default_context()` would, on every Python the project supports."""
+    ours, default = client_tls_context(), ssl.create_default_context()
+    for setting in ("protocol", "verify_mode", "check_hostname", "verify_flags", "options", "minimum_version",
+                    "maximum_version", "hostname_checks_common_name", "post_handshake_auth", "security_level"):
+        assert getattr(ours, setting) == getattr(default, setting), setting
+    assert ours.cert_store_stats() == default.cert_store_stats()
+    assert ours.get_ciphers() == default.get_ciphers()
+
+
+def test_a_second_upstream_session_resumes_tls_and_a_reload_starts_afresh(ca, trusted):
+    """Every upstream session goes to the same host: the second offers the first's ticket and
+    resumes (no certificate chain sent or verified), as nginx does by default. Both echo
+    exactly. A trust reload starts a new context, whose first handshake is a full one again (a
+    session verified against the old CAs is not offered under the new ones). /metrics counts both."""
+    audio = speech_like(0.3, seed=9)
+
+    async def call(gateway) -> tuple[bool, bytes]:
+        client = await RelayClient.connect(gateway.url)
+        await client.wait("ready")
+        session = next(iter(gateway.sessions))
+        resumed = session.upstream.tls_resumed
+        await client.push_to_talk(audio)
+        await client.wait("response_done")
+        await client.close()
+        return resumed, bytes(client.audio)
+
+    async def scenario():
+        async with relay(upstream_tls=server_context(ca, "127.0.0.1")) as (gateway, mock):
+            calls = [await call(gateway), await call(gateway)]
+            gateway.reload()
+            calls += [await call(gateway), await call(gateway)]
+            return calls, gateway.metrics.render()[0].decode()
+
+    calls, metrics = run(scenario(), timeout=30)
+    assert [resumed for resumed, _ in calls] == [False, True, False, True]
+    assert [echoed for _, echoed in calls] == [audio] * 4
+    assert 'gateway_upstream_tls_handshakes_total{resumed="no"} 2.0' in metrics
+    assert 'gateway_upstream_tls_handshakes_total{resumed="yes"} 2.0' in metrics
+
+
+def test_a_plain_upstream_counts_no_tls_handshakes():
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            resumed = next(iter(gateway.sessions)).upstream.tls_resumed
+            await client.close()
+            return resumed, gateway.metrics.render()[0].decode()
+
+    resumed, metrics = run(scenario(), timeout=20)
+    assert resumed is None
+    assert 'gateway_upstream_tls_handshakes_total{resumed="no"} 0.0' in metrics
+    assert 'gateway_upstream_tls_handshakes_total{resumed="yes"} 0.0' in metrics
 
 
 def test_sighup_reloads_the_trusted_cas_for_new_upstream_connections(ca, trusted, tmp_path, caplog):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import ssl
 import struct
@@ -35,6 +34,7 @@ from gateway import sockets
 from gateway.config import safe_location
 from gateway.errors import AuthenticationFailed, ConnectionFailed, GatewayError, RateLimitExceeded, UpstreamError
 from gateway.framing import MessageAssembler, MessageTooBig
+from gateway.upstream.trust import client_tls_context
 
 log = logging.getLogger("gateway.upstream")
 _TEXT = WSMsgType.TEXT
@@ -146,58 +146,6 @@ class UpstreamListener(UpstreamLeg):
         self.owner.on_upstream_closed(self.close_code, self.close_reason)
 
 
-class TrustStoreError(Exception):
-    """A reloaded trust store the node refused (it keeps the one in service)."""
-
-
-#: ((SSL_CERT_FILE, SSL_CERT_DIR) it was read from, the context): see `client_tls_context`
-_trust: tuple[tuple[str | None, str | None], ssl.SSLContext] | None = None
-
-
-def client_tls_context() -> ssl.SSLContext:
-    """The context every wss:// upstream connection of this process verifies with.
-
-    Shared, because a context holds its own parsed copy of the trusted CAs: the system bundle
-    (~140 certificates) is ~0.8 MiB and ~15 ms of CPU per context, which picows, left to itself
-    (uvloop's `ssl=True`), pays again for every connection. Keyed on the variables OpenSSL reads
-    the trust store from, so a changed `SSL_CERT_FILE` is honoured (tests change it)."""
-    global _trust
-    where = _trust_store_location()
-    if _trust is None or _trust[0] != where:
-        _trust = where, ssl.create_default_context()  # verifies the chain and the host name
-    return _trust[1]
-
-
-def reload_client_trust() -> str:
-    """SIGHUP: read the trusted CAs again (a rotated private CA, an updated system bundle) for
-    the connections opened from now on; open ones keep theirs. A store that now yields no CA
-    where the one in service had some (a truncated or emptied file) is refused with
-    `TrustStoreError`, and the one in service stays. Returns what the new store holds."""
-    global _trust
-    in_service = client_tls_context()
-    context = ssl.create_default_context()
-    held, had = _ca_count(context), _ca_count(in_service)
-    if held == 0 and had > 0:
-        raise TrustStoreError(f"the trusted CA certificates ({_trust_store_name()}) now yield none, where "
-                              f"{had} were in service: kept those")
-    _trust = _trust_store_location(), context
-    return f"{held} CA certificate(s) from {_trust_store_name()}"
-
-
-def _trust_store_location() -> tuple[str | None, str | None]:
-    return os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
-
-
-def _trust_store_name() -> str:
-    cert_file, cert_dir = _trust_store_location()
-    return cert_file or cert_dir or ssl.get_default_verify_paths().openssl_cafile
-
-
-def _ca_count(context: ssl.SSLContext) -> int:
-    # certificates read from a file; a hashed directory's are read when a chain needs them
-    return context.cert_store_stats()["x509_ca"]
-
-
 def _connected_socket(url):
     # left to picows, uvloop would look a host name up on libuv's thread pool, whose threads then
     # stay for good; gateway.sockets looks it up in a thread that ends with the lookup (see there)
@@ -269,8 +217,18 @@ class UpstreamConnection:
             transport.disconnect(False)
             raise ConnectionFailed(f"upstream {where} closed the connection during the WebSocket handshake")
         release_handshake(transport)  # its request holds the API key: let it go
+        ssl_object = transport.underlying_transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            client_tls_context().remember(ssl_object)  # the next session to this host resumes it
         if self.closing:  # closed while connecting
             self.close()
+
+    @property
+    def tls_resumed(self) -> bool | None:
+        """Over wss://, whether the handshake resumed an earlier session; None over ws://."""
+        transport = self.transport
+        ssl_object = None if transport is None else transport.underlying_transport.get_extra_info("ssl_object")
+        return None if ssl_object is None else ssl_object.session_reused
 
     @property
     def closing(self) -> bool:
