@@ -214,7 +214,7 @@ def _parse_text(message: dict) -> TextCommand:
 
 def _parse_function_result(message: dict) -> FunctionResultCommand:
     call_id = _string(message, "call_id")
-    name = "output" if "output" in message else "result"  # WaaV spells it `result`
+    name = "result" if "result" in message and "output" not in message else "output"  # WaaV: `result`
     output = message.get(name)
     if isinstance(output, (dict, list)):
         output = _json_text(output, name)

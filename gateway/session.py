@@ -133,9 +133,9 @@ class RelaySession:
                  "_calls_dispatched",
                  "_client_reading_paused", "_coalesce_s", "_connect_task",
                  "_created_timer", "_flush_timer", "_hangup_timer", "_level_timer",
-                 "_overflow_reported", "_owner", "_pending_updates", "_updates_in_flight",
+                 "_pre_ready_overflowed", "_owner", "_pending_updates", "_updates_in_flight",
                  "_pre_ready",
-                 "_pre_ready_audio_bytes", "_pre_ready_commands", "_reopens", "_response_asked",
+                 "_pre_ready_audio_bytes", "_pre_ready_commands", "_pre_ready_command_bytes", "_reopens", "_response_asked",
                  "_response_calls", "_response_wanted",
                  "_turn_end", "_update_counter",
                  "active_at", "active_response_id", "activity_seen", "client", "client_leg", "client_read_seen",
@@ -231,7 +231,10 @@ class RelaySession:
         self._pre_ready: deque | None = None
         self._pre_ready_audio_bytes = 0
         self._pre_ready_commands = 0
-        self._overflow_reported = False
+        self._pre_ready_command_bytes = 0
+        # once pre-ready audio was dropped, all of it is until `ready`: what goes up is the
+        # unbroken start of what the client sent, never audio with a hole where a frame was
+        self._pre_ready_overflowed = False
         self._reopens = 0
         self._hangup_timer: asyncio.TimerHandle | None = None
 
@@ -485,14 +488,14 @@ class RelaySession:
             self._audio_in(payload)
         elif self.state is CONNECTING:
             limit = self.node.pre_ready_buffer_ms * cp.BYTES_PER_MS[self.input_format]
-            if self._pre_ready_audio_bytes + len(payload) > limit:
+            if self._pre_ready_overflowed or self._pre_ready_audio_bytes + len(payload) > limit:
                 if self.metrics is not None:
                     self.metrics.count_drop("pre_ready_overflow", len(payload))
-                if not self._overflow_reported:
-                    self._overflow_reported = True
+                if not self._pre_ready_overflowed:
+                    self._pre_ready_overflowed = True
                     self.fail(NotConnected(f"the session is not ready yet and its pre-ready buffer "
                                            f"({self.node.pre_ready_buffer_ms} ms of audio) is full: "
-                                           "audio beyond it was dropped; wait for `ready`"))
+                                           "audio from here until `ready` is dropped; wait for `ready`"))
                 return
             self._pre_ready_audio_bytes += len(payload)
             stats.c2u_buffered_bytes = self._pre_ready_audio_bytes
@@ -551,8 +554,14 @@ class RelaySession:
             self._run_command(command)
         elif self._pre_ready_commands >= MAX_PRE_READY_COMMANDS:
             self.fail(NotConnected("too many commands before `ready`; this one was dropped"))
+        elif self._pre_ready_command_bytes + len(payload) > self.node.max_message_bytes:
+            # a forwarded OpenAI event may carry megabytes (an append's audio, an image): held
+            # commands are bounded as one largest message, so one always fits
+            self.fail(NotConnected(f"commands waiting for `ready` may hold {self.node.max_message_bytes} "
+                                   "bytes in all; this one was dropped"))
         else:
             self._pre_ready_commands += 1
+            self._pre_ready_command_bytes += len(payload)
             self._queue_pre_ready(command)
 
     def _queue_pre_ready(self, item) -> None:
@@ -864,7 +873,8 @@ class RelaySession:
         log.info("session %s: ready (model=%s voice=%s turn_detection=%s)", self.session_id,
                  effective["model"], effective.get("voice"), effective.get("turn_detection"))
         queued, self._pre_ready = self._pre_ready or (), None
-        self._pre_ready_audio_bytes = self._pre_ready_commands = self.stats.c2u_buffered_bytes = 0
+        self._pre_ready_audio_bytes = self._pre_ready_commands = self._pre_ready_command_bytes = 0
+        self.stats.c2u_buffered_bytes = 0
         for item in queued:  # in the order the client sent them
             if self.state is not READY:
                 break

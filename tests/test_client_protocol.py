@@ -157,6 +157,16 @@ def test_values_of_an_unexpected_shape_are_errors_not_crashes():
             assert command.config.voice == "verse" and command.config.turn_detection is None
 
 
+def test_a_function_result_without_its_output_names_the_documented_field():
+    """`output` is the protocol's name (WaaV's `result` is accepted too): a result with neither
+    is refused naming `output`, and one with only `result` names `result`."""
+    for message, param in (({"call_id": "c1"}, "output"), ({"call_id": "c1", "output": 5}, "output"),
+                           ({"call_id": "c1", "result": 5}, "result")):
+        with pytest.raises(InvalidMessage) as caught:
+            cp.parse_client_message(json.dumps({"type": "function_result", **message}).encode())
+        assert caught.value.param == param and f"'{param}' must be a string" in str(caught.value)
+
+
 def test_a_bad_sub_field_is_left_out_and_its_siblings_apply():
     """"That field is ignored, the rest applies" holds inside objects and lists too."""
     command = config_of({"vad": {"threshold": 2, "silence_duration_ms": 300}})

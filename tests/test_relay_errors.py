@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 import time
 
+import orjson
 import pytest
 import websockets
 
@@ -324,14 +326,53 @@ def test_oversized_message_closes_with_1009():
 
 
 def test_pre_ready_overflow_is_an_error_not_a_silent_drop():
+    """Audio past the pre-ready buffer gets one non-fatal NotConnected, and from then on all of
+    it is dropped until `ready`, even a frame that would still fit: what goes up is the unbroken
+    start of what the client sent, never audio with a hole in it."""
+    held = speech_like(0.15, seed=1)  # 150 ms of the 200 ms buffer (a commit needs 100 ms)
+
     async def scenario():
-        async with relay(MockOptions(handshake_delay_s=0.3), pre_ready_buffer_ms=100) as (gateway, mock):
+        async with relay(MockOptions(handshake_delay_s=0.3), pre_ready_buffer_ms=200) as (gateway, mock):
             client = await RelayClient.connect(gateway.url)
-            await client.send_audio(speech_like(0.08, seed=1))
-            await client.send_audio(speech_like(0.08, seed=2))
+            await client.send({"type": "config", "turn_detection": "none"})
+            await client.send_audio(held)
+            await client.send_audio(speech_like(0.06, seed=2))  # past 200 ms: dropped
+            await client.send_audio(speech_like(0.02, seed=3))  # would fit, but after a hole
             error = await client.wait("error")
             assert error["code"] == "NotConnected" and error["fatal"] is False
+            assert "until `ready` is dropped" in error["message"]
             await client.wait("ready")
+            await client.send({"type": "commit"})
+            await client.send({"type": "create_response"})
+            await client.wait("response_done")
+            assert bytes(client.audio) == held
+            assert len(client.of_type("error")) == 1
+    run(scenario(), timeout=20)
+
+
+def test_commands_before_ready_are_bounded_in_bytes_as_one_largest_message():
+    """Forwarded OpenAI events may be megabytes each (an append's audio): before `ready` the
+    commands held may total --max-message-bytes, so one always fits and a flood of large ones
+    gets NotConnected instead of holding memory without bound. What was held arrives in order."""
+    chunk = speech_like(0.5, seed=4)  # 24,000 bytes of PCM, ~32 KB as a forwarded append
+    append = {"type": "input_audio_buffer.append", "audio": base64.b64encode(chunk).decode()}
+    size = len(orjson.dumps(append))
+
+    async def scenario():
+        async with relay(MockOptions(handshake_delay_s=0.3), max_message_bytes=3 * size) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            for _ in range(5):
+                await client.send(append)
+            error = await client.wait("error")
+            assert error["code"] == "NotConnected" and error["fatal"] is False
+            assert f"may hold {3 * size} bytes in all" in error["message"]
+            await client.wait("ready")
+            await client.send({"type": "commit"})
+            await client.send({"type": "create_response"})
+            await client.wait("response_done")
+            assert bytes(client.audio) == chunk * 3  # the three that fitted, nothing else
+            assert [e["code"] for e in client.of_type("error")] == ["NotConnected"] * 2
     run(scenario(), timeout=20)
 
 
