@@ -614,7 +614,7 @@ def test_giant_base64_append_passes_through_and_is_echoed_exactly():
             client.send_json({"type": "input_audio_buffer.append", "audio": "!" * MiB, "event_id": "bad_b64"})
             error = await client.wait("error", 5)
             assert error["code"] == "UpstreamError" and error["fatal"] is False
-            assert error["upstream"]["code"] == "invalid_value" and error["upstream"]["param"] == "audio"
+            assert error["upstream"]["code"] == "invalid_value" and error["upstream"]["param"] == "audio.audio"
             assert client.events.index(error) >= start
             await echo_turn(client, speech_like(0.3, seed=8))
             await client.close()

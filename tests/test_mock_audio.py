@@ -2,8 +2,12 @@
 and the stream echo used by the relay benchmarks."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import math
+import re
+import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,8 +15,8 @@ import pytest
 from gateway.mock import MockOptions, MockRealtimeServer
 from gateway.mock.vad import EnergyVad, threshold_to_dbfs
 from tests.support import run
-from tests.test_mock_upstream import (AUDIO_LADDER, b64_audio, collapse, open_dialect,
-                                      pcm_silence, pcm_tone, update)
+from tests.test_mock_upstream import (AUDIO_LADDER, ID_PATTERN, RawClient, b64_audio, collapse,
+                                      open_dialect, pcm_silence, pcm_tone, update)
 
 
 def chirp_with_noise(ms: int, seed: int = 7) -> bytes:
@@ -128,6 +132,55 @@ def test_interrupt_response_false_lets_the_response_finish() -> None:
     run(scenario(), timeout=10)
 
 
+def test_idle_timeout_fires_once_the_reply_has_played_and_the_wait_passed() -> None:
+    """Time is the thing under test. server_vad `idle_timeout_ms` (reference §5.1, §5.3): the
+    reply to "hi" (720 ms of audio, sent at once) would have played 0.72 s after its first
+    delta; 5 s of no speech later comes `input_audio_buffer.timeout_triggered`, its
+    audio_start_ms where the input timeline stood when playback ended, audio_end_ms where it
+    stands now. Speech in the wait disarms it (a second session, which speaks at 1.5 s)."""
+    async def reply_to_hi(client: RawClient, create_response: bool) -> float:
+        await update(client, "ga", turn_detection={"type": "server_vad", "idle_timeout_ms": 5000,
+                                                    "create_response": create_response})
+        await client.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}})
+        await client.recv_until("conversation.item.done")
+        await client.send({"type": "response.create"})
+        await client.recv_until("response.done")
+        return time.monotonic()
+
+    async def stays_silent(client: RawClient) -> None:
+        done_at = await reply_to_hi(client, create_response=True)
+        await client.append(pcm_silence(1000), chunk_bytes=4800)  # before playback ends
+        await asyncio.sleep(1.5)
+        await client.append(pcm_silence(2000), chunk_bytes=4800)  # during the wait
+        triggered = await client.recv(timeout=8.0)
+        assert 5.6 <= time.monotonic() - done_at <= 7.0
+        assert set(triggered) == {"type", "event_id", "audio_start_ms", "audio_end_ms", "item_id"}
+        assert triggered["type"] == "input_audio_buffer.timeout_triggered"
+        assert (triggered["audio_start_ms"], triggered["audio_end_ms"]) == (1000, 3000)
+        assert re.fullmatch(ID_PATTERN["item"], triggered["item_id"])
+
+    async def speaks(client: RawClient) -> None:
+        done_at = await reply_to_hi(client, create_response=False)
+        await asyncio.sleep(1.5)
+        await client.append(pcm_tone(400) + pcm_silence(400))
+        events: list[dict[str, Any]] = []
+        while (left := done_at + 6.2 - time.monotonic()) > 0:  # past when it would have fired
+            try:
+                events.append(await client.recv(timeout=left))
+            except asyncio.TimeoutError:
+                break
+        assert [e["type"] for e in events] == [
+            "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+            "input_audio_buffer.committed", "conversation.item.added", "conversation.item.done"]
+
+    async def scenario() -> None:
+        async with MockRealtimeServer() as server:
+            silent, speaking = await open_dialect(server, "ga"), await open_dialect(server, "ga")
+            await asyncio.gather(stays_silent(silent), speaks(speaking))
+    run(scenario(), timeout=20)
+
+
 # ---------------------------------------------------------------------------------------------
 # the echo
 
@@ -240,8 +293,6 @@ def test_transcription_whisper_duration_usage_and_failure_on_silence(dialect: st
 
 def test_realtime_pacing_spaces_deltas_by_their_duration() -> None:
     """Time is the thing under test: 100 ms deltas of a 1 s reply arrive ~100 ms apart."""
-    import time
-
     async def scenario() -> None:
         async with MockRealtimeServer(MockOptions(pacing="realtime", delta_ms=100)) as server:
             client = await open_dialect(server, "ga")

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.mock import MockOptions, MockRealtimeServer
 from tests.support import run
-from tests.test_mock_upstream import RawClient, open_dialect, pcm_tone
+from tests.test_mock_upstream import RawClient, dialect_options, open_dialect, pcm_tone
 
 GA_VOICES = ("'alloy', 'ash', 'ballad', 'coral', 'echo', 'sage', 'shimmer', 'verse', "
              "'marin', 'cedar'")
@@ -61,7 +61,7 @@ GA_CASES: list[tuple[dict[str, Any], dict[str, Any]]] = [
          None, "e12")),
     ({"type": "input_audio_buffer.append", "event_id": "e13", "audio": "not base64!!"},
      err("invalid_value", "Invalid 'audio'. Expected base64-encoded audio bytes (mono PCM16 at 24kHz) "
-         "but got an invalid value.", "audio", "e13")),
+         "but got an invalid value.", "audio.audio", "e13")),
     ({"type": "input_audio_buffer.commit", "event_id": "e14"},
      err("input_audio_buffer_commit_empty", "Error committing input audio buffer: buffer too small. "
          "Expected at least 100ms of audio, but buffer only has 0.00ms of audio.", None, "e14")),
@@ -157,6 +157,126 @@ def test_beta_dialect_errors() -> None:
                                                                      "max_response_output_tokens": 300}})
             updated = (await client.expect("session.updated"))["session"]
             assert updated["temperature"] == 1.1 and updated["max_response_output_tokens"] == 300
+    run(scenario(), timeout=10)
+
+
+BETA_VOICES = "'alloy', 'ash', 'ballad', 'coral', 'echo', 'sage', 'shimmer', 'verse'"
+AUDIO_ONLY = "Invalid modalities: ['audio']. Supported combinations are: ['text'] and ['audio', 'text']."
+
+# (response.create `response`, the exact `error` object expected): the errors session.update
+# gives for the same values, named under `response.` (reference §4.2, §5.2).
+RESPONSE_CASES: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {
+    "ga": [
+        ({"audio": {"output": {"voice": "nova"}}},
+         err("invalid_value", f"Invalid value: 'nova'. Supported values are: {GA_VOICES}.",
+             "response.audio.output.voice", "r")),
+        ({"audio": {"output": {"format": {"type": "audio/pcm", "rate": 16000}}}},
+         err("invalid_value", "Invalid value: 16000. Supported values are: 24000.",
+             "response.audio.output.format.rate", "r")),
+        ({"audio": {"output": {"bogus": 1}}},
+         err("unknown_parameter", "Unknown parameter: 'response.audio.output.bogus'.",
+             "response.audio.output.bogus", "r")),
+        ({"output_modalities": ["audio", "text"]},
+         err("invalid_value", "Invalid value: ['audio', 'text']. Supported values are: ['audio'], "
+             "['text'].", "response.output_modalities", "r")),
+        ({"conversation": "bogus"},
+         err("invalid_value", "Invalid value: 'bogus'. Supported values are: 'auto', 'none'.",
+             "response.conversation", "r")),
+        ({"tool_choice": "sometimes"},
+         err("invalid_value", "Invalid value: 'sometimes'. Supported values are: 'auto', 'none', "
+             "'required'.", "response.tool_choice", "r")),
+        ({"instructions": 5},
+         err("invalid_value", "Invalid type for 'response.instructions': expected a string, but "
+             "got an integer instead.", "response.instructions", "r")),
+        ({"tools": [{"type": "function", "name": "f", "strict": True}]},
+         err("unknown_parameter", "Unknown parameter: 'response.tools[0].strict'.",
+             "response.tools[0].strict", "r")),
+        ({"temperature": 0.8},
+         err("unknown_parameter", "Unknown parameter: 'response.temperature'.",
+             "response.temperature", "r")),
+        ("x", err("invalid_value", "Invalid type for 'response': expected an object, but got a "
+                  "string instead.", "response", "r")),
+    ],
+    "beta": [
+        ({"max_output_tokens": 50},  # the GA name; beta says max_response_output_tokens
+         err("unknown_parameter", "Unknown parameter: 'response.max_output_tokens'.",
+             "response.max_output_tokens", "r")),
+        ({"voice": "marin"},
+         err("invalid_value", f"Invalid value: 'marin'. Supported values are: {BETA_VOICES}.",
+             "response.voice", "r")),
+        ({"output_audio_format": "mp3"},
+         err("invalid_value", "Invalid value: 'mp3'. Supported values are: 'pcm16', 'g711_ulaw', "
+             "'g711_alaw'.", "response.output_audio_format", "r")),
+        ({"temperature": 5},
+         err("invalid_value", "Invalid 'response.temperature': decimal above maximum value. "
+             "Expected a value <= 1.2, but got 5 instead.", "response.temperature", "r")),
+        ({"modalities": ["audio"]}, err("invalid_value", AUDIO_ONLY, "response.modalities", "r")),
+        ({"conversation": "bogus"},
+         err("invalid_value", "Invalid value: 'bogus'. Supported values are: 'auto', 'none'.",
+             "response.conversation", "r")),
+    ],
+}
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+def test_response_create_parameters_get_the_errors_session_update_gives(dialect: str) -> None:
+    async def scenario() -> None:
+        async with MockRealtimeServer(dialect_options(dialect)) as server:
+            client = await open_dialect(server, dialect)
+            for response, expected in RESPONSE_CASES[dialect]:
+                await client.send({"type": "response.create", "event_id": "r", "response": response})
+                assert (await client.expect("error"))["error"] == expected, response
+            # no response started: the next reply is the one to the next request
+            await client.send({"type": "input_audio_buffer.clear"})
+            await client.expect("input_audio_buffer.cleared")
+            assert "response.created" not in server.sessions[0].server_event_types()
+    run(scenario(), timeout=10)
+
+
+def test_beta_audio_only_modalities_are_refused() -> None:
+    """The beta dialect speaks only together with text (reference §2.1, §4.1): `modalities`
+    ["audio"] alone is refused by session.update and response.create; ["audio", "text"] is fine."""
+    async def scenario() -> None:
+        async with MockRealtimeServer(MockOptions(beta="serve")) as server:
+            client = await open_dialect(server, "beta")
+            await client.send({"type": "session.update", "event_id": "m",
+                               "session": {"modalities": ["audio"], "instructions": "new"}})
+            assert (await client.expect("error"))["error"] == err(
+                "invalid_value", AUDIO_ONLY, "session.modalities", "m")
+            await client.send({"type": "response.create", "event_id": "m",
+                               "response": {"modalities": ["audio"]}})
+            assert (await client.expect("error"))["error"] == err(
+                "invalid_value", AUDIO_ONLY, "response.modalities", "m")
+            await client.send({"type": "session.update", "session": {"modalities": ["audio", "text"]}})
+            session = (await client.expect("session.updated"))["session"]
+            assert session["modalities"] == ["audio", "text"]
+            assert session["instructions"].startswith("Your knowledge cutoff")  # not "new"
+    run(scenario(), timeout=10)
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+def test_tracing_cannot_change_once_on(dialect: str) -> None:
+    """`tracing` is immutable once on (reference §4.1): another value, "auto" or null is refused;
+    sending the same value again is no change and accepted."""
+    def tracing_update(tracing: Any) -> dict[str, Any]:
+        return {"type": "realtime", "tracing": tracing} if dialect == "ga" else {"tracing": tracing}
+
+    async def scenario() -> None:
+        async with MockRealtimeServer(dialect_options(dialect)) as server:
+            client = await open_dialect(server, dialect)
+            await client.send({"type": "session.update", "session": tracing_update(None)})
+            assert (await client.expect("session.updated"))["session"]["tracing"] is None
+            on = {"workflow_name": "wf1", "group_id": "g1"}
+            for _ in range(2):
+                await client.send({"type": "session.update", "session": tracing_update(on)})
+                assert (await client.expect("session.updated"))["session"]["tracing"] == on
+            for other in ({"workflow_name": "wf2"}, "auto", None):
+                await client.send({"type": "session.update", "event_id": "tr",
+                                   "session": tracing_update(other)})
+                assert (await client.expect("error"))["error"] == err(
+                    "invalid_value", "Cannot update a session's tracing configuration once tracing "
+                    "is enabled.", "session.tracing", "tr")
+            assert server.sessions[0].config["tracing"] == on
     run(scenario(), timeout=10)
 
 

@@ -19,6 +19,7 @@ import websockets
 from websockets.asyncio.client import connect
 
 from gateway.mock import MockOptions, MockRealtimeServer
+from gateway.mock.responses import spoken_tone
 from tests.support import run
 
 KEY = "test-key-1"
@@ -336,6 +337,33 @@ def test_unknown_path_404_and_health() -> None:
     run(scenario(), timeout=10)
 
 
+def test_call_id_or_intent_transcription_instead_of_model() -> None:
+    """§2.1: the query names a `model`, a `call_id` or `intent=transcription`. The mock has no
+    WebRTC/SIP calls, so a call id is unknown: an empty 404 at the upgrade, as OpenAI answers.
+    A transcription intent needs no model; the mock has no transcription sessions and serves a
+    realtime one, where a transcription-shaped update gets OpenAI's error (§8)."""
+    async def scenario() -> None:
+        async with MockRealtimeServer() as server:
+            with pytest.raises(websockets.InvalidStatus) as info:
+                await RawClient.open(server, path="/v1/realtime?call_id=rtc_abc123")
+            assert (info.value.response.status_code, bytes(info.value.response.body)) == (404, b"")
+            client = await RawClient.open(server, path="/v1/realtime?intent=transcription")
+            session = (await client.expect("session.created"))["session"]
+            assert (session["type"], session["model"]) == ("realtime", None)
+            await client.send({"type": "session.update", "event_id": "t",
+                               "session": {"type": "transcription"}})
+            assert (await client.expect("error"))["error"] == {
+                "type": "invalid_request_error", "code": None, "param": None, "event_id": "t",
+                "message": "Passing a transcription session update event to a realtime session "
+                           "is not allowed."}
+            with pytest.raises(websockets.InvalidStatus) as info:
+                await RawClient.open(server, path="/v1/realtime?intent=other")
+            assert info.value.response.status_code == 400
+            assert orjson.loads(info.value.response.body)["error"]["param"] == "model"
+            assert len(server.sessions) == 1
+    run(scenario(), timeout=10)
+
+
 # ---------------------------------------------------------------------------------------------
 # §7.1 connect + session.update
 
@@ -429,6 +457,50 @@ def test_text_modality_response(dialect: str) -> None:
             content = ladder[-1]["response"]["output"][0]["content"][0]
             assert content == {"type": "output_text" if dialect == "ga" else "text", "text": "You said: hi"}
             assert b64_audio(ladder) == b""
+    run(scenario(), timeout=10)
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_response_create_voice_and_output_format_are_the_responses(dialect: str) -> None:
+    """A response.create's own voice and output format (§4.2, §5.2) are that response's: shown
+    in response.created and response.done (§4.5, §5.5), its audio spoken in that format (µ-law,
+    8 bytes per ms; truncation counts in it too). The session keeps its own for the next one."""
+    async def scenario() -> None:
+        async with MockRealtimeServer(dialect_options(dialect)) as server:
+            client = await open_dialect(server, dialect)
+            await client.send({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}})
+            await client.recv_until(USER_ITEM_EVENTS[dialect][-1])
+            own = ({"audio": {"output": {"voice": "echo", "format": {"type": "audio/pcmu"}}}}
+                   if dialect == "ga" else
+                   {"voice": "echo", "output_audio_format": "g711_ulaw", "temperature": 0.7})
+            await client.send({"type": "response.create", "response": own})
+            ladder = await client.recv_until("response.done")
+            assert collapse([e["type"] for e in ladder]) == AUDIO_LADDER[dialect]
+            for shown in (ladder[0]["response"], ladder[-1]["response"]):
+                if dialect == "ga":
+                    assert shown["audio"] == {"output": {"format": {"type": "audio/pcmu"}, "voice": "echo"}}
+                else:
+                    assert (shown["voice"], shown["output_audio_format"], shown["temperature"]) == \
+                        ("echo", "g711_ulaw", 0.7)
+            # "You said: hi": 12 characters, 60 ms each, in µ-law
+            assert b64_audio(ladder) == spoken_tone("You said: hi", "audio/pcmu", 440.0)
+            assert len(b64_audio(ladder)) == 720 * 8
+            item_id = ladder[-1]["response"]["output"][0]["id"]
+            await client.send({"type": "conversation.item.truncate", "item_id": item_id,
+                               "content_index": 0, "audio_end_ms": 720})
+            assert (await client.expect("conversation.item.truncated"))["audio_end_ms"] == 720
+
+            await client.send({"type": "response.create"})
+            ladder = await client.recv_until("response.done")
+            shown = ladder[-1]["response"]
+            if dialect == "ga":
+                assert shown["audio"] == {"output": {"format": {"type": "audio/pcm", "rate": 24000},
+                                                     "voice": "alloy"}}
+            else:
+                assert (shown["voice"], shown["output_audio_format"], shown["temperature"]) == \
+                    ("alloy", "pcm16", 0.8)
+            assert b64_audio(ladder) == spoken_tone("You said: hi", "audio/pcm", 440.0)
     run(scenario(), timeout=10)
 
 
@@ -605,6 +677,37 @@ def test_function_call_flow(dialect: str) -> None:
             assert collapse([e["type"] for e in spoken]) == AUDIO_LADDER[dialect]
             transcript = spoken[-1]["response"]["output"][0]["content"][0]["transcript"]
             assert transcript == 'The get_weather function returned {"temp_c":18}'
+    run(scenario(), timeout=10)
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_response_create_tools_and_tool_choice_are_the_responses(dialect: str) -> None:
+    """A response.create's own `tools` and `tool_choice` (§4.2, §5.2) replace the session's for
+    that response: "required" calls a tool the session does not have; "none", or `tools` [],
+    never calls one, even when the text names a session tool; then the session's apply again."""
+    async def say(client: RawClient, text: str) -> None:
+        await client.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+        await client.recv_until(USER_ITEM_EVENTS[dialect][-1])
+
+    async def output_of(client: RawClient, own: Optional[dict[str, Any]]) -> list[tuple[str, Any]]:
+        await client.send({"type": "response.create", **({"response": own} if own else {})})
+        done = (await client.recv_until("response.done"))[-1]["response"]
+        assert done["status"] == "completed"
+        return [(item["type"], item.get("name")) for item in done["output"]]
+
+    async def scenario() -> None:
+        async with MockRealtimeServer(dialect_options(dialect)) as server:
+            client = await open_dialect(server, dialect)
+            await say(client, "hello")
+            assert await output_of(client, {"tools": [WEATHER_TOOL], "tool_choice": "required"}) == \
+                [("function_call", "get_weather")]
+            assert await output_of(client, None) == [("message", None)]  # the session has none
+            await update(client, dialect, tools=[WEATHER_TOOL])
+            await say(client, "please get_weather for me")
+            assert await output_of(client, {"tool_choice": "none"}) == [("message", None)]
+            assert await output_of(client, {"tools": []}) == [("message", None)]
+            assert await output_of(client, None) == [("function_call", "get_weather")]
     run(scenario(), timeout=10)
 
 

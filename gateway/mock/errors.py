@@ -64,6 +64,15 @@ ERRORS: dict[str, ErrorSpec] = {
     "cannot_update_voice": ErrorSpec(
         "invalid_request_error", "cannot_update_voice",
         "Cannot update a conversation's voice if assistant audio is present."),
+    "invalid_modalities": ErrorSpec(
+        # beta `modalities` without "text" (wire text as OpenAI's beta server gave it,
+        # relayed verbatim in BerriAI/litellm#14887)
+        "invalid_request_error", "invalid_value",
+        "Invalid modalities: {value}. Supported combinations are: ['text'] and ['audio', 'text']."),
+    "tracing_immutable": ErrorSpec(
+        # reference §4.1 says only "immutable once on"; the wording follows cannot_update_voice
+        "invalid_request_error", "invalid_value",
+        "Cannot update a session's tracing configuration once tracing is enabled."),
     "transcription_update_on_realtime": ErrorSpec(
         "invalid_request_error", None,
         "Passing a transcription session update event to a realtime session is not allowed."),

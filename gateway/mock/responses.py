@@ -9,6 +9,10 @@ Cancellation (client `response.cancel` or VAD barge-in) happens only while the l
 between deltas, so the closing ladder knows exactly what was streamed: the transcript so far, the
 audio so far (the item keeps it, for truncate), status "incomplete".
 
+A response runs on its own configuration (`schema.response_config`): the session's, with what
+its `response.create` set on top — voice, output format (the audio deltas are in it), modalities,
+instructions, tools and tool choice, max_output_tokens. It is fixed when the response starts.
+
 `max_output_tokens` (the session's, or the response's own) caps a message the way OpenAI's does,
 counted as the usage is (≈20 tokens per second of output audio, one per four characters of text):
 output stops where the next piece would pass the cap, the audio cut inside its last delta, and the
@@ -25,19 +29,11 @@ import orjson
 
 from .audio import BYTES_PER_MS, GA_TO_BETA_FORMAT, new_id, tone
 from .conversation import Item, render_item
-from .errors import MockProtocolError, failure_object
-from .schema import max_tokens
+from .errors import failure_object
 
 if TYPE_CHECKING:
     from .session import MockSession
 
-GA_RESPONSE_PARAMS = frozenset({
-    "output_modalities", "instructions", "audio", "tools", "tool_choice", "max_output_tokens",
-    "conversation", "input", "metadata", "prompt", "reasoning", "parallel_tool_calls", "tracing"})
-BETA_RESPONSE_PARAMS = frozenset({
-    "modalities", "instructions", "voice", "output_audio_format", "tools", "tool_choice",
-    "temperature", "max_response_output_tokens", "max_output_tokens", "conversation", "input",
-    "metadata"})
 TOKENS_PER_MINUTE_LIMIT = 40000
 TEXT_TONE_MS_PER_CHAR = 60
 TEXT_TONE_MIN_MS, TEXT_TONE_MAX_MS = 300, 10_000
@@ -74,14 +70,14 @@ def _text_tokens(text: str) -> int:
     return len(text) // CHARS_PER_TOKEN + 1 if text else 0
 
 
-def _usage(session: "MockSession", output_audio_ms: int, output_text: str,
+def _usage(session: "MockSession", instructions: str, output_audio_ms: int, output_text: str,
            zero: bool = False) -> dict[str, Any]:
     """Token usage: ≈10 tokens/s of input audio, 20 tokens/s of output audio (§3.3)."""
     if zero:
         in_text = in_audio = out_text = out_audio = 0
     else:
         user_audio_ms = 0
-        text_chars = len(session.config["instructions"])
+        text_chars = len(instructions)
         for item in session.conversation.items():
             if item.type == "message" and item.role != "assistant":
                 user_audio_ms += len(item.audio) // BYTES_PER_MS[item.audio_format]
@@ -104,24 +100,27 @@ def _usage(session: "MockSession", output_audio_ms: int, output_text: str,
 
 
 class Response:
-    """One response: its ladder task and what it has streamed so far."""
+    """One response: its ladder task and what it has streamed so far.
 
-    def __init__(self, session: "MockSession", plans: list[OutputPlan], modalities: list[str],
-                 metadata: Any, failure: Optional[str] = None, max_output_tokens: Any = None) -> None:
+    `config` is the response's effective configuration (GA-shaped, see `schema.response_config`);
+    it is never changed."""
+
+    def __init__(self, session: "MockSession", config: dict[str, Any], plans: list[OutputPlan],
+                 failure: Optional[str] = None) -> None:
         self.session = session
-        # 1..4096 or "inf"; None: the session's
-        self.max_output_tokens = session.config["max_output_tokens"] if max_output_tokens is None \
-            else max_output_tokens
+        self.config = config
+        self.max_output_tokens = config["max_output_tokens"]  # 1..4096 or "inf"
         self.limited = False  # stopped by max_output_tokens
         self.id = new_id("resp_")
         self.plans = plans
-        self.modalities = modalities
-        self.metadata = metadata
+        self.modalities = list(config["output_modalities"])  # ["audio"] or ["text"]
+        self.metadata = config.get("metadata")
         self.failure = failure
         self.status = "in_progress"
         self.output: list[Item] = []
         self.task: Optional[asyncio.Task[None]] = None
         self.rate_limits_sent = False
+        self.first_audio_at: Optional[float] = None  # loop time of the first audio delta
         self.audio_ms = 0
         self.text_out = ""
         # progress of the item being produced (read by the closing ladder)
@@ -131,12 +130,25 @@ class Response:
         self._streamed_args = ""
         self.stream_item: Optional[Item] = None
 
+    @property
+    def output_format(self) -> str:
+        """The GA type of the audio this response speaks ("audio/pcm", …)."""
+        return self.config["audio"]["output"]["format"]["type"]
+
+    def playback_end(self) -> float:
+        """Loop time at which this response's audio would have finished playing for a listener
+        playing it in real time from its first delta (now, if that is later or it had none)."""
+        now = asyncio.get_running_loop().time()
+        if self.first_audio_at is None:
+            return now
+        return max(now, self.first_audio_at + self.audio_ms / 1000.0)
+
     # ---- rendering ---------------------------------------------------------------------------
 
     def render(self, usage: Optional[dict[str, Any]] = None,
                status_details: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         session = self.session
-        config = session.config
+        config = self.config
         out: dict[str, Any] = {
             "object": "realtime.response", "id": self.id, "status": self.status,
             "status_details": status_details,
@@ -168,7 +180,7 @@ class Response:
             self.status = "failed"
             error = failure_object(self.failure, model=session.model, session_id=session.id,
                                    requested=1200)
-            self._done(usage=_usage(session, 0, "", zero=True),
+            self._done(usage=_usage(session, "", 0, "", zero=True),
                        status_details={"type": "failed", "error": error})
             return
         self.task = asyncio.ensure_future(self._run())
@@ -184,9 +196,14 @@ class Response:
                     break
             self.status = "incomplete" if self.limited else "completed"
             details = {"type": "incomplete", "reason": "max_output_tokens"} if self.limited else None
-            self._done(usage=_usage(self.session, self.audio_ms, self.text_out), status_details=details)
+            self._done(usage=self._usage(), status_details=details)
         except asyncio.CancelledError:
             pass  # cancel() already wrote the closing ladder
+
+    def _usage(self, output_text: Optional[str] = None) -> dict[str, Any]:
+        """The usage of what was streamed (`output_text`: the text, when not `text_out`)."""
+        return _usage(self.session, self.config["instructions"], self.audio_ms,
+                      self.text_out if output_text is None else output_text)
 
     def _add_item(self, index: int, item: Item) -> None:
         session = self.session
@@ -248,7 +265,7 @@ class Response:
         content_type = "output_audio" if audio_mode else "output_text"
         text_field = "transcript" if audio_mode else "text"
         item = Item(new_id("item_"), "message", role="assistant", status="in_progress",
-                    audio_format=session.output_format)
+                    audio_format=self.output_format)
         self._current_plan = plan
         self._streamed_text = ""
         self._add_item(index, item)
@@ -257,7 +274,7 @@ class Response:
         session.send_event("response.content_part.added", **ids,
                            part={"type": "audio" if audio_mode else "text", text_field: ""})
         if audio_mode:
-            bytes_per_ms = BYTES_PER_MS[session.output_format]
+            bytes_per_ms = BYTES_PER_MS[self.output_format]
             delta_bytes = session.options.delta_ms * bytes_per_ms
             chunks = [plan.audio[i:i + delta_bytes] for i in range(0, len(plan.audio), delta_bytes)]
             pieces = _split(plan.text, max(1, len(chunks)))
@@ -274,6 +291,8 @@ class Response:
                         chunk = chunk[:max(0, fits_ms) * bytes_per_ms]
                     piece = ""
                 if chunk:
+                    if self.first_audio_at is None:
+                        self.first_audio_at = asyncio.get_running_loop().time()
                     session.send_event("response.output_audio.delta", **ids,
                                        delta=base64.b64encode(chunk).decode())
                     item.audio += chunk
@@ -363,8 +382,7 @@ class Response:
             else:
                 self._close_message(index, item, "incomplete")
         self.status = "cancelled"
-        self._done(usage=_usage(self.session, self.audio_ms, self.text_out),
-                   status_details={"type": "cancelled", "reason": reason})
+        self._done(usage=self._usage(), status_details={"type": "cancelled", "reason": reason})
 
     def abandon(self) -> None:
         """The connection is gone: stop without sending anything."""
@@ -380,7 +398,7 @@ class Response:
 
     def stream_progress(self, audio_bytes: int) -> None:
         """Account one stream-echo delta (the echo can run for hours: no audio is kept)."""
-        self.audio_ms += audio_bytes // BYTES_PER_MS[self.session.output_format]
+        self.audio_ms += audio_bytes // BYTES_PER_MS[self.output_format]
 
     def finish_stream(self, status: str, transcript: str) -> None:
         item = self.stream_item
@@ -391,13 +409,14 @@ class Response:
         self._close_message(0, item, "completed" if status == "completed" else "incomplete")
         self.status = status
         details = None if status == "completed" else {"type": "cancelled", "reason": "client_cancelled"}
-        self._done(usage=_usage(self.session, self.audio_ms, self._streamed_text), status_details=details)
+        self._done(usage=self._usage(self._streamed_text), status_details=details)
 
 
 def stream_response(session: "MockSession") -> Response:
     """Open the long-lived response of echo_mode="stream": response.created, output item
     added, content part added. Deltas are then sent by `StreamEcho`."""
-    response = Response(session, [], ["audio"], None)
+    response = Response(session, session.config, [])
+    response.modalities = ["audio"]  # the echo speaks whatever the session's modalities
     session.send_event("response.created", response=response.render())
     item = Item(new_id("item_"), "message", role="assistant", status="in_progress",
                 audio_format=session.output_format)
@@ -415,41 +434,22 @@ class ResponsePlanner:
     def __init__(self, session: "MockSession") -> None:
         self.session = session
 
-    def validate_params(self, params: dict[str, Any]) -> None:
-        allowed = GA_RESPONSE_PARAMS if self.session.dialect == "ga" else BETA_RESPONSE_PARAMS
-        for key in params:
-            if key not in allowed:
-                raise MockProtocolError("unknown_parameter", f"response.{key}")
-        key = "output_modalities" if self.session.dialect == "ga" else "modalities"
-        modalities = params.get(key)
-        if modalities is not None and (not isinstance(modalities, list) or not modalities
-                                       or any(m not in ("audio", "text") for m in modalities)):
-            raise MockProtocolError("invalid_enum", f"response.{key}", value=str(modalities),
-                                    supported="'audio', 'text'")
-        for key in ("max_output_tokens", "max_response_output_tokens"):
-            if key in params:
-                max_tokens(params[key], f"response.{key}")
-
-    def plan(self, params: dict[str, Any]) -> Response:
+    def plan(self, config: dict[str, Any]) -> Response:
+        """The response to run on `config` (its effective configuration)."""
         session = self.session
         options = session.options
-        if session.dialect == "ga":
-            modalities = params.get("output_modalities") or session.config["output_modalities"]
-        else:
-            modalities = params.get("modalities") or session.config["_beta"]["modalities"]
-        modalities = ["audio"] if "audio" in modalities else ["text"]
         failure = None
         if options.fail_responses is not None and session.responses_created % options.fail_every_n == 0:
             failure = options.fail_responses
         source = self._source_item()
-        calls = self._function_calls_for(source)
+        calls = self._function_calls_for(source, config)
         if calls:
             plans = calls
         else:
-            plans = _items_of(self._speech_for(source, modalities[0]),
-                              options.reply_item_ms * BYTES_PER_MS[session.output_format])
-        limit = params.get("max_output_tokens", params.get("max_response_output_tokens"))
-        return Response(session, plans, modalities, params.get("metadata"), failure, limit)
+            fmt = config["audio"]["output"]["format"]["type"]
+            plans = _items_of(self._speech_for(source, config["output_modalities"][0], fmt),
+                              options.reply_item_ms * BYTES_PER_MS[fmt])
+        return Response(session, config, plans, failure)
 
     def _source_item(self) -> Optional[Item]:
         """The newest input a response answers: the latest user message or function output
@@ -459,13 +459,14 @@ class ResponsePlanner:
                 return item
         return None
 
-    def _function_calls_for(self, source: Optional[Item]) -> list[OutputPlan]:
-        """The calls a response makes: one per tool a text turn names (in the order named; a
-        response may hold several, each its own output item), else per `tool_choice`/options."""
+    def _function_calls_for(self, source: Optional[Item], config: dict[str, Any]) -> list[OutputPlan]:
+        """The calls a response makes with the tools and `tool_choice` of its `config`: one per
+        tool a text turn names (in the order named; a response may hold several, each its own
+        output item), else per `tool_choice`/options."""
         session = self.session
         options = session.options
-        tools = [t for t in session.config["tools"] if t.get("type", "function") == "function"]
-        choice = session.config["tool_choice"]
+        tools = [t for t in config["tools"] if t.get("type", "function") == "function"]
+        choice = config["tool_choice"]
         if not tools or choice == "none" or source is None or source.type != "message":
             return []
         chosen: list[dict[str, Any]] = []
@@ -484,9 +485,9 @@ class ResponsePlanner:
         return [OutputPlan("function_call", name=tool["name"], call_id=new_id("call_", 16),
                            arguments=orjson.dumps(_arguments_for(tool)).decode()) for tool in chosen]
 
-    def _speech_for(self, source: Optional[Item], modality: str) -> OutputPlan:
+    def _speech_for(self, source: Optional[Item], modality: str, fmt: str) -> OutputPlan:
+        """What to say to `source`, its audio (if any) in format `fmt`."""
         session = self.session
-        fmt = session.output_format
         if source is not None and source.type == "message" and source.audio:
             duration_ms = len(source.audio) // BYTES_PER_MS[source.audio_format]
             text = f"echo of {duration_ms} ms"

@@ -6,7 +6,12 @@ against the flat beta schema (§4.1) and mapped onto the GA shape (§6); `render
 the effective configuration back into the dialect's wire shape.
 
 Validation is atomic: `apply_update` builds a new configuration from a deep copy and raises
-`MockProtocolError` on the first problem, leaving the current one untouched.
+`MockProtocolError` on the first problem, leaving the current one untouched. A configuration
+is never changed in place, so a response may keep the one it started with.
+
+`response.create` parameters (§4.2, §5.2) go through the same validators (`response_config`):
+a bad voice, format or tool choice gets the error `session.update` would give, its `param`
+under `response.` instead of `session.`.
 """
 from __future__ import annotations
 
@@ -62,6 +67,11 @@ def _bad_type(param: str, expected: str, value: Any) -> MockProtocolError:
 
 def _quote_list(values: tuple[str, ...] | list[str]) -> str:
     return ", ".join(f"'{v}'" for v in values)
+
+
+def _python_list(values: list[str]) -> str:
+    """A list as OpenAI's messages show it: Python's repr, single quotes (['audio', 'text'])."""
+    return str(values).replace('"', "'")
 
 
 def string(value: Any, param: str) -> str:
@@ -249,12 +259,21 @@ def ga_output_modalities(value: Any, param: str) -> list[str]:
     items = array(enum("audio", "text"), min_items=1)(value, param)
     if len(items) != 1:
         # GA: audio always carries its transcript, so only one modality may be named
-        raise MockProtocolError("invalid_enum", param, value=str(items).replace('"', "'"),
+        raise MockProtocolError("invalid_enum", param, value=_python_list(items),
                                 supported="['audio'], ['text']")
     return items
 
 
+def beta_modalities(value: Any, param: str) -> list[str]:
+    items = array(enum("text", "audio"), min_items=1)(value, param)
+    if set(items) not in ({"text"}, {"text", "audio"}):
+        # beta speaks only with its text: ["audio"] alone is refused (reference §2.1, §4.1)
+        raise MockProtocolError("invalid_modalities", param, value=_python_list(items))
+    return items
+
+
 GA_VOICE = one_of(enum(*GA_VOICES), obj({"id": string}, required=("id",)))
+conversation = enum("auto", "none")
 
 # Nested objects listed here are merged key by key; every other field replaces the old value.
 GA_SESSION_FIELDS: dict[str, Any] = {
@@ -284,10 +303,32 @@ GA_SESSION_FIELDS: dict[str, Any] = {
     "include": include,
 }
 
+# `response.create` `response` members (reference §5.2); `_merge` treats them like the
+# session's, so a response's configuration is the session's with these on top.
+GA_RESPONSE_FIELDS: dict[str, Any] = {
+    "output_modalities": ga_output_modalities,
+    "instructions": string,
+    "audio": {
+        "output": {
+            "format": ga_format,
+            "voice": GA_VOICE,
+        },
+    },
+    "tools": array(tool),
+    "tool_choice": tool_choice,
+    "max_output_tokens": max_tokens,
+    "conversation": conversation,
+    "input": array(any_json),
+    "metadata": any_json,
+    "prompt": prompt,
+    "reasoning": any_json,
+    "parallel_tool_calls": boolean,
+}
+
 beta_format = enum("pcm16", "g711_ulaw", "g711_alaw")
 BETA_SESSION_FIELDS: dict[str, Any] = {
     "model": string,
-    "modalities": array(enum("text", "audio"), min_items=1),
+    "modalities": beta_modalities,
     "instructions": string,
     "voice": enum(*BETA_VOICES),
     "input_audio_format": beta_format,
@@ -304,6 +345,21 @@ BETA_SESSION_FIELDS: dict[str, Any] = {
     "truncation": truncation,
     "prompt": prompt,
     "include": include,
+}
+
+# beta `response.create` `response` members (reference §4.2): no GA names (`max_output_tokens`)
+BETA_RESPONSE_FIELDS: dict[str, Any] = {
+    "modalities": beta_modalities,
+    "instructions": string,
+    "voice": enum(*BETA_VOICES),
+    "output_audio_format": beta_format,
+    "tools": array(tool),
+    "tool_choice": tool_choice,
+    "temperature": number(0.6, 1.2),
+    "max_response_output_tokens": max_tokens,
+    "conversation": conversation,
+    "input": array(any_json),
+    "metadata": any_json,
 }
 
 
@@ -324,6 +380,15 @@ def _validate_tree(fields: dict[str, Any], update: Any, param: str) -> dict[str,
     return result
 
 
+def _validated_patch(value: Any, dialect: str, ga_fields: dict[str, Any],
+                     beta_fields: dict[str, Any], param: str) -> dict[str, Any]:
+    """`value` validated against the dialect's fields and returned GA-shaped (beta mapped by
+    `_beta_patch_to_ga`, its beta-only values under "_beta")."""
+    if dialect == "ga":
+        return _validate_tree(ga_fields, value, param)
+    return _beta_patch_to_ga(_validate_tree(beta_fields, value, param))
+
+
 def _merge(target: dict[str, Any], patch: dict[str, Any], fields: dict[str, Any]) -> None:
     for key, value in patch.items():
         if isinstance(fields[key], dict):
@@ -332,10 +397,18 @@ def _merge(target: dict[str, Any], patch: dict[str, Any], fields: dict[str, Any]
             target[key] = value
 
 
+def _patched(config: dict[str, Any], patch: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of `config` with the validated GA-shaped `patch` applied."""
+    new_config = copy.deepcopy(config)
+    new_config["_beta"].update(patch.pop("_beta", {}))
+    _merge(new_config, patch, fields)
+    return new_config
+
+
 # ---------------------------------------------------------------------------------------------
 # the effective configuration
 
-def default_config(model: str, session_id: str, expires_at: int) -> dict[str, Any]:
+def default_config(model: Optional[str], session_id: str, expires_at: int) -> dict[str, Any]:
     """The GA-shaped effective session of a new connection (observed defaults, §5.1/§11),
     plus the beta-only fields under "_beta"."""
     return {
@@ -375,32 +448,41 @@ def apply_update(config: dict[str, Any], session: Any, dialect: str,
     """Validate a `session.update` `session` member and return the new effective config.
 
     Raises `MockProtocolError` (and leaves `config` untouched) on the first problem:
-    missing `type` (GA), unknown keys (dotted `param`), bad values, a model change, or a
-    voice change after assistant audio exists (`voice_locked`).
+    missing `type` (GA), unknown keys (dotted `param`), bad values, a model change, a
+    voice change after assistant audio exists (`voice_locked`), or a tracing change once
+    tracing is on.
     """
     if not isinstance(session, dict):
         raise _bad_type("session", "an object", session)
-    if dialect == "ga":
-        if "type" not in session:
-            raise MockProtocolError("missing_required_parameter", "session.type")
-        patch = _validate_tree(GA_SESSION_FIELDS, session, "session")
-        if patch["type"] == "transcription":
-            raise MockProtocolError("transcription_update_on_realtime", None)
-        new_voice = patch.get("audio", {}).get("output", {}).get("voice")
-        voice_param = "session.audio.output.voice"
-    else:
-        patch = _beta_patch_to_ga(_validate_tree(BETA_SESSION_FIELDS, session, "session"))
-        new_voice = patch.get("audio", {}).get("output", {}).get("voice")
-        voice_param = "session.voice"
+    if dialect == "ga" and "type" not in session:
+        raise MockProtocolError("missing_required_parameter", "session.type")
+    patch = _validated_patch(session, dialect, GA_SESSION_FIELDS, BETA_SESSION_FIELDS, "session")
+    if patch.get("type") == "transcription":
+        raise MockProtocolError("transcription_update_on_realtime", None)
     if "model" in patch and patch["model"] != config["model"]:
         raise MockProtocolError("model_change", "session.model", value=patch["model"])
+    new_voice = patch.get("audio", {}).get("output", {}).get("voice")
     if voice_locked and new_voice is not None and new_voice != config["audio"]["output"]["voice"]:
+        voice_param = "session.audio.output.voice" if dialect == "ga" else "session.voice"
         raise MockProtocolError("cannot_update_voice", voice_param)
-    new_config = copy.deepcopy(config)
-    beta_extra = patch.pop("_beta", {})
-    _merge(new_config, patch, GA_SESSION_FIELDS)
-    new_config["_beta"].update(beta_extra)
-    return new_config
+    if "tracing" in patch and config["tracing"] is not None and patch["tracing"] != config["tracing"]:
+        # tracing is immutable once on (reference §4.1); repeating the same value is no change
+        raise MockProtocolError("tracing_immutable", "session.tracing")
+    return _patched(config, patch, GA_SESSION_FIELDS)
+
+
+def response_config(config: dict[str, Any], response: Any, dialect: str) -> dict[str, Any]:
+    """Validate a `response.create` `response` member and return the response's effective
+    configuration: the session's `config` (untouched) with the response's own values on top.
+
+    Raises `MockProtocolError` on the first problem, with the errors `apply_update` gives
+    (params under `response.`)."""
+    if not isinstance(response, dict):
+        raise _bad_type("response", "an object", response)
+    if not response:
+        return config  # nothing of its own: the session's, shared (never changed in place)
+    patch = _validated_patch(response, dialect, GA_RESPONSE_FIELDS, BETA_RESPONSE_FIELDS, "response")
+    return _patched(config, patch, GA_RESPONSE_FIELDS)
 
 
 def _beta_patch_to_ga(beta: dict[str, Any]) -> dict[str, Any]:

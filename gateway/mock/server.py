@@ -6,6 +6,12 @@ Paths (query strings as OpenAI / Azure use them):
 - `/openai/realtime?api-version=V&deployment=DEPLOYMENT`    Azure preview (beta dialect)
 - `/health`                                                plain HTTP 200 "ok"
 
+Instead of `model`, OpenAI takes `call_id` (a sideband connection to a WebRTC/SIP call) or
+`intent=transcription` (§2.1). The mock has no calls, so every `call_id` is unknown: HTTP 404
+with an empty body, as OpenAI answers one. It has no transcription sessions either: an
+`intent=transcription` connection is accepted without a model and served a realtime session,
+whose transcription-shaped updates get OpenAI's error for those (§8).
+
 Auth: `Authorization: Bearer KEY`, `api-key: KEY` (Azure), `?api-key=KEY` (Azure browsers) or
 the browser subprotocol `openai-insecure-api-key.KEY`. The beta dialect is chosen by the header
 `OpenAI-Beta: realtime=v1`, the subprotocol `openai-beta.realtime-v1`, or the Azure preview path.
@@ -159,8 +165,10 @@ class MockRealtimeServer:
         headers = request.headers
         protocols = [p.strip() for value in headers.getall("Sec-WebSocket-Protocol", [])
                      for p in value.split(",") if p.strip()]
+        if "call_id" in query:
+            return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(404, b""), None)
         model = query.get("deployment") if path == AZURE_PREVIEW_PATH else query.get("model")
-        if not model:
+        if not model and query.get("intent") != "transcription":
             return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
                 400, _rest_error("Missing required parameter: 'model'.", "missing_required_parameter",
                                  "model")), None)

@@ -24,7 +24,7 @@ from .audio import BYTES_PER_MS, FORMAT_DESCRIPTION, EventIds, new_id, random_al
 from .conversation import Conversation, Item, render_item
 from .errors import MockProtocolError, close_reason, error_object
 from .responses import Response, ResponsePlanner, stream_response
-from .schema import apply_update, default_config, render_session
+from .schema import apply_update, default_config, render_session, response_config
 from .vad import SEMANTIC_EAGERNESS_SILENCE_MS, EnergyVad
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class HandshakeInfo:
 
     __slots__ = ("dialect", "model", "path", "fatal_error", "fatal_fields", "key")
 
-    def __init__(self, dialect: str, model: str, path: str, key: Optional[str],
+    def __init__(self, dialect: str, model: Optional[str], path: str, key: Optional[str],
                  fatal_error: Optional[str] = None, **fatal_fields: Any) -> None:
         self.dialect = dialect
         self.model = model
@@ -129,6 +129,10 @@ class MockSession(WSListener):
         self._speech_item_id: Optional[str] = None
         self._speech_start_ms = 0
         self._configure_vad()
+        # server_vad idle_timeout_ms: loop time the last response's audio would have finished
+        # playing (None: nothing to wait for), and the pending timer
+        self._playback_end: Optional[float] = None
+        self._idle_timer: Optional[asyncio.TimerHandle] = None
 
         self.active_response: Optional[Response] = None
         self._planner = ResponsePlanner(self)
@@ -210,6 +214,7 @@ class MockSession(WSListener):
         self.closed = True
         for timer in self._timers:
             timer.cancel()
+        self._disarm_idle_timeout()
         if self.active_response is not None:
             self.active_response.abandon()
             self.active_response = None
@@ -377,26 +382,30 @@ class MockSession(WSListener):
         new_input = self.config["audio"]["input"]
         if new_input["turn_detection"] != old_vad or new_input["format"] != old_format:
             self._configure_vad()
+            self._arm_idle_timeout()
         self.send_event("session.updated", session=render_session(self.config, self.dialect))
 
     def _on_transcription_session_update(self, event: dict[str, Any]) -> None:
         raise MockProtocolError("transcription_update_on_realtime", None)
 
-    def _decode_audio(self, audio: Any, param: str) -> bytes:
-        if not isinstance(audio, str):
-            raise MockProtocolError("invalid_audio", param,
+    def _decode_audio(self, audio: Any, param: str, invalid_param: Optional[str] = None) -> bytes:
+        """The bytes of base64 `audio`; errors name `param` (`invalid_param`, when given, for
+        audio that is not base64)."""
+        invalid = MockProtocolError("invalid_audio", invalid_param or param,
                                     format_desc=FORMAT_DESCRIPTION[self.input_format])
+        if not isinstance(audio, str):
+            raise invalid
         if len(audio) > MAX_APPEND_BASE64_CHARS:
             raise MockProtocolError("append_too_large", param, limit=MAX_APPEND_BASE64_CHARS,
                                     length=len(audio))
         try:
             return binascii.a2b_base64(audio, strict_mode=True)
         except (binascii.Error, ValueError):
-            raise MockProtocolError("invalid_audio", param,
-                                    format_desc=FORMAT_DESCRIPTION[self.input_format]) from None
+            raise invalid from None
 
     def _on_append(self, event: dict[str, Any]) -> None:
-        audio = self._decode_audio(event.get("audio"), "audio")
+        # OpenAI names the bad-audio param `audio.audio` (reference §8)
+        audio = self._decode_audio(event.get("audio"), "audio", invalid_param="audio.audio")
         if not audio:
             return
         if self.options.echo_mode == "stream":
@@ -424,6 +433,7 @@ class MockSession(WSListener):
                 self._buffer_start += excess
 
     def _on_speech_started(self, audio_start_ms: int) -> None:
+        self._disarm_idle_timeout()
         self._speech_item_id = new_id("item_")
         self._speech_start_ms = audio_start_ms
         self.send_event("input_audio_buffer.speech_started", audio_start_ms=audio_start_ms,
@@ -447,7 +457,7 @@ class MockSession(WSListener):
         self._commit_audio_item(item_id, turn_audio)
         detection = self.config["audio"]["input"]["turn_detection"] or {}
         if detection.get("create_response", True) and self.active_response is None:
-            self.start_response({}, client_event_id=None)
+            self.start_response(self.config)
 
     def _on_commit(self, event: dict[str, Any]) -> None:
         if self._stream_echo is not None:
@@ -655,19 +665,15 @@ class MockSession(WSListener):
                         item=render_item(item, self.dialect, with_audio=True))
 
     def _on_response_create(self, event: dict[str, Any]) -> None:
-        params = event.get("response") or {}
-        if not isinstance(params, dict):
-            raise MockProtocolError("invalid_type", "response", expected="an object",
-                                    got=type(params).__name__)
-        client_event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+        params = event.get("response")
+        config = response_config(self.config, {} if params is None else params, self.dialect)
         if self.active_response is not None:
             raise MockProtocolError("conversation_already_has_active_response", None,
                                     response_id=self.active_response.id)
         if self._stream_echo is not None:
             raise MockProtocolError("conversation_already_has_active_response", None,
                                     response_id=self._stream_echo.response_id)
-        self._planner.validate_params(params)
-        self.start_response(params, client_event_id)
+        self.start_response(config)
 
     def _on_response_cancel(self, event: dict[str, Any]) -> None:
         response = self.active_response
@@ -680,15 +686,53 @@ class MockSession(WSListener):
             raise MockProtocolError("response_cancel_not_active", None)
         response.cancel("client_cancelled")
 
-    def start_response(self, params: dict[str, Any], client_event_id: Optional[str]) -> None:
+    def start_response(self, config: dict[str, Any]) -> None:
+        """Start a response running on `config` (the session's, or a response.create's own)."""
         self.responses_created += 1
-        response = self._planner.plan(params)
+        self._disarm_idle_timeout()
+        response = self._planner.plan(config)
         self.active_response = response
         response.start()
 
     def response_finished(self, response: Response) -> None:
         if self.active_response is response:
             self.active_response = None
+        self._playback_end = response.playback_end()
+        self._arm_idle_timeout()
+
+    def _arm_idle_timeout(self) -> None:
+        """server_vad with `idle_timeout_ms` (reference §5.1, §5.3): once the last response's
+        audio would have finished playing, `input_audio_buffer.timeout_triggered` after that
+        long without speech. Armed when a response ends or turn detection changes; speech or
+        a new response disarms it; it fires once per response."""
+        self._disarm_idle_timeout()
+        detection = self.config["audio"]["input"]["turn_detection"]
+        if (self._playback_end is None or self.active_response is not None or self._vad is None
+                or self._vad.in_speech or detection is None or detection["type"] != "server_vad"
+                or detection["idle_timeout_ms"] is None):
+            return
+        self._idle_timer = self._loop.call_at(self._playback_end, self._start_idle_wait,
+                                              detection["idle_timeout_ms"])
+
+    def _disarm_idle_timeout(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _start_idle_wait(self, idle_timeout_ms: int) -> None:
+        """The reply has played: the silent segment starts here on the input timeline."""
+        self._idle_timer = self._loop.call_later(idle_timeout_ms / 1000.0, self._idle_timeout_triggered,
+                                                 self._timeline_ms())
+
+    def _idle_timeout_triggered(self, audio_start_ms: int) -> None:
+        self._idle_timer = None
+        self._playback_end = None
+        self.send_event("input_audio_buffer.timeout_triggered", audio_start_ms=audio_start_ms,
+                        audio_end_ms=self._timeline_ms(), item_id=new_id("item_"))
+
+    def _timeline_ms(self) -> int:
+        """Milliseconds of input audio appended in this session so far (reference §3.3)."""
+        return self._timeline_bytes // BYTES_PER_MS[self.input_format]
 
     def _configure_vad(self) -> None:
         detection = self.config["audio"]["input"]["turn_detection"]
@@ -702,9 +746,8 @@ class MockSession(WSListener):
             threshold = detection["threshold"]
             prefix = detection["prefix_padding_ms"]
             silence = detection["silence_duration_ms"]
-        bytes_per_ms = BYTES_PER_MS[self.input_format]
         self._vad = EnergyVad(self.input_format, threshold, prefix, silence,
-                              start_ms=self._timeline_bytes // bytes_per_ms)
+                              start_ms=self._timeline_ms())
 
     _HANDLERS = {
         "session.update": _on_session_update,
