@@ -8,8 +8,9 @@
         await session.wait_for_server_event("response.done")
 
 Both dialects (GA; beta by header, or the 2026 rejection), session.update validation, an
-energy VAD, the full response ladder, function calls, barge-in, truncation, the §8 error
-catalogue and fault injection. The voice echoes the user's committed turn bit-exactly.
+energy VAD, the full response ladder, out-of-band responses and response `input`, function
+calls, barge-in, truncation, the §8 error catalogue and fault injection. The voice echoes the
+user's committed turn bit-exactly.
 """
 from .options import MockOptions
 from .server import MockRealtimeServer

@@ -7,7 +7,7 @@ Items are stored GA-shaped (content types `input_text`, `input_audio`, `output_t
 from __future__ import annotations
 
 import base64
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 # GA assistant content type -> beta content type
 _BETA_CONTENT_TYPE = {"output_text": "text", "output_audio": "audio"}
@@ -117,8 +117,11 @@ class Conversation:
         self._order.remove(item_id)
         del self._items[item_id]
 
-    def find_call(self, call_id: str) -> Optional[Item]:
-        for item in self._items.values():
-            if item.type == "function_call" and item.call_id == call_id:
-                return item
-        return None
+
+def find_call(items: Iterable[Item], call_id: str) -> Optional[Item]:
+    """The function_call item among `items` (the conversation's, or a response's input) that
+    has `call_id`; None when there is none."""
+    for item in items:
+        if item.type == "function_call" and item.call_id == call_id:
+            return item
+    return None

@@ -121,6 +121,10 @@ ERRORS: dict[str, ErrorSpec] = {
     "previous_item_not_found": ErrorSpec(
         "invalid_request_error", "invalid_value",
         "Error adding item: the previous item with id '{item_id}' does not exist."),
+    "item_reference_not_found": ErrorSpec(
+        # a response.create `input` item_reference to no conversation item; the reference
+        # has no wire text, so this is the Responses API's for an unknown input item
+        "invalid_request_error", "invalid_value", "Item with id '{item_id}' not found."),
     "internal_error": ErrorSpec(
         "server_error", None,
         "The server had an error while processing your event ({detail}). Sorry about that!"),

@@ -13,6 +13,14 @@ A response runs on its own configuration (`schema.response_config`): the session
 its `response.create` set on top — voice, output format (the audio deltas are in it), modalities,
 instructions, tools and tool choice, max_output_tokens. It is fixed when the response starts.
 
+A response writes to the default conversation unless its `conversation` is "none" (reference
+§3.4): an out-of-band response streams the same ladder with its own response_id, but its items
+are never added to the conversation (no conversation.item.* events, nothing to retrieve,
+truncate or delete later) and its `conversation_id` is null. Only the conversation's own
+responses are one at a time; out-of-band ones run beside them (the session keeps them apart).
+What a response answers is its context: its `input` when response.create gave one (items,
+references to conversation items, or nothing at all), else the conversation's items.
+
 `max_output_tokens` (the session's, or the response's own) caps a message the way OpenAI's does,
 counted as the usage is (≈20 tokens per second of output audio, one per four characters of text):
 output stops where the next piece would pass the cap, the audio cut inside its last delta, and the
@@ -28,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import orjson
 
 from .audio import BYTES_PER_MS, GA_TO_BETA_FORMAT, new_id, tone
-from .conversation import Item, render_item
+from .conversation import Conversation, Item, find_call, render_item
 from .errors import failure_object
 
 if TYPE_CHECKING:
@@ -70,15 +78,16 @@ def _text_tokens(text: str) -> int:
     return len(text) // CHARS_PER_TOKEN + 1 if text else 0
 
 
-def _usage(session: "MockSession", instructions: str, output_audio_ms: int, output_text: str,
-           zero: bool = False) -> dict[str, Any]:
-    """Token usage: ≈10 tokens/s of input audio, 20 tokens/s of output audio (§3.3)."""
+def _usage(session: "MockSession", context: list[Item], instructions: str, output_audio_ms: int,
+           output_text: str, zero: bool = False) -> dict[str, Any]:
+    """Token usage: ≈10 tokens/s of input audio, 20 tokens/s of output audio (§3.3); the input
+    is the instructions and the user and system messages of `context`."""
     if zero:
         in_text = in_audio = out_text = out_audio = 0
     else:
         user_audio_ms = 0
         text_chars = len(instructions)
-        for item in session.conversation.items():
+        for item in context:
             if item.type == "message" and item.role != "assistant":
                 user_audio_ms += len(item.audio) // BYTES_PER_MS[item.audio_format]
                 text_chars += sum(len(p.get("text") or "") for p in item.content)
@@ -103,12 +112,17 @@ class Response:
     """One response: its ladder task and what it has streamed so far.
 
     `config` is the response's effective configuration (GA-shaped, see `schema.response_config`);
-    it is never changed."""
+    it is never changed. `context` is what it answers (its `input`, or the conversation's items
+    when it was planned). `conversation` is where its items go: the session's default
+    conversation, or None for an out-of-band response (`conversation: "none"`)."""
 
-    def __init__(self, session: "MockSession", config: dict[str, Any], plans: list[OutputPlan],
-                 failure: Optional[str] = None) -> None:
+    def __init__(self, session: "MockSession", config: dict[str, Any], context: list[Item],
+                 plans: list[OutputPlan], failure: Optional[str] = None) -> None:
         self.session = session
         self.config = config
+        self.context = context
+        self.conversation: Optional[Conversation] = \
+            None if config.get("conversation") == "none" else session.conversation
         self.max_output_tokens = config["max_output_tokens"]  # 1..4096 or "inf"
         self.limited = False  # stopped by max_output_tokens
         self.id = new_id("resp_")
@@ -153,7 +167,7 @@ class Response:
             "object": "realtime.response", "id": self.id, "status": self.status,
             "status_details": status_details,
             "output": [render_item(item, session.dialect) for item in self.output],
-            "conversation_id": session.conversation.id,
+            "conversation_id": self.conversation.id if self.conversation is not None else None,
         }
         audio_out = config["audio"]["output"]
         if session.dialect == "ga":
@@ -180,7 +194,7 @@ class Response:
             self.status = "failed"
             error = failure_object(self.failure, model=session.model, session_id=session.id,
                                    requested=1200)
-            self._done(usage=_usage(session, "", 0, "", zero=True),
+            self._done(usage=_usage(session, [], "", 0, "", zero=True),
                        status_details={"type": "failed", "error": error})
             return
         self.task = asyncio.ensure_future(self._run())
@@ -202,28 +216,32 @@ class Response:
 
     def _usage(self, output_text: Optional[str] = None) -> dict[str, Any]:
         """The usage of what was streamed (`output_text`: the text, when not `text_out`)."""
-        return _usage(self.session, self.config["instructions"], self.audio_ms,
+        return _usage(self.session, self.context, self.config["instructions"], self.audio_ms,
                       self.text_out if output_text is None else output_text)
 
     def _add_item(self, index: int, item: Item) -> None:
         session = self.session
+        conversation = self.conversation
         self._current = item
         self.output.append(item)
-        previous = session.conversation.add(item)
         rendered = render_item(item, session.dialect)
         session.send_event("response.output_item.added", response_id=self.id, output_index=index,
                            item=rendered)
-        session.send_event("conversation.item.added", previous_item_id=previous, item=rendered)
+        if conversation is not None:
+            session.send_event("conversation.item.added", previous_item_id=conversation.add(item),
+                               item=rendered)
 
     def _finish_item(self, index: int, item: Item, status: str) -> None:
         session = self.session
+        conversation = self.conversation
         item.status = status
         rendered = render_item(item, session.dialect)
         session.send_event("response.output_item.done", response_id=self.id, output_index=index,
                            item=rendered)
-        session.send_event("conversation.item.done",
-                           previous_item_id=session.conversation.previous_of(item.id)
-                           if item.id in session.conversation else None, item=rendered)
+        if conversation is not None:
+            session.send_event("conversation.item.done",
+                               previous_item_id=conversation.previous_of(item.id)
+                               if item.id in conversation else None, item=rendered)
         self._current = None
         self._current_plan = None
 
@@ -415,7 +433,7 @@ class Response:
 def stream_response(session: "MockSession") -> Response:
     """Open the long-lived response of echo_mode="stream": response.created, output item
     added, content part added. Deltas are then sent by `StreamEcho`."""
-    response = Response(session, session.config, [])
+    response = Response(session, session.config, session.conversation.items(), [])
     response.modalities = ["audio"]  # the echo speaks whatever the session's modalities
     session.send_event("response.created", response=response.render())
     item = Item(new_id("item_"), "message", role="assistant", status="in_progress",
@@ -429,35 +447,30 @@ def stream_response(session: "MockSession") -> Response:
 
 
 class ResponsePlanner:
-    """Decides what a response says, from the conversation and the session's tools."""
+    """Decides what a response says, from its context (the conversation, or its own `input`)
+    and its tools."""
 
     def __init__(self, session: "MockSession") -> None:
         self.session = session
 
-    def plan(self, config: dict[str, Any]) -> Response:
-        """The response to run on `config` (its effective configuration)."""
+    def plan(self, config: dict[str, Any], input_items: Optional[list[Item]] = None) -> Response:
+        """The response to run on `config` (its effective configuration), answering
+        `input_items` (its response.create's `input`, resolved) or, when None, the conversation."""
         session = self.session
         options = session.options
         failure = None
         if options.fail_responses is not None and session.responses_created % options.fail_every_n == 0:
             failure = options.fail_responses
-        source = self._source_item()
+        context = session.conversation.items() if input_items is None else input_items
+        source = _source_item(context)
         calls = self._function_calls_for(source, config)
         if calls:
             plans = calls
         else:
             fmt = config["audio"]["output"]["format"]["type"]
-            plans = _items_of(self._speech_for(source, config["output_modalities"][0], fmt),
+            plans = _items_of(self._speech_for(source, context, config["output_modalities"][0], fmt),
                               options.reply_item_ms * BYTES_PER_MS[fmt])
-        return Response(session, config, plans, failure)
-
-    def _source_item(self) -> Optional[Item]:
-        """The newest input a response answers: the latest user message or function output
-        (assistant and system items after it do not change what is answered)."""
-        for item in reversed(self.session.conversation.items()):
-            if item.type == "function_call_output" or (item.type == "message" and item.role == "user"):
-                return item
-        return None
+        return Response(session, config, context, plans, failure)
 
     def _function_calls_for(self, source: Optional[Item], config: dict[str, Any]) -> list[OutputPlan]:
         """The calls a response makes with the tools and `tool_choice` of its `config`: one per
@@ -485,8 +498,10 @@ class ResponsePlanner:
         return [OutputPlan("function_call", name=tool["name"], call_id=new_id("call_", 16),
                            arguments=orjson.dumps(_arguments_for(tool)).decode()) for tool in chosen]
 
-    def _speech_for(self, source: Optional[Item], modality: str, fmt: str) -> OutputPlan:
-        """What to say to `source`, its audio (if any) in format `fmt`."""
+    def _speech_for(self, source: Optional[Item], context: list[Item], modality: str,
+                    fmt: str) -> OutputPlan:
+        """What to say to `source` (the newest input of `context`), its audio (if any) in
+        format `fmt`."""
         session = self.session
         if source is not None and source.type == "message" and source.audio:
             duration_ms = len(source.audio) // BYTES_PER_MS[source.audio_format]
@@ -499,7 +514,7 @@ class ResponsePlanner:
             if source is None:
                 text = "Hello, how can I help?"
             elif source.type == "function_call_output":
-                call = session.conversation.find_call(source.call_id or "")
+                call = find_call(context, source.call_id or "")
                 name = call.name if call is not None else "function"
                 text = f"The {name} function returned {source.output}"
             else:
@@ -510,6 +525,15 @@ class ResponsePlanner:
         if modality == "text":
             return OutputPlan("text", text=text)
         return OutputPlan("audio", audio=audio, text=text)
+
+
+def _source_item(context: list[Item]) -> Optional[Item]:
+    """The newest input a response answers in its `context`: the latest user message or
+    function output (assistant and system items after it do not change what is answered)."""
+    for item in reversed(context):
+        if item.type == "function_call_output" or (item.type == "message" and item.role == "user"):
+            return item
+    return None
 
 
 def spoken_tone(text: str, fmt: str, hz: float) -> bytes:

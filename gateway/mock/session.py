@@ -21,7 +21,7 @@ import orjson
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
 from .audio import BYTES_PER_MS, FORMAT_DESCRIPTION, EventIds, new_id, random_alnum, rms_dbfs
-from .conversation import Conversation, Item, render_item
+from .conversation import Conversation, Item, find_call, render_item
 from .errors import MockProtocolError, close_reason, error_object
 from .responses import Response, ResponsePlanner, stream_response
 from .schema import apply_update, default_config, render_session, response_config
@@ -77,6 +77,8 @@ class MockSession(WSListener):
 
     - `dialect` ("ga" | "beta"), `model`, `id` (`sess_…`), `config` (effective session,
       GA-shaped), `conversation`;
+    - `active_response`: the default conversation's response in progress (at most one, §3.4);
+      `responses_in_progress`: every response in progress by id, out-of-band ones included;
     - `received`: every client event as parsed, in order; `sent`: every server event sent,
       in order (both only when `MockOptions.record`);
     - `closed`, `await wait_closed(timeout)`, `await wait_for_client_event(type_, timeout)`,
@@ -135,6 +137,7 @@ class MockSession(WSListener):
         self._idle_timer: Optional[asyncio.TimerHandle] = None
 
         self.active_response: Optional[Response] = None
+        self.responses_in_progress: dict[str, Response] = {}
         self._planner = ResponsePlanner(self)
         self._stream_echo: Optional["StreamEcho"] = None
 
@@ -215,9 +218,10 @@ class MockSession(WSListener):
         for timer in self._timers:
             timer.cancel()
         self._disarm_idle_timeout()
-        if self.active_response is not None:
-            self.active_response.abandon()
-            self.active_response = None
+        for response in self.responses_in_progress.values():
+            response.abandon()
+        self.responses_in_progress.clear()
+        self.active_response = None
         if not self._closed_future.done():
             self._closed_future.set_result(None)
         self.server._unregister(self)
@@ -552,70 +556,76 @@ class MockSession(WSListener):
         previous = self.conversation.add(item, previous_item_id)
         self.announce_item(item, previous)
 
-    def _item_from_client(self, raw: Any) -> Item:
+    def _item_from_client(self, raw: Any, param: str = "item",
+                          context: Optional[list[Item]] = None) -> Item:
+        """The item a client's JSON describes: conversation.item.create's `item`, new to the
+        conversation (an id of its own, a function output answering a call in it); or, with
+        `context` (the items before it), one of a response.create's `input` items, which never
+        joins the conversation (any id; a function output answers a call in `context`).
+        Errors name `param` and the paths under it."""
         if raw is None:
-            raise MockProtocolError("missing_required_parameter", "item")
+            raise MockProtocolError("missing_required_parameter", param)
         if not isinstance(raw, dict):
-            raise MockProtocolError("invalid_type", "item", expected="an object", got=type(raw).__name__)
+            raise MockProtocolError("invalid_type", param, expected="an object", got=type(raw).__name__)
         item_id = raw.get("id")
         if item_id is not None:
             if not isinstance(item_id, str):
-                raise MockProtocolError("invalid_type", "item.id", expected="a string",
+                raise MockProtocolError("invalid_type", f"{param}.id", expected="a string",
                                         got=type(item_id).__name__)
-            if item_id in self.conversation:
-                raise MockProtocolError("duplicate_item_id", "item.id", item_id=item_id)
+            if context is None and item_id in self.conversation:
+                raise MockProtocolError("duplicate_item_id", f"{param}.id", item_id=item_id)
         item_id = item_id or new_id("item_")
         type_ = raw.get("type", "message")
         allowed = {"message": {"id", "type", "object", "status", "role", "content"},
                    "function_call": {"id", "type", "object", "status", "call_id", "name", "arguments"},
                    "function_call_output": {"id", "type", "object", "status", "call_id", "output"}}
         if type_ not in allowed:
-            raise MockProtocolError("invalid_enum", "item.type", value=f"'{type_}'",
+            raise MockProtocolError("invalid_enum", f"{param}.type", value=f"'{type_}'",
                                     supported="'message', 'function_call', 'function_call_output'")
         for key in raw:
             if key not in allowed[type_]:
-                raise MockProtocolError("unknown_parameter", f"item.{key}")
+                raise MockProtocolError("unknown_parameter", f"{param}.{key}")
         if type_ == "function_call_output":
             call_id, output = raw.get("call_id"), raw.get("output")
             if not isinstance(call_id, str):
-                raise MockProtocolError("missing_required_parameter", "item.call_id")
+                raise MockProtocolError("missing_required_parameter", f"{param}.call_id")
             if not isinstance(output, str):
-                raise MockProtocolError("missing_required_parameter", "item.output")
-            if self.conversation.find_call(call_id) is None:
-                raise MockProtocolError("invalid_tool_call_id", "item.call_id", call_id=call_id)
+                raise MockProtocolError("missing_required_parameter", f"{param}.output")
+            if find_call(self.conversation.items() if context is None else context, call_id) is None:
+                raise MockProtocolError("invalid_tool_call_id", f"{param}.call_id", call_id=call_id)
             return Item(item_id, type_, call_id=call_id, output=output)
         if type_ == "function_call":
             for key in ("call_id", "name"):
                 if not isinstance(raw.get(key), str):
-                    raise MockProtocolError("missing_required_parameter", f"item.{key}")
+                    raise MockProtocolError("missing_required_parameter", f"{param}.{key}")
             return Item(item_id, type_, call_id=raw["call_id"], name=raw["name"],
                         arguments=str(raw.get("arguments", "")))
         role = raw.get("role")
         if role not in ("user", "assistant", "system"):
-            raise MockProtocolError("invalid_enum", "item.role", value=f"'{role}'",
+            raise MockProtocolError("invalid_enum", f"{param}.role", value=f"'{role}'",
                                     supported="'user', 'assistant', 'system'")
         content = raw.get("content")
         if not isinstance(content, list):
-            raise MockProtocolError("missing_required_parameter", "item.content")
+            raise MockProtocolError("missing_required_parameter", f"{param}.content")
         text_type = "output_text" if self.dialect == "ga" else "text"
         allowed_parts = {"user": ("input_text", "input_audio", "input_image"),
                          "system": ("input_text",), "assistant": (text_type,)}[role]
         parts: list[dict[str, Any]] = []
         audio = b""
         for index, part in enumerate(content):
-            param = f"item.content[{index}]"
+            part_param = f"{param}.content[{index}]"
             if not isinstance(part, dict) or part.get("type") not in allowed_parts:
                 got = part.get("type") if isinstance(part, dict) else part
-                raise MockProtocolError("invalid_enum", f"{param}.type", value=f"'{got}'",
+                raise MockProtocolError("invalid_enum", f"{part_param}.type", value=f"'{got}'",
                                         supported=", ".join(f"'{p}'" for p in allowed_parts))
             part_type = part["type"]
             if part_type in ("input_text", text_type):
                 if not isinstance(part.get("text"), str):
-                    raise MockProtocolError("missing_required_parameter", f"{param}.text")
+                    raise MockProtocolError("missing_required_parameter", f"{part_param}.text")
                 parts.append({"type": "output_text" if part_type == text_type else part_type,
                               "text": part["text"]})
             elif part_type == "input_audio":
-                audio += self._decode_audio(part.get("audio"), f"{param}.audio")
+                audio += self._decode_audio(part.get("audio"), f"{part_param}.audio")
                 parts.append({"type": "input_audio", "transcript": part.get("transcript")})
             else:
                 parts.append({"type": "input_image", "image_url": part.get("image_url"),
@@ -667,44 +677,79 @@ class MockSession(WSListener):
     def _on_response_create(self, event: dict[str, Any]) -> None:
         params = event.get("response")
         config = response_config(self.config, {} if params is None else params, self.dialect)
-        if self.active_response is not None:
-            raise MockProtocolError("conversation_already_has_active_response", None,
-                                    response_id=self.active_response.id)
-        if self._stream_echo is not None:
-            raise MockProtocolError("conversation_already_has_active_response", None,
-                                    response_id=self._stream_echo.response_id)
-        self.start_response(config)
+        input_items = self._response_input(config["input"]) if "input" in config else None
+        if config.get("conversation") != "none":
+            # only one response writes to the default conversation at a time; out-of-band
+            # ones run beside it (reference §3.4)
+            if self.active_response is not None:
+                raise MockProtocolError("conversation_already_has_active_response", None,
+                                        response_id=self.active_response.id)
+            if self._stream_echo is not None:
+                raise MockProtocolError("conversation_already_has_active_response", None,
+                                        response_id=self._stream_echo.response_id)
+        self.start_response(config, input_items)
+
+    def _response_input(self, raw_items: list[Any]) -> list[Item]:
+        """A response.create's `input` as the items the response answers (§4.2, §5.2): items
+        shaped as conversation.item.create's, and `item_reference`s to conversation items."""
+        items: list[Item] = []
+        for index, raw in enumerate(raw_items):
+            param = f"response.input[{index}]"
+            if isinstance(raw, dict) and raw.get("type") == "item_reference":
+                for key in raw:
+                    if key not in ("type", "id"):
+                        raise MockProtocolError("unknown_parameter", f"{param}.{key}")
+                item_id = raw.get("id")
+                if not isinstance(item_id, str):
+                    raise MockProtocolError("missing_required_parameter", f"{param}.id")
+                item = self.conversation.get(item_id)
+                if item is None:
+                    raise MockProtocolError("item_reference_not_found", f"{param}.id", item_id=item_id)
+                items.append(item)
+            else:
+                items.append(self._item_from_client(raw, param, context=items))
+        return items
 
     def _on_response_cancel(self, event: dict[str, Any]) -> None:
-        response = self.active_response
+        """Cancel the response `response_id` names, or without one the default conversation's
+        (PY-GA `response_cancel_event`)."""
         wanted = event.get("response_id")
-        if self._stream_echo is not None and response is None:
+        if self._stream_echo is not None and self.active_response is None and \
+                (wanted is None or wanted == self._stream_echo.response_id):
             self._stream_echo.finish("cancelled")
             self._stream_echo = None
             return
-        if response is None or (wanted is not None and wanted != response.id):
+        response = self.active_response if wanted is None else self.responses_in_progress.get(wanted)
+        if response is None:
             raise MockProtocolError("response_cancel_not_active", None)
         response.cancel("client_cancelled")
 
-    def start_response(self, config: dict[str, Any]) -> None:
-        """Start a response running on `config` (the session's, or a response.create's own)."""
+    def start_response(self, config: dict[str, Any], input_items: Optional[list[Item]] = None) -> None:
+        """Start a response running on `config` (the session's, or a response.create's own),
+        answering `input_items` (its own `input`, resolved) or, when None, the conversation."""
         self.responses_created += 1
-        self._disarm_idle_timeout()
-        response = self._planner.plan(config)
-        self.active_response = response
+        response = self._planner.plan(config, input_items)
+        self.responses_in_progress[response.id] = response
+        if response.conversation is not None:
+            # barge-in and the idle timeout follow the conversation's own responses only
+            self._disarm_idle_timeout()
+            self.active_response = response
         response.start()
 
     def response_finished(self, response: Response) -> None:
-        if self.active_response is response:
-            self.active_response = None
-        self._playback_end = response.playback_end()
-        self._arm_idle_timeout()
+        self.responses_in_progress.pop(response.id, None)
+        if response.conversation is not None:
+            if self.active_response is response:
+                self.active_response = None
+            self._playback_end = response.playback_end()
+            self._arm_idle_timeout()
 
     def _arm_idle_timeout(self) -> None:
         """server_vad with `idle_timeout_ms` (reference §5.1, §5.3): once the last response's
         audio would have finished playing, `input_audio_buffer.timeout_triggered` after that
         long without speech. Armed when a response ends or turn detection changes; speech or
-        a new response disarms it; it fires once per response."""
+        a new response disarms it; it fires once per response. Only the default
+        conversation's responses count: out-of-band ones are not the conversation's turns."""
         self._disarm_idle_timeout()
         detection = self.config["audio"]["input"]["turn_detection"]
         if (self._playback_end is None or self.active_response is not None or self._vad is None
