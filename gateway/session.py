@@ -1027,7 +1027,14 @@ class RelaySession:
                                               interrupted=item_id in self.playback.interrupted_items))
 
     def _on_response_created(self, event: dict) -> None:
-        response_id = (event.get("response") or {}).get("id")
+        response = event.get("response") or {}
+        response_id = response.get("id")
+        if _out_of_band(response):
+            # a client's `conversation:"none"` request: it runs beside the conversation's reply,
+            # which stays the active one (barge-in, cancel, the next response.create)
+            if response_id:
+                self._send_client(cp.response_started_event(response_id, out_of_band=True))
+            return
         self.active_response_id = response_id
         self._response_asked = False  # ours, or one that came first (then ours is refused)
         if response_id:
@@ -1065,12 +1072,14 @@ class RelaySession:
         response = event.get("response") or {}
         response_id = response.get("id")
         status = response.get("status")
+        out_of_band = _out_of_band(response)
         if response_id == self.active_response_id:
             self.active_response_id = None
-        # ours never announced itself (a conforming upstream sends response.created first): it
-        # is over all the same, and must not hold back every later request
-        self._response_asked = False
-        self._send_client(cp.response_done_event(response_id, status, response.get("usage")))
+        if not out_of_band:
+            # ours never announced itself (a conforming upstream sends response.created first):
+            # it is over all the same, and must not hold back every later request
+            self._response_asked = False
+        self._send_client(cp.response_done_event(response_id, status, response.get("usage"), out_of_band))
         if status == "failed":
             # fatal or not by the upstream code, as when it comes as an `error` event: a rate
             # limit or a server error fails one response, an account problem (insufficient_quota)
@@ -1078,6 +1087,8 @@ class RelaySession:
             self.fail(from_upstream_error((response.get("status_details") or {}).get("error") or {}))
             if self.state is CLOSED:
                 return
+        if out_of_band:
+            return  # what waits for the conversation's reply to end waits on
         ask, self._response_wanted = self._response_wanted, False
         calls = self._response_calls.pop(response_id, None) if isinstance(response_id, str) else None
         if calls:
@@ -1330,6 +1341,12 @@ _COMMAND_HANDLERS: dict[type, Callable[[RelaySession, Any], None]] = {
 
 #: SessionConfig fields the upstream's session object reports back (UpstreamDialect.effective)
 _EFFECTIVE_FIELDS = frozenset({"voice", "turn_detection", "input_audio_format", "output_audio_format"})
+
+
+def _out_of_band(response: dict) -> bool:
+    """A response outside the conversation (`response.create` with `conversation:"none"`): its
+    `conversation_id` is null, where the conversation's replies name theirs."""
+    return "conversation_id" in response and response["conversation_id"] is None
 
 
 def _active_response_refusal(error: dict) -> bool:

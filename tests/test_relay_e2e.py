@@ -531,3 +531,49 @@ def test_passthrough_levels_and_fragmented_messages():
             assert level["output"]["rms_dbfs"] > -100 or any(
                 e["output"]["rms_dbfs"] > -100 for e in client.of_type("level"))
     run(scenario(), timeout=20)
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+def test_an_out_of_band_reply_runs_beside_the_conversations_and_is_marked(dialect: str):
+    """A client forwards `response.create` with `conversation:"none"` (a side question, text
+    only) while the conversation's spoken reply is still streaming. The two run side by side:
+    the side reply's `response_started`/`response_done` say `out_of_band: true` and its text
+    comes as transcripts naming its response; the conversation's reply stays the active one, its
+    audio echoed exactly, and the gateway asks for nothing of its own."""
+    audio = speech_like(0.8, seed=21)
+    text_only = {"output_modalities": ["text"]} if dialect == "ga" else {"modalities": ["text"]}
+
+    async def scenario():
+        options = MockOptions(pacing="realtime", beta="serve" if dialect == "beta" else "reject")
+        async with relay(options, upstream_dialect=dialect) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            await client.wait("ready")
+            await client.push_to_talk(audio)
+            spoken = await client.wait("response_started")
+            await client.send({"type": "response.create", "response": {
+                "conversation": "none", "metadata": {"purpose": "classify"}, **text_only,
+                "input": [{"type": "message", "role": "user",
+                           "content": [{"type": "input_text", "text": "Is this a question?"}]}]}})
+            side = await client.wait("response_started", out_of_band=True)
+            side_done = await client.wait("response_done", response_id=side["response_id"])
+            assert gateway_session(gateway).active_response_id == spoken["response_id"]
+            spoken_done = await client.wait("response_done", response_id=spoken["response_id"])
+            creates = [e for e in mock.sessions[0].received if e["type"] == "response.create"]
+            return client, spoken, side, side_done, spoken_done, creates
+
+    client, spoken, side, side_done, spoken_done, creates = run(scenario(), timeout=20)
+    assert "out_of_band" not in spoken and "out_of_band" not in spoken_done
+    assert side["response_id"] != spoken["response_id"]
+    assert side_done["out_of_band"] is True and side_done["status"] == spoken_done["status"] == "completed"
+    assert client.events.index(side_done) < client.events.index(spoken_done)  # truly side by side
+    assert bytes(client.audio) == audio  # the side reply is text: the spoken one's audio is untouched
+    side_text = [e for e in client.of_type("transcript") if e.get("response_id") == side["response_id"]]
+    assert side_text and side_text[-1]["is_final"] and side_text[-1]["role"] == "assistant"
+    assert len(creates) == 2 and "response" not in creates[0] and creates[1]["response"]["conversation"] == "none"
+    assert client.of_type("error") == []
+
+
+def gateway_session(gateway):
+    (session,) = gateway.sessions
+    return session
