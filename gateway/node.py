@@ -47,13 +47,26 @@ class _JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
+class _TextFormatter(logging.Formatter):
+    """One line per event: a message quoting what a client chose (an upstream error repeats a
+    client's item or call id) has its line breaks and other control characters escaped, so no
+    client can write a line of its own into the log. A traceback keeps its lines."""
+
+    _ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7f)}
+    _ESCAPES.update({0x0a: "\\n", 0x0d: "\\r", 0x09: "\\t"})
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(self._ESCAPES)
+        return super().formatMessage(record)
+
+
 def setup_logging(level: str, fmt: str) -> None:
     """The node's one logger setup (text or JSON lines on stderr)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

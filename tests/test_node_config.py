@@ -102,6 +102,38 @@ def test_json_logs_carry_the_session_id_and_never_the_keys():
         root.handlers[:] = saved[1]
 
 
+def test_text_logs_keep_one_line_per_event_whatever_a_client_put_in_a_message():
+    """An upstream error repeats a client's item or call id: a newline in it would start a line
+    of the client's own, which a log reader would take for the node's (an audit forged a
+    `reloaded 0 client keys` line). Control characters are escaped; a traceback keeps its lines."""
+    import io
+    import logging
+
+    from gateway.node import setup_logging
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
+    setup_logging("INFO", "text")
+    stream = io.StringIO()
+    logging.getLogger().handlers[0].setStream(stream)
+    forged = "x\n2026-11-24 23:00:00,000 WARNING gateway.server: reloaded 0 client keys\r\x1b[2K"
+    try:
+        logging.getLogger("gateway.session").warning("session %s: upstream error: item '%s' not found",
+                                                     "gw_abc", forged)
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("gateway.session").exception("session %s: failed\n", "gw_abc")
+        lines = stream.getvalue().splitlines()
+        assert len(lines) == 6, lines  # the warning, the error, and the traceback's 4 lines
+        assert lines[0].endswith("item 'x\\n2026-11-24 23:00:00,000 WARNING gateway.server: reloaded 0 client "
+                                 "keys\\r\\x1b[2K' not found")
+        assert lines[1].endswith("ERROR gateway.session: session gw_abc: failed\\n")
+        assert lines[2] == "Traceback (most recent call last):" and lines[-1] == "ValueError: boom"
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+
+
 @pytest.mark.parametrize("argv, env, message", [
     (["--port", "70000"], {}, "port must be 0-65535"),
     (["--drain-timeout-s", "nan"], {}, "drain_timeout_s must be a finite number"),
