@@ -62,8 +62,10 @@ MIN_JWT_SECRET_BYTES = 32
 #: a static key is a password nobody types: short ones (``x``, or the tail of a split ``id:key``)
 #: are refused at start
 MIN_API_KEY_CHARS = 16
-#: principal ids end up in logs: a conservative charset rules out log injection
+#: key ids are the operator's: a conservative charset keeps them easy to grep and quote
 _PRINCIPAL_ID = re.compile(r"[A-Za-z0-9._:@/+=#-]{1,128}")
+#: a token's `sub` is its identity provider's (Auth0's `auth0|…`, Google's 21 digits, emails)
+MAX_SUBJECT_CHARS = 256
 #: the ids keys without one get (``keyfile#<line>``, ``env#<entry>``): not for explicit ids
 _AUTOMATIC_KEY_ID = re.compile(r"(keyfile|env)#[0-9]+")
 #: characters allowed in a static key (printable ASCII without whitespace, comma or double quote)
@@ -421,8 +423,10 @@ class ClientAuthenticator:
         except jwt.InvalidTokenError:  # bad signature, wrong algorithm (incl. "none"), malformed
             return _INVALID
         subject = claims.get("sub")
-        if not isinstance(subject, str) or not _PRINCIPAL_ID.fullmatch(subject):
-            return _auth_refusal("token subject must be 1-128 of [A-Za-z0-9._:@/+=#-]")
+        # identity providers use `|`, spaces and long ids (`auth0|…`, `google-oauth2|…`); the
+        # text log escapes control characters, and those alone are refused here
+        if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT_CHARS or not subject.isprintable():
+            return _auth_refusal(f"token subject must be 1-{MAX_SUBJECT_CHARS} printable characters")
         limit = claims.get(self._jwt_max_sessions_claim, self.max_sessions_per_key)
         if limit is not None and (type(limit) is not int or limit < 1):
             return _auth_refusal(f"token claim {self._jwt_max_sessions_claim!r} must be a positive integer")
@@ -457,8 +461,8 @@ class _OriginRule:
 
 def _parse_origin(origin: str) -> tuple[str, str, int | None] | None:
     """(scheme, host, port) of a browser Origin value, or None if it is not a plain origin."""
-    parts = urlsplit(origin)
     try:
+        parts = urlsplit(origin)  # raises on an unclosed "[" (an IPv6 literal cut short)
         port = parts.port
     except ValueError:
         return None

@@ -175,7 +175,8 @@ _FLAGS: list[tuple[str, str, str, Callable[[str], Any], Any, str]] = [
      "worker processes sharing the port (SO_REUSEPORT; more than 1 needs a port number, not 0); "
      "a dead worker is replaced"),
     ("--api-keys-file", "api_keys_file", "GATEWAY_API_KEYS_FILE", str, None,
-     "client API keys, one `key` or `id:key` (split at the first ':'; keys of 16+ characters) per line; "
+     "client API keys, one `key` or `id:key` (split at the first ':'; keys of 16+ characters) per line, "
+     "blank and '#' lines skipped (a key starting with '#' needs an id); "
      "with this, GATEWAY_API_KEYS or "
      "GATEWAY_JWT_SECRET set, clients must authenticate (Bearer header, ?token= or subprotocol); "
      "SIGHUP re-reads the file"),

@@ -127,7 +127,12 @@ class ClientListener(ClientLeg):
         try:
             message = self.assembler.feed(frame)
         except MessageTooBig as exc:
-            session.fail(InvalidMessage(str(exc), fatal=True, close_code=CLOSE_MESSAGE_TOO_BIG))
+            handshake = transport.close_handshake
+            if handshake is None or handshake.sent is None:
+                session.fail(InvalidMessage(str(exc), fatal=True, close_code=CLOSE_MESSAGE_TOO_BIG))
+            else:  # picows refused the frame from its header and closed (1009) before its payload
+                # came in: no event can follow that close
+                session.on_client_failed(handshake.sent.code, handshake.sent.reason)
             return
         except FragmentOutOfOrder as exc:
             session.fail(InvalidMessage(str(exc)))
@@ -283,10 +288,14 @@ class GatewayServer:
             return _json(400, {"error": "/realtime is a WebSocket endpoint: open it with an HTTP/1.1 GET upgrade"})
         return _json(404, {"error": "not found"})
 
-    def _refused(self, reason: str, response):
-        """Count and log a refused upgrade (the reason only: never the credentials it carried)."""
+    def _refused(self, reason: str, response, principal: str | None = None):
+        """Count and log a refused upgrade: the reason, and for a limit the key or token subject
+        it counted against (never the credentials it carried)."""
         self.metrics.count_refusal(reason)
-        log.info("upgrade refused: %s", reason)
+        if principal is None:
+            log.info("upgrade refused: %s", reason)
+        else:
+            log.info("upgrade refused: %s (%s)", reason, principal)
         return response
 
     def _admit_upgrade(self, request: WSUpgradeRequest, query: str):
@@ -305,7 +314,7 @@ class GatewayServer:
             return self._refused("auth", principal.to_response())
         refusal = self.limiter.check(principal.limit_key, None, key_limit=principal.max_sessions)
         if refusal is not None:  # per-IP is checked at connect, where the address is known
-            return self._refused(refusal.scope, refusal.to_response())
+            return self._refused(refusal.scope, refusal.to_response(), principal.limit_key)
         models = parse_qs(query).get("model")
         if models and not is_model_name(models[0]):
             return self._refused("other", _plain_response(_json(400, {"error": "invalid model name in ?model="})))
@@ -321,7 +330,7 @@ class GatewayServer:
         ip = client_ip(peer_ip(transport), transport.request.headers, self.config.trusted_proxies)
         slot = self.limiter.acquire(principal.limit_key, limit_address(ip), key_limit=principal.max_sessions)
         if isinstance(slot, LimitRefusal):  # lost a race since the upgrade, or per-IP
-            self._refused(slot.scope, None)
+            self._refused(slot.scope, None, principal.limit_key)
             error = Overloaded(slot.reason)
             self.metrics.count_error(error.code)
             transport.send(WSMsgType.TEXT, error_event(error))
@@ -338,7 +347,7 @@ class GatewayServer:
         session.path.reader = self.reader
         self.sessions.add(session)
         self._empty.clear()
-        session.attach(transport, listener)
+        session.attach(transport, listener, principal.limit_key)
 
     def _forget(self, session: RelaySession) -> None:
         self.sessions.discard(session)

@@ -290,15 +290,16 @@ class RelaySession:
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    def attach(self, client: WSTransport, leg: ClientLeg | None = None) -> None:
+    def attach(self, client: WSTransport, leg: ClientLeg | None = None, principal: str = "anonymous") -> None:
         """The client socket is open: open the upstream at once (pre-opening hides its handshake).
-        `leg` is the socket's listener, which may read the socket itself (see `ClientLeg`)."""
+        `leg` is the socket's listener, which may read the socket itself (see `ClientLeg`);
+        `principal` names the client's key or token subject for the log, never the secret."""
         self.client = client
         self.client_leg = leg
         self.path.client = client
         self.outbox.client = client
-        log.info("session %s: client connected, opening upstream (model=%s, dialect=%s)",
-                 self.session_id, self.upstream_model, self.dialect.name)
+        log.info("session %s: client %s connected, opening upstream (model=%s, dialect=%s)",
+                 self.session_id, principal, self.upstream_model, self.dialect.name)
         self._open_upstream()
 
     def _open_upstream(self) -> None:
@@ -422,7 +423,7 @@ class RelaySession:
         announcing more than --max-message-bytes + 64 KiB (1009), or a malformed one (1002).
         No event could go first (the close frame is out); the session ends as an error, not as
         a client that left."""
-        if self.state is CLOSED:
+        if self.state is CLOSED or self.outcome == "error":  # (reported already)
             return
         log.info("session %s: the client's frame was refused (close %d: %s)", self.session_id, code, reason)
         self.close_code = code

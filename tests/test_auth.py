@@ -218,8 +218,21 @@ def test_jwt_refusals_expired_not_yet_valid_wrong_secret_wrong_alg_missing_claim
         hs512 = make_jwt(algorithm="HS512")
     for token in (unsigned, hs512, unsigned + "forged", "a.b.c", "not-a-jwt"):
         assert auth.authenticate(bearer(token)).reason == "invalid credentials"
-    # a subject that would inject into logs
-    assert auth.authenticate(bearer(make_jwt(sub="evil\nuser"))).status == 401
+    # control characters (a log line of the token's own), an empty or an over-long subject
+    for bad in ("evil\nuser", "a\x1b[2Kb", "", "x" * 257):
+        refusal = auth.authenticate(bearer(make_jwt(sub=bad)))
+        assert refusal.status == 401 and refusal.reason == "token subject must be 1-256 printable characters", bad
+
+
+def test_jwt_subjects_as_identity_providers_make_them_are_accepted():
+    """Auth0's `auth0|…`, Google's numeric ids, e-mail addresses, spaces, non-ASCII names, 256
+    characters: a valid token of any of them is a principal of its own."""
+    auth = authenticator(jwt_secret=JWT_SECRET)
+    for subject in ("auth0|5f7c8ec7c33c6c004bbafe82", "google-oauth2|104593283648123456789", "jane.doe@example.com",
+                    "Jane Doe", "Zoë Ångström", "x" * 256):
+        principal = auth.authenticate(bearer(make_jwt(sub=subject)))
+        assert principal == Principal(subject, None, None, "jwt"), subject
+        assert principal.limit_key == f"jwt:{subject}"
 
 
 def test_jwt_audience_issuer_and_leeway():
@@ -343,7 +356,8 @@ def test_origin_exact_and_wildcard_rules():
     refused = ["http://app.example.com", "https://app.example.com:8443", "https://example.org",
                "https://evil-example.org", "https://example.org.evil.com", "https://a.example.org:444",
                "https://example.net", "ftp://x.example.net", "http://localhost:5174", "http://localhost",
-               "null", "", "https://app.example.com/path", "https://user@app.example.com", "garbage"]
+               "null", "", "https://app.example.com/path", "https://user@app.example.com", "garbage",
+               "https://[evil", "http://[::1", "https://app.example.com]"]
     for origin in allowed:
         assert policy.allows(origin), origin
     for origin in refused:

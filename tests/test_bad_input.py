@@ -590,6 +590,10 @@ def test_messages_over_the_limit_close_with_1009(shape):
             ended = {outcome: gateway.metrics.registry.get_sample_value("gateway_sessions_total", {"outcome": outcome})
                      for outcome in ("error", "client_disconnected")}
             assert ended == {"error": 1.0, "client_disconnected": 0.0}
+            # error events are counted as sent: none for picows' own close (an audit found one
+            # counted, and logged as the gateway's, when the refused frame's payload came in)
+            counted = gateway.metrics.registry.get_sample_value("gateway_errors_total", {"code": "InvalidMessage"})
+            assert (counted or 0.0) == len(errors)
     run(scenario(), timeout=40)
 
 

@@ -166,14 +166,15 @@ def test_per_key_session_limit_refuses_then_admits_after_a_close():
     run(scenario(), timeout=30)
 
 
-def test_a_token_subject_does_not_share_the_limit_of_a_key_with_the_same_id(tmp_path):
+def test_a_token_subject_does_not_share_the_limit_of_a_key_with_the_same_id(tmp_path, caplog):
     """Found by an auth audit: per-key limits counted key ids and JWT subjects in one namespace,
     so a token with `sub: keyfile#1` was refused while key-file line 1 was in use (and could
     block it in turn)."""
+    token = jwt.encode({"sub": "keyfile#1", "exp": int(time.time()) + 60}, JWT_SECRET, algorithm="HS256")
+
     async def scenario():
         keys = tmp_path / "keys.txt"
         keys.write_text(f"{CLIENT_KEY}\n")  # a bare key: id keyfile#1
-        token = jwt.encode({"sub": "keyfile#1", "exp": int(time.time()) + 60}, JWT_SECRET, algorithm="HS256")
         async with relay(api_keys_file=str(keys), jwt_secret=JWT_SECRET, max_sessions_per_key=1) as (gateway, mock):
             by_key = RelayClient(await websockets.connect(
                 gateway.url, additional_headers={"Authorization": f"Bearer {CLIENT_KEY}"}))
@@ -187,7 +188,16 @@ def test_a_token_subject_does_not_share_the_limit_of_a_key_with_the_same_id(tmp_
                     "Authorization": f"Bearer {credential}"}) == 429
             await by_key.close()
             await by_token.close()
+
+    caplog.set_level(logging.INFO, logger="gateway")
     run(scenario(), timeout=20)
+    # the log names whose sessions and refusals they were (as README promises), never the secrets
+    lines = [record.getMessage() for record in caplog.records]
+    assert sum(" client key:keyfile#1 connected, opening upstream" in line for line in lines) == 1
+    assert sum(" client jwt:keyfile#1 connected, opening upstream" in line for line in lines) == 1
+    assert [line for line in lines if line.startswith("upgrade refused")] == [
+        "upgrade refused: key (key:keyfile#1)", "upgrade refused: key (jwt:keyfile#1)"]
+    assert CLIENT_KEY not in caplog.text and token not in caplog.text
 
 
 def test_global_and_per_ip_limits():
@@ -258,6 +268,8 @@ def test_origin_allow_list():
                 await client.close()
             assert await refused_status(gateway.url, origin="https://evil.example.net") == 403
             assert await refused_status(gateway.url, origin="https://voice.example.com.evil.net") == 403
+            for malformed in ("https://[evil", "http://[::1", "https://app.example.com]"):  # were HTTP 500
+                assert await refused_status(gateway.url, origin=malformed) == 403, malformed
     run(scenario(), timeout=20)
 
 
