@@ -351,6 +351,13 @@ def test_duplicate_item_id_and_bad_content() -> None:
             assert (await client.expect("error"))["error"] == err(
                 "invalid_value", "Invalid value: 'output_audio'. Supported values are: 'output_text'.",
                 "item.content[0].type", "d")
+            # an id that is not a string is a type error, not a server_error (a traceback, found
+            # by an operations audit: a list is no dict key)
+            await client.send({"type": "conversation.item.create", "event_id": "p", "previous_item_id": [1],
+                               "item": {**item, "id": "item_new"}})
+            assert (await client.expect("error"))["error"] == err(
+                "invalid_value", "Invalid type for 'previous_item_id': expected a string, but got list instead.",
+                "previous_item_id", "p")
     run(scenario(), timeout=10)
 
 

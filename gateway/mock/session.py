@@ -548,6 +548,9 @@ class MockSession(WSListener):
 
     def _on_item_create(self, event: dict[str, Any]) -> None:
         previous_item_id = event.get("previous_item_id")
+        if previous_item_id is not None and not isinstance(previous_item_id, str):
+            raise MockProtocolError("invalid_type", "previous_item_id", expected="a string",
+                                    got=type(previous_item_id).__name__)
         if previous_item_id is not None and previous_item_id != "root" \
                 and previous_item_id not in self.conversation:
             raise MockProtocolError("previous_item_not_found", "previous_item_id",
