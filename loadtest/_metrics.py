@@ -17,7 +17,7 @@ Locust's failures table with the reason.
 | VOICE | mic lateness                      | talk spurt                | worst lateness of a frame against the real-time schedule     | the clip could not even be sent before the deadline (a stalled socket); a high value is not a failure, it shows the load generator falling behind |
 | TEXT  | text round trip                   | text turn                 | `text` sent → first reply audio frame                        | no reply audio in time, or before `text` |
 | TEXT  | reply completeness                | text reply                | first → last reply audio frame; size = reply bytes           | status ≠ completed, or not bit-exactly the mock's reply to the text (its deterministic tone) |
-| ERROR | <gateway error code>              | `error` event             | 0                                                            | always: every gateway `error` is a failure named by its code |
+| ERROR | <gateway error code>              | `error` event             | none (left out of the response-time figures)                 | always: every gateway `error` is a failure named by its code |
 | WS    | session lost                      | unexpected close          | session age                                                  | always: the socket closed without a fatal `error` first |
 """
 from __future__ import annotations
@@ -63,9 +63,12 @@ class MetricReporter:
             exception=None, context={},
         )
 
-    def failure(self, request_type: str, name: str, reason: str, ms: float = 0.0, size: int = 0) -> None:
-        """One failed sample; `reason` is shown (grouped) in Locust's failures table."""
+    def failure(self, request_type: str, name: str, reason: str, ms: float | None = None, size: int = 0) -> None:
+        """One failed sample; `reason` is shown (grouped) in Locust's failures table. `ms` only
+        when the failure has a measured duration (a reply that came, but wrong): without one
+        (nothing came in time, events in the wrong order) Locust leaves the sample out of every
+        response-time figure, where a 0 would pass for a fast reply."""
         self._fire(
-            request_type=request_type, name=name, response_time=max(0.0, ms), response_length=size,
+            request_type=request_type, name=name, response_time=ms, response_length=size,
             exception=MetricFailure(reason), context={},
         )

@@ -19,6 +19,7 @@ only the pause between turns (`--pause-ms`). The metrics are listed in `_metrics
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from typing import Callable
@@ -28,6 +29,7 @@ if __package__ in (None, ""):  # loaded by Locust as a top-level file (`locust -
 
 import gevent
 from locust import User, events, tag, task
+from locust.exception import StopUser
 
 from gateway.mock.options import MockOptions
 from gateway.mock.responses import spoken_tone
@@ -73,6 +75,19 @@ def _check_options(environment, **_kwargs) -> None:
         load_clips(settings.clip)
     except ValueError as exc:
         _refuse(str(exc))
+
+
+@events.test_start.add_listener
+def _recheck_options(environment, **_kwargs) -> None:
+    """The web UI's "Custom parameters" arrive with its start button, after `init` checked the
+    command line: a value that cannot work stops that run at once, with one log line naming the
+    option (its users stop without a traceback each, see `VoiceUser.on_start`)."""
+    try:
+        settings = _options.LoadSettings.from_options(environment.parsed_options, environment.host)
+        load_clips(settings.clip)
+    except ValueError as exc:
+        logging.getLogger("loadtest").error("locust -f loadtest/: %s: run stopped", exc)
+        gevent.spawn_later(0, environment.runner.stop)  # once start() has returned
 
 
 @events.init.add_listener
@@ -123,12 +138,19 @@ class VoiceUser(User):
         raise NotImplementedError
 
     def on_start(self) -> None:
-        self.settings = _options.LoadSettings.from_options(self.environment.parsed_options, self.host)
+        self.session: VoiceSession | None = None
+        try:
+            self.settings: _options.LoadSettings | None = _options.LoadSettings.from_options(
+                self.environment.parsed_options, self.host)
+            self.clips = load_clips(self.settings.clip)
+        except ValueError:
+            # reported once, by _recheck_options (or at init); the first task stops this user
+            # (Locust logs a traceback for any exception on_start raises, StopUser included)
+            self.settings = None
+            return
         self.reporter = MetricReporter(self.environment.events)
-        self.clips = load_clips(self.settings.clip)
         self.turn_index = 0
         self.playback_ends_at = 0.0
-        self.session: VoiceSession | None = None
 
     def on_stop(self) -> None:
         session = getattr(self, "session", None)  # Locust may stop a user before on_start ran
@@ -149,6 +171,8 @@ class VoiceUser(User):
 
     def run_turn(self, turn: Callable[[VoiceSession], None]) -> None:
         """Open (or reuse) the session and run one turn on it; replace the session after a failure."""
+        if self.settings is None:
+            raise StopUser()  # options that cannot work (see on_start)
         session = self.session
         if session is not None and (session.closed or 0 < self.settings.turns <= session.turns_done):
             session.close()
@@ -213,12 +237,19 @@ class VoiceUser(User):
         return session.speech_started[index], session.speech_stopped[index]
 
     def expect_reply_audio(self, session: VoiceSession, index: int, request_type: str, metric: str) -> Reply:
-        """Wait for the `index`-th reply's first audio frame."""
+        """Wait for the `index`-th reply's first audio frame. A reply that ends without any (a
+        failed response: a rate limit, a server error) fails its completeness at once, not the
+        round trip after --reply-timeout."""
         self.expect(
-            session, lambda: len(session.replies) > index and session.replies[index].first_audio_at is not None,
+            session, lambda: len(session.replies) > index and (session.replies[index].first_audio_at is not None
+                                                               or session.replies[index].done_at is not None),
             "reply audio", request_type, metric,
         )
-        return session.replies[index]
+        reply = session.replies[index]
+        if reply.first_audio_at is None:
+            self.reporter.failure(request_type, REPLY_COMPLETENESS, f"response status {reply.status!r} with no audio")
+            raise TurnAbandoned
+        return reply
 
     def check_complete_echo(self, session: VoiceSession, reply: Reply, expected: bytes | None, what: str) -> None:
         """Wait for `response_done`; the reply must be `expected` byte for byte (the echoing mock)."""

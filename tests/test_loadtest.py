@@ -444,6 +444,13 @@ async def relay(client):
             held_audio = held_stop = None
             reply_heard = False
             async for message in node:
+                if fault == "failed_replies":  # every response fails upstream: no audio, status failed
+                    if isinstance(message, str):
+                        event = json.loads(message)
+                        if event["type"] == "response_done":
+                            message = json.dumps({**event, "status": "failed"})
+                        await client.send(message)
+                    continue
                 if isinstance(message, bytes):
                     if fault == "drop_last":  # each frame waits for the next: a reply's last one is lost
                         message, held_audio = held_audio, message
@@ -555,3 +562,95 @@ def test_text_replies_are_checked_against_the_mocks_reply_not_the_first_one_seen
                for reason in reasons), reasons
     row = stats[("TEXT", "reply completeness")]
     assert row["Request Count"] == row["Failure Count"], "no reply passed"
+
+
+def test_a_reply_that_fails_without_audio_is_a_completeness_failure_at_once(faulty_relay, tmp_path):
+    """A failed response (a rate limit, a server error) ends with `response_done` status failed
+    and no audio. The user used to wait --reply-timeout (20 s) for audio that could not come and
+    then report a timeout; in an 8 s run that is nothing at all. It is a completeness failure
+    when the reply ends, and the round trip gets no sample."""
+    stats, failures = _run_against(f"{faulty_relay}/failed_replies/realtime", "TextTurnUser", tmp_path / "run")
+    reasons = _failure_reasons(failures, "TEXT", "reply completeness")
+    assert reasons == ["MetricFailure(\"response status 'failed' with no audio\")"], failures
+    row = stats[("TEXT", "reply completeness")]
+    assert int(row["Failure Count"]) >= 4 and row["Request Count"] == row["Failure Count"], row
+    assert ("TEXT", "text round trip") not in stats or stats[("TEXT", "text round trip")]["Request Count"] == "0"
+
+
+_RESPONSE_TIMES_SCRIPT = """
+import json
+from locust.event import Events
+from locust.stats import RequestStats
+from loadtest._metrics import MetricReporter
+
+events, stats = Events(), RequestStats()
+
+def record(request_type, name, response_time, response_length, exception=None, **_kwargs):
+    stats.log_request(request_type, name, response_time, response_length)  # as Locust's runner does
+    if exception:
+        stats.log_error(request_type, name, exception)
+
+events.request.add_listener(record)
+reporter = MetricReporter(events)
+reporter.sample("VOICE", "audio round trip", 250.0)
+reporter.failure("VOICE", "audio round trip", "no reply audio within 20 s")
+reporter.failure("VOICE", "audio round trip", "wrong order: reply audio arrived 3 ms before the end")
+reporter.failure("VOICE", "reply completeness", "reply has 900 of 960 bytes", 120.0, 900)
+row, wrong = stats.get("audio round trip", "VOICE"), stats.get("reply completeness", "VOICE")
+print(json.dumps([row.num_requests, row.num_failures, row.min_response_time, row.avg_response_time,
+                  row.get_response_time_percentile(0.5), wrong.avg_response_time]))
+"""
+
+
+def test_failures_without_a_measured_duration_stay_out_of_the_response_times():
+    """Locust counts every sample's response time into min, average and percentiles: a timeout
+    or a wrong-order failure reported as 0 ms passed for the fastest reply of the run (an audit
+    found every percentile 0 ms for turns that got no reply at all). Without a duration they are
+    left out; a failure that has one (a reply that came, but wrong) keeps it. (In a subprocess:
+    importing Locust monkey-patches the process for gevent.)"""
+    result = subprocess.run([sys.executable, "-c", _RESPONSE_TIMES_SCRIPT], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [3, 2, 250, 250, 250, 120]
+
+
+def test_a_bad_value_from_the_web_ui_stops_the_run_with_one_line(node, tmp_path):
+    """The web UI's "Custom parameters" arrive with its start button, after the start-up check:
+    --chunk-ms 3 there used to start a run whose every user died with a traceback, the UI saying
+    "running" with 0 users. Now the run stops at once, with one log line naming the option."""
+    import urllib.parse
+    import urllib.request
+
+    port = free_port()
+    log_path = tmp_path / "locust.log"
+    with open(log_path, "w") as log:
+        locust = subprocess.Popen(
+            [sys.executable, "-m", "locust", "-f", "loadtest/", "--host", node.host_url, "--web-host", "127.0.0.1",
+             "--web-port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def stats() -> dict | None:
+        try:
+            with urllib.request.urlopen(f"{base}/stats/requests", timeout=2) as response:
+                return json.loads(response.read())
+        except OSError:
+            return None
+
+    try:
+        deadline = time.monotonic() + 30
+        while stats() is None:  # the web UI is up when it answers
+            assert time.monotonic() < deadline and locust.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        form = {"user_count": "3", "spawn_rate": "3", "host": node.host_url, "chunk_ms": "3"}
+        with urllib.request.urlopen(f"{base}/swarm", data=urllib.parse.urlencode(form).encode(), timeout=5) as answer:
+            assert answer.status == 200
+        deadline = time.monotonic() + 15
+        while (state := stats()) is None or state["state"] != "stopped":
+            assert time.monotonic() < deadline, (state, log_path.read_text()[-3000:])
+            time.sleep(0.1)
+    finally:
+        locust.terminate()
+        locust.wait(timeout=15)
+    text = log_path.read_text()
+    assert "locust -f loadtest/: --chunk-ms must be within 5..1000, got 3: run stopped" in text, text[-3000:]
+    assert "Traceback" not in text and state["user_count"] == 0, text[-3000:]
