@@ -136,6 +136,44 @@ def test_a_second_upstream_session_resumes_tls_and_a_reload_starts_afresh(ca, tr
     assert 'gateway_upstream_tls_handshakes_total{resumed="yes"} 2.0' in metrics
 
 
+def test_a_trust_reload_during_a_handshake_does_not_poison_the_new_context(ca, trusted, monkeypatch):
+    """A session belongs to the context that made it: offered under another, Python refuses it
+    ("Session refers to a different SSLContext") and the connection fails. A SIGHUP that lands
+    while a connection's upgrade is answered must leave that connection's session with its own
+    (retired) context: the next session starts a full handshake under the new one, and works."""
+    import gateway.upstream.connection as connection
+    from gateway.upstream.trust import reload_client_trust
+
+    audio = speech_like(0.3, seed=10)
+    release = connection.release_handshake
+    reloads = []
+
+    def release_then_reload(transport):  # the last step before the session is remembered
+        release(transport)
+        if not reloads:
+            reloads.append(reload_client_trust())
+
+    monkeypatch.setattr(connection, "release_handshake", release_then_reload)
+
+    async def call(gateway) -> tuple[bool, bytes]:
+        client = await RelayClient.connect(gateway.url)
+        await client.wait("ready")
+        resumed = next(iter(gateway.sessions)).upstream.tls_resumed
+        await client.push_to_talk(audio)
+        await client.wait("response_done")
+        await client.close()
+        return resumed, bytes(client.audio)
+
+    async def scenario():
+        async with relay(upstream_tls=server_context(ca, "127.0.0.1")) as (gateway, mock):
+            return [await call(gateway), await call(gateway), await call(gateway)]
+
+    calls = run(scenario(), timeout=30)
+    assert len(reloads) == 1
+    assert [resumed for resumed, _ in calls] == [False, False, True]  # the 2nd: new context, full
+    assert [echoed for _, echoed in calls] == [audio] * 3
+
+
 def test_a_plain_upstream_counts_no_tls_handshakes():
     async def scenario():
         async with relay() as (gateway, mock):

@@ -34,7 +34,7 @@ from gateway import sockets
 from gateway.config import safe_location
 from gateway.errors import AuthenticationFailed, ConnectionFailed, GatewayError, RateLimitExceeded, UpstreamError
 from gateway.framing import MessageAssembler, MessageTooBig
-from gateway.upstream.trust import client_tls_context
+from gateway.upstream.trust import ResumingContext, client_tls_context
 
 log = logging.getLogger("gateway.upstream")
 _TEXT = WSMsgType.TEXT
@@ -218,8 +218,10 @@ class UpstreamConnection:
             raise ConnectionFailed(f"upstream {where} closed the connection during the WebSocket handshake")
         release_handshake(transport)  # its request holds the API key: let it go
         ssl_object = transport.underlying_transport.get_extra_info("ssl_object")
-        if ssl_object is not None:
-            client_tls_context().remember(ssl_object)  # the next session to this host resumes it
+        if ssl_object is not None and isinstance(ssl_object.context, ResumingContext):
+            # the next session to this host resumes it: kept by the context that made it (a
+            # SIGHUP during the handshake has put another in service, which must not offer it)
+            ssl_object.context.remember(ssl_object)
         if self.closing:  # closed while connecting
             self.close()
 
