@@ -71,10 +71,14 @@ def _check_options(environment, **_kwargs) -> None:
     distributed run a worker checks its own command line here; the master's values reach it
     later, and its users check them again in on_start.)"""
     try:
-        settings = _options.LoadSettings.from_options(environment.parsed_options, environment.host)
-        load_clips(settings.clip)
+        _check_settings(environment)
     except ValueError as exc:
         _refuse(str(exc))
+
+
+def _check_settings(environment) -> None:
+    """ValueError unless the custom options can work and the clip loads."""
+    load_clips(_options.LoadSettings.from_options(environment.parsed_options, environment.host).clip)
 
 
 @events.test_start.add_listener
@@ -83,8 +87,7 @@ def _recheck_options(environment, **_kwargs) -> None:
     command line: a value that cannot work stops that run at once, with one log line naming the
     option (its users stop without a traceback each, see `VoiceUser.on_start`)."""
     try:
-        settings = _options.LoadSettings.from_options(environment.parsed_options, environment.host)
-        load_clips(settings.clip)
+        _check_settings(environment)
     except ValueError as exc:
         logging.getLogger("loadtest").error("locust -f loadtest/: %s: run stopped", exc)
         gevent.spawn_later(0, environment.runner.stop)  # once start() has returned
