@@ -3,7 +3,8 @@ output (console table, web UI charts, --csv, --json, distributed aggregation).
 
 Each metric is one (request_type, name) row. "Response time" is the measured duration in ms;
 "size" is a byte count where one makes sense. A failure is a row's failure count plus an entry in
-Locust's failures table with the reason.
+Locust's failures table with the reason, its numbers and ids masked so that like failures share
+an entry (the first three of each are logged whole, with the figures).
 
 | type  | name                              | one sample per            | time measured (ms)                                          | failure when |
 |-------|-----------------------------------|---------------------------|-------------------------------------------------------------|--------------|
@@ -22,7 +23,11 @@ Locust's failures table with the reason.
 """
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
+
+log = logging.getLogger("loadtest")
 
 WS = "WS"
 VOICE = "VOICE"
@@ -40,6 +45,23 @@ MIC_LATENESS = "mic lateness"
 TEXT_ROUND_TRIP = "text round trip"
 SESSION_LOST = "session lost"
 
+# What varies from one occurrence of a failure to the next: Locust keys its failures table (and
+# the memory behind it, sent on by every worker) by the exact text, so one row per byte count or
+# id would bury the table and grow without bound over a long run.
+_NUMBER_LISTS = re.compile(r"\[(?:-?\d+(?:\.\d+)?(?:, )?)*\]")
+_IDS = re.compile(r"\b(resp|item|sess|session|call|event|evt|conv|fc)_[A-Za-z0-9]+")
+_NUMBERS = re.compile(r"-?\d+(?:\.\d+)?")
+DETAILS_LOGGED_PER_REASON = 3
+_MAX_REASONS_TRACKED = 1_000
+
+
+def failure_kind(reason: str) -> str:
+    """`reason` with its numbers and ids masked: what Locust's failures table groups by."""
+    reason = _NUMBER_LISTS.sub("[…]", reason)
+    reason = _IDS.sub(r"\1_…", reason)
+    return _NUMBERS.sub("N", reason)
+
+
 class MetricFailure(Exception):
     """The reason a metric sample failed; its message is what Locust's failures table shows."""
 
@@ -48,10 +70,11 @@ class MetricReporter:
     """Fires Locust request events. `events` is `environment.events` (or any object with a
     `request.fire(**kwargs)` hook, which is how the tests capture samples)."""
 
-    __slots__ = ("_fire",)
+    __slots__ = ("_fire", "_seen")
 
     def __init__(self, events: Any) -> None:
         self._fire = events.request.fire
+        self._seen: dict[tuple[str, str, str], int] = {}  # failures so far per table row
 
     def sample(self, request_type: str, name: str, ms: float, size: int = 0) -> None:
         """One successful measurement of `ms` milliseconds (`size` bytes where meaningful).
@@ -64,11 +87,18 @@ class MetricReporter:
         )
 
     def failure(self, request_type: str, name: str, reason: str, ms: float | None = None, size: int = 0) -> None:
-        """One failed sample; `reason` is shown (grouped) in Locust's failures table. `ms` only
-        when the failure has a measured duration (a reply that came, but wrong): without one
-        (nothing came in time, events in the wrong order) Locust leaves the sample out of every
-        response-time figure, where a 0 would pass for a fast reply."""
+        """One failed sample. Locust's failures table shows `reason` with its numbers and ids
+        masked (`failure_kind`), so like failures share a row; the first few of each row are
+        logged whole. `ms` only when the failure has a measured duration (a reply that came, but
+        wrong): without one (nothing came in time, events in the wrong order) Locust leaves the
+        sample out of every response-time figure, where a 0 would pass for a fast reply."""
+        kind = failure_kind(reason)
+        key = (request_type, name, kind)
+        seen = self._seen.get(key, 0)
+        if seen < DETAILS_LOGGED_PER_REASON and (seen or len(self._seen) < _MAX_REASONS_TRACKED):
+            self._seen[key] = seen + 1
+            log.warning("%s %s failed: %s", request_type, name, reason)
         self._fire(
             request_type=request_type, name=name, response_time=ms, response_length=size,
-            exception=MetricFailure(reason), context={},
+            exception=MetricFailure(kind), context={},
         )

@@ -614,6 +614,64 @@ def test_failures_without_a_measured_duration_stay_out_of_the_response_times():
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [3, 2, 250, 250, 250, 120]
 
 
+_GROUPING_SCRIPT = """
+import json, logging
+from locust.event import Events
+from locust.stats import RequestStats
+from loadtest._metrics import MetricReporter
+
+logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
+events, stats = Events(), RequestStats()
+
+def record(request_type, name, response_time, response_length, exception=None, **_kwargs):
+    stats.log_request(request_type, name, response_time, response_length)
+    if exception:
+        stats.log_error(request_type, name, exception)
+
+events.request.add_listener(record)
+reporter = MetricReporter(events)
+for got in (900, 912, 480, 0, 17):
+    reporter.failure("VOICE", "reply completeness",
+                     f"reply has {got} bytes, expected 960 (19 vs 20 ms); first difference at byte {got}", 12.5, got)
+reporter.failure("ERROR", "ConnectionFailed", "upstream session sess_C9x2Lk01 closed after 1.5 s")
+reporter.failure("ERROR", "ConnectionFailed", "upstream session sess_Zq81pPw7 closed after 12 s")
+reporter.failure("VOICE", "interrupted reaction", "no interrupted (speech_started at [1200, 3400.5] ms)")
+reporter.failure("VOICE", "interrupted reaction", "no interrupted (speech_started at [] ms)")
+print(json.dumps(sorted([error.method, error.name, repr(error.error), error.occurrences]
+                        for error in stats.errors.values())))
+"""
+
+
+def test_like_failures_share_a_row_and_the_first_few_are_logged_whole():
+    """Locust keys its failures table by the exact reason: with byte counts, times and session
+    ids in it, every failure was a row of its own (thousands in a long run with a broken relay,
+    kept in memory and sent on by every worker). Numbers and ids are masked for the table; the
+    first three of each row go to the log with their figures."""
+    result = subprocess.run([sys.executable, "-c", _GROUPING_SCRIPT], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert rows == [
+        ["ERROR", "ConnectionFailed", "MetricFailure('upstream session sess_… closed after N s')", 2],
+        ["VOICE", "interrupted reaction", "MetricFailure('no interrupted (speech_started at […] ms)')", 2],
+        ["VOICE", "reply completeness",
+         "MetricFailure('reply has N bytes, expected N (N vs N ms); first difference at byte N')", 5],
+    ], rows
+    logged = [line for line in result.stderr.splitlines() if line.startswith("loadtest ")]
+    assert logged == [
+        "loadtest VOICE reply completeness failed: reply has 900 bytes, expected 960 (19 vs 20 ms); "
+        "first difference at byte 900",
+        "loadtest VOICE reply completeness failed: reply has 912 bytes, expected 960 (19 vs 20 ms); "
+        "first difference at byte 912",
+        "loadtest VOICE reply completeness failed: reply has 480 bytes, expected 960 (19 vs 20 ms); "
+        "first difference at byte 480",
+        "loadtest ERROR ConnectionFailed failed: upstream session sess_C9x2Lk01 closed after 1.5 s",
+        "loadtest ERROR ConnectionFailed failed: upstream session sess_Zq81pPw7 closed after 12 s",
+        "loadtest VOICE interrupted reaction failed: no interrupted (speech_started at [1200, 3400.5] ms)",
+        "loadtest VOICE interrupted reaction failed: no interrupted (speech_started at [] ms)",
+    ], result.stderr[-3000:]
+
+
 def test_a_bad_value_from_the_web_ui_stops_the_run_with_one_line(node, tmp_path):
     """The web UI's "Custom parameters" arrive with its start button, after the start-up check:
     --chunk-ms 3 there used to start a run whose every user died with a traceback, the UI saying
