@@ -6,7 +6,7 @@ HTTP/1.0 (`OPTIONS /` unless told a method), `curl -I` sends HEAD. So every conn
 with a `RequestSniffer`. It reads the request line of the first bytes, hands an HTTP/1.1 GET —
 every WebSocket upgrade, every ordinary probe — to picows' protocol untouched, and answers the
 rest from the node's plain endpoints: GET and HEAD (headers only), OPTIONS with the methods
-allowed, 405 for other methods, 400 for what is not HTTP/1.x; then it closes the connection.
+allowed (404 for a path the node does not serve), 405 for other methods, 400 for what is not HTTP/1.x; then it closes the connection.
 
 It costs one Python call per connection and none per frame: once it hands the request over,
 the sniffer is no longer the transport's protocol. picows' protocol is connected from the start,
@@ -34,11 +34,12 @@ _VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
 class RequestSniffer(asyncio.Protocol):
     """The first protocol of every client connection: picks who answers its request."""
 
-    __slots__ = ("ws", "endpoint", "transport", "head")
+    __slots__ = ("ws", "endpoint", "paths", "transport", "head")
 
-    def __init__(self, ws: asyncio.BufferedProtocol, endpoint: Endpoint) -> None:
+    def __init__(self, ws: asyncio.BufferedProtocol, endpoint: Endpoint, paths: frozenset[str]) -> None:
         self.ws = ws  # picows' WSProtocol for this connection
         self.endpoint = endpoint
+        self.paths = paths  # what `endpoint` serves: OPTIONS on anything else is 404
         self.transport: asyncio.Transport | None = None
         self.head = b""  # what arrived before the request line (or head) was whole
 
@@ -74,11 +75,14 @@ class RequestSniffer(asyncio.Protocol):
         if len(parts) != 3 or parts[2] not in _VERSIONS or not parts[1]:
             return _response(HTTPStatus.BAD_REQUEST, b"malformed HTTP request line\n", "text/plain", False)
         method, target = parts[0], parts[1].decode("latin-1")
+        path = target.split("?", 1)[0]
         if method == b"OPTIONS":
-            return _response(HTTPStatus.OK, b"", "text/plain", False)
+            # `*` and `/` ask about the server as a whole (HAProxy's default check is `OPTIONS /`)
+            known = target == "*" or path == "/" or path in self.paths
+            return _response(HTTPStatus.OK if known else HTTPStatus.NOT_FOUND, b"", "text/plain", False)
         if method not in (b"GET", b"HEAD"):
             return _response(HTTPStatus.METHOD_NOT_ALLOWED, b"", "text/plain", False)
-        status, body, content_type = self.endpoint(target.split("?", 1)[0], _header(lines, b"accept"))
+        status, body, content_type = self.endpoint(path, _header(lines, b"accept"))
         return _response(status, body, content_type, method == b"HEAD")
 
     def connection_lost(self, exc: Exception | None) -> None:

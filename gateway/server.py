@@ -48,6 +48,8 @@ _PONG = WSMsgType.PONG
 #: picows' initial read buffer per client socket (it doubles on demand and never shrinks); the
 #: default 16 KiB is mostly idle for 960-byte audio frames and dominated RSS per session
 CLIENT_READ_BUFFER_INIT_BYTES = 4 * 1024
+#: the paths `plain_endpoint` serves (any other is 404)
+PLAIN_PATHS = frozenset(("/health", "/ready", "/metrics", "/realtime"))
 #: the longest interval between sweeps (metrics flush, idle, ping and duration checks)
 SWEEP_INTERVAL_S = 1.0
 #: sweeps in a row that run --overload-lag-ms late before the node refuses new sessions
@@ -256,7 +258,7 @@ class GatewayServer:
             False, 20, 20, WSAutoPingStrategy.PING_WHEN_IDLE,  # no auto pings: the sweep pings clients
             False,  # no auto pongs: ClientListener answers pings, holding them while the client does not read
             self.config.max_message_bytes + _FRAME_SLACK_BYTES, None, CLIENT_READ_BUFFER_INIT_BYTES)
-        return RequestSniffer(websocket, self.plain_endpoint)
+        return RequestSniffer(websocket, self.plain_endpoint, PLAIN_PATHS)
 
     def _route(self, request: WSUpgradeRequest):
         parts = urlsplit(request.path.decode("latin-1"))
@@ -270,7 +272,7 @@ class GatewayServer:
             return self._admit_upgrade(request, parts.query)
         return _plain_response(self.plain_endpoint(path, request.headers.get("Accept")))
 
-    def plain_endpoint(self, path: str, accept: str | None) -> tuple[int, bytes, str]:
+    def plain_endpoint(self, path: str, accept: str | None) -> tuple[int, bytes, str]:  # serves PLAIN_PATHS
         """A GET of a plain HTTP endpoint: status, body, content type. picows' handshake and the
         sniffer (HEAD, HTTP/1.0) both answer from here."""
         if path == "/health":

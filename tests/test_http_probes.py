@@ -65,6 +65,11 @@ def test_haproxy_style_http10_checks_follow_readiness():
             head, body = await exchange(gateway.port, b"OPTIONS / HTTP/1.0\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body == b""
             assert header(head, "Allow") == "GET, HEAD, OPTIONS"
+            for target in (b"*", b"/health", b"/metrics?x=1", b"/realtime"):
+                head, body = await exchange(gateway.port, b"OPTIONS " + target + b" HTTP/1.1\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body == b"", target
+            head, body = await exchange(gateway.port, b"OPTIONS /nope HTTP/1.1\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 404 Not Found\r\n") and body == b"", "a path the node does not serve"
             await gateway.drain(timeout_s=1)  # no sessions: returns at once
             head, body = await exchange(gateway.port, b"GET /ready HTTP/1.0\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
