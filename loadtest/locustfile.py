@@ -77,8 +77,12 @@ def _check_options(environment, **_kwargs) -> None:
 
 
 def _check_settings(environment) -> None:
-    """ValueError unless the custom options can work and the clip loads."""
-    load_clips(_options.LoadSettings.from_options(environment.parsed_options, environment.host).clip)
+    """ValueError naming the option unless the custom options can work and the clip loads."""
+    settings = _options.LoadSettings.from_options(environment.parsed_options, environment.host)
+    try:
+        load_clips(settings.clip)
+    except ValueError as exc:
+        raise ValueError(f"--clip {exc}") from None
 
 
 @events.test_start.add_listener

@@ -210,9 +210,9 @@ def test_bad_options_stop_locust_at_start_with_one_line(tmp_path):
     cases = {
         ("--reply-timeout", "-1"): "--reply-timeout must be a positive number of seconds, got -1.0",
         ("--chunk-ms", "3"): "--chunk-ms must be within 5..1000, got 3",
-        ("--clip", str(float_wav)): f"{float_wav}: need a 16-bit mono 24000 Hz PCM WAV, cannot read this one "
+        ("--clip", str(float_wav)): f"--clip {float_wav}: need a 16-bit mono 24000 Hz PCM WAV, cannot read this one "
                                     "(unknown format: 3)",
-        ("--clip", str(tmp_path / "missing.wav")): f"{tmp_path / 'missing.wav'}: No such file or directory",
+        ("--clip", str(tmp_path / "missing.wav")): f"--clip {tmp_path / 'missing.wav'}: No such file or directory",
         ("--tags", "nonsense"): "no scenario matches the tags; scenario tags are vad, ptt, barge_in, text",
         (): "--turns must be 0 (never reconnect) or more, got -1",  # the environment twin: LOADTEST_TURNS=-1
     }
