@@ -797,7 +797,17 @@ class RelaySession:
             self.stats.u2c_json_frames += 1
             self.stats.u2c_json_bytes += len(payload)
         if handler is not None:
-            handler(self, event)
+            kind = event["type"]
+            try:
+                handler(self, event)
+            except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
+                # a field of a shape no handler expects: one event is lost, not the session (WaaV
+                # B9). Neither payload nor exception text is logged: either may hold the user's words.
+                log.warning("session %s: upstream %s event not understood (%s); ignored",
+                            self.session_id, kind, type(exc).__name__)
+                log.debug("session %s: the %s event's failure", self.session_id, kind, exc_info=True)
+                self.fail(UpstreamError(f"the upstream sent a {kind} event the gateway could not read; "
+                                        "it was ignored", fatal=False))
 
     def _audio_out(self, item_id: str, pcm) -> None:
         playback = self.playback
@@ -837,7 +847,7 @@ class RelaySession:
             self._audio_out(item_id, pcm)
 
     def _on_session_created(self, event: dict) -> None:
-        session = event.get("session") or {}
+        session = _object(event.get("session"))
         if self.metrics is not None and not self.created:
             self.metrics.observe_upstream_connect(self.loop.time() - self._connect_started)
         self.created = True
@@ -856,7 +866,7 @@ class RelaySession:
             answered = self._updates_in_flight.pop(0)
             if type(answered) is str:
                 self._pending_updates.pop(answered, None)
-        self.effective = self.dialect.effective(event.get("session") or {})
+        self.effective = self.dialect.effective(_object(event.get("session")))
         self._maybe_ready()
 
     def _maybe_ready(self) -> None:
@@ -885,7 +895,7 @@ class RelaySession:
                 self._run_command(item)
 
     def _on_error(self, event: dict) -> None:
-        error = event.get("error") or {}
+        error = _error_object(event.get("error"))
         code = error.get("code")
         event_id = error.get("event_id") or ""
         if not event_id and self._updates_in_flight and (
@@ -1006,7 +1016,7 @@ class RelaySession:
         """The upstream could not transcribe a user turn: the client still gets the turn's final
         (empty) transcript, so nothing waits for one, and the reason as a non-fatal error."""
         self._send_client(cp.transcript_event("user", "", True, event.get("item_id")))
-        error = event.get("error") or {}
+        error = _error_object(event.get("error"))
         self.fail(UpstreamError(f"input transcription failed: {error.get('message') or 'no reason given'}",
                                 upstream=_details(error), fatal=False))
 
@@ -1028,7 +1038,7 @@ class RelaySession:
                                               interrupted=item_id in self.playback.interrupted_items))
 
     def _on_response_created(self, event: dict) -> None:
-        response = event.get("response") or {}
+        response = _object(event.get("response"))
         response_id = response.get("id")
         if _out_of_band(response):
             # a client's `conversation:"none"` request: it runs beside the conversation's reply,
@@ -1042,14 +1052,14 @@ class RelaySession:
             self._send_client(cp.response_started_event(response_id))
 
     def _on_output_item_added(self, event: dict) -> None:
-        item = event.get("item") or {}
+        item = _object(event.get("item"))
         response_id = event.get("response_id")
         item_id = item.get("id")
         if isinstance(item_id, str) and isinstance(response_id, str) and self.playback.note_item(item_id, response_id):
             self._sync_path()
 
     def _on_output_item_done(self, event: dict) -> None:
-        item = event.get("item") or {}
+        item = _object(event.get("item"))
         if item.get("type") == "function_call" and item.get("status") == "completed":
             self._dispatch_call(item.get("call_id"), item.get("name"), item.get("arguments"),
                                 event.get("response_id"))
@@ -1070,7 +1080,7 @@ class RelaySession:
         self._send_client(cp.function_call_event(call_id, name, arguments if isinstance(arguments, str) else ""))
 
     def _on_response_done(self, event: dict) -> None:
-        response = event.get("response") or {}
+        response = _object(event.get("response"))
         response_id = response.get("id")
         status = response.get("status")
         out_of_band = _out_of_band(response)
@@ -1085,7 +1095,7 @@ class RelaySession:
             # fatal or not by the upstream code, as when it comes as an `error` event: a rate
             # limit or a server error fails one response, an account problem (insufficient_quota)
             # every one after it
-            self.fail(from_upstream_error((response.get("status_details") or {}).get("error") or {}))
+            self.fail(from_upstream_error(_error_object(_object(response.get("status_details")).get("error"))))
             if self.state is CLOSED:
                 return
         if out_of_band:
@@ -1363,6 +1373,28 @@ def _ignore_message(payload) -> None:
 
 def _ignore_audio(item_id: str, pcm: bytes) -> None:
     """Nor does its audio."""
+
+
+def _object(value: Any) -> dict:
+    """An upstream event's object field, or {} when it is missing or not an object: events are
+    read leniently (reference §10.17), a wrongly typed field is as good as an absent one."""
+    return value if type(value) is dict else {}
+
+
+#: the fields of an upstream error object that are strings by the protocol
+_ERROR_STRING_FIELDS = ("code", "type", "param", "event_id", "message")
+
+
+def _error_object(value: Any) -> dict:
+    """An upstream error object with its string fields as strings or absent; a bare string is
+    taken for the message."""
+    if type(value) is str:
+        return {"message": value}
+    error = _object(value)
+    if any(type(error.get(name)) not in (str, type(None)) for name in _ERROR_STRING_FIELDS):
+        error = {name: value for name, value in error.items()
+                 if name not in _ERROR_STRING_FIELDS or type(value) is str}
+    return error
 
 
 def _int(value: Any) -> int:

@@ -749,3 +749,53 @@ def test_an_upstream_that_stops_reading_backpressures_the_client_and_loses_nothi
             assert client.audio == audio                                      # every byte, in order
             await client.close()
     run(scenario(), timeout=60)
+
+
+def test_upstream_events_with_wrongly_typed_fields_lose_the_event_not_the_session():
+    """The reference asks clients to read events leniently (§10.17; WaaV B9). An audit had the
+    gateway raise on `session.updated` with a string `session`, or an `error` whose `error` is a
+    string or whose `event_id` is a number: picows dropped the upstream with 1011 and the client
+    was told the upstream had gone. Now a wrongly typed field counts as absent, an event no
+    handler can read is dropped with a non-fatal error, and the session goes on."""
+    malformed = [
+        {"type": "session.updated", "session": "x"},
+        {"type": "error", "error": "oops"},
+        {"type": "error", "error": {"code": 3, "message": "numbered", "event_id": 3, "param": ["p"]}},
+        {"type": "response.created", "response": "r"},
+        {"type": "response.output_item.added", "response_id": "resp_1", "item": ["not", "an", "object"]},
+        {"type": "response.done", "response": {"id": "resp_1", "status": "failed", "status_details": "bad"}},
+        {"type": "response.output_audio_transcript.delta", "item_id": ["item_1"], "delta": "no handler reads"},
+    ]
+
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        for event in malformed:
+            await upstream.send(event)
+        item = await upstream.receive("conversation.item.create")  # the session still relays
+        await upstream.send({"type": "error", "error": {"message": f"got {item['item']['content'][0]['text']}"}})
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(NodeConfig(
+                host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY, upstream_url=url)) as gateway:
+            client = await RawClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.wait("error", 5, message="oops")
+            await client.wait("error", 5, message="numbered")
+            client.send_json({"type": "text", "text": "still here", "respond": False})
+            await client.wait("error", 5, message="got still here")
+            errors = [event for event in client.events if event.get("type") == "error"]
+            assert client.close_code is None and not client.disconnected
+            await client.close()
+            return errors, [event for event in client.events if event.get("type") == "response_done"]
+
+    errors, done = run(scenario(), timeout=20)
+    assert [(error["code"], error["fatal"], error["message"]) for error in errors] == [
+        ("UpstreamError", False, "oops"),
+        ("UpstreamError", False, "numbered"),
+        ("UpstreamError", False, "upstream error"),  # the failed response, its reason unreadable
+        ("UpstreamError", False, "the upstream sent a response.output_audio_transcript.delta event the gateway "
+                                 "could not read; it was ignored"),
+        ("UpstreamError", False, "got still here"),
+    ], errors
+    assert done == [{"type": "response_done", "response_id": "resp_1", "status": "failed", "usage": None}]
