@@ -799,3 +799,36 @@ def test_upstream_events_with_wrongly_typed_fields_lose_the_event_not_the_sessio
         ("UpstreamError", False, "got still here"),
     ], errors
     assert done == [{"type": "response_done", "response_id": "resp_1", "status": "failed", "usage": None}]
+
+
+def test_a_ping_flood_from_an_upstream_that_does_not_read_keeps_memory_bounded():
+    """The upstream leg had picows' auto-pong: an audit's upstream that stopped reading and sent
+    1.2 million pings grew the node to 454 MB of queued pongs, held until the idle timeout. Pings
+    are now answered as on the client leg: while the upstream does not read, only the latest one,
+    once it reads again."""
+    count = 100_000
+    def ping(index: int) -> bytes:  # server to client: unmasked
+        return b"\x89\x7d" + index.to_bytes(4, "big") + b"p" * 121
+
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        upstream._ws.transport.pause_reading()
+        upstream._ws.transport.write(ping(0) * (count - 1) + ping(count - 1))
+        await upstream.send({"type": "error", "error": {"message": "after the flood"}})
+
+    async def scenario():
+        upstream = ScriptedUpstream(script)
+        async with upstream as url, GatewayServer(NodeConfig(
+                host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY, upstream_url=url)) as gateway:
+            client = await RawClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.wait("error", 20, message="after the flood")
+            session = next(iter(gateway.sessions))
+            listener = session.upstream.listener
+            assert listener.transport.underlying_transport.get_write_buffer_size() < 1 << 20
+            assert listener._pong is not None and listener._pong[:4] == (count - 1).to_bytes(4, "big")
+            upstream._ws.transport.resume_reading()
+            await wait_for(lambda: listener._pong is None, 20, "the held pong to go out")
+            await client.close()  # read again: the client was not while the upstream did not read
+    run(scenario(), timeout=40)

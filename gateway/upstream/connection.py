@@ -81,7 +81,8 @@ class UpstreamListener(UpstreamLeg):
     """picows listener for the upstream socket: the `UpstreamLeg` base classifies whole text
     messages (see the module docstring); this class handles the rest and the lifecycle."""
 
-    __slots__ = ("owner", "_assembler", "transport", "close_code", "close_reason", "closing")
+    __slots__ = ("owner", "_assembler", "transport", "close_code", "close_reason", "closing", "_write_paused",
+                 "_pong")
 
     def __init__(self, owner: UpstreamOwner, path: AudioPath | None) -> None:
         super().__init__()
@@ -92,6 +93,8 @@ class UpstreamListener(UpstreamLeg):
         self.close_code: int | None = None
         self.close_reason = ""
         self.closing = False
+        self._write_paused = False
+        self._pong: bytes | None = None  # the latest ping's payload, while the upstream does not read
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -102,9 +105,14 @@ class UpstreamListener(UpstreamLeg):
     def pause_writing(self) -> None:
         """The upstream is not taking our data as fast as we send it (its socket and our write
         buffer are past the high-water mark): tell the owner, which stops reading its client."""
+        self._write_paused = True
         self.owner.on_upstream_paused()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._pong is not None and self.transport is not None:
+            self.transport.send_pong(self._pong)
+            self._pong = None
         self.owner.on_upstream_resumed()
 
     def on_event(self, payload) -> None:
@@ -125,6 +133,15 @@ class UpstreamListener(UpstreamLeg):
 
     def _handle_other_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         """Control frames and fragmented or oversized messages."""
+        if frame.msg_type is WSMsgType.PING:
+            # answered here, not by picows' auto-pong, whose pongs ignore backpressure: an
+            # upstream that pings without reading would fill our write buffer without bound.
+            # While it does not read, only its latest ping is answered, once it does (RFC 6455 §5.5.3)
+            if self._write_paused:
+                self._pong = frame.get_payload_as_bytes()
+            else:
+                transport.send_pong(frame.get_payload_as_bytes())
+            return
         if frame.msg_type is WSMsgType.CLOSE:
             self.close_code = int(frame.get_close_code().value)
             self.close_reason = frame.get_close_reason()
@@ -177,7 +194,7 @@ class UpstreamConnection:
                 transport, _listener = await ws_connect(
                     lambda: self.listener, url, extra_headers=headers,
                     websocket_handshake_timeout=timeout_s, read_buffer_init_size=READ_BUFFER_INIT_BYTES,
-                    max_frame_size=MAX_UPSTREAM_MESSAGE_BYTES, enable_auto_ping=False,
+                    max_frame_size=MAX_UPSTREAM_MESSAGE_BYTES, enable_auto_ping=False, enable_auto_pong=False,
                     use_aiofastnet=USE_AIOFASTNET, socket_factory=_connected_socket,
                     ssl_context=client_tls_context() if urlsplit(url).scheme == "wss" else None,
                     proxy=proxy)
