@@ -34,8 +34,11 @@ BYTES_PER_MS = {"pcm16": 48, "g711_ulaw": 8, "g711_alaw": 8}
 MAX_INSTRUCTIONS_BYTES = 100 * 1024
 MAX_TEXT_BYTES = 50 * 1024
 MAX_FUNCTION_OUTPUT_BYTES = 100 * 1024
-#: unknown `config` fields reported one by one; the rest of them in one count
+#: unknown `config` fields (and bad tools) reported one by one; the rest of them in one count
 MAX_UNKNOWN_REPORTED = 10
+#: function definitions in one `config` (OpenAI's function-calling limit elsewhere): a longer
+#: list is refused whole, before any of it is read
+MAX_TOOLS = 128
 
 _FORMAT_ALIASES = {"pcm16": "pcm16", "pcm": "pcm16", "linear16": "pcm16", "g711_ulaw": "g711_ulaw",
                    "ulaw": "g711_ulaw", "mulaw": "g711_ulaw", "g711_alaw": "g711_alaw", "alaw": "g711_alaw"}
@@ -411,9 +414,19 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
         value = message["tools"]
         if not isinstance(value, list):
             raise _Bad("tools", "tools must be a list of function definitions")
+        if len(value) > MAX_TOOLS:
+            raise _Bad("tools", f"tools holds {len(value)} definitions, at most {MAX_TOOLS} are accepted")
         tools: list[dict[str, Any]] = []
+        bad = 0
         for index, tool in enumerate(value):  # a bad tool is left out, the others apply
-            field_(f"tools[{index}]", lambda: tools.append(_tool(index, tool)))
+            try:
+                tools.append(_tool(index, tool))
+            except _Bad as refused:
+                bad += 1
+                if bad <= MAX_UNKNOWN_REPORTED:
+                    errors.append(InvalidConfig(refused.message, param=refused.param))
+        if bad > MAX_UNKNOWN_REPORTED:
+            errors.append(InvalidConfig(f"{bad - MAX_UNKNOWN_REPORTED} more bad tools (ignored)", param="tools"))
         if tools or not value:  # `[]` clears the tools; a list of only bad ones changes nothing
             config.tools = tools
 

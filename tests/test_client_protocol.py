@@ -187,6 +187,21 @@ def test_a_bad_sub_field_is_left_out_and_its_siblings_apply():
     assert config_of({"tools": []}).config.tools == []                   # clears the tools
 
 
+def test_one_config_cannot_turn_into_thousands_of_errors_or_tools():
+    """An audit's `config` with 2,000,000 tools (a 4 MB message, under the size limit) held the
+    node's loop for 17 s and sent one InvalidConfig per entry (100,001 events for 200 KB). More
+    than MAX_TOOLS is refused whole; bad tools are reported ten by ten, the rest in one count."""
+    from gateway.client_protocol import MAX_TOOLS, MAX_UNKNOWN_REPORTED
+    command = config_of({"tools": [1] * 2_000_000, "voice": "ash"})
+    assert [(e.param, e.message) for e in command.errors] == [
+        ("tools", f"tools holds 2000000 definitions, at most {MAX_TOOLS} are accepted")]
+    assert command.config.tools is None and command.config.voice == "ash"   # the rest applies
+    command = config_of({"tools": [{"name": "ok"}] + [7] * (MAX_TOOLS - 1)})
+    assert [e.param for e in command.errors] == [f"tools[{i}]" for i in range(1, MAX_UNKNOWN_REPORTED + 1)] + ["tools"]
+    assert command.errors[-1].message == f"{MAX_TOOLS - 1 - MAX_UNKNOWN_REPORTED} more bad tools (ignored)"
+    assert [tool["name"] for tool in command.config.tools] == ["ok"]
+
+
 @pytest.mark.parametrize("field, value, param", [
     ("provider", "hume", "provider"),
     ("model", "", "model"),
