@@ -42,6 +42,8 @@ _PICOWS_LOG = logging.getLogger("picows.server")  # the logger picows' own serve
 #: a single client frame may exceed the message limit only by this much before picows itself
 #: drops the connection; within it the gateway answers with a proper error and close 1009
 _FRAME_SLACK_BYTES = 64 * 1024
+#: RFC 6455 §7.4.1: status codes an endpoint must never put in a close frame
+_NEVER_SENT_CLOSE_CODES = frozenset((1004, 1005, 1006, 1015))
 _BINARY = WSMsgType.BINARY
 _PING = WSMsgType.PING
 _PONG = WSMsgType.PONG
@@ -117,9 +119,10 @@ class ClientListener(ClientLeg):
             code = frame.get_close_code()  # 0 when the client's close carried no code
             if self.session is not None:
                 self.session.on_client_close_frame(code)
-            # codes 1000-4999 are echoed; picows itself fails 1004-1006, 1015 and 1016-2999 with
-            # 1002, but not codes no RFC defines (5000 and up): those fail the connection too
-            transport.send_close(code if 1000 <= code <= 4999 else
+            # codes 1000-4999 are echoed; picows itself fails 1004, 1005, 1015 and 1016-2999 with
+            # 1002, but not 1006 (reserved: never in a close frame) nor codes no RFC defines (5000
+            # and up): those fail the connection too
+            transport.send_close(code if 1000 <= code <= 4999 and code not in _NEVER_SENT_CLOSE_CODES else
                                  WSCloseCode.OK if code == 0 else WSCloseCode.PROTOCOL_ERROR)
             transport.disconnect()
             return
