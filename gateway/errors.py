@@ -76,8 +76,25 @@ def _clip(text: str) -> str:
     return f"{text[:MAX_MESSAGE_CHARS]}... ({len(text) - MAX_MESSAGE_CHARS} more characters)"
 
 
+#: the node's own upstream keys, redacted wherever they appear whatever their shape (an Azure
+#: key is 32 hex digits: no pattern above knows it)
+_known_secrets: tuple[str, ...] = ()
+#: shorter values are not taken for secrets: redacting them would garble ordinary words
+MIN_KNOWN_SECRET_CHARS = 8
+
+
+def keep_secret(value: str | None) -> None:
+    """Have `scrub` redact `value` itself, besides everything key-like."""
+    global _known_secrets
+    if value and len(value) >= MIN_KNOWN_SECRET_CHARS and value not in _known_secrets:
+        _known_secrets = (*_known_secrets, value)
+
+
 def scrub(text: str) -> str:
-    """Remove anything key-like from a message that may reach a client or a log."""
+    """Remove the node's keys and anything key-like from a message that may reach a client or a log."""
+    for secret in _known_secrets:
+        if secret in text:
+            text = text.replace(secret, "[redacted]")
     text = _SECRET_PATTERNS[0].sub("[redacted]", text)
     text = _SECRET_PATTERNS[1].sub(r"\1[redacted]", text)
     return _SECRET_PATTERNS[2].sub(r"\1[redacted]", text)

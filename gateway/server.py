@@ -29,7 +29,7 @@ from gateway.auth import (SHARED_LIMITS_FILE, AuthRefusal, AuthSettings, ClientA
 from gateway.client_protocol import error_event, is_model_name
 from gateway.config import ConfigError, NodeConfig
 from gateway.errors import (CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, IdleTimeout, InvalidMessage, Overloaded,
-                            SessionExpired)
+                            SessionExpired, keep_secret)
 from gateway.framing import FragmentOutOfOrder, MessageAssembler, MessageTooBig
 from gateway.http_probes import RequestSniffer
 from gateway.metrics import GatewayMetrics
@@ -198,6 +198,7 @@ class GatewayServer:
     def __init__(self, config: NodeConfig, upstream_url: str | None = None,
                  metrics: GatewayMetrics | None = None, shared_dir: str | None = None) -> None:
         self.config = config
+        keep_secret(config.api_key)  # whatever an upstream says about it, it is not repeated
         self.upstream_url = upstream_url or config.upstream_url
         if not self.upstream_url:
             raise ValueError("GatewayServer needs an upstream URL")

@@ -18,6 +18,7 @@ import socket
 import time
 from typing import Any
 
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -832,3 +833,29 @@ def test_a_ping_flood_from_an_upstream_that_does_not_read_keeps_memory_bounded()
             await wait_for(lambda: listener._pong is None, 20, "the held pong to go out")
             await client.close()  # read again: the client was not while the upstream did not read
     run(scenario(), timeout=40)
+
+
+def test_the_nodes_own_key_is_redacted_whatever_its_shape():
+    """Redaction went by pattern (`sk-…`, "Bearer …", "api key provided: …"): an Azure key, 32
+    hex digits, quoted by an upstream in other words would have reached the client."""
+    key = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        await upstream.send({"type": "error", "error": {
+            "code": "access_denied", "message": f"Access denied: subscription key {key} has no quota",
+            "param": key, "event_id": None}})
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(NodeConfig(
+                host="127.0.0.1", port=0, upstream="openai", api_key=key, upstream_url=url)) as gateway:
+            client = await RawClient.connect(gateway.url)
+            await client.wait("ready")
+            error = await client.wait("error", 5)
+            await client.close()
+            return error
+
+    error = run(scenario(), timeout=20)
+    assert error["message"] == "Access denied: subscription key [redacted] has no quota", error
+    assert error["upstream"]["param"] == "[redacted]" and key not in orjson.dumps(error).decode()
