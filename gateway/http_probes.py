@@ -18,6 +18,8 @@ import asyncio
 from http import HTTPStatus
 from typing import Callable
 
+from gateway.read_buffers import ReadCap
+
 #: an endpoint's answer: status, body, content type
 Answer = tuple[int, bytes, str]
 #: path, Accept header -> the answer of a GET on it
@@ -54,7 +56,7 @@ class RequestSniffer(asyncio.Protocol):
             self.head = head
             return
         if head.startswith(_UPGRADE_LINE_START) and head.endswith(_UPGRADE_LINE_END, 0, line_end):
-            self.transport.set_protocol(self.ws)
+            self.transport.set_protocol(ReadCap(self.ws))
             _feed(self.ws, head)
             return
         head_end = head.find(b"\r\n\r\n")

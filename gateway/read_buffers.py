@@ -15,6 +15,7 @@ never touched, and a leg that was is touched once per burst, not once per frame.
 """
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import mmap
 
@@ -35,12 +36,45 @@ if _MADV_DONTNEED is not None:
         _madvise = None
 
 
+#: the most one read hands picows (see `ReadCap`)
+MAX_READ_BYTES = 256 * 1024
+
+
+class ReadCap(asyncio.BufferedProtocol):
+    """picows' protocol as a client connection's transport sees it, offered at most
+    `MAX_READ_BYTES` per read.
+
+    picows doubles its buffer whenever a read fills nine tenths of it, and relays every frame of
+    a read before a pause of reading can take effect. A client sending faster than the upstream
+    takes its audio (the gateway stops reading it then) left megabytes in its socket, and the
+    next read took them all: an audit's single session grew its buffer to tens of megabytes and
+    queued 41 MB of appends towards the upstream, against a 64 KiB high-water mark. Everything
+    but `get_buffer` is picows' own bound method: no extra call per read."""
+
+    __slots__ = ("ws", "buffer_updated", "connection_lost", "eof_received", "pause_writing", "resume_writing",
+                 "_get_buffer")
+
+    def __init__(self, ws: asyncio.BufferedProtocol) -> None:
+        self.ws = ws
+        self.buffer_updated = ws.buffer_updated
+        self.connection_lost = ws.connection_lost
+        self.eof_received = ws.eof_received
+        self.pause_writing = ws.pause_writing
+        self.resume_writing = ws.resume_writing
+        self._get_buffer = ws.get_buffer
+
+    def get_buffer(self, sizehint: int):
+        view = self._get_buffer(sizehint)
+        return view[:MAX_READ_BYTES] if len(view) > MAX_READ_BYTES else view
+
+
 def free_region(transport) -> tuple[int, int] | None:
     """(address, length) of the free part of the read buffer behind a picows `transport`, or
     None once the connection is gone."""
     if transport is None or transport.is_disconnected:
         return None
     protocol = transport.underlying_transport.get_protocol()
+    protocol = getattr(protocol, "ws", protocol)  # a client's, behind its ReadCap
     view = protocol.get_buffer(-1)  # picows: a writable view of [write position, buffer size)
     if len(view) == 0:
         return None

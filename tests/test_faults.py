@@ -859,3 +859,37 @@ def test_the_nodes_own_key_is_redacted_whatever_its_shape():
     error = run(scenario(), timeout=20)
     assert error["message"] == "Access denied: subscription key [redacted] has no quota", error
     assert error["upstream"]["param"] == "[redacted]" and key not in orjson.dumps(error).decode()
+
+
+def test_a_client_sending_far_faster_than_the_upstream_takes_is_read_in_bounded_pieces():
+    """picows doubled its read buffer whenever a read filled it and relayed a whole read before
+    a pause could take effect: an audit's client streaming at ~2,000x real time grew one
+    session by ~75 MB (41 MB of appends queued upstream, against a 64 KiB high-water mark).
+    Each read now hands picows at most read_buffers.MAX_READ_BYTES, so what waits upstream
+    stays near one read's worth. The peak is taken after every loop iteration, where each read
+    is relayed whole."""
+    from gateway.read_buffers import MAX_READ_BYTES
+    frame = b"\x82\xfe" + (960).to_bytes(2, "big") + bytes(4) + speech_like(0.02, seed=5)  # mask key 0
+    burst = frame * 20_000  # 19.2 MB of audio, written at once
+
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await ready_client(gateway.url)
+            session = next(iter(gateway.sessions))
+            upstream = session.upstream.listener.transport.underlying_transport
+            loop = asyncio.get_running_loop()
+            peak = 0
+
+            def sample() -> None:
+                nonlocal peak
+                peak = max(peak, upstream.get_write_buffer_size())
+                if not upstream.is_closing():
+                    loop.call_soon(sample)
+            sample()
+            client.transport.underlying_transport.write(burst)
+            await wait_for(lambda: session.stats.c2u_audio_bytes == 20_000 * 960, 60, "every frame relayed")
+            await client.close()
+            return peak
+
+    peak = run(scenario(), timeout=90)
+    assert peak < 4 * MAX_READ_BYTES, peak
