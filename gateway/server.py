@@ -37,7 +37,23 @@ from gateway.session import RelaySession
 from gateway.upstream.trust import TrustStoreError, client_tls_context, reload_client_trust
 
 log = logging.getLogger("gateway.server")
-_PICOWS_LOG = logging.getLogger("picows.server")  # the logger picows' own server would use
+class _PicowsLog(logging.LoggerAdapter):
+    """The logger picows' server would use, with a client's unparsable frame at INFO.
+
+    picows logs one at ERROR (again for each read until the socket is gone): a client must not
+    be able to write ERROR lines into the operator's logs. It is the client's fault, not the
+    node's, and the gateway logs other refused client input at INFO. (An adapter, not a filter:
+    picows gives each connection a child of a `Logger` it is handed, and a parent's filters do
+    not see its children's records; an adapter it uses as it is.)"""
+
+    def error(self, msg, *args, **kwargs) -> None:
+        if isinstance(msg, str) and msg.startswith("WS parser error"):
+            self.info(msg, *args, **kwargs)
+        else:
+            super().error(msg, *args, **kwargs)
+
+
+_PICOWS_LOG = _PicowsLog(logging.getLogger("picows.server"), {})
 
 #: a single client frame may exceed the message limit only by this much before picows itself
 #: drops the connection; within it the gateway answers with a proper error and close 1009
