@@ -6,7 +6,8 @@ HTTP/1.0 (`OPTIONS /` unless told a method), `curl -I` sends HEAD. So every conn
 with a `RequestSniffer`. It reads the request line of the first bytes, hands an HTTP/1.1 GET —
 every WebSocket upgrade, every ordinary probe — to picows' protocol untouched, and answers the
 rest from the node's plain endpoints: GET and HEAD (headers only), OPTIONS with the methods
-allowed (404 for a path the node does not serve), 405 for other methods, 400 for what is not HTTP/1.x; then it closes the connection.
+allowed (404 for a path the node does not serve), 405 for other methods, 400 for what is not
+HTTP/1.x; then it closes the connection.
 
 It costs one Python call per connection and none per frame: once it hands the request over,
 the sniffer is no longer the transport's protocol. picows' protocol is connected from the start,
