@@ -105,6 +105,17 @@ def test_the_upstream_context_verifies_as_the_default_one_does():
     assert ours.get_ciphers() == default.get_ciphers()
 
 
+async def _call(gateway, audio: bytes) -> tuple[bool, bytes]:
+    """One push-to-talk turn on a fresh session: whether its upstream TLS resumed, and the reply."""
+    client = await RelayClient.connect(gateway.url)
+    await client.wait("ready")
+    resumed = next(iter(gateway.sessions)).upstream.tls_resumed
+    await client.push_to_talk(audio)
+    await client.wait("response_done")
+    await client.close()
+    return resumed, bytes(client.audio)
+
+
 def test_a_second_upstream_session_resumes_tls_and_a_reload_starts_afresh(ca, trusted):
     """Every upstream session goes to the same host: the second offers the first's ticket and
     resumes (no certificate chain sent or verified), as nginx does by default. Both echo
@@ -112,21 +123,11 @@ def test_a_second_upstream_session_resumes_tls_and_a_reload_starts_afresh(ca, tr
     session verified against the old CAs is not offered under the new ones). /metrics counts both."""
     audio = speech_like(0.3, seed=9)
 
-    async def call(gateway) -> tuple[bool, bytes]:
-        client = await RelayClient.connect(gateway.url)
-        await client.wait("ready")
-        session = next(iter(gateway.sessions))
-        resumed = session.upstream.tls_resumed
-        await client.push_to_talk(audio)
-        await client.wait("response_done")
-        await client.close()
-        return resumed, bytes(client.audio)
-
     async def scenario():
         async with relay(upstream_tls=server_context(ca, "127.0.0.1")) as (gateway, mock):
-            calls = [await call(gateway), await call(gateway)]
+            calls = [await _call(gateway, audio), await _call(gateway, audio)]
             gateway.reload()
-            calls += [await call(gateway), await call(gateway)]
+            calls += [await _call(gateway, audio), await _call(gateway, audio)]
             return calls, gateway.metrics.render()[0].decode()
 
     calls, metrics = run(scenario(), timeout=30)
@@ -155,18 +156,9 @@ def test_a_trust_reload_during_a_handshake_does_not_poison_the_new_context(ca, t
 
     monkeypatch.setattr(connection, "release_handshake", release_then_reload)
 
-    async def call(gateway) -> tuple[bool, bytes]:
-        client = await RelayClient.connect(gateway.url)
-        await client.wait("ready")
-        resumed = next(iter(gateway.sessions)).upstream.tls_resumed
-        await client.push_to_talk(audio)
-        await client.wait("response_done")
-        await client.close()
-        return resumed, bytes(client.audio)
-
     async def scenario():
         async with relay(upstream_tls=server_context(ca, "127.0.0.1")) as (gateway, mock):
-            return [await call(gateway), await call(gateway), await call(gateway)]
+            return [await _call(gateway, audio), await _call(gateway, audio), await _call(gateway, audio)]
 
     calls = run(scenario(), timeout=30)
     assert len(reloads) == 1
