@@ -3,11 +3,12 @@
 picows reads every request on the node's port, and its parser takes HTTP/1.1 `GET` only: anything
 else gets a bare 400. Health checkers send more than that: HAProxy's `option httpchk` speaks
 HTTP/1.0 (`OPTIONS /` unless told a method), `curl -I` sends HEAD. So every connection starts
-with a `RequestSniffer`. It reads the request line of the first bytes, hands an HTTP/1.1 GET —
-every WebSocket upgrade, every ordinary probe — to picows' protocol untouched, and answers the
-rest from the node's plain endpoints: GET and HEAD (headers only), OPTIONS with the methods
-allowed (404 for a path the node does not serve), 405 for other methods, 400 for what is not
-HTTP/1.x; then it closes the connection.
+with a `RequestSniffer`. It waits for the whole request head, hands an HTTP/1.1 GET — every
+WebSocket upgrade, every ordinary probe — to picows' protocol untouched, and answers the rest
+from the node's plain endpoints: GET and HEAD (headers only), OPTIONS with the methods allowed
+(404 for a path the node does not serve), 405 for other methods, 400 for what is not HTTP/1.x,
+431 for any head over picows' 16 KiB (picows itself would reset the connection without a
+status); then it closes the connection.
 
 It costs one Python call per connection and none per frame: once it hands the request over,
 the sniffer is no longer the transport's protocol. picows' protocol is connected from the start,
@@ -52,21 +53,19 @@ class RequestSniffer(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         head = self.head + data if self.head else data
-        line_end = head.find(b"\r\n")
-        if line_end < 0 and len(head) < MAX_REQUEST_HEAD_BYTES:
-            self.head = head
-            return
-        if head.startswith(_UPGRADE_LINE_START) and head.endswith(_UPGRADE_LINE_END, 0, line_end):
-            self.transport.set_protocol(ReadCap(self.ws))
-            _feed(self.ws, head)
-            return
         head_end = head.find(b"\r\n\r\n")
         if head_end < 0 and len(head) < MAX_REQUEST_HEAD_BYTES:
             self.head = head
             return
         self.head = b""
+        whole = 0 <= head_end < MAX_REQUEST_HEAD_BYTES  # else picows would reset it without a status
+        if whole and head.startswith(_UPGRADE_LINE_START) and head.endswith(
+                _UPGRADE_LINE_END, 0, head.find(b"\r\n")):
+            self.transport.set_protocol(ReadCap(self.ws))
+            _feed(self.ws, head)  # with any frames sent behind the head
+            return
         self.transport.pause_reading()  # one request per connection: the answer closes it
-        self.transport.write(self.answer(head[:head_end] if head_end >= 0 else None))
+        self.transport.write(self.answer(head[:head_end] if whole else None))
         self.transport.close()
 
     def answer(self, head: bytes | None) -> bytes:

@@ -109,6 +109,11 @@ def test_what_the_node_cannot_serve_is_refused_with_a_reason():
             assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n") and body == b"malformed HTTP request line\n"
             head, _ = await exchange(port, b"HEAD /health HTTP/1.1\r\nX-Pad: " + b"a" * MAX_REQUEST_HEAD_BYTES)
             assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+            # an upgrade's head goes to picows, which would reset one this long without a status
+            long_upgrade = upgrade.replace(b"HTTP/1.0", b"HTTP/1.1").replace(
+                b"\r\n\r\n", b"\r\nX-Pad: " + b"a" * MAX_REQUEST_HEAD_BYTES + b"\r\n\r\n")
+            head, _ = await exchange(port, long_upgrade)
+            assert head.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
             assert gateway.sessions == set()
 
     run(scenario())
