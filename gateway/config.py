@@ -12,6 +12,7 @@ import argparse
 import ipaddress
 import math
 import os
+import re
 import urllib.request
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
@@ -26,6 +27,7 @@ DIALECTS = ("ga", "beta")
 SLOW_CLIENT_POLICIES = ("drop-oldest", "close")
 _SECRET_FIELDS = ("api_key", "client_api_keys", "jwt_secret")
 _URL_FIELDS = ("upstream_url", "upstream_proxy")  # shown without userinfo or query: they may hold credentials
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class ConfigError(ValueError):
@@ -223,7 +225,7 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
         values[dest] = tuple(part.strip() for part in raw.split(",") if part.strip()) if raw else ()
     for dest, choices in _CHOICES.items():
         if values[dest] not in choices:
-            raise ConfigError(f"{dest} must be one of {', '.join(choices)} (got {values[dest]!r})")
+            raise ConfigError(f"{_setting(dest)} must be one of {', '.join(choices)} (got {values[dest]!r})")
     provider = values["upstream"]
     if provider == "openai":
         values["api_key"] = env.get("OPENAI_API_KEY") or None
@@ -241,20 +243,20 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
         values["api_key"] = env.get("OPENAI_API_KEY") or "mock-key"
     for dest, value in values.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{dest} must be a finite number (got {value})")
+            raise ConfigError(f"{_setting(dest)} must be a finite number (got {value})")
     if not 0 <= values["port"] <= 65535:
-        raise ConfigError(f"port must be 0-65535 (got {values['port']})")
+        raise ConfigError(f"{_setting('port')} must be 0-65535 (got {values['port']})")
     for dest in ("coalesce_ms", "pre_ready_buffer_ms", "max_message_bytes", "level_interval_ms"):
         if values[dest] < 1:
-            raise ConfigError(f"{dest} must be positive (got {values[dest]})")
+            raise ConfigError(f"{_setting(dest)} must be positive (got {values[dest]})")
     if values["connect_timeout_s"] <= 0:
-        raise ConfigError("connect timeout must be positive")
+        raise ConfigError(f"{_setting('connect_timeout_s')} must be positive (got {values['connect_timeout_s']})")
     for dest in ("max_sessions", "max_sessions_per_ip", "max_sessions_per_key", "idle_timeout_s",
                  "client_ping_interval_s",
                  "max_session_s", "session_warning_s", "drain_timeout_s", "max_client_queue_ms",
                  "read_batch_ms", "jwt_leeway_s", "overload_lag_ms"):
         if values[dest] < 0:
-            raise ConfigError(f"{dest} must not be negative (got {values[dest]})")
+            raise ConfigError(f"{_setting(dest)} must not be negative (got {values[dest]})")
     if values["tls_key"] and not values["tls_cert"]:
         raise ConfigError(f"{_setting('tls_key')} needs {_setting('tls_cert')}")
     if values["tls_cert"]:
@@ -266,7 +268,7 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
         raise ConfigError(f"{_setting('client_ping_timeout_s')} must be positive while "
                           f"{_setting('client_ping_interval_s')} is on (got {values['client_ping_timeout_s']})")
     if values["workers"] < 1:
-        raise ConfigError("workers must be at least 1")
+        raise ConfigError(f"{_setting('workers')} must be at least 1 (got {values['workers']})")
     if not values["jwt_max_sessions_claim"].strip():
         raise ConfigError(f"{_setting('jwt_max_sessions_claim')} must name a claim (got an empty value)")
     if values["port"] == 0 and values["workers"] > 1:
@@ -289,7 +291,7 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
         try:
             ipaddress.ip_network(entry, strict=False)
         except ValueError:
-            raise ConfigError(f"trusted proxy {entry!r} is not an IP address or network") from None
+            raise ConfigError(f"{_setting('trusted_proxies')}: {entry!r} is not an IP address or network") from None
     values["client_api_keys"] = env.get("GATEWAY_API_KEYS") or None
     values["jwt_secret"] = env.get("GATEWAY_JWT_SECRET") or None
     return NodeConfig(**values)
@@ -309,6 +311,8 @@ def _upstream_url_problem(url: str) -> str | None:
         return f"got {parts.scheme}://" if parts.scheme else "got no scheme"
     if not parts.hostname:
         return "got no host"
+    if not _is_host_name(parts.hostname):
+        return "got a host with characters no host name has"
     if parts.fragment:
         return "got a #fragment"
     try:
@@ -350,6 +354,18 @@ def _environment_proxy(upstream_url: str | None, env) -> tuple[str | None, str]:
     return proxy, source
 
 
+def _is_host_name(host: str) -> bool:
+    """A DNS name (letters, digits, `-`, `_`, dots) or an IP address: what a connect can resolve.
+    urlsplit takes anything between `//` and the port, a space or a control character included."""
+    if _HOST_NAME.fullmatch(host):
+        return True
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 def _is_loopback(host: str) -> bool:
     if host.lower() == "localhost" or host.lower().endswith(".localhost"):
         return True
@@ -366,6 +382,8 @@ def _proxy_url_problem(url: str) -> str | None:
         return f"got {parts.scheme}:// (only http:// proxies are supported)" if parts.scheme else "got no scheme"
     if not parts.hostname:
         return "got no host"
+    if not _is_host_name(parts.hostname):
+        return "got a host with characters no host name has"
     try:
         parts.port
     except ValueError:

@@ -135,23 +135,30 @@ def test_text_logs_keep_one_line_per_event_whatever_a_client_put_in_a_message():
 
 
 @pytest.mark.parametrize("argv, env, message", [
-    (["--port", "70000"], {}, "port must be 0-65535"),
-    (["--drain-timeout-s", "nan"], {}, "drain_timeout_s must be a finite number"),
-    ([], {"GATEWAY_IDLE_TIMEOUT_S": "inf"}, "idle_timeout_s must be a finite number"),
-    (["--trusted-proxies", "10.0.0.0/8,not-an-ip"], {}, "trusted proxy 'not-an-ip'"),
+    (["--port", "70000"], {}, r"^--port \(GATEWAY_PORT\) must be 0-65535"),
+    (["--drain-timeout-s", "nan"], {}, r"^--drain-timeout-s \(GATEWAY_DRAIN_TIMEOUT_S\) must be a finite number"),
+    ([], {"GATEWAY_IDLE_TIMEOUT_S": "inf"}, r"^--idle-timeout-s \(GATEWAY_IDLE_TIMEOUT_S\) must be a finite"),
+    (["--trusted-proxies", "10.0.0.0/8,not-an-ip"], {}, r"^--trusted-proxies .*: 'not-an-ip'"),
     (["--default-model", ""], {}, r"^--default-model .* got ''"),   # an empty flag is a value, not unset
     (["--upstream-url", "ws://h:99999/x"], {}, "invalid port"),
     (["--upstream-url", "ws://h/v1/realtime#x"], {}, "fragment"),
-    (["--jwt-leeway-s", "-1"], {}, "jwt_leeway_s must not be negative"),
-    ([], {"GATEWAY_JWT_LEEWAY_S": "inf"}, "jwt_leeway_s must be a finite number"),
+    (["--upstream-url", "ws://exa mple.com/v1/realtime"], {}, r"\(got a host with characters no host name has\)"),
+    (["--upstream-url", "wss://api\x00.openai.com/v1/realtime"], {}, "a host with characters no host name has"),
+    (["--upstream-proxy", "http://pro xy:3128"], {}, r"^--upstream-proxy .* a host with characters"),
+    ([], {"GATEWAY_UPSTREAM_DIALECT": "v2"}, r"^--upstream-dialect \(GATEWAY_UPSTREAM_DIALECT\) must be one of .* \(got 'v2'\)"),
+    ([], {"GATEWAY_WORKERS": "0"}, r"^--workers \(GATEWAY_WORKERS\) must be at least 1"),
+    ([], {"GATEWAY_CONNECT_TIMEOUT": "0"}, r"^--connect-timeout \(GATEWAY_CONNECT_TIMEOUT\) must be positive"),
+    (["--jwt-leeway-s", "-1"], {}, r"^--jwt-leeway-s \(GATEWAY_JWT_LEEWAY_S\) must not be negative"),
+    ([], {"GATEWAY_JWT_LEEWAY_S": "inf"}, "GATEWAY_JWT_LEEWAY_S\\) must be a finite number"),
     (["--jwt-max-sessions-claim", ""], {}, r"^--jwt-max-sessions-claim .* must name a claim"),
-    (["--client-ping-interval-s", "-5"], {}, "client_ping_interval_s must not be negative"),
+    (["--client-ping-interval-s", "-5"], {}, r"^--client-ping-interval-s .* must not be negative"),
     ([], {"GATEWAY_CLIENT_PING_TIMEOUT_S": "0"}, r"^--client-ping-timeout-s .* must be positive while "
                                                   r"--client-ping-interval-s .* is on"),
 ])
 def test_settings_a_node_could_not_run_with_are_refused_at_start(argv, env, message):
-    """Found by an operations audit: a wrapped port, a NaN timeout that crashed the drain, a
-    trusted-proxy entry that failed every session at connect."""
+    """Found by operations audits: a wrapped port, a NaN timeout that crashed the drain, a
+    trusted-proxy entry that failed every session at connect, a space in the upstream's host.
+    Each refusal names the setting both ways it can be given: flag and environment variable."""
     with pytest.raises(ConfigError, match=message):
         build(["--upstream", "mock", *argv], env)
 
