@@ -42,11 +42,11 @@ from gateway.metrics import GatewayMetrics, SessionStats
 from gateway.outbox import DROPPING, OVERFLOW, READING, STALLED, ClientOutbox
 from gateway.playback import PlaybackTimeline
 from gateway.recent import EMPTY, RECENT, added, remember
-from gateway.errors import (BENIGN_UPSTREAM_CODES, AuthenticationFailed, ConnectionFailed, GatewayError,
-                            ClientUnresponsive, InvalidConfig, InvalidMessage, NotConnected, SessionExpired, SlowClient,
-                            UpstreamError, from_upstream_error)
+from gateway.errors import (BENIGN_UPSTREAM_CODES, CLOSE_MESSAGE_TOO_BIG, AuthenticationFailed, ClientUnresponsive,
+                            ConnectionFailed, GatewayError, InvalidConfig, InvalidMessage, NotConnected,
+                            SessionExpired, SlowClient, UpstreamError, from_upstream_error)
 from gateway.sockets import peer_closed, unanswered_s
-from gateway.upstream import UpstreamConnection, build_upstream_url, dialect_for
+from gateway.upstream import MAX_UPSTREAM_MESSAGE_BYTES, UpstreamConnection, build_upstream_url, dialect_for
 
 log = logging.getLogger("gateway.session")
 
@@ -113,9 +113,9 @@ class _UpstreamOwner:
         self.on_upstream_event = _ignore_message
         self.on_upstream_audio = _ignore_audio
 
-    def on_upstream_closed(self, code: int | None, reason: str) -> None:
+    def on_upstream_closed(self, code: int | None, reason: str, refused_with: int | None) -> None:
         if self.alive:
-            self.session.on_upstream_closed(code, reason)
+            self.session.on_upstream_closed(code, reason, refused_with)
 
     def on_upstream_paused(self) -> None:
         if self.alive:
@@ -464,11 +464,16 @@ class RelaySession:
             callback, self.on_closed = self.on_closed, None
             callback(self)
 
-    def on_upstream_closed(self, code: int | None, reason: str) -> None:
+    def on_upstream_closed(self, code: int | None, reason: str, refused_with: int | None) -> None:
         if self.state == CLOSED:
             return
-        if reason and "invalid_api_key" in reason:
-            error: GatewayError = AuthenticationFailed("upstream rejected the API key",
+        if refused_with is not None:
+            what = (f"it sent a message over {MAX_UPSTREAM_MESSAGE_BYTES // (1024 * 1024)} MiB"
+                    if refused_with == CLOSE_MESSAGE_TOO_BIG else "it broke the WebSocket protocol")
+            error: GatewayError = ConnectionFailed(f"the gateway closed the upstream connection: {what} "
+                                                   f"(close code {refused_with})")
+        elif reason and "invalid_api_key" in reason:
+            error = AuthenticationFailed("upstream rejected the API key",
                                                        upstream={"code": "invalid_api_key"})
         elif reason and "session_expired" in reason:
             error = SessionExpired("upstream session expired", upstream={"code": "session_expired"})

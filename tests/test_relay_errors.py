@@ -15,7 +15,8 @@ from gateway.errors import (CLOSE_INTERNAL_ERROR, CLOSE_MESSAGE_TOO_BIG, CLOSE_S
                             CLOSE_UPSTREAM_AUTH_FAILED)
 from gateway.mock import MockOptions
 from gateway.server import GatewayServer
-from tests.relay_harness import RelayClient, relay, speech_like
+from gateway.upstream.connection import MAX_UPSTREAM_MESSAGE_BYTES
+from tests.relay_harness import TEST_KEY, RelayClient, ScriptedUpstream, relay, speech_like
 from tests.support import run
 
 
@@ -289,6 +290,44 @@ def test_upstream_drop_mid_response_is_fatal_with_a_clean_close():
             await gateway.wait_empty(3)
             await mock.sessions[0].wait_closed(3)
     run(scenario(), timeout=20)
+
+
+_OVER_LIMIT = MAX_UPSTREAM_MESSAGE_BYTES + 1
+_HALF = MAX_UPSTREAM_MESSAGE_BYTES // 2 + 1
+
+
+@pytest.mark.parametrize("raw, close_code, what", [
+    # one frame whose header declares 64 MiB + 1: picows' parser refuses it from the header alone
+    (b"\x81\x7f" + _OVER_LIMIT.to_bytes(8, "big"), 1009, "it sent a message over 64 MiB"),
+    # two fragments of just over 32 MiB each: the gateway's assembler refuses the second
+    (b"\x01\x7f" + _HALF.to_bytes(8, "big") + b"{" * _HALF + b"\x80\x7f" + _HALF.to_bytes(8, "big") + b"}" * _HALF,
+     1009, "it sent a message over 64 MiB"),
+    (b"\x83\x00", 1002, "it broke the WebSocket protocol"),  # opcode 3 is reserved
+], ids=["oversized_frame", "oversized_fragments", "reserved_opcode"])
+def test_an_upstream_message_the_gateway_refuses_is_named_in_the_error(raw, close_code, what):
+    """Found by an audit: the gateway closed such an upstream itself (1009 / 1002), then told
+    the client "upstream connection lost (no close frame)", as if the upstream had vanished."""
+    received_close: list[int] = []
+
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        await upstream.receive("conversation.item.create")
+        upstream._ws.transport.write(raw)
+        await upstream._ws.wait_closed()
+        received_close.append(upstream._ws.close_code)
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(NodeConfig(
+                host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY, upstream_url=url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "hello"})
+            error = await _expect_fatal(client, "ConnectionFailed", CLOSE_INTERNAL_ERROR)
+            assert error["message"] == f"the gateway closed the upstream connection: {what} (close code {close_code})"
+            await gateway.wait_empty(3)
+            assert received_close == [close_code]
+    run(scenario(), timeout=30)
 
 
 def test_session_expiry_is_fatal():

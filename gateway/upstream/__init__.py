@@ -3,7 +3,8 @@
 `dialect_for(name)` returns the `UpstreamDialect` for "ga" or "beta"; the session speaks only the
 internal (GA-named) event model and lets the dialect translate both ways.
 """
-from gateway.upstream.connection import UpstreamConnection, UpstreamListener, build_upstream_url
+from gateway.upstream.connection import (MAX_UPSTREAM_MESSAGE_BYTES, UpstreamConnection, UpstreamListener,
+                                         build_upstream_url)
 from gateway.upstream.dialect import UpstreamDialect
 from gateway.upstream.ga import GaDialect
 from gateway.upstream.beta import BetaDialect
@@ -15,5 +16,5 @@ def dialect_for(name: str) -> UpstreamDialect:
     return _DIALECTS[name]
 
 
-__all__ = ["UpstreamConnection", "UpstreamListener", "UpstreamDialect", "GaDialect", "BetaDialect",
+__all__ = ["MAX_UPSTREAM_MESSAGE_BYTES", "UpstreamConnection", "UpstreamListener", "UpstreamDialect", "GaDialect", "BetaDialect",
            "build_upstream_url", "dialect_for"]

@@ -11,7 +11,7 @@ audio delta goes to the owner's `on_upstream_audio(item_id, pcm)`, any other eve
 `on_upstream_event(payload)` (payload valid only during the call). After the last complete frame
 of each socket read the path writes what that read produced in one go (a leg whose path was
 taken away calls the owner's `on_upstream_read_end()` instead); the end of the connection is
-`on_upstream_closed(code, reason)`.
+`on_upstream_closed(code, reason, refused_with)`.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class UpstreamOwner(Protocol):
     def on_upstream_event(self, payload) -> None: ...
     def on_upstream_audio(self, item_id: str, pcm: bytes) -> None: ...
     def on_upstream_read_end(self) -> None: ...
-    def on_upstream_closed(self, code: int | None, reason: str) -> None: ...
+    def on_upstream_closed(self, code: int | None, reason: str, refused_with: int | None) -> None: ...
     def on_upstream_paused(self) -> None: ...
     def on_upstream_resumed(self) -> None: ...
 
@@ -145,7 +145,8 @@ class UpstreamListener(UpstreamLeg):
         if frame.msg_type is WSMsgType.CLOSE:
             self.close_code = int(frame.get_close_code().value)
             self.close_reason = frame.get_close_reason()
-            transport.send_close(frame.get_close_code())
+            if not transport.is_close_frame_sent:  # else this answers ours
+                transport.send_close(frame.get_close_code())
             transport.disconnect()
             return
         try:
@@ -160,7 +161,13 @@ class UpstreamListener(UpstreamLeg):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.forget_reads()
-        self.owner.on_upstream_closed(self.close_code, self.close_reason)
+        # a close frame we sent first, though the owner never asked us to close: picows' parser
+        # (an oversized frame: 1009; a broken one: 1002) or the assembler refused what came
+        handshake = transport.close_handshake
+        refused = (handshake is not None and handshake.sent is not None and not handshake.recv_then_sent
+                   and not self.closing)
+        self.owner.on_upstream_closed(self.close_code, self.close_reason,
+                                      int(handshake.sent.code) if refused else None)
 
 
 def _connected_socket(url):
