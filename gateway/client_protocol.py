@@ -569,6 +569,15 @@ def ready_event(session_id: str, upstream_session_id: str | None, effective: dic
     return orjson.dumps(event)
 
 
+def session_updated_event(effective: dict[str, Any], ignored: list[str]) -> bytes:
+    """`session_updated`: a `config` after `ready` is applied; the effective configuration as
+    the upstream confirmed it, as in `ready` (WaaV's name for it, which carries nothing)."""
+    event: dict[str, Any] = {"type": "session_updated"}
+    event.update(effective)
+    event["ignored"] = ignored
+    return orjson.dumps(event)
+
+
 def transcript_event(role: str, text: str, is_final: bool, item_id: str | None,
                      response_id: str | None = None, interrupted: bool = False) -> bytes:
     event = {"type": "transcript", "role": role, "text": text, "is_final": is_final, "item_id": item_id}

@@ -867,11 +867,16 @@ class RelaySession:
         self._maybe_ready()
 
     def _on_session_updated(self, event: dict) -> None:
+        answered = None
         if self._updates_in_flight:  # the upstream answers updates in the order it received them
             answered = self._updates_in_flight.pop(0)
             if type(answered) is str:
                 self._pending_updates.pop(answered, None)
         self.effective = self.dialect.effective(_object(event.get("session")))
+        if self.state is READY and type(answered) is str:
+            # the answer to a client's `config` after `ready` (one sent on open may cross a fast
+            # upstream's `ready`): the effective values it left, as `ready` reported them
+            self._send_client(cp.session_updated_event(self._client_effective(), list(self.ignored)))
         self._maybe_ready()
 
     def _maybe_ready(self) -> None:
@@ -883,8 +888,7 @@ class RelaySession:
             self._created_timer.cancel()
             self._created_timer = None
         self._sync_path()
-        effective = dict(self.effective)
-        effective["model"] = effective.get("model") or self.upstream_model
+        effective = self._client_effective()
         self._send_client(cp.ready_event(self.session_id, self.upstream_session_id, effective, list(self.ignored)))
         log.info("session %s: ready (model=%s voice=%s turn_detection=%s)", self.session_id,
                  effective["model"], effective.get("voice"), effective.get("turn_detection"))
@@ -898,6 +902,11 @@ class RelaySession:
                 self._audio_in(item)
             else:
                 self._run_command(item)
+
+    def _client_effective(self) -> dict[str, Any]:
+        effective = dict(self.effective)
+        effective["model"] = effective.get("model") or self.upstream_model
+        return effective
 
     def _on_error(self, event: dict) -> None:
         error = _error_object(event.get("error"))

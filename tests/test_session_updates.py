@@ -12,7 +12,7 @@ import asyncio
 from gateway.config import NodeConfig
 from gateway.errors import CLOSE_INTERNAL_ERROR
 from gateway.server import GatewayServer
-from tests.relay_harness import RelayClient, ScriptedUpstream
+from tests.relay_harness import RelayClient, ScriptedUpstream, relay
 from tests.support import run
 
 def _node(url: str, connect_timeout_s: float = 5.0) -> NodeConfig:
@@ -187,3 +187,34 @@ def test_a_reply_done_without_ever_being_created_does_not_hold_back_the_next():
             await client.close()
 
     run(scenario(), timeout=20)
+
+
+def test_a_config_after_ready_is_answered_with_the_effective_values():
+    """A `config` sent on open can cross a fast upstream's `ready` and then applies after it;
+    the client learns what it got from `session_updated` (WaaV's name), sent once the upstream
+    has confirmed the update, with the same fields as `ready`. A field the upstream cannot
+    take gets its InvalidConfig first and is listed as ignored."""
+    async def scenario():
+        async with relay() as (gateway, _mock):
+            client = await RelayClient.connect(gateway.url)
+            ready = await client.wait("ready")
+            assert ready["voice"] == "alloy" and client.of_type("session_updated") == []
+            await client.send({"type": "config", "voice": "coral", "instructions": "Be brief."})
+            first = await client.wait("session_updated")
+            await client.send({"type": "config", "turn_detection": "none", "temperature": 0.7})
+            refused = await client.wait("error", code="InvalidConfig")
+            second = await client.wait("session_updated")
+            await client.close()
+            return client, ready, first, refused, second
+
+    client, ready, first, refused, second = run(scenario(), timeout=20)
+    fields = set(ready) - {"type", "session_id", "upstream_session_id", "_audio_before"}
+    assert set(first) - {"type", "_audio_before"} == fields  # what `ready` carries, but for the ids
+    assert (first["voice"], first["turn_detection"], first["model"]) == ("coral", ready["turn_detection"],
+                                                                         ready["model"])
+    assert first["ignored"] == []
+    assert (second["voice"], second["turn_detection"]) == ("coral", "none")
+    assert refused["param"] == "temperature" and second["ignored"] == ["temperature"]
+    types = [event["type"] for event in client.events]
+    assert types.index("error") < types.index("session_updated", types.index("session_updated") + 1)
+    assert types.count("session_updated") == 2
