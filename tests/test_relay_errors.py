@@ -131,6 +131,43 @@ def test_an_upstream_rate_limiting_the_handshake_is_rate_limit_exceeded():
     run(scenario(), timeout=20)
 
 
+def test_an_upstream_redirect_is_not_followed_with_the_key(caplog):
+    """Found by reading picows: ws_connect follows up to five HTTP redirects by default, sending
+    the same headers again, so an upstream (or anything on its path, for ws://) answering 302
+    could send the node's API key to any host it named. OpenAI never redirects a realtime
+    upgrade; the gateway now refuses the redirect as a failed handshake."""
+    async def scenario():
+        upgrades: list[bytes] = []
+        elsewhere: list[bytes] = []
+
+        async def redirecting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            upgrades.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(b"HTTP/1.1 302 Found\r\nLocation: ws://127.0.0.1:%d/collect\r\nContent-Length: 0\r\n"
+                         b"Connection: close\r\n\r\n" % collector_port)
+            await writer.drain()
+            writer.close()
+
+        async def collect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            elsewhere.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.close()
+
+        collector = await asyncio.start_server(collect, "127.0.0.1", 0)
+        collector_port = collector.sockets[0].getsockname()[1]
+        upstream = await asyncio.start_server(redirecting, "127.0.0.1", 0)
+        port = upstream.sockets[0].getsockname()[1]
+        config = NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key="test-key-redirect",
+                            upstream_url=f"ws://127.0.0.1:{port}/v1/realtime", connect_timeout_s=3.0)
+        async with collector, upstream, GatewayServer(config) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            error = await _expect_fatal(client, "ConnectionFailed", CLOSE_INTERNAL_ERROR)
+            assert error["message"] == f"upstream 127.0.0.1:{port}/v1/realtime refused the WebSocket handshake (HTTP 302)"
+            await gateway.wait_empty(3)
+        assert len(upgrades) == 1 and b"Bearer test-key-redirect" in upgrades[0]
+        assert elsewhere == []  # the key went nowhere else
+    run(scenario(), timeout=20)
+    assert "test-key-redirect" not in caplog.text and "/collect" not in caplog.text
+
+
 def test_rate_limited_response_is_rate_limit_exceeded_and_the_session_goes_on():
     async def scenario():
         async with relay(MockOptions(fail_responses="rate_limit_exceeded", fail_every_n=2)) as (gateway, mock):

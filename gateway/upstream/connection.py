@@ -203,6 +203,8 @@ class UpstreamConnection:
                     websocket_handshake_timeout=timeout_s, read_buffer_init_size=READ_BUFFER_INIT_BYTES,
                     max_frame_size=MAX_UPSTREAM_MESSAGE_BYTES, enable_auto_ping=False, enable_auto_pong=False,
                     use_aiofastnet=USE_AIOFASTNET, socket_factory=_connected_socket,
+                    # picows would follow a redirect with the same headers: the key, to any host
+                    max_redirects=0,
                     ssl_context=client_tls_context() if urlsplit(url).scheme == "wss" else None,
                     proxy=proxy)
         except WSHandshakeError as exc:
