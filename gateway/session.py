@@ -912,11 +912,10 @@ class RelaySession:
         error = _error_object(event.get("error"))
         code = error.get("code")
         event_id = error.get("event_id") or ""
-        if not event_id and self._updates_in_flight and (
-                self.state is CONNECTING or str(error.get("param") or "").startswith("session")):
+        if not event_id and self._updates_in_flight and (self.state is CONNECTING or _about_session_update(error)):
             # the server leaves event_id null at times (reference §3.2): before `ready` only
-            # our updates have gone up, and after it a session.* param names an update — the
-            # oldest unanswered one (a client's own goes on to the client as any error)
+            # our updates have gone up, and after it an error about the session answers an
+            # update — the oldest unanswered one (a client's own goes on to the client as any error)
             oldest = self._updates_in_flight[0]
             if type(oldest) is str:
                 event_id = oldest
@@ -957,7 +956,7 @@ class RelaySession:
         error's `param` names one field, that field is ignored (or falls back to the seed's
         default, in the first update) and the rest is sent again (SPEC §2.2: the rest applies);
         else the update is lost. The client is told either way."""
-        name = self.dialect.config_field(error.get("param"))
+        name = self.dialect.config_field(error.get("param")) or _FIELD_BY_UPDATE_CODE.get(error.get("code"))
         param = cp.CLIENT_PARAMS.get(name) if name is not None else None
         rest = None
         if name is not None and getattr(part, name) is not None:
@@ -1365,6 +1364,18 @@ _COMMAND_HANDLERS: dict[type, Callable[[RelaySession, Any], None]] = {
 
 
 #: SessionConfig fields the upstream's session object reports back (UpstreamDialect.effective)
+#: refusals of a session.update that may name no `param` (reference §8), by the field they are about
+_FIELD_BY_UPDATE_CODE = {"cannot_update_voice": "voice"}
+#: reference §8: code and param null, this wire text
+_TRANSCRIPTION_UPDATE_REFUSAL = "Passing a transcription session update event to a realtime session"
+
+
+def _about_session_update(error: dict) -> bool:
+    """Whether an upstream error refuses a session.update, when its event_id does not say."""
+    return (str(error.get("param") or "").startswith("session") or error.get("code") in _FIELD_BY_UPDATE_CODE
+            or str(error.get("message") or "").startswith(_TRANSCRIPTION_UPDATE_REFUSAL))
+
+
 _EFFECTIVE_FIELDS = frozenset({"voice", "turn_detection", "input_audio_format", "output_audio_format"})
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from gateway.config import NodeConfig
 from gateway.errors import CLOSE_INTERNAL_ERROR
 from gateway.server import GatewayServer
@@ -218,3 +220,61 @@ def test_a_config_after_ready_is_answered_with_the_effective_values():
     types = [event["type"] for event in client.events]
     assert types.index("error") < types.index("session_updated", types.index("session_updated") + 1)
     assert types.count("session_updated") == 2
+
+
+@pytest.mark.parametrize("with_event_id", [True, False])
+def test_a_voice_refusal_without_a_param_still_applies_the_rest(with_event_id):
+    """Found by a protocol audit: the reference lists `cannot_update_voice` without a `param`.
+    Such a refusal lost the whole `config` (the instructions sent with the voice were never
+    applied); its code now names the field, and the rest is sent again (SPEC §2.2)."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()                                      # ready
+        ours = await upstream.receive("session.update")
+        await upstream.send({"type": "error", "error": {
+            "type": "invalid_request_error", "code": "cannot_update_voice", "param": None,
+            "message": "Cannot update a conversation's voice if assistant audio is present.",
+            "event_id": ours["event_id"] if with_event_id else None}})
+        retry = await upstream.receive("session.update")
+        assert retry["session"] == {"type": "realtime", "instructions": "Be brief."}
+        await upstream.updated()
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready", timeout=5)
+            await client.send({"type": "config", "voice": "marin", "instructions": "Be brief."})
+            error = await client.wait("error", timeout=5)
+            updated = await client.wait("session_updated", timeout=5)  # the retry was answered
+            (session,) = gateway.sessions
+            left = (list(session._updates_in_flight), list(session._pending_updates))
+            await client.close()
+            return error, updated, left
+
+    error, updated, left = run(scenario(), timeout=20)
+    assert (error["code"], error["param"], error["fatal"]) == ("InvalidConfig", "voice", False)
+    assert "the rest of the config applies" in error["message"]
+    assert error["upstream"]["code"] == "cannot_update_voice"
+    assert "voice" in updated["ignored"] and left == ([], [])
+
+
+def test_a_refused_raw_update_without_ids_leaves_the_next_config_its_answer():
+    """Found by a protocol audit: a client's raw transcription-shaped session.update, sent
+    without an event_id, is refused with code, param and event_id all null (reference §8). The
+    refusal was not seen as answering it, so the next `session.updated` was paired with the raw
+    update, and the client's following `config` never got its `session_updated`."""
+    async def scenario():
+        async with relay() as (gateway, _mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "session.update", "session": {"type": "transcription"}})
+            refused = await client.wait("error")
+            await client.send({"type": "config", "instructions": "Be brief."})
+            updated = await client.wait("session_updated")
+            await client.close()
+            return refused, updated
+
+    refused, updated = run(scenario(), timeout=20)
+    assert refused["code"] == "UpstreamError" and refused["upstream"]["event_id"] is None
+    assert refused["message"].startswith("Passing a transcription session update")
+    assert updated["ignored"] == []
