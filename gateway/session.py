@@ -70,6 +70,8 @@ _TRUNCATE_PREFIX = cp.RESERVED_EVENT_ID_PREFIX + "truncate_"
 _UPDATE_PREFIX = cp.RESERVED_EVENT_ID_PREFIX + "update_"
 _RESPONSE_EVENT_ID = cp.RESERVED_EVENT_ID_PREFIX + "response"  # a response.create the gateway decided on itself
 _CANCEL_EVENT_ID = cp.RESERVED_EVENT_ID_PREFIX + "cancel"  # a response.cancel that came with a barge-in
+_ITEM_PREFIX = cp.RESERVED_EVENT_ID_PREFIX + "item_"  # a text or function result the gateway adds: its
+                                                       # event_id and its item id
 #: truncate errors that only mean the item went first (a race, SPEC §2.4), not a wrong position
 _TRUNCATE_RACES = frozenset({"item_truncate_invalid_item_id", "item_already_truncated"})
 _NOTHING = cp.SessionConfig()  # no fallback: a field the upstream refuses is left out
@@ -136,7 +138,8 @@ class RelaySession:
                  "_pre_ready_overflowed", "_owner", "_pending_updates", "_updates_in_flight",
                  "_pre_ready", "_pre_ready_audio_bytes", "_pre_ready_commands", "_pre_ready_command_bytes",
                  "_reopens", "_response_asked",
-                 "_response_calls", "_response_wanted",
+                 "_response_calls", "_response_wanted", "_user_speaking", "_items_unconfirmed",
+                 "_item_counter",
                  "_turn_end", "_update_counter",
                  "active_at", "active_response_id", "activity_seen", "client", "client_leg", "client_read_seen",
                  "close_code", "created", "dialect", "effective", "heard_at", "heard_mark", "heard_seen", "ignored",
@@ -251,6 +254,13 @@ class RelaySession:
         # result): one of ours sent and not started yet / one more wanted once the active is done
         self._response_asked = False
         self._response_wanted = False
+        # between the upstream's speech_started and the end of that turn: a reply asked for now
+        # would talk over the user, and the turn's own reply would then never come
+        self._user_speaking = False
+        # ids of the items the gateway added (texts, function results) the upstream has not
+        # confirmed yet: a reply created before their confirmation may not have seen them
+        self._items_unconfirmed: Mapping[str, None] = EMPTY
+        self._item_counter = 0
 
     @property
     def coalescer(self) -> Coalescer:
@@ -314,6 +324,8 @@ class RelaySession:
             self._connect_task.cancel()
         self.created = False
         self.upstream_session_id = None
+        self._user_speaking = False  # a new upstream has heard nothing yet
+        self._items_unconfirmed = EMPTY
         self._pending_updates.clear()
         self._updates_in_flight.clear()
         self._owner = _UpstreamOwner(self)
@@ -717,8 +729,7 @@ class RelaySession:
 
     def _cmd_text(self, command: cp.TextCommand) -> None:
         self._flush_audio()
-        self._send_upstream({"type": "conversation.item.create", "item": {
-            "type": "message", "role": "user", "content": [{"type": "input_text", "text": command.text}]}})
+        self._add_item({"type": "message", "role": "user", "content": [{"type": "input_text", "text": command.text}]})
         if command.respond:
             self._turn_end_at = self.loop.time()
             self._ask_for_response()
@@ -727,6 +738,7 @@ class RelaySession:
         self._turn_end_at = self.loop.time()
         self._flush_audio()
         self._send_upstream({"type": "input_audio_buffer.commit"})
+        self._user_turn_ended()
 
     def _cmd_create_response(self, command) -> None:
         self._turn_end_at = self.loop.time()
@@ -743,10 +755,10 @@ class RelaySession:
         # put the upstream's audio_ms timeline behind the client's
         self._flush_audio()
         self._send_upstream({"type": "input_audio_buffer.clear"})
+        self._user_turn_ended()
 
     def _cmd_function_result(self, command: cp.FunctionResultCommand) -> None:
-        self._send_upstream({"type": "conversation.item.create", "item": {
-            "type": "function_call_output", "call_id": command.call_id, "output": command.output}})
+        self._add_item({"type": "function_call_output", "call_id": command.call_id, "output": command.output})
         self._answered_calls = added(self._answered_calls, command.call_id)
         for response_id, waiting in list(self._awaiting_results.items()):
             waiting.discard(command.call_id)
@@ -754,14 +766,22 @@ class RelaySession:
                 del self._awaiting_results[response_id]
                 self._ask_for_response()  # once, after the last result
 
+    def _add_item(self, item: dict) -> None:
+        self._item_counter += 1
+        item_id = f"{_ITEM_PREFIX}{self._item_counter}"  # the reference lets a client name its items
+        event = {"type": "conversation.item.create", "event_id": item_id, "item": {"id": item_id, **item}}
+        if self._send_upstream(event):
+            self._items_unconfirmed = added(self._items_unconfirmed, item_id)
+
     def _ask_for_response(self) -> None:
         """A reply the gateway decides to ask for. The upstream runs one response at a time and
         refuses another (`conversation_already_has_active_response`), and a refused request is
         gone: while a response runs, or one of ours has not started yet, the request waits and
         goes up when that response is done. One request answers everything that waited.
         (A client's own `create_response` goes up at once: WaaV clients send one after `text`,
-        and a second reply to one question would be worse than the error they get.)"""
-        if self.active_response_id is not None or self._response_asked:
+        and a second reply to one question would be worse than the error they get.)
+        While the user speaks, it waits too: the reply to their turn answers it (below)."""
+        if self.active_response_id is not None or self._response_asked or self._user_speaking:
             self._response_wanted = True
             return
         self._response_asked = True
@@ -938,6 +958,8 @@ class RelaySession:
             self.fail(UpstreamError(f"the upstream refused to truncate the interrupted reply: "
                                     f"{error.get('message')}", upstream=_details(error), fatal=False))
             return
+        if event_id.startswith(_ITEM_PREFIX):
+            self._item_settled(event_id)  # refused (an unknown call_id, say): the client hears why below
         if event_id == _CANCEL_EVENT_ID and code == "response_cancel_not_active":
             log.info("session %s: the cancelled reply had ended upstream already", self.session_id)
             return
@@ -988,12 +1010,26 @@ class RelaySession:
         setattr(self.requested, name, effective.get(name) if name in _EFFECTIVE_FIELDS else None)
 
     def _on_speech_started(self, event: dict) -> None:
+        self._user_speaking = True
         self._send_client(cp.speech_event("speech_started", _int(event.get("audio_start_ms")), event.get("item_id")))
         self._interrupt_if_playing()
 
     def _on_speech_stopped(self, event: dict) -> None:
+        # the upstream's VAD creates the turn's reply (create_response is always on), and that
+        # reply answers what waited meanwhile (`_on_response_created`)
+        self._user_speaking = False
         self._turn_end_at = self.loop.time()
         self._send_client(cp.speech_event("speech_stopped", _int(event.get("audio_end_ms")), event.get("item_id")))
+
+    def _user_turn_ended(self) -> None:
+        """The client ended or dropped the turn itself (commit, clear_audio): no VAD reply is
+        coming, so a reply that waited for the user goes up now."""
+        if not self._user_speaking:
+            return
+        self._user_speaking = False
+        if self._response_wanted and self.active_response_id is None and not self._response_asked:
+            self._response_wanted = False
+            self._ask_for_response()
 
     def _interrupt_if_playing(self, cancel: bool = False) -> None:
         """Barge-in: cut what the client is playing, if anything (`PlaybackTimeline.barge_in`).
@@ -1061,8 +1097,21 @@ class RelaySession:
             return
         self.active_response_id = response_id
         self._response_asked = False  # ours, or one that came first (then ours is refused)
+        if not self._items_unconfirmed:
+            # the upstream handles events in order: a reply created after every item the gateway
+            # added was confirmed has seen them all, and answers what waited for one
+            self._response_wanted = False
         if response_id:
             self._send_client(cp.response_started_event(response_id))
+
+    def _on_item_added(self, event: dict) -> None:
+        item_id = _object(event.get("item")).get("id")
+        if self._items_unconfirmed and isinstance(item_id, str):
+            self._item_settled(item_id)
+
+    def _item_settled(self, item_id: str) -> None:
+        if item_id in self._items_unconfirmed:
+            del self._items_unconfirmed[item_id]  # type: ignore[attr-defined]
 
     def _on_output_item_added(self, event: dict) -> None:
         item = _object(event.get("item"))
@@ -1341,6 +1390,7 @@ _EVENT_HANDLERS: dict[str, Callable[[RelaySession, dict], None]] = {
     "conversation.item.input_audio_transcription.completed": RelaySession._on_user_transcript_done,
     "conversation.item.input_audio_transcription.failed": RelaySession._on_user_transcript_failed,
     "response.created": RelaySession._on_response_created,
+    "conversation.item.added": RelaySession._on_item_added,
     "response.done": RelaySession._on_response_done,
     "response.output_item.added": RelaySession._on_output_item_added,
     "response.output_item.done": RelaySession._on_output_item_done,

@@ -4,9 +4,13 @@ leaves behind — end to end through a real node and the mock."""
 from __future__ import annotations
 
 import orjson
+import pytest
 
+from gateway.config import NodeConfig
 from gateway.mock import MockOptions
-from tests.relay_harness import BYTES_PER_MS, RelayClient, frames, relay, silence, speech_like
+from gateway.server import GatewayServer
+from tests.relay_harness import (BYTES_PER_MS, TEST_KEY, RelayClient, ScriptedUpstream, frames, relay, silence,
+                                 speech_like)
 from tests.support import run
 
 REALTIME = MockOptions(pacing="realtime", delta_ms=100, record=True)
@@ -55,6 +59,88 @@ def test_a_function_result_sent_while_another_reply_runs_is_answered_after_it():
             assert [e["type"] for e in upstream.received if e["type"] != "input_audio_buffer.append"][-2:] == [
                 "conversation.item.create", "response.create"]
     run(scenario(), timeout=40)
+
+
+async def _barrier(client: RelayClient) -> None:
+    """Returns once the upstream has handled everything the gateway sent before it: a raw event
+    the mock refuses, in order, and whose error comes back."""
+    await client.send({"type": "conversation.item.retrieve", "item_id": "item_barrier"})
+    await client.wait("error", code="UpstreamError")
+
+
+@pytest.mark.parametrize("turn_end", ["speech_stopped", "clear_audio"])
+def test_a_function_result_sent_while_the_user_speaks_waits_for_the_end_of_the_turn(turn_end):
+    """Found by a client-protocol audit: the gateway asked for the result's reply while the user
+    was still talking, so it talked over them, and their turn then got no reply at all (one was
+    running when it ended). Now the request waits for the turn: the reply the upstream's VAD
+    creates for it has seen the result and answers both; a turn the client drops itself
+    (`clear_audio`) gets no VAD reply, so the gateway asks then."""
+    speech = speech_like(1.2, seed=11)
+    half = len(speech) // 2
+
+    async def scenario():
+        async with relay(MockOptions(record=True)) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "tools": WEATHER, "vad": {"silence_duration_ms": 300}})
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "what is get_weather in Paris"})
+            asking = await client.wait("response_started")
+            call = await client.wait("function_call")
+            await client.wait("response_done", response_id=asking["response_id"])
+            for frame in frames(speech[:half], 4800):
+                await client.send_audio(frame)
+            await client.wait("speech_started")
+            await client.send({"type": "function_result", "call_id": call["call_id"], "output": '{"temp_c":18}'})
+            if turn_end == "speech_stopped":
+                for frame in frames(speech[half:] + silence(0.5), 4800):
+                    await client.send_audio(frame)
+                await client.wait("speech_stopped")
+            else:
+                await client.send({"type": "clear_audio"})
+            reply = await client.wait("response_started")
+            await client.wait("response_done", response_id=reply["response_id"])
+            await _barrier(client)
+            return client, mock.sessions[0]
+
+    client, upstream = run(scenario(), timeout=30)
+    types = [e["type"] for e in client.events if e["type"] != "level"]
+    ended = types.index(turn_end if turn_end == "speech_stopped" else "speech_started")
+    assert types.count("response_started") == 2                     # the call's, then ONE reply
+    assert types.index("response_started", types.index("function_call")) > ended  # not over the user
+    sent = [e["type"] for e in upstream.received if e["type"] != "input_audio_buffer.append"]
+    result = sent.index("conversation.item.create", sent.index("response.create"))
+    if turn_end == "speech_stopped":
+        assert "response.create" not in sent[result:]  # the VAD's reply answered it
+    else:
+        assert sent[result:].index("input_audio_buffer.clear") < sent[result:].index("response.create")
+    assert [e["error"]["code"] for e in upstream.sent if e["type"] == "error"] == ["item_retrieve_invalid_item_id"]
+
+
+def test_a_text_sent_before_a_barge_in_is_answered_by_the_reply_to_the_interrupting_turn():
+    """Found by the same audit: a `text` sent while reply A played waited for A; the user then
+    barged in, A was cut, and the gateway asked for the text's reply at once, over the user,
+    whose turn then went unanswered. Now one reply, after the turn, answers both."""
+    async def scenario():
+        async with relay(REALTIME) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "vad": {"silence_duration_ms": 300}})
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "tell me a long story"})
+            first = await client.wait("response_started")
+            await client.send({"type": "text", "text": "and a short one", "respond": True})
+            await _speak(client, 1.2, seed=12)
+            await client.wait("interrupted", response_id=first["response_id"])
+            await client.wait("speech_stopped", timeout=5)
+            reply = await client.wait("response_started", timeout=5)
+            await client.wait("response_done", response_id=reply["response_id"], timeout=10)
+            await _barrier(client)
+            return client, mock.sessions[0]
+
+    client, upstream = run(scenario(), timeout=40)
+    types = [e["type"] for e in client.events if e["type"] != "level"]
+    assert types.count("response_started") == 2
+    assert types.index("response_started", types.index("interrupted")) > types.index("speech_stopped")
+    assert len([e for e in upstream.received if e["type"] == "response.create"]) == 1  # the first text's
 
 
 def test_a_second_text_turn_during_a_reply_gets_its_own_reply():
@@ -341,3 +427,50 @@ def test_an_input_format_alone_sets_the_output_format_too():
             _no_errors(client)
             await client.close()
     run(scenario(), timeout=30)
+
+
+@pytest.mark.parametrize("confirmed_before_the_reply", [True, False])
+def test_a_reply_created_before_the_result_was_confirmed_does_not_count_as_its_answer(confirmed_before_the_reply):
+    """The upstream handles events in order, but its VAD may create the turn's reply before it
+    has read the result the gateway sent just then: that reply has not seen it. The gateway
+    names its items and counts a reply as the answer only when it was created after the
+    upstream confirmed them; otherwise it asks once more when that reply is done."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()                                                  # ready
+        await upstream.send({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}})
+        await upstream.send({"type": "response.output_item.done", "response_id": "resp_1", "item": {
+            "id": "item_call", "type": "function_call", "status": "completed", "call_id": "call_1",
+            "name": "get_weather", "arguments": "{}"}})
+        await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "completed"}})
+        await upstream.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": 0, "item_id": "item_u"})
+        result = await upstream.receive("conversation.item.create")
+        added = {"type": "conversation.item.added", "previous_item_id": "item_call", "item": result["item"]}
+        if confirmed_before_the_reply:
+            await upstream.send(added)
+        await upstream.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 900, "item_id": "item_u"})
+        await upstream.send({"type": "response.created", "response": {"id": "resp_2", "status": "in_progress"}})
+        if not confirmed_before_the_reply:
+            await upstream.send(added)
+        await upstream.send({"type": "response.done", "response": {"id": "resp_2", "status": "completed"}})
+        barrier = await upstream.receive("conversation.item.retrieve")  # records what came before it
+        asked.extend(e for e in upstream.received if e["type"] == "response.create")
+        await upstream.send({"type": "error", "error": {"type": "invalid_request_error", "code": "barrier",
+                                                        "message": "barrier", "event_id": barrier["event_id"]}})
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(NodeConfig(
+                host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY, upstream_url=url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            call = await client.wait("function_call")
+            await client.wait("speech_started")
+            await client.send({"type": "function_result", "call_id": call["call_id"], "output": "{}"})
+            await client.wait("response_done", response_id="resp_2")
+            await client.send({"type": "conversation.item.retrieve", "event_id": "barrier", "item_id": "x"})
+            await client.wait("error")
+            await client.close()
+
+    asked: list[dict] = []
+    run(scenario(), timeout=20)
+    assert len(asked) == (0 if confirmed_before_the_reply else 1)
