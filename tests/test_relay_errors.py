@@ -160,7 +160,8 @@ def test_an_upstream_redirect_is_not_followed_with_the_key(caplog):
         async with collector, upstream, GatewayServer(config) as gateway:
             client = await RelayClient.connect(gateway.url)
             error = await _expect_fatal(client, "ConnectionFailed", CLOSE_INTERNAL_ERROR)
-            assert error["message"] == f"upstream 127.0.0.1:{port}/v1/realtime refused the WebSocket handshake (HTTP 302)"
+            assert error["message"] == (f"upstream 127.0.0.1:{port}/v1/realtime refused the WebSocket handshake "
+                                        "(HTTP 302)")
             await gateway.wait_empty(3)
         assert len(upgrades) == 1 and b"Bearer test-key-redirect" in upgrades[0]
         assert elsewhere == []  # the key went nowhere else
