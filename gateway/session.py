@@ -605,6 +605,9 @@ class RelaySession:
         return True
 
     def _cmd_config(self, command: cp.ConfigCommand) -> None:
+        for name in command.config.specified():
+            # given again, and valid: applied, unless what follows finds it ignored once more
+            self.ignored.pop(cp.CLIENT_PARAMS.get(name, name), None)
         for error in command.errors:
             self._note_ignored(error.param)
             self.fail(error)

@@ -222,6 +222,26 @@ def test_a_config_after_ready_is_answered_with_the_effective_values():
     assert types.count("session_updated") == 2
 
 
+def test_a_field_given_again_and_applied_is_no_longer_listed_as_ignored():
+    """Found by a client-protocol audit: `ignored` only ever grew, so a voice refused once stayed
+    listed after a later valid one was applied."""
+    async def scenario():
+        async with relay() as (gateway, _mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            # the seed's example voice: not a realtime voice
+            await client.send({"type": "config", "voice": "nova", "instructions": "Be brief."})
+            refused = await client.wait("session_updated")
+            await client.send({"type": "config", "voice": "ash"})
+            updated = await client.wait("session_updated")
+            await client.close()
+            return refused, updated
+
+    refused, updated = run(scenario(), timeout=20)
+    assert refused["ignored"] == ["voice"] and refused["voice"] == "alloy"
+    assert updated["voice"] == "ash" and updated["ignored"] == []
+
+
 @pytest.mark.parametrize("with_event_id", [True, False])
 def test_a_voice_refusal_without_a_param_still_applies_the_rest(with_event_id):
     """Found by a protocol audit: the reference lists `cannot_update_voice` without a `param`.
