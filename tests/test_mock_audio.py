@@ -229,6 +229,39 @@ def test_g711_turn_echo_and_8_bytes_per_ms(beta_name: str, ga_type: str) -> None
     run(scenario(), timeout=10)
 
 
+def test_the_timeline_goes_on_in_milliseconds_across_an_input_format_change() -> None:
+    """Found by a protocol audit: positions were kept in bytes of the current format, so after
+    2 s of PCM16 and a switch to G.711 the mock counted that 2 s as 12 s (speech at 12,700 ms).
+    The timeline is in audio time (reference §3.3): the turn starts at 2 s + 1 s - 300 ms."""
+    async def scenario() -> None:
+        async with MockRealtimeServer() as server:
+            client = await open_dialect(server, "ga")
+            await client.append(pcm_silence(2000))
+            await client.send({"type": "session.update", "session": {"type": "realtime", "audio": {
+                "input": {"format": {"type": "audio/pcmu"}}}}})
+            await client.expect("session.updated")
+            from gateway.mock.audio import tone
+            silence = b"\xff" * 8 * 1000
+            await client.append(silence + tone(500, "audio/pcmu", 300.0, -15.0) + silence, chunk_bytes=160)
+            events = await client.recv_until("input_audio_buffer.speech_stopped")
+            started = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")
+            assert abs(started["audio_start_ms"] - 2700) <= 20
+            assert abs(events[-1]["audio_end_ms"] - 3700) <= 20  # tone end 3500 + the default 200 ms silence
+    run(scenario(), timeout=10)
+
+
+def test_converted_audio_keeps_its_duration_and_its_sound() -> None:
+    from gateway.mock.audio import convert, rms_dbfs, tone
+    pcm = tone(300, "audio/pcm", 440.0, -12.0)
+    for fmt in ("audio/pcmu", "audio/pcma"):
+        g711 = convert(pcm, "audio/pcm", fmt)
+        back = convert(g711, fmt, "audio/pcm")
+        assert (len(g711), len(back)) == (300 * 8, 300 * 48)
+        assert abs(rms_dbfs(g711, fmt) - rms_dbfs(pcm, "audio/pcm")) < 0.5
+        assert abs(rms_dbfs(back, "audio/pcm") - rms_dbfs(pcm, "audio/pcm")) < 0.5
+    assert convert(pcm, "audio/pcm", "audio/pcm") is pcm
+
+
 @pytest.mark.parametrize("dialect", ["ga", "beta"])
 def test_stream_echo_mode(dialect: str) -> None:
     async def scenario() -> None:

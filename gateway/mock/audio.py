@@ -79,18 +79,33 @@ def _linear_to_alaw(samples: np.ndarray) -> np.ndarray:
     return ((sign | (exponent << 4) | mantissa) ^ 0x55).astype(np.uint8)
 
 
+def encode(samples: np.ndarray, fmt: str) -> bytes:
+    """Linear samples (PCM16 scale) as `fmt`'s bytes."""
+    samples = np.clip(np.round(samples), -32768, 32767).astype(np.int32)
+    if fmt == "audio/pcm":
+        return samples.astype("<i2").tobytes()
+    if fmt == "audio/pcmu":
+        return _linear_to_ulaw(samples).tobytes()
+    return _linear_to_alaw(samples).tobytes()
+
+
+def convert(audio: bytes, source: str, target: str) -> bytes:
+    """`audio` from format `source` to `target`, resampled linearly: the same duration."""
+    if source == target:
+        return audio
+    samples = samples_of(audio, source)
+    count = samples.size * SAMPLE_RATE[target] // SAMPLE_RATE[source]
+    positions = np.arange(count) * (SAMPLE_RATE[source] / SAMPLE_RATE[target])
+    return encode(np.interp(positions, np.arange(samples.size), samples) if samples.size else samples, target)
+
+
 def tone(duration_ms: int, fmt: str, frequency_hz: float = 440.0, dbfs: float = -12.0) -> bytes:
     """A deterministic sine tone of exactly `duration_ms` ms in `fmt`, at `dbfs` peak level."""
     rate = SAMPLE_RATE[fmt]
     count = duration_ms * rate // 1000
     t = np.arange(count, dtype=np.float64) / rate
     amplitude = 32767.0 * 10.0 ** (dbfs / 20.0)
-    samples = np.round(amplitude * np.sin(2.0 * math.pi * frequency_hz * t)).astype(np.int32)
-    if fmt == "audio/pcm":
-        return samples.astype("<i2").tobytes()
-    if fmt == "audio/pcmu":
-        return _linear_to_ulaw(samples).tobytes()
-    return _linear_to_alaw(samples).tobytes()
+    return encode(amplitude * np.sin(2.0 * math.pi * frequency_hz * t), fmt)
 
 
 _ALPHANUMERIC = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import orjson
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 
-from .audio import BYTES_PER_MS, FORMAT_DESCRIPTION, EventIds, new_id, random_alnum, rms_dbfs
+from .audio import BYTES_PER_MS, FORMAT_DESCRIPTION, EventIds, convert, new_id, random_alnum, rms_dbfs
 from .conversation import Conversation, Item, find_call, render_item
 from .errors import MockProtocolError, close_reason, error_object
 from .responses import Response, ResponsePlanner, stream_response
@@ -384,6 +384,8 @@ class MockSession(WSListener):
         old_vad, old_format = old_input["turn_detection"], old_input["format"]
         self.config = apply_update(self.config, event["session"], self.dialect, self.voice_locked)
         new_input = self.config["audio"]["input"]
+        if new_input["format"] != old_format:
+            self._rebase_input(old_format["type"], new_input["format"]["type"])
         if new_input["turn_detection"] != old_vad or new_input["format"] != old_format:
             self._configure_vad()
             self._arm_idle_timeout()
@@ -777,6 +779,14 @@ class MockSession(WSListener):
         self._playback_end = None
         self.send_event("input_audio_buffer.timeout_triggered", audio_start_ms=audio_start_ms,
                         audio_end_ms=self._timeline_ms(), item_id=new_id("item_"))
+
+    def _rebase_input(self, old: str, new: str) -> None:
+        """The input format changed: positions are kept in bytes of the input format, so the
+        timeline and the uncommitted buffer move to the new one, with the same durations: the
+        milliseconds reported go on from where they were (reference §3.3)."""
+        self._buffer = bytearray(convert(bytes(self._buffer), old, new))
+        self._timeline_bytes = self._timeline_bytes // BYTES_PER_MS[old] * BYTES_PER_MS[new]
+        self._buffer_start = self._timeline_bytes - len(self._buffer)
 
     def _timeline_ms(self) -> int:
         """Milliseconds of input audio appended in this session so far (reference §3.3)."""
