@@ -310,6 +310,18 @@ def test_truncate_validations() -> None:
                 "id": "item_user", "type": "message", "role": "user",
                 "content": [{"type": "input_text", "text": "hi"}]}})
             await client.recv_until("conversation.item.done")
+            # a field of the wrong type is an invalid value, not a missing one (found by an audit)
+            for field, value, got in (("audio_end_ms", 100.0, "a decimal"), ("audio_end_ms", "100", "a string"),
+                                      ("item_id", 7, "an integer")):
+                await client.send({"type": "conversation.item.truncate", "event_id": "t", "item_id": "item_user",
+                                   "content_index": 0, "audio_end_ms": 0, field: value})
+                expected = "an integer" if field == "audio_end_ms" else "a string"
+                assert (await client.expect("error"))["error"] == err(
+                    "invalid_value", f"Invalid type for '{field}': expected {expected}, but got {got} instead.",
+                    field, "t")
+            await client.send({"type": "conversation.item.truncate", "event_id": "t", "item_id": "item_user"})
+            assert (await client.expect("error"))["error"] == err(
+                "missing_required_parameter", "Missing required parameter: 'audio_end_ms'.", "audio_end_ms", "t")
             only_audio = err(None, "Only model output audio messages can be truncated", None, "t")
             await client.send({"type": "conversation.item.truncate", "event_id": "t",
                                "item_id": "item_user", "content_index": 0, "audio_end_ms": 0})

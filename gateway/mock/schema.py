@@ -61,7 +61,7 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def _bad_type(param: str, expected: str, value: Any) -> MockProtocolError:
+def bad_type(param: str, expected: str, value: Any) -> MockProtocolError:
     return MockProtocolError("invalid_type", param, expected=expected, got=_type_name(value))
 
 
@@ -76,20 +76,20 @@ def _python_list(values: list[str]) -> str:
 
 def string(value: Any, param: str) -> str:
     if not isinstance(value, str):
-        raise _bad_type(param, "a string", value)
+        raise bad_type(param, "a string", value)
     return value
 
 
 def boolean(value: Any, param: str) -> bool:
     if not isinstance(value, bool):
-        raise _bad_type(param, "a boolean", value)
+        raise bad_type(param, "a boolean", value)
     return value
 
 
 def enum(*allowed: str) -> Validator:
     def check(value: Any, param: str) -> str:
         if not isinstance(value, str):
-            raise _bad_type(param, "a string", value)
+            raise bad_type(param, "a string", value)
         if value not in allowed:
             raise MockProtocolError("invalid_enum", param, value=f"'{value}'",
                                     supported=_quote_list(allowed))
@@ -100,7 +100,7 @@ def enum(*allowed: str) -> Validator:
 def number(low: float, high: float) -> Validator:
     def check(value: Any, param: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _bad_type(param, "a number", value)
+            raise bad_type(param, "a number", value)
         if value < low:
             raise MockProtocolError("value_below_min", param, kind="decimal", limit=low, value=value)
         if value > high:
@@ -112,7 +112,7 @@ def number(low: float, high: float) -> Validator:
 def integer(low: int, high: Optional[int] = None) -> Validator:
     def check(value: Any, param: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _bad_type(param, "an integer", value)
+            raise bad_type(param, "an integer", value)
         if value < low:
             raise MockProtocolError("value_below_min", param, kind="integer", limit=low, value=value)
         if high is not None and value > high:
@@ -124,7 +124,7 @@ def integer(low: int, high: Optional[int] = None) -> Validator:
 def int_enum(*allowed: int) -> Validator:
     def check(value: Any, param: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _bad_type(param, "an integer", value)
+            raise bad_type(param, "an integer", value)
         if value not in allowed:
             raise MockProtocolError("invalid_enum", param, value=str(value),
                                     supported=", ".join(str(v) for v in allowed))
@@ -155,7 +155,7 @@ def obj(fields: dict[str, Validator], required: tuple[str, ...] = (),
     """An object that replaces the previous value: unknown keys rejected, defaults filled."""
     def check(value: Any, param: str) -> dict[str, Any]:
         if not isinstance(value, dict):
-            raise _bad_type(param, "an object", value)
+            raise bad_type(param, "an object", value)
         for key in value:
             if key not in fields:
                 raise MockProtocolError("unknown_parameter", f"{param}.{key}")
@@ -172,7 +172,7 @@ def obj(fields: dict[str, Validator], required: tuple[str, ...] = (),
 def array(inner: Validator, min_items: int = 0) -> Validator:
     def check(value: Any, param: str) -> list[Any]:
         if not isinstance(value, list):
-            raise _bad_type(param, "an array", value)
+            raise bad_type(param, "an array", value)
         if len(value) < min_items:
             raise MockProtocolError("value_below_min", param, kind="array length",
                                     limit=min_items, value=len(value))
@@ -184,7 +184,7 @@ def tagged(tag_field: str, variants: dict[str, Validator]) -> Validator:
     """A union discriminated by `tag_field` (e.g. turn_detection.type)."""
     def check(value: Any, param: str) -> dict[str, Any]:
         if not isinstance(value, dict):
-            raise _bad_type(param, "an object", value)
+            raise bad_type(param, "an object", value)
         if tag_field not in value:
             raise MockProtocolError("missing_required_parameter", f"{param}.{tag_field}")
         tag = enum(*variants)(value[tag_field], f"{param}.{tag_field}")
@@ -366,7 +366,7 @@ BETA_RESPONSE_FIELDS: dict[str, Any] = {
 def _validate_tree(fields: dict[str, Any], update: Any, param: str) -> dict[str, Any]:
     """Validate a (possibly nested) partial object; returns {key: normalised value or subtree}."""
     if not isinstance(update, dict):
-        raise _bad_type(param, "an object", update)
+        raise bad_type(param, "an object", update)
     for key in update:
         if key not in fields:
             raise MockProtocolError("unknown_parameter", f"{param}.{key}")
@@ -453,7 +453,7 @@ def apply_update(config: dict[str, Any], session: Any, dialect: str,
     tracing is on.
     """
     if not isinstance(session, dict):
-        raise _bad_type("session", "an object", session)
+        raise bad_type("session", "an object", session)
     if dialect == "ga" and "type" not in session:
         raise MockProtocolError("missing_required_parameter", "session.type")
     patch = _validated_patch(session, dialect, GA_SESSION_FIELDS, BETA_SESSION_FIELDS, "session")
@@ -478,7 +478,7 @@ def response_config(config: dict[str, Any], response: Any, dialect: str) -> dict
     Raises `MockProtocolError` on the first problem, with the errors `apply_update` gives
     (params under `response.`)."""
     if not isinstance(response, dict):
-        raise _bad_type("response", "an object", response)
+        raise bad_type("response", "an object", response)
     if not response:
         return config  # nothing of its own: the session's, shared (never changed in place)
     patch = _validated_patch(response, dialect, GA_RESPONSE_FIELDS, BETA_RESPONSE_FIELDS, "response")

@@ -24,7 +24,7 @@ from .audio import BYTES_PER_MS, FORMAT_DESCRIPTION, EventIds, convert, new_id, 
 from .conversation import Conversation, Item, find_call, render_item
 from .errors import MockProtocolError, close_reason, error_object
 from .responses import Response, ResponsePlanner, stream_response
-from .schema import apply_update, default_config, render_session, response_config
+from .schema import apply_update, bad_type, default_config, render_session, response_config
 from .vad import SEMANTIC_EAGERNESS_SILENCE_MS, EnergyVad
 
 if TYPE_CHECKING:
@@ -641,10 +641,15 @@ class MockSession(WSListener):
     def _on_item_truncate(self, event: dict[str, Any]) -> None:
         item_id = event.get("item_id")
         audio_end_ms = event.get("audio_end_ms")
-        if not isinstance(item_id, str):
+        # absent: missing; present with the wrong type: invalid_value (reference §8)
+        if item_id is None:
             raise MockProtocolError("missing_required_parameter", "item_id")
-        if isinstance(audio_end_ms, bool) or not isinstance(audio_end_ms, int):
+        if not isinstance(item_id, str):
+            raise bad_type("item_id", "a string", item_id)
+        if audio_end_ms is None:
             raise MockProtocolError("missing_required_parameter", "audio_end_ms")
+        if isinstance(audio_end_ms, bool) or not isinstance(audio_end_ms, int):
+            raise bad_type("audio_end_ms", "an integer", audio_end_ms)
         if audio_end_ms < 0:
             raise MockProtocolError("value_below_min", "audio_end_ms", kind="integer", limit=0,
                                     value=audio_end_ms)
