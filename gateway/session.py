@@ -816,16 +816,18 @@ class RelaySession:
         except orjson.JSONDecodeError:
             event = None
             log.warning("session %s: upstream sent a frame that is not JSON", self.session_id)
-        handler = None
+        handler = kind = None
         # an event whose type is not a string (an array, an object) is no event we know
         if type(event) is dict and type(event.get("type")) is str:
             self.dialect.normalize(event)
-            handler = _EVENT_HANDLERS.get(event["type"])
+            kind = event["type"]
+            handler = _EVENT_HANDLERS.get(kind)
         if handler is not RelaySession._on_audio_delta_slow:  # that one counts as audio
             self.stats.u2c_json_frames += 1
             self.stats.u2c_json_bytes += len(payload)
-        if handler is not None:
-            kind = event["type"]
+        if kind in _ANSWERS_TO_CLIENT_REQUESTS:
+            self._send_client(bytes(payload))  # as the upstream sent it: the client asked in its words
+        elif handler is not None:
             try:
                 handler(self, event)
             except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
@@ -1417,6 +1419,9 @@ _COMMAND_HANDLERS: dict[type, Callable[[RelaySession, Any], None]] = {
 
 
 #: SessionConfig fields the upstream's session object reports back (UpstreamDialect.effective)
+#: upstream answers to requests only a client sends (forwarded as-is), which go back to it as-is:
+#: the escape hatch would be one-way otherwise (the gateway never retrieves or deletes items)
+_ANSWERS_TO_CLIENT_REQUESTS = frozenset({"conversation.item.retrieved", "conversation.item.deleted"})
 #: refusals of a session.update that may name no `param` (reference §8), by the field they are about
 _FIELD_BY_UPDATE_CODE = {"cannot_update_voice": "voice"}
 #: reference §8: code and param null, this wire text

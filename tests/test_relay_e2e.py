@@ -536,6 +536,41 @@ def test_passthrough_levels_and_fragmented_messages():
 
 
 @pytest.mark.parametrize("dialect", ["ga", "beta"])
+def test_forwarded_retrieve_and_delete_get_the_upstreams_answers_as_they_came(dialect: str):
+    """Found by a client-protocol audit: a forwarded `conversation.item.retrieve` got no answer
+    (only its failure came back, as an error), so the escape hatch could ask but never hear.
+    The answers to the requests only a client sends go back to it verbatim, in its dialect."""
+    message = {"id": "item_mine", "type": "message", "role": "user",
+               "content": [{"type": "input_text", "text": "remember this"}]}
+
+    async def scenario():
+        options = MockOptions(beta="serve" if dialect == "beta" else "reject")
+        async with relay(options, upstream_dialect=dialect) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            await client.wait("ready")
+            await client.send({"type": "conversation.item.create", "item": message})
+            await client.send({"type": "conversation.item.retrieve", "event_id": "ask_1", "item_id": "item_mine"})
+            retrieved = await client.wait("conversation.item.retrieved")
+            await client.send({"type": "conversation.item.delete", "item_id": "item_mine"})
+            deleted = await client.wait("conversation.item.deleted")
+            await client.send({"type": "conversation.item.retrieve", "item_id": "item_mine"})
+            gone = await client.wait("error")
+            sent = [e for e in mock.sessions[0].sent if e["type"] in ("conversation.item.retrieved",
+                                                                      "conversation.item.deleted")]
+            await client.close()
+            return retrieved, deleted, gone, sent
+
+    retrieved, deleted, gone, sent = run(scenario(), timeout=20)
+    for event in (retrieved, deleted):
+        del event["_audio_before"]
+    assert [retrieved, deleted] == sent  # verbatim
+    assert retrieved["item"]["id"] == "item_mine" and retrieved["item"]["content"][0]["text"] == "remember this"
+    assert deleted["item_id"] == "item_mine"
+    assert gone["code"] == "UpstreamError" and gone["upstream"]["code"] == "item_retrieve_invalid_item_id"
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
 def test_an_out_of_band_reply_runs_beside_the_conversations_and_is_marked(dialect: str):
     """A client forwards `response.create` with `conversation:"none"` (a side question, text
     only) while the conversation's spoken reply is still streaming. The two run side by side:
