@@ -655,6 +655,8 @@ class RelaySession:
             self._open_upstream()  # its session.update carries all of `requested`
         elif self.created:
             self._send_session_update(self._upstream_part(update))
+        if update.turn_detection == "none":
+            self._user_turn_ended()  # no VAD, no speech_stopped: the reply that waited goes up
 
     def _note_inapplicable_vad(self, update: cp.SessionConfig) -> None:
         """VAD parameters the current mode does not take (a threshold under semantic VAD, an
@@ -1027,8 +1029,8 @@ class RelaySession:
         self._send_client(cp.speech_event("speech_stopped", _int(event.get("audio_end_ms")), event.get("item_id")))
 
     def _user_turn_ended(self) -> None:
-        """The client ended or dropped the turn itself (commit, clear_audio): no VAD reply is
-        coming, so a reply that waited for the user goes up now."""
+        """The client ended or dropped the turn itself (commit, clear_audio, turn detection
+        off): no VAD reply is coming, so a reply that waited for the user goes up now."""
         if not self._user_speaking:
             return
         self._user_speaking = False

@@ -68,13 +68,13 @@ async def _barrier(client: RelayClient) -> None:
     await client.wait("error", code="UpstreamError")
 
 
-@pytest.mark.parametrize("turn_end", ["speech_stopped", "clear_audio"])
+@pytest.mark.parametrize("turn_end", ["speech_stopped", "clear_audio", "vad_off"])
 def test_a_function_result_sent_while_the_user_speaks_waits_for_the_end_of_the_turn(turn_end):
     """Found by a client-protocol audit: the gateway asked for the result's reply while the user
     was still talking, so it talked over them, and their turn then got no reply at all (one was
     running when it ended). Now the request waits for the turn: the reply the upstream's VAD
     creates for it has seen the result and answers both; a turn the client drops itself
-    (`clear_audio`) gets no VAD reply, so the gateway asks then."""
+    (`clear_audio`, or turning VAD off) gets no VAD reply, so the gateway asks then."""
     speech = speech_like(1.2, seed=11)
     half = len(speech) // 2
 
@@ -95,8 +95,10 @@ def test_a_function_result_sent_while_the_user_speaks_waits_for_the_end_of_the_t
                 for frame in frames(speech[half:] + silence(0.5), 4800):
                     await client.send_audio(frame)
                 await client.wait("speech_stopped")
-            else:
+            elif turn_end == "clear_audio":
                 await client.send({"type": "clear_audio"})
+            else:
+                await client.send({"type": "config", "turn_detection": "none"})
             reply = await client.wait("response_started")
             await client.wait("response_done", response_id=reply["response_id"])
             await _barrier(client)
@@ -112,7 +114,8 @@ def test_a_function_result_sent_while_the_user_speaks_waits_for_the_end_of_the_t
     if turn_end == "speech_stopped":
         assert "response.create" not in sent[result:]  # the VAD's reply answered it
     else:
-        assert sent[result:].index("input_audio_buffer.clear") < sent[result:].index("response.create")
+        ended_by = "input_audio_buffer.clear" if turn_end == "clear_audio" else "session.update"
+        assert sent[result:].index(ended_by) < sent[result:].index("response.create")
     assert [e["error"]["code"] for e in upstream.sent if e["type"] == "error"] == ["item_retrieve_invalid_item_id"]
 
 
