@@ -31,6 +31,17 @@ async def _speak(client: RelayClient, seconds: float, seed: int) -> None:
         await client.send_audio(frame)
 
 
+async def _a_weather_call(client: RelayClient) -> dict:
+    """Configure get_weather under server VAD, ask about the weather: the call, its reply done."""
+    await client.send({"type": "config", "tools": WEATHER, "vad": {"silence_duration_ms": 300}})
+    await client.wait("ready")
+    await client.send({"type": "text", "text": "what is get_weather in Paris"})
+    asking = await client.wait("response_started")
+    call = await client.wait("function_call")
+    await client.wait("response_done", response_id=asking["response_id"])
+    return call
+
+
 def test_a_function_result_sent_while_another_reply_runs_is_answered_after_it():
     """The user speaks before the app has answered a tool call: the echo of that turn is the
     active response when the result arrives. The upstream refuses a second response.create, so
@@ -38,12 +49,7 @@ def test_a_function_result_sent_while_another_reply_runs_is_answered_after_it():
     async def scenario():
         async with relay(REALTIME) as (gateway, mock):
             client = await RelayClient.connect(gateway.url)
-            await client.send({"type": "config", "tools": WEATHER, "vad": {"silence_duration_ms": 300}})
-            await client.wait("ready")
-            await client.send({"type": "text", "text": "what is get_weather in Paris"})
-            asking = await client.wait("response_started")
-            call = await client.wait("function_call")
-            await client.wait("response_done", response_id=asking["response_id"])
+            call = await _a_weather_call(client)
             await _speak(client, 1.2, seed=5)
             echo = await client.wait("response_started", timeout=5)
             await client.send({"type": "function_result", "call_id": call["call_id"], "output": '{"temp_c":18}'})
@@ -81,12 +87,7 @@ def test_a_function_result_sent_while_the_user_speaks_waits_for_the_end_of_the_t
     async def scenario():
         async with relay(MockOptions(record=True)) as (gateway, mock):
             client = await RelayClient.connect(gateway.url)
-            await client.send({"type": "config", "tools": WEATHER, "vad": {"silence_duration_ms": 300}})
-            await client.wait("ready")
-            await client.send({"type": "text", "text": "what is get_weather in Paris"})
-            asking = await client.wait("response_started")
-            call = await client.wait("function_call")
-            await client.wait("response_done", response_id=asking["response_id"])
+            call = await _a_weather_call(client)
             for frame in frames(speech[:half], 4800):
                 await client.send_audio(frame)
             await client.wait("speech_started")
