@@ -471,6 +471,7 @@ class GatewayServer:
             self.metrics.flush(stats)
             session.observe_levels()
             session.check_client_reading()
+            session.check_user_turn()
             session.release_read_buffers()
             activity = (stats.c2u_audio_frames + stats.c2u_json_frames + stats.u2c_audio_frames
                         + stats.u2c_json_frames)

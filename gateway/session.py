@@ -139,7 +139,7 @@ class RelaySession:
                  "_pre_ready", "_pre_ready_audio_bytes", "_pre_ready_commands", "_pre_ready_command_bytes",
                  "_reopens", "_response_asked",
                  "_response_calls", "_response_wanted", "_user_speaking", "_items_unconfirmed",
-                 "_item_counter",
+                 "_item_counter", "_turn_frames_seen", "_active_saw_items",
                  "_turn_end", "_update_counter",
                  "active_at", "active_response_id", "activity_seen", "client", "client_leg", "client_read_seen",
                  "close_code", "created", "dialect", "effective", "heard_at", "heard_mark", "heard_seen", "ignored",
@@ -261,6 +261,10 @@ class RelaySession:
         # confirmed yet: a reply created before their confirmation may not have seen them
         self._items_unconfirmed: Mapping[str, None] = EMPTY
         self._item_counter = 0
+        self._turn_frames_seen = 0  # client audio frames at the last sweep (`check_user_turn`)
+        # the active reply was created after the upstream confirmed the gateway's items: it
+        # answers every reply the gateway wanted, one refused for it included
+        self._active_saw_items = False
 
     @property
     def coalescer(self) -> Coalescer:
@@ -655,8 +659,9 @@ class RelaySession:
             self._open_upstream()  # its session.update carries all of `requested`
         elif self.created:
             self._send_session_update(self._upstream_part(update))
-        if update.turn_detection == "none":
-            self._user_turn_ended()  # no VAD, no speech_stopped: the reply that waited goes up
+        if update.turn_detection is not None or update.has_vad_params() or update.input_audio_format is not None:
+            # VAD off, or restarted (new settings, a new format): no speech_stopped ends this turn
+            self._user_turn_ended()
 
     def _note_inapplicable_vad(self, update: cp.SessionConfig) -> None:
         """VAD parameters the current mode does not take (a threshold under semantic VAD, an
@@ -797,9 +802,12 @@ class RelaySession:
 
     def _cmd_passthrough(self, command: cp.PassthroughCommand) -> None:
         self._flush_audio()  # keep the client's order: audio sent before this event goes first
-        if self._send_upstream(command.event) and command.event.get("type") == "session.update":
+        kind = command.event.get("type")
+        if self._send_upstream(command.event) and kind == "session.update":
             client_event_id = command.event.get("event_id")
             self._expect_update_answer((None, client_event_id if type(client_event_id) is str else None))
+        if kind in _TURN_ENDING_EVENTS:
+            self._user_turn_ended()
 
     # ---- upstream -> gateway -------------------------------------------------------------------
 
@@ -939,7 +947,13 @@ class RelaySession:
         error = _error_object(event.get("error"))
         code = error.get("code")
         event_id = error.get("event_id") or ""
-        if not event_id and self._updates_in_flight and (self.state is CONNECTING or _about_session_update(error)):
+        if not event_id and str(error.get("message") or "").startswith(_TRANSCRIPTION_UPDATE_REFUSAL):
+            # the gateway never sends one: it answers the oldest of the client's own updates
+            # (if it was a session.update; a transcription_session.update is not tracked)
+            client_update = next((entry for entry in self._updates_in_flight if type(entry) is not str), None)
+            if client_update is not None:
+                self._updates_in_flight.remove(client_update)
+        elif not event_id and self._updates_in_flight and (self.state is CONNECTING or _about_session_update(error)):
             # the server leaves event_id null at times (reference §3.2): before `ready` only
             # our updates have gone up, and after it an error about the session answers an
             # update — the oldest unanswered one (a client's own goes on to the client as any error)
@@ -973,7 +987,8 @@ class RelaySession:
         if event_id == _RESPONSE_EVENT_ID or (not event_id and self._response_asked and _active_response_refusal(error)):
             self._response_asked = False
             if _active_response_refusal(error):
-                self._response_wanted = True  # one started first (server VAD): ask after it
+                # one started first (server VAD): ask after it, unless it has seen our items
+                self._response_wanted = not (self.active_response_id is not None and self._active_saw_items)
                 return
         mapped = from_upstream_error(error)
         if code in BENIGN_UPSTREAM_CODES:
@@ -1027,6 +1042,15 @@ class RelaySession:
         self._user_speaking = False
         self._turn_end_at = self.loop.time()
         self._send_client(cp.speech_event("speech_stopped", _int(event.get("audio_end_ms")), event.get("item_id")))
+
+    def check_user_turn(self) -> None:
+        """Called by the node's sweep (about once a second). The upstream's VAD ends a turn only
+        on audio it hears: a client whose audio stopped mid-turn (a muted microphone) would
+        hold a reply that waits for the turn forever, so a sweep with no new audio ends it."""
+        frames = self.stats.c2u_audio_frames
+        if self._user_speaking and frames == self._turn_frames_seen:
+            self._user_turn_ended()
+        self._turn_frames_seen = frames
 
     def _user_turn_ended(self) -> None:
         """The client ended or dropped the turn itself (commit, clear_audio, turn detection
@@ -1104,7 +1128,8 @@ class RelaySession:
             return
         self.active_response_id = response_id
         self._response_asked = False  # ours, or one that came first (then ours is refused)
-        if not self._items_unconfirmed:
+        self._active_saw_items = not self._items_unconfirmed
+        if self._active_saw_items:
             # the upstream handles events in order: a reply created after every item the gateway
             # added was confirmed has seen them all, and answers what waited for one
             self._response_wanted = False
@@ -1421,6 +1446,8 @@ _COMMAND_HANDLERS: dict[type, Callable[[RelaySession, Any], None]] = {
 
 
 #: SessionConfig fields the upstream's session object reports back (UpstreamDialect.effective)
+#: a client's raw events that end the user's turn, or may restart the upstream's VAD mid-turn
+_TURN_ENDING_EVENTS = frozenset({"input_audio_buffer.commit", "input_audio_buffer.clear", "session.update"})
 #: upstream answers to requests only a client sends (forwarded as-is), which go back to it as-is:
 #: the escape hatch would be one-way otherwise (the gateway never retrieves or deletes items)
 _ANSWERS_TO_CLIENT_REQUESTS = frozenset({"conversation.item.retrieved", "conversation.item.deleted"})
@@ -1432,8 +1459,7 @@ _TRANSCRIPTION_UPDATE_REFUSAL = "Passing a transcription session update event to
 
 def _about_session_update(error: dict) -> bool:
     """Whether an upstream error refuses a session.update, when its event_id does not say."""
-    return (str(error.get("param") or "").startswith("session") or error.get("code") in _FIELD_BY_UPDATE_CODE
-            or str(error.get("message") or "").startswith(_TRANSCRIPTION_UPDATE_REFUSAL))
+    return str(error.get("param") or "").startswith("session") or error.get("code") in _FIELD_BY_UPDATE_CODE
 
 
 _EFFECTIVE_FIELDS = frozenset({"voice", "turn_detection", "input_audio_format", "output_audio_format"})

@@ -74,13 +74,15 @@ async def _barrier(client: RelayClient) -> None:
     await client.wait("error", code="UpstreamError")
 
 
-@pytest.mark.parametrize("turn_end", ["speech_stopped", "clear_audio", "vad_off"])
+@pytest.mark.parametrize("turn_end", ["speech_stopped", "clear_audio", "vad_off", "vad_change", "audio_stops"])
 def test_a_function_result_sent_while_the_user_speaks_waits_for_the_end_of_the_turn(turn_end):
     """Found by a client-protocol audit: the gateway asked for the result's reply while the user
     was still talking, so it talked over them, and their turn then got no reply at all (one was
     running when it ended). Now the request waits for the turn: the reply the upstream's VAD
-    creates for it has seen the result and answers both; a turn the client drops itself
-    (`clear_audio`, or turning VAD off) gets no VAD reply, so the gateway asks then."""
+    creates for it has seen the result and answers both. A turn no speech_stopped will end gets
+    the request at once: one the client drops (`clear_audio`), turns VAD off or restarts it for
+    (new VAD settings: found by a review, the reply hung), or stops sending audio in (the
+    node's once-a-second sweep sees no new audio)."""
     speech = speech_like(1.2, seed=11)
     half = len(speech) // 2
 
@@ -98,8 +100,10 @@ def test_a_function_result_sent_while_the_user_speaks_waits_for_the_end_of_the_t
                 await client.wait("speech_stopped")
             elif turn_end == "clear_audio":
                 await client.send({"type": "clear_audio"})
-            else:
+            elif turn_end == "vad_off":
                 await client.send({"type": "config", "turn_detection": "none"})
+            elif turn_end == "vad_change":
+                await client.send({"type": "config", "vad": {"threshold": 0.6}})
             reply = await client.wait("response_started")
             await client.wait("response_done", response_id=reply["response_id"])
             await _barrier(client)
@@ -114,6 +118,8 @@ def test_a_function_result_sent_while_the_user_speaks_waits_for_the_end_of_the_t
     result = sent.index("conversation.item.create", sent.index("response.create"))
     if turn_end == "speech_stopped":
         assert "response.create" not in sent[result:]  # the VAD's reply answered it
+    elif turn_end == "audio_stops":
+        assert sent[result:].count("response.create") == 1
     else:
         ended_by = "input_audio_buffer.clear" if turn_end == "clear_audio" else "session.update"
         assert sent[result:].index(ended_by) < sent[result:].index("response.create")
@@ -478,3 +484,47 @@ def test_a_reply_created_before_the_result_was_confirmed_does_not_count_as_its_a
     asked: list[dict] = []
     run(scenario(), timeout=20)
     assert len(asked) == (0 if confirmed_before_the_reply else 1)
+
+
+def test_a_request_refused_for_a_reply_that_saw_its_item_is_not_asked_again():
+    """Found by a review: the client's `clear_audio` crossed the VAD's end of turn, so the
+    gateway asked while the VAD's reply was being created; that reply had seen the text, the
+    upstream refused ours (`conversation_already_has_active_response`), and the gateway asked
+    again after it: two replies to one text."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()                                                  # ready
+        await upstream.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": 0, "item_id": "item_u"})
+        text = await upstream.receive("conversation.item.create")
+        await upstream.send({"type": "conversation.item.added", "previous_item_id": None, "item": text["item"]})
+        await upstream.receive("input_audio_buffer.clear")
+        ours = await upstream.receive("response.create")   # asked while the VAD's reply was coming
+        await upstream.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 900, "item_id": "item_u"})
+        await upstream.send({"type": "response.created", "response": {"id": "resp_vad", "status": "in_progress"}})
+        await upstream.send({"type": "error", "error": {
+            "type": "invalid_request_error", "code": "conversation_already_has_active_response",
+            "message": "Conversation already has an active response in progress: resp_vad.",
+            "param": None, "event_id": ours["event_id"]}})
+        await upstream.send({"type": "response.done", "response": {"id": "resp_vad", "status": "completed"}})
+        barrier = await upstream.receive("conversation.item.retrieve")  # records what came before it
+        asked.extend(e for e in upstream.received if e["type"] == "response.create")
+        await upstream.send({"type": "error", "error": {"type": "invalid_request_error", "code": "barrier",
+                                                        "message": "barrier", "event_id": barrier["event_id"]}})
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(NodeConfig(
+                host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY, upstream_url=url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.wait("speech_started")
+            await client.send({"type": "text", "text": "and one more thing"})
+            await client.send({"type": "clear_audio"})
+            await client.wait("response_done", response_id="resp_vad")
+            await client.send({"type": "conversation.item.retrieve", "event_id": "barrier", "item_id": "x"})
+            await client.wait("error", code="UpstreamError")
+            await client.close()
+            return client.of_type("error")
+
+    asked: list[dict] = []
+    errors = run(scenario(), timeout=20)
+    assert len(asked) == 1 and [e["upstream"]["code"] for e in errors] == ["barrier"]

@@ -298,3 +298,25 @@ def test_a_refused_raw_update_without_ids_leaves_the_next_config_its_answer():
     assert refused["code"] == "UpstreamError" and refused["upstream"]["event_id"] is None
     assert refused["message"].startswith("Passing a transcription session update")
     assert updated["ignored"] == []
+
+
+def test_a_refused_transcription_session_update_is_not_pinned_on_the_gateways_update():
+    """Found by a review: the refusal of a client's raw `transcription_session.update` (not a
+    session.update, so not tracked) was paired with the gateway's update for the client's next
+    `config`. The client got InvalidConfig for a config the upstream applied, no
+    `session_updated`, and "session" in `ignored` for good. Only a client sends those."""
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "transcription_session.update",
+                               "session": {"input_audio_transcription": {"model": "whisper-1"}}})
+            await client.send({"type": "config", "instructions": "Be brief."})
+            updated = await client.wait("session_updated")
+            await client.close()
+            return client.of_type("error"), updated, mock.sessions[0].config["instructions"]
+
+    errors, updated, instructions = run(scenario(), timeout=20)
+    assert [(e["code"], e["message"][:45]) for e in errors] == [
+        ("UpstreamError", "Passing a transcription session update event ")]
+    assert updated["ignored"] == [] and instructions == "Be brief."
