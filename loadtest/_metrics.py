@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from typing import Any
 
 log = logging.getLogger("loadtest")
@@ -53,6 +54,8 @@ _IDS = re.compile(r"\b(resp|item|sess|session|call|event|evt|conv|fc)_[A-Za-z0-9
 _NUMBERS = re.compile(r"-?\d+(?:\.\d+)?")
 DETAILS_LOGGED_PER_REASON = 3
 _MAX_REASONS_TRACKED = 1_000
+#: a run's `environment.events` -> the failures its reporters have logged, per table row
+_SEEN_BY_RUN: "weakref.WeakKeyDictionary[Any, dict[tuple[str, str, str], int]]" = weakref.WeakKeyDictionary()
 
 
 def failure_kind(reason: str) -> str:
@@ -74,7 +77,9 @@ class MetricReporter:
 
     def __init__(self, events: Any) -> None:
         self._fire = events.request.fire
-        self._seen: dict[tuple[str, str, str], int] = {}  # failures so far per table row
+        # failures so far per table row, shared by every reporter of the run (each simulated user
+        # has one): the first few of a row are logged per run, not per user (600 lines at -u 200)
+        self._seen: dict[tuple[str, str, str], int] = _SEEN_BY_RUN.setdefault(events, {})
 
     def sample(self, request_type: str, name: str, ms: float, size: int = 0) -> None:
         """One successful measurement of `ms` milliseconds (`size` bytes where meaningful).
