@@ -74,6 +74,21 @@ async def _barrier(client: RelayClient) -> None:
     await client.wait("error", code="UpstreamError")
 
 
+async def _answer_barrier(upstream: ScriptedUpstream, asked: list[dict]) -> None:
+    """A scripted upstream's side of `_barrier`: the response.creates the gateway sent before it
+    go into `asked`, then the barrier's refusal goes back."""
+    barrier = await upstream.receive("conversation.item.retrieve")
+    asked.extend(e for e in upstream.received if e["type"] == "response.create")
+    await upstream.send({"type": "error", "error": {
+        "type": "invalid_request_error", "code": "item_retrieve_invalid_item_id", "param": None,
+        "message": "Error retrieving item: the item with id 'item_barrier' does not exist.",
+        "event_id": barrier.get("event_id")}})
+
+
+def _node(url: str) -> NodeConfig:
+    return NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY, upstream_url=url)
+
+
 @pytest.mark.parametrize("turn_end", ["speech_stopped", "clear_audio", "vad_off", "vad_change", "audio_stops"])
 def test_a_function_result_sent_while_the_user_speaks_waits_for_the_end_of_the_turn(turn_end):
     """Found by a client-protocol audit: the gateway asked for the result's reply while the user
@@ -463,22 +478,17 @@ def test_a_reply_created_before_the_result_was_confirmed_does_not_count_as_its_a
         if not confirmed_before_the_reply:
             await upstream.send(added)
         await upstream.send({"type": "response.done", "response": {"id": "resp_2", "status": "completed"}})
-        barrier = await upstream.receive("conversation.item.retrieve")  # records what came before it
-        asked.extend(e for e in upstream.received if e["type"] == "response.create")
-        await upstream.send({"type": "error", "error": {"type": "invalid_request_error", "code": "barrier",
-                                                        "message": "barrier", "event_id": barrier["event_id"]}})
+        await _answer_barrier(upstream, asked)
 
     async def scenario():
-        async with ScriptedUpstream(script) as url, GatewayServer(NodeConfig(
-                host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY, upstream_url=url)) as gateway:
+        async with ScriptedUpstream(script) as url, GatewayServer(_node(url)) as gateway:
             client = await RelayClient.connect(gateway.url)
             await client.wait("ready")
             call = await client.wait("function_call")
             await client.wait("speech_started")
             await client.send({"type": "function_result", "call_id": call["call_id"], "output": "{}"})
             await client.wait("response_done", response_id="resp_2")
-            await client.send({"type": "conversation.item.retrieve", "event_id": "barrier", "item_id": "x"})
-            await client.wait("error")
+            await _barrier(client)
             await client.close()
 
     asked: list[dict] = []
@@ -506,25 +516,20 @@ def test_a_request_refused_for_a_reply_that_saw_its_item_is_not_asked_again():
             "message": "Conversation already has an active response in progress: resp_vad.",
             "param": None, "event_id": ours["event_id"]}})
         await upstream.send({"type": "response.done", "response": {"id": "resp_vad", "status": "completed"}})
-        barrier = await upstream.receive("conversation.item.retrieve")  # records what came before it
-        asked.extend(e for e in upstream.received if e["type"] == "response.create")
-        await upstream.send({"type": "error", "error": {"type": "invalid_request_error", "code": "barrier",
-                                                        "message": "barrier", "event_id": barrier["event_id"]}})
+        await _answer_barrier(upstream, asked)
 
     async def scenario():
-        async with ScriptedUpstream(script) as url, GatewayServer(NodeConfig(
-                host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY, upstream_url=url)) as gateway:
+        async with ScriptedUpstream(script) as url, GatewayServer(_node(url)) as gateway:
             client = await RelayClient.connect(gateway.url)
             await client.wait("ready")
             await client.wait("speech_started")
             await client.send({"type": "text", "text": "and one more thing"})
             await client.send({"type": "clear_audio"})
             await client.wait("response_done", response_id="resp_vad")
-            await client.send({"type": "conversation.item.retrieve", "event_id": "barrier", "item_id": "x"})
-            await client.wait("error", code="UpstreamError")
+            await _barrier(client)
             await client.close()
             return client.of_type("error")
 
     asked: list[dict] = []
     errors = run(scenario(), timeout=20)
-    assert len(asked) == 1 and [e["upstream"]["code"] for e in errors] == ["barrier"]
+    assert len(asked) == 1 and [e["upstream"]["code"] for e in errors] == ["item_retrieve_invalid_item_id"]
