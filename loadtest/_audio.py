@@ -12,7 +12,9 @@ that an energy VAD (the mock's, or a real one) hears exactly ONE turn:
   streams digital silence between talk spurts.
 
 A user's own WAV can replace it (`--clip path.wav`): 16-bit mono 24 kHz only, so the bytes sent
-are exactly the file's bytes and the echo comparison stays exact.
+are exactly the file's bytes and the echo comparison stays exact. It must hold one turn, as the
+generated clip does (see `one_turn`): its leading and trailing silence is cut, and a pause inside
+it long enough for the VAD to end the turn there is refused at start, not failed on every turn.
 """
 from __future__ import annotations
 
@@ -21,11 +23,20 @@ import wave
 
 import numpy as np
 
+from gateway.mock.vad import WINDOW_MS, threshold_to_dbfs
+
 SAMPLE_RATE = 24_000
 BYTES_PER_SAMPLE = 2
 BYTES_PER_MS = SAMPLE_RATE * BYTES_PER_SAMPLE // 1000  # 48 bytes of PCM16 per millisecond
 
 MAX_INNER_PAUSE_MS = 160
+
+# The server VAD the load test configures: every clip must be exactly one turn for it.
+VAD_SETTINGS = {"enabled": True, "threshold": 0.5, "silence_duration_ms": 500, "prefix_padding_ms": 300}
+# A pause this long or longer may end the turn inside a clip: the VAD's 10 ms windows fall on the
+# clip wherever the microphone's timeline puts it, so a pause measured on one grid may be a window
+# longer on another.
+MAX_CLIP_PAUSE_MS = VAD_SETTINGS["silence_duration_ms"] - 2 * WINDOW_MS
 _SEED = 20240501
 
 
@@ -91,9 +102,53 @@ def load_wav_clip(path: str) -> bytes:
         raise ValueError(
             f"{path}: need a 16-bit mono {SAMPLE_RATE} Hz PCM WAV, cannot read this one ({reason})"
         ) from None
+    pcm = one_turn(pcm, path)
     if len(pcm) < ms_to_bytes(100):
-        raise ValueError(f"{path}: clip shorter than 100 ms (the upstream's minimum commit)")
+        raise ValueError(f"{path}: speech shorter than 100 ms (the upstream's minimum commit)")
     return pcm
+
+
+def one_turn(pcm: bytes, path: str) -> bytes:
+    """`pcm` from its first to its last speech window, as the mock's energy VAD at the load
+    test's threshold judges speech (10 ms windows, mean square over the bar); ValueError if it
+    has no speech, or a pause inside it of `MAX_CLIP_PAUSE_MS` or more on any 1 ms grid offset.
+
+    The microphone streams silence around every clip, so the clip's own leading and trailing
+    silence would only move the end of the speech away from the end of the clip, where the
+    round trip is measured from (and trailing silence of 500 ms would end the turn inside it)."""
+    bar_dbfs = threshold_to_dbfs(VAD_SETTINGS["threshold"])
+    bar_mean_square = (32768.0 ** 2) * 10.0 ** (bar_dbfs / 10.0)
+    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float64)
+    samples_per_ms = SAMPLE_RATE // 1000
+    window = samples_per_ms * WINDOW_MS
+
+    def speech_windows(offset_ms: int) -> np.ndarray:
+        shifted = samples[offset_ms * samples_per_ms:]
+        count = len(shifted) // window
+        frames = shifted[:count * window].reshape(count, window)
+        return np.flatnonzero(np.einsum("ij,ij->i", frames, frames) / window > bar_mean_square)
+
+    on_grid = speech_windows(0)
+    if on_grid.size == 0:
+        raise ValueError(f"{path}: no speech in it: no 10 ms above {bar_dbfs:.0f} dBFS, what the mock's "
+                         f"VAD hears as speech at the load test's threshold {VAD_SETTINGS['threshold']}")
+    for offset_ms in range(WINDOW_MS):
+        speech = speech_windows(offset_ms)
+        if speech.size < 2:
+            continue
+        gaps = np.diff(speech) - 1  # quiet windows between two speech windows
+        longest = int(gaps.argmax())
+        if gaps[longest] * WINDOW_MS >= MAX_CLIP_PAUSE_MS:
+            starts_ms = offset_ms + (int(speech[longest]) + 1) * WINDOW_MS
+            raise ValueError(
+                f"{path}: a pause of {int(gaps[longest]) * WINDOW_MS} ms at {starts_ms / 1000:.2f} s would end the "
+                f"VAD turn there ({VAD_SETTINGS['silence_duration_ms']} ms of silence ends a turn): one clip must "
+                f"be one turn; keep its pauses under {MAX_CLIP_PAUSE_MS} ms"
+            )
+    first, end = int(on_grid[0]) * window, (int(on_grid[-1]) + 1) * window
+    if end + window > len(samples):
+        end = len(samples)  # a part-window after the last speech window is not silence to cut
+    return pcm[first * BYTES_PER_SAMPLE:end * BYTES_PER_SAMPLE]
 
 
 GENERATED_VARIANTS = 4

@@ -34,7 +34,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument(
         "--clip", env_var="LOADTEST_CLIP", default="generated",
         help="what users say: 'generated' (a deterministic speech-like clip of tone bursts) "
-        "or a 16-bit mono 24 kHz WAV file",
+        "or a 16-bit mono 24 kHz WAV file of one utterance (silence around it is cut; a pause "
+        "inside it that would end the VAD turn is refused)",
     )
     parser.add_argument(
         "--turns", env_var="LOADTEST_TURNS", type=int, default=5,
@@ -52,7 +53,7 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument(
         "--barge-in-after-ms", env_var="LOADTEST_BARGE_IN_AFTER_MS", type=int, default=300,
         help="barge-in users start talking this long after the first reply audio arrived "
-        "(in the microphone's next frame: up to --chunk-ms later)",
+        "(in the frame the microphone is capturing, sent when it ends: up to --chunk-ms later)",
     )
     parser.add_argument(
         "--reply-timeout", env_var="LOADTEST_REPLY_TIMEOUT", type=float, default=20.0,

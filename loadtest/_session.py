@@ -103,7 +103,9 @@ class Utterance:
 class Microphone:
     """Sends a session's audio in real time, `chunk_ms` per frame.
 
-    Drift correction: frame k of a stream is due at t0 + (bytes before it)/48 ms. The schedule is
+    A frame is sent when its audio has been captured, as a real microphone's is: frame k of a
+    stream goes out at t0 + (bytes up to and including it)/48 ms, so the last frame of a talk spurt
+    leaves when the speech ends (the round trips are measured from there). The schedule is
     absolute, so sleep jitter never accumulates; a frame sent late is followed by the next ones
     without sleeping until the stream is back on schedule. If it falls more than
     `MAX_CATCH_UP_MS` behind (the load generator is overloaded), the schedule restarts from now
@@ -153,7 +155,10 @@ class Microphone:
             pass  # the session reports how it ended; its waiters see `closed`
 
     def _stream(self) -> None:
-        due: float | None = None  # when the next frame is due; None = no stream in progress
+        # `due`: when the next frame's audio begins on the wall clock; None = no stream in progress.
+        # A frame goes out when its audio has been captured, at `due` + its duration, as a real
+        # microphone's does: it cannot send speech before the user has said it.
+        due: float | None = None
         current: Utterance | None = None
         position = 0
         while True:
@@ -165,32 +170,35 @@ class Microphone:
             now = clock()
             if due is None:
                 due = now
-            lateness_ms = (now - due) * 1000.0
-            if lateness_ms < 0:
-                gevent.sleep(-lateness_ms / 1000.0)
+            if current is None and self._queue:
+                current, position = self._queue.pop(0), 0
+            length = min(self._chunk_bytes, len(current.pcm) - position) if current is not None else self._chunk_bytes
+            send_at = due + length / BYTES_PER_MS / 1000.0
+            if now < send_at:
+                gevent.sleep(send_at - now)
                 now = clock()
-                lateness_ms = max(0.0, (now - due) * 1000.0)
-            elif lateness_ms > self.MAX_CATCH_UP_MS:
-                due = now
-            # The frame is chosen once it is due, not before the wait: speech queued during the
-            # wait goes out in this frame, not one frame of silence later.
+            # Speech queued while a frame of silence was being captured goes out in that frame,
+            # not one frame later: the user started speaking during it.
             if current is None and self._queue:
                 current, position = self._queue.pop(0), 0
             frame = current.pcm[position:position + self._chunk_bytes] if current is not None else self._silence
+            lateness_ms = max(0.0, (now - send_at) * 1000.0)
             self._send_frame(frame)
             if current is not None and current.first_sent_at is None:
                 current.first_sent_at = now
                 current.start_offset = self.bytes_sent
             self.bytes_sent += len(frame)
+            due += len(frame) / BYTES_PER_MS / 1000.0
+            if lateness_ms > self.MAX_CATCH_UP_MS:
+                due = now  # too far behind to catch up: restart the schedule from this frame
             if current is not None:
                 current.max_lateness_ms = max(current.max_lateness_ms, lateness_ms)
                 position += len(frame)
                 if position >= len(current.pcm):
-                    current.last_sent_at = now
+                    current.last_sent_at = now  # the end of the speech: its last audio was just captured
                     current.done.set()
                     current = None
                     self._on_utterance_done()
-            due += len(frame) / BYTES_PER_MS / 1000.0
 
 
 class Reply:

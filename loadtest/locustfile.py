@@ -34,7 +34,7 @@ from locust.exception import StopUser
 from gateway.mock.options import MockOptions
 from gateway.mock.responses import spoken_tone
 from loadtest import _options
-from loadtest._audio import BYTES_PER_MS, bytes_to_ms, load_clips
+from loadtest._audio import BYTES_PER_MS, VAD_SETTINGS, bytes_to_ms, load_clips
 from loadtest._metrics import (
     AUDIO_ROUND_TRIP, AUDIO_ROUND_TRIP_PTT, FIRST_AUDIO_AFTER_STOP, INTERRUPTED_REACTION, MIC_LATENESS,
     REPLY_COMPLETENESS, REPLY_COMPLETENESS_INTERRUPTED, TEXT, TEXT_ROUND_TRIP, VOICE, MetricReporter,
@@ -44,7 +44,6 @@ from loadtest._session import Reply, SessionClosed, SpeechEvent, TurnTimeout, Ut
 SCENARIO_TAGS = ("vad", "ptt", "barge_in", "text")
 RECONNECT_BACKOFF_S = 1.0  # after a failed connect, so a refusing gateway is not hammered
 
-VAD_SETTINGS = {"enabled": True, "threshold": 0.5, "silence_duration_ms": 500, "prefix_padding_ms": 300}
 TEXT_PROMPTS = (
     "What time is it in Lisbon?",
     "Spell the word gateway, please.",
@@ -230,10 +229,15 @@ class VoiceUser(User):
     def speak(self, session: VoiceSession, pcm: bytes) -> Utterance:
         """Queue `pcm` on the microphone and wait until its last frame is sent."""
         utterance = session.mic.say(pcm)
-        timeout_s = bytes_to_ms(len(pcm)) / 1000.0 + self.settings.reply_timeout_s
+        self.finish_speaking(session, utterance)
+        return utterance
+
+    def finish_speaking(self, session: VoiceSession, utterance: Utterance) -> None:
+        """Wait until the last frame of `utterance` is sent: its length in real time, plus
+        --reply-timeout for a stalled socket; then report its mic lateness."""
+        timeout_s = bytes_to_ms(len(utterance.pcm)) / 1000.0 + self.settings.reply_timeout_s
         self.expect(session, utterance.done.is_set, "end of own speech", VOICE, MIC_LATENESS, timeout_s)
         self.reporter.sample(VOICE, MIC_LATENESS, utterance.max_lateness_ms)
-        return utterance
 
     def expect_speech_turn(self, session: VoiceSession, index: int) -> tuple[SpeechEvent, SpeechEvent]:
         """The `index`-th speech_started / speech_stopped pair of the session (server VAD)."""
@@ -408,8 +412,7 @@ class BargeInUser(VoiceUser):
         self._check_interrupted_prefix(reply, self.vad_turn_echo(session, started, stopped))
 
         # The interrupting speech is a turn of its own: its reply must come back complete.
-        self.expect(session, overlap.done.is_set, "end of own speech", VOICE, MIC_LATENESS)
-        self.reporter.sample(VOICE, MIC_LATENESS, overlap.max_lateness_ms)
+        self.finish_speaking(session, overlap)
         self.hear_vad_reply(session, speech_index + 1, reply_index + 1, overlap)
 
     def _check_interrupted_prefix(self, reply: Reply, expected: bytes | None) -> None:
