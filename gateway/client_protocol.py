@@ -189,6 +189,13 @@ def parse_client_message(payload: bytes | bytearray | memoryview | str) -> Comma
             # event must not be mistaken for one, nor its error swallowed
             raise InvalidMessage(f"event_id {_shown(event_id)}: the prefix {RESERVED_EVENT_ID_PREFIX!r} is "
                                  "reserved for the gateway's own events", param="event_id")
+        item = message.get("item")
+        item_id = item.get("id") if kind == "conversation.item.create" and type(item) is dict else None
+        if type(item_id) is str and item_id.startswith(RESERVED_EVENT_ID_PREFIX):
+            # the items the gateway adds (texts, function results) are named so: a client's item
+            # of the same name would confirm the gateway's, or make the upstream refuse it
+            raise InvalidMessage(f"item.id {_shown(item_id)}: the prefix {RESERVED_EVENT_ID_PREFIX!r} is "
+                                 "reserved for the items the gateway adds", param="item.id")
         return PassthroughCommand(message)
     parser = _PARSERS.get(kind)
     if parser is None:

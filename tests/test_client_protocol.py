@@ -87,6 +87,21 @@ def test_the_gateways_event_id_prefix_is_reserved(event_id):
     assert isinstance(parse({"type": "response.cancel", "event_id": "GW_cancel"}), cp.PassthroughCommand)
 
 
+def test_the_gateways_item_id_prefix_is_reserved():
+    """The gateway names the items it adds (a `text`, a function result) gw_item_N and counts one
+    confirmed when the upstream adds an item of that id: a client's item of the same name would
+    confirm the gateway's, or collide with it upstream."""
+    with pytest.raises(InvalidMessage) as raised:
+        parse({"type": "conversation.item.create", "item": {"id": "gw_item_1", "type": "message", "role": "user"}})
+    assert raised.value.param == "item.id" and "reserved" in str(raised.value)
+    for event in (
+        {"type": "conversation.item.create", "item": {"id": "item_1", "type": "message", "role": "user"}},
+        {"type": "conversation.item.create", "previous_item_id": "gw_item_1", "item": {"type": "message"}},
+        {"type": "conversation.item.delete", "item_id": "gw_item_1"},  # the client may name the gateway's items
+    ):
+        assert parse(event) == cp.PassthroughCommand(event)
+
+
 # ---- config: every field ----------------------------------------------------------------------
 
 def test_seed_config_with_every_field():
