@@ -609,13 +609,19 @@ class RelaySession:
         return True
 
     def _cmd_config(self, command: cp.ConfigCommand) -> None:
-        for name in command.config.specified():
+        update = command.config
+        if update.output_audio_format is not None:
+            self._output_named = True
+        elif update.input_audio_format is not None and not self._output_named:
+            # "both input and output audio use the same format" (the seed; WaaV too) until the
+            # client names an output format of its own
+            update.output_audio_format = update.input_audio_format
+        for name in update.specified():
             # given again, and valid: applied, unless what follows finds it ignored once more
             self.ignored.pop(cp.CLIENT_PARAMS.get(name, name), None)
         for error in command.errors:
             self._note_ignored(error.param)
             self.fail(error)
-        update = command.config
         reopen = update.model is not None and update.model != self.upstream_model
         # the client's very first message, a config sent on open, can arrive just after `ready`
         # when the upstream opened faster than the client's round trip: it was sent before the
@@ -635,12 +641,6 @@ class RelaySession:
             self._vad_mode = update.turn_detection
         elif command.vad_on and update.turn_detection is None and self.requested.turn_detection == "none":
             update.turn_detection = self._vad_mode  # vad.enabled: true after false: back to the mode it had
-        if update.output_audio_format is not None:
-            self._output_named = True
-        elif update.input_audio_format is not None and not self._output_named:
-            # "both input and output audio use the same format" (the seed; WaaV too) until the
-            # client names an output format of its own
-            update.output_audio_format = update.input_audio_format
         # what the gateway itself does with the config applies on either path below
         if update.levels is not None:
             self._set_levels(update.levels)

@@ -320,3 +320,39 @@ def test_a_refused_transcription_session_update_is_not_pinned_on_the_gateways_up
     assert [(e["code"], e["message"][:45]) for e in errors] == [
         ("UpstreamError", "Passing a transcription session update event ")]
     assert updated["ignored"] == [] and instructions == "Be brief."
+
+
+def test_an_output_format_that_follows_the_input_is_not_left_listed_as_ignored():
+    """Found by a review: the output format follows the input one until the client names its own.
+    When the upstream refused the output format that followed, and a later input format brought
+    one it took, `ignored` still listed output_audio_format: only fields the client gave again
+    were taken off the list."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()                                      # ready
+        ulaw = await upstream.receive("session.update")
+        assert ulaw["session"]["audio"]["output"]["format"] == {"type": "audio/pcmu"}
+        await upstream.refuse(ulaw["event_id"], "Invalid value: 'audio/pcmu'.", param="session.audio.output.format")
+        retry = await upstream.receive("session.update")  # the input format alone
+        assert "output" not in retry["session"]["audio"]
+        await upstream.updated()
+        pcm = await upstream.receive("session.update")
+        assert pcm["session"]["audio"]["output"]["format"]["type"] == "audio/pcm"
+        await upstream.updated()
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready", timeout=5)
+            await client.send({"type": "config", "input_audio_format": "g711_ulaw"})
+            error = await client.wait("error", timeout=5)
+            refused = await client.wait("session_updated", timeout=5)
+            await client.send({"type": "config", "input_audio_format": "pcm16"})
+            updated = await client.wait("session_updated", timeout=5)
+            await client.close()
+            return error, refused, updated
+
+    error, refused, updated = run(scenario(), timeout=20)
+    assert (error["code"], error["param"]) == ("InvalidConfig", "output_audio_format")
+    assert refused["ignored"] == ["output_audio_format"]
+    assert updated["ignored"] == []
