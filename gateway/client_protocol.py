@@ -112,6 +112,10 @@ class ConfigCommand:
     provider: str | None = None
     #: `vad.enabled: true` without a turn_detection: VAD back on, in the mode the session had
     vad_on: bool = False
+    #: SessionConfig field -> the name the client gave it by, where that may differ from
+    #: CLIENT_PARAMS' (WaaV's `transcription_model`, `turn_detection.threshold`): errors and
+    #: `ignored` name a field as the client wrote it
+    spelled: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -298,6 +302,7 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
     """Validate every field of a `config` (SPEC §2.2, both spellings); bad fields -> `errors`."""
     config = SessionConfig()
     errors: list[InvalidConfig] = []
+    spelled: dict[str, str] = {}
     provider = None
     vad_on = False
 
@@ -347,7 +352,7 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
         elif isinstance(value, dict):  # WaaV: {mode, threshold?, silence_duration_ms?, prefix_padding_ms?, eagerness?}
             named = value.get("mode", value.get("type"))
             mode = _WAAV_TURN_MODES.get(named) if isinstance(named, str) else None
-            _vad_params(value, "turn_detection", config, errors)
+            _vad_params(value, "turn_detection", config, errors, spelled)
             if mode is None:
                 raise _Bad("turn_detection.mode", "turn_detection.mode must be server_vad, semantic or manual")
             config.turn_detection = mode
@@ -358,7 +363,7 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
         value = message["vad"]
         if not isinstance(value, dict):
             raise _Bad("vad", "vad must be an object")
-        _vad_params(value, "vad", config, errors)
+        _vad_params(value, "vad", config, errors, spelled)
         enabled = value.get("enabled", True)
         if not isinstance(enabled, bool):
             raise _Bad("vad.enabled", "vad.enabled must be a boolean")
@@ -379,6 +384,7 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
         if not isinstance(model, str) or not model:
             raise _Bad("input_transcription.model", "input_transcription.model must be a non-empty string")
         config.transcription_model = model if enabled else ""
+        spelled["transcription_model"] = "input_transcription.model"
 
     def check_transcribe_input() -> None:  # WaaV
         value = message["transcribe_input"]
@@ -388,6 +394,7 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
             config.transcription_model = ""
         elif config.transcription_model is None:
             config.transcription_model = "whisper-1"
+        spelled["transcription_model"] = "transcribe_input"
 
     def check_transcription_model() -> None:  # WaaV
         value = message["transcription_model"]
@@ -395,6 +402,7 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
             raise _Bad("transcription_model", "transcription_model must be a non-empty string")
         if config.transcription_model != "":
             config.transcription_model = value
+            spelled["transcription_model"] = "transcription_model"
 
     def check_temperature() -> None:
         value = message["temperature"]
@@ -490,7 +498,7 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
         errors.append(InvalidConfig(f"unknown config field {_shown(name)} (ignored)", param=name))
     if len(unknown) > MAX_UNKNOWN_REPORTED:  # one message must not turn into thousands of errors
         errors.append(InvalidConfig(f"{len(unknown) - MAX_UNKNOWN_REPORTED} more unknown config fields (ignored)"))
-    return ConfigCommand(config, errors, provider, vad_on)
+    return ConfigCommand(config, errors, provider, vad_on, spelled)
 
 
 def _shown(value: Any) -> str:
@@ -501,16 +509,21 @@ def _shown(value: Any) -> str:
     return {dict: "an object", list: "an array", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
 
 
-def _vad_params(value: dict, prefix: str, config: SessionConfig, errors: list[InvalidConfig]) -> None:
-    """The VAD parameters in `value`, each on its own: a bad one is reported and left out, the
-    others apply."""
+def _vad_params(value: dict, prefix: str, config: SessionConfig, errors: list[InvalidConfig],
+                spelled: dict[str, str]) -> None:
+    """The VAD parameters in `value` (`prefix`.key), each on its own: a bad one is reported and
+    left out, the others apply."""
     def bad(key: str, message: str) -> None:
         errors.append(InvalidConfig(f"{prefix}.{key} {message}", param=f"{prefix}.{key}"))
+
+    def apply(key: str, name: str, setting: Any) -> None:
+        setattr(config, name, setting)
+        spelled[name] = f"{prefix}.{key}"
 
     threshold = value.get("threshold")
     if threshold is not None:
         if _is_number(threshold) and 0.0 <= threshold <= 1.0:
-            config.vad_threshold = float(threshold)
+            apply("threshold", "vad_threshold", float(threshold))
         else:
             bad("threshold", "must be a number from 0 to 1")
     for key, name in (("silence_duration_ms", "vad_silence_duration_ms"),
@@ -519,13 +532,13 @@ def _vad_params(value: dict, prefix: str, config: SessionConfig, errors: list[In
         if ms is None:
             continue
         if _is_int(ms) and not isinstance(ms, bool) and 0 <= ms <= 10_000:
-            setattr(config, name, int(ms))
+            apply(key, name, int(ms))
         else:
             bad(key, "must be an integer from 0 to 10000")
     eagerness = value.get("eagerness")
     if eagerness is not None:
         if eagerness in EAGERNESS:
-            config.vad_eagerness = eagerness
+            apply("eagerness", "vad_eagerness", eagerness)
         else:
             bad("eagerness", f"must be one of {', '.join(EAGERNESS)}")
 

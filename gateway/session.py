@@ -138,7 +138,7 @@ class RelaySession:
                  "_pre_ready_overflowed", "_owner", "_pending_updates", "_updates_in_flight",
                  "_pre_ready", "_pre_ready_audio_bytes", "_pre_ready_commands", "_pre_ready_command_bytes",
                  "_reopens", "_response_asked",
-                 "_response_calls", "_response_wanted", "_user_speaking", "_items_unconfirmed",
+                 "_response_calls", "_response_wanted", "_user_speaking", "_items_unconfirmed", "_spelling",
                  "_item_counter", "_turn_frames_seen", "_active_saw_items",
                  "_turn_end", "_update_counter",
                  "active_at", "active_response_id", "activity_seen", "client", "client_leg", "client_read_seen",
@@ -209,6 +209,7 @@ class RelaySession:
         self._ready_at = 0.0  # loop time `ready` went out
         self.effective: dict[str, Any] = {}
         self.ignored: dict[str, None] = {}  # an ordered set, at most MAX_IGNORED
+        self._spelling: dict[str, str] = {}  # field -> the client's latest name for it (cp.ConfigCommand.spelled)
 
         # client -> upstream audio
         self.input_format = "pcm16"
@@ -618,7 +619,10 @@ class RelaySession:
             update.output_audio_format = update.input_audio_format
         for name in update.specified():
             # given again, and valid: applied, unless what follows finds it ignored once more
-            self.ignored.pop(cp.CLIENT_PARAMS.get(name, name), None)
+            self.ignored.pop(self._client_param(name) or name, None)
+            if name in command.spelled:
+                self._spelling[name] = command.spelled[name]
+                self.ignored.pop(self._spelling[name], None)
         for error in command.errors:
             self._note_ignored(error.param)
             self.fail(error)
@@ -671,7 +675,7 @@ class RelaySession:
                  "server_vad": ("vad_eagerness",)}.get(mode, ())
         for name in names:
             if getattr(update, name) is not None:
-                param = cp.CLIENT_PARAMS[name]
+                param = self._client_param(name)
                 self._note_ignored(param, f"{param} does not apply to {mode}: kept for a change of "
                                           "turn detection, ignored for now")
 
@@ -727,6 +731,11 @@ class RelaySession:
             forgotten = self._updates_in_flight.pop(0)
             if type(forgotten) is str:
                 self._pending_updates.pop(forgotten, None)
+
+    def _client_param(self, name: str) -> str | None:
+        """SessionConfig field `name` as the client last wrote it (WaaV's `transcription_model`
+        or the seed's `input_transcription.model`), for `param` of errors and `ignored`."""
+        return self._spelling.get(name) or cp.CLIENT_PARAMS.get(name)
 
     def _note_ignored(self, name: str | None, why: str | None = None) -> None:
         """Field `name` is not applied. Until `ready` it is listed in `ready.ignored`; after it,
@@ -1001,7 +1010,7 @@ class RelaySession:
         default, in the first update) and the rest is sent again (SPEC §2.2: the rest applies);
         else the update is lost. The client is told either way."""
         name = self.dialect.config_field(error.get("param")) or _FIELD_BY_UPDATE_CODE.get(error.get("code"))
-        param = cp.CLIENT_PARAMS.get(name) if name is not None else None
+        param = self._client_param(name) if name is not None else None
         rest = None
         if name is not None and getattr(part, name) is not None:
             rest = part.merged(cp.SessionConfig())

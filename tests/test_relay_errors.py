@@ -316,6 +316,32 @@ def test_a_field_the_upstream_rejects_before_ready_is_listed_as_ignored():
     run(scenario(), timeout=20)
 
 
+def test_a_rejected_or_inapplicable_field_is_named_as_the_client_spelled_it():
+    """Found by two audits: a WaaV client names transcription by `transcription_model` and VAD
+    settings inside `turn_detection`; `param` and `ignored` named them in the seed's spelling
+    (`input_transcription.model`, `vad.eagerness`), fields that client never sent."""
+    async def scenario():
+        async with relay() as (gateway, _mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "update_session", "instructions": "x", "transcription_model": "whisper-2",
+                               "turn_detection": {"mode": "server_vad", "eagerness": "high"}})
+            ready = await client.wait("ready")
+            rejected = await client.wait("error")
+            await client.send({"type": "config", "voice": "ash", "input_transcription": {"model": "whisper-3"}})
+            seed = await client.wait("error")
+            updated = await client.wait("session_updated")
+            await client.close()
+            return ready, rejected, seed, updated
+
+    ready, rejected, seed, updated = run(scenario(), timeout=20)
+    # eagerness does not apply to server VAD: kept, listed, no error (ready tells)
+    assert ready["ignored"] == ["turn_detection.eagerness", "transcription_model"]
+    assert rejected["param"] == "transcription_model" and "upstream rejected transcription_model" in rejected["message"]
+    # the same field given later in the seed's spelling is named in that spelling
+    assert seed["param"] == "input_transcription.model"
+    assert updated["voice"] == "ash" and updated["ignored"] == ["turn_detection.eagerness", "input_transcription.model"]
+
+
 def test_upstream_drop_mid_response_is_fatal_with_a_clean_close():
     async def scenario():
         async with relay(MockOptions(close_after_events=8, pacing="realtime")) as (gateway, mock):
