@@ -5,11 +5,13 @@ import argparse
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import orjson
 import pytest
 
 from gateway import config as node_config
+from gateway.cli import build_parser
 from gateway.client_protocol import VOICES
 from tests.relay_harness import free_port
 from gateway.config import ConfigError, NodeConfig
@@ -294,3 +296,15 @@ def test_the_proxy_credentials_never_show_in_the_config_repr():
     config = build(["--upstream-proxy", "http://user:secret-pw@egress:3128"], {"OPENAI_API_KEY": "sk-test"})
     assert config.upstream_proxy == "http://user:secret-pw@egress:3128"
     assert "secret-pw" not in repr(config) and "upstream_proxy='http://egress:3128'" in repr(config)
+
+
+@pytest.mark.parametrize("command", ["serve", "mock", "client"])
+def test_the_readme_documents_every_flag_of_every_command(command):
+    """`--help` is not the only place an operator looks: the mock's flags were listed only
+    there. Every flag of every command appears in README.md."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (commands,) = [action for action in build_parser(command)._actions if isinstance(action, argparse._SubParsersAction)]
+    flags = [option for action in commands.choices[command]._actions for option in action.option_strings
+             if option.startswith("--") and option != "--help"]
+    assert len(flags) >= 8
+    assert [flag for flag in flags if not re.search(re.escape(flag) + r"(?![\w-])", readme)] == []
