@@ -1073,14 +1073,20 @@ class RelaySession:
 
     def _interrupt_if_playing(self, cancel: bool = False) -> None:
         """Barge-in: cut what the client is playing, if anything (`PlaybackTimeline.barge_in`).
-        With `cancel` (the client's `cancel_response`), a response.cancel goes first. When it
-        cuts a reply the client is playing, it is tagged: that reply is usually generated in
-        full already (models run faster than real time), and the upstream's "no active
-        response" is then the expected race, not news for the client."""
+        With `cancel` (the client's `cancel_response`), a response.cancel goes first: over
+        nothing playing, the client's cancel of the running reply, as it asked. Over a reply
+        being played, a cancel of that reply by its id, and only while it runs: it is usually
+        generated in full already (models run faster than real time), and a bare cancel would
+        hit the next reply instead, the one a `text` or `function_result` just asked for. Its
+        id is tagged: "no active response" (it ended meanwhile) is the expected race, not news
+        for the client."""
         cut = self.playback.barge_in(self.loop.time(), self.active_response_id)
         if cancel:
-            self._send_upstream({"type": "response.cancel", "event_id": _CANCEL_EVENT_ID} if cut is not None
-                                else {"type": "response.cancel"})
+            if cut is None:
+                self._send_upstream({"type": "response.cancel"})
+            elif any(response_id == self.active_response_id for response_id, _ in cut.interrupted):
+                self._send_upstream({"type": "response.cancel", "event_id": _CANCEL_EVENT_ID,
+                                     "response_id": self.active_response_id})
         if cut is None:
             return
         self._sync_path()
