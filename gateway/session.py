@@ -777,6 +777,7 @@ class RelaySession:
         self._user_turn_ended()
 
     def _cmd_function_result(self, command: cp.FunctionResultCommand) -> None:
+        self._flush_audio()
         self._add_item({"type": "function_call_output", "call_id": command.call_id, "output": command.output})
         self._answered_calls = added(self._answered_calls, command.call_id)
         for response_id, waiting in list(self._awaiting_results.items()):

@@ -89,6 +89,30 @@ def _node(url: str) -> NodeConfig:
     return NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY, upstream_url=url)
 
 
+def test_a_function_result_goes_up_after_the_audio_sent_before_it():
+    """Found by a flow audit: `text`, `commit`, `create_response` and raw events keep the
+    client's order (audio the coalescer holds goes up first); `function_result` did not, and its
+    output and reply request overtook up to --coalesce-ms of the audio sent before it."""
+    async def scenario():
+        async with relay(MockOptions(record=True), coalesce_ms=200) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "tools": WEATHER, "turn_detection": "none"})
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "what is get_weather in Paris"})
+            call = await client.wait("function_call")
+            await client.wait("response_done")
+            upstream = mock.sessions[0]
+            before = len(upstream.received)
+            await client.send_audio(speech_like(0.1, seed=3))  # 100 ms: the 200 ms coalescer holds it
+            await client.send({"type": "function_result", "call_id": call["call_id"], "output": "sunny"})
+            await client.wait("response_started")
+            await client.wait("response_done")
+            await client.close()
+            return [event["type"] for event in upstream.received[before:]]
+
+    assert run(scenario(), timeout=20) == ["input_audio_buffer.append", "conversation.item.create", "response.create"]
+
+
 @pytest.mark.parametrize("turn_end", ["speech_stopped", "clear_audio", "vad_off", "vad_change", "audio_stops"])
 def test_a_function_result_sent_while_the_user_speaks_waits_for_the_end_of_the_turn(turn_end):
     """Found by a client-protocol audit: the gateway asked for the result's reply while the user
