@@ -918,9 +918,16 @@ class RelaySession:
             if type(answered) is str:
                 self._pending_updates.pop(answered, None)
         self.effective = self.dialect.effective(_object(event.get("session")))
-        if self.state is READY and type(answered) is str:
-            # the answer to a client's `config` after `ready` (one sent on open may cross a fast
-            # upstream's `ready`): the effective values it left, as `ready` reported them
+        if type(answered) is tuple and not self._updates_in_flight:
+            # a client's raw update may have changed the audio formats behind the gateway's
+            # back: it relays in what the upstream now uses (unless a later update is on its way)
+            for name in ("input_audio_format", "output_audio_format"):
+                if self.effective.get(name):
+                    self._follow_upstream(name)
+        if self.state is READY and answered is not None:
+            # the answer to a client's `config` or raw session.update after `ready` (one sent on
+            # open may cross a fast upstream's `ready`): the effective values it left, as `ready`
+            # reported them
             self._send_client(cp.session_updated_event(self._client_effective(), list(self.ignored)))
         self._maybe_ready()
 

@@ -356,3 +356,29 @@ def test_an_output_format_that_follows_the_input_is_not_left_listed_as_ignored()
     assert (error["code"], error["param"]) == ("InvalidConfig", "output_audio_format")
     assert refused["ignored"] == ["output_audio_format"]
     assert updated["ignored"] == []
+
+
+def test_a_raw_session_update_the_upstream_applied_is_answered_with_session_updated():
+    """Found by a flow audit: a client's raw session.update was forwarded and applied, but only
+    a refusal reached the client; the upstream's session.updated was kept from it, so it could
+    not tell the update had applied, nor what the session now is."""
+    async def scenario():
+        async with relay() as (gateway, _mock):
+            client = await RelayClient.connect(gateway.url)
+            ready = await client.wait("ready")
+            await client.send({"type": "session.update", "event_id": "mine",
+                               "session": {"type": "realtime", "audio": {"output": {"voice": "ash"}}}})
+            updated = await client.wait("session_updated")
+            # a raw update of the output format: the gateway relays (and cuts replies) in it
+            await client.send({"type": "session.update", "session": {
+                "type": "realtime", "audio": {"output": {"format": {"type": "audio/pcmu"}}}}})
+            pcmu = await client.wait("session_updated")
+            (session,) = gateway.sessions
+            bytes_per_ms = session.output_bytes_per_ms
+            await client.close()
+            return ready, updated, pcmu, bytes_per_ms
+
+    ready, updated, pcmu, bytes_per_ms = run(scenario(), timeout=20)
+    assert ready["voice"] == "alloy" and updated["voice"] == "ash" and updated["ignored"] == []
+    assert pcmu["output_audio_format"] == "g711_ulaw" and pcmu["input_audio_format"] == "pcm16"
+    assert bytes_per_ms == 8
