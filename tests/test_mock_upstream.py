@@ -10,6 +10,9 @@ import asyncio
 import base64
 import math
 import re
+import socket
+import subprocess
+import sys
 from typing import Any, Optional
 
 import numpy as np
@@ -953,3 +956,36 @@ def test_standalone_cli_serves_and_stops_on_sigterm() -> None:
         if process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_the_standalone_mock_refuses_values_that_cannot_work_with_one_line():
+    """Found by an operations audit: `mock --port 99999` listened on 34463 (the port wrapped),
+    a port in use or a host that does not resolve ended in a traceback, and nonsense delays
+    (-1 s, nan) started a mock that would misbehave. Each is now one line and exit code 2, as
+    the node does, naming the flag."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = {
+            ("--port", "99999"): "--port must be 0-65535, got 99999",
+            ("--port", str(port)): f"cannot listen on 127.0.0.1:{port}: Address already in use",
+            ("--handshake-delay-s", "-1"): "--handshake-delay-s must be a number of seconds >= 0",
+            ("--session-max-s", "nan"): "--session-max-s must be a number of seconds > 0",
+            ("--close-after-s", "0"): "--close-after-s must be a number of seconds > 0",
+            ("--close-after-events", "0"): "--close-after-events must be >= 1",
+            ("--text-tone-hz", "20000"): "--text-tone-hz must be above 0 and below 12000",
+            ("--delta-ms", "0"): "--delta-ms must be > 0",
+        }
+        runs = {args: subprocess.Popen([sys.executable, "-m", "gateway", "mock", "--host", "127.0.0.1", *args],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for args in cases}
+        try:
+            for args, complaint in cases.items():
+                stdout, stderr = runs[args].communicate(timeout=30)
+                assert (runs[args].returncode, stdout, stderr) == (2, "", f"realtime-gateway mock: {complaint}\n")
+        finally:
+            for process in runs.values():
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import signal
 import ssl
 import sys
@@ -119,11 +120,21 @@ async def serve(options: MockOptions, host: str, port: int, tls: ssl.SSLContext 
 
 
 def run(args: argparse.Namespace) -> int:
+    """One line on stderr and exit code 2 for options that cannot work, as the node does."""
     try:
+        if not 0 <= args.port <= 65535:
+            raise ValueError(f"--port must be 0-65535, got {args.port}")
         options = options_from_args(args)
         tls = tls_from_args(args)
     except ValueError as exc:
-        print(f"realtime-gateway mock: {exc}", file=sys.stderr)
+        # MockOptions names its fields (delta_ms); here they are flags (--delta-ms)
+        message = re.sub(r"^([a-z]+(?:_[a-z0-9]+)+)\b", lambda m: "--" + m.group(1).replace("_", "-"), str(exc))
+        print(f"realtime-gateway mock: {message}", file=sys.stderr)
         return 2
-    uvloop.run(serve(options, args.host, args.port, tls))
+    try:
+        uvloop.run(serve(options, args.host, args.port, tls))
+    except OSError as exc:  # the port is taken, the host does not resolve
+        print(f"realtime-gateway mock: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
     return 0

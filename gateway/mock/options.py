@@ -4,6 +4,7 @@ The CLI (`gateway.mock.cli`) exposes each field as a flag; tests construct it di
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -98,6 +99,17 @@ class MockOptions:
             raise ValueError("reply_item_ms must be >= 0")
         if self.function_every_n_audio_turns < 0:
             raise ValueError("function_every_n_audio_turns must be >= 0")
+        # `not a <= x < b` also refuses nan
+        for name in ("handshake_delay_s", "slow_read_s"):
+            if not 0.0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a number of seconds >= 0")
+        for name in ("close_after_s", "session_max_s"):
+            if getattr(self, name) is not None and not 0.0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a number of seconds > 0")
+        if self.close_after_events is not None and self.close_after_events < 1:
+            raise ValueError("close_after_events must be >= 1")
+        if not 0.0 < self.text_tone_hz < 12_000.0:  # below the Nyquist frequency of 24 kHz audio
+            raise ValueError("text_tone_hz must be above 0 and below 12000")
         for name in ("bad_key", "beta", "pacing", "echo_mode", "function_trigger"):
             allowed = _ALLOWED[name]
             if getattr(self, name) not in allowed:
