@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import struct
 import sys
@@ -290,6 +291,8 @@ async def _speak(transport: WSTransport, audio: bytes, turn_detection: str, queu
 
 
 def run(args: argparse.Namespace) -> int:
+    if not 0.0 < args.timeout < math.inf:  # also nan
+        return _usage_error(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     if args.wav:
         try:
             audio = load_wav_pcm16(args.wav)

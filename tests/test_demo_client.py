@@ -148,6 +148,8 @@ def test_newcomer_mistakes_get_one_line_and_exit_2(tmp_path):
     assert _one_line_error(_client(port, "--demo-tone", "--out", str(dangling))).endswith(
         f"no such directory {nowhere.parent}")
     assert _one_line_error(_client(port, "--demo-tone", "--out", "")).endswith("an empty path")
+    assert _one_line_error(_client(port, "--demo-tone", "--timeout", "nan")) == \
+        "realtime-gateway client: --timeout must be a positive number of seconds, got nan"
     refused = _one_line_error(_client(port, "--demo-tone"))
     assert refused == f"realtime-gateway client: cannot connect to ws://127.0.0.1:{port}/realtime: Connection refused"
     with_token = subprocess.run([sys.executable, "-m", "gateway", "client", "--demo-tone", "--url",
