@@ -334,9 +334,12 @@ def test_secrets_are_scrubbed_from_messages():
     openai = from_upstream_error({"code": "invalid_api_key", "message": (
         "Incorrect API key provided: sk-****************9876. You can find your API key at "
         "https://platform.openai.com/account/api-keys.")})
-    assert openai.message == ("Incorrect API key provided: [redacted] You can find your API key at "
+    assert openai.message == ("Incorrect API key provided: [redacted]. You can find your API key at "
                               "https://platform.openai.com/account/api-keys.")
     assert scrub("Incorrect API key provided: abcd****wxyz.") == "Incorrect API key provided: [redacted]"
+    # a token ends where a delimiter begins: the text around it stays as it was
+    assert scrub("Key X header [Bearer abc.def-123] is invalid") == "Key X header [Bearer [redacted]] is invalid"
+    assert scrub("(api-key=abc123def); retry") == "(api-key=[redacted]); retry"
 
 
 def test_error_messages_quoting_client_values_are_clipped():
