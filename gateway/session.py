@@ -140,7 +140,7 @@ class RelaySession:
                  "_reopens", "_response_asked",
                  "_response_calls", "_response_wanted", "_user_speaking", "_items_unconfirmed", "_spelling",
                  "_item_counter", "_turn_frames_seen", "_active_saw_items",
-                 "_turn_end", "_update_counter",
+                 "_turn_end", "_timing_reply", "_update_counter",
                  "active_at", "active_response_id", "activity_seen", "client", "client_leg", "client_read_seen",
                  "close_code", "created", "dialect", "effective", "heard_at", "heard_mark", "heard_seen", "ignored",
                  "input_format", "input_meter", "levels", "loop", "metrics", "node", "on_closed", "outcome",
@@ -173,6 +173,7 @@ class RelaySession:
         # kept by `release_read_buffers`: bytes each leg had received at its last release
         self.client_read_seen = self.upstream_read_seen = 0
         self._turn_end: float | None = None  # for time-to-first-reply-audio (`_turn_end_at`)
+        self._timing_reply = False  # the running reply started after `_turn_end`: its first audio is timed
         self._client_reading_paused = False  # while the upstream does not keep up
         self.upstream_url = upstream_url
         self.session_id = "gw_" + uuid.uuid4().hex[:20]
@@ -285,9 +286,20 @@ class RelaySession:
 
     @_turn_end_at.setter
     def _turn_end_at(self, when: float | None) -> None:
-        # the first reply audio after a turn end is timed by `_audio_out`: route it there
+        # timed is the first audio of the first reply created after it: a reply still running
+        # (whose audio would read ~0) is not the answer, nor one without audio (a function call)
         self._turn_end = when
-        self._sync_path()
+        if when is None and self._timing_reply:
+            self._timing_reply = False
+            self._sync_path()
+
+    def _time_this_reply(self, timed: bool) -> None:
+        """A conversation reply starts (True) or ends (False): while one started after a turn
+        end runs, its audio goes through `_audio_out`, which times the first of it."""
+        timed = timed and self._turn_end is not None
+        if timed != self._timing_reply:
+            self._timing_reply = timed
+            self._sync_path()
 
     def _sync_path(self) -> None:
         """Open or close the audio path's gates from the session's state. Client audio goes the
@@ -299,7 +311,7 @@ class RelaySession:
         path.upstream = upstream.transport if self.state is READY and upstream is not None else None
         item = self.playback.item
         if item is None or self.state is CLOSED or self.client is None or self.outbox.paused \
-                or self._turn_end is not None or item in self.playback.interrupted_items:
+                or self._timing_reply or item in self.playback.interrupted_items:
             item = None
         path.outbound_item = item
 
@@ -875,7 +887,7 @@ class RelaySession:
         stats = self.stats
         stats.u2c_audio_frames += 1
         stats.u2c_audio_bytes += size
-        if self._turn_end_at is not None:
+        if self._timing_reply:
             if self.metrics is not None:
                 self.metrics.observe_first_audio(self.loop.time() - self._turn_end_at)
             self._turn_end_at = None
@@ -1151,6 +1163,7 @@ class RelaySession:
             return
         self.active_response_id = response_id
         self._response_asked = False  # ours, or one that came first (then ours is refused)
+        self._time_this_reply(True)
         self._active_saw_items = not self._items_unconfirmed
         if self._active_saw_items:
             # the upstream handles events in order: a reply created after every item the gateway
@@ -1217,6 +1230,7 @@ class RelaySession:
                 return
         if out_of_band:
             return  # what waits for the conversation's reply to end waits on
+        self._time_this_reply(False)  # no audio (a function call, a failure): the next reply's is timed
         ask, self._response_wanted = self._response_wanted, False
         calls = self._response_calls.pop(response_id, None) if isinstance(response_id, str) else None
         if calls:

@@ -19,6 +19,7 @@ import websockets
 from websockets.exceptions import InvalidStatus
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.mock import MockOptions
 from tests.relay_harness import RelayClient, gateway_process, relay, speech_like
 from tests.support import run
 
@@ -317,6 +318,32 @@ def test_metrics_count_exactly_what_the_sessions_did():
             assert samples[("gateway_upstream_connect_seconds_count", ())] == 2  # both sessions connected upstream
             assert samples[("gateway_first_audio_seconds_count", ())] == 1
     run(scenario(), timeout=30)
+
+
+def test_time_to_first_audio_is_timed_on_the_reply_that_answers_the_turn():
+    """Found by a flow audit: a `text` sent while a reply plays is answered after it, but its
+    turn end was timed by the next audio of the reply still playing: a sample of ~0 s. The
+    first audio of the first reply created after the turn end is what answers it."""
+    async def scenario():
+        async with relay(MockOptions(pacing="realtime", delta_ms=100)) as (gateway, _mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "tell me a rather long story about the sea please"})
+            playing = await client.wait("response_started")
+            await client.wait("transcript")  # the reply is under way (real-time pacing: ~3.5 s of it)
+            await client.send({"type": "text", "text": "and then?"})
+            done = await client.wait("response_done", response_id=playing["response_id"])
+            answer = await client.wait("response_started")
+            await client.wait("response_done", response_id=answer["response_id"])
+            samples = metric_samples((await http_get(f"http://127.0.0.1:{gateway.port}/metrics"))[1])
+            await client.close()
+            return samples, (done["_audio_before"] - playing["_audio_before"]) / 48_000
+
+    samples, first_reply_s = run(scenario(), timeout=30)
+    assert first_reply_s > 1.0  # the second text waited for most of it
+    assert samples[("gateway_first_audio_seconds_count", ())] == 2
+    assert samples[("gateway_first_audio_seconds_sum", ())] >= first_reply_s - 0.5
 
 
 def test_metrics_count_errors_by_code():
