@@ -47,6 +47,7 @@ from gateway.errors import (BENIGN_UPSTREAM_CODES, CLOSE_MESSAGE_TOO_BIG, Authen
                             SessionExpired, SlowClient, UpstreamError, from_upstream_error)
 from gateway.sockets import peer_closed, unanswered_s
 from gateway.upstream import MAX_UPSTREAM_MESSAGE_BYTES, UpstreamConnection, build_upstream_url, dialect_for
+from gateway.upstream.dialect import as_object as _object, as_text
 
 log = logging.getLogger("gateway.session")
 
@@ -930,9 +931,10 @@ class RelaySession:
             if type(answered) is str:
                 self._pending_updates.pop(answered, None)
         self.effective = self.dialect.effective(_object(event.get("session")))
-        if type(answered) is tuple and not self._updates_in_flight:
-            # a client's raw update may have changed the audio formats behind the gateway's
-            # back: it relays in what the upstream now uses (unless a later update is on its way)
+        if not self._updates_in_flight:
+            # the audio formats are what the upstream says they are, once no later update is on
+            # its way: a client's raw update may have changed them behind the gateway's back, or
+            # the upstream kept another than asked; the gateway relays, cuts and meters in them
             for name in ("input_audio_format", "output_audio_format"):
                 if self.effective.get(name):
                     self._follow_upstream(name)
@@ -982,9 +984,11 @@ class RelaySession:
             client_update = next((entry for entry in self._updates_in_flight if type(entry) is not str), None)
             if client_update is not None:
                 self._updates_in_flight.remove(client_update)
-        elif not event_id and self._updates_in_flight and (self.state is CONNECTING or _about_session_update(error)):
+        elif not event_id and self._updates_in_flight and (
+                (self.state is CONNECTING and error.get("type") == "invalid_request_error") or _about_session_update(error)):
             # the server leaves event_id null at times (reference §3.2): before `ready` only
-            # our updates have gone up, and after it an error about the session answers an
+            # our updates have gone up, so a request refused then refused one of them (a server
+            # error is no refusal), and after it an error about the session answers an
             # update — the oldest unanswered one (a client's own goes on to the client as any error)
             oldest = self._updates_in_flight[0]
             if type(oldest) is str:
@@ -1214,7 +1218,9 @@ class RelaySession:
         response_id = response.get("id")
         status = response.get("status")
         out_of_band = _out_of_band(response)
-        if response_id == self.active_response_id:
+        if not out_of_band:
+            # the conversation runs one reply at a time: this is its end, whatever id it gives
+            # (one it cannot read must not leave the gateway waiting for it for good)
             self.active_response_id = None
         if not out_of_band:
             # ours never announced itself (a conforming upstream sends response.created first):
@@ -1521,12 +1527,6 @@ def _ignore_message(payload) -> None:
 
 def _ignore_audio(item_id: str, pcm: bytes) -> None:
     """Nor does its audio."""
-
-
-def _object(value: Any) -> dict:
-    """An upstream event's object field, or {} when it is missing or not an object: events are
-    read leniently (reference §10.17), a wrongly typed field is as good as an absent one."""
-    return value if type(value) is dict else {}
 
 
 #: the fields of an upstream error object that are strings by the protocol

@@ -52,9 +52,11 @@ class ScriptedUpstream:
     """One upstream connection at a time, speaking the reference's GA shapes: `session.created`
     on connect (`created_after_s` later: the real one takes its time), then `script(self)`."""
 
-    def __init__(self, script: Callable[["ScriptedUpstream"], Awaitable[None]], created_after_s: float = 0.0) -> None:
+    def __init__(self, script: Callable[["ScriptedUpstream"], Awaitable[None]], created_after_s: float = 0.0,
+                 created: dict | None = None) -> None:
         self.script = script
         self.created_after_s = created_after_s
+        self.created = SESSION if created is None else created  # the `session` of session.created
         self.received: list[dict] = []
         self._ws = None
         self._server = None
@@ -64,7 +66,7 @@ class ScriptedUpstream:
             self._ws = ws
             if self.created_after_s:
                 await asyncio.sleep(self.created_after_s)  # the scenario's upstream latency
-            await self.send({"type": "session.created", "session": SESSION})
+            await self.send({"type": "session.created", "session": self.created})
             await self.script(self)
             await ws.wait_closed()
         self._server = await websockets.serve(serve, "127.0.0.1", 0)

@@ -29,7 +29,7 @@ from gateway.errors import (CLOSE_INTERNAL_ERROR, CLOSE_POLICY_VIOLATION, CLOSE_
                             CLOSE_UPSTREAM_AUTH_FAILED, ERROR_TABLE)
 from gateway.mock import MockOptions
 from gateway.server import GatewayServer
-from tests.relay_harness import TEST_KEY, ScriptedUpstream, free_port, relay, speech_like
+from tests.relay_harness import SESSION, TEST_KEY, ScriptedUpstream, free_port, relay, speech_like
 from tests.support import run
 from tests.raw_client import RawClient, echo_turn, http_get, ready_client
 
@@ -800,6 +800,141 @@ def test_upstream_events_with_wrongly_typed_fields_lose_the_event_not_the_sessio
         ("UpstreamError", False, "got still here"),
     ], errors
     assert done == [{"type": "response_done", "response_id": "resp_1", "status": "failed", "usage": None}]
+
+
+def _scripted_node(url: str) -> NodeConfig:
+    return NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY, upstream_url=url,
+                      connect_timeout_s=3.0)
+
+
+def _reshaped(session: dict, path: tuple[str, ...], value: Any) -> dict:
+    """SESSION with the field at `path` replaced by `value`."""
+    session = orjson.loads(orjson.dumps(session))
+    parent = session
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    return session
+
+
+@pytest.mark.parametrize("event, path, value", [
+    ("session.created", ("audio",), "pcm"),
+    ("session.updated", ("audio",), "pcm"),
+    ("session.updated", ("audio", "output"), "x"),
+    ("session.updated", ("audio", "input"), ["x"]),
+    ("session.updated", ("audio", "input", "transcription"), 7),
+], ids=["created_audio_string", "updated_audio_string", "updated_output_string", "updated_input_list",
+        "updated_transcription_number"])
+def test_a_session_object_with_a_wrongly_typed_part_still_reaches_ready(event, path, value):
+    """Found by an upstream audit: the nested parts of `session` were read as `x or {}`, which
+    keeps a string or a list; reading it raised after the update's answer was taken, so `ready`
+    never came and the client got 'did not answer the session configuration' two seconds later
+    (for session.created, the configuration was never even sent)."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        update = await upstream.receive("session.update")
+        await upstream.send({"type": "session.updated", "session": _reshaped(SESSION, path, value)
+                             if event == "session.updated" else SESSION})
+        assert update["session"]["instructions"] == "Be brief."
+
+    async def scenario():
+        created = _reshaped(SESSION, path, value) if event == "session.created" else None
+        async with ScriptedUpstream(script, created=created) as url, GatewayServer(_scripted_node(url)) as gateway:
+            client = await RawClient.connect(gateway.url)
+            client.send_json({"type": "config", "instructions": "Be brief."})
+            ready = await client.wait("ready", 5)
+            fatal = [e for e in client.events if e.get("type") == "error" and e["fatal"]]
+            await client.close()
+            return ready, fatal
+
+    ready, fatal = run(scenario(), timeout=20)
+    assert fatal == [] and ready["model"] == "gpt-realtime"
+
+
+@pytest.mark.parametrize("done", [
+    {"type": "response.done", "response": {"status": "completed", "output": []}},
+    {"type": "response.done", "response": None},
+    {"type": "response.done", "response": {"id": 1, "status": "completed"}},
+], ids=["id_missing", "response_null", "id_number"])
+def test_a_reply_whose_end_names_no_readable_id_still_ends(done):
+    """Found by an upstream audit: the conversation's reply ended only on a response.done
+    naming it, so one without a readable id left the gateway waiting for it for good: every
+    later reply it should ask for (after a text, a function result) was held, silently."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        await upstream.receive("response.create")
+        await upstream.send({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress",
+                                                                       "conversation_id": "conv_1"}})
+        await upstream.send(done)
+        await upstream.receive("response.create")  # the second text's reply is asked for
+        await upstream.send({"type": "error", "error": {"message": "asked again"}})
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(_scripted_node(url)) as gateway:
+            client = await RawClient.connect(gateway.url)
+            await client.wait("ready")
+            client.send_json({"type": "text", "text": "first"})
+            await client.wait("response_done", 5)
+            client.send_json({"type": "text", "text": "second"})
+            await client.wait("error", 5, message="asked again")
+            await client.close()
+
+    run(scenario(), timeout=20)
+
+
+def test_a_server_error_before_ready_is_no_refusal_of_the_configuration():
+    """Found by an upstream audit: before `ready` any error with a null event_id was taken for
+    the refusal of the gateway's update: a server_error became 'upstream rejected the
+    configuration' and `ready` listed the whole session as ignored, though the upstream then
+    applied it."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.send({"type": "error", "error": {"type": "server_error", "code": "server_error",
+                                                        "message": "The server had an error.", "event_id": None}})
+        await upstream.updated()
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(_scripted_node(url)) as gateway:
+            client = await RawClient.connect(gateway.url)
+            ready = await client.wait("ready", 5)
+            error = await client.wait("error", 5)
+            await client.close()
+            return ready, error
+
+    ready, error = run(scenario(), timeout=20)
+    assert ready["ignored"] == []
+    assert (error["code"], error["message"]) == ("UpstreamError", "The server had an error.")
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+def test_the_gateway_relays_in_the_output_format_the_upstream_confirms(dialect):
+    """Found by an upstream audit: asked for PCM16, an upstream that confirmed G.711 had `ready`
+    say g711_ulaw while the gateway still cut and metered replies as PCM16 (48 bytes a ms, not
+    8); a beta upstream's format names were taken as they came (`5`, 'pcm24'), and one of them
+    could break the session's handling of updates."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        update = await upstream.receive("session.update")
+        if dialect == "ga":
+            session = _reshaped(SESSION, ("audio", "output", "format"), {"type": "audio/pcmu"})
+        else:
+            session = {**update["session"], "output_audio_format": "g711_ulaw", "input_audio_format": "pcm24"}
+        await upstream.send({"type": "session.updated", "session": session})
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(NodeConfig(
+                host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY, upstream_url=url,
+                connect_timeout_s=3.0, upstream_dialect=dialect)) as gateway:
+            client = await RawClient.connect(gateway.url)
+            ready = await client.wait("ready", 5)
+            (session,) = gateway.sessions
+            relayed = session.output_bytes_per_ms
+            await client.close()
+            return ready, relayed
+
+    ready, relayed = run(scenario(), timeout=20)
+    assert ready["output_audio_format"] == "g711_ulaw" and relayed == 8
+    if dialect == "beta":
+        assert ready["input_audio_format"] is None  # a name it does not know is no format
 
 
 def test_a_ping_flood_from_an_upstream_that_does_not_read_keeps_memory_bounded():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.client_protocol import SessionConfig
-from gateway.upstream.dialect import UpstreamDialect, turn_detection_mode, turn_detection_object
+from gateway.client_protocol import AUDIO_FORMATS, SessionConfig
+from gateway.upstream.dialect import UpstreamDialect, as_object, as_text, turn_detection_mode, turn_detection_object
 
 #: beta server event type -> internal (GA) event type
 EVENT_NAMES = {
@@ -78,12 +78,16 @@ class BetaDialect(UpstreamDialect):
         return event
 
     def effective(self, session: dict[str, Any]) -> dict[str, Any]:
-        transcription = session.get("input_audio_transcription")
         return {
-            "model": session.get("model"),
-            "voice": session.get("voice"),
+            "model": as_text(session.get("model")),
+            "voice": as_text(session.get("voice")),
             "turn_detection": turn_detection_mode(session.get("turn_detection")),
-            "input_audio_format": session.get("input_audio_format"),
-            "output_audio_format": session.get("output_audio_format"),
-            "input_transcription": transcription.get("model") if isinstance(transcription, dict) else None,
+            "input_audio_format": _format_name(session.get("input_audio_format")),
+            "output_audio_format": _format_name(session.get("output_audio_format")),
+            "input_transcription": as_text(as_object(session.get("input_audio_transcription")).get("model")),
         }
+
+
+def _format_name(value: Any) -> str | None:
+    """A beta format name the gateway relays in (the client protocol's names), else None."""
+    return value if value in AUDIO_FORMATS else None

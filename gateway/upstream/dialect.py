@@ -61,6 +61,17 @@ def turn_detection_object(config: SessionConfig) -> dict[str, Any] | None:
     return result
 
 
+def as_object(value: Any) -> dict:
+    """An upstream event's object field, or {} when it is missing or not an object: events are
+    read leniently (reference §10.17), a wrongly typed field is as good as an absent one."""
+    return value if type(value) is dict else {}
+
+
+def as_text(value: Any) -> str | None:
+    """An upstream string field, or None when it is missing or not a string."""
+    return value if type(value) is str else None
+
+
 def turn_detection_mode(value: Any) -> str:
     """Client-protocol name of an upstream turn_detection value."""
     if value is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.client_protocol import SessionConfig
-from gateway.upstream.dialect import UpstreamDialect, turn_detection_mode, turn_detection_object
+from gateway.upstream.dialect import UpstreamDialect, as_object, as_text, turn_detection_mode, turn_detection_object
 
 _FORMATS = {"pcm16": {"type": "audio/pcm", "rate": 24000}, "g711_ulaw": {"type": "audio/pcmu"},
             "g711_alaw": {"type": "audio/pcma"}}
@@ -79,15 +79,14 @@ class GaDialect(UpstreamDialect):
         return event
 
     def effective(self, session: dict[str, Any]) -> dict[str, Any]:
-        audio = session.get("audio") or {}
-        audio_in = audio.get("input") or {}
-        audio_out = audio.get("output") or {}
-        transcription = audio_in.get("transcription")
+        audio = as_object(session.get("audio"))
+        audio_in = as_object(audio.get("input"))
+        audio_out = as_object(audio.get("output"))
         return {
-            "model": session.get("model"),
-            "voice": audio_out.get("voice"),
+            "model": as_text(session.get("model")),
+            "voice": as_text(audio_out.get("voice")),
             "turn_detection": turn_detection_mode(audio_in.get("turn_detection")),
             "input_audio_format": _format_name(audio_in.get("format")),
             "output_audio_format": _format_name(audio_out.get("format")),
-            "input_transcription": transcription.get("model") if isinstance(transcription, dict) else None,
+            "input_transcription": as_text(as_object(audio_in.get("transcription")).get("model")),
         }
