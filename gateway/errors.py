@@ -60,9 +60,11 @@ ERROR_TABLE: dict[str, ErrorKind] = {
 # that might be echoed inside an upstream or library message.
 _SECRET_PATTERNS = (
     re.compile(r"\b(sk|ek|rk)[-_][A-Za-z0-9_*\-]{6,}"),
-    # a token ends at a delimiter: none of these is in a token's alphabet (RFC 6750 b64token)
-    re.compile(r"(?i)(bearer\s+)[^\s\"',;()\[\]{}<>]+"),
-    re.compile(r"(?i)(api[-_ ]key[\"']?\s*(?:provided)?\s*[:=]\s*[\"']?)[^\s\"',;()\[\]{}<>]+"),
+    # a token ends at a delimiter (none of these is in a token's alphabet, RFC 6750 b64token),
+    # and may open with one: `[Bearer X]` keeps its bracket, `Bearer <X>` is no way around
+    # (a key the patterns above already replaced is left as it is)
+    re.compile(r"(?i)(bearer\s+[\[(<{]?)(?!redacted\])[^\s\"',;()\[\]{}<>]+"),
+    re.compile(r"(?i)(api[-_ ]key[\"']?\s*(?:provided)?\s*[:=]\s*[\"'\[(<{]?)(?!redacted\])[^\s\"',;()\[\]{}<>]+"),
 )
 
 
