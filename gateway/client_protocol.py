@@ -392,9 +392,10 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
             raise _Bad("transcribe_input", "transcribe_input must be a boolean")
         if not value:
             config.transcription_model = ""
+            spelled["transcription_model"] = "transcribe_input"
         elif config.transcription_model is None:
             config.transcription_model = "whisper-1"
-        spelled["transcription_model"] = "transcribe_input"
+            spelled["transcription_model"] = "transcribe_input"
 
     def check_transcription_model() -> None:  # WaaV
         value = message["transcription_model"]

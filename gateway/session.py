@@ -290,7 +290,9 @@ class RelaySession:
         # timed is the first audio of the first reply created after it: a reply still running
         # (whose audio would read ~0) is not the answer, nor one without audio (a function call)
         self._turn_end = when
-        if when is None and self._timing_reply:
+        if self._timing_reply:
+            # timed, or a new turn end before its first audio: that reply no longer answers the
+            # latest turn end, the next one created does
             self._timing_reply = False
             self._sync_path()
 
@@ -632,10 +634,11 @@ class RelaySession:
             update.output_audio_format = update.input_audio_format
         for name in update.specified():
             # given again, and valid: applied, unless what follows finds it ignored once more
-            self.ignored.pop(self._client_param(name) or name, None)
+            # (under whichever name it was listed: a client may mix the spellings)
+            for param in (self._client_param(name), cp.CLIENT_PARAMS.get(name, name), command.spelled.get(name)):
+                self.ignored.pop(param, None)
             if name in command.spelled:
                 self._spelling[name] = command.spelled[name]
-                self.ignored.pop(self._spelling[name], None)
         for error in command.errors:
             self._note_ignored(error.param)
             self.fail(error)
@@ -829,6 +832,9 @@ class RelaySession:
         if self._send_upstream(command.event) and kind == "session.update":
             client_event_id = command.event.get("event_id")
             self._expect_update_answer((None, client_event_id if type(client_event_id) is str else None))
+            session = _object(command.event.get("session"))  # either dialect's shape
+            if "output_audio_format" in session or "format" in _object(_object(session.get("audio")).get("output")):
+                self._output_named = True  # the client named it: an input format no longer moves it
         if kind in _TURN_ENDING_EVENTS:
             self._user_turn_ended()
 
@@ -1108,7 +1114,8 @@ class RelaySession:
         if cancel:
             if cut is None:
                 self._send_upstream({"type": "response.cancel"})
-            elif any(response_id == self.active_response_id for response_id, _ in cut.interrupted):
+            elif self.active_response_id is not None and \
+                    any(response_id == self.active_response_id for response_id, _ in cut.interrupted):
                 self._send_upstream({"type": "response.cancel", "event_id": _CANCEL_EVENT_ID,
                                      "response_id": self.active_response_id})
         if cut is None:

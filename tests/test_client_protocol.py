@@ -353,3 +353,16 @@ def test_error_messages_quoting_client_values_are_clipped():
     event = orjson.loads(cp.error_event(raised.value))
     assert event["code"] == "InvalidMessage" and len(event["message"]) < 600
     assert event["message"].endswith("more characters)")
+
+
+def test_a_config_records_the_name_each_nested_or_aliased_field_came_by():
+    """Errors and `ignored` name a field as the client wrote it (see test_relay_errors): the
+    parser records the spelling that set each value, and only that one."""
+    assert config_of({"transcription_model": "m", "turn_detection": {"mode": "server_vad", "threshold": 0.4}}).spelled \
+        == {"transcription_model": "transcription_model", "vad_threshold": "turn_detection.threshold"}
+    assert config_of({"vad": {"threshold": 0.4}}).spelled == {"vad_threshold": "vad.threshold"}
+    # transcribe_input: true only turns on what input_transcription named: the model keeps its name
+    both = config_of({"input_transcription": {"model": "m"}, "transcribe_input": True})
+    assert both.config.transcription_model == "m"
+    assert both.spelled == {"transcription_model": "input_transcription.model"}
+    assert config_of({"transcribe_input": True}).spelled == {"transcription_model": "transcribe_input"}

@@ -3,6 +3,8 @@ for itself, function calls, a manual barge-in (`cancel_response`), and what an i
 leaves behind — end to end through a real node and the mock."""
 from __future__ import annotations
 
+import base64
+
 import orjson
 import pytest
 
@@ -587,3 +589,70 @@ def test_a_request_refused_for_a_reply_that_saw_its_item_is_not_asked_again():
     asked: list[dict] = []
     errors = run(scenario(), timeout=20)
     assert len(asked) == 1 and [e["upstream"]["code"] for e in errors] == ["item_retrieve_invalid_item_id"]
+
+
+
+_SECOND_OF_AUDIO = base64.b64encode(bytes(48_000)).decode()
+
+
+def test_a_cancel_over_a_reply_whose_id_is_unknown_sends_no_cancel_with_a_null_id():
+    """Found by a review: a reply whose audio came without its item being announced has no
+    known id; cancelling it while it played sent `response.cancel` with `response_id: null`."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        await upstream.send({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}})
+        await upstream.send({"type": "response.output_audio.delta", "response_id": "resp_1", "item_id": "item_1",
+                             "delta": _SECOND_OF_AUDIO})
+        await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "completed"}})
+        await upstream.receive("conversation.item.create")  # the text sent after the cancel
+        await upstream.send({"type": "error", "error": {"message": "text seen"}})
+
+    async def scenario():
+        upstream = ScriptedUpstream(script)
+        async with upstream as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.wait("response_done")
+            await client.send({"type": "cancel_response"})
+            await client.wait("interrupted")
+            await client.send({"type": "text", "text": "next", "respond": False})
+            await client.wait("error", message="text seen")
+            await client.close()
+            return upstream.received
+
+    assert [event for event in run(scenario(), timeout=20) if event["type"] == "response.cancel"] == []
+
+
+def test_a_turn_end_before_the_timed_replys_first_audio_passes_the_timing_to_the_next_reply():
+    """Found by a review: the first reply created after a turn end is timed (to its first
+    audio). A second text before that audio left the first reply timed from the second text
+    (too short), and the reply answering the second text untimed. Now the latest turn end
+    waits for a reply created after it."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        await upstream.receive("response.create")
+        await upstream.send({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}})
+        await upstream.receive("conversation.item.create")  # the second text: its turn end is marked
+        await upstream.send({"type": "error", "error": {"message": "second text seen"}})
+        await upstream.send({"type": "response.output_audio.delta", "response_id": "resp_1", "item_id": "item_1",
+                             "delta": _SECOND_OF_AUDIO})
+        await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "completed"}})
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "one"})
+            await client.wait("response_started")
+            (session,) = gateway.sessions
+            await client.send({"type": "text", "text": "two"})
+            await client.wait("error", message="second text seen")
+            await client.wait("response_done", response_id="resp_1")
+            # resp_1 was not timed from the second text: that turn end waits for the next reply
+            waiting = session._turn_end_at is not None and not session._timing_reply
+            await client.close()
+            return waiting
+
+    assert run(scenario(), timeout=20)

@@ -382,3 +382,42 @@ def test_a_raw_session_update_the_upstream_applied_is_answered_with_session_upda
     assert ready["voice"] == "alloy" and updated["voice"] == "ash" and updated["ignored"] == []
     assert pcmu["output_audio_format"] == "g711_ulaw" and pcmu["input_audio_format"] == "pcm16"
     assert bytes_per_ms == 8
+
+
+def test_a_field_listed_under_one_spelling_leaves_the_list_when_applied_under_another():
+    """Found by a review: `ignored` was cleared under the client's latest spelling only, so a
+    threshold refused as `vad.threshold` stayed listed after `turn_detection.threshold` applied."""
+    async def scenario():
+        async with relay() as (gateway, _mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": {"mode": "server_vad", "threshold": 0.5}})
+            await client.wait("ready")
+            await client.send({"type": "config", "vad": {"threshold": 2}})
+            refused = await client.wait("error")
+            await client.send({"type": "config", "turn_detection": {"mode": "server_vad", "threshold": 0.6}})
+            updated = await client.wait("session_updated")
+            await client.close()
+            return refused, updated
+
+    refused, updated = run(scenario(), timeout=20)
+    assert refused["param"] == "vad.threshold" and updated["ignored"] == []
+
+
+def test_an_output_format_named_by_a_raw_update_does_not_follow_a_later_input_format():
+    """Found by a review: the output format follows the input one until the client names its
+    own; naming it in a raw session.update did not count, so a later `input_audio_format` moved
+    the output format the client had set."""
+    async def scenario():
+        async with relay() as (gateway, _mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "session.update", "session": {
+                "type": "realtime", "audio": {"output": {"format": {"type": "audio/pcmu"}}}}})
+            await client.wait("session_updated")
+            await client.send({"type": "config", "input_audio_format": "g711_alaw"})
+            updated = await client.wait("session_updated")
+            await client.close()
+            return updated
+
+    updated = run(scenario(), timeout=20)
+    assert (updated["input_audio_format"], updated["output_audio_format"]) == ("g711_alaw", "g711_ulaw")
