@@ -613,14 +613,14 @@ def speech_event(kind: str, audio_ms: int, item_id: str | None) -> bytes:
     return orjson.dumps({"type": kind, "audio_ms": audio_ms, "item_id": item_id})
 
 
-def response_started_event(response_id: str, out_of_band: bool = False) -> bytes:
+def response_started_event(response_id: str | None, out_of_band: bool = False) -> bytes:
     event = {"type": "response_started", "response_id": response_id}
     if out_of_band:  # a forwarded `conversation:"none"` response.create's
         event["out_of_band"] = True
     return orjson.dumps(event)
 
 
-def response_done_event(response_id: str, status: str | None, usage: Any, out_of_band: bool = False) -> bytes:
+def response_done_event(response_id: str | None, status: str | None, usage: Any, out_of_band: bool = False) -> bytes:
     event = {"type": "response_done", "response_id": response_id, "status": status, "usage": usage}
     if out_of_band:
         event["out_of_band"] = True

@@ -1072,7 +1072,8 @@ class RelaySession:
 
     def _on_speech_started(self, event: dict) -> None:
         self._user_speaking = True
-        self._send_client(cp.speech_event("speech_started", _int(event.get("audio_start_ms")), event.get("item_id")))
+        self._send_client(cp.speech_event("speech_started", _ms(event.get("audio_start_ms")),
+                                          as_text(event.get("item_id"))))
         self._interrupt_if_playing()
 
     def _on_speech_stopped(self, event: dict) -> None:
@@ -1080,7 +1081,7 @@ class RelaySession:
         # reply answers what waited meanwhile (`_on_response_created`)
         self._user_speaking = False
         self._turn_end_at = self.loop.time()
-        self._send_client(cp.speech_event("speech_stopped", _int(event.get("audio_end_ms")), event.get("item_id")))
+        self._send_client(cp.speech_event("speech_stopped", _ms(event.get("audio_end_ms")), as_text(event.get("item_id"))))
 
     def check_user_turn(self) -> None:
         """Called by the node's sweep (about once a second). The upstream's VAD ends a turn only
@@ -1131,46 +1132,45 @@ class RelaySession:
     def _on_user_transcript_delta(self, event: dict) -> None:
         delta = event.get("delta")
         if isinstance(delta, str) and delta:
-            self._send_client(cp.transcript_event("user", delta, False, event.get("item_id")))
+            self._send_client(cp.transcript_event("user", delta, False, as_text(event.get("item_id"))))
 
     def _on_user_transcript_done(self, event: dict) -> None:
         text = event.get("transcript")
         if isinstance(text, str):
-            self._send_client(cp.transcript_event("user", text, True, event.get("item_id")))
+            self._send_client(cp.transcript_event("user", text, True, as_text(event.get("item_id"))))
 
     def _on_user_transcript_failed(self, event: dict) -> None:
         """The upstream could not transcribe a user turn: the client still gets the turn's final
         (empty) transcript, so nothing waits for one, and the reason as a non-fatal error."""
-        self._send_client(cp.transcript_event("user", "", True, event.get("item_id")))
+        self._send_client(cp.transcript_event("user", "", True, as_text(event.get("item_id"))))
         error = _error_object(event.get("error"))
         self.fail(UpstreamError(f"input transcription failed: {error.get('message') or 'no reason given'}",
                                 upstream=_details(error), fatal=False))
 
     def _on_assistant_delta(self, event: dict) -> None:
-        item_id = event.get("item_id")
+        item_id = as_text(event.get("item_id"))
         delta = event.get("delta")
         if item_id in self.playback.interrupted_items or not isinstance(delta, str) or not delta:
             return
-        self._send_client(cp.transcript_event("assistant", delta, False, item_id, event.get("response_id")))
+        self._send_client(cp.transcript_event("assistant", delta, False, item_id, as_text(event.get("response_id"))))
 
     def _on_assistant_done(self, event: dict) -> None:
-        item_id = event.get("item_id")
+        item_id = as_text(event.get("item_id"))
         text = event.get("transcript", event.get("text"))
         if not isinstance(text, str):
             return
         # an interrupted item's final still comes, so captions are closed: the whole text the
         # model generated, flagged (its later partials were not sent, and not all of it was heard)
-        self._send_client(cp.transcript_event("assistant", text, True, item_id, event.get("response_id"),
+        self._send_client(cp.transcript_event("assistant", text, True, item_id, as_text(event.get("response_id")),
                                               interrupted=item_id in self.playback.interrupted_items))
 
     def _on_response_created(self, event: dict) -> None:
         response = _object(event.get("response"))
-        response_id = response.get("id")
+        response_id = as_text(response.get("id"))
         if _out_of_band(response):
             # a client's `conversation:"none"` request: it runs beside the conversation's reply,
             # which stays the active one (barge-in, cancel, the next response.create)
-            if response_id:
-                self._send_client(cp.response_started_event(response_id, out_of_band=True))
+            self._send_client(cp.response_started_event(response_id, out_of_band=True))
             return
         self.active_response_id = response_id
         self._response_asked = False  # ours, or one that came first (then ours is refused)
@@ -1180,8 +1180,8 @@ class RelaySession:
             # the upstream handles events in order: a reply created after every item the gateway
             # added was confirmed has seen them all, and answers what waited for one
             self._response_wanted = False
-        if response_id:
-            self._send_client(cp.response_started_event(response_id))
+        # its response_done comes in any case: the client gets the pair, ids null if unreadable
+        self._send_client(cp.response_started_event(response_id))
 
     def _on_item_added(self, event: dict) -> None:
         item_id = _object(event.get("item")).get("id")
@@ -1218,22 +1218,23 @@ class RelaySession:
                 calls = set()
                 remember(self._response_calls, response_id, calls)
             calls.add(call_id)
-        self._send_client(cp.function_call_event(call_id, name, arguments if isinstance(arguments, str) else ""))
+        self._send_client(cp.function_call_event(call_id, as_text(name), arguments if isinstance(arguments, str) else ""))
 
     def _on_response_done(self, event: dict) -> None:
         response = _object(event.get("response"))
-        response_id = response.get("id")
-        status = response.get("status")
+        response_id = as_text(response.get("id"))
+        status = as_text(response.get("status"))
         out_of_band = _out_of_band(response)
         if not out_of_band:
             # the conversation runs one reply at a time: this is its end, whatever id it gives
-            # (one it cannot read must not leave the gateway waiting for it for good)
-            self.active_response_id = None
-        if not out_of_band:
-            # ours never announced itself (a conforming upstream sends response.created first):
+            # (one it cannot read must not leave the gateway waiting for it for good); and if
+            # ours never announced itself (a conforming upstream sends response.created first)
             # it is over all the same, and must not hold back every later request
+            self.active_response_id = None
             self._response_asked = False
-        self._send_client(cp.response_done_event(response_id, status, response.get("usage"), out_of_band))
+        usage = response.get("usage")
+        self._send_client(cp.response_done_event(response_id, status, usage if type(usage) is dict else None,
+                                                 out_of_band))
         if status == "failed":
             # fatal or not by the upstream code, as when it comes as an `error` event: a rate
             # limit or a server error fails one response, an account problem (insufficient_quota)
@@ -1552,8 +1553,15 @@ def _error_object(value: Any) -> dict:
     return error
 
 
-def _int(value: Any) -> int:
-    return int(value) if type(value) in (int, float) else 0
+#: the largest millisecond count the client gets (2**53: exact in every JSON reader)
+_MAX_MS = 1 << 53
+
+
+def _ms(value: Any) -> int:
+    """An upstream millisecond position: a whole number from 0 to _MAX_MS (0 when unreadable)."""
+    if type(value) is float:
+        value = int(value) if value == value and abs(value) < _MAX_MS else 0  # nan, inf, 1e300
+    return min(max(value, 0), _MAX_MS) if type(value) is int else 0
 
 
 def _details(error: dict) -> dict:

@@ -756,8 +756,8 @@ def test_upstream_events_with_wrongly_typed_fields_lose_the_event_not_the_sessio
     """The reference asks clients to read events leniently (§10.17; WaaV B9). An audit had the
     gateway raise on `session.updated` with a string `session`, or an `error` whose `error` is a
     string or whose `event_id` is a number: picows dropped the upstream with 1011 and the client
-    was told the upstream had gone. Now a wrongly typed field counts as absent, an event no
-    handler can read is dropped with a non-fatal error, and the session goes on."""
+    was told the upstream had gone. Now a wrongly typed field counts as absent (an item id
+    that is a list: no item id), and the session goes on."""
     malformed = [
         {"type": "session.updated", "session": "x"},
         {"type": "error", "error": "oops"},
@@ -765,7 +765,7 @@ def test_upstream_events_with_wrongly_typed_fields_lose_the_event_not_the_sessio
         {"type": "response.created", "response": "r"},
         {"type": "response.output_item.added", "response_id": "resp_1", "item": ["not", "an", "object"]},
         {"type": "response.done", "response": {"id": "resp_1", "status": "failed", "status_details": "bad"}},
-        {"type": "response.output_audio_transcript.delta", "item_id": ["item_1"], "delta": "no handler reads"},
+        {"type": "response.output_audio_transcript.delta", "item_id": ["item_1"], "delta": "an item id to drop"},
     ]
 
     async def script(upstream: ScriptedUpstream) -> None:
@@ -788,18 +788,53 @@ def test_upstream_events_with_wrongly_typed_fields_lose_the_event_not_the_sessio
             errors = [event for event in client.events if event.get("type") == "error"]
             assert client.close_code is None and not client.disconnected
             await client.close()
-            return errors, [event for event in client.events if event.get("type") == "response_done"]
+            return errors, [event for event in client.events if event.get("type") == "response_done"], \
+                [event for event in client.events if event.get("type") == "transcript"]
 
-    errors, done = run(scenario(), timeout=20)
+    errors, done, transcripts = run(scenario(), timeout=20)
+    assert [(t["text"], t["item_id"]) for t in transcripts] == [("an item id to drop", None)]
     assert [(error["code"], error["fatal"], error["message"]) for error in errors] == [
         ("UpstreamError", False, "oops"),
         ("UpstreamError", False, "numbered"),
         ("UpstreamError", False, "upstream error"),  # the failed response, its reason unreadable
-        ("UpstreamError", False, "the upstream sent a response.output_audio_transcript.delta event the gateway "
-                                 "could not read; it was ignored"),
         ("UpstreamError", False, "got still here"),
     ], errors
     assert done == [{"type": "response_done", "response_id": "resp_1", "status": "failed", "usage": None}]
+
+
+def test_upstream_values_of_the_wrong_type_reach_the_client_as_absent_not_as_they_came():
+    """Found by an upstream audit: ids, statuses and positions the client protocol types as
+    strings and whole milliseconds went out as the upstream sent them (an object for a
+    response_id, a number for an item_id, -5 ms), and 1e300 ms lost the whole event."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        for event in (
+            {"type": "input_audio_buffer.speech_started", "audio_start_ms": -5, "item_id": {"x": 1}},
+            {"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 1e300, "item_id": 7},
+            {"type": "response.created", "response": {"id": {"x": 1}, "status": "in_progress"}},
+            {"type": "response.output_audio_transcript.delta", "item_id": 3, "response_id": [1], "delta": "hi"},
+            {"type": "response.done", "response": {"id": 12345, "status": ["completed"], "usage": "lots"}},
+        ):
+            await upstream.send(event)
+        await upstream.send({"type": "error", "error": {"message": "end"}})
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(_scripted_node(url)) as gateway:
+            client = await RawClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.wait("error", 5, message="end")
+            await client.close()
+            return [{k: v for k, v in event.items() if k not in ("_audio_before",)} for event in client.events
+                    if event.get("type") not in ("ready", "error")]
+
+    assert run(scenario(), timeout=20) == [
+        {"type": "speech_started", "audio_ms": 0, "item_id": None},
+        {"type": "speech_stopped", "audio_ms": 0, "item_id": None},
+        {"type": "response_started", "response_id": None},
+        {"type": "transcript", "role": "assistant", "text": "hi", "is_final": False, "item_id": None},
+        {"type": "response_done", "response_id": None, "status": None, "usage": None},
+    ]
 
 
 def _scripted_node(url: str) -> NodeConfig:
