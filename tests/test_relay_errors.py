@@ -394,6 +394,35 @@ def test_an_upstream_message_the_gateway_refuses_is_named_in_the_error(raw, clos
     run(scenario(), timeout=30)
 
 
+def test_an_upstream_close_without_a_status_is_reported_as_1005_and_answered_with_1000():
+    """Found by an upstream audit: picows reads a close frame without a status as code 0; the
+    client was told "close code 0", and the gateway answered with a close frame carrying 0, a
+    code no endpoint may send (RFC 6455 §7.4). 1005 is the RFC's name for "no status"."""
+    answered: list[int | None] = []
+
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        await upstream.receive("conversation.item.create")
+        upstream._ws.transport.write(b"\x88\x00")  # close, no status, no reason
+        await upstream._ws.wait_closed()
+        answered.append(upstream._ws.close_code)  # what the gateway's answering close carried
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(NodeConfig(
+                host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY, upstream_url=url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "hello"})
+            error = await _expect_fatal(client, "ConnectionFailed", CLOSE_INTERNAL_ERROR)
+            await gateway.wait_empty(3)
+            return error
+
+    error = run(scenario(), timeout=30)
+    assert error["message"] == "upstream connection lost (close code 1005)"
+    assert answered == [1000]
+
+
 def test_session_expiry_is_fatal():
     async def scenario():
         async with relay(MockOptions(session_max_s=0.5)) as (gateway, mock):

@@ -143,10 +143,13 @@ class UpstreamListener(UpstreamLeg):
                 transport.send_pong(frame.get_payload_as_bytes())
             return
         if frame.msg_type is WSMsgType.CLOSE:
-            self.close_code = int(frame.get_close_code().value)
+            code = frame.get_close_code()
+            # no status in it: reported as RFC 6455's 1005 ("no status received"), never sent;
+            # picows says 0, and answering with 0 would put a code no endpoint may use on the wire
+            self.close_code = 1005 if code == WSCloseCode.NO_INFO else int(code)
             self.close_reason = frame.get_close_reason()
             if not transport.is_close_frame_sent:  # else this answers ours
-                transport.send_close(frame.get_close_code())
+                transport.send_close(WSCloseCode.OK if code == WSCloseCode.NO_INFO else code)
             transport.disconnect()
             return
         try:
