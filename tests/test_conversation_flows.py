@@ -293,6 +293,17 @@ def test_cancel_response_while_a_reply_plays_interrupts_it_and_truncates_upstrea
     run(scenario(), timeout=30)
 
 
+async def _a_reply_generated_in_full(client: RelayClient) -> tuple[dict, dict]:
+    """Push-to-talk, a text whose reply (several seconds) the fast-pacing mock generates at
+    once: its response_started and response_done, the client still playing it."""
+    await client.send({"type": "config", "turn_detection": "none"})
+    await client.wait("ready")
+    await client.send({"type": "text", "text": "tell me a rather long story about the sea please"})
+    started = await client.wait("response_started", timeout=5)
+    done = await client.wait("response_done", timeout=5)
+    return started, done
+
+
 def test_cancel_response_over_a_reply_generated_in_full_is_a_barge_in_without_an_error():
     """Models generate faster than real time (reference §7.6), so a manual barge-in usually
     finds the reply done upstream: nothing runs to cancel there. The client gets
@@ -300,11 +311,7 @@ def test_cancel_response_over_a_reply_generated_in_full_is_a_barge_in_without_an
     async def scenario():
         async with relay(MockOptions(record=True)) as (gateway, mock):  # fast pacing
             client = await RelayClient.connect(gateway.url)
-            await client.send({"type": "config", "turn_detection": "none"})
-            await client.wait("ready")
-            await client.send({"type": "text", "text": "tell me a rather long story about the sea please"})
-            started = await client.wait("response_started", timeout=5)
-            done = await client.wait("response_done", timeout=5)
+            started, done = await _a_reply_generated_in_full(client)
             assert done["status"] == "completed" and done["_audio_before"] > 1000 * BYTES_PER_MS
             await client.send({"type": "playback", "played_ms": 300})
             await client.send({"type": "cancel_response"})
@@ -329,11 +336,7 @@ def test_cancel_response_over_a_played_reply_leaves_the_reply_asked_for_just_bef
     async def scenario():
         async with relay(MockOptions(record=True)) as (gateway, mock):  # fast pacing
             client = await RelayClient.connect(gateway.url)
-            await client.send({"type": "config", "turn_detection": "none"})
-            await client.wait("ready")
-            await client.send({"type": "text", "text": "tell me a rather long story about the sea please"})
-            await client.wait("response_started", timeout=5)
-            heard = await client.wait("response_done", timeout=5)
+            _, heard = await _a_reply_generated_in_full(client)
             await client.send({"type": "playback", "played_ms": 300})
             await client.send({"type": "text", "text": "new question"})
             await client.send({"type": "cancel_response"})
