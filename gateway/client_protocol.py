@@ -203,7 +203,7 @@ def parse_client_message(payload: bytes | bytearray | memoryview | str) -> Comma
         return PassthroughCommand(message)
     parser = _PARSERS.get(kind)
     if parser is None:
-        raise InvalidMessage(f"unknown message type {kind!r}", param="type")
+        raise InvalidMessage(f"unknown message type {_shown(kind)}", param="type")
     return parser(message)
 
 

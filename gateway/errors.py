@@ -64,7 +64,9 @@ _SECRET_PATTERNS = (
     # and may open with one: `[Bearer X]` keeps its bracket, `Bearer <X>` is no way around
     # (a key the patterns above already replaced is left as it is)
     re.compile(r"(?i)(bearer\s+[\[(<{]?)(?!redacted\])[^\s\"',;()\[\]{}<>]+"),
-    re.compile(r"(?i)(api[-_ ]key[\"']?\s*(?:provided)?\s*[:=]\s*[\"'\[(<{]?)(?!redacted\])[^\s\"',;()\[\]{}<>]+"),
+    # (one \s* before and one inside the optional word: two side by side backtrack
+    # quadratically over a run of spaces)
+    re.compile(r"(?i)(api[-_ ]key[\"']?\s*(?:provided\s*)?[:=]\s*[\"'\[(<{]?)(?!redacted\])[^\s\"',;()\[\]{}<>]+"),
 )
 
 
@@ -73,10 +75,25 @@ _SECRET_PATTERNS = (
 MAX_MESSAGE_CHARS = 500
 
 
+#: how far past the clip a secret may reach and still be scrubbed whole (an OpenAI key is ~170
+#: characters): only the kept part plus this is ever scrubbed
+_SECRET_MARGIN = 512
+
+
 def _clip(text: str) -> str:
     if len(text) <= MAX_MESSAGE_CHARS:
         return text
     return f"{text[:MAX_MESSAGE_CHARS]}... ({len(text) - MAX_MESSAGE_CHARS} more characters)"
+
+
+def clean(text: str) -> str:
+    """`text` scrubbed and clipped, for a client or a log. A message may quote the client's own
+    value (10 MiB of it): only what is kept, and a margin no key outgrows, goes through the
+    patterns, so a huge message costs what a short one does."""
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return scrub(text)
+    kept = scrub(text[:MAX_MESSAGE_CHARS + _SECRET_MARGIN])[:MAX_MESSAGE_CHARS]
+    return f"{kept}... ({len(text) - MAX_MESSAGE_CHARS} more characters)"
 
 
 #: the node's own upstream keys, redacted wherever they appear whatever their shape (an Azure
@@ -122,7 +139,7 @@ class GatewayError(Exception):
     ) -> None:
         super().__init__(message)
         kind = ERROR_TABLE[self.code]
-        self.message = _clip(scrub(message))
+        self.message = clean(message)
         self.param = _clip(param) if param is not None else None
         self.upstream = _scrub_upstream(upstream) if upstream else None
         self.fatal = kind.fatal if fatal is None else fatal
@@ -147,7 +164,7 @@ def _scrub_upstream(upstream: dict[str, Any]) -> dict[str, Any]:
     kept = {}
     for key in ("code", "type", "param", "event_id"):
         value = upstream.get(key)
-        kept[key] = _clip(scrub(value)) if isinstance(value, str) else value  # may echo the client's input
+        kept[key] = clean(value) if isinstance(value, str) else value  # may echo the client's input
     return kept
 
 

@@ -352,7 +352,26 @@ def test_error_messages_quoting_client_values_are_clipped():
         cp.parse_client_message(orjson.dumps({"type": "x" * 1_000_000}))
     event = orjson.loads(cp.error_event(raised.value))
     assert event["code"] == "InvalidMessage" and len(event["message"]) < 600
-    assert event["message"].endswith("more characters)")
+
+
+def test_a_huge_message_is_scrubbed_only_where_it_is_kept(monkeypatch):
+    """Found by a bad-input audit: messages were scrubbed whole, then clipped, and one pattern
+    backtracked quadratically over a run of spaces: `{"type": "api key" + 60,000 spaces}` held
+    the worker's event loop (every session on it) for 19.6 s. Only the kept part, and a margin
+    no key outgrows, is scrubbed now; the pattern is linear."""
+    from gateway import errors
+
+    scrubbed: list[int] = []
+    real_scrub = errors.scrub
+    monkeypatch.setattr(errors, "scrub", lambda text: scrubbed.append(len(text)) or real_scrub(text))
+    message = "api key" + " " * 1_000_000 + ": secret"
+    error = InvalidMessage(message)
+    assert max(scrubbed) <= errors.MAX_MESSAGE_CHARS + 512
+    assert error.message.endswith(f"... ({len(message) - errors.MAX_MESSAGE_CHARS} more characters)")
+    key = "sk-proj-" + "k" * 160  # across the clip: scrubbed whole before the cut
+    assert "kkkk" not in InvalidMessage("x" * 450 + " " + key + " " + "y" * 10_000).message
+    # the pattern alone, on what a short message may hold: no run of spaces makes it slow
+    assert real_scrub("api key" + " " * 100_000 + "x") == "api key" + " " * 100_000 + "x"
 
 
 def test_a_config_records_the_name_each_nested_or_aliased_field_came_by():
