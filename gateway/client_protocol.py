@@ -34,6 +34,8 @@ BYTES_PER_MS = {"pcm16": 48, "g711_ulaw": 8, "g711_alaw": 8}
 MAX_INSTRUCTIONS_BYTES = 100 * 1024
 MAX_TEXT_BYTES = 50 * 1024
 MAX_FUNCTION_OUTPUT_BYTES = 100 * 1024
+#: OpenAI's call ids are ~30 characters; the session remembers the last ones it answered
+MAX_CALL_ID_BYTES = 256
 #: unknown `config` fields (and bad tools) reported one by one; the rest of them in one count
 MAX_UNKNOWN_REPORTED = 10
 #: function definitions in one `config` (OpenAI's function-calling limit elsewhere): a longer
@@ -227,7 +229,7 @@ def _parse_text(message: dict) -> TextCommand:
 
 
 def _parse_function_result(message: dict) -> FunctionResultCommand:
-    call_id = _string(message, "call_id")
+    call_id = _string(message, "call_id", limit=MAX_CALL_ID_BYTES)
     name = "result" if "result" in message and "output" not in message else "output"  # WaaV: `result`
     output = message.get(name)
     if isinstance(output, (dict, list)):
@@ -451,6 +453,8 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
         if value in TOOL_CHOICES:
             config.tool_choice = value
         elif isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("name"), str):
+            if not _TOOL_NAME.match(value["name"]):  # a tool's name, as tools[i].name must be
+                raise _Bad("tool_choice.name", "tool_choice.name must match ^[a-zA-Z0-9_-]{1,64}$")
             config.tool_choice = {"type": "function", "name": value["name"]}
         else:
             raise _Bad("tool_choice", "tool_choice must be auto, none, required or {type:function,name}")

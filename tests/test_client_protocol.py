@@ -385,3 +385,20 @@ def test_a_config_records_the_name_each_nested_or_aliased_field_came_by():
     assert both.config.transcription_model == "m"
     assert both.spelled == {"transcription_model": "input_transcription.model"}
     assert config_of({"transcribe_input": True}).spelled == {"transcription_model": "transcribe_input"}
+
+
+def test_a_call_id_and_a_tool_choice_name_are_bounded_like_every_other_client_string():
+    """Found by a bad-input audit: `function_result.call_id` had no limit, and the session keeps
+    the last 256 it answered: 256 results with 10 MiB call ids held 2.5 GiB for one session.
+    `tool_choice.name` took any string (200 KB, empty) where a tool's own name may not."""
+    with pytest.raises(InvalidMessage) as raised:
+        parse({"type": "function_result", "call_id": "c" * (cp.MAX_CALL_ID_BYTES + 1), "output": "x"})
+    assert raised.value.param == "call_id" and f"larger than {cp.MAX_CALL_ID_BYTES} bytes" in str(raised.value)
+    assert parse({"type": "function_result", "call_id": "call_" + "c" * 200, "output": "x"}).call_id.startswith("call_")
+    for name in ("x" * 65, "", "no spaces"):
+        command = config_of({"tool_choice": {"type": "function", "name": name}})
+        assert command.config.tool_choice is None
+        assert [(error.param, error.message) for error in command.errors] == [
+            ("tool_choice.name", "tool_choice.name must match ^[a-zA-Z0-9_-]{1,64}$")]
+    assert config_of({"tool_choice": {"type": "function", "name": "get_weather"}}).config.tool_choice == {
+        "type": "function", "name": "get_weather"}
