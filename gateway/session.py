@@ -699,6 +699,7 @@ class RelaySession:
         """Coalesce (and meter) the client's audio in `audio_format` from now on."""
         if audio_format != self.input_format:
             self._flush_audio()  # metered in the old format, like the rest of the meter's sums
+            self._drop_half_sample("the audio before the format change")
             self.input_format = audio_format
             self.input_meter.audio_format = audio_format
             self.coalescer = self._new_coalescer()
@@ -772,6 +773,7 @@ class RelaySession:
     def _cmd_commit(self, command) -> None:
         self._turn_end_at = self.loop.time()
         self._flush_audio()
+        self._drop_half_sample("the committed audio")
         self._send_upstream({"type": "input_audio_buffer.commit"})
         self._user_turn_ended()
 
@@ -789,6 +791,7 @@ class RelaySession:
         # what the coalescer holds goes up first, to be cleared there: dropping it here would
         # put the upstream's audio_ms timeline behind the client's
         self._flush_audio()
+        self._drop_half_sample()
         self._send_upstream({"type": "input_audio_buffer.clear"})
         self._user_turn_ended()
 
@@ -829,6 +832,10 @@ class RelaySession:
     def _cmd_passthrough(self, command: cp.PassthroughCommand) -> None:
         self._flush_audio()  # keep the client's order: audio sent before this event goes first
         kind = command.event.get("type")
+        if kind == "input_audio_buffer.commit":
+            self._drop_half_sample("the committed audio")
+        elif kind == "input_audio_buffer.clear":
+            self._drop_half_sample()
         if self._send_upstream(command.event) and kind == "session.update":
             client_event_id = command.event.get("event_id")
             self._expect_update_answer((None, client_event_id if type(client_event_id) is str else None))
@@ -1257,6 +1264,17 @@ class RelaySession:
             self._ask_for_response()
 
     # ---- levels -------------------------------------------------------------------------------
+
+    def _drop_half_sample(self, ended: str | None = None) -> None:
+        """At the end of the audio (`ended`: what ended; None: cleared, nothing to say), after a
+        flush, the coalescer may still hold the odd byte of PCM16: half a sample. Carried on, it
+        would start the next turn and shift every later sample by a byte (noise, silently), so it
+        is dropped, and the client told when its audio did not end on a whole sample."""
+        if self.coalescer.pending_bytes:
+            self.coalescer = self._new_coalescer()
+            if ended is not None:
+                self.fail(InvalidMessage(f"{ended} ended on half a sample (an odd number of PCM16 bytes): the "
+                                         "odd byte was dropped, so the next audio starts on a whole sample"))
 
     def _new_coalescer(self) -> Coalescer:
         sample_width = 2 if self.input_format == "pcm16" else 1
