@@ -525,6 +525,8 @@ class RelaySession:
         if self.state is READY:
             self._audio_in(payload)
         elif self.state is CONNECTING:
+            if not payload:
+                return  # nothing to relay, and a queue entry each: a million of them cost 7 MiB
             limit = self.node.pre_ready_buffer_ms * cp.BYTES_PER_MS[self.input_format]
             if self._pre_ready_overflowed or self._pre_ready_audio_bytes + len(payload) > limit:
                 if self.metrics is not None:

@@ -323,6 +323,24 @@ def test_audio_dropped_before_ready_is_counted_as_a_drop():
     run(scenario(), timeout=20)
 
 
+def test_empty_audio_frames_before_ready_take_no_room():
+    """Found by a bad-input audit: the pre-ready buffer counted bytes only, so empty frames were
+    queued without limit (a million of them: 7 MiB) while the upstream was opening."""
+    async def scenario():
+        async with relay(MockOptions(handshake_delay_s=1.0)) as (gateway, mock):
+            client = await RawClient.connect(gateway.url)
+            for _ in range(5_000):
+                client.send_binary(b"")
+            await client.sentinel()  # every frame before it has been handled
+            (session,) = gateway.sessions
+            queued = len(session._pre_ready or ())
+            await client.wait("ready", 5)
+            await client.close()
+            return queued
+
+    assert run(scenario(), timeout=20) == 0
+
+
 # ---- misbehaving clients -----------------------------------------------------------------------
 
 def _small_receive_buffer(_url) -> socket.socket:
