@@ -60,13 +60,13 @@ ERROR_TABLE: dict[str, ErrorKind] = {
 # that might be echoed inside an upstream or library message.
 _SECRET_PATTERNS = (
     re.compile(r"\b(sk|ek|rk)[-_][A-Za-z0-9_*\-]{6,}"),
-    # a token ends at a delimiter (none of these is in a token's alphabet, RFC 6750 b64token),
-    # and may open with one: `[Bearer X]` keeps its bracket, `Bearer <X>` is no way around
-    # (a key the patterns above already replaced is left as it is)
-    re.compile(r"(?i)(bearer\s+[\[(<{]?)(?!redacted\])[^\s\"',;()\[\]{}<>]+"),
-    # (one \s* before and one inside the optional word: two side by side backtrack
-    # quadratically over a run of spaces)
-    re.compile(r"(?i)(api[-_ ]key[\"']?\s*(?:provided\s*)?[:=]\s*[\"'\[(<{]?)(?!redacted\])[^\s\"',;()\[\]{}<>]+"),
+    # A token runs to whitespace, a quote or a comma, as it always did (what it holds is not
+    # ours to guess); `_redact_token` gives back the closing brackets (and `;`) that end it, so
+    # `[Bearer X]` keeps its `]`. An opening bracket is no way around it. A key already replaced
+    # is left as it is. Both are linear: no lazy match, and one \s* before and one inside the
+    # optional word (two side by side backtrack quadratically over a run of spaces).
+    re.compile(r"(?i)(bearer\s+[\[(<{]?)(?!\[?redacted\])([^\s\"',]+)"),
+    re.compile(r"(?i)(api[-_ ]key[\"']?\s*(?:provided\s*)?[:=]\s*[\"'\[(<{]?)(?!\[?redacted\])([^\s\"',]+)"),
 )
 
 
@@ -110,14 +110,20 @@ def keep_secret(value: str | None) -> None:
         _known_secrets = (*_known_secrets, value)
 
 
+def _redact_token(match: re.Match) -> str:
+    token = match.group(2)
+    kept = len(token) - len(token.rstrip("])}>;"))
+    return f"{match.group(1)}[redacted]{token[len(token) - kept:] if kept else ''}"
+
+
 def scrub(text: str) -> str:
     """Remove the node's keys and anything key-like from a message that may reach a client or a log."""
     for secret in _known_secrets:
         if secret in text:
             text = text.replace(secret, "[redacted]")
     text = _SECRET_PATTERNS[0].sub("[redacted]", text)
-    text = _SECRET_PATTERNS[1].sub(r"\1[redacted]", text)
-    return _SECRET_PATTERNS[2].sub(r"\1[redacted]", text)
+    text = _SECRET_PATTERNS[1].sub(_redact_token, text)
+    return _SECRET_PATTERNS[2].sub(_redact_token, text)
 
 
 class GatewayError(Exception):

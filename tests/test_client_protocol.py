@@ -340,9 +340,11 @@ def test_secrets_are_scrubbed_from_messages():
     # a token ends where a delimiter begins: the text around it stays as it was
     assert scrub("Key X header [Bearer abc.def-123] is invalid") == "Key X header [Bearer [redacted]] is invalid"
     assert scrub("(api-key=abc123def); retry") == "(api-key=[redacted]); retry"
-    # ... and a delimiter opening the token is no way around the pattern (found by a review)
+    # ... and no bracket or delimiter is a way around the pattern (found by two reviews: the
+    # first fix stopped tokens at `;()[]{}<>` and missed these)
     for wrapped in ("Bearer <eyJhbGciOi.x.y>", "Bearer [eyJhbGciOi.x.y]", "Bearer (tok-123456)",
-                    "api_key=(secret123456)", "api-key: {secret123456}"):
+                    "api_key=(secret123456)", "api-key: {secret123456}", "Bearer ((tok123456))",
+                    "Bearer [[tok123456]]", "Bearer tok;123456", "Bearer tok]123456 x"):
         assert "eyJ" not in scrub(wrapped) and "123456" not in scrub(wrapped), (wrapped, scrub(wrapped))
 
 
