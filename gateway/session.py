@@ -945,13 +945,14 @@ class RelaySession:
             answered = self._updates_in_flight.pop(0)
             if type(answered) is str:
                 self._pending_updates.pop(answered, None)
-        self.effective = self.dialect.effective(_object(event.get("session")))
+        stated = self.dialect.effective(_object(event.get("session")))
+        self.effective = {**self.effective, **stated}  # a partial answer leaves the rest as it was
         if not self._updates_in_flight:
             # the audio formats are what the upstream says they are, once no later update is on
             # its way: a client's raw update may have changed them behind the gateway's back, or
             # the upstream kept another than asked; the gateway relays, cuts and meters in them
             for name in ("input_audio_format", "output_audio_format"):
-                if self.effective.get(name):
+                if stated.get(name):
                     self._follow_upstream(name)
         if self.state is READY and answered is not None:
             # the answer to a client's `config` or raw session.update after `ready` (one sent on
@@ -985,8 +986,10 @@ class RelaySession:
                 self._run_command(item)
 
     def _client_effective(self) -> dict[str, Any]:
-        effective = dict(self.effective)
-        effective["model"] = effective.get("model") or self.upstream_model
+        """The fields of `ready` and `session_updated`: what the upstream has stated, null for
+        what it never has."""
+        effective = {name: self.effective.get(name) for name in _READY_FIELDS}
+        effective["model"] = effective["model"] or self.upstream_model
         return effective
 
     def _on_error(self, event: dict) -> None:
@@ -1000,10 +1003,10 @@ class RelaySession:
             if client_update is not None:
                 self._updates_in_flight.remove(client_update)
         elif not event_id and self._updates_in_flight and (
-                (self.state is CONNECTING and error.get("type") == "invalid_request_error") or _about_session_update(error)):
+                (self.state is CONNECTING and error.get("type") in (None, "invalid_request_error")) or _about_session_update(error)):
             # the server leaves event_id null at times (reference §3.2): before `ready` only
             # our updates have gone up, so a request refused then refused one of them (a server
-            # error is no refusal), and after it an error about the session answers an
+            # error, or any other type, is no refusal), and after it an error about the session answers an
             # update — the oldest unanswered one (a client's own goes on to the client as any error)
             oldest = self._updates_in_flight[0]
             if type(oldest) is str:
@@ -1050,17 +1053,26 @@ class RelaySession:
         else the update is lost. The client is told either way."""
         name = self.dialect.config_field(error.get("param")) or _FIELD_BY_UPDATE_CODE.get(error.get("code"))
         param = self._client_param(name) if name is not None else None
+        # what a later update, still on its way, sets is the client's newer word: the retry must
+        # not send the older value after it, nor the gateway fall back from it meanwhile
+        newer = {field for entry in self._updates_in_flight if type(entry) is str and entry in self._pending_updates
+                 for field in self._pending_updates[entry][0].specified()}
         rest = None
         if name is not None and getattr(part, name) is not None:
             rest = part.merged(cp.SessionConfig())
             default = getattr(fallback, name)
-            if default is not None and default != getattr(part, name):
+            if name in newer:
+                setattr(rest, name, None)
+            elif default is not None and default != getattr(part, name):
                 setattr(rest, name, default)  # the first update: the seed's default instead
                 setattr(self.requested, name, None)
             else:
                 setattr(rest, name, None)
                 self._follow_upstream(name)
-        self._note_ignored(param or str(error.get("param") or "session"))
+            for field in newer:
+                setattr(rest, field, None)
+        if name not in newer:  # else it is not ignored: the newer value goes on
+            self._note_ignored(param or str(error.get("param") or "session"))
         if rest is not None and rest.specified():
             self.fail(InvalidConfig(f"upstream rejected {param}: {error.get('message')} (ignored; the rest "
                                     f"of the config applies)", param=param, upstream=_details(error)))
@@ -1516,6 +1528,9 @@ _COMMAND_HANDLERS: dict[type, Callable[[RelaySession, Any], None]] = {
 }
 
 
+#: what `ready` and `session_updated` report, in this order (UpstreamDialect.effective's names)
+_READY_FIELDS = ("model", "voice", "turn_detection", "input_audio_format", "output_audio_format",
+                 "input_transcription")
 #: SessionConfig fields the upstream's session object reports back (UpstreamDialect.effective)
 #: a client's raw events that end the user's turn, or may restart the upstream's VAD mid-turn
 _TURN_ENDING_EVENTS = frozenset({"input_audio_buffer.commit", "input_audio_buffer.clear", "session.update"})

@@ -14,7 +14,7 @@ import pytest
 from gateway.config import NodeConfig
 from gateway.errors import CLOSE_INTERNAL_ERROR
 from gateway.server import GatewayServer
-from tests.relay_harness import RelayClient, ScriptedUpstream, relay
+from tests.relay_harness import SESSION, RelayClient, ScriptedUpstream, relay
 from tests.support import run
 
 def _node(url: str, connect_timeout_s: float = 5.0) -> NodeConfig:
@@ -421,3 +421,85 @@ def test_an_output_format_named_by_a_raw_update_does_not_follow_a_later_input_fo
 
     updated = run(scenario(), timeout=20)
     assert (updated["input_audio_format"], updated["output_audio_format"]) == ("g711_alaw", "g711_ulaw")
+
+
+def test_a_refused_update_does_not_undo_a_newer_one_still_on_its_way():
+    """Found by a review: the retry of a refused update (its other fields, SPEC §2.2) went up
+    after the client's newer update and set the older values again (instructions "A" after
+    "B"); and a refused input format made the gateway fall back to the upstream's while the
+    newer format was still on its way. What a newer update sets is left to it."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()                                       # ready
+        older = await upstream.receive("session.update")               # voice ash, instructions A
+        newer = await upstream.receive("session.update")               # instructions B
+        assert newer["session"] == {"type": "realtime", "instructions": "B"}
+        await upstream.send({"type": "error", "error": {
+            "type": "invalid_request_error", "code": "cannot_update_voice", "param": None,
+            "message": "Cannot update a conversation's voice if assistant audio is present.",
+            "event_id": older["event_id"]}})
+        await upstream.updated()                                       # the newer one applied
+        formats = await upstream.receive("session.update")             # input alaw (nothing else sent between)
+        assert formats["session"]["audio"]["input"]["format"] == {"type": "audio/pcma"}
+        ulaw = await upstream.receive("session.update")
+        await upstream.refuse(formats["event_id"], "Invalid value: 'audio/pcma'.", param="session.audio.input.format")
+        await upstream.receive("conversation.item.create")
+        pcmu = {"type": "audio/pcmu"}
+        await upstream.send({"type": "session.updated", "session": {**SESSION, "audio": {
+            "input": {**SESSION["audio"]["input"], "format": pcmu}, "output": {**SESSION["audio"]["output"], "format": pcmu}}}})
+        await upstream.receive("session.update")                       # the client's last config
+        await upstream.send({"type": "error", "error": {"message": f"last {ulaw['session']['audio']['input']}"}})
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready", timeout=5)
+            (session,) = gateway.sessions
+            await client.send({"type": "config", "voice": "ash", "instructions": "A"})
+            await client.send({"type": "config", "instructions": "B"})
+            await client.wait("error", timeout=5)                       # the voice refused
+            await client.wait("session_updated", timeout=5)
+            await client.send({"type": "config", "input_audio_format": "g711_alaw"})
+            await client.send({"type": "config", "input_audio_format": "g711_ulaw"})
+            refused = await client.wait("error", timeout=5)
+            format_meanwhile = session.input_format
+            await client.send({"type": "text", "text": "read", "respond": False})  # the newer one may be answered now
+            await client.send({"type": "config", "instructions": "C"})
+            last = await client.wait("error", timeout=5)
+            updated = client.of_type("session_updated")[-1]
+            await client.close()
+            return refused, format_meanwhile, last, updated
+
+    refused, format_meanwhile, last, updated = run(scenario(), timeout=20)
+    assert refused["param"] == "input_audio_format" and format_meanwhile == "g711_ulaw"
+    assert updated["input_audio_format"] == "g711_ulaw" and updated["ignored"] == ["voice"]
+    assert last["message"] == "last {'format': {'type': 'audio/pcmu'}}"
+
+
+def test_a_partial_session_updated_changes_only_what_it_states():
+    """Found by a review: the upstream's session object was read whole, an absent
+    turn_detection as "none": a `session.updated` stating only the voice made
+    `session_updated` report VAD off and null formats, and the gateway could then fall back to
+    PCM16 while the upstream used G.711."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()                                        # ready: server VAD, PCM16
+        await upstream.receive("session.update")
+        await upstream.send({"type": "session.updated", "session": {"type": "realtime",
+                                                                    "audio": {"output": {"voice": "ash"}}}})
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready", timeout=5)
+            await client.send({"type": "config", "voice": "ash", "input_audio_format": "g711_ulaw"})
+            updated = await client.wait("session_updated", timeout=5)
+            (session,) = gateway.sessions
+            relayed = session.input_format
+            await client.close()
+            return updated, relayed
+
+    updated, relayed = run(scenario(), timeout=20)
+    assert (updated["voice"], updated["turn_detection"]) == ("ash", "server_vad")
+    assert updated["input_audio_format"] == "pcm16"  # the last the upstream stated
+    assert relayed == "g711_ulaw"  # what the client sends, until the upstream says otherwise

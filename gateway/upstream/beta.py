@@ -78,14 +78,15 @@ class BetaDialect(UpstreamDialect):
         return event
 
     def effective(self, session: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "model": as_text(session.get("model")),
-            "voice": as_text(session.get("voice")),
-            "turn_detection": turn_detection_mode(session.get("turn_detection")),
-            "input_audio_format": _format_name(session.get("input_audio_format")),
-            "output_audio_format": _format_name(session.get("output_audio_format")),
-            "input_transcription": as_text(as_object(session.get("input_audio_transcription")).get("model")),
-        }
+        readings = (
+            ("model", "model", as_text),
+            ("voice", "voice", as_text),
+            ("turn_detection", "turn_detection", turn_detection_mode),
+            ("input_audio_format", "input_audio_format", _format_name),
+            ("output_audio_format", "output_audio_format", _format_name),
+            ("input_transcription", "input_audio_transcription", lambda value: as_text(as_object(value).get("model"))),
+        )
+        return {name: read(session[key]) for name, key, read in readings if key in session}
 
 
 def _format_name(value: Any) -> str | None:

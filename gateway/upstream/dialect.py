@@ -37,6 +37,9 @@ class UpstreamDialect:
         raise NotImplementedError
 
     def effective(self, session: dict[str, Any]) -> dict[str, Any]:
+        """The client-protocol fields the upstream's `session` object states (model, voice,
+        turn_detection, formats, input_transcription): only those present in it, so a partial
+        `session.updated` changes what it names and leaves the rest as they were."""
         raise NotImplementedError
 
 

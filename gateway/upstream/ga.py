@@ -82,11 +82,12 @@ class GaDialect(UpstreamDialect):
         audio = as_object(session.get("audio"))
         audio_in = as_object(audio.get("input"))
         audio_out = as_object(audio.get("output"))
-        return {
-            "model": as_text(session.get("model")),
-            "voice": as_text(audio_out.get("voice")),
-            "turn_detection": turn_detection_mode(audio_in.get("turn_detection")),
-            "input_audio_format": _format_name(audio_in.get("format")),
-            "output_audio_format": _format_name(audio_out.get("format")),
-            "input_transcription": as_text(as_object(audio_in.get("transcription")).get("model")),
-        }
+        readings = (
+            ("model", session, "model", as_text),
+            ("voice", audio_out, "voice", as_text),
+            ("turn_detection", audio_in, "turn_detection", turn_detection_mode),
+            ("input_audio_format", audio_in, "format", _format_name),
+            ("output_audio_format", audio_out, "format", _format_name),
+            ("input_transcription", audio_in, "transcription", lambda value: as_text(as_object(value).get("model"))),
+        )
+        return {name: read(part[key]) for name, part, key, read in readings if key in part}
