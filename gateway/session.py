@@ -701,7 +701,9 @@ class RelaySession:
         """Coalesce (and meter) the client's audio in `audio_format` from now on."""
         if audio_format != self.input_format:
             self._flush_audio()  # metered in the old format, like the rest of the meter's sums
-            self._drop_half_sample("the audio before the format change")
+            if self.coalescer.pending_bytes:  # half a PCM16 sample has no place in the new format
+                self.fail(InvalidMessage("the audio before the format change ended on half a sample (an odd "
+                                         "number of PCM16 bytes): the odd byte was dropped"))
             self.input_format = audio_format
             self.input_meter.audio_format = audio_format
             self.coalescer = self._new_coalescer()
@@ -775,8 +777,8 @@ class RelaySession:
     def _cmd_commit(self, command) -> None:
         self._turn_end_at = self.loop.time()
         self._flush_audio()
-        self._drop_half_sample("the committed audio")
         self._send_upstream({"type": "input_audio_buffer.commit"})
+        self._report_half_sample()
         self._user_turn_ended()
 
     def _cmd_create_response(self, command) -> None:
@@ -793,7 +795,6 @@ class RelaySession:
         # what the coalescer holds goes up first, to be cleared there: dropping it here would
         # put the upstream's audio_ms timeline behind the client's
         self._flush_audio()
-        self._drop_half_sample()
         self._send_upstream({"type": "input_audio_buffer.clear"})
         self._user_turn_ended()
 
@@ -834,16 +835,14 @@ class RelaySession:
     def _cmd_passthrough(self, command: cp.PassthroughCommand) -> None:
         self._flush_audio()  # keep the client's order: audio sent before this event goes first
         kind = command.event.get("type")
-        if kind == "input_audio_buffer.commit":
-            self._drop_half_sample("the committed audio")
-        elif kind == "input_audio_buffer.clear":
-            self._drop_half_sample()
         if self._send_upstream(command.event) and kind == "session.update":
             client_event_id = command.event.get("event_id")
             self._expect_update_answer((None, client_event_id if type(client_event_id) is str else None))
             session = _object(command.event.get("session"))  # either dialect's shape
             if "output_audio_format" in session or "format" in _object(_object(session.get("audio")).get("output")):
                 self._output_named = True  # the client named it: an input format no longer moves it
+        if kind == "input_audio_buffer.commit":
+            self._report_half_sample()
         if kind in _TURN_ENDING_EVENTS:
             self._user_turn_ended()
 
@@ -1279,16 +1278,15 @@ class RelaySession:
 
     # ---- levels -------------------------------------------------------------------------------
 
-    def _drop_half_sample(self, ended: str | None = None) -> None:
-        """At the end of the audio (`ended`: what ended; None: cleared, nothing to say), after a
-        flush, the coalescer may still hold the odd byte of PCM16: half a sample. Carried on, it
-        would start the next turn and shift every later sample by a byte (noise, silently), so it
-        is dropped, and the client told when its audio did not end on a whole sample."""
+    def _report_half_sample(self) -> None:
+        """A commit while the coalescer holds the odd byte of PCM16: the turn ended on half a
+        sample. The byte is carried on, as SPEC §2.2 has it (a stream split at an odd byte around
+        a commit stays aligned), so the next turn starts with it: the client is told, since a
+        turn that really ended mid-sample shifts every later sample by a byte."""
         if self.coalescer.pending_bytes:
-            self.coalescer = self._new_coalescer()
-            if ended is not None:
-                self.fail(InvalidMessage(f"{ended} ended on half a sample (an odd number of PCM16 bytes): the "
-                                         "odd byte was dropped, so the next audio starts on a whole sample"))
+            self.fail(InvalidMessage("the committed audio ended on half a sample (an odd number of PCM16 "
+                                     "bytes): the odd byte is carried into the next audio, as every odd byte "
+                                     "is; send whole samples, or every later sample is shifted by a byte"))
 
     def _new_coalescer(self) -> Coalescer:
         sample_width = 2 if self.input_format == "pcm16" else 1

@@ -50,12 +50,14 @@ def test_sixty_seconds_by_twenty_sessions_echo_byte_identical():
     run(scenario(), timeout=90)
 
 
-def test_half_a_sample_at_the_end_of_a_turn_is_dropped_not_carried_into_the_next():
-    """Found by a bad-input audit: a turn ending on an odd number of PCM16 bytes left the odd
-    byte in the coalescer, where it began the next turn: every later turn came back shifted by a
-    byte (noise), with no error, even after `clear_audio`. At a commit the half sample is now
-    dropped and the client told; at a clear it goes with the cleared audio."""
-    turns = [speech_like(0.2, seed=seed) for seed in range(4)]
+def test_half_a_sample_at_a_commit_is_carried_and_the_client_told():
+    """Found by a bad-input audit: a turn ending on an odd number of PCM16 bytes leaves the odd
+    byte to start the next turn, shifting every later sample by a byte, and nothing said so.
+    SPEC §2.2 carries an odd byte, never drops it: a stream split at an odd byte around a
+    commit or a clear stays aligned (a review of a first fix that dropped it showed the other
+    side). The byte is carried, and at a commit the client is told (non-fatal InvalidMessage)."""
+    stream = speech_like(0.4, seed=7)
+    first, rest = stream[:4801], stream[4801:]  # split mid-sample
 
     async def scenario():
         async with relay() as (gateway, _mock):
@@ -63,14 +65,9 @@ def test_half_a_sample_at_the_end_of_a_turn_is_dropped_not_carried_into_the_next
             await client.send({"type": "config", "turn_detection": "none"})
             await client.wait("ready")
             echoes = []
-            # a committed turn with an odd byte, a whole one, a cleared odd one, a whole one
-            for audio, end in ((turns[0] + b"\x07", "commit"), (turns[1], "commit"),
-                               (turns[2] + b"\x09", "clear_audio"), (turns[3], "commit")):
-                await client.send_audio(audio)
-                if end == "clear_audio":
-                    await client.send({"type": "clear_audio"})
-                    continue
+            for audio in (first, rest):
                 before = len(client.audio)
+                await client.send_audio(audio)
                 await client.send({"type": "commit"})
                 await client.send({"type": "create_response"})
                 await client.wait("response_done")
@@ -80,6 +77,6 @@ def test_half_a_sample_at_the_end_of_a_turn_is_dropped_not_carried_into_the_next
             return echoes, errors
 
     echoes, errors = run(scenario(), timeout=20)
-    assert echoes == [turns[0], turns[1], turns[3]]
+    assert echoes == [stream[:4800], stream[4800:]]  # aligned: the odd byte went on with the rest
     assert [(e["code"], e["fatal"]) for e in errors] == [("InvalidMessage", False)]
     assert errors[0]["message"].startswith("the committed audio ended on half a sample")
