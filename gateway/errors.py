@@ -59,14 +59,22 @@ ERROR_TABLE: dict[str, ErrorKind] = {
 # operator's), whatever follows "API key provided:", bearer tokens and api-key header values
 # that might be echoed inside an upstream or library message.
 _SECRET_PATTERNS = (
-    re.compile(r"\b(sk|ek|rk)[-_][A-Za-z0-9_*\-]{6,}"),
+    # (not after a letter or digit, so `x_sk-...` is one too)
+    re.compile(r"(?<![A-Za-z0-9])(sk|ek|rk)[-_][A-Za-z0-9_*\-]{6,}"),
+    # a JWT wherever it stands (a client token echoed without its `Bearer`): header and payload
+    # are base64 of JSON objects, so both begin `eyJ`
+    re.compile(r"eyJ[A-Za-z0-9_-]{6,}\.eyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]*"),
     # A token runs to whitespace, a quote or a comma, as it always did (what it holds is not
-    # ours to guess); `_redact_token` gives back the closing brackets (and `;`) that end it, so
-    # `[Bearer X]` keeps its `]`. An opening bracket is no way around it. A key already replaced
-    # is left as it is. Both are linear: no lazy match, and one \s* before and one inside the
-    # optional word (two side by side backtrack quadratically over a run of spaces).
-    re.compile(r"(?i)(bearer\s+[\[(<{]?)(?!\[?redacted\])([^\s\"',]+)"),
-    re.compile(r"(?i)(api[-_ ]key[\"']?\s*(?:provided\s*)?[:=]\s*[\"'\[(<{]?)(?!\[?redacted\])([^\s\"',]+)"),
+    # ours to guess), but never over the next `bearer` or `api key`, which would hide that
+    # one's secret from its own pattern; `_redact_token` gives back the closing brackets (and
+    # `;`) that end it, so `[Bearer X]` keeps its `]`. An opening bracket or quote is no way
+    # around it; `Bearer: X` and `Bearer=X` are caught too. A key already replaced is left as
+    # it is. All linear: no lazy match, and no two \s* side by side (they backtrack
+    # quadratically over a run of spaces).
+    re.compile(r"(?i)(bearer(?:\s*[:=]\s*|\s+)[\"'\[(<{]?)(?!\[?redacted\])"
+               r"((?:(?!bearer|api[-_ ]key)[^\s\"',])+)"),
+    re.compile(r"(?i)(api[-_ ]key[\"']?\s*(?:provided\s*)?[:=]\s*[\"'\[(<{]?)(?!\[?redacted\])"
+               r"((?:(?!bearer|api[-_ ]key)[^\s\"',])+)"),
 )
 
 
@@ -75,9 +83,11 @@ _SECRET_PATTERNS = (
 MAX_MESSAGE_CHARS = 500
 
 
-#: how far past the clip a secret may reach and still be scrubbed whole (an OpenAI key is ~170
-#: characters): only the kept part plus this is ever scrubbed
-_SECRET_MARGIN = 512
+#: how far past the clip a token may reach and still be scrubbed whole (an OpenAI key is ~170
+#: characters, a JWT rarely over 1,000)
+_SECRET_MARGIN = 2048
+#: where a token ends, as the patterns below see it
+_TOKEN_END = re.compile(r"[\s\"',]")
 
 
 def _clip(text: str) -> str:
@@ -88,12 +98,15 @@ def _clip(text: str) -> str:
 
 def clean(text: str) -> str:
     """`text` scrubbed and clipped, for a client or a log. A message may quote the client's own
-    value (10 MiB of it): only what is kept, and a margin no key outgrows, goes through the
-    patterns, so a huge message costs what a short one does."""
+    value (10 MiB of it): only what is kept goes through the patterns, so a huge message costs
+    what a short one does. What is kept ends where a token does (within `_SECRET_MARGIN`), so a
+    key across the clip is scrubbed whole, and nothing from past it can slide in when the
+    replacements shorten the text."""
     if len(text) <= MAX_MESSAGE_CHARS:
         return scrub(text)
-    kept = scrub(text[:MAX_MESSAGE_CHARS + _SECRET_MARGIN])[:MAX_MESSAGE_CHARS]
-    return f"{kept}... ({len(text) - MAX_MESSAGE_CHARS} more characters)"
+    token_end = _TOKEN_END.search(text, MAX_MESSAGE_CHARS, MAX_MESSAGE_CHARS + _SECRET_MARGIN)
+    head = text[:token_end.start() if token_end else MAX_MESSAGE_CHARS + _SECRET_MARGIN]
+    return f"{scrub(head)[:MAX_MESSAGE_CHARS]}... ({len(text) - MAX_MESSAGE_CHARS} more characters)"
 
 
 #: the node's own upstream keys, redacted wherever they appear whatever their shape (an Azure
@@ -122,8 +135,9 @@ def scrub(text: str) -> str:
         if secret in text:
             text = text.replace(secret, "[redacted]")
     text = _SECRET_PATTERNS[0].sub("[redacted]", text)
-    text = _SECRET_PATTERNS[1].sub(_redact_token, text)
-    return _SECRET_PATTERNS[2].sub(_redact_token, text)
+    text = _SECRET_PATTERNS[1].sub("[redacted]", text)
+    text = _SECRET_PATTERNS[2].sub(_redact_token, text)
+    return _SECRET_PATTERNS[3].sub(_redact_token, text)
 
 
 class GatewayError(Exception):

@@ -346,6 +346,12 @@ def test_secrets_are_scrubbed_from_messages():
                     "api_key=(secret123456)", "api-key: {secret123456}", "Bearer ((tok123456))",
                     "Bearer [[tok123456]]", "Bearer tok;123456", "Bearer tok]123456 x"):
         assert "eyJ" not in scrub(wrapped) and "123456" not in scrub(wrapped), (wrapped, scrub(wrapped))
+    # ... nor a token running into the next keyword, a quote, a colon, or no `Bearer` at all
+    # (found by the third review: a bearer token swallowed `api-key:`, hiding its secret)
+    for hidden in ("Authorization=Bearer abc123;api-key: S3CRETvalue42", "(Bearer abc)(api-key: S3CRETvalue42)",
+                   "Bearer {abc}Bearer S3CRETvalue42", 'Bearer "S3CRETvalue42"', "Bearer: S3CRETvalue42",
+                   "token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.S3CRETvalue42 here", "x_sk-proj-S3CRETvalue42"):
+        assert "S3CRET" not in scrub(hidden), (hidden, scrub(hidden))
 
 
 def test_error_messages_quoting_client_values_are_clipped():
@@ -372,6 +378,12 @@ def test_a_huge_message_is_scrubbed_only_where_it_is_kept(monkeypatch):
     assert error.message.endswith(f"... ({len(message) - errors.MAX_MESSAGE_CHARS} more characters)")
     key = "sk-proj-" + "k" * 160  # across the clip: scrubbed whole before the cut
     assert "kkkk" not in InvalidMessage("x" * 450 + " " + key + " " + "y" * 10_000).message
+    # a long token replaced early shortens the text: what stood past the clip must not slide in
+    # (found by the third review: 15 hex digits of a known key came through)
+    monkeypatch.setattr(errors, "_known_secrets", ("0123456789abcdef0123456789abcdef",))  # an Azure key
+    shifted = ("x" * 150 + " Bearer " + "t" * 700 + " " + "y" * 120 + " api=0123456789abcdef0123456789abcdef "
+               + "z" * 3000)
+    assert "0123456789" not in InvalidMessage(shifted).message
     # the pattern alone, on what a short message may hold: no run of spaces makes it slow
     assert real_scrub("api key" + " " * 100_000 + "x") == "api key" + " " * 100_000 + "x"
 
