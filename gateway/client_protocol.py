@@ -46,7 +46,7 @@ _FORMAT_ALIASES = {"pcm16": "pcm16", "pcm": "pcm16", "linear16": "pcm16", "g711_
                    "ulaw": "g711_ulaw", "mulaw": "g711_ulaw", "g711_alaw": "g711_alaw", "alaw": "g711_alaw"}
 _WAAV_TURN_MODES = {"server_vad": "server_vad", "semantic": "semantic_vad", "semantic_vad": "semantic_vad",
                     "manual": "none", "none": "none"}
-_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # whole names only: `fullmatch` (`$` would take "x\n")
 
 
 @dataclass(slots=True)
@@ -453,7 +453,7 @@ def parse_config(message: dict[str, Any]) -> ConfigCommand:
         if value in TOOL_CHOICES:
             config.tool_choice = value
         elif isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("name"), str):
-            if not _TOOL_NAME.match(value["name"]):  # a tool's name, as tools[i].name must be
+            if not _TOOL_NAME.fullmatch(value["name"]):  # a tool's name, as tools[i].name must be
                 raise _Bad("tool_choice.name", "tool_choice.name must match ^[a-zA-Z0-9_-]{1,64}$")
             config.tool_choice = {"type": "function", "name": value["name"]}
         else:
@@ -559,7 +559,7 @@ def _tool(index: int, tool: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise _Bad(f"{param}.function", f"{param}.function must be an object")
     name = body.get("name")
-    if not isinstance(name, str) or not _TOOL_NAME.match(name):
+    if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
         raise _Bad(f"{param}.name", f"{param}.name must match ^[a-zA-Z0-9_-]{{1,64}}$")
     flat: dict[str, Any] = {"type": "function", "name": name}
     description = body.get("description")

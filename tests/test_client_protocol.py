@@ -244,6 +244,7 @@ def test_one_config_cannot_turn_into_thousands_of_errors_or_tools():
     ("max_response_tokens", "lots", "max_response_tokens"),
     ("tools", {"name": "x"}, "tools"),
     ("tools", [{"type": "function", "name": "bad name!"}], "tools[0].name"),
+    ("tools", [{"type": "function", "name": "get_weather\n"}], "tools[0].name"),  # `$` took it
     ("tools", [{"type": "retrieval"}], "tools[0].type"),
     ("tools", [{"name": "ok", "parameters": "schema"}], "tools[0].parameters"),
     ("tool_choice", "sometimes", "tool_choice"),
@@ -409,7 +410,7 @@ def test_a_call_id_and_a_tool_choice_name_are_bounded_like_every_other_client_st
         parse({"type": "function_result", "call_id": "c" * (cp.MAX_CALL_ID_BYTES + 1), "output": "x"})
     assert raised.value.param == "call_id" and f"larger than {cp.MAX_CALL_ID_BYTES} bytes" in str(raised.value)
     assert parse({"type": "function_result", "call_id": "call_" + "c" * 200, "output": "x"}).call_id.startswith("call_")
-    for name in ("x" * 65, "", "no spaces"):
+    for name in ("x" * 65, "", "no spaces", "get_weather\n"):
         command = config_of({"tool_choice": {"type": "function", "name": name}})
         assert command.config.tool_choice is None
         assert [(error.param, error.message) for error in command.errors] == [
