@@ -452,6 +452,29 @@ def test_audio_and_commands_before_ready_arrive_intact_and_in_order():
     run(scenario(), timeout=20)
 
 
+def test_audio_before_ready_is_read_in_the_format_configured_by_ready():
+    """A telephony client streams mu-law from its first frame and sends its config a moment
+    later: the frames held before `ready` are its mu-law, not PCM16 the config arrived too late
+    for. They go up once the upstream reads mu-law, and come back (echoed) bit-exact."""
+    async def scenario():
+        async with relay(MockOptions(handshake_delay_s=0.3)) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            turn, _ = g711_tone(0.5, "g711_ulaw", peak_dbfs=-20.0)
+            early, late = turn[:1600], turn[1600:]  # 200 ms before the config, the rest after
+            for frame in frames(early, 160):
+                await client.send_audio(frame)
+            await client.send({"type": "config", "turn_detection": "none",
+                               "input_audio_format": "g711_ulaw", "output_audio_format": "g711_ulaw"})
+            await client.push_to_talk(late, 160)
+            ready = await client.wait("ready")
+            assert ready["input_audio_format"] == "g711_ulaw"
+            await client.wait("response_done")
+            assert client.events[0]["type"] == "ready"
+            assert bytes(client.audio) == turn
+            assert not client.of_type("error")
+    run(scenario(), timeout=20)
+
+
 def test_beta_dialect_end_to_end():
     async def scenario():
         async with relay(MockOptions(beta="serve"), upstream_dialect="beta") as (gateway, mock):
