@@ -196,9 +196,10 @@ class RelaySession:
         # what a field the upstream refuses falls back to: the seed's defaults for the first)
         self._pending_updates: dict[str, tuple[cp.SessionConfig, cp.SessionConfig]] = {}
         # every session.update sent and not answered yet, in order: ours by event_id, a
-        # client's (forwarded as-is) as (None, its event_id or None) — the upstream answers
-        # them in that order, so a `session.updated` answers the first, whoever sent it
-        self._updates_in_flight: list[str | tuple[None, str | None]] = []
+        # client's (forwarded as-is) as (None, its event_id or None, the fields it sets) — the
+        # upstream answers them in that order, so a `session.updated` answers the first, whoever
+        # sent it
+        self._updates_in_flight: list[str | tuple[None, str | None, frozenset[str]]] = []
         self._update_counter = 0
         self._connect_task: asyncio.Task | None = None
         self._connect_started = 0.0  # loop time the latest upstream connect began
@@ -749,7 +750,7 @@ class RelaySession:
             self._updates_in_flight.pop()
             self._note_ignored("tools")
 
-    def _expect_update_answer(self, entry: str | tuple[None, str | None]) -> None:
+    def _expect_update_answer(self, entry: str | tuple[None, str | None, frozenset[str]]) -> None:
         self._updates_in_flight.append(entry)
         if len(self._updates_in_flight) > RECENT:  # an upstream that answers none: forget the oldest
             forgotten = self._updates_in_flight.pop(0)
@@ -840,8 +841,9 @@ class RelaySession:
         kind = command.event.get("type")
         if self._send_upstream(command.event) and kind == "session.update":
             client_event_id = command.event.get("event_id")
-            self._expect_update_answer((None, client_event_id if type(client_event_id) is str else None))
             session = _object(command.event.get("session"))  # either dialect's shape
+            self._expect_update_answer((None, client_event_id if type(client_event_id) is str else None,
+                                        self.dialect.fields_set(session)))
             if "output_audio_format" in session or "format" in _object(_object(session.get("audio")).get("output")):
                 self._output_named = True  # the client named it: an input format no longer moves it
         if kind == "input_audio_buffer.commit":
@@ -1015,8 +1017,9 @@ class RelaySession:
                 event_id = oldest
             elif oldest[1] is None:  # a client's without an id: the error answers it
                 self._updates_in_flight.pop(0)
-        elif event_id and (None, event_id) in self._updates_in_flight:
-            self._updates_in_flight.remove((None, event_id))  # the client's own update, refused
+        elif event_id and (own := next((entry for entry in self._updates_in_flight
+                                        if type(entry) is tuple and entry[1] == event_id), None)):
+            self._updates_in_flight.remove(own)  # the client's own update, refused
         rejected = self._pending_updates.pop(event_id, None)
         if rejected is not None:
             self._updates_in_flight.remove(event_id)
@@ -1057,8 +1060,9 @@ class RelaySession:
         param = self._client_param(name) if name is not None else None
         # what a later update, still on its way, sets is the client's newer word: the retry must
         # not send the older value after it, nor the gateway fall back from it meanwhile
-        newer = {field for entry in self._updates_in_flight if type(entry) is str and entry in self._pending_updates
-                 for field in self._pending_updates[entry][0].specified()}
+        newer = {field for entry in self._updates_in_flight
+                 for field in (entry[2] if type(entry) is tuple else
+                               self._pending_updates[entry][0].specified() if entry in self._pending_updates else ())}
         rest = None
         if name is not None and getattr(part, name) is not None:
             rest = part.merged(cp.SessionConfig())

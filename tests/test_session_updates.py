@@ -476,6 +476,43 @@ def test_a_refused_update_does_not_undo_a_newer_one_still_on_its_way():
     assert last["message"] == "last {'format': {'type': 'audio/pcmu'}}"
 
 
+@pytest.mark.parametrize("raw_session", [{"instructions": "B"}, {"audio": {"input": {"turn_detection": None}}}],
+                         ids=["instructions", "turn_detection"])
+def test_a_refused_update_does_not_undo_a_newer_raw_update_still_on_its_way(raw_session: dict):
+    """A client's own session.update, forwarded as-is, is as newer as its `config`s: the retry
+    of an older refused update must not set what the raw one sets (instructions "A" after "B";
+    server VAD back on after the raw update turned it off)."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()                                       # ready
+        older = await upstream.receive("session.update")               # voice ash, instructions A, VAD
+        await upstream.receive("session.update")                       # the client's raw one
+        await upstream.refuse(older["event_id"], "Cannot update a conversation's voice.",
+                              code="cannot_update_voice", param=None)
+        await upstream.updated()                                       # the raw one applied
+        await upstream.receive("conversation.item.create")             # the client's next word
+        await upstream.send({"type": "error", "error": {"message": "seen"}})
+
+    upstream = ScriptedUpstream(script)
+
+    async def scenario():
+        async with upstream as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready", timeout=5)
+            await client.send({"type": "config", "voice": "ash", "instructions": "A", "vad": {"threshold": 0.7}})
+            await client.send({"type": "session.update", "session": {"type": "realtime", **raw_session}})
+            await client.wait("session_updated", timeout=5)
+            await client.send({"type": "text", "text": "read", "respond": False})
+            while "seen" not in (await client.wait("error", timeout=5))["message"]:
+                pass
+            await client.close()
+
+    run(scenario(), timeout=20)
+    updates = [event["session"] for event in upstream.received if event["type"] == "session.update"]
+    retries = updates[3:]  # after the first, the refused one and the raw one
+    assert all(set(raw_session) & set(retry) == set() for retry in retries), retries
+
+
 def test_a_partial_session_updated_changes_only_what_it_states():
     """Found by a review: the upstream's session object was read whole, an absent
     turn_detection as "none": a `session.updated` stating only the voice made

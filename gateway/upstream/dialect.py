@@ -30,6 +30,22 @@ class UpstreamDialect:
                     return name
         return None
 
+    def fields_set(self, session: Any) -> frozenset[str]:
+        """The `SessionConfig` fields a client's own `session.update` sets (its `session` object,
+        forwarded as-is): a turn_detection value replaces every VAD parameter with it."""
+        found = set()
+        for path, name in self.param_fields:
+            node = {"session": session}
+            for key in path.split("."):
+                if type(node) is not dict or key not in node:
+                    break
+                node = node[key]
+            else:
+                found.add(name)
+        if "turn_detection" in found:
+            found.update(_VAD_FIELDS)
+        return frozenset(found)
+
     def session_update(self, config: SessionConfig, event_id: str | None = None) -> tuple[dict[str, Any], list[str]]:
         raise NotImplementedError
 
@@ -41,6 +57,9 @@ class UpstreamDialect:
         turn_detection, formats, input_transcription): only those present in it, so a partial
         `session.updated` changes what it names and leaves the rest as they were."""
         raise NotImplementedError
+
+
+_VAD_FIELDS = ("vad_threshold", "vad_silence_duration_ms", "vad_prefix_padding_ms", "vad_eagerness")
 
 
 def turn_detection_object(config: SessionConfig) -> dict[str, Any] | None:
