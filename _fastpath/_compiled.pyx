@@ -276,6 +276,15 @@ cdef object _new_append(const uint8_t* pcm, Py_ssize_t size, LevelMeter meter):
     return frame
 
 
+cdef object _encode_into(object scratch, const uint8_t* pcm, Py_ssize_t size, LevelMeter meter):
+    """The append frame of `pcm`, written into `scratch` (a bytearray, returned) or a new one."""
+    if scratch is None:
+        return _new_append(pcm, size, meter)
+    PyByteArray_Resize(scratch, _append_size(size))
+    _write_append(PyByteArray_AS_STRING(scratch), pcm, size, meter)
+    return scratch
+
+
 def encode_append(pcm, meter=None, out=None):
     """Encode PCM bytes as a complete `input_audio_buffer.append` JSON frame, in one pass.
 
@@ -730,18 +739,25 @@ cdef class Coalescer:
             return <LevelMeter>self.meter
         return None
 
+    cdef inline bint _python_meter(self):
+        return self.meter is not None and type(self.meter) is not LevelMeter
+
+    cdef object _emit_to_python_meter(self, Py_ssize_t whole, object scratch):
+        """`_emit` of the first `whole` pending bytes for a meter that is Python code (a twin's,
+        a test's): it is free to push into this coalescer, so, as in the pure twin, the bytes
+        leave the buffer before it runs, and the frame is encoded from the copy it was fed."""
+        cdef bytes chunk = PyBytes_FromStringAndSize(<const char*>self._buf, whole)
+        self._len -= whole
+        memmove(self._buf, self._buf + whole, self._len)
+        self.meter.feed(chunk)
+        return _encode_into(scratch, <const uint8_t*>PyBytes_AS_STRING(chunk), whole, None)
+
     cdef object _emit(self, const uint8_t* data, Py_ssize_t whole, object scratch):
+        """The frame of `whole` bytes at `data`; the meter, a compiled one, is fed them."""
         cdef LevelMeter fused = self._fused_meter()
-        if fused is None and self.meter is not None:
-            if type(self.meter) is LevelMeter:  # G.711: its own pass over the codes
-                (<LevelMeter>self.meter)._feed_ptr(data, whole)
-            else:
-                self.meter.feed(PyBytes_FromStringAndSize(<const char*>data, whole))
-        if scratch is None:
-            return _new_append(data, whole, fused)
-        PyByteArray_Resize(scratch, _append_size(whole))
-        _write_append(PyByteArray_AS_STRING(scratch), data, whole, fused)
-        return scratch
+        if fused is None and self.meter is not None:  # G.711: its own pass over the codes
+            (<LevelMeter>self.meter)._feed_ptr(data, whole)
+        return _encode_into(scratch, data, whole, fused)
 
     def push(self, data):
         """Append audio; return an encoded frame once >= target_bytes of whole samples are
@@ -760,11 +776,13 @@ cdef class Coalescer:
         cdef Py_ssize_t whole = total - total % self._sample_width
         cdef Py_ssize_t rest
         cdef object frame
-        if whole < self._target_bytes:
+        if whole < self._target_bytes or self._python_meter():
             self._reserve(total)
             memcpy(self._buf + self._len, data, size)
             self._len = total
-            return None
+            if whole < self._target_bytes:
+                return None
+            return self._emit_to_python_meter(min(whole, _MAX_APPEND_AUDIO), scratch)
         whole = min(whole, _MAX_APPEND_AUDIO)
         if self._len == 0:
             # nothing pending: encode from the caller's buffer, keep only the partial sample
@@ -790,6 +808,8 @@ cdef class Coalescer:
         if whole == 0:
             return None
         whole = min(whole, _MAX_APPEND_AUDIO)
+        if self._python_meter():
+            return self._emit_to_python_meter(whole, None)
         frame = self._emit(<const uint8_t*>self._buf, whole, None)
         self._len -= whole
         memmove(self._buf, self._buf + whole, self._len)

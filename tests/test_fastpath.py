@@ -694,6 +694,27 @@ def test_coalescer_g711_has_no_carry_and_meters_every_code(fp):
     assert meter.read() == (*pure.measure_level(data, "g711_ulaw"), 161)
 
 
+@pytest.mark.parametrize("flushing", [False, True], ids=["push", "flush"])
+def test_a_meter_that_pushes_into_its_coalescer_never_gets_freed_memory_sent(fp, flushing):
+    """Found by a fuzzing audit: a meter other than the compiled one is Python code, and one
+    that pushed into the coalescer it meters moved its buffer mid-frame; the compiled twin then
+    encoded the freed memory (heap pointers, in a frame bound upstream). The frame carries the
+    audio the meter was fed."""
+    class Reentrant:
+        fed: list[bytes] = []
+
+        def feed(self, pcm) -> None:
+            self.fed.append(bytes(pcm))
+            if len(self.fed) == 1:
+                coalescer.push(b"\x55" * 1_000_000)  # grows (moves) the pending buffer
+
+    coalescer = fp.Coalescer(100, 2, Reentrant())
+    assert coalescer.push(b"\x11" * 10) is None
+    frame = coalescer.flush() if flushing else coalescer.push(b"\x22" * 200)
+    expected = b"\x11" * 10 if flushing else b"\x11" * 10 + b"\x22" * 200
+    assert audio_of(frame) == Reentrant.fed[0] == expected
+
+
 def test_coalescer_meters_exactly_the_emitted_samples(fp):
     meter = fp.LevelMeter()
     coalescer = fp.Coalescer(target_bytes=960, meter=meter)
