@@ -286,7 +286,8 @@ class VoiceSession:
         except Exception as exc:  # refused, handshake rejected (401/503), timeout
             self.closed = True
             self.close_reason = f"connect failed: {type(exc).__name__}: {exc}"
-            self.reporter.failure(WS, CONNECT_READY, self.close_reason, (clock() - started) * 1000)
+            # no connect time: a refusal in 2 ms would pass for a fast one (so would a timeout)
+            self.reporter.failure(WS, CONNECT_READY, self.close_reason)
             raise SessionClosed(self.close_reason) from None
         self._ws.settimeout(None)  # the receiver blocks in recv; deadlines live in wait_until
         self._receiver = gevent.spawn(self._receive_loop)
@@ -295,7 +296,7 @@ class VoiceSession:
             self.wait_until(lambda: self.ready is not None, "ready")
         except (TurnTimeout, SessionClosed) as exc:
             reason = self._describe_end(exc)
-            self.reporter.failure(WS, CONNECT_READY, reason, (clock() - started) * 1000)
+            self.reporter.failure(WS, CONNECT_READY, reason)
             self.close()
             raise SessionClosed(reason) from None
         self.reporter.sample(WS, CONNECT_READY, (clock() - started) * 1000)

@@ -413,7 +413,8 @@ class Capture:
         self.request = self
         self.samples = []
     def fire(self, request_type, name, response_time, response_length, exception, context):
-        self.samples.append([request_type, name, None if exception is None else str(exception), response_length])
+        self.samples.append([request_type, name, None if exception is None else str(exception), response_length,
+                             response_time])
 
 capture = Capture()
 settings = LoadSettings.from_options(None, sys.argv[1])
@@ -425,6 +426,45 @@ session.wait_until(lambda: session.replies and session.replies[0].done_at is not
 session.close()
 print(json.dumps({"samples": capture.samples, "reply_bytes": len(session.replies[0].audio)}))
 """
+
+
+_REFUSED_CONNECT_SCRIPT = r"""
+from gevent import monkey
+monkey.patch_all()
+import json, socket, sys
+from loadtest._metrics import MetricReporter
+from loadtest._options import LoadSettings
+from loadtest._session import SessionClosed, VoiceSession
+
+class Capture:
+    def __init__(self):
+        self.request = self
+        self.samples = []
+    def fire(self, request_type, name, response_time, response_length, exception, context):
+        self.samples.append([request_type, name, None if exception is None else str(exception), response_time])
+
+with socket.socket() as closed:  # a port nothing listens on: refused at once
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+capture = Capture()
+settings = LoadSettings.from_options(None, f"ws://127.0.0.1:{port}")
+try:
+    VoiceSession(settings, MetricReporter(capture), {"type": "config"}, False).open()
+except SessionClosed:
+    pass
+print(json.dumps(capture.samples))
+"""
+
+
+def test_a_session_that_never_opens_is_a_failure_without_a_connect_time():
+    """Found by a docs audit: a refused connection was reported with its elapsed time, so a
+    node refusing every client (HTTP 401 in 2 ms) showed a fast "connect → ready" p50."""
+    result = subprocess.run([sys.executable, "-c", _REFUSED_CONNECT_SCRIPT], cwd=REPO, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sample,) = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sample[:2] == ["WS", "connect → ready"] and sample[2].startswith("connect failed: ")
+    assert sample[3] is None
 
 
 def test_gateway_errors_are_reported_as_failures_named_by_their_code(node):
