@@ -262,8 +262,9 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
     if values["tls_cert"]:
         try:
             tls.server_context(values["tls_cert"], values["tls_key"])
-        except tls.TLSFilesError as exc:
-            raise ConfigError(f"{_setting('tls_cert')}: {exc}") from None
+        except tls.TLSFilesError as exc:  # named by the flag of the file at fault
+            at_fault = "tls_key" if values["tls_key"] and exc.path == values["tls_key"] else "tls_cert"
+            raise ConfigError(f"{_setting(at_fault)}: {exc}") from None
     if values["client_ping_interval_s"] and values["client_ping_timeout_s"] <= 0:
         raise ConfigError(f"{_setting('client_ping_timeout_s')} must be positive while "
                           f"{_setting('client_ping_interval_s')} is on (got {values['client_ping_timeout_s']})")

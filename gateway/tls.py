@@ -13,7 +13,12 @@ import ssl
 
 
 class TLSFilesError(ValueError):
-    """The certificate or key cannot be used; the message names the problem, never the key."""
+    """The certificate or key cannot be used; the message names the problem, never the key.
+    `path` is the file at fault, where one is (the key's or the certificate's)."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class _EncryptedKey(Exception):
@@ -40,16 +45,16 @@ def load(context: ssl.SSLContext, cert: str, key: str | None) -> None:
         context.load_cert_chain(cert, key, password=_no_password)
     except _EncryptedKey:
         raise TLSFilesError(f"the key in {key or cert} is encrypted; give it unencrypted "
-                            "(readable by the node's user only)") from None
+                            "(readable by the node's user only)", key or cert) from None
     except FileNotFoundError:  # OpenSSL's error names no file: find it
         missing = next((path for path in (cert, key) if path and not os.path.exists(path)), cert)
-        raise TLSFilesError(f"no such file: {missing}") from None
+        raise TLSFilesError(f"no such file: {missing}", missing) from None
     except PermissionError:
         unreadable = next((path for path in (cert, key) if path and not os.access(path, os.R_OK)), cert)
-        raise TLSFilesError(f"cannot read {unreadable}: permission denied") from None
+        raise TLSFilesError(f"cannot read {unreadable}: permission denied", unreadable) from None
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
-            raise TLSFilesError(f"the key in {key or cert} is not the certificate's key") from None
+            raise TLSFilesError(f"the key in {key or cert} is not the certificate's key", key or cert) from None
         raise TLSFilesError(f"{cert}{' / ' + key if key else ''} is not a PEM certificate chain and "
                             f"key ({exc.reason or exc.strerror})") from None
 

@@ -163,11 +163,13 @@ def test_certificate_files_a_node_could_not_serve_with_stop_it_at_start(ca, tmp_
     garbage = tmp_path / "garbage.pem"
     garbage.write_bytes(b"hello")
     for argv, message in [
-        (["--tls-cert", str(tmp_path / "missing.pem")], "no such file: .*missing.pem"),
-        (["--tls-cert", cert_path, "--tls-key", other_key], "is not the certificate's key"),
-        (["--tls-cert", cert_path, "--tls-key", str(encrypted)], "is encrypted"),
-        (["--tls-cert", str(garbage)], "is not a PEM certificate chain and key"),
-        (["--tls-cert", cert_path], "is not a PEM certificate chain and key"),  # no key anywhere
+        # each named by the flag of the file at fault (a docs audit found key faults under --tls-cert)
+        (["--tls-cert", str(tmp_path / "missing.pem")], "^--tls-cert .*no such file: .*missing.pem"),
+        (["--tls-cert", cert_path, "--tls-key", str(tmp_path / "missing.key")], "^--tls-key .*no such file"),
+        (["--tls-cert", cert_path, "--tls-key", other_key], "^--tls-key .*is not the certificate's key"),
+        (["--tls-cert", cert_path, "--tls-key", str(encrypted)], "^--tls-key .*is encrypted"),
+        (["--tls-cert", str(garbage)], "^--tls-cert .*is not a PEM certificate chain and key"),
+        (["--tls-cert", cert_path], "^--tls-cert .*is not a PEM certificate chain and key"),  # no key anywhere
         (["--tls-key", key_path], r"--tls-key \(GATEWAY_TLS_KEY\) needs --tls-cert"),
     ]:
         with pytest.raises(ConfigError, match=message) as refused:
