@@ -24,6 +24,7 @@ import http.client
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -184,6 +185,16 @@ def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def locust_command() -> str:
+    """`locust` as the shell finds it; else the one beside this interpreter (a virtualenv that
+    is not activated: `.venv/bin/python -m loadtest.node` prints `.venv/bin/locust`)."""
+    beside = os.path.join(os.path.dirname(sys.executable), "locust")
+    found = shutil.which("locust")
+    if not os.path.exists(beside) or (found and os.path.samefile(found, beside)):
+        return "locust"
+    return os.path.relpath(beside)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.node",
@@ -205,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         node.start()
         print(f"node ready: {node.url}  (pid {node.process.pid}; open-files limit {raise_open_file_limit()})")
-        print(f"load test:  locust -f loadtest/ --host {node.host_url}")
+        print(f"load test:  {locust_command()} -f loadtest/ --host {node.host_url}")
         print("Ctrl-C stops the node.", flush=True)
         return node.process.wait()
     except KeyboardInterrupt:

@@ -83,6 +83,18 @@ def test_loadtest_node_refuses_a_port_another_server_holds(node):
     ]
 
 
+def test_loadtest_node_prints_a_locust_command_that_runs_in_an_unactivated_venv(monkeypatch):
+    """Found by a docs audit: `.venv/bin/python -m loadtest.node` printed a bare `locust`,
+    which a shell without the venv activated does not find."""
+    beside = os.path.join(os.path.dirname(sys.executable), "locust")
+    assert os.path.exists(beside), "the test extra installs locust beside this interpreter"
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.chdir(REPO)
+    assert loadtest_node.locust_command() == os.path.relpath(beside)
+    monkeypatch.setenv("PATH", os.path.dirname(beside) + ":/usr/bin:/bin")
+    assert loadtest_node.locust_command() == "locust"
+
+
 def test_loadtest_node_bad_flags_get_one_error_line_and_exit_code_2():
     """Its own (argparse's usage and error) and the node's (which explains itself in one line)."""
     bad_port = subprocess.run([sys.executable, "-m", "loadtest.node", "--port", "99999"],
