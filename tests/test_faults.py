@@ -223,6 +223,87 @@ def test_an_upstream_that_hangs_up_during_the_handshake_fails_the_session_at_onc
     run(scenario(), timeout=20)
 
 
+@pytest.mark.parametrize("how", ["client_left", "model_changed"])
+def test_an_upstream_handshake_the_session_gave_up_on_is_hung_up_at_once(how: str):
+    """Found by a lifecycle audit: picows does not close a connection whose handshake it was
+    waiting for when the connect is cancelled. A client that left before `ready` (or re-opened
+    with another model) left its upstream connection open until the upstream answered or the
+    connect timeout (30 s here) ran out: beyond --max-sessions, and in no gauge. The upstream
+    here reads the upgrade request and never answers it; it must see the gateway hang up."""
+    requests: list[asyncio.Event] = []
+    hung_up: list[asyncio.Event] = []
+
+    async def never_answer(reader, writer) -> None:
+        arrived, ended = asyncio.Event(), asyncio.Event()
+        requests.append(arrived)
+        hung_up.append(ended)
+        await reader.readuntil(b"\r\n\r\n")
+        arrived.set()
+        while await reader.read(4096):  # until the gateway's end of stream
+            pass
+        ended.set()
+        writer.close()
+
+    async def scenario():
+        server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/realtime"
+        try:
+            async with GatewayServer(NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY,
+                                                upstream_url=url, connect_timeout_s=30.0)) as gateway:
+                client = await RawClient.connect(gateway.url)
+                await wait_for(lambda: requests and requests[0].is_set(), 5, "the upgrade request")
+                if how == "client_left":
+                    await client.close()
+                else:
+                    client.send_json({"type": "config", "model": "gpt-realtime-mini"})
+                async with asyncio.timeout(5):  # not the 30 s of the connect timeout
+                    await hung_up[0].wait()
+                if how == "model_changed":
+                    await wait_for(lambda: len(requests) == 2 and requests[1].is_set(), 5, "the re-open")
+                    assert not hung_up[1].is_set()
+                    await client.close()
+                    async with asyncio.timeout(5):
+                        await hung_up[1].wait()
+                await wait_for(lambda: not gateway.sessions, 5, "the session's end")
+        finally:
+            server.close()
+    run(scenario(), timeout=30)
+
+
+def test_resetting_a_connection_whose_socket_is_closed_already_raises_nothing():
+    """Found by a lifecycle audit: the close grace's reset ran on a transport whose fd uvloop had
+    closed (an upstream refusing the key with an event, then close 3000): setting SO_LINGER on
+    its pseudo-socket raised ValueError, logged as a traceback for most such sessions."""
+    from types import SimpleNamespace
+
+    from gateway.upstream.connection import _reset
+
+    async def scenario():
+        server = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+        try:
+            lost = asyncio.get_running_loop().create_future()
+
+            class Protocol(asyncio.Protocol):
+                def connection_lost(self, exc) -> None:
+                    lost.set_result(None)
+
+            underlying, _ = await asyncio.get_running_loop().create_connection(
+                Protocol, "127.0.0.1", server.sockets[0].getsockname()[1])
+            pseudo_socket = underlying.get_extra_info("socket")
+            underlying.close()
+            await lost
+            with pytest.raises(ValueError):  # the state the reset met: uvloop's socket, its fd closed
+                pseudo_socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\0" * 8)
+            disconnects = []
+            closed = SimpleNamespace(get_extra_info=lambda name: pseudo_socket)
+            _reset(SimpleNamespace(is_disconnected=False, underlying_transport=closed,
+                                   disconnect=disconnects.append))
+            assert disconnects == [False]
+        finally:
+            server.close()
+    run(scenario(), timeout=10)
+
+
 def test_upstream_handshake_timeout_is_connection_failed_within_the_connect_timeout():
     async def scenario():
         async with relay(MockOptions(handshake_delay_s=0.8), connect_timeout_s=0.3) as (gateway, mock):

@@ -173,19 +173,33 @@ class UpstreamListener(UpstreamLeg):
                                       int(handshake.sent.code) if refused else None)
 
 
-def _connected_socket(url):
-    # left to picows, uvloop would look a host name up on libuv's thread pool, whose threads then
-    # stay for good; gateway.sockets looks it up in a thread that ends with the lookup (see there)
-    return sockets.connect(url.host, url.port)
-
-
 class UpstreamConnection:
     """One upstream session socket. `send_*` are no-ops once closed."""
 
-    __slots__ = ("listener",)
+    __slots__ = ("listener", "_handshaking")
 
     def __init__(self, owner: UpstreamOwner, path: AudioPath | None = None) -> None:
         self.listener = UpstreamListener(owner, path)
+        # the socket `connect` opened, until its handshake is over: picows does not close a
+        # connection whose handshake it was waiting for when `connect` was cancelled
+        self._handshaking: socket.socket | None = None
+
+    async def _connected_socket(self, url) -> socket.socket:
+        # left to picows, uvloop would look a host name up on libuv's thread pool, whose threads then
+        # stay for good; gateway.sockets looks it up in a thread that ends with the lookup (see there)
+        self._handshaking = await sockets.connect(url.host, url.port)
+        return self._handshaking
+
+    def _abandon_handshake(self) -> None:
+        """End the connection `connect` gave up on while its handshake was in flight (the session
+        left, or re-opened with another model, or the time ran out). Until the upstream answers,
+        or picows' own handshake timeout fires, it would hold a socket and an upstream session
+        the node no longer counts. Shutting the socket down ends it at once: the transport reads
+        its end and closes it (the fd is the transport's to close; a closed one reads -1 here)."""
+        sock, self._handshaking = self._handshaking, None
+        if sock is not None and self.transport is None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     @property
     def transport(self) -> WSTransport | None:
@@ -205,7 +219,7 @@ class UpstreamConnection:
                     lambda: self.listener, url, extra_headers=headers,
                     websocket_handshake_timeout=timeout_s, read_buffer_init_size=READ_BUFFER_INIT_BYTES,
                     max_frame_size=MAX_UPSTREAM_MESSAGE_BYTES, enable_auto_ping=False, enable_auto_pong=False,
-                    use_aiofastnet=USE_AIOFASTNET, socket_factory=_connected_socket,
+                    use_aiofastnet=USE_AIOFASTNET, socket_factory=self._connected_socket,
                     # picows would follow a redirect with the same headers: the key, to any host
                     max_redirects=0,
                     ssl_context=client_tls_context() if urlsplit(url).scheme == "wss" else None,
@@ -221,6 +235,7 @@ class UpstreamConnection:
             raise ConnectionFailed(f"upstream {where} refused the WebSocket handshake"
                                    + (f" (HTTP {status})" if status else "")) from None
         except TimeoutError:
+            self._abandon_handshake()
             raise ConnectionFailed(f"upstream {where}{through} did not answer within {timeout_s:g} s") from None
         except ProxyError as exc:  # the proxy's own words: a status, or that it hung up
             raise ConnectionFailed(f"upstream proxy {safe_location(proxy or '')} gave no tunnel to {where}: "
@@ -236,6 +251,7 @@ class UpstreamConnection:
         except GatewayError:
             raise
         except asyncio.CancelledError:
+            self._abandon_handshake()
             self.close()
             raise
         except Exception as exc:  # picows/ssl errors: classify, never leak internals beyond the type
@@ -245,6 +261,7 @@ class UpstreamConnection:
             # returns no listener rather than raising, and no disconnect callback will come
             transport.disconnect(False)
             raise ConnectionFailed(f"upstream {where} closed the connection during the WebSocket handshake")
+        self._handshaking = None
         release_handshake(transport)  # its request holds the API key: let it go
         ssl_object = transport.underlying_transport.get_extra_info("ssl_object")
         if ssl_object is not None and isinstance(ssl_object.context, ResumingContext):
@@ -316,7 +333,8 @@ def _reset(transport: WSTransport) -> None:
         return
     sock = transport.underlying_transport.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
+        # ValueError: uvloop has closed the fd already (its pseudo-socket then reads -1)
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.disconnect(False)
 
