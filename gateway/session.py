@@ -94,6 +94,19 @@ def seed_defaults(node: NodeConfig) -> cp.SessionConfig:
                             output_audio_format="pcm16")
 
 
+class _ClientUpdate:
+    """A client's own session.update in flight (forwarded as-is): its event_id (None if it gave
+    none), the SessionConfig fields it sets, and what the retry of an older refused `config`
+    left to it (`withheld`), sent after all should the upstream refuse this one too."""
+
+    __slots__ = ("event_id", "fields", "withheld")
+
+    def __init__(self, event_id: str | None, fields: frozenset[str]) -> None:
+        self.event_id = event_id
+        self.fields = fields
+        self.withheld: cp.SessionConfig | None = None
+
+
 class _UpstreamOwner:
     """Routes one upstream connection's callbacks to the session while it is the current one
     (a re-opened upstream leaves the old owner dead, so late events of the old one are ignored)."""
@@ -196,10 +209,9 @@ class RelaySession:
         # what a field the upstream refuses falls back to: the seed's defaults for the first)
         self._pending_updates: dict[str, tuple[cp.SessionConfig, cp.SessionConfig]] = {}
         # every session.update sent and not answered yet, in order: ours by event_id, a
-        # client's (forwarded as-is) as (None, its event_id or None, the fields it sets) — the
-        # upstream answers them in that order, so a `session.updated` answers the first, whoever
-        # sent it
-        self._updates_in_flight: list[str | tuple[None, str | None, frozenset[str]]] = []
+        # client's (forwarded as-is) as a _ClientUpdate — the upstream answers them in that
+        # order, so a `session.updated` answers the first, whoever sent it
+        self._updates_in_flight: list[str | _ClientUpdate] = []
         self._update_counter = 0
         self._connect_task: asyncio.Task | None = None
         self._connect_started = 0.0  # loop time the latest upstream connect began
@@ -542,7 +554,8 @@ class RelaySession:
             stats.c2u_buffered_bytes = self._pre_ready_audio_bytes
             # held audio is read in the input format `ready` reports, not the one in force when
             # it came: a telephony client streams G.711 from its first frame and sends the
-            # config that says so a moment later (configs run at once; `ready` waits for them)
+            # config that says so a moment later (configs run at once; `ready` waits for them;
+            # one that crosses `ready` comes too late for the audio held)
             self._queue_pre_ready(bytes(payload))
 
     def _audio_in(self, payload) -> None:
@@ -750,7 +763,7 @@ class RelaySession:
             self._updates_in_flight.pop()
             self._note_ignored("tools")
 
-    def _expect_update_answer(self, entry: str | tuple[None, str | None, frozenset[str]]) -> None:
+    def _expect_update_answer(self, entry: str | _ClientUpdate) -> None:
         self._updates_in_flight.append(entry)
         if len(self._updates_in_flight) > RECENT:  # an upstream that answers none: forget the oldest
             forgotten = self._updates_in_flight.pop(0)
@@ -842,8 +855,8 @@ class RelaySession:
         if self._send_upstream(command.event) and kind == "session.update":
             client_event_id = command.event.get("event_id")
             session = _object(command.event.get("session"))  # either dialect's shape
-            self._expect_update_answer((None, client_event_id if type(client_event_id) is str else None,
-                                        self.dialect.fields_set(session)))
+            self._expect_update_answer(_ClientUpdate(client_event_id if type(client_event_id) is str else None,
+                                                     self.dialect.fields_set(session)))
             if "output_audio_format" in session or "format" in _object(_object(session.get("audio")).get("output")):
                 self._output_named = True  # the client named it: an input format no longer moves it
         if kind == "input_audio_buffer.commit":
@@ -1005,7 +1018,7 @@ class RelaySession:
             # (if it was a session.update; a transcription_session.update is not tracked)
             client_update = next((entry for entry in self._updates_in_flight if type(entry) is not str), None)
             if client_update is not None:
-                self._updates_in_flight.remove(client_update)
+                self._client_update_refused(client_update)
         elif not event_id and self._updates_in_flight and (
                 (self.state is CONNECTING and error.get("type") in (None, "invalid_request_error")) or _about_session_update(error)):
             # the server leaves event_id null at times (reference §3.2): before `ready` only
@@ -1015,11 +1028,11 @@ class RelaySession:
             oldest = self._updates_in_flight[0]
             if type(oldest) is str:
                 event_id = oldest
-            elif oldest[1] is None:  # a client's without an id: the error answers it
-                self._updates_in_flight.pop(0)
+            else:
+                self._client_update_refused(oldest)
         elif event_id and (own := next((entry for entry in self._updates_in_flight
-                                        if type(entry) is tuple and entry[1] == event_id), None)):
-            self._updates_in_flight.remove(own)  # the client's own update, refused
+                                        if type(entry) is _ClientUpdate and entry.event_id == event_id), None)):
+            self._client_update_refused(own)
         rejected = self._pending_updates.pop(event_id, None)
         if rejected is not None:
             self._updates_in_flight.remove(event_id)
@@ -1059,10 +1072,13 @@ class RelaySession:
         name = self.dialect.config_field(error.get("param")) or _FIELD_BY_UPDATE_CODE.get(error.get("code"))
         param = self._client_param(name) if name is not None else None
         # what a later update, still on its way, sets is the client's newer word: the retry must
-        # not send the older value after it, nor the gateway fall back from it meanwhile
-        newer = {field for entry in self._updates_in_flight
-                 for field in (entry[2] if type(entry) is tuple else
-                               self._pending_updates[entry][0].specified() if entry in self._pending_updates else ())}
+        # not send the older value after it, nor the gateway fall back from it meanwhile (a
+        # `config` of the client's is applied when sent; its raw session.update only once the
+        # upstream says so: the gateway falls back from a refused format meanwhile)
+        newer = {field for entry in self._updates_in_flight if type(entry) is str and entry in self._pending_updates
+                 for field in self._pending_updates[entry][0].specified()}
+        raw_newer = {field: entry for entry in self._updates_in_flight if type(entry) is _ClientUpdate
+                     for field in entry.fields}  # the last of them to set each field
         rest = None
         if name is not None and getattr(part, name) is not None:
             rest = part.merged(cp.SessionConfig())
@@ -1077,6 +1093,12 @@ class RelaySession:
                 self._follow_upstream(name)
             for field in newer:
                 setattr(rest, field, None)
+            for field, update in raw_newer.items():
+                if field not in newer and getattr(rest, field) is not None:
+                    # left to the raw update; sent after all if the upstream refuses that one
+                    update.withheld = update.withheld or cp.SessionConfig()
+                    setattr(update.withheld, field, getattr(rest, field))
+                    setattr(rest, field, None)
         if name not in newer:  # else it is not ignored: the newer value goes on
             self._note_ignored(param or str(error.get("param") or "session"))
         if rest is not None and rest.specified():
@@ -1086,6 +1108,13 @@ class RelaySession:
         else:
             self.fail(InvalidConfig(f"upstream rejected the configuration: {error.get('message')}",
                                     param=param or error.get("param"), upstream=_details(error)))
+
+    def _client_update_refused(self, update: _ClientUpdate) -> None:
+        """The upstream refused a client's own session.update (it goes on to the client as any
+        error): what an older `config`'s retry left to it goes up now."""
+        self._updates_in_flight.remove(update)
+        if update.withheld is not None:
+            self._send_session_update(update.withheld)
 
     def _follow_upstream(self, name: str) -> None:
         """A field the upstream refused: what the gateway does itself goes back to the upstream's

@@ -513,6 +513,54 @@ def test_a_refused_update_does_not_undo_a_newer_raw_update_still_on_its_way(raw_
     assert all(set(raw_session) & set(retry) == set() for retry in retries), retries
 
 
+@pytest.mark.parametrize("refusal_id", ["its_event_id", "null"])
+def test_a_refused_raw_update_gives_back_what_an_older_configs_retry_left_to_it(refusal_id: str):
+    """Found by a review: a raw session.update counted as newer even when the upstream refused it
+    too. The gateway then stayed on the config's refused input format (relaying G.711 arithmetic
+    to a PCM16 upstream) and lost the config's other fields the raw one named, while telling
+    the client "the rest of the config applies". A client's raw update counts only once the
+    upstream takes it: the refused format falls back at once, and what the retry left to the raw
+    update goes up when that is refused."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()                                       # ready, PCM16
+        older = await upstream.receive("session.update")               # alaw both ways, instructions A
+        raw = await upstream.receive("session.update")                 # pcmu out, instructions B, bogus
+        await upstream.refuse(older["event_id"], "Invalid value: 'audio/pcma'.", param="session.audio.input.format")
+        await upstream.receive("session.update")                       # the retry: what is left
+        await upstream.refuse(raw["event_id"] if refusal_id == "its_event_id" else None,  # (the oldest in flight)
+                              "Unknown parameter: 'session.bogus'.", code="unknown_parameter", param="session.bogus")
+        await upstream.receive("session.update")                       # what the retry left to it
+        await upstream.send({"type": "error", "error": {"message": "seen"}})
+
+    upstream = ScriptedUpstream(script)
+
+    async def scenario():
+        async with upstream as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready", timeout=5)
+            (session,) = gateway.sessions
+            await client.send({"type": "config", "input_audio_format": "g711_alaw",
+                               "output_audio_format": "g711_alaw", "instructions": "A", "voice": "ash"})
+            await client.send({"type": "session.update", "event_id": "raw1", "session": {
+                "type": "realtime", "bogus": 1, "instructions": "B",
+                "audio": {"output": {"format": {"type": "audio/pcmu"}}}}})
+            refused = await client.wait("error", timeout=5)
+            format_after_refusal = session.input_format
+            while "seen" not in (await client.wait("error", timeout=5))["message"]:
+                pass
+            await client.close()
+            return refused, format_after_refusal
+
+    refused, format_after_refusal = run(scenario(), timeout=20)
+    assert refused["param"] == "input_audio_format" and format_after_refusal == "pcm16"
+    updates = [event["session"] for event in upstream.received if event["type"] == "session.update"]
+    retry, given_back = updates[3], updates[4]
+    assert "instructions" not in retry and "format" not in retry.get("audio", {}).get("output", {})
+    assert given_back["instructions"] == "A"
+    assert given_back["audio"]["output"]["format"] == {"type": "audio/pcma"}
+
+
 def test_a_partial_session_updated_changes_only_what_it_states():
     """Found by a review: the upstream's session object was read whole, an absent
     turn_detection as "none": a `session.updated` stating only the voice made
