@@ -49,6 +49,9 @@ def load(context: ssl.SSLContext, cert: str, key: str | None) -> None:
     except FileNotFoundError:  # OpenSSL's error names no file: find it
         missing = next((path for path in (cert, key) if path and not os.path.exists(path)), cert)
         raise TLSFilesError(f"no such file: {missing}", missing) from None
+    except IsADirectoryError:
+        directory = next((path for path in (cert, key) if path and os.path.isdir(path)), cert)
+        raise TLSFilesError(f"{directory} is a directory, not a PEM file", directory) from None
     except PermissionError:
         unreadable = next((path for path in (cert, key) if path and not os.access(path, os.R_OK)), cert)
         raise TLSFilesError(f"cannot read {unreadable}: permission denied", unreadable) from None
@@ -56,7 +59,16 @@ def load(context: ssl.SSLContext, cert: str, key: str | None) -> None:
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise TLSFilesError(f"the key in {key or cert} is not the certificate's key", key or cert) from None
         raise TLSFilesError(f"{cert}{' / ' + key if key else ''} is not a PEM certificate chain and "
-                            f"key ({exc.reason or exc.strerror})") from None
+                            f"key ({exc.reason or exc.strerror})", key if key and not _holds_a_key(key) else cert) from None
+
+
+def _holds_a_key(path: str) -> bool:
+    """Whether the file at `path` has a PEM private key in it (read here, never shown)."""
+    try:
+        with open(path, "rb") as file:
+            return b"PRIVATE KEY-----" in file.read(1 << 20)
+    except OSError:
+        return False
 
 
 def reload(context: ssl.SSLContext, cert: str, key: str | None) -> None:

@@ -169,6 +169,10 @@ def test_certificate_files_a_node_could_not_serve_with_stop_it_at_start(ca, tmp_
         (["--tls-cert", cert_path, "--tls-key", other_key], "^--tls-key .*is not the certificate's key"),
         (["--tls-cert", cert_path, "--tls-key", str(encrypted)], "^--tls-key .*is encrypted"),
         (["--tls-cert", str(garbage)], "^--tls-cert .*is not a PEM certificate chain and key"),
+        (["--tls-cert", cert_path, "--tls-key", str(garbage)], "^--tls-key .*is not a PEM certificate chain and key"),
+        (["--tls-cert", cert_path, "--tls-key", cert_path], "^--tls-key .*is not a PEM certificate chain and key"),
+        (["--tls-cert", cert_path, "--tls-key", str(tmp_path)], "^--tls-key .*is a directory"),
+        (["--tls-cert", str(tmp_path)], "^--tls-cert .*is a directory"),
         (["--tls-cert", cert_path], "^--tls-cert .*is not a PEM certificate chain and key"),  # no key anywhere
         (["--tls-key", key_path], r"--tls-key \(GATEWAY_TLS_KEY\) needs --tls-cert"),
     ]:

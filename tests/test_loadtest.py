@@ -492,6 +492,7 @@ def test_gateway_errors_are_reported_as_failures_named_by_their_code(node):
     assert errors[0][2], "the failure carries the gateway's message"
     connect = [row for row in rows if (row[0], row[1]) == ("WS", "connect → ready")]
     assert len(connect) == 1 and connect[0][2] is None, "non-fatal: the session still opened"
+    assert connect[0][4] > 0, "an opened session's connect time is measured"
     assert report["reply_bytes"] > 0, "and it still answers"
 
 
