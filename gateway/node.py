@@ -150,11 +150,39 @@ def run(args: argparse.Namespace) -> int:
             print(f"realtime-gateway: {exc}", file=sys.stderr)
             return 2
         return 0
-    metrics_dir = tempfile.mkdtemp(prefix="realtime-gateway-metrics-")
+    remove_orphaned_metrics_dirs()
+    metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
     try:
         return supervise(lambda _slot: _run_worker(config, metrics_dir), config.workers, metrics_dir)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+#: the workers' shared metrics directory, named after the supervisor that removes it as it stops
+METRICS_DIR_PREFIX = "realtime-gateway-metrics-"
+
+
+def remove_orphaned_metrics_dirs(parent: str | None = None) -> list[str]:
+    """Remove the metrics directories of supervisors that are gone without removing theirs (a
+    SIGKILL, an OOM kill): each would stay in /tmp for good. Only this user's, and only those
+    whose supervisor's pid no process has (one that another process has since is kept)."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(parent):
+        pid_text, named, _ = name[len(METRICS_DIR_PREFIX):].partition("-")
+        if not name.startswith(METRICS_DIR_PREFIX) or not named or not pid_text.isdigit():
+            continue  # (mkdtemp's own suffix has no "-")
+        path = os.path.join(parent, name)
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(pid_text), 0)  # raises when no process has the pid
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        except OSError:  # gone meanwhile, or a pid of another user's process: alive
+            continue
+    return removed
 
 
 def _run_worker(config: NodeConfig, metrics_dir: str) -> int:

@@ -6,8 +6,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import glob
 import signal
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +23,7 @@ from websockets.exceptions import InvalidStatus
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.mock import MockOptions
+from gateway.node import METRICS_DIR_PREFIX, remove_orphaned_metrics_dirs
 from tests.relay_harness import RelayClient, gateway_process, relay, speech_like
 from tests.support import run
 
@@ -683,6 +687,21 @@ def test_workers_do_not_outlive_a_killed_supervisor():
         process.kill()
         process.wait(5)
         run(gone(pids), timeout=15)
+    # its metrics directory outlived it; the next supervisor to start removes such orphans
+    (orphan,) = glob.glob(os.path.join(tempfile.gettempdir(), f"{METRICS_DIR_PREFIX}{process.pid}-*"))
+    assert orphan in remove_orphaned_metrics_dirs() and not os.path.exists(orphan)
+
+
+def test_only_metrics_directories_of_supervisors_that_are_gone_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: no process has its pid (until one is given it again)
+    names = {"orphan": f"{METRICS_DIR_PREFIX}{dead.pid}-abc", "running": f"{METRICS_DIR_PREFIX}{os.getpid()}-abc",
+             "unnamed": f"{METRICS_DIR_PREFIX}abc123", "other": f"other-{dead.pid}-abc"}
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    assert remove_orphaned_metrics_dirs(str(tmp_path)) == [str(tmp_path / names["orphan"])]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        name for kind, name in names.items() if kind != "orphan")
 
 
 def _alive(pid: int) -> bool:
