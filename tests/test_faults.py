@@ -212,8 +212,7 @@ def test_an_upstream_that_hangs_up_during_the_handshake_fails_the_session_at_onc
         server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
         url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/realtime"
         try:
-            async with GatewayServer(NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY,
-                                                upstream_url=url, connect_timeout_s=30.0)) as gateway:
+            async with GatewayServer(_scripted_node(url, connect_timeout_s=30.0)) as gateway:
                 client = await RawClient.connect(gateway.url)
                 error = await expect_fatal(client, "ConnectionFailed", CLOSE_INTERNAL_ERROR)
                 assert "closed the connection during the WebSocket handshake" in error["message"]
@@ -248,8 +247,7 @@ def test_an_upstream_handshake_the_session_gave_up_on_is_hung_up_at_once(how: st
         server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
         url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/realtime"
         try:
-            async with GatewayServer(NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY,
-                                                upstream_url=url, connect_timeout_s=30.0)) as gateway:
+            async with GatewayServer(_scripted_node(url, connect_timeout_s=30.0)) as gateway:
                 client = await RawClient.connect(gateway.url)
                 await wait_for(lambda: requests and requests[0].is_set(), 5, "the upgrade request")
                 if how == "client_left":
@@ -936,9 +934,9 @@ def test_upstream_values_of_the_wrong_type_reach_the_client_as_absent_not_as_the
     ]
 
 
-def _scripted_node(url: str) -> NodeConfig:
+def _scripted_node(url: str, connect_timeout_s: float = 3.0) -> NodeConfig:
     return NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY, upstream_url=url,
-                      connect_timeout_s=3.0)
+                      connect_timeout_s=connect_timeout_s)
 
 
 def _reshaped(session: dict, path: tuple[str, ...], value: Any) -> dict:

@@ -412,35 +412,8 @@ def test_open_microphone_streams_silence_push_to_talk_stays_quiet():
 
 # ---- against a real node ------------------------------------------------------------------------
 
-_ERROR_PATH_SCRIPT = r"""
-from gevent import monkey
-monkey.patch_all()
-import json, sys
-from loadtest._metrics import MetricReporter
-from loadtest._options import LoadSettings
-from loadtest._session import VoiceSession
-
-class Capture:
-    def __init__(self):
-        self.request = self
-        self.samples = []
-    def fire(self, request_type, name, response_time, response_length, exception, context):
-        self.samples.append([request_type, name, None if exception is None else str(exception), response_length,
-                             response_time])
-
-capture = Capture()
-settings = LoadSettings.from_options(None, sys.argv[1])
-# voice "nova" (the seed document's own example) is not a realtime voice: a non-fatal InvalidConfig.
-session = VoiceSession(settings, MetricReporter(capture), {"type": "config", "voice": "nova"}, False)
-session.open()
-session.send_event({"type": "text", "text": "still there?"})
-session.wait_until(lambda: session.replies and session.replies[0].done_at is not None, "reply")
-session.close()
-print(json.dumps({"samples": capture.samples, "reply_bytes": len(session.replies[0].audio)}))
-"""
-
-
-_REFUSED_CONNECT_SCRIPT = r"""
+# a session of the load test outside Locust, its samples captured as [type, name, failure, size, ms]
+_CAPTURING_SCRIPT = r"""
 from gevent import monkey
 monkey.patch_all()
 import json, socket, sys
@@ -453,8 +426,24 @@ class Capture:
         self.request = self
         self.samples = []
     def fire(self, request_type, name, response_time, response_length, exception, context):
-        self.samples.append([request_type, name, None if exception is None else str(exception), response_time])
+        self.samples.append([request_type, name, None if exception is None else str(exception), response_length,
+                             response_time])
+"""
 
+_ERROR_PATH_SCRIPT = _CAPTURING_SCRIPT + r"""
+capture = Capture()
+settings = LoadSettings.from_options(None, sys.argv[1])
+# voice "nova" (the seed document's own example) is not a realtime voice: a non-fatal InvalidConfig.
+session = VoiceSession(settings, MetricReporter(capture), {"type": "config", "voice": "nova"}, False)
+session.open()
+session.send_event({"type": "text", "text": "still there?"})
+session.wait_until(lambda: session.replies and session.replies[0].done_at is not None, "reply")
+session.close()
+print(json.dumps({"samples": capture.samples, "reply_bytes": len(session.replies[0].audio)}))
+"""
+
+
+_REFUSED_CONNECT_SCRIPT = _CAPTURING_SCRIPT + r"""
 with socket.socket() as closed:  # a port nothing listens on: refused at once
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
@@ -476,7 +465,7 @@ def test_a_session_that_never_opens_is_a_failure_without_a_connect_time():
     assert result.returncode == 0, result.stderr[-3000:]
     (sample,) = json.loads(result.stdout.strip().splitlines()[-1])
     assert sample[:2] == ["WS", "connect → ready"] and sample[2].startswith("connect failed: ")
-    assert sample[3] is None
+    assert sample[4] is None
 
 
 def test_gateway_errors_are_reported_as_failures_named_by_their_code(node):

@@ -476,6 +476,23 @@ def test_a_refused_update_does_not_undo_a_newer_one_still_on_its_way():
     assert last["message"] == "last {'format': {'type': 'audio/pcmu'}}"
 
 
+async def _ready_then_a_config_and_a_raw_update(upstream: ScriptedUpstream) -> tuple[dict, dict]:
+    """The scripted upstream's side up to a `config`'s update and the client's raw one after it."""
+    await upstream.receive("session.update")
+    await upstream.updated()                                           # ready
+    return await upstream.receive("session.update"), await upstream.receive("session.update")
+
+
+async def _errors_until_seen(client: RelayClient) -> None:
+    """The client's errors up to the scripted upstream's marker: all the gateway sent before it."""
+    while "seen" not in (await client.wait("error", timeout=5))["message"]:
+        pass
+
+
+def _sessions_sent(upstream: ScriptedUpstream) -> list[dict]:
+    return [event["session"] for event in upstream.received if event["type"] == "session.update"]
+
+
 @pytest.mark.parametrize("raw_session", [{"instructions": "B"}, {"audio": {"input": {"turn_detection": None}}}],
                          ids=["instructions", "turn_detection"])
 def test_a_refused_update_does_not_undo_a_newer_raw_update_still_on_its_way(raw_session: dict):
@@ -483,10 +500,7 @@ def test_a_refused_update_does_not_undo_a_newer_raw_update_still_on_its_way(raw_
     of an older refused update must not set what the raw one sets (instructions "A" after "B";
     server VAD back on after the raw update turned it off)."""
     async def script(upstream: ScriptedUpstream) -> None:
-        await upstream.receive("session.update")
-        await upstream.updated()                                       # ready
-        older = await upstream.receive("session.update")               # voice ash, instructions A, VAD
-        await upstream.receive("session.update")                       # the client's raw one
+        older, _raw = await _ready_then_a_config_and_a_raw_update(upstream)  # voice ash, instructions A, VAD
         await upstream.refuse(older["event_id"], "Cannot update a conversation's voice.",
                               code="cannot_update_voice", param=None)
         await upstream.updated()                                       # the raw one applied
@@ -503,12 +517,11 @@ def test_a_refused_update_does_not_undo_a_newer_raw_update_still_on_its_way(raw_
             await client.send({"type": "session.update", "session": {"type": "realtime", **raw_session}})
             await client.wait("session_updated", timeout=5)
             await client.send({"type": "text", "text": "read", "respond": False})
-            while "seen" not in (await client.wait("error", timeout=5))["message"]:
-                pass
+            await _errors_until_seen(client)
             await client.close()
 
     run(scenario(), timeout=20)
-    updates = [event["session"] for event in upstream.received if event["type"] == "session.update"]
+    updates = _sessions_sent(upstream)
     retries = updates[3:]  # after the first, the refused one and the raw one
     assert all(set(raw_session) & set(retry) == set() for retry in retries), retries
 
@@ -522,10 +535,8 @@ def test_a_refused_raw_update_gives_back_what_an_older_configs_retry_left_to_it(
     upstream takes it: the refused format falls back at once, and what the retry left to the raw
     update goes up when that is refused."""
     async def script(upstream: ScriptedUpstream) -> None:
-        await upstream.receive("session.update")
-        await upstream.updated()                                       # ready, PCM16
-        older = await upstream.receive("session.update")               # alaw both ways, instructions A
-        raw = await upstream.receive("session.update")                 # pcmu out, instructions B, bogus
+        # alaw both ways and instructions A; then pcmu out, instructions B and a bogus field
+        older, raw = await _ready_then_a_config_and_a_raw_update(upstream)
         await upstream.refuse(older["event_id"], "Invalid value: 'audio/pcma'.", param="session.audio.input.format")
         await upstream.receive("session.update")                       # the retry: what is left
         await upstream.refuse(raw["event_id"] if refusal_id == "its_event_id" else None,  # (the oldest in flight)
@@ -547,14 +558,13 @@ def test_a_refused_raw_update_gives_back_what_an_older_configs_retry_left_to_it(
                 "audio": {"output": {"format": {"type": "audio/pcmu"}}}}})
             refused = await client.wait("error", timeout=5)
             format_after_refusal = session.input_format
-            while "seen" not in (await client.wait("error", timeout=5))["message"]:
-                pass
+            await _errors_until_seen(client)
             await client.close()
             return refused, format_after_refusal
 
     refused, format_after_refusal = run(scenario(), timeout=20)
     assert refused["param"] == "input_audio_format" and format_after_refusal == "pcm16"
-    updates = [event["session"] for event in upstream.received if event["type"] == "session.update"]
+    updates = _sessions_sent(upstream)
     retry, given_back = updates[3], updates[4]
     assert "instructions" not in retry and "format" not in retry.get("audio", {}).get("output", {})
     assert given_back["instructions"] == "A"
