@@ -912,14 +912,14 @@ class RelaySession:
         path = self.path
         size = len(pcm)
         path.item_generated += size
+        stats = self.stats  # received to relay, whether it is relayed or dropped (as every drop)
+        stats.u2c_audio_frames += 1
+        stats.u2c_audio_bytes += size
         if item_id in playback.interrupted_items:  # the user barged in: this reply is not played
             if self.metrics is not None:
                 self.metrics.count_drop("interrupted", size)
             return
         path.item_delivered += size
-        stats = self.stats
-        stats.u2c_audio_frames += 1
-        stats.u2c_audio_bytes += size
         if self._timing_reply:
             if self.metrics is not None:
                 self.metrics.observe_first_audio(self.loop.time() - self._turn_end_at)

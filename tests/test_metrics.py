@@ -3,6 +3,7 @@ to zero, and with several worker processes the figures are summed."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
 import os
 import sys
@@ -322,6 +323,50 @@ def test_audio_waiting_for_ready_is_buffered_and_counted_as_dropped_when_the_ups
             assert value(samples, "gateway_drops_total", reason="upstream_closed") == 1
             assert value(samples, "gateway_buffered_bytes", direction=C2U) == 0
     run(scenario(), timeout=30)
+
+
+def test_reply_audio_cut_by_a_barge_in_counts_as_received_and_as_dropped():
+    """Found by a metrics audit: audio of a reply the user cut was counted as dropped
+    (`interrupted`) but not as received, where every other drop reason counts both; so
+    "received minus dropped" subtracted it twice. The upstream here sends two more deltas of
+    the reply after the client's cancel reached it, as a real one does with deltas in flight."""
+    delta = bytes(range(256)) * 15  # 3,840 bytes: 80 ms of PCM16
+
+    def audio(item: str) -> dict:
+        return {"type": "response.output_audio.delta", "response_id": "resp_1", "item_id": item,
+                "output_index": 0, "content_index": 0, "delta": base64.b64encode(delta).decode()}
+
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        await upstream.send({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}})
+        await upstream.send({"type": "response.output_item.added", "response_id": "resp_1", "output_index": 0,
+                             "item": {"id": "item_1", "type": "message", "role": "assistant"}})
+        await upstream.send(audio("item_1"))
+        await upstream.receive("response.cancel")
+        await upstream.send(audio("item_1"))   # in flight when the cancel came
+        await upstream.send(audio("item_1"))
+        await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "cancelled"}})
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(_scripted_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.wait_audio(len(delta))
+            await client.send({"type": "cancel_response"})
+            await client.wait("response_done")  # every delta of the reply has passed the gateway
+            (session,) = gateway.sessions
+            gateway.metrics.flush(session.stats)  # what the sweep does once a second
+            samples = await _samples(gateway)
+            await client.close()
+            return bytes(client.audio), samples
+
+    heard, samples = run(scenario(), timeout=20)
+    assert heard == delta
+    assert value(samples, "gateway_dropped_bytes_total", reason="interrupted") == 2 * len(delta)
+    assert value(samples, "gateway_drops_total", reason="interrupted") == 2
+    assert value(samples, "gateway_bytes_total", direction="upstream_to_client", kind="audio") == 3 * len(delta)
+    assert value(samples, "gateway_frames_total", direction="upstream_to_client", kind="audio") == 3
 
 
 def test_audio_levels_are_in_the_metrics_for_sessions_that_did_not_ask_for_level_events():
