@@ -302,6 +302,30 @@ def test_resetting_a_connection_whose_socket_is_closed_already_raises_nothing():
     run(scenario(), timeout=10)
 
 
+def test_an_upstream_connection_closed_politely_is_let_go_when_the_close_ends():
+    """Found by a lifecycle audit: every close() armed its own grace timer, and each held the
+    upstream transport for the whole grace (5 s) after the close had ended (90 timers for 30 sessions)."""
+    import gc
+    import weakref
+
+    from gateway.upstream.connection import CLOSE_GRACE_S
+
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await ready_client(gateway.url)
+            (session,) = gateway.sessions
+            upstream = weakref.ref(session.upstream.transport)
+            del session
+            await client.close()
+            await wait_for(lambda: not gateway.sessions and not mock.open_sessions, 5, "the session's end")
+            await wait_for(lambda: upstream() is None or upstream().is_disconnected, 5, "the upstream's end")
+            started = time.monotonic()
+            # gc.collect() frees the transport as soon as nothing but cycles holds it
+            await wait_for(lambda: gc.collect() >= 0 and upstream() is None, CLOSE_GRACE_S + 2, "the transport let go")
+            assert time.monotonic() - started < CLOSE_GRACE_S / 2
+    run(scenario(), timeout=20)
+
+
 def test_upstream_handshake_timeout_is_connection_failed_within_the_connect_timeout():
     async def scenario():
         async with relay(MockOptions(handshake_delay_s=0.8), connect_timeout_s=0.3) as (gateway, mock):

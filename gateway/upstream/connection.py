@@ -82,7 +82,7 @@ class UpstreamListener(UpstreamLeg):
     messages (see the module docstring); this class handles the rest and the lifecycle."""
 
     __slots__ = ("owner", "_assembler", "transport", "close_code", "close_reason", "closing", "_write_paused",
-                 "_pong")
+                 "_pong", "close_grace")
 
     def __init__(self, owner: UpstreamOwner, path: AudioPath | None) -> None:
         super().__init__()
@@ -95,6 +95,7 @@ class UpstreamListener(UpstreamLeg):
         self.closing = False
         self._write_paused = False
         self._pong: bytes | None = None  # the latest ping's payload, while the upstream does not read
+        self.close_grace: asyncio.TimerHandle | None = None  # cuts off a polite close that does not end
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -164,6 +165,9 @@ class UpstreamListener(UpstreamLeg):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.forget_reads()
+        if self.close_grace is not None:  # the close ended: the timer need not hold the transport on
+            self.close_grace.cancel()
+            self.close_grace = None
         # a close frame we sent first, though the owner never asked us to close: picows' parser
         # (an oversized frame: 1009; a broken one: 1002) or the assembler refused what came
         handshake = transport.close_handshake
@@ -314,17 +318,18 @@ class UpstreamConnection:
         the socket, its buffers and the session's objects for as long as it stalls. What is
         still waiting then is audio for a session that has ended: it is reset instead, and a
         graceful close that has not finished within CLOSE_GRACE_S is cut off too."""
-        self.listener.closing = True
-        self.listener.path = None
+        listener = self.listener
+        listener.closing = True
+        listener.path = None
         transport = self.transport
-        if transport is None or transport.is_disconnected:
-            return
+        if transport is None or transport.is_disconnected or listener.close_grace is not None:
+            return  # nothing to close, or closing politely already (a reset then stays on its time)
         if transport.underlying_transport.get_write_buffer_size():
             _reset(transport)
             return
         transport.send_close(WSCloseCode.OK)
         transport.disconnect()
-        asyncio.get_running_loop().call_later(CLOSE_GRACE_S, _reset, transport)
+        listener.close_grace = asyncio.get_running_loop().call_later(CLOSE_GRACE_S, _reset, transport)
 
 
 def _reset(transport: WSTransport) -> None:
