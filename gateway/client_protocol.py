@@ -7,7 +7,9 @@ One parser accepts both spellings: the seed/SPEC one (`turn_detection:"server_va
 
 `parse_client_message(text)` returns a command object or raises `InvalidMessage`. A `config` never
 raises for a bad field value: each bad field becomes an `InvalidConfig` in `ConfigCommand.errors`,
-is left out of the resulting `SessionConfig`, and the rest applies.
+is left out of the resulting `SessionConfig`, and the rest applies. The other commands' unknown
+fields go to `warn`, one non-fatal `InvalidMessage` each, and the command applies: a misspelt
+optional field (`"respnd": false`) is not silently a different request.
 
 Gateway -> client events are built here too (`ready_event`, `transcript_event`, ...) and returned
 as JSON bytes (orjson).
@@ -15,6 +17,7 @@ as JSON bytes (orjson).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -176,8 +179,10 @@ Command = (ConfigCommand | TextCommand | CommitCommand | CreateResponseCommand |
            | ClearAudioCommand | FunctionResultCommand | PlaybackCommand | PassthroughCommand)
 
 
-def parse_client_message(payload: bytes | bytearray | memoryview | str) -> Command:
-    """Parse one complete client text message. Raises `InvalidMessage` (non-fatal) on bad input."""
+def parse_client_message(payload: bytes | bytearray | memoryview | str,
+                         warn: Callable[[InvalidMessage], None] | None = None) -> Command:
+    """Parse one complete client text message. Raises `InvalidMessage` (non-fatal) on bad input;
+    a command's unknown fields, once it parses, go to `warn` (see the module docstring)."""
     try:
         message = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
@@ -206,7 +211,15 @@ def parse_client_message(payload: bytes | bytearray | memoryview | str) -> Comma
     parser = _PARSERS.get(kind)
     if parser is None:
         raise InvalidMessage(f"unknown message type {_shown(kind)}", param="type")
-    return parser(message)
+    command = parser(message)
+    known = _COMMAND_FIELDS.get(kind)
+    if known is not None and warn is not None and len(message) > 1:
+        unknown = [name for name in message if name not in known]
+        for name in unknown[:MAX_UNKNOWN_REPORTED]:
+            warn(InvalidMessage(f"unknown field {_shown(name)} on {kind!r} (ignored)", param=name))
+        if len(unknown) > MAX_UNKNOWN_REPORTED:  # as for `config`: not thousands of errors
+            warn(InvalidMessage(f"{len(unknown) - MAX_UNKNOWN_REPORTED} more unknown fields on {kind!r} (ignored)"))
+    return command
 
 
 def _string(message: dict, name: str, *, limit: int | None = None, required: bool = True) -> str | None:
@@ -276,6 +289,13 @@ _PARSERS = {
     "function_result": _parse_function_result,
     "playback": _parse_playback,
 }
+
+#: the fields each command other than `config` reads (`config` reports its own unknown fields)
+_COMMAND_FIELDS: dict[str, frozenset[str]] = {
+    kind: frozenset(("type", "event_id", *names)) for kind, names in (
+        ("text", ("text", "respond")), ("commit", ()), ("commit_audio", ()), ("create_response", ()),
+        ("cancel_response", ()), ("clear_audio", ()), ("function_result", ("call_id", "output", "result")),
+        ("playback", ("played_ms", "response_id")))}
 
 
 # ---- config validation ------------------------------------------------------------------------

@@ -603,7 +603,7 @@ class RelaySession:
         self.stats.c2u_json_frames += 1
         self.stats.c2u_json_bytes += len(payload)
         try:
-            command = cp.parse_client_message(payload)
+            command = cp.parse_client_message(payload, self.fail)
         except InvalidMessage as error:
             self.fail(error)
             return

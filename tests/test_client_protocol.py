@@ -47,6 +47,31 @@ def test_bad_messages_raise_invalid_message(raw, param):
     assert info.value.to_event()["code"] == "InvalidMessage"
 
 
+@pytest.mark.parametrize("message, command", [
+    ({"type": "text", "text": "hi", "respnd": False}, cp.TextCommand("hi", True)),
+    ({"type": "commit", "force": True}, cp.CommitCommand()),
+    ({"type": "create_response", "instructions": "be brief"}, cp.CreateResponseCommand()),
+    ({"type": "function_result", "call_id": "c1", "output": "{}", "name": "lookup"},
+     cp.FunctionResultCommand("c1", "{}")),
+    ({"type": "playback", "played_ms": 5, "item_id": "i1"}, cp.PlaybackCommand(5.0)),
+])
+def test_an_unknown_field_on_a_command_is_reported_and_the_command_applies(message, command):
+    warnings: list[InvalidMessage] = []
+    assert cp.parse_client_message(orjson.dumps(message), warnings.append) == command
+    (unknown,) = set(message) - {"type", "text", "call_id", "output", "played_ms"}
+    assert [(w.param, w.fatal) for w in warnings] == [(unknown, False)]
+    assert f"unknown field '{unknown}' on '{message['type']}' (ignored)" == warnings[0].message
+
+
+def test_a_command_reports_ten_unknown_fields_then_a_count():
+    warnings: list[InvalidMessage] = []
+    extra = {f"x{n}": n for n in range(cp.MAX_UNKNOWN_REPORTED + 5)}
+    message = {"type": "clear_audio", "event_id": "e1", **extra}  # an event_id is no unknown field
+    assert cp.parse_client_message(orjson.dumps(message), warnings.append) == cp.ClearAudioCommand()
+    assert [w.param for w in warnings] == [f"x{n}" for n in range(cp.MAX_UNKNOWN_REPORTED)] + [None]
+    assert warnings[-1].message == "5 more unknown fields on 'clear_audio' (ignored)"
+
+
 def test_text_over_the_size_limit_is_rejected():
     with pytest.raises(InvalidMessage):
         parse({"type": "text", "text": "x" * (cp.MAX_TEXT_BYTES + 1)})

@@ -237,6 +237,23 @@ def test_bad_messages_are_invalid_message_and_the_session_goes_on():
     run(scenario(), timeout=20)
 
 
+def test_an_unknown_field_on_a_command_is_named_and_the_command_applies():
+    """A misspelt optional field was ignored silently: `"respnd": false` asked for a reply with
+    nothing to say why. Now it gets its non-fatal error, as an unknown `config` field does."""
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "misspelt", "respnd": False})
+            error = await client.wait("error")
+            assert (error["code"], error["param"], error["fatal"]) == ("InvalidMessage", "respnd", False)
+            assert "unknown field" in error["message"] and "'text'" in error["message"]
+            item = await mock.sessions[0].wait_for_client_event("conversation.item.create")
+            assert item["item"]["content"][0]["text"] == "misspelt"
+            assert (await client.wait("response_done"))["status"] == "completed"  # `respond` kept its default
+    run(scenario(), timeout=20)
+
+
 def test_invalid_config_names_the_field_and_the_rest_applies():
     async def scenario():
         async with relay() as (gateway, mock):
