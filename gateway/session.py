@@ -66,6 +66,9 @@ FIRST_CONFIG_GRACE_S = 1.0
 MAX_IGNORED = 32
 #: while the client is not read (a slow upstream), how often to ask the kernel whether it left
 HANGUP_CHECK_S = 1.0
+#: a reply a server error hit, and whose end never came, is over once the upstream has been
+#: silent this long (a reply still being generated streams its deltas well within it)
+FAILED_REPLY_SILENCE_S = 2.0
 # the gateway's own upstream events, by event_id (a client's may not use the prefix)
 _TRUNCATE_PREFIX = cp.RESERVED_EVENT_ID_PREFIX + "truncate_"
 _UPDATE_PREFIX = cp.RESERVED_EVENT_ID_PREFIX + "update_"
@@ -148,7 +151,8 @@ class RelaySession:
                  "_vad_mode",
                  "_calls_dispatched",
                  "_client_reading_paused", "_coalesce_s", "_connect_task",
-                 "_created_timer", "_flush_timer", "_hangup_timer", "_level_timer",
+                 "_created_timer", "_failed_reply_timer", "_ended_by_gateway", "_flush_timer", "_hangup_timer",
+                 "_level_timer",
                  "_pre_ready_overflowed", "_owner", "_pending_updates", "_updates_in_flight",
                  "_pre_ready", "_pre_ready_audio_bytes", "_pre_ready_commands", "_pre_ready_command_bytes",
                  "_reopens", "_response_asked",
@@ -281,6 +285,10 @@ class RelaySession:
         # the active reply was created after the upstream confirmed the gateway's items: it
         # answers every reply the gateway wanted, one refused for it included
         self._active_saw_items = False
+        # a server error hit the active reply: this watches for its end (`_watch_failed_reply`);
+        # and the reply the gateway ended itself, whose late response.done is no news
+        self._failed_reply_timer: asyncio.TimerHandle | None = None
+        self._ended_by_gateway: str | None = None
 
     @property
     def coalescer(self) -> Coalescer:
@@ -483,10 +491,12 @@ class RelaySession:
         self._teardown()
 
     def _teardown(self) -> None:
-        for timer in (self._flush_timer, self._level_timer, self._created_timer, self._hangup_timer):
+        for timer in (self._flush_timer, self._level_timer, self._created_timer, self._hangup_timer,
+                      self._failed_reply_timer):
             if timer is not None:
                 timer.cancel()
         self._flush_timer = self._level_timer = self._created_timer = self._hangup_timer = None
+        self._failed_reply_timer = None
         self._sync_path()
         if self._connect_task is not None and not self._connect_task.done():
             self._connect_task.cancel()
@@ -1063,6 +1073,32 @@ class RelaySession:
         if code in BENIGN_UPSTREAM_CODES:
             mapped.fatal = False
         self.fail(mapped)
+        if error.get("type") == "server_error" and self.active_response_id is not None and self.state is not CLOSED:
+            self._watch_failed_reply(self.active_response_id)
+
+    def _watch_failed_reply(self, response_id: str, frames_seen: int = -1) -> None:
+        """A server error "fails the response" (reference §8), and its failed response.done
+        normally follows. Without one, the reply would stay running for good, and every reply
+        the gateway asks for after it (a `text`, a function result) would wait on it. So once the
+        upstream has gone quiet (FAILED_REPLY_SILENCE_S without a frame) while that reply is
+        still the active one, the gateway ends it: a `response.cancel` for it goes up (should the
+        upstream still hold it), and the client gets its `response_done`, status `failed`."""
+        if self._failed_reply_timer is not None:
+            self._failed_reply_timer.cancel()
+        self._failed_reply_timer = None
+        if self.state is CLOSED or self.active_response_id != response_id:
+            return  # ended, or another reply runs
+        stats = self.stats
+        frames = stats.u2c_audio_frames + stats.u2c_json_frames
+        if frames != frames_seen:  # the upstream still talks: look again later
+            self._failed_reply_timer = self.loop.call_later(FAILED_REPLY_SILENCE_S, self._watch_failed_reply,
+                                                            response_id, frames)
+            return
+        log.warning("session %s: response %s had a server error and no end; ended by the gateway",
+                    self.session_id, response_id)
+        self._send_upstream({"type": "response.cancel", "event_id": _CANCEL_EVENT_ID, "response_id": response_id})
+        self._ended_by_gateway = response_id
+        self._on_response_done({"response": {"id": response_id, "status": "failed"}}, failure_reported=True)
 
     def _config_rejected(self, part: cp.SessionConfig, fallback: cp.SessionConfig, error: dict) -> None:
         """The upstream refused a whole session.update (it validates atomically). When the
@@ -1276,12 +1312,18 @@ class RelaySession:
             calls.add(call_id)
         self._send_client(cp.function_call_event(call_id, as_text(name), arguments if isinstance(arguments, str) else ""))
 
-    def _on_response_done(self, event: dict) -> None:
+    def _on_response_done(self, event: dict, failure_reported: bool = False) -> None:
         response = _object(event.get("response"))
         response_id = as_text(response.get("id"))
         status = as_text(response.get("status"))
         out_of_band = _out_of_band(response)
+        if response_id is not None and response_id == self._ended_by_gateway and not failure_reported:
+            self._ended_by_gateway = None  # the upstream's own end of it, after all: the client had one
+            return
         if not out_of_band:
+            if self._failed_reply_timer is not None:
+                self._failed_reply_timer.cancel()
+                self._failed_reply_timer = None
             # the conversation runs one reply at a time: this is its end, whatever id it gives
             # (one it cannot read must not leave the gateway waiting for it for good); and if
             # ours never announced itself (a conforming upstream sends response.created first)
@@ -1291,7 +1333,7 @@ class RelaySession:
         usage = response.get("usage")
         self._send_client(cp.response_done_event(response_id, status, usage if type(usage) is dict else None,
                                                  out_of_band))
-        if status == "failed":
+        if status == "failed" and not failure_reported:
             # fatal or not by the upstream code, as when it comes as an `error` event: a rate
             # limit or a server error fails one response, an account problem (insufficient_quota)
             # every one after it

@@ -3,6 +3,7 @@ for itself, function calls, a manual barge-in (`cancel_response`), and what an i
 leaves behind — end to end through a real node and the mock."""
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import orjson
@@ -659,3 +660,97 @@ def test_a_turn_end_before_the_timed_replys_first_audio_passes_the_timing_to_the
             return waiting
 
     assert run(scenario(), timeout=20)
+
+
+_SERVER_ERROR = {"type": "error", "error": {
+    "type": "server_error", "code": None, "param": None, "event_id": None,
+    "message": "The server had an error while processing your request. Sorry about that!"}}
+
+
+def test_a_reply_a_server_error_left_without_an_end_is_ended_and_the_next_reply_goes_up(monkeypatch):
+    """Found by a protocol audit: a server error "fails the response" (reference §8), but when no
+    response.done followed, the reply stayed running for good: the client never got its
+    response_done, and a later `text` had its reply held back for the rest of the session.
+    Once the upstream is quiet, the gateway ends it: a cancel for it goes up (its "not active"
+    answer is no news), the client gets `response_done` failed, and the held reply goes up."""
+    import gateway.session
+    monkeypatch.setattr(gateway.session, "FAILED_REPLY_SILENCE_S", 0.3)
+
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        first = await upstream.receive("conversation.item.create")
+        await upstream.send({"type": "conversation.item.added", "item": first["item"]})
+        await upstream.receive("response.create")
+        await upstream.send({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}})
+        await upstream.send(_SERVER_ERROR)  # and nothing more of resp_1
+        second = await upstream.receive("conversation.item.create")
+        await upstream.send({"type": "conversation.item.added", "item": second["item"]})
+        cancel = await upstream.receive("response.cancel")
+        await upstream.send({"type": "error", "error": {
+            "type": "invalid_request_error", "code": "response_cancel_not_active", "param": None,
+            "message": "Cancellation failed: no active response found", "event_id": cancel.get("event_id")}})
+        await upstream.receive("response.create")
+        await upstream.send({"type": "response.created", "response": {"id": "resp_2", "status": "in_progress"}})
+        await upstream.send({"type": "response.done", "response": {"id": "resp_2", "status": "completed"}})
+
+    async def scenario():
+        upstream = ScriptedUpstream(script)
+        async with upstream as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "text", "text": "hello"})
+            await client.wait("error", code="UpstreamError")
+            await client.send({"type": "text", "text": "are you there?"})
+            await client.wait("response_done", response_id="resp_2", timeout=5)
+            await client.close()
+            return client.events, upstream.received
+
+    events, received = run(scenario(), timeout=20)
+    replies = [(e["type"], e["response_id"], e.get("status")) for e in events
+               if e["type"] in ("response_started", "response_done")]
+    assert replies == [("response_started", "resp_1", None), ("response_done", "resp_1", "failed"),
+                       ("response_started", "resp_2", None), ("response_done", "resp_2", "completed")]
+    assert [e["upstream"]["type"] for e in events if e["type"] == "error"] == ["server_error"]
+    sent = [(e["type"], e.get("response_id")) for e in received
+            if e["type"] in ("response.cancel", "response.create")]
+    assert sent == [("response.create", None), ("response.cancel", "resp_1"), ("response.create", None)]
+
+
+def test_a_reply_that_goes_on_streaming_after_a_server_error_is_not_ended(monkeypatch):
+    """The other side of the test above: a server error about something else, while the reply
+    goes on streaming for longer than the quiet time, leaves the reply to its own end."""
+    import gateway.session
+    monkeypatch.setattr(gateway.session, "FAILED_REPLY_SILENCE_S", 0.3)
+    delta = base64.b64encode(bytes(4800)).decode()
+
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        await upstream.receive("response.create")
+        await upstream.send({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}})
+        await upstream.send(_SERVER_ERROR)
+        for _ in range(10):  # a second of deltas, one every 0.1 s: the model still generating
+            await upstream.send({"type": "response.output_audio.delta", "response_id": "resp_1",
+                                 "item_id": "item_1", "delta": delta})
+            await asyncio.sleep(0.1)
+        await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "completed"}})
+        await upstream.receive("conversation.item.create")  # the barrier: all the above reached the client
+        await upstream.send({"type": "error", "error": {"message": "barrier"}})
+
+    async def scenario():
+        upstream = ScriptedUpstream(script)
+        async with upstream as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "create_response"})
+            await client.wait("response_done", response_id="resp_1", timeout=5)
+            await client.send({"type": "text", "text": "barrier", "respond": False})
+            await client.wait("error", message="barrier")
+            await client.close()
+            return client.events, bytes(client.audio), upstream.received
+
+    events, audio, received = run(scenario(), timeout=20)
+    assert [(e["response_id"], e["status"]) for e in events if e["type"] == "response_done"] == [("resp_1", "completed")]
+    assert audio == bytes(48_000)
+    assert [e for e in received if e["type"] == "response.cancel"] == []
