@@ -72,6 +72,7 @@ FAILED_REPLY_SILENCE_S = 2.0
 # the gateway's own upstream events, by event_id (a client's may not use the prefix)
 _TRUNCATE_PREFIX = cp.RESERVED_EVENT_ID_PREFIX + "truncate_"
 _UPDATE_PREFIX = cp.RESERVED_EVENT_ID_PREFIX + "update_"
+_CLIENT_UPDATE_PREFIX = cp.RESERVED_EVENT_ID_PREFIX + "client_update_"  # a client's session.update it gave no id
 _RESPONSE_EVENT_ID = cp.RESERVED_EVENT_ID_PREFIX + "response"  # a response.create the gateway decided on itself
 _CANCEL_EVENT_ID = cp.RESERVED_EVENT_ID_PREFIX + "cancel"  # a response.cancel that came with a barge-in
 _ITEM_PREFIX = cp.RESERVED_EVENT_ID_PREFIX + "item_"  # a text or function result the gateway adds: its
@@ -862,6 +863,13 @@ class RelaySession:
     def _cmd_passthrough(self, command: cp.PassthroughCommand) -> None:
         self._flush_audio()  # keep the client's order: audio sent before this event goes first
         kind = command.event.get("type")
+        if kind == "session.update" and command.event.get("event_id") is None:
+            # tagged, so that the upstream's refusal names it (it echoes the event_id, and leaves
+            # it null for an event that had none: then a refusal without a `session.*` param could
+            # not be told from any other error, and the update would stay "in flight" for good,
+            # every later answer matched one update early); the client sees its null again
+            self._update_counter += 1
+            command.event["event_id"] = f"{_CLIENT_UPDATE_PREFIX}{self._update_counter}"
         if self._send_upstream(command.event) and kind == "session.update":
             client_event_id = command.event.get("event_id")
             session = _object(command.event.get("session"))  # either dialect's shape
@@ -1043,6 +1051,8 @@ class RelaySession:
         elif event_id and (own := next((entry for entry in self._updates_in_flight
                                         if type(entry) is _ClientUpdate and entry.event_id == event_id), None)):
             self._client_update_refused(own)
+            if event_id.startswith(_CLIENT_UPDATE_PREFIX):
+                error["event_id"], event_id = None, ""  # the client's update had none (see `_cmd_passthrough`)
         rejected = self._pending_updates.pop(event_id, None)
         if rejected is not None:
             self._updates_in_flight.remove(event_id)

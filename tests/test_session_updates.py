@@ -598,3 +598,53 @@ def test_a_partial_session_updated_changes_only_what_it_states():
     assert (updated["voice"], updated["turn_detection"]) == ("ash", "server_vad")
     assert updated["input_audio_format"] == "pcm16"  # the last the upstream stated
     assert relayed == "g711_ulaw"  # what the client sends, until the upstream says otherwise
+
+
+def test_a_raw_update_without_an_event_id_is_told_apart_when_the_upstream_refuses_it():
+    """Found by a protocol audit: a client's raw session.update without an event_id, refused by
+    an error that names no `session.*` param, could not be told from any other error (the
+    upstream echoes the event_id, null for an event that had none). It stayed "in flight" for
+    good: a later config's retry waited on it (its instructions never went up), and every later
+    session.updated was paired one update early (a raw switch to G.711 was never followed). The
+    gateway now gives such an update an id of its own; the client sees the refusal with none."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()                                       # ready
+        raw = await upstream.receive("session.update")
+        await upstream.refuse(raw["event_id"], "Invalid session configuration.", param=None)
+        config = await upstream.receive("session.update")
+        await upstream.refuse(config["event_id"], "Cannot update a conversation's voice if assistant audio is present.",
+                              code="cannot_update_voice", param="session.audio.output.voice")
+        await upstream.receive("session.update")                       # the rest of the config
+        await upstream.updated()
+        await upstream.receive("session.update")                       # raw: the output in G.711
+        pcmu = {**SESSION, "audio": {**SESSION["audio"], "output": {**SESSION["audio"]["output"],
+                                                                    "format": {"type": "audio/pcmu"}}}}
+        await upstream.send({"type": "session.updated", "session": pcmu})
+
+    upstream = ScriptedUpstream(script)
+
+    async def scenario():
+        async with upstream as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready", timeout=5)
+            await client.send({"type": "session.update", "session": {"type": "realtime", "instructions": "raw"}})
+            refused = await client.wait("error", timeout=5)
+            await client.send({"type": "config", "voice": "cedar", "instructions": "Be brief."})
+            voice = await client.wait("error", timeout=5)
+            await client.wait("session_updated", timeout=5)            # the rest applied
+            await client.send({"type": "session.update", "session": {
+                "type": "realtime", "audio": {"output": {"format": {"type": "audio/pcmu"}}}}})
+            pcmu = await client.wait("session_updated", timeout=5)
+            (session,) = gateway.sessions
+            state = session.output_bytes_per_ms, list(session._updates_in_flight)
+            await client.close()
+            return refused, voice, pcmu, state
+
+    refused, voice, pcmu, (bytes_per_ms, in_flight) = run(scenario(), timeout=20)
+    raw = upstream.received[1]
+    assert raw["type"] == "session.update" and raw["event_id"].startswith("gw_client_update_")
+    assert refused["code"] == "UpstreamError" and refused["upstream"]["event_id"] is None
+    assert voice["param"] == "voice" and "the rest of the config applies" in voice["message"]
+    assert _sessions_sent(upstream)[3] == {"type": "realtime", "instructions": "Be brief."}
+    assert pcmu["output_audio_format"] == "g711_ulaw" and bytes_per_ms == 8 and in_flight == []
