@@ -1215,8 +1215,16 @@ class RelaySession:
         for the client."""
         cut = self.playback.barge_in(self.loop.time(), self.active_response_id)
         if cancel:
-            if cut is None:
+            if cut is None and self.active_response_id is None:
+                # the client knows of no running reply: one the gateway asked for may be starting
+                # (its `text`'s), and a cancel with no id cancels it; with nothing running the
+                # client hears so (response_cancel_not_active)
                 self._send_upstream({"type": "response.cancel"})
+            elif cut is None:
+                # the reply the client knows of, by its id: ended meanwhile (its response.done on
+                # the way), it is no news, and no later reply is cancelled in its place
+                self._send_upstream({"type": "response.cancel", "event_id": _CANCEL_EVENT_ID,
+                                     "response_id": self.active_response_id})
             elif self.active_response_id is not None and \
                     any(response_id == self.active_response_id for response_id, _ in cut.interrupted):
                 self._send_upstream({"type": "response.cancel", "event_id": _CANCEL_EVENT_ID,

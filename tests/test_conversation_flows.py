@@ -754,3 +754,41 @@ def test_a_reply_that_goes_on_streaming_after_a_server_error_is_not_ended(monkey
     assert [(e["response_id"], e["status"]) for e in events if e["type"] == "response_done"] == [("resp_1", "completed")]
     assert audio == bytes(48_000)
     assert [e for e in received if e["type"] == "response.cancel"] == []
+
+
+def test_a_cancel_of_a_reply_that_ended_meanwhile_names_it_and_is_no_news():
+    """Found by a protocol audit: over nothing playing (a reply without audio yet, or a text
+    reply), `cancel_response` went up with no id. When the reply had just ended upstream, the
+    client got the upstream's "no active response" as an error, and a reply started meanwhile
+    would have been cancelled in its place. The cancel now names the reply the client knows of."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        await upstream.receive("response.create")
+        await upstream.send({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}})
+        cancel = await upstream.receive("response.cancel")
+        # the reply had ended before the cancel arrived: its done, then the cancel's refusal
+        await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "completed"}})
+        await upstream.send({"type": "error", "error": {
+            "type": "invalid_request_error", "code": "response_cancel_not_active", "param": None,
+            "message": "Cancellation failed: no active response found", "event_id": cancel.get("event_id")}})
+        await upstream.receive("conversation.item.create")
+        await upstream.send({"type": "error", "error": {"message": "seen"}})
+
+    async def scenario():
+        upstream = ScriptedUpstream(script)
+        async with upstream as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "create_response"})
+            await client.wait("response_started")
+            await client.send({"type": "cancel_response"})
+            await client.send({"type": "text", "text": "next", "respond": False})
+            await client.wait("error", message="seen")
+            await client.close()
+            return client.events, upstream.received
+
+    events, received = run(scenario(), timeout=20)
+    assert [e["message"] for e in events if e["type"] == "error"] == ["seen"]
+    assert [(e["response_id"], e["status"]) for e in events if e["type"] == "response_done"] == [("resp_1", "completed")]
+    assert [e.get("response_id") for e in received if e["type"] == "response.cancel"] == ["resp_1"]
