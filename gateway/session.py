@@ -938,7 +938,8 @@ class RelaySession:
                 self.metrics.count_drop("interrupted", size)
             return
         path.item_delivered += size
-        if self._timing_reply:
+        # the timed reply's first audio: not that of an out-of-band reply running beside it
+        if self._timing_reply and playback.item_response.get(item_id, self.active_response_id) == self.active_response_id:
             if self.metrics is not None:
                 self.metrics.observe_first_audio(self.loop.time() - self._turn_end_at)
             self._turn_end_at = None

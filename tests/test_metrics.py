@@ -399,3 +399,52 @@ def test_audio_levels_are_in_the_metrics_for_sessions_that_did_not_ask_for_level
             assert client.of_type("level") == []  # the client asked for no events, and got none
             await client.close()
     run(scenario(), timeout=30)
+
+
+def test_an_out_of_band_replys_audio_is_not_timed_as_the_turns_first_reply_audio():
+    """Found by a protocol audit: audio of an out-of-band reply, arriving while the reply to a
+    `text` was timed, was recorded as that turn's time to first reply audio (0.2 s here), and
+    the turn's own reply's first audio (at least 0.8 s after the text) was not recorded."""
+    second = base64.b64encode(bytes(48_000)).decode()
+
+    def audio(response_id: str, item_id: str) -> dict:
+        return {"type": "response.output_audio.delta", "response_id": response_id, "item_id": item_id, "delta": second}
+
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        await upstream.receive("response.create")                                  # the client's out-of-band one
+        await upstream.send({"type": "response.created", "response": {"id": "resp_o", "status": "in_progress",
+                                                                      "conversation_id": None}})
+        item = await upstream.receive("conversation.item.create")                  # the text
+        await upstream.send({"type": "conversation.item.added", "item": item["item"]})
+        await upstream.receive("response.create")                                  # its reply
+        await upstream.send({"type": "response.created", "response": {"id": "resp_c", "status": "in_progress",
+                                                                      "conversation_id": "conv_1"}})
+        for response_id, item_id in (("resp_o", "item_o"), ("resp_c", "item_c")):
+            await upstream.send({"type": "response.output_item.added", "response_id": response_id,
+                                 "item": {"id": item_id, "type": "message", "role": "assistant"}})
+        await asyncio.sleep(0.2)                                                   # the scenario's pacing
+        await upstream.send(audio("resp_o", "item_o"))
+        await upstream.send({"type": "response.done", "response": {"id": "resp_o", "status": "completed",
+                                                                   "conversation_id": None}})
+        await asyncio.sleep(0.6)
+        await upstream.send(audio("resp_c", "item_c"))
+        await upstream.send({"type": "response.done", "response": {"id": "resp_c", "status": "completed",
+                                                                   "conversation_id": "conv_1"}})
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(_scripted_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "response.create", "response": {"conversation": "none"}})
+            await client.wait("response_started", response_id="resp_o")
+            await client.send({"type": "text", "text": "hello"})
+            await client.wait("response_done", response_id="resp_c", timeout=5)
+            samples = await _samples(gateway)
+            await client.close()
+            return samples
+
+    samples = run(scenario(), timeout=20)
+    assert value(samples, "gateway_first_audio_seconds_count") == 1
+    assert value(samples, "gateway_first_audio_seconds_sum") >= 0.75  # the turn's own reply, ≥ 0.8 s after the text
