@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from _fastpath import DBFS_FLOOR
 from gateway.errors import ERROR_TABLE
 
 C2U, U2C = "client_to_upstream", "upstream_to_client"
@@ -51,8 +52,9 @@ FIRST_AUDIO_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0
 #: level histogram buckets in dB below full scale (= -dBFS; Prometheus histograms want values >= 0)
 LEVEL_BUCKETS_DB_BELOW_FS = (1.0, 3.0, 6.0, 12.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 120.0)
 BUFFER_BUCKETS_BYTES = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
-#: digital silence is -inf dBFS; it is recorded at this floor so histogram sums stay finite
-LEVEL_FLOOR_DBFS = -120.0
+#: digital silence (-inf dBFS; the meters read it as their floor, DBFS_FLOOR) is recorded as
+#: this many dB below full scale, so histogram sums stay finite
+SILENCE_DB_BELOW_FS = 120.0
 
 #: SessionStats counter fields, in the order of `GatewayMetrics._traffic` (direction, kind, unit)
 _TRAFFIC_FIELDS = (
@@ -95,7 +97,8 @@ class SessionStats:
       read and write through to it.
     Levels (set, not added): ``c2u_buffered_bytes`` = client audio waiting for `ready` (the
       coalescer's few ms are not counted), ``u2c_buffered_bytes`` = bytes queued towards the client; flushes turn
-      them into the ``gateway_buffered_bytes`` gauge and track the per-session peak.
+      them into the ``gateway_buffered_bytes`` gauge. Their peaks (``*_buffered_peak``) are kept
+      where the queues grow too: a queue that lives less than a second between two flushes counts.
     Owned by one session on one event loop; `GatewayMetrics` reads it only in `flush`.
     """
 
@@ -214,7 +217,7 @@ class GatewayMetrics:
         self.buffered_bytes = gauge("gateway_buffered_bytes", "Audio bytes queued now, by direction",
                                     ("direction",))
         self.session_peak_buffered_bytes = Histogram(
-            "gateway_session_peak_buffered_bytes", "Largest queue seen in a session (at flush times)",
+            "gateway_session_peak_buffered_bytes", "Largest queue a session held",
             ["direction"], registry=reg, buckets=BUFFER_BUCKETS_BYTES)
         self.drops_total = Counter("gateway_drops", "Audio chunks discarded, by reason", ["reason"], registry=reg)
         self.dropped_bytes_total = Counter("gateway_dropped_bytes", "Audio bytes discarded, by reason",
@@ -336,8 +339,8 @@ class GatewayMetrics:
         Call it per level interval or per coalesced chunk, not per frame."""
         child = self._levels.get(stream)
         if child is not None:
-            # recorded as -dBFS, clamped to [0, 120]; NaN (no samples) counts as silence
-            child.observe(-rms_dbfs if LEVEL_FLOOR_DBFS < rms_dbfs <= 0.0 else (0.0 if rms_dbfs > 0.0 else 120.0))
+            # recorded as -dBFS, 0 at most; the meters' floor, -inf and NaN (no samples) are silence
+            child.observe(-rms_dbfs if DBFS_FLOOR < rms_dbfs <= 0.0 else (0.0 if rms_dbfs > 0.0 else SILENCE_DB_BELOW_FS))
 
     def count_error(self, code: str) -> None:
         """An `error` event with this wire code was sent to a client."""

@@ -123,6 +123,8 @@ class ClientOutbox:
             self._queue = deque()
         self._queue.append((msg_type, data, audio))
         self._queued_bytes += len(data)
+        if self._queued_bytes > self._stats.u2c_buffered_peak:  # (the sweep may never see it)
+            self._stats.u2c_buffered_peak = self._queued_bytes
         verdict = None
         if self._queued_bytes > self.limit:
             if self._drop_oldest:

@@ -235,6 +235,7 @@ class GatewayServer:
         # the event loop runs --overload-lag-ms late or more: /ready 503, upgrades refused
         self.overloaded = False
         self._sweep_due = 0.0  # loop time the next sweep is due: how late it runs is the loop's lag
+        self._levels_due = 0.0  # loop time the sessions' levels go to /metrics again: once a second
         self._late_sweeps = 0  # in a row, --overload-lag-ms late or more
         self.loop_lag_s = 0.0  # how late the latest sweep ran
         self._servers: list[asyncio.Server] = []
@@ -466,10 +467,16 @@ class GatewayServer:
         config = self.config
         self._observe_lag(now)
         self._observe_reader()
+        # short timeouts sweep more often, but a level is a second's reading whatever they are
+        # (half a sweep early is on time: the loop's timers may fire a hair before they are due)
+        levels = now >= self._levels_due
+        if levels:
+            self._levels_due = now + SWEEP_INTERVAL_S - self._sweep_interval() / 2
         for session in list(self.sessions):
             stats = session.stats
             self.metrics.flush(stats)
-            session.observe_levels()
+            if levels:
+                session.observe_levels()
             session.check_client_reading()
             session.check_user_turn()
             session.release_read_buffers()

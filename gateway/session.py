@@ -563,6 +563,8 @@ class RelaySession:
                 return
             self._pre_ready_audio_bytes += len(payload)
             stats.c2u_buffered_bytes = self._pre_ready_audio_bytes
+            if self._pre_ready_audio_bytes > stats.c2u_buffered_peak:  # (the sweep may never see it)
+                stats.c2u_buffered_peak = self._pre_ready_audio_bytes
             # held audio is read in the input format `ready` reports, not the one in force when
             # it came: a telephony client streams G.711 from its first frame and sends the
             # config that says so a moment later (configs run at once; `ready` waits for them;

@@ -132,7 +132,8 @@ def test_events_errors_drops_refusals_levels_and_latency():
     metrics.count_drop("mystery", 10)
     for reason in ("auth", "auth", "ip", "draining"):
         metrics.count_refusal(reason)
-    for level in (-20.0, -3.5, float("-inf"), float("nan"), 0.5):
+    silence = measure_level(bytes(9600))[0]  # what the meters read digital silence as: their floor
+    for level in (-20.0, -3.5, float("-inf"), float("nan"), 0.5, silence):
         metrics.observe_level("input", level)
     metrics.observe_level("output", -40.0)
     metrics.observe_level("sideways", -40.0)  # unknown stream: ignored, not an exception
@@ -149,13 +150,13 @@ def test_events_errors_drops_refusals_levels_and_latency():
     assert value(samples, "gateway_refusals_total", reason="ip") == 1
     assert value(samples, "gateway_refusals_total", reason="draining") == 1
     level = "gateway_audio_rms_db_below_full_scale"
-    assert value(samples, f"{level}_count", stream="input") == 5
-    assert value(samples, f"{level}_sum", stream="input") == 20.0 + 3.5 + 120.0 + 120.0 + 0.0
+    assert value(samples, f"{level}_count", stream="input") == 6
+    assert value(samples, f"{level}_sum", stream="input") == 20.0 + 3.5 + 120.0 + 120.0 + 0.0 + 120.0
     assert value(samples, f"{level}_bucket", stream="input", le="1.0") == 1  # the +0.5 dBFS reading
     assert value(samples, f"{level}_bucket", stream="input", le="6.0") == 2
     assert value(samples, f"{level}_bucket", stream="input", le="20.0") == 3
     assert value(samples, f"{level}_bucket", stream="input", le="90.0") == 3  # silence is beyond
-    assert value(samples, f"{level}_bucket", stream="input", le="120.0") == 5
+    assert value(samples, f"{level}_bucket", stream="input", le="120.0") == 6
     assert value(samples, f"{level}_count", stream="output") == 1
     assert value(samples, "gateway_first_audio_seconds_count") == 2
     assert value(samples, "gateway_first_audio_seconds_bucket", le="0.5") == 1
@@ -448,3 +449,53 @@ def test_an_out_of_band_replys_audio_is_not_timed_as_the_turns_first_reply_audio
     samples = run(scenario(), timeout=20)
     assert value(samples, "gateway_first_audio_seconds_count") == 1
     assert value(samples, "gateway_first_audio_seconds_sum") >= 0.75  # the turn's own reply, ≥ 0.8 s after the text
+
+
+def test_a_queue_that_lives_between_two_sweeps_is_still_the_sessions_peak(monkeypatch):
+    """Found by a metrics audit: a session's largest queue was sampled at the sweep (once a
+    second), so audio held before a `ready` that came within the second counted 0, the usual
+    case. Here no sweep runs at all while the session lives."""
+    import gateway.server
+    monkeypatch.setattr(gateway.server, "SWEEP_INTERVAL_S", 60.0)
+
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+
+    async def scenario():
+        # session.created waits until the client's audio is held
+        async with ScriptedUpstream(script, created_after_s=0.3) as url, GatewayServer(_scripted_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            for _ in range(10):
+                await client.ws.send(bytes(960))
+            await client.wait("ready", 5)
+            await client.close()
+            await gateway.wait_empty(5)
+            return await _samples(gateway)
+
+    samples = run(scenario(), timeout=20)
+    assert value(samples, "gateway_session_peak_buffered_bytes_count", direction=C2U) == 1
+    assert value(samples, "gateway_session_peak_buffered_bytes_sum", direction=C2U) == 9600
+
+
+def test_audio_levels_are_read_once_a_second_however_often_the_sweep_runs():
+    """Found by a metrics audit: the sweep reads the meters, and runs more often than once a
+    second with short timeouts (here every 0.25 s, --idle-timeout-s 1): the README's "once a
+    second" became four times a second, and each reading a quarter of a second's."""
+    async def scenario():
+        async with relay(idle_timeout_s=1.0) as (gateway, _mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            await client.wait("ready")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            for frame in range(100):  # 2 s of audio in real time: the session stays active
+                await client.send_audio(bytes([1, 2]) * 480)
+                await asyncio.sleep(max(0.0, started + (frame + 1) * 0.02 - loop.time()))
+            elapsed = loop.time() - started
+            samples = await _samples(gateway)
+            await client.close()
+            return value(samples, "gateway_audio_rms_db_below_full_scale_count", stream="input"), elapsed
+
+    count, elapsed = run(scenario(), timeout=20)
+    assert 1 <= count <= elapsed + 1, (count, elapsed)

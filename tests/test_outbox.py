@@ -28,6 +28,7 @@ class FakePath:
 
 class FakeStats:
     u2c_buffered_bytes = 0
+    u2c_buffered_peak = 0
 
 
 class FakeMetrics:
@@ -99,6 +100,8 @@ def test_a_paused_client_gets_everything_in_order_when_it_reads_again() -> None:
     assert client.sent == [(WSMsgType.BINARY, audio(300, 1)), (WSMsgType.TEXT, b"e1"),
                            (WSMsgType.BINARY, audio(300, 2))]
     assert stats.u2c_buffered_bytes == 0
+    # the session's peak, kept as the queue grew: a queue gone before the next sweep counts too
+    assert stats.u2c_buffered_peak == 602
 
 
 def test_drop_oldest_drops_the_oldest_audio_keeps_every_event_and_reports_once() -> None:
