@@ -224,8 +224,8 @@ class GatewayMetrics:
                                            ["reason"], registry=reg)
         self.upstream_open = gauge("gateway_upstream_connections_open", "Upstream connections open now")
         tls_handshakes = Counter(
-            "gateway_upstream_tls_handshakes", "TLS handshakes of wss:// upstream connections, by whether they "
-            "resumed an earlier session (no: a full handshake, the certificate chain verified)", ["resumed"],
+            "gateway_upstream_tls_handshakes", "TLS handshakes of wss:// upstream connections the upstream accepted, by "
+            "whether they resumed an earlier session (no: a full handshake, the certificate chain verified)", ["resumed"],
             registry=reg)
         self._tls_handshakes = {True: tls_handshakes.labels("yes"), False: tls_handshakes.labels("no")}
         self.direct_read_frames = Counter(
