@@ -468,6 +468,50 @@ def test_a_session_that_never_opens_is_a_failure_without_a_connect_time():
     assert sample[4] is None
 
 
+_SILENT_NODE_SCRIPT = _CAPTURING_SCRIPT + r"""
+import base64, hashlib, os
+import gevent
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+
+def serve():  # accepts the upgrade, reads the config, and never says `ready`
+    conn, _ = server.accept()
+    request = b""
+    while b"\r\n\r\n" not in request:
+        request += conn.recv(4096)
+    key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:"))
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+    while conn.recv(4096):
+        pass
+
+gevent.spawn(serve)
+os.environ["LOADTEST_REPLY_TIMEOUT"] = "0.5"
+capture = Capture()
+settings = LoadSettings.from_options(None, f"ws://127.0.0.1:{server.getsockname()[1]}")
+try:
+    VoiceSession(settings, MetricReporter(capture), {"type": "config"}, False).open()
+except SessionClosed:
+    pass
+print(json.dumps(capture.samples))
+"""
+
+
+def test_a_session_whose_ready_never_comes_is_a_failure_without_a_connect_time():
+    """The other way a session never opens: the node takes the upgrade and never says `ready`.
+    The failure is reported when the reply timeout runs out, with no time: the timeout's
+    length is no connect time."""
+    result = subprocess.run([sys.executable, "-c", _SILENT_NODE_SCRIPT], cwd=REPO, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sample,) = json.loads(result.stdout.strip().splitlines()[-1])
+    assert sample[:2] == ["WS", "connect → ready"] and "ready" in sample[2], sample
+    assert sample[4] is None
+
+
 def test_gateway_errors_are_reported_as_failures_named_by_their_code(node):
     result = subprocess.run(
         [sys.executable, "-c", _ERROR_PATH_SCRIPT, node.host_url],
