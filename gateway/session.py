@@ -75,6 +75,7 @@ _UPDATE_PREFIX = cp.RESERVED_EVENT_ID_PREFIX + "update_"
 _CLIENT_UPDATE_PREFIX = cp.RESERVED_EVENT_ID_PREFIX + "client_update_"  # a client's session.update it gave no id
 _RESPONSE_EVENT_ID = cp.RESERVED_EVENT_ID_PREFIX + "response"  # a response.create the gateway decided on itself
 _CANCEL_EVENT_ID = cp.RESERVED_EVENT_ID_PREFIX + "cancel"  # a response.cancel that came with a barge-in
+_FAILED_CANCEL_EVENT_ID = cp.RESERVED_EVENT_ID_PREFIX + "cancel_failed"  # ...of a reply a server error left
 _ITEM_PREFIX = cp.RESERVED_EVENT_ID_PREFIX + "item_"  # a text or function result the gateway adds: its
                                                        # event_id and its item id
 #: truncate errors that only mean the item went first (a race, SPEC §2.4), not a wrong position
@@ -152,7 +153,7 @@ class RelaySession:
                  "_vad_mode",
                  "_calls_dispatched",
                  "_client_reading_paused", "_coalesce_s", "_connect_task",
-                 "_created_timer", "_failed_reply_timer", "_ended_by_gateway", "_flush_timer", "_hangup_timer",
+                 "_created_timer", "_failed_reply_timer", "_failed_reply", "_flush_timer", "_hangup_timer",
                  "_level_timer",
                  "_pre_ready_overflowed", "_owner", "_pending_updates", "_updates_in_flight",
                  "_pre_ready", "_pre_ready_audio_bytes", "_pre_ready_commands", "_pre_ready_command_bytes",
@@ -286,10 +287,10 @@ class RelaySession:
         # the active reply was created after the upstream confirmed the gateway's items: it
         # answers every reply the gateway wanted, one refused for it included
         self._active_saw_items = False
-        # a server error hit the active reply: this watches for its end (`_watch_failed_reply`);
-        # and the reply the gateway ended itself, whose late response.done is no news
+        # a server error hit the active reply: this watches for its end (`_watch_failed_reply`),
+        # and the reply the gateway asked the upstream to cancel then
         self._failed_reply_timer: asyncio.TimerHandle | None = None
-        self._ended_by_gateway: str | None = None
+        self._failed_reply: str | None = None
 
     @property
     def coalescer(self) -> Coalescer:
@@ -1034,6 +1035,8 @@ class RelaySession:
         error = _error_object(event.get("error"))
         code = error.get("code")
         event_id = error.get("event_id") or ""
+        # a server error that names no request of ours or the client's may be the running reply's
+        reply_failed = error.get("type") == "server_error" and not event_id and not _about_session_update(error)
         if not event_id and str(error.get("message") or "").startswith(_TRANSCRIPTION_UPDATE_REFUSAL):
             # the gateway never sends one: it answers the oldest of the client's own updates
             # (if it was a session.update; a transcription_session.update is not tracked)
@@ -1073,6 +1076,10 @@ class RelaySession:
             return
         if event_id.startswith(_ITEM_PREFIX):
             self._item_settled(event_id)  # refused (an unknown call_id, say): the client hears why below
+        if event_id == _FAILED_CANCEL_EVENT_ID:
+            self._failed_reply_cancel_refused()
+            if code == "response_cancel_not_active":
+                return
         if event_id == _CANCEL_EVENT_ID and code == "response_cancel_not_active":
             log.info("session %s: the cancelled reply had ended upstream already", self.session_id)
             return
@@ -1086,7 +1093,7 @@ class RelaySession:
         if code in BENIGN_UPSTREAM_CODES:
             mapped.fatal = False
         self.fail(mapped)
-        if error.get("type") == "server_error" and self.active_response_id is not None and self.state is not CLOSED:
+        if reply_failed and self.active_response_id is not None and self.state is not CLOSED:
             self._watch_failed_reply(self.active_response_id)
 
     def _watch_failed_reply(self, response_id: str, frames_seen: int = -1) -> None:
@@ -1094,8 +1101,10 @@ class RelaySession:
         normally follows. Without one, the reply would stay running for good, and every reply
         the gateway asks for after it (a `text`, a function result) would wait on it. So once the
         upstream has gone quiet (FAILED_REPLY_SILENCE_S without a frame) while that reply is
-        still the active one, the gateway ends it: a `response.cancel` for it goes up (should the
-        upstream still hold it), and the client gets its `response_done`, status `failed`."""
+        still the active one, the gateway cancels it. The upstream's answer ends it: its
+        response.done (it still held the reply), or "no active response" (it did not:
+        `_failed_reply_cancel_refused`). Nothing is asked for before that answer, which would be
+        refused while the upstream still holds the reply."""
         if self._failed_reply_timer is not None:
             self._failed_reply_timer.cancel()
         self._failed_reply_timer = None
@@ -1107,11 +1116,19 @@ class RelaySession:
             self._failed_reply_timer = self.loop.call_later(FAILED_REPLY_SILENCE_S, self._watch_failed_reply,
                                                             response_id, frames)
             return
-        log.warning("session %s: response %s had a server error and no end; ended by the gateway",
-                    self.session_id, response_id)
-        self._send_upstream({"type": "response.cancel", "event_id": _CANCEL_EVENT_ID, "response_id": response_id})
-        self._ended_by_gateway = response_id
-        self._on_response_done({"response": {"id": response_id, "status": "failed"}}, failure_reported=True)
+        log.warning("session %s: response %s had a server error and no end; cancelling it", self.session_id,
+                    response_id)
+        self._failed_reply = response_id
+        self._send_upstream({"type": "response.cancel", "event_id": _FAILED_CANCEL_EVENT_ID, "response_id": response_id})
+
+    def _failed_reply_cancel_refused(self) -> None:
+        """The upstream refused to cancel the reply a server error left ("no active response",
+        or any other refusal): it holds it no more, or cannot say. The gateway ends it for the
+        client (`response_done`, status `failed`; the server error was told already), and what
+        waited for it goes up."""
+        response_id, self._failed_reply = self._failed_reply, None
+        if response_id is not None and response_id == self.active_response_id:
+            self._on_response_done({"response": {"id": response_id, "status": "failed"}}, failure_reported=True)
 
     def _config_rejected(self, part: cp.SessionConfig, fallback: cp.SessionConfig, error: dict) -> None:
         """The upstream refused a whole session.update (it validates atomically). When the
@@ -1338,10 +1355,8 @@ class RelaySession:
         response_id = as_text(response.get("id"))
         status = as_text(response.get("status"))
         out_of_band = _out_of_band(response)
-        if response_id is not None and response_id == self._ended_by_gateway and not failure_reported:
-            self._ended_by_gateway = None  # the upstream's own end of it, after all: the client had one
-            return
         if not out_of_band:
+            self._failed_reply = None
             if self._failed_reply_timer is not None:
                 self._failed_reply_timer.cancel()
                 self._failed_reply_timer = None

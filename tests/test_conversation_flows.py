@@ -667,12 +667,16 @@ _SERVER_ERROR = {"type": "error", "error": {
     "message": "The server had an error while processing your request. Sorry about that!"}}
 
 
-def test_a_reply_a_server_error_left_without_an_end_is_ended_and_the_next_reply_goes_up(monkeypatch):
+@pytest.mark.parametrize("upstream_holds_it", [False, True], ids=["gone_upstream", "still_held"])
+def test_a_reply_a_server_error_left_without_an_end_is_ended_and_the_next_reply_goes_up(monkeypatch,
+                                                                                        upstream_holds_it):
     """Found by a protocol audit: a server error "fails the response" (reference §8), but when no
     response.done followed, the reply stayed running for good: the client never got its
     response_done, and a later `text` had its reply held back for the rest of the session.
-    Once the upstream is quiet, the gateway ends it: a cancel for it goes up (its "not active"
-    answer is no news), the client gets `response_done` failed, and the held reply goes up."""
+    Once the upstream is quiet, the gateway cancels it, and the upstream's answer ends it:
+    "no active response" (then the gateway tells the client `failed`) or the reply's own
+    response.done. Only then does the held reply go up (a review found it sent right behind
+    the cancel, refused while the upstream still held the reply, and never asked again)."""
     import gateway.session
     monkeypatch.setattr(gateway.session, "FAILED_REPLY_SILENCE_S", 0.3)
 
@@ -687,9 +691,12 @@ def test_a_reply_a_server_error_left_without_an_end_is_ended_and_the_next_reply_
         second = await upstream.receive("conversation.item.create")
         await upstream.send({"type": "conversation.item.added", "item": second["item"]})
         cancel = await upstream.receive("response.cancel")
-        await upstream.send({"type": "error", "error": {
-            "type": "invalid_request_error", "code": "response_cancel_not_active", "param": None,
-            "message": "Cancellation failed: no active response found", "event_id": cancel.get("event_id")}})
+        if upstream_holds_it:
+            await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "cancelled"}})
+        else:
+            await upstream.send({"type": "error", "error": {
+                "type": "invalid_request_error", "code": "response_cancel_not_active", "param": None,
+                "message": "Cancellation failed: no active response found", "event_id": cancel.get("event_id")}})
         await upstream.receive("response.create")
         await upstream.send({"type": "response.created", "response": {"id": "resp_2", "status": "in_progress"}})
         await upstream.send({"type": "response.done", "response": {"id": "resp_2", "status": "completed"}})
@@ -709,7 +716,8 @@ def test_a_reply_a_server_error_left_without_an_end_is_ended_and_the_next_reply_
     events, received = run(scenario(), timeout=20)
     replies = [(e["type"], e["response_id"], e.get("status")) for e in events
                if e["type"] in ("response_started", "response_done")]
-    assert replies == [("response_started", "resp_1", None), ("response_done", "resp_1", "failed"),
+    first_end = "cancelled" if upstream_holds_it else "failed"
+    assert replies == [("response_started", "resp_1", None), ("response_done", "resp_1", first_end),
                        ("response_started", "resp_2", None), ("response_done", "resp_2", "completed")]
     assert [e["upstream"]["type"] for e in events if e["type"] == "error"] == ["server_error"]
     sent = [(e["type"], e.get("response_id")) for e in received
@@ -792,3 +800,40 @@ def test_a_cancel_of_a_reply_that_ended_meanwhile_names_it_and_is_no_news():
     assert [e["message"] for e in events if e["type"] == "error"] == ["seen"]
     assert [(e["response_id"], e["status"]) for e in events if e["type"] == "response_done"] == [("resp_1", "completed")]
     assert [e.get("response_id") for e in received if e["type"] == "response.cancel"] == ["resp_1"]
+
+
+def test_a_server_error_naming_another_request_leaves_a_quiet_reply_alone(monkeypatch):
+    """Found by a review: a server error that names a request of its own (here the client's
+    `conversation.item.retrieve`) is that request's, not the reply's. A reply quiet for longer
+    than the watch's time (a server-side tool call) was cancelled and reported failed."""
+    import gateway.session
+    monkeypatch.setattr(gateway.session, "FAILED_REPLY_SILENCE_S", 0.2)
+    quiet_over = asyncio.Event()
+
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        await upstream.receive("response.create")
+        await upstream.send({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}})
+        retrieve = await upstream.receive("conversation.item.retrieve")
+        await upstream.send({"type": "error", "error": {**_SERVER_ERROR["error"], "event_id": retrieve["event_id"]}})
+        await quiet_over.wait()  # the reply says nothing for a while: four times the watch's time
+        await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "completed"}})
+
+    async def scenario():
+        upstream = ScriptedUpstream(script)
+        async with upstream as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send({"type": "create_response"})
+            await client.wait("response_started")
+            await client.send({"type": "conversation.item.retrieve", "item_id": "item_1", "event_id": "mine"})
+            await client.wait("error", code="UpstreamError")
+            asyncio.get_running_loop().call_later(0.8, quiet_over.set)
+            await client.wait("response_done", timeout=5)
+            await client.close()
+            return client.events, upstream.received
+
+    events, received = run(scenario(), timeout=20)
+    assert [(e["response_id"], e["status"]) for e in events if e["type"] == "response_done"] == [("resp_1", "completed")]
+    assert [e for e in received if e["type"] == "response.cancel"] == []
