@@ -157,7 +157,7 @@ class RelaySession:
                  "_level_timer",
                  "_pre_ready_overflowed", "_owner", "_pending_updates", "_updates_in_flight",
                  "_pre_ready", "_pre_ready_audio_bytes", "_pre_ready_commands", "_pre_ready_command_bytes",
-                 "_reopens", "_response_asked",
+                 "_reopens", "_reply_after_item", "_response_asked",
                  "_response_calls", "_response_wanted", "_user_speaking", "_items_unconfirmed", "_spelling",
                  "_item_counter", "_turn_frames_seen", "_active_saw_items",
                  "_turn_end", "_timing_reply", "_update_counter",
@@ -283,6 +283,9 @@ class RelaySession:
         # confirmed yet: a reply created before their confirmation may not have seen them
         self._items_unconfirmed: Mapping[str, None] = EMPTY
         self._item_counter = 0
+        # the reply to a `text` waits for the upstream to confirm this item (the latest text's):
+        # see `_maybe_ready`
+        self._reply_after_item: str | None = None
         self._turn_frames_seen = 0  # client audio frames at the last sweep (`check_user_turn`)
         # the active reply was created after the upstream confirmed the gateway's items: it
         # answers every reply the gateway wanted, one refused for it included
@@ -798,11 +801,16 @@ class RelaySession:
         if why is not None and self.state is READY:
             self.fail(InvalidConfig(why, param=name))
 
-    def _cmd_text(self, command: cp.TextCommand) -> None:
+    def _cmd_text(self, command: cp.TextCommand, after_its_item: bool = False) -> None:
         self._flush_audio()
-        self._add_item({"type": "message", "role": "user", "content": [{"type": "input_text", "text": command.text}]})
-        if command.respond:
-            self._turn_end_at = self.loop.time()
+        item_id = self._add_item({"type": "message", "role": "user",
+                                  "content": [{"type": "input_text", "text": command.text}]})
+        if not command.respond:
+            return
+        self._turn_end_at = self.loop.time()
+        if item_id is not None and (after_its_item or self._reply_after_item is not None):
+            self._reply_after_item = item_id  # one reply, once the latest text is confirmed
+        else:
             self._ask_for_response()
 
     def _cmd_commit(self, command) -> None:
@@ -839,12 +847,15 @@ class RelaySession:
                 del self._awaiting_results[response_id]
                 self._ask_for_response()  # once, after the last result
 
-    def _add_item(self, item: dict) -> None:
+    def _add_item(self, item: dict) -> str | None:
+        """Add a user item upstream; its id (None if it could not be sent)."""
         self._item_counter += 1
         item_id = f"{_ITEM_PREFIX}{self._item_counter}"  # the reference lets a client name its items
         event = {"type": "conversation.item.create", "event_id": item_id, "item": {"id": item_id, **item}}
-        if self._send_upstream(event):
-            self._items_unconfirmed = added(self._items_unconfirmed, item_id)
+        if not self._send_upstream(event):
+            return None
+        self._items_unconfirmed = added(self._items_unconfirmed, item_id)
+        return item_id
 
     def _ask_for_response(self) -> None:
         """A reply the gateway decides to ask for. The upstream runs one response at a time and
@@ -1016,11 +1027,20 @@ class RelaySession:
         queued, self._pre_ready = self._pre_ready or (), None
         self._pre_ready_audio_bytes = self._pre_ready_commands = self._pre_ready_command_bytes = 0
         self.stats.c2u_buffered_bytes = 0
+        vad = self.effective.get("turn_detection") != "none"
+        held_audio = False
         for item in queued:  # in the order the client sent them
             if self.state is not READY:
                 break
             if type(item) is bytes:
+                held_audio = True
                 self._audio_in(item)
+            elif held_audio and vad and type(item) is cp.TextCommand:
+                # the audio held before it goes up in the same moment: the upstream's VAD has not
+                # said whether the user is speaking yet, and a reply asked for now could talk
+                # over them. Its item's confirmation comes after that audio is heard (the upstream
+                # takes events in order): the reply is asked for then, or waits for the turn.
+                self._cmd_text(item, after_its_item=True)
             else:
                 self._run_command(item)
 
@@ -1321,6 +1341,9 @@ class RelaySession:
     def _item_settled(self, item_id: str) -> None:
         if item_id in self._items_unconfirmed:
             del self._items_unconfirmed[item_id]  # type: ignore[attr-defined]
+        if item_id == self._reply_after_item:  # the upstream has heard what came before it
+            self._reply_after_item = None
+            self._ask_for_response()
 
     def _on_output_item_added(self, event: dict) -> None:
         item = _object(event.get("item"))

@@ -837,3 +837,36 @@ def test_a_server_error_naming_another_request_leaves_a_quiet_reply_alone(monkey
     events, received = run(scenario(), timeout=20)
     assert [(e["response_id"], e["status"]) for e in events if e["type"] == "response_done"] == [("resp_1", "completed")]
     assert [e for e in received if e["type"] == "response.cancel"] == []
+
+
+@pytest.mark.parametrize("turn_detection", ["server_vad", "none"])
+def test_a_text_held_behind_speech_before_ready_does_not_talk_over_the_user(turn_detection):
+    """Found by a chaos audit: speech and a `text` sent before `ready` went up together once it
+    came, and the text's reply was asked for before the upstream's VAD had heard the speech: it
+    played in full while the user was still talking, and their turn got a second reply. Under
+    VAD the held text's reply now waits for its item's confirmation, which comes after the
+    speech before it is heard: the turn's reply answers both. Push-to-talk is unchanged: the
+    text's reply is asked for at once."""
+    speech = speech_like(1.5, seed=1)
+
+    async def scenario():
+        async with relay(MockOptions(handshake_delay_s=0.3)) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": turn_detection})
+            await client.send_audio(speech[:24_000])                   # all of this before `ready`
+            await client.send({"type": "text", "text": "hello"})
+            for frame in frames(speech[24_000:] + silence(1.0), 4800):
+                await client.send_audio(frame)
+            await client.wait("ready", timeout=5)
+            await client.wait("response_done", timeout=10)
+            if turn_detection == "none":
+                await client.send({"type": "clear_audio"})
+            await _barrier(client)  # any second reply would have started by now
+            await client.close()
+            return [e["type"] for e in client.events]
+
+    order = run(scenario(), timeout=30)
+    replies = [kind for kind in order if kind == "response_started"]
+    assert len(replies) == 1, order
+    if turn_detection == "server_vad":
+        assert order.index("speech_stopped") < order.index("response_started"), order
