@@ -14,6 +14,7 @@ one is missing, the test fails with "waiting on ..." naming it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from typing import Any
@@ -266,6 +267,30 @@ def test_an_upstream_handshake_the_session_gave_up_on_is_hung_up_at_once(how: st
         finally:
             server.close()
     run(scenario(), timeout=30)
+
+
+def test_clients_that_vanish_while_the_upstream_opens_leave_no_error_behind(caplog):
+    """Found by a chaos audit: a client that vanished while its upstream connection was being
+    opened had the connect cancelled inside uvloop's create_connection, which closes the
+    transport without telling picows' protocol; picows' own handshake timer then failed a
+    future nobody read, and asyncio logged an ERROR ("Future exception was never retrieved")
+    per such session, a connect timeout later. The connect timeout alone bounds the handshake now."""
+    import gc
+
+    async def scenario():
+        async with relay(connect_timeout_s=0.5) as (gateway, mock):
+            for _ in range(5):
+                client = await RawClient.connect(gateway.url)
+                client.transport.disconnect(False)  # gone at once, no close frame: the node opens the upstream
+            await wait_for(lambda: not gateway.sessions, 5, "the sessions' end")
+            await asyncio.sleep(0.8)  # past the connect timeout, when picows' timer fired
+            gc.collect()              # the unread future is reported when it is collected
+            await asyncio.sleep(0)
+            assert not mock.open_sessions
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        run(scenario(), timeout=20)
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
 
 
 def test_resetting_a_connection_whose_socket_is_closed_already_raises_nothing():

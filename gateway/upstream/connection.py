@@ -221,7 +221,11 @@ class UpstreamConnection:
             async with asyncio.timeout(timeout_s):
                 transport, _listener = await ws_connect(
                     lambda: self.listener, url, extra_headers=headers,
-                    websocket_handshake_timeout=timeout_s, read_buffer_init_size=READ_BUFFER_INIT_BYTES,
+                    # no handshake timer of picows' own: the timeout above bounds the handshake too,
+                    # and picows' timer outlives a connect cancelled inside uvloop's create_connection
+                    # (the transport is closed without the protocol being told), then fails a future
+                    # nobody reads: an asyncio ERROR line per session that left while connecting
+                    websocket_handshake_timeout=None, read_buffer_init_size=READ_BUFFER_INIT_BYTES,
                     max_frame_size=MAX_UPSTREAM_MESSAGE_BYTES, enable_auto_ping=False, enable_auto_pong=False,
                     use_aiofastnet=USE_AIOFASTNET, socket_factory=self._connected_socket,
                     # picows would follow a redirect with the same headers: the key, to any host
