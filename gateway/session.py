@@ -1055,8 +1055,10 @@ class RelaySession:
         error = _error_object(event.get("error"))
         code = error.get("code")
         event_id = error.get("event_id") or ""
-        # a server error that names no request of ours or the client's may be the running reply's
-        reply_failed = error.get("type") == "server_error" and not event_id and not _about_session_update(error)
+        # a server error that names no request (or the gateway's own request of the running
+        # reply) may be the running reply's; one naming another request is that request's
+        reply_failed = error.get("type") == "server_error" and not _about_session_update(error) and (
+            not event_id or (event_id == _RESPONSE_EVENT_ID and not self._response_asked))
         if not event_id and str(error.get("message") or "").startswith(_TRANSCRIPTION_UPDATE_REFUSAL):
             # the gateway never sends one: it answers the oldest of the client's own updates
             # (if it was a session.update; a transcription_session.update is not tracked)
@@ -1096,6 +1098,10 @@ class RelaySession:
             return
         if event_id.startswith(_ITEM_PREFIX):
             self._item_settled(event_id)  # refused (an unknown call_id, say): the client hears why below
+        elif not event_id and self._reply_after_item is not None:
+            # an error naming nothing may be the refusal of the item the reply waits for (the
+            # upstream leaves event_id null at times): the reply is asked for rather than never
+            self._item_settled(self._reply_after_item)
         if event_id == _FAILED_CANCEL_EVENT_ID:
             self._failed_reply_cancel_refused()
             if code == "response_cancel_not_active":
@@ -1123,8 +1129,8 @@ class RelaySession:
         upstream has gone quiet (FAILED_REPLY_SILENCE_S without a frame) while that reply is
         still the active one, the gateway cancels it. The upstream's answer ends it: its
         response.done (it still held the reply), or "no active response" (it did not:
-        `_failed_reply_cancel_refused`). Nothing is asked for before that answer, which would be
-        refused while the upstream still holds the reply."""
+        `_failed_reply_cancel_refused`), or no answer within FAILED_REPLY_SILENCE_S again. Nothing
+        is asked for before that, which would be refused while the upstream still holds the reply."""
         if self._failed_reply_timer is not None:
             self._failed_reply_timer.cancel()
         self._failed_reply_timer = None
@@ -1140,14 +1146,20 @@ class RelaySession:
                     response_id)
         self._failed_reply = response_id
         self._send_upstream({"type": "response.cancel", "event_id": _FAILED_CANCEL_EVENT_ID, "response_id": response_id})
+        # an upstream that answers nothing, not even that, has dropped the reply all the same
+        self._failed_reply_timer = self.loop.call_later(FAILED_REPLY_SILENCE_S, self._failed_reply_cancel_refused)
 
     def _failed_reply_cancel_refused(self) -> None:
         """The upstream refused to cancel the reply a server error left ("no active response",
-        or any other refusal): it holds it no more, or cannot say. The gateway ends it for the
+        or any other refusal), or did not answer at all: it holds it no more, or cannot say. The
+        gateway ends it for the
         client (`response_done`, status `failed`; the server error was told already), and what
         waited for it goes up."""
         response_id, self._failed_reply = self._failed_reply, None
-        if response_id is not None and response_id == self.active_response_id:
+        if self._failed_reply_timer is not None:
+            self._failed_reply_timer.cancel()
+            self._failed_reply_timer = None
+        if response_id is not None and response_id == self.active_response_id and self.state is not CLOSED:
             self._on_response_done({"response": {"id": response_id, "status": "failed"}}, failure_reported=True)
 
     def _config_rejected(self, part: cp.SessionConfig, fallback: cp.SessionConfig, error: dict) -> None:

@@ -667,16 +667,19 @@ _SERVER_ERROR = {"type": "error", "error": {
     "message": "The server had an error while processing your request. Sorry about that!"}}
 
 
-@pytest.mark.parametrize("upstream_holds_it", [False, True], ids=["gone_upstream", "still_held"])
-def test_a_reply_a_server_error_left_without_an_end_is_ended_and_the_next_reply_goes_up(monkeypatch,
-                                                                                        upstream_holds_it):
+@pytest.mark.parametrize("error_names, answer", [("nothing", "not_active"), ("nothing", "done"),
+                                                ("nothing", "silence"), ("its_request", "not_active")])
+def test_a_reply_a_server_error_left_without_an_end_is_ended_and_the_next_reply_goes_up(monkeypatch, error_names,
+                                                                                        answer):
     """Found by a protocol audit: a server error "fails the response" (reference §8), but when no
     response.done followed, the reply stayed running for good: the client never got its
     response_done, and a later `text` had its reply held back for the rest of the session.
     Once the upstream is quiet, the gateway cancels it, and the upstream's answer ends it:
-    "no active response" (then the gateway tells the client `failed`) or the reply's own
-    response.done. Only then does the held reply go up (a review found it sent right behind
-    the cancel, refused while the upstream still held the reply, and never asked again)."""
+    "no active response" (then the gateway tells the client `failed`), the reply's own
+    response.done, or no answer at all. Only then does the held reply go up (a review found it
+    sent right behind the cancel, refused while the upstream still held the reply, and never
+    asked again). A server error naming the reply's own request (the gateway's response.create)
+    is the reply's too (a second review)."""
     import gateway.session
     monkeypatch.setattr(gateway.session, "FAILED_REPLY_SILENCE_S", 0.3)
 
@@ -685,15 +688,16 @@ def test_a_reply_a_server_error_left_without_an_end_is_ended_and_the_next_reply_
         await upstream.updated()
         first = await upstream.receive("conversation.item.create")
         await upstream.send({"type": "conversation.item.added", "item": first["item"]})
-        await upstream.receive("response.create")
+        create = await upstream.receive("response.create")
         await upstream.send({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}})
-        await upstream.send(_SERVER_ERROR)  # and nothing more of resp_1
+        named = create["event_id"] if error_names == "its_request" else None
+        await upstream.send({"type": "error", "error": {**_SERVER_ERROR["error"], "event_id": named}})  # no more
         second = await upstream.receive("conversation.item.create")
         await upstream.send({"type": "conversation.item.added", "item": second["item"]})
         cancel = await upstream.receive("response.cancel")
-        if upstream_holds_it:
+        if answer == "done":
             await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "cancelled"}})
-        else:
+        elif answer == "not_active":
             await upstream.send({"type": "error", "error": {
                 "type": "invalid_request_error", "code": "response_cancel_not_active", "param": None,
                 "message": "Cancellation failed: no active response found", "event_id": cancel.get("event_id")}})
@@ -716,7 +720,7 @@ def test_a_reply_a_server_error_left_without_an_end_is_ended_and_the_next_reply_
     events, received = run(scenario(), timeout=20)
     replies = [(e["type"], e["response_id"], e.get("status")) for e in events
                if e["type"] in ("response_started", "response_done")]
-    first_end = "cancelled" if upstream_holds_it else "failed"
+    first_end = "cancelled" if answer == "done" else "failed"
     assert replies == [("response_started", "resp_1", None), ("response_done", "resp_1", first_end),
                        ("response_started", "resp_2", None), ("response_done", "resp_2", "completed")]
     assert [e["upstream"]["type"] for e in events if e["type"] == "error"] == ["server_error"]
@@ -870,3 +874,32 @@ def test_a_text_held_behind_speech_before_ready_does_not_talk_over_the_user(turn
     assert len(replies) == 1, order
     if turn_detection == "server_vad":
         assert order.index("speech_stopped") < order.index("response_started"), order
+
+
+def test_a_held_texts_reply_is_asked_for_when_its_item_is_refused_by_an_error_naming_nothing():
+    """Found by a review of the test above's fix: the held text's reply waited for its item's
+    confirmation or an error naming the item. An error naming nothing (the upstream leaves
+    event_id null at times) released neither, and the reply was never asked for."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        await upstream.receive("conversation.item.create")
+        await upstream.send({"type": "error", "error": {"type": "invalid_request_error", "code": None, "param": None,
+                                                        "event_id": None, "message": "item refused"}})
+        await upstream.receive("response.create")
+        await upstream.send({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}})
+        await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "completed"}})
+
+    async def scenario():
+        async with ScriptedUpstream(script, created_after_s=0.3) as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.send_audio(silence(0.2))                   # held: before `ready`
+            await client.send({"type": "text", "text": "hello"})    # held behind it, VAD on
+            ready = await client.wait("ready")
+            await client.wait("error", message="item refused")
+            done = await client.wait("response_done", timeout=5)
+            await client.close()
+            return ready, done
+
+    ready, done = run(scenario(), timeout=20)
+    assert ready["turn_detection"] == "server_vad" and done["response_id"] == "resp_1"
