@@ -662,6 +662,13 @@ def test_a_turn_end_before_the_timed_replys_first_audio_passes_the_timing_to_the
     assert run(scenario(), timeout=20)
 
 
+def _not_active(cancel: dict) -> dict:
+    """The upstream's answer to a response.cancel with nothing running (reference §8)."""
+    return {"type": "error", "error": {
+        "type": "invalid_request_error", "code": "response_cancel_not_active", "param": None,
+        "message": "Cancellation failed: no active response found", "event_id": cancel.get("event_id")}}
+
+
 _SERVER_ERROR = {"type": "error", "error": {
     "type": "server_error", "code": None, "param": None, "event_id": None,
     "message": "The server had an error while processing your request. Sorry about that!"}}
@@ -698,9 +705,7 @@ def test_a_reply_a_server_error_left_without_an_end_is_ended_and_the_next_reply_
         if answer == "done":
             await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "cancelled"}})
         elif answer == "not_active":
-            await upstream.send({"type": "error", "error": {
-                "type": "invalid_request_error", "code": "response_cancel_not_active", "param": None,
-                "message": "Cancellation failed: no active response found", "event_id": cancel.get("event_id")}})
+            await upstream.send(_not_active(cancel))
         await upstream.receive("response.create")
         await upstream.send({"type": "response.created", "response": {"id": "resp_2", "status": "in_progress"}})
         await upstream.send({"type": "response.done", "response": {"id": "resp_2", "status": "completed"}})
@@ -781,9 +786,7 @@ def test_a_cancel_of_a_reply_that_ended_meanwhile_names_it_and_is_no_news():
         cancel = await upstream.receive("response.cancel")
         # the reply had ended before the cancel arrived: its done, then the cancel's refusal
         await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "completed"}})
-        await upstream.send({"type": "error", "error": {
-            "type": "invalid_request_error", "code": "response_cancel_not_active", "param": None,
-            "message": "Cancellation failed: no active response found", "event_id": cancel.get("event_id")}})
+        await upstream.send(_not_active(cancel))
         await upstream.receive("conversation.item.create")
         await upstream.send({"type": "error", "error": {"message": "seen"}})
 
