@@ -153,7 +153,7 @@ class RelaySession:
                  "_vad_mode",
                  "_calls_dispatched",
                  "_client_reading_paused", "_coalesce_s", "_connect_task",
-                 "_created_timer", "_failed_reply_timer", "_failed_reply", "_flush_timer", "_hangup_timer",
+                 "_created_timer", "_ended_by_gateway", "_failed_reply_timer", "_failed_reply", "_flush_timer", "_hangup_timer",
                  "_level_timer",
                  "_pre_ready_overflowed", "_owner", "_pending_updates", "_updates_in_flight",
                  "_pre_ready", "_pre_ready_audio_bytes", "_pre_ready_commands", "_pre_ready_command_bytes",
@@ -294,6 +294,7 @@ class RelaySession:
         # and the reply the gateway asked the upstream to cancel then
         self._failed_reply_timer: asyncio.TimerHandle | None = None
         self._failed_reply: str | None = None
+        self._ended_by_gateway: str | None = None  # ...whose cancel went unanswered: its late end is no news
 
     @property
     def coalescer(self) -> Coalescer:
@@ -1098,9 +1099,11 @@ class RelaySession:
             return
         if event_id.startswith(_ITEM_PREFIX):
             self._item_settled(event_id)  # refused (an unknown call_id, say): the client hears why below
-        elif not event_id and self._reply_after_item is not None:
-            # an error naming nothing may be the refusal of the item the reply waits for (the
-            # upstream leaves event_id null at times): the reply is asked for rather than never
+        elif not event_id and self._reply_after_item is not None and _about_an_item(error):
+            # a refusal of an item that names no event may be that of the item the reply waits
+            # for (the upstream leaves event_id null at times): the reply is asked for rather
+            # than never. Any other error naming nothing (a server error, a client's refused
+            # event) says nothing about the audio before the item: the reply waits on.
             self._item_settled(self._reply_after_item)
         if event_id == _FAILED_CANCEL_EVENT_ID:
             self._failed_reply_cancel_refused()
@@ -1147,9 +1150,10 @@ class RelaySession:
         self._failed_reply = response_id
         self._send_upstream({"type": "response.cancel", "event_id": _FAILED_CANCEL_EVENT_ID, "response_id": response_id})
         # an upstream that answers nothing, not even that, has dropped the reply all the same
-        self._failed_reply_timer = self.loop.call_later(FAILED_REPLY_SILENCE_S, self._failed_reply_cancel_refused)
+        self._failed_reply_timer = self.loop.call_later(FAILED_REPLY_SILENCE_S, self._failed_reply_cancel_refused,
+                                                        False)
 
-    def _failed_reply_cancel_refused(self) -> None:
+    def _failed_reply_cancel_refused(self, answered: bool = True) -> None:
         """The upstream refused to cancel the reply a server error left ("no active response",
         or any other refusal), or did not answer at all: it holds it no more, or cannot say. The
         gateway ends it for the
@@ -1160,6 +1164,8 @@ class RelaySession:
             self._failed_reply_timer.cancel()
             self._failed_reply_timer = None
         if response_id is not None and response_id == self.active_response_id and self.state is not CLOSED:
+            if not answered:  # the upstream may still end it later: that end is not the client's news
+                self._ended_by_gateway = response_id
             self._on_response_done({"response": {"id": response_id, "status": "failed"}}, failure_reported=True)
 
     def _config_rejected(self, part: cp.SessionConfig, fallback: cp.SessionConfig, error: dict) -> None:
@@ -1390,6 +1396,14 @@ class RelaySession:
         response_id = as_text(response.get("id"))
         status = as_text(response.get("status"))
         out_of_band = _out_of_band(response)
+        if response_id is not None and response_id == self._ended_by_gateway and not failure_reported:
+            # the upstream's late end of a reply the gateway ended (the client had its
+            # response_done): a request refused meanwhile, as the upstream still held it, goes up now
+            self._ended_by_gateway = None
+            if self._response_wanted and self.active_response_id is None and not self._response_asked:
+                self._response_wanted = False
+                self._ask_for_response()
+            return
         if not out_of_band:
             self._failed_reply = None
             if self._failed_reply_timer is not None:
@@ -1688,6 +1702,11 @@ _ANSWERS_TO_CLIENT_REQUESTS = frozenset({"conversation.item.retrieved", "convers
 _FIELD_BY_UPDATE_CODE = {"cannot_update_voice": "voice"}
 #: reference §8: code and param null, this wire text
 _TRANSCRIPTION_UPDATE_REFUSAL = "Passing a transcription session update event to a realtime session"
+
+
+def _about_an_item(error: dict) -> bool:
+    """Whether an upstream error refuses a conversation item, when its event_id does not say."""
+    return error.get("type") == "invalid_request_error" and str(error.get("param") or "").startswith("item")
 
 
 def _about_session_update(error: dict) -> bool:

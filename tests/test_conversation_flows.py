@@ -675,7 +675,8 @@ _SERVER_ERROR = {"type": "error", "error": {
 
 
 @pytest.mark.parametrize("error_names, answer", [("nothing", "not_active"), ("nothing", "done"),
-                                                ("nothing", "silence"), ("its_request", "not_active")])
+                                                ("nothing", "silence"), ("nothing", "late_done"),
+                                                ("its_request", "not_active")])
 def test_a_reply_a_server_error_left_without_an_end_is_ended_and_the_next_reply_goes_up(monkeypatch, error_names,
                                                                                         answer):
     """Found by a protocol audit: a server error "fails the response" (reference §8), but when no
@@ -686,7 +687,8 @@ def test_a_reply_a_server_error_left_without_an_end_is_ended_and_the_next_reply_
     response.done, or no answer at all. Only then does the held reply go up (a review found it
     sent right behind the cancel, refused while the upstream still held the reply, and never
     asked again). A server error naming the reply's own request (the gateway's response.create)
-    is the reply's too (a second review)."""
+    is the reply's too (a second review). An end that comes after the gateway gave up waiting
+    for it is no second `response_done`, and what was refused meanwhile goes up then (a third)."""
     import gateway.session
     monkeypatch.setattr(gateway.session, "FAILED_REPLY_SILENCE_S", 0.3)
 
@@ -706,6 +708,13 @@ def test_a_reply_a_server_error_left_without_an_end_is_ended_and_the_next_reply_
             await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "cancelled"}})
         elif answer == "not_active":
             await upstream.send(_not_active(cancel))
+        elif answer == "late_done":  # still held, and stopped only after the gateway gave up waiting
+            early = await upstream.receive("response.create")
+            await upstream.send({"type": "error", "error": {
+                "type": "invalid_request_error", "code": "conversation_already_has_active_response", "param": None,
+                "message": "Conversation already has an active response in progress: resp_1.",
+                "event_id": early.get("event_id")}})
+            await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "cancelled"}})
         await upstream.receive("response.create")
         await upstream.send({"type": "response.created", "response": {"id": "resp_2", "status": "in_progress"}})
         await upstream.send({"type": "response.done", "response": {"id": "resp_2", "status": "completed"}})
@@ -731,7 +740,9 @@ def test_a_reply_a_server_error_left_without_an_end_is_ended_and_the_next_reply_
     assert [e["upstream"]["type"] for e in events if e["type"] == "error"] == ["server_error"]
     sent = [(e["type"], e.get("response_id")) for e in received
             if e["type"] in ("response.cancel", "response.create")]
-    assert sent == [("response.create", None), ("response.cancel", "resp_1"), ("response.create", None)]
+    creates_after_the_cancel = 2 if answer == "late_done" else 1
+    assert sent == [("response.create", None), ("response.cancel", "resp_1")] + [("response.create", None)] * \
+        creates_after_the_cancel
 
 
 def test_a_reply_that_goes_on_streaming_after_a_server_error_is_not_ended(monkeypatch):
@@ -881,14 +892,15 @@ def test_a_text_held_behind_speech_before_ready_does_not_talk_over_the_user(turn
 
 def test_a_held_texts_reply_is_asked_for_when_its_item_is_refused_by_an_error_naming_nothing():
     """Found by a review of the test above's fix: the held text's reply waited for its item's
-    confirmation or an error naming the item. An error naming nothing (the upstream leaves
-    event_id null at times) released neither, and the reply was never asked for."""
+    confirmation or an error naming the item. An item's refusal naming no event (the upstream
+    leaves event_id null at times) released neither, and the reply was never asked for."""
     async def script(upstream: ScriptedUpstream) -> None:
         await upstream.receive("session.update")
         await upstream.updated()
         await upstream.receive("conversation.item.create")
-        await upstream.send({"type": "error", "error": {"type": "invalid_request_error", "code": None, "param": None,
-                                                        "event_id": None, "message": "item refused"}})
+        await upstream.send({"type": "error", "error": {"type": "invalid_request_error", "code": "invalid_value",
+                                                        "param": "item.content[0].text", "event_id": None,
+                                                        "message": "item refused"}})
         await upstream.receive("response.create")
         await upstream.send({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}})
         await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "completed"}})
@@ -906,3 +918,42 @@ def test_a_held_texts_reply_is_asked_for_when_its_item_is_refused_by_an_error_na
 
     ready, done = run(scenario(), timeout=20)
     assert ready["turn_detection"] == "server_vad" and done["response_id"] == "resp_1"
+
+
+@pytest.mark.parametrize("refused", ["client_event", "server_error"])
+def test_an_error_naming_nothing_does_not_release_a_held_texts_reply_early(refused):
+    """Found by a third review: any error naming no event released the held text's reply, so
+    a client's refused raw event (or a transient server error) before the speech let the reply
+    go up while the user was speaking, the talk-over the wait is for. Only an item's refusal does."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()                                  # `ready`: the held queue goes up
+        if refused == "client_event":
+            await upstream.receive("conversation.item.delete")
+            await upstream.send({"type": "error", "error": {
+                "type": "invalid_request_error", "code": "item_delete_invalid_item_id", "param": None,
+                "event_id": None, "message": "Error deleting item: the item with id 'nope' does not exist."}})
+        else:
+            await upstream.send(_SERVER_ERROR)
+        await upstream.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": 0, "item_id": "user_1"})
+        item = await upstream.receive("conversation.item.create")
+        await upstream.send({"type": "conversation.item.added", "item": item["item"]})
+        retrieve = await upstream.receive("conversation.item.retrieve")  # all the gateway sent by now
+        await upstream.send({"type": "error", "error": {"type": "invalid_request_error", "message": "seen",
+                                                        "event_id": retrieve.get("event_id")}})
+
+    async def scenario():
+        upstream = ScriptedUpstream(script, created_after_s=0.3)
+        async with upstream as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            if refused == "client_event":
+                await client.send({"type": "conversation.item.delete", "item_id": "nope"})
+            await client.send_audio(speech_like(0.5, seed=1))      # held: before `ready`
+            await client.send({"type": "text", "text": "hello"})   # held behind it, VAD on
+            await client.wait("speech_started", timeout=5)
+            await client.send({"type": "conversation.item.retrieve", "item_id": "item_x", "event_id": "mine"})
+            await client.wait("error", message="seen")
+            await client.close()
+            return upstream.received
+
+    assert [e for e in run(scenario(), timeout=20) if e["type"] == "response.create"] == []
