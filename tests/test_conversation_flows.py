@@ -88,6 +88,18 @@ async def _answer_barrier(upstream: ScriptedUpstream, asked: list[dict]) -> None
         "event_id": barrier.get("event_id")}})
 
 
+async def _text_barrier(client: RelayClient) -> None:
+    """`_barrier` for a session whose earlier errors are under test: a text asking for no reply,
+    whose refusal (`_answer_text_barrier`) is told apart by its message."""
+    await client.send({"type": "text", "text": "barrier", "respond": False})
+    await client.wait("error", message="text seen")
+
+
+async def _answer_text_barrier(upstream: ScriptedUpstream) -> None:
+    await upstream.receive("conversation.item.create")
+    await upstream.send({"type": "error", "error": {"message": "text seen"}})
+
+
 def _node(url: str) -> NodeConfig:
     return NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY, upstream_url=url)
 
@@ -609,8 +621,7 @@ def test_a_cancel_over_a_reply_whose_id_is_unknown_sends_no_cancel_with_a_null_i
         await upstream.send({"type": "response.output_audio.delta", "response_id": "resp_1", "item_id": "item_1",
                              "delta": _SECOND_OF_AUDIO})
         await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "completed"}})
-        await upstream.receive("conversation.item.create")  # the text sent after the cancel
-        await upstream.send({"type": "error", "error": {"message": "text seen"}})
+        await _answer_text_barrier(upstream)  # the text sent after the cancel
 
     async def scenario():
         upstream = ScriptedUpstream(script)
@@ -620,8 +631,7 @@ def test_a_cancel_over_a_reply_whose_id_is_unknown_sends_no_cancel_with_a_null_i
             await client.wait("response_done")
             await client.send({"type": "cancel_response"})
             await client.wait("interrupted")
-            await client.send({"type": "text", "text": "next", "respond": False})
-            await client.wait("error", message="text seen")
+            await _text_barrier(client)
             await client.close()
             return upstream.received
 
@@ -763,8 +773,7 @@ def test_a_reply_that_goes_on_streaming_after_a_server_error_is_not_ended(monkey
                                  "item_id": "item_1", "delta": delta})
             await asyncio.sleep(0.1)
         await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "completed"}})
-        await upstream.receive("conversation.item.create")  # the barrier: all the above reached the client
-        await upstream.send({"type": "error", "error": {"message": "barrier"}})
+        await _answer_text_barrier(upstream)  # all the above reached the client
 
     async def scenario():
         upstream = ScriptedUpstream(script)
@@ -773,8 +782,7 @@ def test_a_reply_that_goes_on_streaming_after_a_server_error_is_not_ended(monkey
             await client.wait("ready")
             await client.send({"type": "create_response"})
             await client.wait("response_done", response_id="resp_1", timeout=5)
-            await client.send({"type": "text", "text": "barrier", "respond": False})
-            await client.wait("error", message="barrier")
+            await _text_barrier(client)
             await client.close()
             return client.events, bytes(client.audio), upstream.received
 
@@ -798,8 +806,7 @@ def test_a_cancel_of_a_reply_that_ended_meanwhile_names_it_and_is_no_news():
         # the reply had ended before the cancel arrived: its done, then the cancel's refusal
         await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "completed"}})
         await upstream.send(_not_active(cancel))
-        await upstream.receive("conversation.item.create")
-        await upstream.send({"type": "error", "error": {"message": "seen"}})
+        await _answer_text_barrier(upstream)
 
     async def scenario():
         upstream = ScriptedUpstream(script)
@@ -809,13 +816,12 @@ def test_a_cancel_of_a_reply_that_ended_meanwhile_names_it_and_is_no_news():
             await client.send({"type": "create_response"})
             await client.wait("response_started")
             await client.send({"type": "cancel_response"})
-            await client.send({"type": "text", "text": "next", "respond": False})
-            await client.wait("error", message="seen")
+            await _text_barrier(client)
             await client.close()
             return client.events, upstream.received
 
     events, received = run(scenario(), timeout=20)
-    assert [e["message"] for e in events if e["type"] == "error"] == ["seen"]
+    assert [e["message"] for e in events if e["type"] == "error"] == ["text seen"]  # the barrier's alone
     assert [(e["response_id"], e["status"]) for e in events if e["type"] == "response_done"] == [("resp_1", "completed")]
     assert [e.get("response_id") for e in received if e["type"] == "response.cancel"] == ["resp_1"]
 
