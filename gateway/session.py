@@ -977,6 +977,19 @@ class RelaySession:
 
     def _on_session_created(self, event: dict) -> None:
         session = _object(event.get("session"))
+        foreign = self.dialect.foreign_field(session)
+        if foreign is not None:
+            # the node is set to the other dialect (an Azure preview URL left on ga, say): its
+            # updates would be refused or half-read and its events go unread, so nothing would
+            # work as asked. The operator's setting to fix, said plainly, rather than a session
+            # that looks ready and is not
+            other = "ga" if self.dialect.name == "beta" else "beta"
+            log.error("session %s: the upstream speaks the %s dialect (its session has `%s`), the node is "
+                      "set to %s: start it with --upstream-dialect %s", self.session_id, other, foreign,
+                      self.dialect.name, other)
+            self.fail(ConnectionFailed(f"the upstream speaks the {other} dialect, not the {self.dialect.name} "
+                                       f"dialect this gateway is set to (--upstream-dialect)"))
+            return
         if self.metrics is not None and not self.created:
             self.metrics.observe_upstream_connect(self.loop.time() - self._connect_started)
         self.created = True

@@ -29,6 +29,7 @@ from gateway.config import NodeConfig
 from gateway.errors import (CLOSE_INTERNAL_ERROR, CLOSE_POLICY_VIOLATION, CLOSE_SESSION_EXPIRED,
                             CLOSE_UPSTREAM_AUTH_FAILED, ERROR_TABLE)
 from gateway.mock import MockOptions
+from gateway.mock.schema import default_config, render_session
 from gateway.server import GatewayServer
 from tests.relay_harness import SESSION, TEST_KEY, ScriptedUpstream, free_port, relay, speech_like
 from tests.support import run
@@ -1102,7 +1103,9 @@ def test_the_gateway_relays_in_the_output_format_the_upstream_confirms(dialect):
         await upstream.send({"type": "session.updated", "session": session})
 
     async def scenario():
-        async with ScriptedUpstream(script) as url, GatewayServer(NodeConfig(
+        created = SESSION if dialect == "ga" else render_session(default_config("gpt-realtime", "sess_b", 1999999999),
+                                                                 "beta")
+        async with ScriptedUpstream(script, created=created) as url, GatewayServer(NodeConfig(
                 host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY, upstream_url=url,
                 connect_timeout_s=3.0, upstream_dialect=dialect)) as gateway:
             client = await RawClient.connect(gateway.url)

@@ -177,3 +177,52 @@ def test_odd_upstream_events_are_ignored_and_an_audio_delta_counts_once():
         assert (after[0] - before[0], after[1] - before[1]) == (1, 3)
         assert audio == base64.b64decode("AQ/D")
         assert errors == []
+
+
+
+def test_a_node_set_to_the_other_dialect_says_so_instead_of_half_working():
+    """An Azure preview URL (beta names) on a node left at `ga`, or a `beta` node in front of a GA
+    upstream: the upstream's first `session` object has the other shape. Before, the session went
+    `ready` with null settings and a refused `session.type` (a ga node), and transcripts, tool
+    calls and the reply's end went unread; now the client gets a fatal `ConnectionFailed` naming
+    the setting, and no `ready`."""
+    import asyncio
+
+    from gateway.mock import MockOptions, MockRealtimeServer
+    from gateway.server import GatewayServer
+    from tests.relay_harness import TEST_KEY, RelayClient, ScriptedUpstream
+    from tests.support import run
+
+    async def hello(gateway):
+        client = await RelayClient.connect(gateway.url)
+        error = await client.wait("error")
+        await asyncio.wait_for(client.closed.wait(), 5)
+        return error, client.of_type("ready"), client.close_code
+
+    def node(url: str, dialect: str) -> NodeConfig:
+        return NodeConfig(host="127.0.0.1", port=0, upstream="azure", upstream_url=url, api_key=TEST_KEY,
+                          upstream_dialect=dialect, connect_timeout_s=3.0)
+
+    async def azure_preview_on_a_ga_node():
+        mock = MockRealtimeServer(MockOptions(beta="serve", api_keys={TEST_KEY}))
+        await mock.start(host="127.0.0.1", port=0)
+        preview = mock.url.replace("/v1/realtime", "/openai/realtime?api-version=2024-10-01-preview&deployment=d1")
+        try:
+            async with GatewayServer(node(preview, "ga")) as gateway:
+                return await hello(gateway)
+        finally:
+            await mock.stop()
+
+    async def beta_node_before_a_ga_upstream():
+        async def script(upstream):
+            pass  # the session.created alone tells
+        async with ScriptedUpstream(script) as url, GatewayServer(node(url, "beta")) as gateway:
+            return await hello(gateway)
+
+    for scenario, spoken, node_dialect in ((azure_preview_on_a_ga_node, "beta", "ga"),
+                                           (beta_node_before_a_ga_upstream, "ga", "beta")):
+        error, ready, close_code = run(scenario(), timeout=20)
+        assert error["code"] == "ConnectionFailed" and error["fatal"] is True
+        assert error["message"] == (f"the upstream speaks the {spoken} dialect, not the {node_dialect} dialect "
+                                    f"this gateway is set to (--upstream-dialect)")
+        assert ready == [] and close_code == 1011

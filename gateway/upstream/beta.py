@@ -39,6 +39,8 @@ class BetaDialect(UpstreamDialect):
         ("session.temperature", "temperature"),
         ("session.max_response_output_tokens", "max_response_tokens"),
     )
+    # the GA shape's nested audio settings and its names (beta's are flat)
+    foreign_session_fields = ("audio", "output_modalities")
 
     def session_update(self, config: SessionConfig, event_id: str | None = None) -> tuple[dict[str, Any], list[str]]:
         session: dict[str, Any] = {}

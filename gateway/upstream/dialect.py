@@ -22,6 +22,13 @@ class UpstreamDialect:
     headers: tuple[tuple[str, str], ...] = ()
     #: (param path prefix, SessionConfig field), the longer prefixes of a path first
     param_fields: tuple[tuple[str, str], ...] = ()
+    #: top-level `session` fields only the other dialect has: the upstream speaks that one
+    foreign_session_fields: tuple[str, ...] = ()
+
+    def foreign_field(self, session: dict[str, Any]) -> str | None:
+        """A field of the upstream's `session` object that only the other dialect's shape has
+        (a node set to the wrong dialect), or None."""
+        return next((name for name in self.foreign_session_fields if name in session), None)
 
     def config_field(self, param: Any) -> str | None:
         if isinstance(param, str):

@@ -36,6 +36,8 @@ class GaDialect(UpstreamDialect):
         ("session.tool_choice", "tool_choice"),
         ("session.max_output_tokens", "max_response_tokens"),
     )
+    # the beta shape's flat audio settings (GA nests them under `audio`)
+    foreign_session_fields = ("input_audio_format", "output_audio_format", "turn_detection", "modalities")
 
     def session_update(self, config: SessionConfig, event_id: str | None = None) -> tuple[dict[str, Any], list[str]]:
         session: dict[str, Any] = {"type": "realtime"}
