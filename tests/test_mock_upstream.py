@@ -917,6 +917,52 @@ def test_item_placement_retrieve_delete(dialect: str) -> None:
     run(scenario(), timeout=10)
 
 
+def test_a_long_conversation_keeps_only_its_newest_audio_in_memory() -> None:
+    """Found by a long-conversation audit: the mock kept every turn's audio and its echo (1,500
+    turns: 7 MB; an hour's talk ~170 MB each way per session). Now it keeps the newest
+    KEPT_AUDIO_BYTES, and an older item keeps its length: usage still counts it, it truncates
+    and refuses a too-long truncate as before; only a retrieve returns it without audio."""
+    from gateway.mock.conversation import KEPT_AUDIO_BYTES
+
+    turn_ms, turns = 8000, 6  # 384 KB a turn, as much again for its echo: 4.6 MB in all
+
+    async def scenario() -> None:
+        async with MockRealtimeServer(MockOptions(delta_ms=1000)) as server:
+            client = await open_dialect(server, "ga")
+            await update(client, "ga", turn_detection=None)
+            turns_audio = [pcm_tone(turn_ms, hz=300 + 100 * index) for index in range(turns)]
+            replies = []
+            for audio in turns_audio:
+                await client.send({"type": "conversation.item.create", "item": {
+                    "type": "message", "role": "user",
+                    "content": [{"type": "input_audio", "audio": base64.b64encode(audio).decode()}]}})
+                await client.send({"type": "response.create"})
+                ladder = await client.recv_until("response.done", timeout=10)
+                assert b64_audio(ladder) == audio  # the echo, whole: the newest audio is kept
+                replies.append(ladder[-1]["response"])
+            items = server.sessions[0].conversation.items()
+            # (the last reply's audio came after its item: it counts from the next one on)
+            assert sum(len(item.audio) for item in items[:-1]) <= KEPT_AUDIO_BYTES
+            assert [item.audio_bytes for item in items] == [turn_ms * 48] * (2 * turns)
+            # usage: every user turn of the context, forgotten or not (10 tokens a second)
+            details = replies[-1]["usage"]["input_token_details"]
+            assert details["audio_tokens"] == turns * turn_ms // 100
+            first_user, first_reply = items[0], items[1]
+            assert not first_reply.audio  # let go of
+            await client.send({"type": "conversation.item.truncate", "item_id": first_reply.id,
+                               "content_index": 0, "audio_end_ms": turn_ms + 1, "event_id": "t1"})
+            error = (await client.expect("error"))["error"]
+            assert error["message"] == f"Audio content of {turn_ms}ms is already shorter than {turn_ms + 1}ms"
+            await client.send({"type": "conversation.item.truncate", "item_id": first_reply.id,
+                               "content_index": 0, "audio_end_ms": 1500})
+            assert (await client.expect("conversation.item.truncated"))["audio_end_ms"] == 1500
+            assert first_reply.audio_bytes == 1500 * 48
+            await client.send({"type": "conversation.item.retrieve", "item_id": first_user.id})
+            retrieved = (await client.expect("conversation.item.retrieved"))["item"]
+            assert retrieved["id"] == first_user.id and "audio" not in retrieved["content"][0]
+    run(scenario(), timeout=30)
+
+
 # ---------------------------------------------------------------------------------------------
 # standalone: `realtime-gateway mock`
 

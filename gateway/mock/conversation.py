@@ -3,11 +3,21 @@
 Items are stored GA-shaped (content types `input_text`, `input_audio`, `output_text`,
 `output_audio`); `render_item` produces either dialect's shape. Audio bytes of an item live in
 `Item.audio` (never in the content dicts) and are only put on the wire by `retrieve`.
+
+A conversation keeps the newest KEPT_AUDIO_BYTES of its audio in memory (and always its two
+newest audio items: the turn being answered and the reply being played). The real server keeps
+it all, but a mock session of an hour's talk would hold every turn and its echo (~170 MB each
+way), and a load test runs hundreds of them. An older item keeps its audio's length, so usage,
+truncate and item events are as before; only `conversation.item.retrieve` returns it without
+its audio.
 """
 from __future__ import annotations
 
 import base64
 from typing import Any, Iterable, Optional
+
+KEPT_AUDIO_BYTES = 1 << 20  # ~22 s of PCM16 at 24 kHz, ~2 min of G.711
+_ALWAYS_KEPT_AUDIO_ITEMS = 2
 
 # GA assistant content type -> beta content type
 _BETA_CONTENT_TYPE = {"output_text": "text", "output_audio": "audio"}
@@ -18,11 +28,12 @@ class Item:
 
     `audio` holds the item's audio in the format it was produced in (`audio_format`): the
     committed user turn, a client-supplied `input_audio`, or the assistant audio generated so
-    far (a truncate shortens it). `content` never contains audio bytes.
+    far (a truncate shortens it); `audio_bytes` is its length, also once the conversation has
+    let go of an old item's audio (`forget_audio`). `content` never contains audio bytes.
     """
 
     __slots__ = ("id", "type", "role", "status", "content", "call_id", "name", "arguments",
-                 "output", "audio", "audio_format")
+                 "output", "audio", "audio_format", "forgotten_bytes")
 
     def __init__(self, item_id: str, type_: str, *, role: Optional[str] = None,
                  status: str = "completed", content: Optional[list[dict[str, Any]]] = None,
@@ -40,6 +51,18 @@ class Item:
         self.output = output
         self.audio = bytearray(audio) if audio else bytearray()
         self.audio_format = audio_format
+        self.forgotten_bytes = 0
+
+    @property
+    def audio_bytes(self) -> int:
+        return len(self.audio) or self.forgotten_bytes
+
+    def forget_audio(self) -> None:
+        self.forgotten_bytes, self.audio = len(self.audio), bytearray()
+
+    def truncate_audio(self, length: int) -> None:
+        del self.audio[length:]
+        self.forgotten_bytes = min(self.forgotten_bytes, length)
 
     @property
     def is_assistant_audio(self) -> bool:
@@ -107,11 +130,24 @@ class Conversation:
         else:
             self._order.insert(self._order.index(previous_item_id) + 1, item.id)
         self._items[item.id] = item
+        self._forget_old_audio()
         return self.previous_of(item.id)
 
     def previous_of(self, item_id: str) -> Optional[str]:
         index = self._order.index(item_id)
         return self._order[index - 1] if index > 0 else None
+
+    def _forget_old_audio(self) -> None:
+        """Keep the newest KEPT_AUDIO_BYTES of audio (and the newest audio items); the audio of
+        older items goes (a reply's grows after its item is added: counted at the next add)."""
+        kept = seen = 0
+        for item_id in reversed(self._order):
+            item = self._items[item_id]
+            if item.audio:
+                seen += 1
+                kept += len(item.audio)
+                if kept > KEPT_AUDIO_BYTES and seen > _ALWAYS_KEPT_AUDIO_ITEMS:
+                    item.forget_audio()
 
     def delete(self, item_id: str) -> None:
         self._order.remove(item_id)

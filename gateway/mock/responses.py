@@ -89,7 +89,7 @@ def _usage(session: "MockSession", context: list[Item], instructions: str, outpu
         text_chars = len(instructions)
         for item in context:
             if item.type == "message" and item.role != "assistant":
-                user_audio_ms += len(item.audio) // BYTES_PER_MS[item.audio_format]
+                user_audio_ms += item.audio_bytes // BYTES_PER_MS[item.audio_format]
                 text_chars += sum(len(p.get("text") or "") for p in item.content)
         in_text = text_chars // CHARS_PER_TOKEN
         in_audio = user_audio_ms // 100

@@ -656,13 +656,13 @@ class MockSession(WSListener):
         item = self.conversation.get(item_id)
         if item is None:
             raise MockProtocolError("item_truncate_invalid_item_id", "item_id", item_id=item_id)
-        if not item.is_assistant_audio or not item.audio:
+        if not item.is_assistant_audio or not item.audio_bytes:
             raise MockProtocolError("truncate_not_audio", None)
         bytes_per_ms = BYTES_PER_MS[item.audio_format]
-        have_ms = len(item.audio) // bytes_per_ms
+        have_ms = item.audio_bytes // bytes_per_ms
         if audio_end_ms > have_ms:
             raise MockProtocolError("truncate_too_long", None, have_ms=have_ms, want_ms=audio_end_ms)
-        del item.audio[audio_end_ms * bytes_per_ms:]
+        item.truncate_audio(audio_end_ms * bytes_per_ms)
         for part in item.content:
             if part["type"] == "output_audio":
                 part["transcript"] = ""  # the server drops the transcript of a truncated item
