@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 from picows import WSAutoPingStrategy, WSCloseCode, WSFrame, WSMsgType, WSTransport
-from picows.picows import WSProtocol
+from picows.picows import WSProtocol, _validate_upgrade_request
 from picows.common import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
 from _fastpath import ClientLeg, DirectReader, release_handshake
@@ -290,6 +290,11 @@ class GatewayServer:
                 # RFC 6455 §4.2.2: a version the server does not speak is refused with the one it does
                 return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
                     426, b"WebSocket version 13 only", extra_headers={"Sec-WebSocket-Version": "13"}), None)
+            _upgrade_alone(request.headers)
+            try:  # picows' own check, which follows admission: a refusal counted and logged as any
+                _validate_upgrade_request(request)
+            except RuntimeError as exc:
+                return self._refused("other", _plain_response((400, str(exc).encode(), "text/plain")))
             return self._admit_upgrade(request, parts.query)
         return _plain_response(self.plain_endpoint(path, request.headers.get("Accept")))
 
@@ -550,6 +555,15 @@ class GatewayServer:
 
 def _json(status: int, body: dict) -> tuple[int, bytes, str]:
     return status, orjson.dumps(body), "application/json"
+
+
+def _upgrade_alone(headers) -> None:
+    """RFC 6455 §4.2.1 asks that `Connection` *include* the `Upgrade` token, and browsers send
+    more than it (Firefox: `keep-alive, Upgrade`); picows takes the header's value whole and
+    refuses anything but `upgrade` alone. A request naming the token gets it alone."""
+    if any(token.strip().lower() == "upgrade" for value in headers.getall("Connection", ())
+           for token in value.split(",")):
+        headers["Connection"] = "upgrade"
 
 
 def _plain_response(answer: tuple[int, bytes, str]) -> WSUpgradeResponseWithListener:

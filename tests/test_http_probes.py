@@ -147,6 +147,40 @@ def test_an_upgrade_cut_into_single_bytes_still_reaches_picows():
     run(scenario())
 
 
+def test_a_browser_whose_connection_header_lists_more_than_upgrade_connects():
+    """Found by a client audit: Firefox sends `Connection: keep-alive, Upgrade`, and picows
+    refused everything but `upgrade` alone with a 400 nobody saw (no log line, no refusal
+    counted): no Firefox user could connect. RFC 6455 asks only that the header include the
+    token. A handshake still invalid (no key) is refused with picows' reason, and counted."""
+    async def scenario():
+        async with relay() as (gateway, _mock):
+            readies = []
+            for connection in (b"keep-alive, Upgrade", b"Upgrade, keep-alive", b"keep-alive,upgrade"):
+                request = (b"GET /realtime HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                           b"Connection: " + connection + b"\r\nSec-WebSocket-Version: 13\r\n"
+                           b"Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)) + b"\r\n\r\n")
+                async with asyncio.timeout(10):
+                    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+                    writer.write(request)
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    assert head.startswith(b"HTTP/1.1 101 "), (connection, head)
+                    first, length = await reader.readexactly(2)
+                    assert first == 0x81
+                    if length == 126:
+                        length = int.from_bytes(await reader.readexactly(2), "big")
+                    readies.append(orjson.loads(await reader.readexactly(length))["type"])
+                    writer.close()
+            assert readies == ["ready"] * 3
+            head, body = await exchange(gateway.port, b"GET /realtime HTTP/1.1\r\nUpgrade: websocket\r\n"
+                                                      b"Connection: keep-alive\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+            assert body == b"CONNECTION header value is not 'upgrade'"
+            metrics = (await exchange(gateway.port, b"GET /metrics HTTP/1.0\r\n\r\n"))[1]
+            assert b'gateway_refusals_total{reason="other"} 1.0' in metrics
+
+    run(scenario())
+
+
 def test_head_over_https(ca, trusted, tmp_path):
     cert_path, key_path = write_pair(ca.issue_cert("127.0.0.1"), tmp_path, "node")
 
