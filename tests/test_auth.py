@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 from picows import WSListener, WSMsgType, ws_create_server
 from picows.common import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
-from gateway.auth import (BEARER_SUBPROTOCOL_PREFIX, SUBPROTOCOL, AuthRefusal, AuthSettings, ClientAuthenticator,
+from gateway.auth import (API_KEYS_ENV, BEARER_SUBPROTOCOL_PREFIX, SUBPROTOCOL, AuthRefusal, AuthSettings, ClientAuthenticator,
                           LimitRefusal, OriginPolicy, Principal, SessionLimiter, Slot, client_ip, extract_credentials,
                           forwarded_address, is_loopback_host, limit_address, parse_api_keys_env, parse_api_keys_file, redact_path)
 from gateway.config import ConfigError
@@ -131,6 +131,20 @@ def test_short_keys_are_refused_without_quoting_them(tmp_path):
     assert ClientAuthenticator(parse_api_keys_env("k" * 16)).verify_token("k" * 16).id == "env#1"
     split = ClientAuthenticator(parse_api_keys_env("svc:part-one:part-two"))
     assert split.verify_token("part-one:part-two").id == "svc"
+
+
+def test_a_key_a_subprotocol_cannot_carry_is_named_at_start(caplog):
+    """Found by a client audit: a base64 key (`/`, `=`) passed the start-up check, and then no
+    browser, Node or `websockets` client could offer it as a subprotocol (they refuse to send
+    it). It is still a valid key (header and ?token= work): the node says so at start, by id."""
+    base64_key = "b64/Key+With=Slash0123456789ab"
+    with caplog.at_level(logging.WARNING, logger="gateway.auth"):
+        keys = parse_api_keys_env(f"web:{base64_key},svc:{KEY_A}")
+    assert ClientAuthenticator(keys).verify_token(base64_key).id == "web"
+    (record,) = caplog.records
+    assert record.getMessage().startswith(f"{API_KEYS_ENV} entry 1: key web has a character a WebSocket "
+                                          "subprotocol cannot carry")
+    assert base64_key not in caplog.text and "Slash" not in caplog.text
 
 
 def test_key_ids_are_positional_not_derived_from_the_key():
