@@ -963,6 +963,50 @@ def test_a_long_conversation_keeps_only_its_newest_audio_in_memory() -> None:
     run(scenario(), timeout=30)
 
 
+def test_the_audio_kept_includes_the_turn_being_answered_and_a_reply_still_streaming() -> None:
+    """Review of the bound above: with the newest items' audio kept by order alone, a 12 s turn
+    answered in 2 s items lost its audio to its own reply (its late transcription failed, a
+    second reply did not echo it), and a reply item that streamed while big items arrived lost
+    its first second (a valid truncate refused, retrieve gave the tail as the whole). The turn
+    a reply answers and a reply still streaming keep theirs; a late transcript is heard at the
+    commit."""
+    async def scenario() -> None:
+        options = MockOptions(reply_item_ms=2000, transcription_delay_ms=300)
+        async with MockRealtimeServer(options) as server:
+            client = await open_dialect(server, "ga")
+            await update(client, "ga", turn_detection=None, transcription={"model": "whisper-1"})
+            turn = pcm_tone(12000, hz=300)  # 576 KB, and as much in its six reply items
+            await client.append(turn, chunk_bytes=48000)
+            await client.send({"type": "input_audio_buffer.commit"})
+            await client.send({"type": "response.create"})
+            first = await client.recv_until("response.done", timeout=10)
+            late = await client.recv_until("conversation.item.input_audio_transcription.completed")
+            assert late[-1]["transcript"] == "user audio turn 1: 12000 ms"
+            await client.send({"type": "response.create"})
+            second = await client.recv_until("response.done", timeout=10)
+            assert b64_audio(first) == b64_audio(second) == turn
+
+        async with MockRealtimeServer(MockOptions(pacing="realtime")) as server:
+            client = await open_dialect(server, "ga")
+            await update(client, "ga", turn_detection=None)
+            turn = pcm_tone(1500, hz=350)
+            await client.append(turn, chunk_bytes=48000)
+            await client.send({"type": "input_audio_buffer.commit"})
+            await client.send({"type": "response.create"})
+            streamed = await client.recv_until("response.output_audio.delta")
+            reply_id = streamed[-1]["item_id"]
+            for hz in (500, 600):  # 1.2 MB of newer audio while the reply streams
+                await client.send({"type": "conversation.item.create", "item": {
+                    "type": "message", "role": "user", "content": [
+                        {"type": "input_audio", "audio": base64.b64encode(pcm_tone(12500, hz=hz)).decode()}]}})
+            streamed += await client.recv_until("response.done", timeout=10)
+            assert b64_audio(streamed) == turn
+            await client.send({"type": "conversation.item.retrieve", "item_id": reply_id})
+            retrieved = await client.recv_until("conversation.item.retrieved")
+            assert base64.b64decode(retrieved[-1]["item"]["content"][0]["audio"]) == turn
+    run(scenario(), timeout=30)
+
+
 # ---------------------------------------------------------------------------------------------
 # standalone: `realtime-gateway mock`
 

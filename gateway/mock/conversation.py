@@ -4,12 +4,13 @@ Items are stored GA-shaped (content types `input_text`, `input_audio`, `output_t
 `output_audio`); `render_item` produces either dialect's shape. Audio bytes of an item live in
 `Item.audio` (never in the content dicts) and are only put on the wire by `retrieve`.
 
-A conversation keeps the newest KEPT_AUDIO_BYTES of its audio in memory (and always its two
-newest audio items: the turn being answered and the reply being played). The real server keeps
-it all, but a mock session of an hour's talk would hold every turn and its echo (~170 MB each
-way), and a load test runs hundreds of them. An older item keeps its audio's length, so usage,
-truncate and item events are as before; only `conversation.item.retrieve` returns it without
-its audio.
+A conversation keeps the audio of its newest items (newest added) up to KEPT_AUDIO_BYTES in
+memory, and always that of its newest user audio item (the turn a reply answers) and of a reply
+item still being spoken. The real server keeps it all, but a mock session of an hour's talk would
+hold every turn and its echo (~170 MB each way), and a load test runs hundreds of them. An older
+item keeps its audio's length, so usage, truncate and item events are as before; a reply asked
+for an older turn (an `item_reference`) speaks a tone of its length rather than its echo, and
+`conversation.item.retrieve` returns it without its audio.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import base64
 from typing import Any, Iterable, Optional
 
 KEPT_AUDIO_BYTES = 1 << 20  # ~22 s of PCM16 at 24 kHz, ~2 min of G.711
-_ALWAYS_KEPT_AUDIO_ITEMS = 2
 
 # GA assistant content type -> beta content type
 _BETA_CONTENT_TYPE = {"output_text": "text", "output_audio": "audio"}
@@ -138,16 +138,20 @@ class Conversation:
         return self._order[index - 1] if index > 0 else None
 
     def _forget_old_audio(self) -> None:
-        """Keep the newest KEPT_AUDIO_BYTES of audio (and the newest audio items); the audio of
-        older items goes (a reply's grows after its item is added: counted at the next add)."""
-        kept = seen = 0
-        for item_id in reversed(self._order):
-            item = self._items[item_id]
-            if item.audio:
-                seen += 1
-                kept += len(item.audio)
-                if kept > KEPT_AUDIO_BYTES and seen > _ALWAYS_KEPT_AUDIO_ITEMS:
-                    item.forget_audio()
+        """Keep the audio of the newest items added (not the order they sit in: one inserted
+        early is new all the same) up to KEPT_AUDIO_BYTES; that of older ones goes, except the
+        newest user turn's and a reply item's still streaming (a reply's audio grows after its
+        item is added: it counts from the next add on)."""
+        kept = 0
+        newest_turn = True
+        for item in reversed(self._items.values()):  # dicts keep the order items were added in
+            if not item.audio:
+                continue
+            kept += len(item.audio)
+            if item.role == "user" and newest_turn:
+                newest_turn = False
+            elif kept > KEPT_AUDIO_BYTES and item.status != "in_progress":
+                item.forget_audio()
 
     def delete(self, item_id: str) -> None:
         self._order.remove(item_id)

@@ -492,7 +492,7 @@ class ResponsePlanner:
             if text and options.function_trigger == "name_in_text":
                 named = [(text.find(t["name"]), index) for index, t in enumerate(tools) if t["name"] in text]
                 chosen = [tools[index] for _, index in sorted(named)]
-            elif source.audio and options.function_every_n_audio_turns > 0 \
+            elif source.audio_bytes and options.function_every_n_audio_turns > 0 \
                     and session.audio_turns % options.function_every_n_audio_turns == 0:
                 chosen = tools[:1]
         return [OutputPlan("function_call", name=tool["name"], call_id=new_id("call_", 16),
@@ -503,12 +503,12 @@ class ResponsePlanner:
         """What to say to `source` (the newest input of `context`), its audio (if any) in
         format `fmt`."""
         session = self.session
-        if source is not None and source.type == "message" and source.audio:
-            duration_ms = len(source.audio) // BYTES_PER_MS[source.audio_format]
+        if source is not None and source.type == "message" and source.audio_bytes:
+            duration_ms = source.audio_bytes // BYTES_PER_MS[source.audio_format]
             text = f"echo of {duration_ms} ms"
-            if source.audio_format == fmt:
+            if source.audio_format == fmt and source.audio:
                 audio = bytes(source.audio)  # the echo: the user's turn, bit-exactly
-            else:
+            else:  # another format, or an old turn whose audio the conversation let go of
                 audio = tone(duration_ms, fmt, session.options.text_tone_hz)
         else:
             if source is None:

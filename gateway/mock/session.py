@@ -505,18 +505,21 @@ class MockSession(WSListener):
         self.announce_item(item, previous)
         transcription = self.config["audio"]["input"]["transcription"]
         if transcription is not None:
+            # heard now (the conversation may let go of the audio before a late transcript)
+            duration_ms = len(audio) // BYTES_PER_MS[self.input_format]
+            silent = rms_dbfs(audio, self.input_format) == -math.inf
             delay_s = self.options.transcription_delay_ms / 1000.0
             if delay_s > 0:  # lands mid-response or after it, as the real one may
                 asyncio.get_running_loop().call_later(delay_s, self._transcribe, item, transcription,
-                                                      self.audio_turns)
+                                                      self.audio_turns, duration_ms, silent)
             else:
-                self._transcribe(item, transcription, self.audio_turns)
+                self._transcribe(item, transcription, self.audio_turns, duration_ms, silent)
 
-    def _transcribe(self, item: Item, transcription: dict[str, Any], turn: int) -> None:
+    def _transcribe(self, item: Item, transcription: dict[str, Any], turn: int, duration_ms: int,
+                    silent: bool) -> None:
         """Deterministic input transcription; a turn of pure digital silence fails the way the
         real ASR does (`…input_audio_transcription.failed`, audio_unintelligible)."""
-        duration_ms = len(item.audio) // BYTES_PER_MS[item.audio_format]
-        if rms_dbfs(bytes(item.audio), item.audio_format) == -math.inf:
+        if silent:
             self.send_event("conversation.item.input_audio_transcription.failed",
                             item_id=item.id, content_index=0,
                             error={"type": "transcription_error", "code": "audio_unintelligible",
