@@ -540,6 +540,8 @@ class RelaySession:
             error = SessionExpired("upstream session expired", upstream={"code": "session_expired"})
         else:
             how = f"close code {code}" if code is not None else "no close frame"
+            if reason:  # the upstream's own words (`clean` scrubs anything key-like)
+                how += f": {reason}"
             error = ConnectionFailed(f"upstream closed before the session was ready ({how})" if self.state == CONNECTING
                                      else f"upstream connection lost ({how})")
         self.fail(error)

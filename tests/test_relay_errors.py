@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import socket
 import time
 
@@ -129,6 +130,73 @@ def test_an_upstream_rate_limiting_the_handshake_is_rate_limit_exceeded():
             from tests.test_faults import metric
             assert await metric(gateway, "gateway_sessions_total", outcome="upstream_failed") == 1
     run(scenario(), timeout=20)
+
+
+@pytest.mark.parametrize("head, code, close_code, message", [
+    (b"HTTP/1.0 401 Unauthorized\r\n\r\n", "AuthenticationFailed", 4001, "refused the API key (HTTP 401)"),
+    (b"HTTP/1.1 401\r\nContent-Length: 0\r\n\r\n", "AuthenticationFailed", 4001, "refused the API key (HTTP 401)"),
+    (b"HTTP/1.0 429 Too Many Requests\r\n\r\n", "RateLimitExceeded", 1013, "(HTTP 429)"),
+    (b"HTTP/1.1 522 \r\nServer: cloudflare\r\nContent-Length: 0\r\n\r\n", "ConnectionFailed", 1011,
+     "refused the WebSocket handshake (HTTP 522)"),
+    (b"HTTP/1.1 503 Service Unavailable\r\nX-Pad: " + b"a" * 20000 + b"\r\n\r\n", "ConnectionFailed", 1011,
+     "refused the WebSocket handshake (HTTP 503)"),
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+     b"Sec-WebSocket-Accept: d3Jvbmc=\r\n\r\n", "ConnectionFailed", 1011,
+     "answered the upgrade with an invalid WebSocket handshake (Sec-WebSocket-Accept header)"),
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+     b"Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n", "ConnectionFailed",
+     1011, "answered with a WebSocket extension the gateway did not offer (permessage-deflate)"),
+], ids=["http10_401", "401_without_reason", "http10_429", "cloudflare_522", "head_over_16k", "wrong_accept",
+        "unoffered_extension"])
+def test_the_status_of_a_handshake_picows_cannot_parse_is_still_read(head, code, close_code, message):
+    """Found by an upstream handshake audit: picows parses only `HTTP/1.1 <a code Python knows>
+    <reason>`, so an HTTP/1.0 or reason-less 401 or 429, a front end's 52x (OpenAI is behind
+    Cloudflare) and a head over 16 KiB all reached the client as a status-less ConnectionFailed;
+    and a broken 101 read "refused the WebSocket handshake (HTTP 101)". The status comes from
+    the head picows kept. A 101 naming an extension the gateway never offered is refused (RFC
+    6455 §9.1): it went on to wait out the connect timeout on frames it could not read."""
+    async def scenario():
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            request = await reader.readuntil(b"\r\n\r\n")
+            key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                       if line.lower().startswith(b"sec-websocket-key:"))
+            accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            writer.write(head.replace(b"{accept}", accept))
+            await writer.drain()
+            writer.close()
+
+        upstream = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = upstream.sockets[0].getsockname()[1]
+        config = NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key="test-key-status",
+                            upstream_url=f"ws://127.0.0.1:{port}/v1/realtime", connect_timeout_s=5.0)
+        async with upstream, GatewayServer(config) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            error = await _expect_fatal(client, code, close_code)
+            await gateway.wait_empty(3)
+            return error
+
+    error = run(scenario(), timeout=20)
+    assert error["message"].endswith(message) and "test-key-status" not in str(error)
+
+
+def test_the_reason_of_an_upstream_close_before_ready_is_told():
+    """Found by the same audit: an upstream that closed with a reason (1008 "policy: ...", a
+    4000 naming beta_api_shape_disabled) before `ready` reached the client as only "(close code
+    N)", and the reason was in no log line either."""
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream._ws.close(1008, "policy: organization not allowed")
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(NodeConfig(
+                host="127.0.0.1", port=0, upstream="openai", api_key=TEST_KEY, upstream_url=url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            error = await _expect_fatal(client, "ConnectionFailed", CLOSE_INTERNAL_ERROR)
+            await gateway.wait_empty(3)
+            return error
+
+    error = run(scenario(), timeout=20)
+    assert error["message"] == ("upstream closed before the session was ready "
+                                "(close code 1008: policy: organization not allowed)")
 
 
 def test_an_upstream_redirect_is_not_followed_with_the_key(caplog):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import ssl
 import struct
@@ -25,7 +26,7 @@ from typing import Protocol
 from urllib.parse import parse_qs, quote, urlsplit
 
 from picows import WSCloseCode, WSFrame, WSMsgType, WSTransport, ws_connect
-from picows.common import WSHandshakeError
+from picows.common import WSHandshakeError, WSInvalidHeaderError
 from python_socks import ProxyError  # picows' dependency: what its CONNECT tunnel raises
 
 from _fastpath import HEADER_ROOM, AudioPath, UpstreamLeg, release_handshake
@@ -177,6 +178,20 @@ class UpstreamListener(UpstreamLeg):
                                       int(handshake.sent.code) if refused else None)
 
 
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] +([1-5][0-9]{2})(?: |$)")
+
+
+def _handshake_status(exc: WSHandshakeError) -> int | None:
+    """The HTTP status the upstream answered the upgrade with. picows parses only
+    `HTTP/1.1 <a code Python knows> <reason>`; an HTTP/1.0 answer, a bare `HTTP/1.1 401`,
+    Cloudflare's 520-527 or a head over its size limit come as a parse error, with the head
+    still in `raw_header`."""
+    if exc.response is not None and exc.response.status is not None:
+        return int(exc.response.status)
+    match = _STATUS_LINE.match((exc.raw_header or b"").split(b"\r\n", 1)[0])
+    return int(match.group(1)) if match else None
+
+
 class UpstreamConnection:
     """One upstream session socket. `send_*` are no-ops once closed."""
 
@@ -233,7 +248,11 @@ class UpstreamConnection:
                     ssl_context=client_tls_context() if urlsplit(url).scheme == "wss" else None,
                     proxy=proxy)
         except WSHandshakeError as exc:
-            status = int(exc.response.status) if exc.response is not None else None
+            status = _handshake_status(exc)
+            if status == 101:  # an upgrade, answered wrong: no refusal
+                what = f" ({exc.name} header)" if isinstance(exc, WSInvalidHeaderError) else ""
+                raise ConnectionFailed(f"upstream {where} answered the upgrade with an invalid WebSocket "
+                                       f"handshake{what}") from None
             if status in (401, 403):
                 raise AuthenticationFailed(f"upstream {where} refused the API key (HTTP {status})",
                                            upstream={"code": f"http_{status}", "type": "handshake"}) from None
@@ -269,6 +288,14 @@ class UpstreamConnection:
             # returns no listener rather than raising, and no disconnect callback will come
             transport.disconnect(False)
             raise ConnectionFailed(f"upstream {where} closed the connection during the WebSocket handshake")
+        response = transport.response
+        extension = response.headers.get("Sec-WebSocket-Extensions") if response is not None else None
+        if extension:
+            # RFC 6455 §9.1: the client offered none, so it must fail the connection (its frames
+            # would come compressed, and read as garbage until the connect timeout)
+            transport.disconnect(False)
+            raise ConnectionFailed(f"upstream {where} answered with a WebSocket extension the gateway did not "
+                                   f"offer ({extension.split(';')[0].strip()[:40]})")
         self._handshaking = None
         release_handshake(transport)  # its request holds the API key: let it go
         ssl_object = transport.underlying_transport.get_extra_info("ssl_object")
