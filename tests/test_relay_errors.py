@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import hashlib
 import socket
@@ -143,9 +144,12 @@ def test_an_upstream_rate_limiting_the_handshake_is_rate_limit_exceeded():
     (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
      b"Sec-WebSocket-Accept: d3Jvbmc=\r\n\r\n", "ConnectionFailed", 1011,
      "answered the upgrade with an invalid WebSocket handshake (Sec-WebSocket-Accept header)"),
+    # and the first events in the same packet: nobody may hear them
     (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-     b"Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n", "ConnectionFailed",
-     1011, "answered with a WebSocket extension the gateway did not offer (permessage-deflate)"),
+     b"Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+     + b"".join(b"\x81" + bytes([len(event)]) + event for event in (
+         b'{"type":"session.created","session":{"id":"sess_x"}}', b'{"type":"session.updated","session":{}}')),
+     "ConnectionFailed", 1011, "answered with a WebSocket extension the gateway did not offer (permessage-deflate)"),
 ], ids=["http10_401", "401_without_reason", "http10_429", "cloudflare_522", "head_over_16k", "wrong_accept",
         "unoffered_extension"])
 def test_the_status_of_a_handshake_picows_cannot_parse_is_still_read(head, code, close_code, message):
@@ -163,6 +167,10 @@ def test_the_status_of_a_handshake_picows_cannot_parse_is_still_read(head, code,
             accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
             writer.write(head.replace(b"{accept}", accept))
             await writer.drain()
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                async with asyncio.timeout(5):  # what the gateway sends it, until it hangs up
+                    while chunk := await reader.read(65536):
+                        sent_after.append(chunk)
             writer.close()
 
         upstream = await asyncio.start_server(answer, "127.0.0.1", 0)
@@ -171,12 +179,15 @@ def test_the_status_of_a_handshake_picows_cannot_parse_is_still_read(head, code,
                             upstream_url=f"ws://127.0.0.1:{port}/v1/realtime", connect_timeout_s=5.0)
         async with upstream, GatewayServer(config) as gateway:
             client = await RelayClient.connect(gateway.url)
+            await client.send_audio(b"\x01\x00" * 480)  # held for `ready`
             error = await _expect_fatal(client, code, close_code)
             await gateway.wait_empty(3)
-            return error
+            return error, client.of_type("ready")
 
-    error = run(scenario(), timeout=20)
+    sent_after: list[bytes] = []
+    error, ready = run(scenario(), timeout=20)
     assert error["message"].endswith(message) and "test-key-status" not in str(error)
+    assert ready == [] and sent_after == []  # not even a close frame: the answer was no WebSocket
 
 
 def test_the_reason_of_an_upstream_close_before_ready_is_told():

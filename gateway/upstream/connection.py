@@ -83,7 +83,7 @@ class UpstreamListener(UpstreamLeg):
     messages (see the module docstring); this class handles the rest and the lifecycle."""
 
     __slots__ = ("owner", "_assembler", "transport", "close_code", "close_reason", "closing", "_write_paused",
-                 "_pong", "close_grace")
+                 "_pong", "close_grace", "refused_extension")
 
     def __init__(self, owner: UpstreamOwner, path: AudioPath | None) -> None:
         super().__init__()
@@ -97,9 +97,20 @@ class UpstreamListener(UpstreamLeg):
         self._write_paused = False
         self._pong: bytes | None = None  # the latest ping's payload, while the upstream does not read
         self.close_grace: asyncio.TimerHandle | None = None  # cuts off a polite close that does not end
+        self.refused_extension: str | None = None
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        response = transport.response
+        extension = response.headers.get("Sec-WebSocket-Extensions") if response is not None else None
+        if extension:
+            # RFC 6455 §9.1: the gateway offered none, so it fails the connection (its frames would
+            # come compressed, unreadable). Frames that came with the 101 are read next, in this
+            # same call: nobody hears them (`connect` raises)
+            self.refused_extension = extension.split(";")[0].strip()[:40]
+            self.owner, self.path = _NOBODY, None
+            transport.disconnect(False)
+            return
         if self.closing:  # the owner gave up while the handshake was in flight: don't linger
             transport.send_close(WSCloseCode.OK)
             transport.disconnect()
@@ -177,6 +188,19 @@ class UpstreamListener(UpstreamLeg):
         self.owner.on_upstream_closed(self.close_code, self.close_reason,
                                       int(handshake.sent.code) if refused else None)
 
+
+class _Nobody:
+    """The owner of an upstream connection refused at its handshake: hears nothing."""
+
+    def on_upstream_event(self, payload) -> None: pass
+    def on_upstream_audio(self, item_id: str, pcm: bytes) -> None: pass
+    def on_upstream_read_end(self) -> None: pass
+    def on_upstream_closed(self, code: int | None, reason: str, refused_with: int | None) -> None: pass
+    def on_upstream_paused(self) -> None: pass
+    def on_upstream_resumed(self) -> None: pass
+
+
+_NOBODY = _Nobody()
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] +([1-5][0-9]{2})(?: |$)")
 
@@ -283,19 +307,15 @@ class UpstreamConnection:
             raise
         except Exception as exc:  # picows/ssl errors: classify, never leak internals beyond the type
             raise ConnectionFailed(f"cannot connect to upstream {where}: {type(exc).__name__}") from None
+        if self.listener.refused_extension is not None:
+            release_handshake(transport)
+            raise ConnectionFailed(f"upstream {where} answered with a WebSocket extension the gateway did not "
+                                   f"offer ({self.listener.refused_extension})")
         if _listener is None or transport.is_disconnected:
             # the peer closed (or reset) the TCP connection before answering the upgrade: picows
             # returns no listener rather than raising, and no disconnect callback will come
             transport.disconnect(False)
             raise ConnectionFailed(f"upstream {where} closed the connection during the WebSocket handshake")
-        response = transport.response
-        extension = response.headers.get("Sec-WebSocket-Extensions") if response is not None else None
-        if extension:
-            # RFC 6455 §9.1: the client offered none, so it must fail the connection (its frames
-            # would come compressed, and read as garbage until the connect timeout)
-            transport.disconnect(False)
-            raise ConnectionFailed(f"upstream {where} answered with a WebSocket extension the gateway did not "
-                                   f"offer ({extension.split(';')[0].strip()[:40]})")
         self._handshaking = None
         release_handshake(transport)  # its request holds the API key: let it go
         ssl_object = transport.underlying_transport.get_extra_info("ssl_object")
