@@ -968,8 +968,8 @@ def test_the_audio_kept_includes_the_turn_being_answered_and_a_reply_still_strea
     answered in 2 s items lost its audio to its own reply (its late transcription failed, a
     second reply did not echo it), and a reply item that streamed while big items arrived lost
     its first second (a valid truncate refused, retrieve gave the tail as the whole). The turn
-    a reply answers and a reply still streaming keep theirs; a late transcript is heard at the
-    commit."""
+    a reply answers (by the conversation's order, not the newest added) and a reply still
+    streaming keep theirs; a late transcript is heard at the commit."""
     async def scenario() -> None:
         options = MockOptions(reply_item_ms=2000, transcription_delay_ms=300)
         async with MockRealtimeServer(options) as server:
@@ -1004,6 +1004,22 @@ def test_the_audio_kept_includes_the_turn_being_answered_and_a_reply_still_strea
             await client.send({"type": "conversation.item.retrieve", "item_id": reply_id})
             retrieved = await client.recv_until("conversation.item.retrieved")
             assert base64.b64decode(retrieved[-1]["item"]["content"][0]["audio"]) == turn
+
+        # a second review: the newest added turn is not always the one answered (one inserted at
+        # the root is newer, and answers nothing)
+        async with MockRealtimeServer(MockOptions()) as server:
+            client = await open_dialect(server, "ga")
+            await update(client, "ga", turn_detection=None)
+            turn = pcm_tone(15000, hz=300)
+            await client.append(turn, chunk_bytes=48000)
+            await client.send({"type": "input_audio_buffer.commit"})
+            await client.recv_until("input_audio_buffer.committed")
+            await client.send({"type": "conversation.item.create", "previous_item_id": "root", "item": {
+                "type": "message", "role": "user", "content": [
+                    {"type": "input_audio", "audio": base64.b64encode(pcm_tone(8000, hz=500)).decode()}]}})
+            await client.recv_until("conversation.item.added")
+            await client.send({"type": "response.create"})
+            assert b64_audio(await client.recv_until("response.done", timeout=15)) == turn
     run(scenario(), timeout=30)
 
 

@@ -142,6 +142,10 @@ class Conversation:
         early is new all the same) up to KEPT_AUDIO_BYTES; that of older ones goes, except the
         newest user turn's and a reply item's still streaming (a reply's audio grows after its
         item is added: it counts from the next add on)."""
+        # the turn a reply answers: the newest user message in the conversation's order (an
+        # item inserted earlier does not change it), and the newest added
+        answered = next((self._items[item_id] for item_id in reversed(self._order)
+                         if self._items[item_id].role == "user"), None)
         kept = 0
         newest_turn = True
         for item in reversed(self._items.values()):  # dicts keep the order items were added in
@@ -150,7 +154,7 @@ class Conversation:
             kept += len(item.audio)
             if item.role == "user" and newest_turn:
                 newest_turn = False
-            elif kept > KEPT_AUDIO_BYTES and item.status != "in_progress":
+            elif kept > KEPT_AUDIO_BYTES and item.status != "in_progress" and item is not answered:
                 item.forget_audio()
 
     def delete(self, item_id: str) -> None:
