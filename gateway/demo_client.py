@@ -6,8 +6,9 @@ Connects, sends `config`, waits for `ready`, streams the WAV in real time in 20 
 (converted to 24 kHz mono PCM16 if needed; with server VAD a second of silence follows so the last
 turn ends), prints transcripts and events, writes the reply audio to `--out`, and exits once the
 whole file is sent and every reply is done (with server VAD: one per utterance the VAD detected)
-— or after `--timeout` seconds (exit code 1). `--demo-tone` sends a generated tone
-instead of a WAV; `--text` sends a text turn.
+— or `--timeout` seconds after the audio is sent (exit code 1). `--demo-tone` sends a generated
+tone instead of a WAV; `--text` sends a text turn; `--token` authenticates to a node with client
+auth.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import argparse
 import asyncio
 import math
 import os
+import ssl
 import struct
 import sys
 import urllib.parse
@@ -29,6 +31,7 @@ RATE = 24000
 FRAME_MS = 20
 FRAME_BYTES = RATE * 2 * FRAME_MS // 1000  # 960 bytes of PCM16 per 20 ms
 _SPOKEN = object()  # queued by the streamer once the whole audio is sent
+PUSH_TO_TALK_MIN_BYTES = RATE * 2 // 10  # the upstream commits no turn under 100 ms
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turn-detection", choices=("server_vad", "semantic_vad", "none"), default="server_vad",
                         help="none = push-to-talk: the client commits and asks for the response itself")
     parser.add_argument("--voice", default=None, help="voice to ask for (default: the gateway's)")
-    parser.add_argument("--timeout", type=float, default=60.0, help="give up after this many seconds")
+    parser.add_argument("--token", default=os.environ.get("GATEWAY_CLIENT_TOKEN"),
+                        help="client token (key or JWT) for a node with client auth, sent as "
+                             "Authorization: Bearer (default: $GATEWAY_CLIENT_TOKEN)")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="give up this many seconds after the audio is sent (it streams in real time)")
 
 
 class WavError(ValueError):
@@ -142,11 +149,18 @@ class ConnectFailed(Exception):
     """The gateway could not be reached: refused, unknown host, handshake refused, or timed out.
     The message names the URL, its `token` query value (a client token) masked."""
 
-    def __init__(self, url: str, cause: BaseException) -> None:
+    def __init__(self, url: str, cause: BaseException, token: str | None = None) -> None:
         parts = urllib.parse.urlsplit(url)
         tokens = [value for name, value in urllib.parse.parse_qsl(parts.query) if name == "token" and value]
+        tokens += [token] if token else []
+        status = getattr(getattr(cause, "response", None), "status", None)
         if isinstance(cause, TimeoutError):
             reason = "timed out"
+        elif status == 401:
+            reason = ("the node wants a client token: give --token (or $GATEWAY_CLIENT_TOKEN)" if not token
+                      else "the node refused the client token (HTTP 401)")
+        elif parts.scheme == "wss" and isinstance(cause, (ssl.SSLError, ConnectionResetError)):
+            reason = "the TLS handshake failed (a node started without --tls-cert serves ws://, not wss://)"
         elif isinstance(cause, OSError) and cause.errno:  # "Connection refused", not uvloop's
             # "Connect call failed (...)"; a resolver error (negative errno) has its own text
             reason = os.strerror(cause.errno) if cause.errno > 0 else cause.strerror
@@ -179,7 +193,7 @@ class _Listener(WSListener):
 
 
 async def converse(url: str, audio: bytes | None, text: str | None, out: str, turn_detection: str,
-                   voice: str | None, timeout: float, echo=print) -> int:
+                   voice: str | None, timeout: float, echo=print, token: str | None = None) -> int:
     """Run one demo conversation. Returns the exit code (0 when every reply finished).
 
     Push-to-talk: one reply for the audio. Server VAD: one reply per turn the VAD detects (a
@@ -187,10 +201,14 @@ async def converse(url: str, audio: bytes | None, text: str | None, out: str, tu
     it is sent, every detected turn's reply is done and no reply is running. `--text` is sent when
     the audio's replies are done (one reply at a time). ConnectFailed when `url` cannot be reached.
     """
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        transport, listener = await asyncio.wait_for(ws_connect(_Listener, url), timeout)
+        # uvloop's transports, as the node's: aiofastnet's TLS one fails to log its own handshake
+        # errors (a 40-line "Logging error" for a wss:// URL to a ws:// node)
+        transport, listener = await asyncio.wait_for(
+            ws_connect(_Listener, url, extra_headers=headers, use_aiofastnet=False), timeout)
     except (OSError, WSError, TimeoutError) as exc:
-        raise ConnectFailed(url, exc) from None
+        raise ConnectFailed(url, exc, token) from None
     reply = bytearray()
     vad = audio is not None and turn_detection != "none"
     ready = streaming = text_sent = False
@@ -200,8 +218,10 @@ async def converse(url: str, audio: bytes | None, text: str | None, out: str, tu
         config["voice"] = voice
     transport.send(WSMsgType.TEXT, orjson.dumps(config))
     streamer: asyncio.Task | None = None
+    # the audio streams in real time (plus a second of silence under VAD): `timeout` is after it
+    speaking_s = len(audio or b"") / (RATE * 2) + (1.0 if vad else 0.0)
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout + speaking_s):
             while True:
                 message = await listener.queue.get()
                 if message is None:
@@ -252,7 +272,7 @@ async def converse(url: str, audio: bytes | None, text: str | None, out: str, tu
                     continue
                 break
     except TimeoutError:
-        echo(f"timed out after {timeout:g} s")
+        echo(f"timed out {timeout:g} s after the audio was sent (--timeout)")
         return 1
     finally:
         if streamer is not None:
@@ -306,14 +326,23 @@ def run(args: argparse.Namespace) -> int:
         audio = None
     if audio is None and not args.text:
         return _usage_error("give --wav, --demo-tone or --text")
+    if audio is not None and args.turn_detection == "none" and len(audio) < PUSH_TO_TALK_MIN_BYTES:
+        # the upstream refuses to commit less, and the reply asked for would answer nothing
+        return _usage_error(f"a push-to-talk turn needs at least 100 ms of audio; --wav {args.wav} has "
+                            f"{len(audio) // (RATE * 2 // 1000)} ms")
     unwritable = _cannot_write(args.out)
     if unwritable:  # found now, not after the whole conversation
         return _usage_error(f"cannot write --out {args.out}: {unwritable}")
+    if args.wav and os.path.realpath(args.out) == os.path.realpath(args.wav):
+        return _usage_error(f"--out {args.out} is the --wav file: the reply would overwrite it")
     try:
         return uvloop.run(converse(args.url, audio, args.text, args.out, args.turn_detection, args.voice,
-                                   args.timeout, echo=lambda line: print(line, flush=True)))
+                                   args.timeout, echo=lambda line: print(line, flush=True), token=args.token))
     except (ConnectFailed, OutputFailed) as exc:  # OutputFailed: --out failed after all (a full disk)
         return _usage_error(str(exc))
+    except KeyboardInterrupt:  # Ctrl-C: the reply so far is written (`converse`'s finally)
+        print(f"realtime-gateway client: interrupted; the reply so far is in {args.out}", file=sys.stderr)
+        return 130
 
 
 def _cannot_write(path: str) -> str | None:

@@ -3,6 +3,7 @@ both as subprocesses; the reply WAV holds the echoed audio."""
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -157,6 +158,51 @@ def test_newcomer_mistakes_get_one_line_and_exit_2(tmp_path):
                                 capture_output=True, text=True, timeout=60)
     line = _one_line_error(with_token)
     assert "s3cret-t0ken" not in line and f"ws://127.0.0.1:{port}/realtime?token=***" in line
+
+
+def test_a_newcomer_audit_s_mistakes_are_told_in_one_line_too(tmp_path):
+    """Found by a newcomer audit: `--out` naming the `--wav` file overwrote the recording; a
+    push-to-talk file under 100 ms was refused upstream and then answered with an unrelated
+    reply; a wss:// URL to a ws:// node printed a 40-line logging traceback; a node with client
+    auth said only "received 401", with no way to give a token; Ctrl-C printed a traceback."""
+    port = free_port()
+    recording = tmp_path / "mine.wav"
+    _write_wav(recording, speech_like(0.5, seed=7))
+    before = recording.read_bytes()
+    assert _one_line_error(_client(port, "--wav", str(recording), "--out", str(recording))) == \
+        f"realtime-gateway client: --out {recording} is the --wav file: the reply would overwrite it"
+    assert recording.read_bytes() == before
+    short = tmp_path / "short.wav"
+    _write_wav(short, speech_like(0.05, seed=8))
+    assert _one_line_error(_client(port, "--wav", str(short), "--turn-detection", "none")) == \
+        (f"realtime-gateway client: a push-to-talk turn needs at least 100 ms of audio; --wav {short} has 50 ms")
+
+    key = "newcomer-key-0123456789"
+    with gateway_process(port=port, env={"GATEWAY_API_KEYS": key}):
+        tls = _one_line_error(subprocess.run(
+            [sys.executable, "-m", "gateway", "client", "--url", f"wss://127.0.0.1:{port}/realtime", "--demo-tone",
+             "--out", str(tmp_path / "r.wav")], capture_output=True, text=True, timeout=60))
+        assert tls.endswith("the TLS handshake failed (a node started without --tls-cert serves ws://, not wss://)")
+        assert _one_line_error(_client(port, "--demo-tone", "--out", str(tmp_path / "r.wav"))).endswith(
+            "the node wants a client token: give --token (or $GATEWAY_CLIENT_TOKEN)")
+        wrong = _one_line_error(_client(port, "--demo-tone", "--out", str(tmp_path / "r.wav"), "--token", "x" * 20))
+        assert wrong.endswith("the node refused the client token (HTTP 401)") and "x" * 20 not in wrong
+        given = _client(port, "--demo-tone", "--out", str(tmp_path / "r.wav"), "--token", key)
+        assert given.returncode == 0 and "response done" in given.stdout, given.stdout + given.stderr
+
+        long_file = tmp_path / "long.wav"
+        _write_wav(long_file, speech_like(8.0, seed=9))
+        client = subprocess.Popen([sys.executable, "-m", "gateway", "client", "--url", f"ws://127.0.0.1:{port}/realtime",
+                                   "--wav", str(long_file), "--out", str(tmp_path / "cut.wav"), "--token", key],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        assert client.stdout.readline().startswith("ready: session gw_")  # streaming now
+        client.send_signal(signal.SIGINT)
+        _out, err = client.communicate(timeout=30)
+    assert client.returncode == 130
+    assert err == f"realtime-gateway client: interrupted; the reply so far is in {tmp_path / 'cut.wav'}\n"
+    with wave.open(str(tmp_path / "cut.wav"), "rb") as reply:
+        assert reply.getframerate() == 24000
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
