@@ -99,6 +99,17 @@ def test_slow_upstream_handshake_times_out_as_connection_failed():
     run(scenario(), timeout=20)
 
 
+@contextlib.asynccontextmanager
+async def _node_before_raw_upstream(answer, api_key: str):
+    """A gateway whose upstream is `answer`, a raw asyncio server: the handshake's bytes are the
+    test's own."""
+    upstream = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = upstream.sockets[0].getsockname()[1]
+    config = NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key=api_key,
+                        upstream_url=f"ws://127.0.0.1:{port}/v1/realtime", connect_timeout_s=5.0)
+    async with upstream, GatewayServer(config) as gateway:
+        yield gateway
+
 def test_an_upstream_rate_limiting_the_handshake_is_rate_limit_exceeded():
     """Found by an operations audit: HTTP 429 at the upgrade reached clients as ConnectionFailed
     (close 1011), though SPEC §3/§7 say rate limits surface as RateLimitExceeded. There is no
@@ -116,11 +127,7 @@ def test_an_upstream_rate_limiting_the_handshake_is_rate_limit_exceeded():
             await writer.drain()
             writer.close()
 
-        upstream = await asyncio.start_server(rate_limited, "127.0.0.1", 0)
-        port = upstream.sockets[0].getsockname()[1]
-        config = NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key="test-key-429",
-                            upstream_url=f"ws://127.0.0.1:{port}/v1/realtime", connect_timeout_s=5.0)
-        async with upstream, GatewayServer(config) as gateway:
+        async with _node_before_raw_upstream(rate_limited, "test-key-429") as gateway:
             client = await RelayClient.connect(gateway.url)
             error = await _expect_fatal(client, "RateLimitExceeded", CLOSE_TRY_AGAIN_LATER)
             assert error["upstream"]["code"] == "http_429" and error["upstream"]["type"] == "handshake"
@@ -173,11 +180,7 @@ def test_the_status_of_a_handshake_picows_cannot_parse_is_still_read(head, code,
                         sent_after.append(chunk)
             writer.close()
 
-        upstream = await asyncio.start_server(answer, "127.0.0.1", 0)
-        port = upstream.sockets[0].getsockname()[1]
-        config = NodeConfig(host="127.0.0.1", port=0, upstream="openai", api_key="test-key-status",
-                            upstream_url=f"ws://127.0.0.1:{port}/v1/realtime", connect_timeout_s=5.0)
-        async with upstream, GatewayServer(config) as gateway:
+        async with _node_before_raw_upstream(answer, "test-key-status") as gateway:
             client = await RelayClient.connect(gateway.url)
             await client.send_audio(b"\x01\x00" * 480)  # held for `ready`
             error = await _expect_fatal(client, code, close_code)
