@@ -155,7 +155,8 @@ def test_an_upstream_rate_limiting_the_handshake_is_rate_limit_exceeded():
     (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
      b"Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
      + b"".join(b"\x81" + bytes([len(event)]) + event for event in (
-         b'{"type":"session.created","session":{"id":"sess_x"}}', b'{"type":"session.updated","session":{}}')),
+         b'{"type":"session.created","session":{"id":"sess_x"}}', b'{"type":"session.updated","session":{}}'))
+     + b"\x89\x02hi",  # and a ping: no pong either
      "ConnectionFailed", 1011, "answered with a WebSocket extension the gateway did not offer (permessage-deflate)"),
 ], ids=["http10_401", "401_without_reason", "http10_429", "cloudflare_522", "head_over_16k", "wrong_accept",
         "unoffered_extension"])

@@ -146,6 +146,8 @@ class UpstreamListener(UpstreamLeg):
 
     def _handle_other_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         """Control frames and fragmented or oversized messages."""
+        if self.refused_extension is not None:
+            return  # came with the refused 101: no pong, no close frame (the answer was no WebSocket)
         if frame.msg_type is WSMsgType.PING:
             # answered here, not by picows' auto-pong, whose pongs ignore backpressure: an
             # upstream that pings without reading would fill our write buffer without bound.
