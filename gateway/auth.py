@@ -71,8 +71,10 @@ _AUTOMATIC_KEY_ID = re.compile(r"(keyfile|env)#[0-9]+")
 #: characters allowed in a static key (printable ASCII without whitespace, comma or double quote)
 _KEY_CHARS = re.compile(r"[!#-+\--~]+")
 #: RFC 7230 token characters: all that a WebSocket subprotocol (the browsers' way to send a key) holds
-_KEY_IDS_WARNED: set[str] = set()  # the keys `_parse_key_entry` has warned about, in this process
 _SUBPROTOCOL_CHARS = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: (id, digest) of the keys `_parse_key_entry` has warned about in this process (a reload of the
+#: same key says nothing new; another key under the same automatic id does)
+_KEYS_WARNED: set[tuple[str, bytes]] = set()
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,11 +209,11 @@ def _parse_key_entry(entry: str, default_id: str, where: str) -> _StoredKey:
     if len(key) < MIN_API_KEY_CHARS:
         split = " (an entry with a ':' is `id:key`, split at its first ':')" if sep else ""
         raise ConfigError(f"{where}: the key must be at least {MIN_API_KEY_CHARS} characters{split}")
-    if not _SUBPROTOCOL_CHARS.fullmatch(key) and key_id not in _KEY_IDS_WARNED:
+    if not _SUBPROTOCOL_CHARS.fullmatch(key) and (key_id, _digest(key)) not in _KEYS_WARNED:
         # a base64 key, say (`/`, `=`): browsers and most libraries refuse to offer it, so only
         # the query token is left to them; said at start (not again at each SIGHUP's reload)
         # rather than found by each browser user
-        _KEY_IDS_WARNED.add(key_id)
+        _KEYS_WARNED.add((key_id, _digest(key)))
         log.warning("%s: key %s has a character a WebSocket subprotocol cannot carry (one of "
                     "( ) < > @ ; : \\ / [ ] ? = { }): browsers cannot send it as a subprotocol, only as "
                     "?token= (percent-encoded)", where, key_id)
