@@ -151,14 +151,21 @@ class ConnectFailed(Exception):
 
     def __init__(self, url: str, cause: BaseException, token: str | None = None) -> None:
         parts = urllib.parse.urlsplit(url)
-        tokens = [value for name, value in urllib.parse.parse_qsl(parts.query) if name == "token" and value]
-        tokens += [token] if token else []
+        pieces = parts.query.split("&") if parts.query else []
+        tokens = [piece.partition("=")[2] for piece in pieces
+                  if urllib.parse.unquote_plus(piece.partition("=")[0]) == "token" and piece.partition("=")[2]]
+        tokens = tokens + [urllib.parse.unquote_plus(value) for value in tokens] + ([token] if token else [])
+        # the URL as given, each token value masked (rebuilt: a value's raw spelling may differ
+        # from any re-encoding of it)
+        shown = urllib.parse.urlunsplit(parts._replace(query="&".join(
+            f"{piece.partition('=')[0]}=***" if urllib.parse.unquote_plus(piece.partition("=")[0]) == "token"
+            else piece for piece in pieces)))
         status = getattr(getattr(cause, "response", None), "status", None)
         if isinstance(cause, TimeoutError):
             reason = "timed out"
         elif status == 401:
-            reason = ("the node wants a client token: give --token (or $GATEWAY_CLIENT_TOKEN)" if not token
-                      else "the node refused the client token (HTTP 401)")
+            reason = ("the node refused the client token (HTTP 401)" if tokens
+                      else "the node wants a client token: give --token (or $GATEWAY_CLIENT_TOKEN)")
         elif parts.scheme == "wss" and isinstance(cause, (ssl.SSLError, ConnectionResetError)):
             reason = "the TLS handshake failed (a node started without --tls-cert serves ws://, not wss://)"
         elif isinstance(cause, OSError) and cause.errno:  # "Connection refused", not uvloop's
@@ -166,11 +173,9 @@ class ConnectFailed(Exception):
             reason = os.strerror(cause.errno) if cause.errno > 0 else cause.strerror
         else:
             reason = str(cause) or type(cause).__name__
-        message = f"cannot connect to {url}: {reason}"
-        for token in tokens:
-            message = message.replace(token, "***")
-            message = message.replace(urllib.parse.quote(token, safe=""), "***")
-        super().__init__(message)
+        for secret in filter(None, tokens):  # a library's message may quote the request
+            reason = reason.replace(secret, "***").replace(urllib.parse.quote(secret, safe=""), "***")
+        super().__init__(f"cannot connect to {shown}: {reason}")
 
 
 class _Listener(WSListener):
@@ -193,7 +198,8 @@ class _Listener(WSListener):
 
 
 async def converse(url: str, audio: bytes | None, text: str | None, out: str, turn_detection: str,
-                   voice: str | None, timeout: float, echo=print, token: str | None = None) -> int:
+                   voice: str | None, timeout: float, echo=print, token: str | None = None,
+                   written: list[str] | None = None) -> int:
     """Run one demo conversation. Returns the exit code (0 when every reply finished).
 
     Push-to-talk: one reply for the audio. Server VAD: one reply per turn the VAD detects (a
@@ -218,10 +224,12 @@ async def converse(url: str, audio: bytes | None, text: str | None, out: str, tu
         config["voice"] = voice
     transport.send(WSMsgType.TEXT, orjson.dumps(config))
     streamer: asyncio.Task | None = None
-    # the audio streams in real time (plus a second of silence under VAD): `timeout` is after it
+    # the audio streams in real time (plus a second of silence under VAD) once `ready` comes:
+    # `timeout` bounds the wait for `ready`, then the wait once the audio is sent
     speaking_s = len(audio or b"") / (RATE * 2) + (1.0 if vad else 0.0)
+    loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(timeout + speaking_s):
+        async with asyncio.timeout(timeout) as deadline:
             while True:
                 message = await listener.queue.get()
                 if message is None:
@@ -237,6 +245,7 @@ async def converse(url: str, audio: bytes | None, text: str | None, out: str, tu
                     kind = message.get("type")
                     if kind == "ready":
                         ready = True
+                        deadline.reschedule(loop.time() + speaking_s + timeout)
                         echo(f"ready: session {message.get('session_id')} model={message.get('model')} "
                              f"voice={message.get('voice')} turn_detection={message.get('turn_detection')}")
                         if audio:
@@ -272,7 +281,8 @@ async def converse(url: str, audio: bytes | None, text: str | None, out: str, tu
                     continue
                 break
     except TimeoutError:
-        echo(f"timed out {timeout:g} s after the audio was sent (--timeout)")
+        echo(f"timed out {timeout:g} s after the audio was sent (--timeout)" if ready
+             else f"timed out after {timeout:g} s waiting for ready (--timeout)")
         return 1
     finally:
         if streamer is not None:
@@ -280,6 +290,8 @@ async def converse(url: str, audio: bytes | None, text: str | None, out: str, tu
         transport.send_close(WSCloseCode.OK)  # the session ends normally, whatever the file does
         transport.disconnect()
         write_wav(out, bytes(reply))
+        if written is not None:
+            written.append(out)
     echo(f"wrote {len(reply)} bytes ({len(reply) / (RATE * 2):.2f} s) of reply audio to {out}")
     if vad and turns_stopped == 0:
         echo("no speech detected in the audio (server VAD): nothing was answered")
@@ -333,15 +345,18 @@ def run(args: argparse.Namespace) -> int:
     unwritable = _cannot_write(args.out)
     if unwritable:  # found now, not after the whole conversation
         return _usage_error(f"cannot write --out {args.out}: {unwritable}")
-    if args.wav and os.path.realpath(args.out) == os.path.realpath(args.wav):
+    if args.wav and os.path.exists(args.out) and os.path.samefile(args.out, args.wav):  # a link too
         return _usage_error(f"--out {args.out} is the --wav file: the reply would overwrite it")
+    written: list[str] = []
     try:
         return uvloop.run(converse(args.url, audio, args.text, args.out, args.turn_detection, args.voice,
-                                   args.timeout, echo=lambda line: print(line, flush=True), token=args.token))
+                                   args.timeout, echo=lambda line: print(line, flush=True), token=args.token,
+                                   written=written))
     except (ConnectFailed, OutputFailed) as exc:  # OutputFailed: --out failed after all (a full disk)
         return _usage_error(str(exc))
-    except KeyboardInterrupt:  # Ctrl-C: the reply so far is written (`converse`'s finally)
-        print(f"realtime-gateway client: interrupted; the reply so far is in {args.out}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: once connected, the reply so far is written (`converse`'s finally)
+        print("realtime-gateway client: interrupted" + (f"; the reply so far is in {args.out}" if written else ""),
+              file=sys.stderr)
         return 130
 
 

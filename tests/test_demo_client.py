@@ -172,6 +172,16 @@ def test_a_newcomer_audit_s_mistakes_are_told_in_one_line_too(tmp_path):
     assert _one_line_error(_client(port, "--wav", str(recording), "--out", str(recording))) == \
         f"realtime-gateway client: --out {recording} is the --wav file: the reply would overwrite it"
     assert recording.read_bytes() == before
+    hardlink = tmp_path / "same-file.wav"
+    os.link(recording, hardlink)
+    assert _one_line_error(_client(port, "--wav", str(recording), "--out", str(hardlink))).endswith(
+        "is the --wav file: the reply would overwrite it")
+    assert recording.read_bytes() == before
+    raw_token = "ab+cd/ef%2bgh0123456789"  # a raw '+', a lower-case escape: masked as given
+    masked = _one_line_error(subprocess.run(
+        [sys.executable, "-m", "gateway", "client", "--demo-tone", "--url",
+         f"ws://127.0.0.1:{port}/realtime?token={raw_token}"], capture_output=True, text=True, timeout=60))
+    assert masked.endswith(f"/realtime?token=***: Connection refused"), masked
     short = tmp_path / "short.wav"
     _write_wav(short, speech_like(0.05, seed=8))
     assert _one_line_error(_client(port, "--wav", str(short), "--turn-detection", "none")) == \
@@ -187,6 +197,10 @@ def test_a_newcomer_audit_s_mistakes_are_told_in_one_line_too(tmp_path):
             "the node wants a client token: give --token (or $GATEWAY_CLIENT_TOKEN)")
         wrong = _one_line_error(_client(port, "--demo-tone", "--out", str(tmp_path / "r.wav"), "--token", "x" * 20))
         assert wrong.endswith("the node refused the client token (HTTP 401)") and "x" * 20 not in wrong
+        in_query = _one_line_error(subprocess.run(
+            [sys.executable, "-m", "gateway", "client", "--demo-tone", "--out", str(tmp_path / "r.wav"), "--url",
+             f"ws://127.0.0.1:{port}/realtime?token={'y' * 20}"], capture_output=True, text=True, timeout=60))
+        assert in_query.endswith("the node refused the client token (HTTP 401)") and "y" * 20 not in in_query
         given = _client(port, "--demo-tone", "--out", str(tmp_path / "r.wav"), "--token", key)
         assert given.returncode == 0 and "response done" in given.stdout, given.stdout + given.stderr
 
@@ -203,6 +217,36 @@ def test_a_newcomer_audit_s_mistakes_are_told_in_one_line_too(tmp_path):
     assert err == f"realtime-gateway client: interrupted; the reply so far is in {tmp_path / 'cut.wav'}\n"
     with wave.open(str(tmp_path / "cut.wav"), "rb") as reply:
         assert reply.getframerate() == 24000
+
+
+def test_a_node_that_never_says_ready_is_given_up_on_after_timeout_not_the_file_s_length(tmp_path):
+    """Review: with --timeout counted after the audio, the wait for `ready` took the file's
+    length too (a 12 s file and --timeout 2 waited 15 s on a silent node, then said the audio
+    had been sent). `ready` is waited for --timeout; the audio's time starts with it."""
+    import asyncio
+    import time
+
+    import websockets
+
+    long_file = tmp_path / "long.wav"
+    _write_wav(long_file, silence(12.0))
+
+    async def scenario():
+        async def silent(ws):
+            await ws.wait_closed()
+        async with websockets.serve(silent, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            started = time.monotonic()
+            client = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway", "client", "--url", f"ws://127.0.0.1:{port}/realtime",
+                "--wav", str(long_file), "--out", str(tmp_path / "r.wav"), "--timeout", "1",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, _err = await asyncio.wait_for(client.communicate(), 30)
+            return client.returncode, out.decode(), time.monotonic() - started
+
+    returncode, out, elapsed = asyncio.run(scenario())
+    assert returncode == 1 and out.splitlines()[-1] == "timed out after 1 s waiting for ready (--timeout)"
+    assert elapsed < 8, elapsed  # the process's start, 1 s, the close: not the file's 12 s
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
