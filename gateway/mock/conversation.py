@@ -5,8 +5,8 @@ Items are stored GA-shaped (content types `input_text`, `input_audio`, `output_t
 `Item.audio` (never in the content dicts) and are only put on the wire by `retrieve`.
 
 A conversation keeps the audio of its newest items (newest added) up to KEPT_AUDIO_BYTES in
-memory, and always that of its newest user audio item (the turn a reply answers) and of a reply
-item still being spoken. The real server keeps it all, but a mock session of an hour's talk would
+memory, and always that of the turn a reply answers (its newest user item in the conversation's
+order), of the user item added last, and of a reply item still being spoken. The real server keeps it all, but a mock session of an hour's talk would
 hold every turn and its echo (~170 MB each way), and a load test runs hundreds of them. An older
 item keeps its audio's length, so usage, truncate and item events are as before; a reply asked
 for an older turn (an `item_reference`) speaks a tone of its length rather than its echo, and
