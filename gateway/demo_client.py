@@ -152,14 +152,15 @@ class ConnectFailed(Exception):
     def __init__(self, url: str, cause: BaseException, token: str | None = None) -> None:
         parts = urllib.parse.urlsplit(url)
         pieces = parts.query.split("&") if parts.query else []
-        tokens = [piece.partition("=")[2] for piece in pieces
-                  if urllib.parse.unquote_plus(piece.partition("=")[0]) == "token" and piece.partition("=")[2]]
-        tokens = tokens + [urllib.parse.unquote_plus(value) for value in tokens] + ([token] if token else [])
+        # each query piece, and its value when it is a token (a client token: masked)
+        secrets = [piece.partition("=")[2] if urllib.parse.unquote_plus(piece.partition("=")[0]) == "token"
+                   else None for piece in pieces]
+        raw = [value for value in secrets if value]
+        tokens = raw + [urllib.parse.unquote_plus(value) for value in raw] + ([token] if token else [])
         # the URL as given, each token value masked (rebuilt: a value's raw spelling may differ
         # from any re-encoding of it)
         shown = urllib.parse.urlunsplit(parts._replace(query="&".join(
-            f"{piece.partition('=')[0]}=***" if urllib.parse.unquote_plus(piece.partition("=")[0]) == "token"
-            else piece for piece in pieces)))
+            piece if secret is None else piece.partition("=")[0] + "=***" for piece, secret in zip(pieces, secrets))))
         status = getattr(getattr(cause, "response", None), "status", None)
         if isinstance(cause, TimeoutError):
             reason = "timed out"
