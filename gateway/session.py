@@ -89,6 +89,9 @@ _OUTCOME_BY_CODE = {"AuthenticationFailed": "upstream_auth_failed", "ConnectionF
                     "IdleTimeout": "idle_timeout", "SlowClient": "slow_client",
                     "ClientUnresponsive": "client_unresponsive"}
 _UPSTREAM_OUTCOMES = frozenset({"upstream_failed", "upstream_auth_failed", "expired"})
+#: (upstream URL, dialect) pairs whose dialect mismatch has been logged with its fix: one
+#: ERROR per misconfiguration and process, not one per session
+_DIALECT_MISMATCHES_LOGGED: set[tuple[str, str]] = set()
 
 
 def seed_defaults(node: NodeConfig) -> cp.SessionConfig:
@@ -986,9 +989,13 @@ class RelaySession:
             # work as asked. The operator's setting to fix, said plainly, rather than a session
             # that looks ready and is not
             other = "ga" if self.dialect.name == "beta" else "beta"
-            log.error("session %s: the upstream speaks the %s dialect (its session has `%s`), the node is "
-                      "set to %s: start it with --upstream-dialect %s", self.session_id, other, foreign,
-                      self.dialect.name, other)
+            # the fix is said once per upstream and setting: every later session fails alike, and
+            # its own warning line is enough (a busy misconfigured node would repeat it per session)
+            if (self.upstream_url, self.dialect.name) not in _DIALECT_MISMATCHES_LOGGED:
+                _DIALECT_MISMATCHES_LOGGED.add((self.upstream_url, self.dialect.name))
+                log.error("session %s: the upstream speaks the %s dialect (its session has `%s`), the node is "
+                          "set to %s: start it with --upstream-dialect %s", self.session_id, other, foreign,
+                          self.dialect.name, other)
             self.fail(ConnectionFailed(f"the upstream speaks the {other} dialect, not the {self.dialect.name} "
                                        f"dialect this gateway is set to (--upstream-dialect)"))
             return

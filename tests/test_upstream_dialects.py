@@ -226,3 +226,39 @@ def test_a_node_set_to_the_other_dialect_says_so_instead_of_half_working():
         assert error["message"] == (f"the upstream speaks the {spoken} dialect, not the {node_dialect} dialect "
                                     f"this gateway is set to (--upstream-dialect)")
         assert ready == [] and close_code == 1011
+
+
+def test_the_dialect_fix_is_logged_once_per_node_not_per_session(caplog):
+    """A misconfigured node fails every session: each failure has its own warning line, and the
+    ERROR naming the setting to change comes once (it came with every session, two lines each)."""
+    import asyncio
+    import logging
+
+    from gateway.mock import MockOptions, MockRealtimeServer
+    from gateway.server import GatewayServer
+    from tests.relay_harness import TEST_KEY, RelayClient
+    from tests.support import run
+
+    async def two_sessions():
+        mock = MockRealtimeServer(MockOptions(beta="serve", api_keys={TEST_KEY}))
+        await mock.start(host="127.0.0.1", port=0)
+        preview = mock.url.replace("/v1/realtime", "/openai/realtime?api-version=2024-10-01-preview&deployment=d1")
+        node = NodeConfig(host="127.0.0.1", port=0, upstream="azure", upstream_url=preview, api_key=TEST_KEY,
+                          upstream_dialect="ga", connect_timeout_s=3.0)
+        codes = []
+        try:
+            async with GatewayServer(node) as gateway:
+                for _ in range(2):
+                    client = await RelayClient.connect(gateway.url)
+                    codes.append((await client.wait("error"))["code"])
+                    await asyncio.wait_for(client.closed.wait(), 5)
+        finally:
+            await mock.stop()
+        return codes
+
+    with caplog.at_level(logging.INFO, logger="gateway.session"):
+        assert run(two_sessions(), timeout=20) == ["ConnectionFailed", "ConnectionFailed"]
+    fixes = [r for r in caplog.records if r.levelno == logging.ERROR]
+    failures = [r for r in caplog.records if r.levelno == logging.WARNING and "ConnectionFailed" in r.getMessage()]
+    assert len(fixes) == 1 and fixes[0].getMessage().endswith("start it with --upstream-dialect beta")
+    assert len(failures) == 2
