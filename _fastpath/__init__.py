@@ -9,7 +9,7 @@ performance bug there is, so tests assert which one is loaded.
 """
 import os
 
-from ._constants import CLIENT_BATCH_BYTES, DBFS_FLOOR, HEADER_ROOM, MAX_APPEND_AUDIO_BYTES
+from ._constants import CLIENT_BATCH_BYTES, DBFS_FLOOR, G711_TO_PCM16, HEADER_ROOM, MAX_APPEND_AUDIO_BYTES
 
 if os.environ.get("GATEWAY_NO_EXTENSIONS", "") not in ("", "0"):
     from . import _pure as _impl
@@ -38,6 +38,7 @@ release_handshake = _impl.release_handshake
 __all__ = [
     "CLIENT_BATCH_BYTES",
     "DBFS_FLOOR",
+    "G711_TO_PCM16",
     "HEADER_ROOM",
     "IMPLEMENTATION",
     "MAX_APPEND_AUDIO_BYTES",

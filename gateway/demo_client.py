@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import mmap
 import os
 import ssl
 import struct
@@ -26,6 +27,8 @@ import numpy as np
 import orjson
 import uvloop
 from picows import WSCloseCode, WSError, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+from _fastpath import G711_TO_PCM16
 
 RATE = 24000
 FRAME_MS = 20
@@ -56,15 +59,25 @@ class WavError(ValueError):
     """A file the demo client cannot speak: not a WAV, or an encoding it does not convert."""
 
 
-_WAVE_PCM, _WAVE_FLOAT, _WAVE_EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
+_WAVE_PCM, _WAVE_FLOAT, _WAVE_ALAW, _WAVE_MULAW, _WAVE_EXTENSIBLE = 0x0001, 0x0003, 0x0006, 0x0007, 0xFFFE
+#: the linear value of each G.711 code, as the node's meter reads them (telephony recordings)
+_G711 = {_WAVE_ALAW: np.array(G711_TO_PCM16["g711_alaw"], dtype=np.float64),
+         _WAVE_MULAW: np.array(G711_TO_PCM16["g711_ulaw"], dtype=np.float64)}
+#: frames converted at a time: the conversion's memory is a block's, whatever the file's length
+#: (a whole 30-minute 48 kHz stereo file as float64 samples would be ~2.8 GB)
+_BLOCK_FRAMES = 1 << 16
 
 
-def read_wav(path: str) -> tuple[int, int, int, int, bytes]:
+def read_wav(path: str) -> tuple[int, int, int, int, memoryview]:
     """(encoding, channels, bytes per sample, rate, sample bytes) of a RIFF/WAVE file; encoding is
-    `_WAVE_PCM` or `_WAVE_FLOAT`. The stdlib `wave` module reads integer PCM only: float WAVs
-    (what many recorders and editors write) and WAVE_FORMAT_EXTENSIBLE ones are read here."""
+    `_WAVE_PCM`, `_WAVE_FLOAT`, `_WAVE_ALAW` or `_WAVE_MULAW`. The stdlib `wave` module reads
+    integer PCM only: float WAVs (what many recorders and editors write), G.711 and
+    WAVE_FORMAT_EXTENSIBLE ones are read here. The samples are a view of the file mapped, not read."""
     with open(path, "rb") as file:
-        data = file.read()
+        try:
+            data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        except (ValueError, OSError):  # an empty file, or one that cannot be mapped (a pipe)
+            data = file.read()
     if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         raise WavError("not a WAV file (no RIFF/WAVE header)")
     fmt = samples = None
@@ -74,7 +87,8 @@ def read_wav(path: str) -> tuple[int, int, int, int, bytes]:
         if chunk == b"fmt ":
             fmt = data[offset + 8:offset + 8 + size]
         elif chunk == b"data" and samples is None:
-            samples = data[offset + 8:offset + 8 + size]  # a streamed WAV's size field may overshoot
+            # a streamed WAV's size field may overshoot
+            samples = memoryview(data)[offset + 8:offset + 8 + size]
         offset += 8 + size + (size & 1)  # chunks are padded to an even length
     if fmt is None or len(fmt) < 16 or samples is None:
         raise WavError("not a WAV file (no fmt or data chunk)")
@@ -82,42 +96,66 @@ def read_wav(path: str) -> tuple[int, int, int, int, bytes]:
     width = block_align // channels if channels else 0  # the container: 20-bit samples fill 3 bytes
     if encoding == _WAVE_EXTENSIBLE and len(fmt) >= 26:
         encoding = int.from_bytes(fmt[24:26], "little")  # the sub-format GUID starts with the format tag
-    supported = {_WAVE_PCM: (1, 2, 3, 4), _WAVE_FLOAT: (4, 8)}
+    supported = {_WAVE_PCM: (1, 2, 3, 4), _WAVE_FLOAT: (4, 8), _WAVE_ALAW: (1,), _WAVE_MULAW: (1,)}
     if width not in supported.get(encoding, ()):
-        raise WavError(f"unsupported WAV encoding (format tag {encoding}, {width * 8}-bit): "
-                       "the client reads 8/16/24/32-bit integer PCM and 32/64-bit float")
+        raise WavError(f"unsupported WAV encoding (format tag {encoding}, {width * 8}-bit): the client "
+                       "reads 8/16/24/32-bit integer PCM, 32/64-bit float and 8-bit A-law and µ-law")
     if not rate:
         raise WavError("invalid WAV header (0 Hz)")
     frame = channels * width
     return encoding, channels, width, rate, samples[:len(samples) // frame * frame]
 
 
-def load_wav_pcm16(path: str) -> bytes:
-    """Read a WAV and return 24 kHz mono PCM16 LE bytes (mixing channels, resampling linearly).
-    WavError for a file it cannot convert; OSError when the file cannot be read."""
-    encoding, channels, width, rate, raw = read_wav(path)
+def _decode(encoding: int, width: int, raw) -> np.ndarray:
+    """Samples of `raw` (bytes-like) as float64 on PCM16's scale."""
     if encoding == _WAVE_FLOAT:  # full scale is ±1.0
-        samples = np.nan_to_num(np.frombuffer(raw, dtype=f"<f{width}").astype(np.float64)) * 32768.0
-    elif width == 1:
-        samples = (np.frombuffer(raw, dtype=np.uint8).astype(np.float64) - 128.0) * 256.0
-    elif width == 2:
-        samples = np.frombuffer(raw, dtype="<i2").astype(np.float64)
-    elif width == 3:
+        return np.nan_to_num(np.frombuffer(raw, dtype=f"<f{width}").astype(np.float64)) * 32768.0
+    if encoding in _G711:
+        return _G711[encoding][np.frombuffer(raw, dtype=np.uint8)]
+    if width == 1:
+        return (np.frombuffer(raw, dtype=np.uint8).astype(np.float64) - 128.0) * 256.0
+    if width == 2:
+        return np.frombuffer(raw, dtype="<i2").astype(np.float64)
+    if width == 3:
         bytes3 = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3)
         ints = (bytes3[:, 0].astype(np.int32) | (bytes3[:, 1].astype(np.int32) << 8)
                 | (bytes3[:, 2].astype(np.int32) << 16))
         ints = np.where(ints >= 1 << 23, ints - (1 << 24), ints)
-        samples = ints.astype(np.float64) / 256.0
-    else:
-        samples = np.frombuffer(raw, dtype="<i4").astype(np.float64) / 65536.0
-    if channels > 1:
-        samples = samples.reshape(-1, channels).mean(axis=1)
-    if rate != RATE and samples.size:
-        count = int(round(samples.size * RATE / rate))
-        positions = np.arange(count) * (rate / RATE)
-        samples = np.interp(positions, np.arange(samples.size), samples)
+        return ints.astype(np.float64) / 256.0
+    return np.frombuffer(raw, dtype="<i4").astype(np.float64) / 65536.0
+
+
+def load_wav_pcm16(path: str) -> bytes | bytearray:
+    """Read a WAV and return 24 kHz mono PCM16 LE bytes (mixing channels, resampling linearly).
+    WavError for a file it cannot convert; OSError when the file cannot be read. The file is
+    converted a block at a time: memory beyond the result stays a block's."""
+    encoding, channels, width, rate, raw = read_wav(path)
     if encoding == _WAVE_PCM and width == 2 and channels == 1 and rate == RATE:
-        return raw  # already the wire format: bit-exact
+        return bytes(raw)  # already the wire format: bit-exact
+    frame = channels * width
+    frames = len(raw) // frame
+
+    def mono(first: int, stop: int) -> np.ndarray:
+        """Frames [first, stop) as float64 samples, channels mixed."""
+        samples = _decode(encoding, width, raw[first * frame:stop * frame])
+        return samples.reshape(-1, channels).mean(axis=1) if channels > 1 else samples
+
+    pcm = bytearray()
+    if rate == RATE:
+        for first in range(0, frames, _BLOCK_FRAMES):
+            pcm += _pcm16(mono(first, min(frames, first + _BLOCK_FRAMES)))
+    elif frames:
+        count = int(round(frames * RATE / rate))
+        for start in range(0, count, _BLOCK_FRAMES):
+            # each output sample interpolates between the two input frames around its position
+            positions = np.arange(start, min(count, start + _BLOCK_FRAMES)) * (rate / RATE)
+            first = min(int(positions[0]), frames - 1)
+            stop = min(frames, int(positions[-1]) + 2)
+            pcm += _pcm16(np.interp(positions, np.arange(first, stop), mono(first, stop)))
+    return pcm
+
+
+def _pcm16(samples: np.ndarray) -> bytes:
     return np.clip(np.round(samples), -32768, 32767).astype("<i2").tobytes()
 
 
@@ -198,10 +236,11 @@ class _Listener(WSListener):
         self.queue.put_nowait(None)
 
 
-async def converse(url: str, audio: bytes | None, text: str | None, out: str, turn_detection: str,
+async def converse(url: str, audio: bytes | bytearray | None, text: str | None, out: str, turn_detection: str,
                    voice: str | None, timeout: float, echo=print, token: str | None = None,
                    written: list[str] | None = None) -> int:
-    """Run one demo conversation. Returns the exit code (0 when every reply finished).
+    """Run one demo conversation. Returns the exit code: 0 when every reply finished and the
+    gateway reported no error, else 1.
 
     Push-to-talk: one reply for the audio. Server VAD: one reply per turn the VAD detects (a
     recording may hold several utterances), so the client streams the whole file and leaves once
@@ -219,7 +258,7 @@ async def converse(url: str, audio: bytes | None, text: str | None, out: str, tu
     reply = bytearray()
     vad = audio is not None and turn_detection != "none"
     ready = streaming = text_sent = False
-    turns_started = turns_stopped = started = done = 0
+    turns_started = turns_stopped = started = done = errors = 0
     config: dict = {"type": "config", "turn_detection": turn_detection}
     if voice:
         config["voice"] = voice
@@ -262,6 +301,7 @@ async def converse(url: str, audio: bytes | None, text: str | None, out: str, tu
                         echo(f"error {message.get('code')}: {message.get('message')}")
                         if message.get("fatal"):
                             return 1
+                        errors += 1  # the session goes on, but something asked for was not done
                     else:
                         if kind == "speech_started":
                             turns_started += 1
@@ -297,6 +337,9 @@ async def converse(url: str, audio: bytes | None, text: str | None, out: str, tu
     if vad and turns_stopped == 0:
         echo("no speech detected in the audio (server VAD): nothing was answered")
         return 1
+    if errors:  # a refused --voice, say: the conversation ran, but not as asked
+        echo(f"the gateway reported {errors} error{'s' if errors > 1 else ''} (above)")
+        return 1
     return 0
 
 
@@ -304,15 +347,18 @@ def _send_text(transport: WSTransport, text: str) -> None:
     transport.send(WSMsgType.TEXT, orjson.dumps({"type": "text", "text": text}))
 
 
-async def _speak(transport: WSTransport, audio: bytes, turn_detection: str, queue: asyncio.Queue) -> None:
+async def _speak(transport: WSTransport, audio: bytes | bytearray, turn_detection: str, queue: asyncio.Queue) -> None:
     """Stream the audio in real time (20 ms frames), end the turn, then queue `_SPOKEN`."""
     loop = asyncio.get_running_loop()
     if audio:
-        if turn_detection != "none":
-            audio = audio + bytes(RATE * 2)  # a second of silence so server VAD ends the turn
+        # a second of silence after it so server VAD ends the turn (sent as zeros, not appended:
+        # that would copy a long recording whole)
+        total = len(audio) + (RATE * 2 if turn_detection != "none" else 0)
         start = loop.time()
-        for index, offset in enumerate(range(0, len(audio), FRAME_BYTES)):
-            transport.send(WSMsgType.BINARY, audio[offset:offset + FRAME_BYTES])
+        for index, offset in enumerate(range(0, total, FRAME_BYTES)):
+            frame = audio[offset:offset + FRAME_BYTES]
+            silence = min(FRAME_BYTES, total - offset) - len(frame)
+            transport.send(WSMsgType.BINARY, frame + bytes(silence) if silence else frame)
             # pace against the clock, not by accumulating sleeps, so the stream stays real time
             delay = start + (index + 1) * FRAME_MS / 1000 - loop.time()
             if delay > 0:

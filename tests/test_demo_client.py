@@ -51,6 +51,12 @@ def test_demo_client_push_to_talk_and_server_vad(tmp_path):
         assert "[user] " in vad.stdout and "[assistant] " in vad.stdout
         assert vad.stdout.count("response done") == 2           # the audio turn and the text turn
 
+        # a refused --voice: the conversation runs in the node's voice, but not as asked (exit 0 before)
+        voiced = _client(port, "--demo-tone", "--voice", "no-such-voice", "--out", str(tmp_path / "voiced.wav"))
+        assert voiced.returncode == 1, voiced.stdout + voiced.stderr
+        assert "error InvalidConfig: " in voiced.stdout and "response done" in voiced.stdout
+        assert voiced.stdout.splitlines()[-1] == "the gateway reported 1 error (above)"
+
 
 def test_wav_conversion_to_24k_mono(tmp_path):
     t = np.arange(16000) / 16000
@@ -123,6 +129,41 @@ def test_float_and_extensible_wavs_are_converted(tmp_path):
     assert load_wav_pcm16(str(tmp_path / "pcm_ext.wav")) == pcm
 
 
+def test_g711_wavs_are_decoded(tmp_path):
+    """Telephony recordings are often µ-law or A-law WAVs (format tags 7 and 6): read as the
+    node's meter reads those codes, not refused as "format tag 7"."""
+    from _fastpath import G711_TO_PCM16
+    codes = np.random.default_rng(11).integers(0, 256, 4800, dtype=np.uint8)
+    for tag, table in ((7, "g711_ulaw"), (6, "g711_alaw")):
+        linear = np.array(G711_TO_PCM16[table], dtype="<i2")[codes]
+        _write_raw_wav(tmp_path / "g711.wav", tag, 1, 24000, 1, codes.tobytes())
+        assert load_wav_pcm16(str(tmp_path / "g711.wav")) == linear.tobytes()
+        _write_raw_wav(tmp_path / "g711_8k.wav", tag, 1, 8000, 1, codes.tobytes(), extensible=True)
+        assert len(load_wav_pcm16(str(tmp_path / "g711_8k.wav"))) == 3 * 2 * len(codes)   # a phone's 8 kHz
+
+
+def test_a_long_recording_is_converted_a_block_at_a_time(tmp_path, monkeypatch):
+    """A WAV was converted whole, as float64: a 3-minute 48 kHz stereo file took 344 MB, a
+    30-minute one ~3 GB. Now the file is mapped and converted in blocks: the same samples, and
+    memory beyond the result stays about a block's."""
+    import tracemalloc
+
+    import gateway.demo_client as demo_client
+    seconds, rate = 30, 48000
+    stereo = np.random.default_rng(12).integers(-20000, 20000, seconds * rate * 2, dtype=np.int16)
+    _write_wav(tmp_path / "long.wav", stereo.tobytes(), rate=rate, channels=2)
+    tracemalloc.start()
+    try:
+        whole = load_wav_pcm16(str(tmp_path / "long.wav"))
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(whole) == seconds * 24000 * 2
+    assert peak < len(whole) + (8 << 20), peak   # converted whole: ~9 × the file, 50 MB here
+    monkeypatch.setattr(demo_client, "_BLOCK_FRAMES", 4097)   # blocks that split every pair of samples
+    assert load_wav_pcm16(str(tmp_path / "long.wav")) == whole
+
+
 def _one_line_error(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stdout == "" and "Traceback" not in result.stderr, result.stderr
@@ -140,6 +181,8 @@ def test_newcomer_mistakes_get_one_line_and_exit_2(tmp_path):
     assert "unsupported WAV encoding (format tag 2" in adpcm and "float" in adpcm
     (tmp_path / "notes.wav").write_text("not audio")
     assert "not a WAV file" in _one_line_error(_client(port, "--wav", str(tmp_path / "notes.wav")))
+    (tmp_path / "empty.wav").write_bytes(b"")  # a file that cannot be mapped
+    assert "not a WAV file" in _one_line_error(_client(port, "--wav", str(tmp_path / "empty.wav")))
     nowhere = tmp_path / "no-such-dir" / "reply.wav"  # found before connecting, not after the talk
     assert _one_line_error(_client(port, "--demo-tone", "--out", str(nowhere))) == \
         f"realtime-gateway client: cannot write --out {nowhere}: no such directory {nowhere.parent}"
