@@ -144,7 +144,8 @@ class GatewayError(Exception):
     """Base of every error reported to a client. The subclass name is the wire `code`.
 
     `param` names the offending field (config/message errors); `upstream` carries the upstream
-    error's `{code, type, param, event_id}` when the error came from OpenAI; `fatal` and
+    error's `{code, type, param, event_id}` when the error came from OpenAI (and `retry_after_s`
+    when a refused upgrade said how long to wait); `fatal` and
     `close_code` default to the table entry and may be overridden per instance.
     """
 
@@ -185,6 +186,9 @@ def _scrub_upstream(upstream: dict[str, Any]) -> dict[str, Any]:
     for key in ("code", "type", "param", "event_id"):
         value = upstream.get(key)
         kept[key] = clean(value) if isinstance(value, str) else value  # may echo the client's input
+    retry_after = upstream.get("retry_after_s")  # a refused upgrade's Retry-After, in seconds
+    if isinstance(retry_after, (int, float)) and not isinstance(retry_after, bool):
+        kept["retry_after_s"] = retry_after
     return kept
 
 

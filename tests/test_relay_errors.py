@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import base64
 import hashlib
+import re
 import socket
 import time
 
@@ -131,7 +132,9 @@ def test_an_upstream_rate_limiting_the_handshake_is_rate_limit_exceeded():
             client = await RelayClient.connect(gateway.url)
             error = await _expect_fatal(client, "RateLimitExceeded", CLOSE_TRY_AGAIN_LATER)
             assert error["upstream"]["code"] == "http_429" and error["upstream"]["type"] == "handshake"
-            assert "HTTP 429" in error["message"] and client.close_reason == "rate limit exceeded"
+            assert error["message"].endswith("(HTTP 429; retry after 20 s)")
+            assert error["upstream"]["retry_after_s"] == 20
+            assert client.close_reason == "rate limit exceeded"
             assert "test-key-429" not in str(error) and not any(e["type"] == "ready" for e in client.events)
             assert len(handshakes) == 1 and b"Bearer test-key-429" in handshakes[0]   # no retry storm
             await gateway.wait_empty(3)
@@ -146,8 +149,15 @@ def test_an_upstream_rate_limiting_the_handshake_is_rate_limit_exceeded():
     (b"HTTP/1.0 429 Too Many Requests\r\n\r\n", "RateLimitExceeded", 1013, "(HTTP 429)"),
     (b"HTTP/1.1 522 \r\nServer: cloudflare\r\nContent-Length: 0\r\n\r\n", "ConnectionFailed", 1011,
      "refused the WebSocket handshake (HTTP 522)"),
-    (b"HTTP/1.1 503 Service Unavailable\r\nX-Pad: " + b"a" * 20000 + b"\r\n\r\n", "ConnectionFailed", 1011,
-     "refused the WebSocket handshake (HTTP 503)"),
+    (b"HTTP/1.1 503 Service Unavailable\r\nX-Pad: " + b"a" * 20000 + b"\r\n\r\n", "ConnectionFailed", 1013,
+     "is unavailable (HTTP 503)"),
+    # the upstream's hint how long to wait, in the forms OpenAI's own clients read
+    (b"HTTP/1.1 429 Too Many Requests\r\nretry-after-ms: 1500\r\nRetry-After: 2\r\n\r\n", "RateLimitExceeded",
+     1013, "(HTTP 429; retry after 1.5 s)"),
+    (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: Wed, 21 Oct 2015 07:28:00 GMT\r\n\r\n",
+     "ConnectionFailed", 1013, "(HTTP 503; retry after 0 s)"),
+    (b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: soon\r\n\r\n", "RateLimitExceeded", 1013,
+     "is rate limiting new sessions (HTTP 429)"),
     (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
      b"Sec-WebSocket-Accept: d3Jvbmc=\r\n\r\n", "ConnectionFailed", 1011,
      "answered the upgrade with an invalid WebSocket handshake (Sec-WebSocket-Accept header)"),
@@ -158,8 +168,8 @@ def test_an_upstream_rate_limiting_the_handshake_is_rate_limit_exceeded():
          b'{"type":"session.created","session":{"id":"sess_x"}}', b'{"type":"session.updated","session":{}}'))
      + b"\x89\x02hi",  # and a ping: no pong either
      "ConnectionFailed", 1011, "answered with a WebSocket extension the gateway did not offer (permessage-deflate)"),
-], ids=["http10_401", "401_without_reason", "http10_429", "cloudflare_522", "head_over_16k", "wrong_accept",
-        "unoffered_extension"])
+], ids=["http10_401", "401_without_reason", "http10_429", "cloudflare_522", "head_over_16k", "retry_after_ms",
+        "retry_after_date", "retry_after_garbage", "wrong_accept", "unoffered_extension"])
 def test_the_status_of_a_handshake_picows_cannot_parse_is_still_read(head, code, close_code, message):
     """Found by an upstream handshake audit: picows parses only `HTTP/1.1 <a code Python knows>
     <reason>`, so an HTTP/1.0 or reason-less 401 or 429, a front end's 52x (OpenAI is behind
@@ -191,6 +201,8 @@ def test_the_status_of_a_handshake_picows_cannot_parse_is_still_read(head, code,
     sent_after: list[bytes] = []
     error, ready = run(scenario(), timeout=20)
     assert error["message"].endswith(message) and "test-key-status" not in str(error)
+    hint = re.search(r"retry after ([0-9.]+) s", message)
+    assert error.get("upstream", {}).get("retry_after_s") == (float(hint.group(1)) if hint else None)
     assert ready == [] and sent_after == []  # not even a close frame: the answer was no WebSocket
 
 

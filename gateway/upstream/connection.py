@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import logging
+import math
 import re
 import socket
 import ssl
 import struct
+from datetime import datetime, timezone
 from typing import Protocol
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -33,7 +36,8 @@ from _fastpath import HEADER_ROOM, AudioPath, UpstreamLeg, release_handshake
 
 from gateway import sockets
 from gateway.config import safe_location
-from gateway.errors import AuthenticationFailed, ConnectionFailed, GatewayError, RateLimitExceeded, UpstreamError
+from gateway.errors import (CLOSE_TRY_AGAIN_LATER, AuthenticationFailed, ConnectionFailed, GatewayError,
+                            RateLimitExceeded, UpstreamError)
 from gateway.framing import MessageAssembler, MessageTooBig
 from gateway.upstream.trust import ResumingContext, client_tls_context
 
@@ -218,6 +222,28 @@ def _handshake_status(exc: WSHandshakeError) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _retry_after_s(exc: WSHandshakeError) -> float | None:
+    """Seconds the upstream asked us to wait (a 429's or 503's hint), or None. OpenAI's own
+    clients read `retry-after-ms` first, then `retry-after` (seconds, or an HTTP date)."""
+    headers: dict[str, str] = {}
+    for line in (exc.raw_header or b"").decode("latin-1").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), value.strip())
+    try:
+        if "retry-after-ms" in headers:
+            seconds = float(headers["retry-after-ms"]) / 1000
+        elif headers.get("retry-after", "").isdigit():
+            seconds = float(headers["retry-after"])
+        elif "retry-after" in headers:
+            seconds = (email.utils.parsedate_to_datetime(headers["retry-after"])
+                       - datetime.now(timezone.utc)).total_seconds()
+        else:
+            return None
+    except (ValueError, TypeError, OverflowError):  # neither a number nor a date: no hint
+        return None
+    return round(max(seconds, 0.0), 3) if math.isfinite(seconds) else None
+
+
 class UpstreamConnection:
     """One upstream session socket. `send_*` are no-ops once closed."""
 
@@ -282,9 +308,17 @@ class UpstreamConnection:
             if status in (401, 403):
                 raise AuthenticationFailed(f"upstream {where} refused the API key (HTTP {status})",
                                            upstream={"code": f"http_{status}", "type": "handshake"}) from None
+            upstream = {"code": f"http_{status}", "type": "handshake"}
+            retry_after = _retry_after_s(exc) if status in (429, 503) else None
+            if retry_after is not None:  # the upstream's hint, for the client's backoff
+                upstream["retry_after_s"] = retry_after
+            later = f"; retry after {retry_after:g} s" if retry_after is not None else ""
             if status == 429:  # SPEC §3: rate limits are RateLimitExceeded; without a session, fatal
-                raise RateLimitExceeded(f"upstream {where} is rate limiting new sessions (HTTP 429)",
-                                        upstream={"code": "http_429", "type": "handshake"}, fatal=True) from None
+                raise RateLimitExceeded(f"upstream {where} is rate limiting new sessions (HTTP 429{later})",
+                                        upstream=upstream, fatal=True) from None
+            if status == 503:  # unavailable for now (OpenAI's "overloaded"): 1013, try again later
+                raise ConnectionFailed(f"upstream {where} is unavailable (HTTP 503{later})", upstream=upstream,
+                                       close_code=CLOSE_TRY_AGAIN_LATER) from None
             raise ConnectionFailed(f"upstream {where} refused the WebSocket handshake"
                                    + (f" (HTTP {status})" if status else "")) from None
         except TimeoutError:
