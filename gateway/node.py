@@ -21,6 +21,7 @@ import orjson
 import uvloop
 
 from gateway import config as node_config
+from gateway import sockets
 from gateway.config import ConfigError, NodeConfig
 from gateway.metrics import GatewayMetrics
 from gateway.server import GatewayServer
@@ -140,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     setup_logging(config.log_level, config.log_format)
     log.info("starting with %r", config)
+    check_open_files(config)  # before the workers start: they inherit the limit
     # SIGHUP means "reload" once the node runs (serve, supervise); while it starts, the keys file
     # is being read anyway, and the default action would kill it
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -156,6 +158,29 @@ def run(args: argparse.Namespace) -> int:
         return supervise(lambda _slot: _run_worker(config, metrics_dir), config.workers, metrics_dir)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+#: the sessions per process below which the open files limit is worth a warning, --max-sessions
+#: unset: the node is sized for thousands per core
+FEW_SESSIONS = 1000
+
+
+def check_open_files(config: NodeConfig) -> int:
+    """Raise the open files limit (`sockets.raise_open_files_limit`) and say what room it leaves;
+    a warning when that is fewer sessions than --max-sessions admits or, unset, than FEW_SESSIONS
+    per process. Returns the sessions per process it has room for."""
+    before, limit = sockets.raise_open_files_limit()
+    per_session = 3 if config.upstream == "mock" and not config.upstream_url else 2  # the mock's end too
+    room = max(0, limit - sockets.RESERVED_FDS) // per_session
+    raised = f" (raised from {before})" if limit != before else ""
+    if config.max_sessions > room * config.workers or (not config.max_sessions and room < FEW_SESSIONS):
+        wanted = f"--max-sessions {config.max_sessions}" if config.max_sessions else "thousands"
+        log.warning("the open files limit, %d%s, leaves room for ~%d sessions per process (%d sockets each), "
+                    "not %s: more are refused or fail to reach the upstream; raise it (ulimit -n, systemd "
+                    "LimitNOFILE=)", limit, raised, room, per_session, wanted)
+    else:
+        log.info("open files limit %d%s: room for ~%d sessions per process", limit, raised, room)
+    return room
 
 
 #: the workers' shared metrics directory, named after the supervisor that removes it as it stops

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import resource
 import socket
 import threading
 import time
@@ -48,7 +49,36 @@ UPSTREAM_ACK_TIMEOUT_S = 20.0
 KEEPALIVE_IDLE_S = 30
 KEEPALIVE_INTERVAL_S = 10
 
+#: file descriptors a process holds besides its sessions' sockets (listeners, epoll, logs,
+#: metrics files, a host name lookup's socket), left out when counting the sessions it has room for
+RESERVED_FDS = 64
+
 AddressInfo = tuple[int, tuple]  # (family, sockaddr)
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft limit on open files to its hard limit; (before, now).
+
+    Every session holds two sockets (three with the built-in mock in the process). The usual
+    soft limit, 1024 (systemd's default for services, most login shells), leaves room for ~480
+    sessions, while the hard limit is typically 524,288 (systemd) or 1,048,576 (containers). At
+    the limit the listener's accept fails and libuv closes the waiting connections unheard, and
+    upstream connects fail with EMFILE. nginx (`worker_rlimit_nofile`) and Go's runtime raise
+    the soft limit the same way; it costs nothing until the descriptors are used."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:  # the kernel refuses more than fs.nr_open
+        try:
+            with open("/proc/sys/fs/nr_open") as file:
+                hard = int(file.read())
+        except (OSError, ValueError):
+            hard = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, hard
 
 
 def listening_sockets(host: str | None, port: int, reuse_port: bool = False) -> list[socket.socket]:

@@ -237,12 +237,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def gateway_process(*flags: str, port: int | None = None, workers: int = 1, timeout: float = 30.0,
-                    env: dict[str, str] | None = None, log: list[str] | None = None):
+                    env: dict[str, str] | None = None, log: list[str] | None = None,
+                    open_files: tuple[int, int] | None = None):
     """`python -m gateway --upstream mock --host 127.0.0.1 --port P FLAGS` as a subprocess, as an
     operator runs it. Yields `(process, port)` once every one of its `workers` logs that it is
     listening (`env` adds to its environment). A thread drains the node's log (a full pipe would block it); the log is shown if the
-    node fails to start, and its lines are appended to `log` if given. The node is stopped
-    (SIGTERM, then SIGKILL) at the end."""
+    node fails to start, and its lines are appended to `log` if given. `open_files` is its
+    (soft, hard) limit on open files as it starts. The node is stopped (SIGTERM, then SIGKILL)
+    at the end."""
     import os
     import subprocess
     import sys
@@ -250,9 +252,14 @@ def gateway_process(*flags: str, port: int | None = None, workers: int = 1, time
 
     port = port or free_port()
     env = {**{name: value for name, value in os.environ.items() if name != "OPENAI_API_KEY"}, **(env or {})}
+    def limit_open_files() -> None:
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
     process = subprocess.Popen([sys.executable, "-m", "gateway", "--upstream", "mock", "--host", "127.0.0.1",
                                 "--port", str(port), *flags],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
+                               preexec_fn=limit_open_files if open_files else None)
     log = [] if log is None else log
     listening = threading.Semaphore(0)
 

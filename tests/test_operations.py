@@ -711,3 +711,35 @@ def _alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):  # gone, or reaped between open and read
         return False
+
+
+def test_the_node_raises_its_open_files_limit_and_says_what_room_is_left():
+    """Found in session 20: a node kept the soft limit it was started with, 1024 on most
+    machines (systemd's default for services, login shells): ~320 sessions with the built-in
+    mock (three sockets each), ~480 with a real upstream. Beyond it, upstream connects failed
+    with EMFILE and libuv closed waiting connections unheard, with the hard limit far higher.
+    The node now raises the soft limit to the hard one as it starts, and warns when what is
+    left is less than --max-sessions (or, unset, a thousand per process)."""
+    log: list[str] = []
+    with gateway_process(open_files=(128, 4096), log=log) as (process, port):
+        with open(f"/proc/{process.pid}/limits") as limits:
+            assert next(line for line in limits if line.startswith("Max open files")).split()[3:5] == ["4096", "4096"]
+
+        async def sixty_sessions():  # 180 sockets and more: beyond the 128 it started with
+            clients = await asyncio.gather(*(RelayClient.connect(f"ws://127.0.0.1:{port}/realtime")
+                                             for _ in range(60)))
+            try:
+                readies = await asyncio.gather(*(client.wait("ready") for client in clients))
+                return len(readies), [error for client in clients for error in client.of_type("error")]
+            finally:
+                await asyncio.gather(*(client.close() for client in clients))
+
+        assert run(sixty_sessions(), timeout=60) == (60, [])
+    assert any("open files limit 4096 (raised from 128): room for ~1344 sessions per process" in line
+               for line in log), "".join(log)
+
+    log.clear()
+    with gateway_process("--max-sessions", "300", open_files=(256, 256), log=log):
+        pass
+    assert any("WARNING gateway.node: the open files limit, 256, leaves room for ~64 sessions per process "
+               "(3 sockets each), not --max-sessions 300" in line for line in log), "".join(log)

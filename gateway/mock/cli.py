@@ -17,6 +17,8 @@ import sys
 
 import uvloop
 
+from gateway import sockets
+
 from .options import MockOptions
 from .server import MockRealtimeServer
 
@@ -131,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         message = re.sub(r"^([a-z]+(?:_[a-z0-9]+)+)\b", lambda m: "--" + m.group(1).replace("_", "-"), str(exc))
         print(f"realtime-gateway mock: {message}", file=sys.stderr)
         return 2
+    sockets.raise_open_files_limit()  # a load test's thousands of sessions: one socket each
     try:
         uvloop.run(serve(options, args.host, args.port, tls))
     except OSError as exc:  # the port is taken, the host does not resolve
