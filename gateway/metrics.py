@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import os
+import resource
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, values
 from prometheus_client.exposition import choose_encoder
@@ -170,6 +171,9 @@ def render_multiprocess(directory: str, accept: str | None = None) -> tuple[byte
     return encode(registry), content_type
 
 
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
 class GatewayMetrics:
     """Every metric of a node, in its own registry (fresh per instance; tests make their own).
 
@@ -240,6 +244,15 @@ class GatewayMetrics:
                               "the latest (the worst of the workers): the event loop's backlog",
                               registry=reg, multiprocess_mode="livemax")
         self.workers.set(1)
+        # the process's own, named as prometheus-client's ProcessCollector names them (it cannot be
+        # used with --workers): what sizing a node needs, summed over the workers but the limit
+        self.open_fds = gauge("process_open_fds", "Open file descriptors (sockets: 2 per session, 3 with the "
+                              "built-in mock)")
+        self.max_fds = Gauge("process_max_fds", "The limit on open file descriptors of a process (of each "
+                             "worker)", registry=reg, multiprocess_mode="livemin")
+        self.resident_memory = gauge("process_resident_memory_bytes", "Resident memory")
+        self.cpu_seconds = Counter("process_cpu_seconds", "CPU time, user and system", registry=reg)
+        self._cpu_seen = 0.0
 
         # Children resolved once: flush/observe never look labels up.
         self._traffic = [(self.frames_total if unit == "frames" else self.bytes_total).labels(direction, kind)
@@ -252,6 +265,22 @@ class GatewayMetrics:
         self._drops = {reason: (self.drops_total.labels(reason), self.dropped_bytes_total.labels(reason))
                        for reason in DROP_REASONS}
         self._refusals = {reason: self.refusals_total.labels(reason) for reason in REFUSAL_REASONS}
+
+    def observe_process(self) -> None:
+        """Update the process_* metrics from /proc (left as they are where there is none)."""
+        try:
+            open_fds = len(os.listdir("/proc/self/fd")) - 1  # less the listing's own
+            with open("/proc/self/statm", "rb") as statm:
+                resident_pages = int(statm.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            return
+        self.open_fds.set(open_fds)
+        self.max_fds.set(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.resident_memory.set(resident_pages * _PAGE_BYTES)
+        times = os.times()
+        cpu = times.user + times.system
+        self.cpu_seconds.inc(max(0.0, cpu - self._cpu_seen))
+        self._cpu_seen = cpu
 
     # -- sessions ---------------------------------------------------------------------------
 

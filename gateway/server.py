@@ -310,6 +310,7 @@ class GatewayServer:
                                                  "overloaded": self.overloaded})
         if path == "/metrics":
             self._observe_reader()
+            self.metrics.observe_process()
             body, content_type = self.metrics.render(accept)
             return 200, body, content_type
         if path == "/realtime":  # reached only by a request picows' parser would refuse
@@ -477,6 +478,7 @@ class GatewayServer:
         levels = now >= self._levels_due
         if levels:
             self._levels_due = now + SWEEP_INTERVAL_S - self._sweep_interval() / 2
+            self.metrics.observe_process()  # a worker's, between scrapes of another worker
         for session in list(self.sessions):
             stats = session.stats
             self.metrics.flush(stats)

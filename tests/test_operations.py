@@ -324,6 +324,33 @@ def test_metrics_count_exactly_what_the_sessions_did():
     run(scenario(), timeout=30)
 
 
+def test_metrics_show_the_process_s_open_files_memory_and_cpu():
+    """Found in session 20: /metrics had no process figures, so a node nearing its open files
+    limit (two sockets per session) or growing in memory showed nothing until sessions failed.
+    They are prometheus-client's ProcessCollector names, read from /proc at each scrape."""
+    import resource
+
+    async def scenario():
+        async with relay() as (gateway, _mock):
+            clients = [await RelayClient.connect(gateway.url) for _ in range(5)]
+            for client in clients:
+                await client.wait("ready")
+            samples = metric_samples((await http_get(f"http://127.0.0.1:{gateway.port}/metrics"))[1])
+            open_fds = len(os.listdir("/proc/self/fd")) - 1
+            with open("/proc/self/status") as status:
+                rss = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+            for client in clients:
+                await client.close()
+            return samples, open_fds, rss
+
+    samples, open_fds, rss = run(scenario(), timeout=30)
+    assert abs(samples[("process_open_fds", ())] - open_fds) <= 2 and open_fds >= 5 * 3   # client, upstream, mock
+    assert samples[("process_max_fds", ())] == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert 0.8 * rss < samples[("process_resident_memory_bytes", ())] < 1.25 * rss
+    times = os.times()
+    assert 0 < samples[("process_cpu_seconds_total", ())] <= times.user + times.system
+
+
 def test_time_to_first_audio_is_timed_on_the_reply_that_answers_the_turn():
     """Found by a flow audit: a `text` sent while a reply plays is answered after it, but its
     turn end was timed by the next audio of the reply still playing: a sample of ~0 s. The
@@ -595,6 +622,11 @@ def test_workers_share_the_port_and_survive_the_death_of_one():
             health = orjson.loads(body)
             pids[health["pid"]] = health["sessions"]
         assert len(pids) == 2 and sum(pids.values()) == 16 and all(pids.values())
+        workers_fds = sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in pids)
+        async with asyncio.timeout(5):  # the other worker's figure is its latest sweep's (once a second)
+            while abs(metric_samples((await http_get(f"http://127.0.0.1:{port}/metrics"))[1])[
+                    ("process_open_fds", ())] - workers_fds) > 4:
+                await asyncio.sleep(0.1)
         victim = max(pids, key=pids.get)
         os.kill(victim, signal.SIGKILL)
         survivors = []
