@@ -1364,7 +1364,8 @@ cdef class UpstreamLeg(DirectLeg):
     cpdef on_ws_frame(self, WSTransport transport, WSFrame frame):
         cdef AudioPath path = self.path
         try:
-            if frame.msg_type == WSMsgType.TEXT and frame.fin and not self.assembling:
+            if frame.msg_type == WSMsgType.TEXT and frame.fin and not (frame.rsv1 | frame.rsv2 | frame.rsv3) \
+                    and not self.assembling:
                 if path is not None and self._relay(path, frame.payload_ptr, frame.payload_size):
                     self._maybe_attach(path.reader, transport, frame)
                 else:

@@ -502,14 +502,16 @@ class UpstreamLeg(DirectLeg):
     audio-transcript delta for `path.outbound_item` goes straight into the client batch, any
     other audio delta to `on_audio(item_id, pcm)`, any other event (transcript deltas of other
     items included) to `on_event(payload)` (payload valid only during the call); control and
-    fragment frames go to `on_other_frame`. After the last frame of each
-    socket read the batch goes out: `path.flush_batch()`, or `on_read_end()` without a path.
+    fragment frames, and frames with reserved bits set, go to `on_other_frame`. After the last
+    frame of each socket read the batch goes out: `path.flush_batch()`, or `on_read_end()`
+    without a path.
     A leg without a path (retired by its session) hands every message to `on_event`."""
 
     def on_ws_frame(self, transport, frame) -> None:
         path = self.path
         try:
-            if frame.msg_type is _TEXT and frame.fin and not self.assembling:
+            if frame.msg_type is _TEXT and frame.fin and not (frame.rsv1 | frame.rsv2 | frame.rsv3) \
+                    and not self.assembling:
                 payload = frame.get_payload_as_memoryview()
                 if path is None:
                     self.on_event(payload)

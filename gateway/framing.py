@@ -1,4 +1,5 @@
-"""WebSocket message reassembly: picows delivers frames, the gateway handles messages.
+"""WebSocket message reassembly, and the frame rules both legs share (close replies, picows'
+parser errors in the log): picows delivers frames, the gateway handles messages.
 
 A fragmented message arrives as TEXT/BINARY with `fin=False` and then CONTINUATION frames.
 `MessageAssembler.feed(frame)` returns `(msg_type, payload)` once a message is complete, else None.
@@ -12,7 +13,12 @@ as it stands, and `feed` would return exactly `(msg_type, its payload)` without 
 """
 from __future__ import annotations
 
-from picows import WSFrame, WSMsgType
+import logging
+
+from picows import WSCloseCode, WSFrame, WSMsgType
+
+#: RFC 6455 §7.4.1: status codes an endpoint must never put in a close frame
+_NEVER_SENT_CLOSE_CODES = frozenset((1004, 1005, 1006, 1015))
 
 
 class MessageTooBig(Exception):
@@ -66,3 +72,35 @@ class MessageAssembler:
     def _reset(self) -> None:
         self._type = None
         self.partial = None
+
+
+def close_status(frame: WSFrame) -> int | None:
+    """The status code of a CLOSE frame, None when it carries none. (picows says 0 for both
+    an empty close and one whose status is 0, a code no endpoint may send.)"""
+    return int(frame.get_close_code()) if frame.payload_size >= 2 else None
+
+
+def close_reply(status: int | None) -> int:
+    """The code that answers a peer's close with `status` (RFC 6455 §5.5.1, §7.4): its own
+    code echoed, 1000 for none, and 1002 for a code it may not send. picows fails 1004, 1005,
+    1015 and 1016-2999 itself, but not 0, 1006 (never in a close frame) nor codes no RFC
+    defines (5000 and up)."""
+    if status is None:
+        return WSCloseCode.OK
+    return status if 1000 <= status <= 4999 and status not in _NEVER_SENT_CLOSE_CODES else WSCloseCode.PROTOCOL_ERROR
+
+
+class PeerParserErrorsAtInfo(logging.LoggerAdapter):
+    """The logger for picows, with a peer's unparsable frame at INFO.
+
+    picows logs one at ERROR (again for each read until the socket is gone): a peer must not
+    be able to write ERROR lines into the operator's logs. The session it ends logs its own
+    line: the gateway logs refused client input at INFO, an upstream's failure at WARNING.
+    (An adapter, not a filter: picows gives each connection a child of a `Logger` it is handed,
+    and a parent's filters do not see its children's records; an adapter it uses as it is.)"""
+
+    def error(self, msg, *args, **kwargs) -> None:
+        if isinstance(msg, str) and msg.startswith("WS parser error"):
+            self.info(msg, *args, **kwargs)
+        else:
+            super().error(msg, *args, **kwargs)

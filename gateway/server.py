@@ -30,36 +30,19 @@ from gateway.client_protocol import error_event, is_model_name
 from gateway.config import ConfigError, NodeConfig
 from gateway.errors import (CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, IdleTimeout, InvalidMessage, Overloaded,
                             SessionExpired, keep_secret)
-from gateway.framing import FragmentOutOfOrder, MessageAssembler, MessageTooBig
+from gateway.framing import (FragmentOutOfOrder, MessageAssembler, MessageTooBig, PeerParserErrorsAtInfo, close_reply,
+                             close_status)
 from gateway.http_probes import RequestSniffer
 from gateway.metrics import GatewayMetrics
 from gateway.session import RelaySession
 from gateway.upstream.trust import TrustStoreError, client_tls_context, reload_client_trust
 
 log = logging.getLogger("gateway.server")
-class _PicowsLog(logging.LoggerAdapter):
-    """The logger picows' server would use, with a client's unparsable frame at INFO.
-
-    picows logs one at ERROR (again for each read until the socket is gone): a client must not
-    be able to write ERROR lines into the operator's logs. It is the client's fault, not the
-    node's, and the gateway logs other refused client input at INFO. (An adapter, not a filter:
-    picows gives each connection a child of a `Logger` it is handed, and a parent's filters do
-    not see its children's records; an adapter it uses as it is.)"""
-
-    def error(self, msg, *args, **kwargs) -> None:
-        if isinstance(msg, str) and msg.startswith("WS parser error"):
-            self.info(msg, *args, **kwargs)
-        else:
-            super().error(msg, *args, **kwargs)
-
-
-_PICOWS_LOG = _PicowsLog(logging.getLogger("picows.server"), {})
+_PICOWS_LOG = PeerParserErrorsAtInfo(logging.getLogger("picows.server"), {})
 
 #: a single client frame may exceed the message limit only by this much before picows itself
 #: drops the connection; within it the gateway answers with a proper error and close 1009
 _FRAME_SLACK_BYTES = 64 * 1024
-#: RFC 6455 §7.4.1: status codes an endpoint must never put in a close frame
-_NEVER_SENT_CLOSE_CODES = frozenset((1004, 1005, 1006, 1015))
 _BINARY = WSMsgType.BINARY
 _PING = WSMsgType.PING
 _PONG = WSMsgType.PONG
@@ -132,14 +115,10 @@ class ClientListener(ClientLeg):
                 log.exception("error handling client audio")
             return
         if frame.msg_type is WSMsgType.CLOSE:
-            code = frame.get_close_code()  # 0 when the client's close carried no code
+            status = close_status(frame)
             if self.session is not None:
-                self.session.on_client_close_frame(code)
-            # codes 1000-4999 are echoed; picows itself fails 1004, 1005, 1015 and 1016-2999 with
-            # 1002, but not 1006 (reserved: never in a close frame) nor codes no RFC defines (5000
-            # and up): those fail the connection too
-            transport.send_close(code if 1000 <= code <= 4999 and code not in _NEVER_SENT_CLOSE_CODES else
-                                 WSCloseCode.OK if code == 0 else WSCloseCode.PROTOCOL_ERROR)
+                self.session.on_client_close_frame(status)
+            transport.send_close(close_reply(status))  # its code echoed, or 1002 for one it may not send
             transport.disconnect()
             return
         session = self.session

@@ -94,6 +94,14 @@ _UPSTREAM_OUTCOMES = frozenset({"upstream_failed", "upstream_auth_failed", "expi
 _DIALECT_MISMATCHES_LOGGED: set[tuple[str, str]] = set()
 
 
+def _is_utf8(payload) -> bool:
+    try:
+        bytes(payload).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def seed_defaults(node: NodeConfig) -> cp.SessionConfig:
     """The seed document's defaults, applied under whatever the client asks for."""
     return cp.SessionConfig(voice=node.default_voice, instructions="", turn_detection="server_vad",
@@ -474,10 +482,10 @@ class RelaySession:
         duration."""
         return self.state is CONNECTING
 
-    def on_client_close_frame(self, code: int) -> None:
-        """The client ended the session with a close frame: a normal close (1000, 1001 or none)
-        is a completed session; a drop without one, or another code, is not."""
-        if self.state != CLOSED and code in (0, 1000, 1001):
+    def on_client_close_frame(self, status: int | None) -> None:
+        """The client ended the session with a close frame: a normal close (1000, 1001 or no
+        status) is a completed session; a drop without one, or another code, is not."""
+        if self.state != CLOSED and status in (None, 1000, 1001):
             self.outcome = "completed"
 
     def on_client_failed(self, code: int, reason: str) -> None:
@@ -917,6 +925,11 @@ class RelaySession:
         try:
             event = orjson.loads(payload)
         except orjson.JSONDecodeError:
+            if not _is_utf8(payload):  # RFC 6455 §8.1: that fails the connection, not one lost event
+                log.warning("session %s: upstream sent a text message that is not UTF-8", self.session_id)
+                if self.upstream is not None:
+                    self.upstream.fail_invalid_text()
+                return
             event = None
             log.warning("session %s: upstream sent a frame that is not JSON", self.session_id)
         handler = kind = None

@@ -840,10 +840,11 @@ def test_a_close_frame_without_a_code_is_answered_with_1000():
     run(scenario(), timeout=20)
 
 
-@pytest.mark.parametrize("code", [5000, 65535, 1004, 1005, 1006, 1015])
+@pytest.mark.parametrize("code", [5000, 65535, 1004, 1005, 1006, 1015, 0])
 def test_a_close_code_no_endpoint_may_send_fails_the_connection(code):
     """RFC 6455 §7.4.1-2: codes above 4999 are not valid, and 1004-1006 and 1015 are never sent
-    in a close frame; echoing one back is a protocol error (picows let 1006 through)."""
+    in a close frame; echoing one back is a protocol error (picows let 1006 through). A status
+    of 0 is no status at all (a framing audit: it was answered with 1000, as an empty close)."""
     async def scenario():
         async with battery() as (gateway, mock):
             client = await ready_client(gateway.url)

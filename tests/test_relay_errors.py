@@ -608,3 +608,102 @@ def test_client_disconnect_closes_the_upstream():
             await gateway.wait_empty(3)
             assert gateway.sessions == set()
     run(scenario(), timeout=20)
+
+
+def _server_frame(first_byte: int, payload: bytes) -> bytes:
+    """An unmasked frame as an upstream sends it (payloads under 126 bytes)."""
+    return bytes((first_byte, len(payload))) + payload
+
+
+def _client_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(first byte, unmasked payload) of each whole masked frame the gateway sent."""
+    frames, offset = [], 0
+    while offset + 2 <= len(data):
+        size, header = data[offset + 1] & 0x7F, 2
+        if size == 126:
+            size, header = int.from_bytes(data[offset + 2:offset + 4], "big"), 4
+        elif size == 127:
+            size, header = int.from_bytes(data[offset + 2:offset + 10], "big"), 10
+        if offset + header + 4 + size > len(data):
+            break
+        mask = data[offset + header:offset + header + 4]
+        body = data[offset + header + 4:offset + header + 4 + size]
+        frames.append((data[offset], bytes(byte ^ mask[index % 4] for index, byte in enumerate(body))))
+        offset += header + 4 + size
+    return frames
+
+
+_CREATED = orjson.dumps({"type": "session.created", "event_id": "event_1", "session": {"id": "sess_raw"}})
+_DELTA = orjson.dumps({"type": "response.output_audio.delta", "item_id": "item_1", "delta": "AQI="})
+
+
+@pytest.mark.parametrize("frames, reply", [
+    (_server_frame(0xC1, _DELTA), 1002),                      # RSV1: a "compressed" audio delta
+    (_server_frame(0xA9, b"hi"), 1002),                       # RSV2 on a ping: no pong
+    (_server_frame(0x80, b'{"type":"x.y"}'), 1002),           # a continuation with nothing to continue
+    (_server_frame(0x01, b'{"type":') + _server_frame(0x81, b'{"type":"x.y"}'), 1002),  # a message in a message
+    (b"\x81\x83" + bytes(4) + b"{}}", 1002),                 # masked, as only clients may: picows' parser
+    (_server_frame(0x88, (1006).to_bytes(2, "big")), 1002),   # codes never sent in a close frame
+    (_server_frame(0x88, (5000).to_bytes(2, "big")), 1002),
+    (_server_frame(0x88, (0).to_bytes(2, "big")), 1002),      # 0: not "no status"
+    (_server_frame(0x81, b'{"type":"error","error":{"message":"\xed\xa0\x80"}}'), 1007),  # not UTF-8
+    (_server_frame(0x88, b""), 1000),
+    (_server_frame(0x88, (4000).to_bytes(2, "big") + b"bye"), 4000),
+], ids=["rsv1_delta", "rsv2_ping", "orphan_continuation", "message_in_message", "masked", "close_1006",
+        "close_5000", "close_0", "not_utf8", "close_without_status", "close_4000"])
+def test_an_upstream_that_breaks_rfc_6455_is_failed_with_1002(frames, reply, caplog):
+    """Found by a framing audit: the upstream leg ignored reserved bits (an RSV1 "compressed"
+    audio delta was decoded and played, an RSV2 ping answered), closed with 1011 and an asyncio
+    "never retrieved" traceback for a fragmentation error, and echoed close codes no endpoint
+    may send (1006, 5000; 0 was answered with 1000); text that is not UTF-8 was one event
+    dropped with a warning (RFC 6455 §8.1: close 1007). Each now fails the connection (1002,
+    1007), the client's ConnectionFailed says the upstream broke the protocol, and the log has
+    no ERROR line: picows' own parser errors (a masked server frame) are INFO, as on the
+    client leg."""
+    import gc
+    import logging
+
+    async def scenario():
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            request = await reader.readuntil(b"\r\n\r\n")
+            key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                       if line.lower().startswith(b"sec-websocket-key:"))
+            accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n" + _server_frame(0x81, _CREATED))
+            received = b""
+            while b"session.update" not in b"".join(payload for _, payload in _client_frames(received)):
+                received += await reader.read(65536)
+            updated = orjson.dumps({"type": "session.updated", "event_id": "event_2", "session": SESSION})
+            writer.write(b"\x81\x7e" + len(updated).to_bytes(2, "big") + updated)
+            await client_ready.wait()
+            writer.write(frames)
+            sent_after = b""
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                async with asyncio.timeout(5):  # what the gateway answers, until it hangs up
+                    while chunk := await reader.read(65536):
+                        sent_after += chunk
+            answered.extend(_client_frames(sent_after))
+            writer.close()
+
+        client_ready = asyncio.Event()
+        answered: list[tuple[int, bytes]] = []
+        async with _node_before_raw_upstream(answer, "test-key-frames") as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready", timeout=5)
+            client_ready.set()
+            await client.wait_closed(10)
+            await gateway.wait_empty(3)
+        return answered, client.of_type("error"), bytes(client.audio)
+
+    from tests.relay_harness import SESSION
+    with caplog.at_level(logging.INFO):
+        answered, errors, audio = run(scenario(), timeout=30)
+        gc.collect()  # an exception nobody retrieved is logged as its future goes
+    closes = [int.from_bytes(payload[:2], "big") for first, payload in answered if first & 0x0F == 0x8]
+    assert closes == [reply] and not [first for first, _ in answered if first & 0x0F == 0xA]  # no pong
+    assert audio == b""
+    if frames[0] != 0x88:   # the gateway failed it: the client hears so
+        assert errors[-1]["code"] == "ConnectionFailed"
+        assert errors[-1]["message"].endswith(f"it broke the WebSocket protocol (close code {reply})")
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []

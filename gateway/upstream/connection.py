@@ -38,10 +38,12 @@ from gateway import sockets
 from gateway.config import safe_location
 from gateway.errors import (CLOSE_TRY_AGAIN_LATER, AuthenticationFailed, ConnectionFailed, GatewayError,
                             RateLimitExceeded, UpstreamError)
-from gateway.framing import MessageAssembler, MessageTooBig
+from gateway.framing import (FragmentOutOfOrder, MessageAssembler, MessageTooBig, PeerParserErrorsAtInfo, close_reply,
+                             close_status)
 from gateway.upstream.trust import ResumingContext, client_tls_context
 
 log = logging.getLogger("gateway.upstream")
+_PICOWS_LOG = PeerParserErrorsAtInfo(logging.getLogger("picows.client"), {})
 _TEXT = WSMsgType.TEXT
 
 #: largest upstream message accepted (session.updated echoes tools; retrieved items carry audio)
@@ -152,6 +154,11 @@ class UpstreamListener(UpstreamLeg):
         """Control frames and fragmented or oversized messages."""
         if self.refused_extension is not None:
             return  # came with the refused 101: no pong, no close frame (the answer was no WebSocket)
+        if frame.rsv1 | frame.rsv2 | frame.rsv3:
+            # no extension was negotiated (RFC 6455 §5.2: fail the connection): compressed audio
+            # would be played as noise, a compressed event misread
+            self.fail_protocol(transport, "reserved bits set without an extension")
+            return
         if frame.msg_type is WSMsgType.PING:
             # answered here, not by picows' auto-pong, whose pongs ignore backpressure: an
             # upstream that pings without reading would fill our write buffer without bound.
@@ -162,13 +169,12 @@ class UpstreamListener(UpstreamLeg):
                 transport.send_pong(frame.get_payload_as_bytes())
             return
         if frame.msg_type is WSMsgType.CLOSE:
-            code = frame.get_close_code()
-            # no status in it: reported as RFC 6455's 1005 ("no status received"), never sent;
-            # picows says 0, and answering with 0 would put a code no endpoint may use on the wire
-            self.close_code = 1005 if code == WSCloseCode.NO_INFO else int(code)
+            status = close_status(frame)
+            # no status in it: reported as RFC 6455's 1005 ("no status received"), never sent
+            self.close_code = 1005 if status is None else status
             self.close_reason = frame.get_close_reason()
             if not transport.is_close_frame_sent:  # else this answers ours
-                transport.send_close(WSCloseCode.OK if code == WSCloseCode.NO_INFO else code)
+                transport.send_close(close_reply(status))  # its code echoed, or 1002 for one it may not send
             transport.disconnect()
             return
         try:
@@ -177,9 +183,19 @@ class UpstreamListener(UpstreamLeg):
             transport.send_close(WSCloseCode.MESSAGE_TOO_BIG)
             transport.disconnect()
             return
+        except FragmentOutOfOrder as exc:  # raised out of picows' callback, it closed with 1011
+            self.fail_protocol(transport, str(exc))
+            return
         if message is not None and message[0] is WSMsgType.TEXT:
             # a fragmented message is rare: the owner parses it in full (audio deltas too)
             self.owner.on_upstream_event(message[1])
+
+    def fail_protocol(self, transport: WSTransport, why: str,
+                      code: WSCloseCode = WSCloseCode.PROTOCOL_ERROR) -> None:
+        """The upstream broke RFC 6455: close with `code` (the owner hears it as a refusal, below)."""
+        log.info("upstream broke the WebSocket protocol: %s", why)
+        transport.send_close(code, why.encode()[:123])
+        transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.forget_reads()
@@ -191,8 +207,17 @@ class UpstreamListener(UpstreamLeg):
         handshake = transport.close_handshake
         refused = (handshake is not None and handshake.sent is not None and not handshake.recv_then_sent
                    and not self.closing)
+        if refused:
+            # picows keeps the error of a frame its parser refused for `wait_disconnected`, which
+            # nobody awaits: asyncio would log it as "never retrieved", a traceback per failure
+            asyncio.get_running_loop().create_task(_disconnected(transport))
         self.owner.on_upstream_closed(self.close_code, self.close_reason,
                                       int(handshake.sent.code) if refused else None)
+
+
+async def _disconnected(transport: WSTransport) -> None:
+    with contextlib.suppress(Exception):  # the session has said what happened
+        await transport.wait_disconnected()
 
 
 class _Nobody:
@@ -294,7 +319,7 @@ class UpstreamConnection:
                     # nobody reads: an asyncio ERROR line per session that left while connecting
                     websocket_handshake_timeout=None, read_buffer_init_size=READ_BUFFER_INIT_BYTES,
                     max_frame_size=MAX_UPSTREAM_MESSAGE_BYTES, enable_auto_ping=False, enable_auto_pong=False,
-                    use_aiofastnet=USE_AIOFASTNET, socket_factory=self._connected_socket,
+                    use_aiofastnet=USE_AIOFASTNET, socket_factory=self._connected_socket, logger_name=_PICOWS_LOG,
                     # picows would follow a redirect with the same headers: the key, to any host
                     max_redirects=0,
                     ssl_context=client_tls_context() if urlsplit(url).scheme == "wss" else None,
@@ -394,6 +419,12 @@ class UpstreamConnection:
         transport = listener.transport
         if transport is not None and not transport.is_disconnected and not listener.closing:
             transport.send_reuse_external_bytearray(_TEXT, frame, offset)
+
+    def fail_invalid_text(self) -> None:
+        """The upstream sent a text message that is not UTF-8 (RFC 6455 §8.1: close 1007)."""
+        if self.transport is not None and not self.listener.closing:
+            self.listener.fail_protocol(self.transport, "a text message that is not UTF-8",
+                                        WSCloseCode.INVALID_TEXT)
 
     def close(self) -> None:
         """Close politely (1000) and drop the socket; safe to call at any time, repeatedly.
