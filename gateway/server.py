@@ -53,6 +53,9 @@ CLIENT_READ_BUFFER_INIT_BYTES = 4 * 1024
 PLAIN_PATHS = frozenset(("/health", "/ready", "/metrics", "/realtime"))
 #: the longest interval between sweeps (metrics flush, idle, ping and duration checks)
 SWEEP_INTERVAL_S = 1.0
+#: how often the sweep updates the process_* metrics (a scrape updates them too): counting the
+#: open files lists /proc/self/fd on Linux before 6.2, a few ms at thousands of sockets
+PROCESS_SWEEP_S = 10.0
 #: sweeps in a row that run --overload-lag-ms late before the node refuses new sessions
 OVERLOAD_SWEEPS = 2
 
@@ -215,6 +218,7 @@ class GatewayServer:
         self.overloaded = False
         self._sweep_due = 0.0  # loop time the next sweep is due: how late it runs is the loop's lag
         self._levels_due = 0.0  # loop time the sessions' levels go to /metrics again: once a second
+        self._process_due = 0.0  # loop time the sweep updates the process_* metrics again
         self._late_sweeps = 0  # in a row, --overload-lag-ms late or more
         self.loop_lag_s = 0.0  # how late the latest sweep ran
         self._servers: list[asyncio.Server] = []
@@ -457,7 +461,9 @@ class GatewayServer:
         levels = now >= self._levels_due
         if levels:
             self._levels_due = now + SWEEP_INTERVAL_S - self._sweep_interval() / 2
-            self.metrics.observe_process()  # a worker's, between scrapes of another worker
+        if now >= self._process_due:  # a worker's figures, between scrapes served by another worker
+            self._process_due = now + PROCESS_SWEEP_S
+            self.metrics.observe_process()
         for session in list(self.sessions):
             stats = session.stats
             self.metrics.flush(stats)
