@@ -66,19 +66,21 @@ def raise_open_files_limit() -> tuple[int, int]:
     upstream connects fail with EMFILE. nginx (`worker_rlimit_nofile`) and Go's runtime raise
     the soft limit the same way; it costs nothing until the descriptors are used."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:  # the kernel refuses more than fs.nr_open
+    wanted = [hard]
+    if hard == resource.RLIM_INFINITY:  # Linux refuses more than fs.nr_open; macOS, more than OPEN_MAX
         try:
             with open("/proc/sys/fs/nr_open") as file:
-                hard = int(file.read())
+                wanted = [int(file.read())]
         except (OSError, ValueError):
-            hard = 1 << 20
-    if soft == resource.RLIM_INFINITY or soft >= hard:
-        return soft, soft
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-    except (ValueError, OSError):
-        return soft, soft
-    return soft, hard
+            wanted = [1 << 20, 10240]
+    for limit in wanted:
+        if soft != resource.RLIM_INFINITY and soft < limit:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+            except (ValueError, OSError):
+                continue
+            return soft, limit
+    return soft, soft
 
 
 def listening_sockets(host: str | None, port: int, reuse_port: bool = False) -> list[socket.socket]:

@@ -252,14 +252,12 @@ def gateway_process(*flags: str, port: int | None = None, workers: int = 1, time
 
     port = port or free_port()
     env = {**{name: value for name, value in os.environ.items() if name != "OPENAI_API_KEY"}, **(env or {})}
-    def limit_open_files() -> None:
-        import resource
-        resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
-
-    process = subprocess.Popen([sys.executable, "-m", "gateway", "--upstream", "mock", "--host", "127.0.0.1",
-                                "--port", str(port), *flags],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env,
-                               preexec_fn=limit_open_files if open_files else None)
+    command = [sys.executable, "-m", "gateway", "--upstream", "mock", "--host", "127.0.0.1", "--port", str(port),
+               *flags]
+    if open_files:  # set by a launcher that then becomes the node (a preexec_fn is not thread-safe)
+        command = [sys.executable, "-c", "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
+                   f"{open_files!r}); os.execv(sys.executable, sys.argv[1:])", *command]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
     log = [] if log is None else log
     listening = threading.Semaphore(0)
 

@@ -707,3 +707,26 @@ def test_an_upstream_that_breaks_rfc_6455_is_failed_with_1002(frames, reply, cap
         assert errors[-1]["code"] == "ConnectionFailed"
         assert errors[-1]["message"].endswith(f"it broke the WebSocket protocol (close code {reply})")
     assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.parametrize("headers, seconds", [
+    (b"Retry-After: 20", 20.0),
+    (b"retry-after-ms: 1500\r\nRetry-After: 2", 1.5),
+    (b"retry-after-ms: soon\r\nRetry-After: 7", 7.0),            # an unreadable one hid the other
+    (b"Retry-After: Wed, 21 Oct 2015 07:28:00 GMT", 0.0),          # a date passed: now
+    (b"Retry-After: 99999999999", None),                           # no hint a client could act on
+    (b"retry-after-ms: 1e300", None),
+    (b"Retry-After: -5", None),
+    (b"Retry-After: nan", None),
+    (b"X-A: b\r\n Retry-After: 5", None),                          # a folded line is X-A's value
+    (b"Retry-After : 4", None),                                    # RFC 9112 §5.1: no space before ':'
+    (b"Retry-After: 3\r\nRetry-After: 9", 3.0),
+])
+def test_a_retry_after_hint_is_read_only_where_it_is_one(headers, seconds):
+    """A review of the Retry-After reading: absurd values were passed on (1e+11 s), a bad
+    `retry-after-ms` hid a good `Retry-After`, and folded or malformed lines were read."""
+    from types import SimpleNamespace
+
+    from gateway.upstream.connection import _retry_after_s
+    head = b"HTTP/1.1 429 Too Many Requests\r\n" + headers + b"\r\n\r\n"
+    assert _retry_after_s(SimpleNamespace(raw_header=head)) == seconds

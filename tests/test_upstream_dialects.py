@@ -228,11 +228,14 @@ def test_a_node_set_to_the_other_dialect_says_so_instead_of_half_working():
         assert ready == [] and close_code == 1011
 
 
-def test_the_dialect_fix_is_logged_once_per_node_not_per_session(caplog):
+def test_the_dialect_fix_is_logged_once_per_node_not_per_session(caplog, monkeypatch):
     """A misconfigured node fails every session: each failure has its own warning line, and the
     ERROR naming the setting to change comes once (it came with every session, two lines each)."""
     import asyncio
     import logging
+
+    from gateway import session
+    monkeypatch.setattr(session, "_DIALECT_MISMATCHES_LOGGED", set())  # another test's mock had this port, say
 
     from gateway.mock import MockOptions, MockRealtimeServer
     from gateway.server import GatewayServer

@@ -247,26 +247,43 @@ def _handshake_status(exc: WSHandshakeError) -> int | None:
     return int(match.group(1)) if match else None
 
 
+#: a longer Retry-After is no hint a client could act on (OpenAI's own clients honour at most 60 s)
+MAX_RETRY_AFTER_S = 3600.0
+
+
 def _retry_after_s(exc: WSHandshakeError) -> float | None:
     """Seconds the upstream asked us to wait (a 429's or 503's hint), or None. OpenAI's own
-    clients read `retry-after-ms` first, then `retry-after` (seconds, or an HTTP date)."""
+    clients read `retry-after-ms` first, then `retry-after` (seconds, or an HTTP date); one
+    that is unreadable, negative or over MAX_RETRY_AFTER_S is no hint."""
     headers: dict[str, str] = {}
     for line in (exc.raw_header or b"").decode("latin-1").split("\r\n")[1:]:
-        name, _, value = line.partition(":")
-        headers.setdefault(name.strip().lower(), value.strip())
-    try:
-        if "retry-after-ms" in headers:
-            seconds = float(headers["retry-after-ms"]) / 1000
-        elif headers.get("retry-after", "").isdigit():
-            seconds = float(headers["retry-after"])
-        elif "retry-after" in headers:
-            seconds = (email.utils.parsedate_to_datetime(headers["retry-after"])
-                       - datetime.now(timezone.utc)).total_seconds()
-        else:
-            return None
-    except (ValueError, TypeError, OverflowError):  # neither a number nor a date: no hint
+        name, colon, value = line.partition(":")
+        if colon and name == name.strip():  # not a folded line, nor a name with spaces (RFC 9112 §5)
+            headers.setdefault(name.lower(), value.strip())
+    for seconds in (_seconds(headers.get("retry-after-ms"), 0.001), _seconds(headers.get("retry-after"), 1.0)):
+        if seconds is not None:
+            return seconds
+    return None
+
+
+def _seconds(value: str | None, unit: float) -> float | None:
+    if value is None:
         return None
-    return round(max(seconds, 0.0), 3) if math.isfinite(seconds) else None
+    try:
+        seconds = float(value) * unit
+    except ValueError:  # an HTTP date (seconds only)
+        if unit != 1.0:
+            return None
+        try:
+            seconds = (email.utils.parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds()
+        except (ValueError, TypeError, OverflowError):
+            return None
+        seconds = max(seconds, 0.0)  # a date passed: now
+    return round(seconds, 3) if 0.0 <= seconds <= MAX_RETRY_AFTER_S else None
+
+
+def _format_seconds(seconds: float) -> str:
+    return f"{seconds:.3f}".rstrip("0").rstrip(".")
 
 
 class UpstreamConnection:
@@ -337,7 +354,7 @@ class UpstreamConnection:
             retry_after = _retry_after_s(exc) if status in (429, 503) else None
             if retry_after is not None:  # the upstream's hint, for the client's backoff
                 upstream["retry_after_s"] = retry_after
-            later = f"; retry after {retry_after:g} s" if retry_after is not None else ""
+            later = f"; retry after {_format_seconds(retry_after)} s" if retry_after is not None else ""
             if status == 429:  # SPEC §3: rate limits are RateLimitExceeded; without a session, fatal
                 raise RateLimitExceeded(f"upstream {where} is rate limiting new sessions (HTTP 429{later})",
                                         upstream=upstream, fatal=True) from None
