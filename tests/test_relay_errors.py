@@ -100,6 +100,24 @@ def test_slow_upstream_handshake_times_out_as_connection_failed():
     run(scenario(), timeout=20)
 
 
+async def _upgrade_accept(reader: asyncio.StreamReader) -> bytes:
+    """Read the gateway's upgrade request: the Sec-WebSocket-Accept that answers its key."""
+    request = await reader.readuntil(b"\r\n\r\n")
+    key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:"))
+    return base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+
+
+async def _read_until_hangup(reader: asyncio.StreamReader) -> bytes:
+    """What the gateway sends until it hangs up, bounded at 5 s (to show what did not come)."""
+    received = b""
+    with contextlib.suppress(TimeoutError, ConnectionError):
+        async with asyncio.timeout(5):
+            while chunk := await reader.read(65536):
+                received += chunk
+    return received
+
+
 @contextlib.asynccontextmanager
 async def _node_before_raw_upstream(answer, api_key: str):
     """A gateway whose upstream is `answer`, a raw asyncio server: the handshake's bytes are the
@@ -179,16 +197,9 @@ def test_the_status_of_a_handshake_picows_cannot_parse_is_still_read(head, code,
     6455 §9.1): it went on to wait out the connect timeout on frames it could not read."""
     async def scenario():
         async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            request = await reader.readuntil(b"\r\n\r\n")
-            key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
-                       if line.lower().startswith(b"sec-websocket-key:"))
-            accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-            writer.write(head.replace(b"{accept}", accept))
+            writer.write(head.replace(b"{accept}", await _upgrade_accept(reader)))
             await writer.drain()
-            with contextlib.suppress(TimeoutError, ConnectionError):
-                async with asyncio.timeout(5):  # what the gateway sends it, until it hangs up
-                    while chunk := await reader.read(65536):
-                        sent_after.append(chunk)
+            sent_after.append(await _read_until_hangup(reader))
             writer.close()
 
         async with _node_before_raw_upstream(answer, "test-key-status") as gateway:
@@ -203,7 +214,7 @@ def test_the_status_of_a_handshake_picows_cannot_parse_is_still_read(head, code,
     assert error["message"].endswith(message) and "test-key-status" not in str(error)
     hint = re.search(r"retry after ([0-9.]+) s", message)
     assert error.get("upstream", {}).get("retry_after_s") == (float(hint.group(1)) if hint else None)
-    assert ready == [] and sent_after == []  # not even a close frame: the answer was no WebSocket
+    assert ready == [] and sent_after == [b""]  # not even a close frame: the answer was no WebSocket
 
 
 def test_the_reason_of_an_upstream_close_before_ready_is_told():
@@ -665,12 +676,9 @@ def test_an_upstream_that_breaks_rfc_6455_is_failed_with_1002(frames, reply, cap
 
     async def scenario():
         async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            request = await reader.readuntil(b"\r\n\r\n")
-            key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
-                       if line.lower().startswith(b"sec-websocket-key:"))
-            accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
             writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n" + _server_frame(0x81, _CREATED))
+                         b"Sec-WebSocket-Accept: " + await _upgrade_accept(reader) + b"\r\n\r\n"
+                         + _server_frame(0x81, _CREATED))
             received = b""
             while b"session.update" not in b"".join(payload for _, payload in _client_frames(received)):
                 received += await reader.read(65536)
@@ -678,12 +686,7 @@ def test_an_upstream_that_breaks_rfc_6455_is_failed_with_1002(frames, reply, cap
             writer.write(b"\x81\x7e" + len(updated).to_bytes(2, "big") + updated)
             await client_ready.wait()
             writer.write(frames)
-            sent_after = b""
-            with contextlib.suppress(TimeoutError, ConnectionError):
-                async with asyncio.timeout(5):  # what the gateway answers, until it hangs up
-                    while chunk := await reader.read(65536):
-                        sent_after += chunk
-            answered.extend(_client_frames(sent_after))
+            answered.extend(_client_frames(await _read_until_hangup(reader)))
             writer.close()
 
         client_ready = asyncio.Event()
