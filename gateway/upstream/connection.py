@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import email.utils
 import logging
-import math
 import re
 import socket
 import ssl
@@ -89,7 +88,7 @@ class UpstreamListener(UpstreamLeg):
     messages (see the module docstring); this class handles the rest and the lifecycle."""
 
     __slots__ = ("owner", "_assembler", "transport", "close_code", "close_reason", "closing", "_write_paused",
-                 "_pong", "close_grace", "refused_extension")
+                 "_pong", "close_grace", "refused_extension", "failed")
 
     def __init__(self, owner: UpstreamOwner, path: AudioPath | None) -> None:
         super().__init__()
@@ -104,6 +103,8 @@ class UpstreamListener(UpstreamLeg):
         self._pong: bytes | None = None  # the latest ping's payload, while the upstream does not read
         self.close_grace: asyncio.TimerHandle | None = None  # cuts off a polite close that does not end
         self.refused_extension: str | None = None
+        #: the gateway failed the connection (`fail_protocol`): what still comes is not processed
+        self.failed = False
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -135,10 +136,12 @@ class UpstreamListener(UpstreamLeg):
         self.owner.on_upstream_resumed()
 
     def on_event(self, payload) -> None:
-        self.owner.on_upstream_event(payload)
+        if not self.failed:
+            self.owner.on_upstream_event(payload)
 
     def on_audio(self, item_id: str, pcm: bytes) -> None:
-        self.owner.on_upstream_audio(item_id, pcm)
+        if not self.failed:
+            self.owner.on_upstream_audio(item_id, pcm)
 
     def on_read_end(self) -> None:
         self.owner.on_upstream_read_end()
@@ -152,8 +155,10 @@ class UpstreamListener(UpstreamLeg):
 
     def _handle_other_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         """Control frames and fragmented or oversized messages."""
-        if self.refused_extension is not None:
-            return  # came with the refused 101: no pong, no close frame (the answer was no WebSocket)
+        if self.refused_extension is not None or self.failed:
+            # came with the refused 101 (the answer was no WebSocket), or after the gateway failed
+            # the connection (RFC 6455 §7.1.7): no pong, no close frame, nothing processed
+            return
         if frame.rsv1 | frame.rsv2 | frame.rsv3:
             # no extension was negotiated (RFC 6455 §5.2: fail the connection): compressed audio
             # would be played as noise, a compressed event misread
@@ -173,9 +178,13 @@ class UpstreamListener(UpstreamLeg):
             # no status in it: reported as RFC 6455's 1005 ("no status received"), never sent
             self.close_code = 1005 if status is None else status
             self.close_reason = frame.get_close_reason()
-            if not transport.is_close_frame_sent:  # else this answers ours
-                transport.send_close(close_reply(status))  # its code echoed, or 1002 for one it may not send
-            transport.disconnect()
+            if transport.is_close_frame_sent:  # this answers ours
+                transport.disconnect()
+            elif close_reply(status) == WSCloseCode.PROTOCOL_ERROR:
+                self.fail_protocol(transport, f"a close frame with status {status}, which no endpoint may send")
+            else:
+                transport.send_close(close_reply(status))  # its code echoed
+                transport.disconnect()
             return
         try:
             message = self._assembler.feed(frame)
@@ -192,8 +201,11 @@ class UpstreamListener(UpstreamLeg):
 
     def fail_protocol(self, transport: WSTransport, why: str,
                       code: WSCloseCode = WSCloseCode.PROTOCOL_ERROR) -> None:
-        """The upstream broke RFC 6455: close with `code` (the owner hears it as a refusal, below)."""
+        """The upstream broke RFC 6455: close with `code` (the owner hears it as a refusal, below).
+        The rest of what came is not processed: not relayed through the path, nor handled."""
         log.info("upstream broke the WebSocket protocol: %s", why)
+        self.failed = True
+        self.path = None
         transport.send_close(code, why.encode()[:123])
         transport.disconnect()
 
@@ -203,16 +215,17 @@ class UpstreamListener(UpstreamLeg):
             self.close_grace.cancel()
             self.close_grace = None
         # a close frame we sent first, though the owner never asked us to close: picows' parser
-        # (an oversized frame: 1009; a broken one: 1002) or the assembler refused what came
+        # (an oversized frame: 1009; a broken one: 1002) or the assembler refused what came; or
+        # one failing the connection (`fail_protocol`), also as the answer to a forbidden close
         handshake = transport.close_handshake
-        refused = (handshake is not None and handshake.sent is not None and not handshake.recv_then_sent
-                   and not self.closing)
-        if refused:
-            # picows keeps the error of a frame its parser refused for `wait_disconnected`, which
-            # nobody awaits: asyncio would log it as "never retrieved", a traceback per failure
+        sent = handshake.sent if handshake is not None else None
+        refused = sent is not None and (self.failed or not (handshake.recv_then_sent or self.closing))
+        if sent is not None:
+            # picows keeps the error of a frame its parser refused (always after sending its close)
+            # for `wait_disconnected`, which nobody awaits: asyncio would log it as "never
+            # retrieved", a traceback per failure
             asyncio.get_running_loop().create_task(_disconnected(transport))
-        self.owner.on_upstream_closed(self.close_code, self.close_reason,
-                                      int(handshake.sent.code) if refused else None)
+        self.owner.on_upstream_closed(self.close_code, self.close_reason, int(sent.code) if refused else None)
 
 
 async def _disconnected(transport: WSTransport) -> None:
