@@ -89,6 +89,9 @@ _OUTCOME_BY_CODE = {"AuthenticationFailed": "upstream_auth_failed", "ConnectionF
                     "IdleTimeout": "idle_timeout", "SlowClient": "slow_client",
                     "ClientUnresponsive": "client_unresponsive"}
 _UPSTREAM_OUTCOMES = frozenset({"upstream_failed", "upstream_auth_failed", "expired"})
+#: a user turn whose client audio stopped this long ago is over (a muted microphone): the
+#: upstream's VAD, hearing nothing, would never end it
+MUTED_TURN_S = 1.0
 #: (upstream URL, dialect) pairs whose dialect mismatch has been logged with its fix: one
 #: ERROR per misconfiguration and process, not one per session
 _DIALECT_MISMATCHES_LOGGED: set[tuple[str, str]] = set()
@@ -170,7 +173,7 @@ class RelaySession:
                  "_pre_ready", "_pre_ready_audio_bytes", "_pre_ready_commands", "_pre_ready_command_bytes",
                  "_reopens", "_reply_after_item", "_response_asked",
                  "_response_calls", "_response_wanted", "_user_speaking", "_items_unconfirmed", "_spelling",
-                 "_item_counter", "_turn_frames_seen", "_active_saw_items",
+                 "_item_counter", "_turn_frames_seen", "_audio_seen_at", "_active_saw_items",
                  "_turn_end", "_timing_reply", "_update_counter",
                  "active_at", "active_response_id", "activity_seen", "client", "client_leg", "client_read_seen",
                  "close_code", "created", "dialect", "effective", "heard_at", "heard_mark", "heard_seen", "ignored",
@@ -298,6 +301,7 @@ class RelaySession:
         # see `_maybe_ready`
         self._reply_after_item: str | None = None
         self._turn_frames_seen = 0  # client audio frames at the last sweep (`check_user_turn`)
+        self._audio_seen_at = 0.0  # loop time of the sweep that last saw them grow
         # the active reply was created after the upstream confirmed the gateway's items: it
         # answers every reply the gateway wanted, one refused for it included
         self._active_saw_items = False
@@ -822,6 +826,10 @@ class RelaySession:
         if not command.respond:
             return
         self._turn_end_at = self.loop.time()
+        # with the microphone live under VAD, the audio just sent may be speech the upstream
+        # has not reported yet: the reply is asked for once the text's item is confirmed, by
+        # when that audio is heard (the upstream takes events in order), or waits for the turn
+        after_its_item = after_its_item or (self.effective.get("turn_detection") != "none" and self._audio_flowing())
         if item_id is not None and (after_its_item or self._reply_after_item is not None):
             self._reply_after_item = item_id  # one reply, once the latest text is confirmed
         else:
@@ -1279,13 +1287,24 @@ class RelaySession:
         self._send_client(cp.speech_event("speech_stopped", _ms(event.get("audio_end_ms")), as_text(event.get("item_id"))))
 
     def check_user_turn(self) -> None:
-        """Called by the node's sweep (about once a second). The upstream's VAD ends a turn only
-        on audio it hears: a client whose audio stopped mid-turn (a muted microphone) would
-        hold a reply that waits for the turn forever, so a sweep with no new audio ends it."""
+        """Called by the node's sweep (once a second; more often with short timeouts). The
+        upstream's VAD ends a turn only on audio it hears: a client whose audio stopped mid-turn
+        (a muted microphone) would hold a reply that waits for the turn forever, so a turn
+        whose audio stopped about MUTED_TURN_S ago is over. Counted in time, not in sweeps: a
+        sweep every 0.25 s ended turns between a client's 400 ms frames."""
         frames = self.stats.c2u_audio_frames
-        if self._user_speaking and frames == self._turn_frames_seen:
+        now = self.loop.time()
+        if frames != self._turn_frames_seen:
+            self._turn_frames_seen = frames
+            self._audio_seen_at = now
+        elif self._user_speaking and now - self._audio_seen_at >= MUTED_TURN_S * 0.9:  # (timers fire a hair early)
             self._user_turn_ended()
-        self._turn_frames_seen = frames
+
+    def _audio_flowing(self) -> bool:
+        """Client audio came since the last sweep, or the one before saw it come: a microphone
+        that is live."""
+        return (self.stats.c2u_audio_frames != self._turn_frames_seen
+                or self.loop.time() - self._audio_seen_at < MUTED_TURN_S)
 
     def _user_turn_ended(self) -> None:
         """The client ended or dropped the turn itself (commit, clear_audio, turn detection

@@ -896,6 +896,68 @@ def test_a_text_held_behind_speech_before_ready_does_not_talk_over_the_user(turn
         assert order.index("speech_stopped") < order.index("response_started"), order
 
 
+@pytest.mark.parametrize("turn_detection", ["server_vad", "none"])
+def test_a_text_sent_right_behind_speech_after_ready_does_not_talk_over_the_user(turn_detection):
+    """Found by a chaos run: the twin of the test above after `ready`. A `text` right behind
+    speech had its reply asked for before the upstream's VAD had reported the speech, and the
+    reply started inside the user's turn. With the microphone live under VAD, the reply now
+    waits for the text's item to be confirmed, as a held text's does. Push-to-talk (and a
+    text-only client, no audio flowing) is unchanged."""
+    speech = speech_like(1.5, seed=1)
+
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": turn_detection})
+            await client.wait("ready", timeout=5)
+            await client.send_audio(speech[:24_000])
+            await client.send({"type": "text", "text": "hello"})    # right behind it
+            for frame in frames(speech[24_000:] + silence(1.0), 4800):
+                await client.send_audio(frame)
+            await client.wait("response_done", timeout=10)
+            if turn_detection == "none":
+                await client.send({"type": "clear_audio"})
+            await _barrier(client)  # any second reply would have started by now
+            await client.close()
+            return [e["type"] for e in client.events]
+
+    order = run(scenario(), timeout=30)
+    assert order.count("response_started") == 1, order
+    if turn_detection == "server_vad":
+        assert order.index("speech_stopped") < order.index("response_started"), order
+
+
+def test_a_turn_ends_for_a_muted_microphone_after_a_second_however_often_the_node_sweeps():
+    """Found by a chaos run: a turn whose audio stopped ended at the first sweep that saw no new
+    audio, and short timeouts sweep more often (--idle-timeout-s 1: every 0.25 s). A client
+    streaming 400 ms frames in real time had its turn ended between frames, and the reply a
+    `text` had been holding talked over it. The rule is the README's: its audio stopped for
+    about a second. (The 400 ms pacing is the scenario.)"""
+    speech = speech_like(2.0, seed=4)
+    chunk = int(0.4 * 48_000)
+
+    async def scenario():
+        async with relay(idle_timeout_s=1.0) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "server_vad"})
+            await client.wait("ready", timeout=5)
+            await client.send_audio(speech[:chunk])
+            await client.wait("speech_started")
+            await client.send({"type": "text", "text": "hello"})    # its reply waits for the turn
+            for offset in range(chunk, len(speech), chunk):
+                await asyncio.sleep(0.4)                            # one 400 ms frame every 400 ms
+                await client.send_audio(speech[offset:offset + chunk])
+            for frame in frames(silence(1.0), chunk):
+                await client.send_audio(frame)
+            await client.wait("response_done", timeout=10)
+            await client.close()
+            return [e["type"] for e in client.events]
+
+    order = run(scenario(), timeout=30)
+    assert order.count("response_started") == 1, order
+    assert order.index("speech_stopped") < order.index("response_started"), order
+
+
 def test_a_held_texts_reply_is_asked_for_when_its_item_is_refused_by_an_error_naming_nothing():
     """Found by a review of the test above's fix: the held text's reply waited for its item's
     confirmation or an error naming the item. An item's refusal naming no event (the upstream
