@@ -92,6 +92,9 @@ _UPSTREAM_OUTCOMES = frozenset({"upstream_failed", "upstream_auth_failed", "expi
 #: a user turn whose client audio stopped this long ago is over (a muted microphone): the
 #: upstream's VAD, hearing nothing, would never end it
 MUTED_TURN_S = 1.0
+#: a reply waiting for its item's confirmation (one round trip, normally) is asked for anyway
+#: after this long
+ITEM_WAIT_S = 5.0
 #: (upstream URL, dialect) pairs whose dialect mismatch has been logged with its fix: one
 #: ERROR per misconfiguration and process, not one per session
 _DIALECT_MISMATCHES_LOGGED: set[tuple[str, str]] = set()
@@ -171,7 +174,7 @@ class RelaySession:
                  "_level_timer",
                  "_pre_ready_overflowed", "_owner", "_pending_updates", "_updates_in_flight",
                  "_pre_ready", "_pre_ready_audio_bytes", "_pre_ready_commands", "_pre_ready_command_bytes",
-                 "_reopens", "_reply_after_item", "_response_asked",
+                 "_reopens", "_reply_after_item", "_reply_after_item_at", "_response_asked",
                  "_response_calls", "_response_wanted", "_user_speaking", "_items_unconfirmed", "_spelling",
                  "_item_counter", "_turn_frames_seen", "_audio_seen_at", "_active_saw_items",
                  "_turn_end", "_timing_reply", "_update_counter",
@@ -300,6 +303,7 @@ class RelaySession:
         # the reply to a `text` waits for the upstream to confirm this item (the latest text's):
         # see `_maybe_ready`
         self._reply_after_item: str | None = None
+        self._reply_after_item_at = 0.0  # loop time the reply began to wait for that item
         self._turn_frames_seen = 0  # client audio frames at the last sweep (`check_user_turn`)
         self._audio_seen_at = 0.0  # loop time of the sweep that last saw them grow
         # the active reply was created after the upstream confirmed the gateway's items: it
@@ -388,6 +392,7 @@ class RelaySession:
         self.upstream_session_id = None
         self._user_speaking = False  # a new upstream has heard nothing yet
         self._items_unconfirmed = EMPTY
+        self._reply_after_item = None  # (its reply goes with the old upstream's conversation)
         self._pending_updates.clear()
         self._updates_in_flight.clear()
         self._owner = _UpstreamOwner(self)
@@ -826,14 +831,24 @@ class RelaySession:
         if not command.respond:
             return
         self._turn_end_at = self.loop.time()
-        # with the microphone live under VAD, the audio just sent may be speech the upstream
-        # has not reported yet: the reply is asked for once the text's item is confirmed, by
-        # when that audio is heard (the upstream takes events in order), or waits for the turn
-        after_its_item = after_its_item or (self.effective.get("turn_detection") != "none" and self._audio_flowing())
+        self._ask_for_response_after(item_id, after_its_item)
+
+    def _ask_for_response_after(self, item_id: str | None, after_its_item: bool = False) -> None:
+        """Ask for the reply to the user item `item_id` just added (a text, the last function
+        result). With the microphone live under VAD the audio just sent may be speech the
+        upstream has not reported yet: the reply is asked for once the item is confirmed, by
+        when that audio is heard (the upstream takes events in order), or waits for the turn.
+        One reply, once the latest such item is confirmed."""
+        after_its_item = after_its_item or (self._vad_on() and self._audio_flowing())
         if item_id is not None and (after_its_item or self._reply_after_item is not None):
-            self._reply_after_item = item_id  # one reply, once the latest text is confirmed
+            self._reply_after_item = item_id
+            self._reply_after_item_at = self.loop.time()
         else:
             self._ask_for_response()
+
+    def _vad_on(self) -> bool:
+        """The upstream's VAD may be on: as it last said, or as the client has asked since."""
+        return self.effective.get("turn_detection") != "none" or self.requested.turn_detection not in (None, "none")
 
     def _cmd_commit(self, command) -> None:
         self._turn_end_at = self.loop.time()
@@ -861,13 +876,14 @@ class RelaySession:
 
     def _cmd_function_result(self, command: cp.FunctionResultCommand) -> None:
         self._flush_audio()
-        self._add_item({"type": "function_call_output", "call_id": command.call_id, "output": command.output})
+        item_id = self._add_item({"type": "function_call_output", "call_id": command.call_id,
+                                  "output": command.output})
         self._answered_calls = added(self._answered_calls, command.call_id)
         for response_id, waiting in list(self._awaiting_results.items()):
             waiting.discard(command.call_id)
             if not waiting:
                 del self._awaiting_results[response_id]
-                self._ask_for_response()  # once, after the last result
+                self._ask_for_response_after(item_id)  # once, after the last result
 
     def _add_item(self, item: dict) -> str | None:
         """Add a user item upstream; its id (None if it could not be sent)."""
@@ -1299,6 +1315,10 @@ class RelaySession:
             self._audio_seen_at = now
         elif self._user_speaking and now - self._audio_seen_at >= MUTED_TURN_S * 0.9:  # (timers fire a hair early)
             self._user_turn_ended()
+        if self._reply_after_item is not None and now - self._reply_after_item_at >= ITEM_WAIT_S:
+            # neither its confirmation nor a refusal naming it came (an error naming nothing
+            # took its place, say): the reply is asked for late rather than never
+            self._item_settled(self._reply_after_item)
 
     def _audio_flowing(self) -> bool:
         """Client audio came since the last sweep, or the one before saw it come: a microphone

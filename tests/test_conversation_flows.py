@@ -863,26 +863,31 @@ def test_a_server_error_naming_another_request_leaves_a_quiet_reply_alone(monkey
     assert [e for e in received if e["type"] == "response.cancel"] == []
 
 
-@pytest.mark.parametrize("turn_detection", ["server_vad", "none"])
-@pytest.mark.parametrize("when", ["before_ready", "after_ready"])
+@pytest.mark.parametrize("when, turn_detection", [
+    ("before_ready", "server_vad"), ("before_ready", "none"), ("after_ready", "server_vad"), ("after_ready", "none"),
+    ("vad_just_asked_for", "server_vad")])
 def test_a_text_right_behind_speech_does_not_talk_over_the_user(when, turn_detection):
     """Found by a chaos audit: speech and a `text` sent before `ready` went up together once it
     came, and the text's reply was asked for before the upstream's VAD had heard the speech: it
     played in full while the user was still talking, and their turn got a second reply. Under
     VAD the held text's reply now waits for its item's confirmation, which comes after the
     speech before it is heard: the turn's reply answers both. A later chaos run found the same
-    after `ready`, for a text right behind live audio: its reply waits for its item too.
-    Push-to-talk (and a text-only client, no audio flowing) is unchanged: the text's reply is
-    asked for at once."""
+    after `ready`, for a text right behind live audio: its reply waits for its item too, also
+    when the client has just asked for VAD and the upstream has not confirmed it yet (a
+    review). Push-to-talk (and a text-only client, no audio flowing) is unchanged: the text's
+    reply is asked for at once."""
     speech = speech_like(1.5, seed=1)
 
     async def scenario():
         # the upstream's 0.3 s handshake holds everything the client sends first before `ready`
         async with relay(MockOptions(handshake_delay_s=0.3 if when == "before_ready" else 0.0)) as (gateway, mock):
             client = await RelayClient.connect(gateway.url)
-            await client.send({"type": "config", "turn_detection": turn_detection})
-            if when == "after_ready":
+            await client.send({"type": "config",
+                               "turn_detection": "none" if when == "vad_just_asked_for" else turn_detection})
+            if when != "before_ready":
                 await client.wait("ready", timeout=5)
+            if when == "vad_just_asked_for":  # not confirmed yet when the text comes
+                await client.send({"type": "config", "turn_detection": turn_detection})
             await client.send_audio(speech[:24_000])
             await client.send({"type": "text", "text": "hello"})    # right behind it
             for frame in frames(speech[24_000:] + silence(1.0), 4800):
@@ -900,6 +905,63 @@ def test_a_text_right_behind_speech_does_not_talk_over_the_user(when, turn_detec
     assert order.count("response_started") == 1, order
     if turn_detection == "server_vad":
         assert order.index("speech_stopped") < order.index("response_started"), order
+
+
+def test_a_function_result_right_behind_speech_does_not_talk_over_the_user():
+    """A review of the text fix: the last `function_result` asks for a reply as a `text` does,
+    and had the same race: right behind live audio, its reply started inside the user's turn.
+    It waits for the result's item to be confirmed too."""
+    speech = speech_like(1.5, seed=1)
+
+    async def scenario():
+        async with relay() as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            call = await _a_weather_call(client)
+            await client.send_audio(speech[:24_000])
+            await client.send({"type": "function_result", "call_id": call["call_id"], "output": '{"temp_c":18}'})
+            for frame in frames(speech[24_000:] + silence(1.0), 4800):
+                await client.send_audio(frame)
+            await client.wait("speech_stopped", timeout=5)
+            await client.wait("response_done", timeout=10)
+            await _barrier(client)
+            await client.close()
+            return [e["type"] for e in client.events if e["type"] != "level"]
+
+    order = run(scenario(), timeout=30)
+    after_call = order[order.index("function_call"):]
+    assert after_call.count("response_started") == 1, order
+    assert after_call.index("speech_stopped") < after_call.index("response_started"), order
+
+
+def test_a_reply_waiting_for_its_item_is_asked_for_when_no_confirmation_comes(monkeypatch):
+    """A review of the text fix: the reply to a text behind live audio waits for the text's
+    item; an error naming no event and not about an item (a server error) in place of the
+    confirmation left it waiting for good. After ITEM_WAIT_S it is asked for anyway."""
+    from gateway import session as session_module
+    monkeypatch.setattr(session_module, "ITEM_WAIT_S", 0.5)
+
+    async def script(upstream: ScriptedUpstream) -> None:
+        await upstream.receive("session.update")
+        await upstream.updated()
+        await upstream.receive("conversation.item.create")
+        await upstream.send({"type": "error", "error": {"type": "server_error", "code": None, "param": None,
+                                                        "event_id": None, "message": "try again"}})
+        await upstream.receive("response.create")
+        await upstream.send({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}})
+        await upstream.send({"type": "response.done", "response": {"id": "resp_1", "status": "completed"}})
+
+    async def scenario():
+        async with ScriptedUpstream(script) as url, GatewayServer(_node(url)) as gateway:
+            client = await RelayClient.connect(gateway.url)
+            await client.wait("ready")
+            await client.send_audio(silence(0.2))                   # a live microphone, VAD on
+            await client.send({"type": "text", "text": "hello"})
+            await client.wait("error", message="try again")
+            done = await client.wait("response_done", timeout=5)
+            await client.close()
+            return done
+
+    assert run(scenario(), timeout=20)["response_id"] == "resp_1"
 
 
 def test_a_turn_ends_for_a_muted_microphone_after_a_second_however_often_the_node_sweeps():

@@ -668,6 +668,9 @@ _BROKE = "broke"  # the client hears that the upstream broke the protocol
     # picows reads a frame ahead: it fails the masked one (1002) before the close reaches us
     pytest.param(_server_frame(0x88, (4000).to_bytes(2, "big")) + b"\x81\x83" + bytes(4) + b"{}}", 1002,
                  "upstream connection lost (close code 4000)", id="close_then_masked"),
+    # nothing follows a close (RFC 6455 §5.5.1): what does is ignored, and the close stands (a review)
+    pytest.param(_server_frame(0x88, (4000).to_bytes(2, "big") + b"bye") + _server_frame(0xC1, _DELTA), 4000,
+                 "upstream connection lost (close code 4000: bye)", id="close_then_rsv1_delta"),
     pytest.param(_server_frame(0x88, b""), 1000, "upstream connection lost (close code 1005)",
                  id="close_without_status"),
     pytest.param(_server_frame(0x88, (4000).to_bytes(2, "big") + b"bye"), 4000,

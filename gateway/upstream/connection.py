@@ -136,11 +136,11 @@ class UpstreamListener(UpstreamLeg):
         self.owner.on_upstream_resumed()
 
     def on_event(self, payload) -> None:
-        if not self.failed:
+        if not self.failed and self.close_code is None:
             self.owner.on_upstream_event(payload)
 
     def on_audio(self, item_id: str, pcm: bytes) -> None:
-        if not self.failed:
+        if not self.failed and self.close_code is None:
             self.owner.on_upstream_audio(item_id, pcm)
 
     def on_read_end(self) -> None:
@@ -155,9 +155,10 @@ class UpstreamListener(UpstreamLeg):
 
     def _handle_other_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         """Control frames and fragmented or oversized messages."""
-        if self.refused_extension is not None or self.failed:
-            # came with the refused 101 (the answer was no WebSocket), or after the gateway failed
-            # the connection (RFC 6455 §7.1.7): no pong, no close frame, nothing processed
+        if self.refused_extension is not None or self.failed or self.close_code is not None:
+            # came with the refused 101 (the answer was no WebSocket), after the gateway failed
+            # the connection (RFC 6455 §7.1.7), or after the upstream's close (nothing follows
+            # one, §5.5.1; its code and reason stand): no pong, no close frame, nothing processed
             return
         if frame.rsv1 | frame.rsv2 | frame.rsv3:
             # no extension was negotiated (RFC 6455 §5.2: fail the connection): compressed audio
@@ -178,6 +179,7 @@ class UpstreamListener(UpstreamLeg):
             # no status in it: reported as RFC 6455's 1005 ("no status received"), never sent
             self.close_code = 1005 if status is None else status
             self.close_reason = frame.get_close_reason()
+            self.path = None  # what follows in this read is not relayed either
             if transport.is_close_frame_sent:  # this answers ours
                 transport.disconnect()
             elif close_reply(status) == WSCloseCode.PROTOCOL_ERROR:
@@ -206,7 +208,8 @@ class UpstreamListener(UpstreamLeg):
         log.info("upstream broke the WebSocket protocol: %s", why)
         self.failed = True
         self.path = None
-        transport.send_close(code, why.encode()[:123])
+        if not transport.is_close_frame_sent:  # (picows would send a second one)
+            transport.send_close(code, why.encode()[:123])
         transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
@@ -219,7 +222,7 @@ class UpstreamListener(UpstreamLeg):
         # one failing the connection (`fail_protocol`), also as the answer to a forbidden close
         handshake = transport.close_handshake
         sent = handshake.sent if handshake is not None else None
-        refused = sent is not None and (self.failed or not (handshake.recv_then_sent or self.closing))
+        refused = sent is not None and not self.closing and (self.failed or not handshake.recv_then_sent)
         if sent is not None:
             # picows keeps the error of a frame its parser refused (always after sending its close)
             # for `wait_disconnected`, which nobody awaits: asyncio would log it as "never
