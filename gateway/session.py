@@ -1307,7 +1307,8 @@ class RelaySession:
         upstream's VAD ends a turn only on audio it hears: a client whose audio stopped mid-turn
         (a muted microphone) would hold a reply that waits for the turn forever, so a turn
         whose audio stopped about MUTED_TURN_S ago is over. Counted in time, not in sweeps: a
-        sweep every 0.25 s ended turns between a client's 400 ms frames."""
+        sweep every 0.25 s ended turns between a client's 400 ms frames. A reply that has waited
+        ITEM_WAIT_S for its item's confirmation is asked for here too."""
         frames = self.stats.c2u_audio_frames
         now = self.loop.time()
         if frames != self._turn_frames_seen:
@@ -1321,8 +1322,8 @@ class RelaySession:
             self._item_settled(self._reply_after_item)
 
     def _audio_flowing(self) -> bool:
-        """Client audio came since the last sweep, or the one before saw it come: a microphone
-        that is live."""
+        """Client audio came since the last sweep, or the sweep that last saw it come was under
+        MUTED_TURN_S ago: a microphone that is live."""
         return (self.stats.c2u_audio_frames != self._turn_frames_seen
                 or self.loop.time() - self._audio_seen_at < MUTED_TURN_S)
 
