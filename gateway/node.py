@@ -165,10 +165,10 @@ def run(args: argparse.Namespace) -> int:
 FEW_SESSIONS = 1000
 
 
-def check_open_files(config: NodeConfig) -> int:
+def check_open_files(config: NodeConfig) -> None:
     """Raise the open files limit (`sockets.raise_open_files_limit`) and say what room it leaves;
     a warning when that is fewer sessions than --max-sessions admits or, unset, than FEW_SESSIONS
-    per process. Returns the sessions per process it has room for."""
+    per process."""
     before, limit = sockets.raise_open_files_limit()
     per_session = 3 if config.upstream == "mock" and not config.upstream_url else 2  # the mock's end too
     room = max(0, limit - sockets.RESERVED_FDS) // per_session
@@ -180,7 +180,6 @@ def check_open_files(config: NodeConfig) -> int:
                     "LimitNOFILE=)", limit, raised, room, per_session, wanted)
     else:
         log.info("open files limit %d%s: room for ~%d sessions per process", limit, raised, room)
-    return room
 
 
 #: the workers' shared metrics directory, named after the supervisor that removes it as it stops
