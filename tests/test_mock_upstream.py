@@ -1026,14 +1026,16 @@ def test_the_audio_kept_includes_the_turn_being_answered_and_a_reply_still_strea
 # ---------------------------------------------------------------------------------------------
 # standalone: `realtime-gateway mock`
 
-def test_standalone_cli_serves_and_stops_on_sigterm() -> None:
+@pytest.mark.parametrize("launcher", [("gateway", "mock"), ("gateway.mock",)], ids=["gateway-mock", "gateway.mock"])
+def test_standalone_cli_serves_and_stops_on_sigterm(launcher) -> None:
+    """`python -m gateway mock` (the console script's command) and `python -m gateway.mock`."""
     import os
     import signal
     import subprocess
     import sys
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "mock", "--host", "127.0.0.1", "--port", "0",
+        [sys.executable, "-m", *launcher, "--host", "127.0.0.1", "--port", "0",
          "--api-key", KEY, "--beta", "serve", "--delta-ms", "50"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
