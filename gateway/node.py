@@ -20,6 +20,8 @@ import tempfile
 import orjson
 import uvloop
 
+import _fastpath
+
 from gateway import config as node_config
 from gateway import sockets
 from gateway.config import ConfigError, NodeConfig
@@ -142,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, config.log_format)
     log.info("starting with %r", config)
     check_open_files(config)  # before the workers start: they inherit the limit
+    check_fastpath()
     # SIGHUP means "reload" once the node runs (serve, supervise); while it starts, the keys file
     # is being read anyway, and the default action would kill it
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -180,6 +183,21 @@ def check_open_files(config: NodeConfig) -> None:
                     "LimitNOFILE=)", limit, raised, room, per_session, wanted)
     else:
         log.info("open files limit %d%s: room for ~%d sessions per process", limit, raised, room)
+
+
+def check_fastpath() -> None:
+    """Say which audio fast path the node runs. The pure twin costs about twice the CPU per
+    session (bench/README.md), so a node that fell back to it without being asked (an install
+    that did not build the extension, a start from a source tree, an extension built against
+    another picows) warns, with the reason."""
+    if _fastpath.IMPLEMENTATION == "compiled":
+        log.info("audio fast path: compiled")
+    elif _fastpath.NO_EXTENSIONS:
+        log.info("audio fast path: the pure-Python twin (GATEWAY_NO_EXTENSIONS is set)")
+    else:
+        log.warning("the compiled audio fast path did not load (%s): running its pure-Python twin, at about "
+                    "twice the CPU per session; reinstall with `pip install .` where a C compiler is present",
+                    _fastpath.COMPILED_IMPORT_ERROR)
 
 
 #: the workers' shared metrics directory, named after the supervisor that removes it as it stops

@@ -21,7 +21,7 @@ from picows import WSAutoPingStrategy, WSCloseCode, WSFrame, WSMsgType, WSTransp
 from picows.picows import WSProtocol, _validate_upgrade_request
 from picows.common import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
-from _fastpath import ClientLeg, DirectReader, release_handshake
+from _fastpath import IMPLEMENTATION as FASTPATH, ClientLeg, DirectReader, release_handshake
 from gateway import sockets, tls
 from gateway.auth import (SHARED_LIMITS_FILE, AuthRefusal, AuthSettings, ClientAuthenticator, LimitRefusal,
                           OriginPolicy, Principal, Refusal, SessionLimiter, SharedSessionLimiter, Slot, client_ip,
@@ -286,7 +286,8 @@ class GatewayServer:
         sniffer (HEAD, HTTP/1.0) both answer from here."""
         if path == "/health":
             return _json(200, {"status": "ok", "sessions": len(self.sessions), "pid": os.getpid(),
-                               "draining": self.draining, "overloaded": self.overloaded})
+                               "draining": self.draining, "overloaded": self.overloaded,
+                               "fastpath": FASTPATH})
         if path == "/ready":
             ready = not (self.draining or self.overloaded)
             return _json(200 if ready else 503, {"ready": ready, "draining": self.draining,

@@ -8,6 +8,7 @@ then `compiled` already is the scalar path).
 from __future__ import annotations
 
 import array
+import asyncio
 import base64
 import json
 import math
@@ -24,6 +25,8 @@ import _fastpath._compiled as compiled
 import _fastpath._pure as pure
 from gateway.mock import audio as mock_audio
 from tests import g711
+from tests.raw_client import http_get
+from tests.relay_harness import gateway_process
 
 HEADER_ROOM = _fastpath.HEADER_ROOM
 DBFS_FLOOR = _fastpath.DBFS_FLOOR
@@ -141,6 +144,37 @@ def test_a_direct_reader_closes_only_the_epoll_descriptor_it_made():
     finally:
         if placeholder is not None:
             os.close(placeholder)
+
+
+def test_a_node_says_which_fast_path_it_runs():
+    """A node started as an operator starts it names its fast path in its start-up log and in
+    `/health`: the compiled one in a normal install, the pure one (asked for) under
+    GATEWAY_NO_EXTENSIONS."""
+    log: list[str] = []
+    with gateway_process(log=log) as (_process, port):
+        status, body = asyncio.run(http_get(port, "/health"))
+    assert status == 200
+    expected = "pure" if _fastpath.NO_EXTENSIONS else "compiled"
+    assert orjson.loads(body)["fastpath"] == expected
+    said = ("audio fast path: the pure-Python twin (GATEWAY_NO_EXTENSIONS is set)" if _fastpath.NO_EXTENSIONS
+            else "audio fast path: compiled")
+    assert any(said in line for line in log), log
+
+
+def test_a_fallback_nobody_asked_for_is_a_warning_with_its_reason():
+    """Found by a packaging audit: a node that could not load the compiled extension (started
+    from a source tree, or built against another picows) ran the pure twin, at twice the CPU,
+    without a trace. It now warns as it starts, quoting the import error."""
+    code = ("import logging, sys; sys.modules['_fastpath._compiled'] = None; logging.basicConfig(); "
+            "import _fastpath; from gateway.node import check_fastpath; check_fastpath(); "
+            "print(_fastpath.IMPLEMENTATION, _fastpath.NO_EXTENSIONS)")
+    env = {name: value for name, value in os.environ.items() if name != "GATEWAY_NO_EXTENSIONS"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["pure", "False"]
+    assert result.stderr.startswith("WARNING:gateway.node:the compiled audio fast path did not load "
+                                    "(import of _fastpath._compiled halted; None in sys.modules): "
+                                    "running its pure-Python twin"), result.stderr
 
 
 def test_no_extensions_switch_selects_the_pure_twin():
