@@ -440,9 +440,11 @@ class ClientAuthenticator:
         # text log escapes control characters, and those alone are refused here
         if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT_CHARS or not subject.isprintable():
             return _auth_refusal(f"token subject must be 1-{MAX_SUBJECT_CHARS} printable characters")
-        limit = claims.get(self._jwt_max_sessions_claim, self.max_sessions_per_key)
-        if limit is not None and (type(limit) is not int or limit < 1):
-            return _auth_refusal(f"token claim {self._jwt_max_sessions_claim!r} must be a positive integer")
+        # absent: the node's per-key limit; present, it must be a limit (null is not "unlimited")
+        claim = self._jwt_max_sessions_claim
+        limit = claims[claim] if claim in claims else self.max_sessions_per_key
+        if claim in claims and (type(limit) is not int or limit < 1):
+            return _auth_refusal(f"token claim {claim!r} must be a positive integer")
         return Principal(subject, limit, subprotocol, "jwt")
 
 

@@ -213,6 +213,16 @@ def test_jwt_valid_with_subject_and_per_token_session_limit():
         assert refusal.status == 401 and "max_sessions" in refusal.reason
 
 
+def test_a_null_session_limit_claim_is_refused_not_unlimited():
+    """Found by a security audit: `"max_sessions": null` read as "no limit" and let a token past
+    --max-sessions-per-key (token minters often write null for an optional field)."""
+    null_claim = jwt.encode({"sub": "tenant-7", "exp": int(time.time()) + 300, "max_sessions": None}, JWT_SECRET,
+                            algorithm="HS256")
+    for node_limit in (1, None):
+        refusal = authenticator(jwt_secret=JWT_SECRET, max_sessions_per_key=node_limit).authenticate(bearer(null_claim))
+        assert (refusal.status, refusal.reason) == (401, "token claim 'max_sessions' must be a positive integer")
+
+
 def test_jwt_refusals_expired_not_yet_valid_wrong_secret_wrong_alg_missing_claims():
     auth = authenticator(jwt_secret=JWT_SECRET)
     now = int(time.time())
