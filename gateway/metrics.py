@@ -167,8 +167,18 @@ def render_multiprocess(directory: str, accept: str | None = None) -> tuple[byte
     """Exposition of the sum of every worker's files in `directory` (no mode switch needed)."""
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=directory)
-    encode, content_type = choose_encoder(accept or "")
+    encode, content_type = _encoder(accept)
     return encode(registry), content_type
+
+
+def _encoder(accept: str | None):
+    """prometheus_client's exposition for a scrape's Accept header. It raises on a version it
+    cannot compare (`text/plain;version=abc`: TypeError), and anyone may send one: such a scrape
+    gets the default text format, as one with no Accept does."""
+    try:
+        return choose_encoder(accept or "")
+    except (TypeError, ValueError):
+        return choose_encoder("")
 
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -403,6 +413,6 @@ class GatewayMetrics:
         OpenMetrics or text 1.0.0 when the scraper asks for them."""
         if self.multiprocess_dir is not None:
             return render_multiprocess(self.multiprocess_dir, accept)
-        encode, content_type = choose_encoder(accept or "")
+        encode, content_type = _encoder(accept)
         return encode(self.registry), content_type
 

@@ -88,6 +88,13 @@ def test_http10_metrics_negotiates_the_exposition_format():
                 gateway.port, b"GET /metrics HTTP/1.0\r\nAccept: application/openmetrics-text\r\n\r\n")
             assert header(head, "Content-Type").startswith("application/openmetrics-text")
             assert body.endswith(b"# EOF\n")
+            # an Accept prometheus_client cannot read: the default format, over each way in (it
+            # was a 500 through picows, and a traceback and no answer through the sniffer)
+            for request in (b"GET /metrics HTTP/1.0\r\n", b"HEAD /metrics HTTP/1.1\r\nHost: node\r\n",
+                            b"GET /metrics HTTP/1.1\r\nHost: node\r\n"):
+                head, _ = await exchange(gateway.port, request + b"Accept: text/plain;version=abc\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+                assert header(head, "Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
 
     run(scenario())
 

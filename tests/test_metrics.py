@@ -40,6 +40,9 @@ def test_render_is_prometheus_text_with_every_series_at_zero():
     assert content_type == "text/plain; version=0.0.4; charset=utf-8"
     openmetrics, openmetrics_type = metrics.render("application/openmetrics-text; version=1.0.0")
     assert openmetrics_type.startswith("application/openmetrics-text") and openmetrics.endswith(b"# EOF\n")
+    # found by a security audit: a version prometheus_client cannot compare raised (TypeError)
+    for unreadable in ("text/plain;version=abc", "application/openmetrics-text;version=zz"):
+        assert metrics.render(unreadable) == (body, content_type)
     samples = scrape(body)
     assert value(samples, "gateway_sessions_active") == 0
     assert value(samples, "gateway_workers") == 1
