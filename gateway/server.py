@@ -49,6 +49,10 @@ _PONG = WSMsgType.PONG
 #: picows' initial read buffer per client socket (it doubles on demand and never shrinks); the
 #: default 16 KiB is mostly idle for 960-byte audio frames and dominated RSS per session
 CLIENT_READ_BUFFER_INIT_BYTES = 4 * 1024
+#: how long a connection may take to send its request (picows' handshake timer), and on a
+#: --tls-cert node, before that, its TLS handshake (uvloop's default is 60 s): what an idle or
+#: trickling peer can hold a socket for
+HANDSHAKE_TIMEOUT_S = 10.0
 #: the paths `plain_endpoint` serves (any other is 404)
 PLAIN_PATHS = frozenset(("/health", "/ready", "/metrics", "/realtime"))
 #: the longest interval between sweeps (metrics flush, idle, ping and duration checks)
@@ -242,6 +246,7 @@ class GatewayServer:
         for sock in listening:
             self._servers.append(await loop.create_server(
                 self._connection_protocol, sock=sock, ssl=self.tls,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S if self.tls else None,
                 backlog=sockets.LISTEN_BACKLOG))  # create_server listens again, with 100 unless told
         self.port = listening[0].getsockname()[1]
         self._schedule_sweep()
@@ -258,7 +263,7 @@ class GatewayServer:
         # the sniffer that answers the probes picows' parser refuses
         websocket = WSProtocol(
             None, None, False, self._route, _PICOWS_LOG, True,
-            10,  # handshake timeout (s): also ends a connection that never sends its request
+            HANDSHAKE_TIMEOUT_S,  # also ends a connection that never sends its request
             False, 20, 20, WSAutoPingStrategy.PING_WHEN_IDLE,  # no auto pings: the sweep pings clients
             False,  # no auto pongs: ClientListener answers pings, holding them while the client does not read
             self.config.max_message_bytes + _FRAME_SLACK_BYTES, None, CLIENT_READ_BUFFER_INIT_BYTES)

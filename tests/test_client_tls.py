@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 import _fastpath
 from gateway import config as node_config
+from gateway import server as server_module
 from gateway.config import ConfigError
 from tests.relay_harness import RelayClient, gateway_process, relay, speech_like
 from tests.support import run
@@ -86,6 +87,26 @@ def test_a_wss_node_carries_a_turn_byte_exact_and_answers_https_probes(ca, trust
     assert done["status"] == "completed" and echoed == audio
     assert status == 200 and health["status"] == "ok"
     assert served == der(leaf)
+
+
+def test_a_peer_that_never_finishes_the_tls_handshake_is_cut_at_the_handshake_timeout(ca, tmp_path, monkeypatch):
+    """Found by a security audit: picows' handshake timer starts only once TLS is up, so uvloop's
+    default TLS handshake timeout (60 s) held idle and trickling peers six times as long as on a
+    plain node. The node's handshake timeout now bounds the TLS handshake too."""
+    monkeypatch.setattr(server_module, "HANDSHAKE_TIMEOUT_S", 0.5)
+    cert_path, key_path = write_pair(ca.issue_cert("127.0.0.1"), tmp_path, "node")
+
+    async def scenario():
+        async with relay(tls_cert=cert_path, tls_key=key_path) as (gateway, _mock):
+            idle = await asyncio.open_connection("127.0.0.1", gateway.port)
+            trickling = await asyncio.open_connection("127.0.0.1", gateway.port)
+            trickling[1].write(b"\x16\x03\x01\x02\x00\x01")  # a ClientHello's first bytes, and no more
+            for reader, writer in (idle, trickling):
+                async with asyncio.timeout(5):  # uvloop's 60 s would end here
+                    assert await reader.read() == b""  # closed by the node
+                writer.close()
+
+    run(scenario(), timeout=15)
 
 
 def test_a_plain_node_still_reads_its_clients_directly():
