@@ -55,12 +55,13 @@ ERROR_TABLE: dict[str, ErrorKind] = {
 }
 
 # Credentials: OpenAI keys (sk-..., sk-proj-...), ephemeral keys (ek_...), also masked the way
-# OpenAI echoes a wrong key (`sk-****...9876`: its last four characters are still the
-# operator's), whatever follows "API key provided:", bearer tokens and api-key header values
+# OpenAI echoes a wrong key (`sk-****...9876`, `sk-...9876`: its last four characters are still
+# the operator's), whatever follows "API key provided:", bearer tokens and api-key header values
 # that might be echoed inside an upstream or library message.
 _SECRET_PATTERNS = (
-    # (not after a letter or digit, so `x_sk-...` is one too)
-    re.compile(r"(?<![A-Za-z0-9])(sk|ek|rk)[-_][A-Za-z0-9_*\-]{6,}"),
+    # (not after a letter or digit, so `x_sk-...` is one too; a dot inside, not the one that
+    # ends a sentence)
+    re.compile(r"(?<![A-Za-z0-9])(sk|ek|rk)[-_][A-Za-z0-9_*.\-]{5,}[A-Za-z0-9_*\-]"),
     # a JWT wherever it stands (a client token echoed without its `Bearer`): header and payload
     # are base64 of JSON objects, so both begin `eyJ`
     re.compile(r"eyJ[A-Za-z0-9_-]{6,}\.eyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]*"),

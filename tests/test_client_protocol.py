@@ -363,6 +363,9 @@ def test_secrets_are_scrubbed_from_messages():
     assert openai.message == ("Incorrect API key provided: [redacted]. You can find your API key at "
                               "https://platform.openai.com/account/api-keys.")
     assert scrub("Incorrect API key provided: abcd****wxyz.") == "Incorrect API key provided: [redacted]"
+    # ... and in any other wording, masked with dots (found by a security audit)
+    assert scrub("The API key sk-****...9876 has been deactivated") == "The API key [redacted] has been deactivated"
+    assert scrub("key sk-...9876 is over quota") == "key [redacted] is over quota"
     # a token ends where a delimiter begins: the text around it stays as it was
     assert scrub("Key X header [Bearer abc.def-123] is invalid") == "Key X header [Bearer [redacted]] is invalid"
     assert scrub("(api-key=abc123def); retry") == "(api-key=[redacted]); retry"
