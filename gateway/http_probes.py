@@ -8,7 +8,9 @@ WebSocket upgrade, every ordinary probe — to picows' protocol untouched, and a
 from the node's plain endpoints: GET and HEAD (headers only), OPTIONS with the methods allowed
 (404 for a path the node does not serve), 405 for other methods, 400 for what is not HTTP/1.x,
 431 for any head over picows' 16 KiB (picows itself would reset the connection without a
-status); then it closes the connection.
+status); then it closes the connection. An HTTP/1.1 GET that picows' parser would refuse is
+refused here, with picows' reason but not the line it quotes (picows' own 400 would quote it,
+and that line may hold a client token). Each 400 and 431 is reported to `unreadable`.
 
 It costs one Python call per connection and none per frame: once it hands the request over,
 the sniffer is no longer the transport's protocol. picows' protocol is connected from the start,
@@ -19,6 +21,8 @@ from __future__ import annotations
 import asyncio
 from http import HTTPStatus
 from typing import Callable
+
+from picows.picows import _parse_http_request  # picows is pinned exactly (pyproject.toml)
 
 from gateway.read_buffers import ReadCap
 
@@ -38,12 +42,14 @@ _VERSIONS = (b"HTTP/1.0", b"HTTP/1.1")
 class RequestSniffer(asyncio.Protocol):
     """The first protocol of every client connection: picks who answers its request."""
 
-    __slots__ = ("ws", "endpoint", "paths", "transport", "head")
+    __slots__ = ("ws", "endpoint", "paths", "unreadable", "transport", "head")
 
-    def __init__(self, ws: asyncio.BufferedProtocol, endpoint: Endpoint, paths: frozenset[str]) -> None:
+    def __init__(self, ws: asyncio.BufferedProtocol, endpoint: Endpoint, paths: frozenset[str],
+                 unreadable: Callable[[], None] = lambda: None) -> None:
         self.ws = ws  # picows' WSProtocol for this connection
         self.endpoint = endpoint
         self.paths = paths  # what `endpoint` serves: OPTIONS on anything else is 404
+        self.unreadable = unreadable  # called for each request refused as malformed (400, 431)
         self.transport: asyncio.Transport | None = None
         self.head = b""  # what arrived before the request line (or head) was whole
 
@@ -61,21 +67,29 @@ class RequestSniffer(asyncio.Protocol):
         whole = 0 <= head_end < MAX_REQUEST_HEAD_BYTES  # else picows would reset it without a status
         if whole and head.startswith(_UPGRADE_LINE_START) and head.endswith(
                 _UPGRADE_LINE_END, 0, head.find(b"\r\n")):
-            self.transport.set_protocol(ReadCap(self.ws))
-            _feed(self.ws, head)  # with any frames sent behind the head
-            return
+            try:
+                _parse_http_request(head[:head_end])
+            except RuntimeError as exc:
+                reason = str(exc).partition(":")[0]  # what follows quotes the request
+                reply = self._malformed(f"malformed HTTP request: {reason}\n".encode("latin-1"))
+            else:
+                self.transport.set_protocol(ReadCap(self.ws))
+                _feed(self.ws, head)  # with any frames sent behind the head
+                return
+        else:
+            reply = self.answer(head[:head_end] if whole else None)
         self.transport.pause_reading()  # one request per connection: the answer closes it
-        self.transport.write(self.answer(head[:head_end] if whole else None))
+        self.transport.write(reply)
         self.transport.close()
 
     def answer(self, head: bytes | None) -> bytes:
         """The whole response to a request head the node answers itself (None: too long)."""
         if head is None:
-            return _response(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, b"", "text/plain", False)
+            return self._malformed(b"", HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
         lines = head.split(b"\r\n")
         parts = lines[0].split(b" ")
         if len(parts) != 3 or parts[2] not in _VERSIONS or not parts[1]:
-            return _response(HTTPStatus.BAD_REQUEST, b"malformed HTTP request line\n", "text/plain", False)
+            return self._malformed(b"malformed HTTP request line\n")
         method, target = parts[0], parts[1].decode("latin-1")
         path = target.split("?", 1)[0]
         if method == b"OPTIONS":
@@ -86,6 +100,10 @@ class RequestSniffer(asyncio.Protocol):
             return _response(HTTPStatus.METHOD_NOT_ALLOWED, b"", "text/plain", False)
         status, body, content_type = self.endpoint(path, _header(lines, b"accept"))
         return _response(status, body, content_type, method == b"HEAD")
+
+    def _malformed(self, body: bytes, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> bytes:
+        self.unreadable()
+        return _response(status, body, "text/plain", False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.ws.connection_lost(exc)  # cancels picows' handshake timeout

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import ssl
+import traceback
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
@@ -29,7 +30,7 @@ from gateway.auth import (SHARED_LIMITS_FILE, AuthRefusal, AuthSettings, ClientA
 from gateway.client_protocol import error_event, is_model_name
 from gateway.config import ConfigError, NodeConfig
 from gateway.errors import (CLOSE_GOING_AWAY, CLOSE_MESSAGE_TOO_BIG, IdleTimeout, InvalidMessage, Overloaded,
-                            SessionExpired, keep_secret)
+                            SessionExpired, keep_secret, scrub)
 from gateway.framing import (FragmentOutOfOrder, MessageAssembler, MessageTooBig, PeerParserErrorsAtInfo, close_reply,
                              close_status)
 from gateway.http_probes import RequestSniffer
@@ -267,10 +268,23 @@ class GatewayServer:
             False, 20, 20, WSAutoPingStrategy.PING_WHEN_IDLE,  # no auto pings: the sweep pings clients
             False,  # no auto pongs: ClientListener answers pings, holding them while the client does not read
             self.config.max_message_bytes + _FRAME_SLACK_BYTES, None, CLIENT_READ_BUFFER_INIT_BYTES)
-        return RequestSniffer(websocket, self.plain_endpoint, PLAIN_PATHS)
+        return RequestSniffer(websocket, self.plain_endpoint, PLAIN_PATHS, self._unreadable_request)
+
+    def _unreadable_request(self) -> None:
+        self._refused("other", None)
 
     def _route(self, request: WSUpgradeRequest):
-        parts = urlsplit(request.path.decode("latin-1"))
+        try:
+            return self._route_request(request)
+        except Exception:  # a bug of ours: picows would answer 500 quoting the exception, log nothing
+            log.error("routing a request failed: %s", scrub(traceback.format_exc()))
+            return self._refused("other", _plain_response((500, b"internal error\n", "text/plain")))
+
+    def _route_request(self, request: WSUpgradeRequest):
+        try:
+            parts = urlsplit(request.path.decode("latin-1"))
+        except ValueError:  # e.g. `//[x/realtime`: an unclosed IPv6 host in the request target
+            return self._refused("other", _plain_response((400, b"malformed request target\n", "text/plain")))
         path = parts.path
         if path == "/realtime":
             version = request.headers.get("Sec-WebSocket-Version")

@@ -216,3 +216,63 @@ def test_a_probe_cut_anywhere_is_answered_once(cut):
             assert response.count(b"HTTP/1.1 200 OK\r\n") == 1 and response.endswith(b"\r\n\r\n")
 
     run(scenario())
+
+
+def _upgrade(request_line: bytes, *headers: bytes) -> bytes:
+    return (request_line + b"\r\nHost: 127.0.0.1\r\n" + b"".join(line + b"\r\n" for line in headers) +
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " +
+            base64.b64encode(os.urandom(16)) + b"\r\n\r\n")
+
+
+def test_a_request_picows_cannot_parse_is_refused_without_quoting_it(caplog):
+    """Found by a security audit: picows answers a head its parser refuses with a 400 quoting
+    the offending line (a control byte in a credential, a folded header, a space after
+    `?token=`), so a client token came back in the body; nothing was counted, and a target
+    `urlsplit` cannot read was a 500 quoting Python's error. Each is now a 400 with picows'
+    reason alone, counted under `other`."""
+    token = b"ck-SECRETclienttoken-123456"
+    line = b"GET /realtime HTTP/1.1"
+    cases = [
+        (_upgrade(line, b"Authorization: Bearer " + token + b"\x7f"),
+         b"malformed HTTP request: Invalid HTTP header value for b'Authorization'\n"),
+        (_upgrade(line, b"Sec-WebSocket-Protocol: realtime-gateway, realtime-gateway.bearer." + token + b"\x01"),
+         b"malformed HTTP request: Invalid HTTP header value for b'Sec-WebSocket-Protocol'\n"),
+        (_upgrade(line, b"X-Trace: 1", b" Authorization: Bearer " + token),
+         b"malformed HTTP request: Obsolete folded HTTP header is not supported\n"),
+        (_upgrade(b"GET /realtime?token=" + token + b" x HTTP/1.1"), b"malformed HTTP request: Malformed request line\n"),
+        (_upgrade(b"GET //[x/realtime HTTP/1.1"), b"malformed request target\n"),
+    ]
+
+    async def scenario():
+        async with relay() as (gateway, _mock):
+            for request, reason in cases:
+                head, body = await exchange(gateway.port, request)
+                assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), (request, head)
+                assert body == reason and token not in head
+            metrics = (await exchange(gateway.port, b"GET /metrics HTTP/1.0\r\n\r\n"))[1]
+            assert b'gateway_refusals_total{reason="other"} 5.0' in metrics
+            assert gateway.sessions == set()
+
+    with caplog.at_level("DEBUG"):
+        run(scenario())
+    assert token.decode() not in caplog.text
+
+
+def test_a_failure_while_routing_is_a_plain_500_and_a_scrubbed_log_line(caplog):
+    """A bug of ours in routing an upgrade: picows would answer 500 with the exception's text
+    and log nothing. The client gets a fixed 500; the log has the traceback, scrubbed."""
+    async def scenario():
+        async with relay() as (gateway, _mock):
+            def broken(request):
+                raise RuntimeError("boom near sk-proj-SECRETkey123456")
+            gateway.authenticator.authenticate = broken
+            head, body = await exchange(gateway.port, _upgrade(b"GET /realtime HTTP/1.1"))
+            assert head.startswith(b"HTTP/1.1 500 Internal Server Error\r\n") and body == b"internal error\n"
+            metrics = (await exchange(gateway.port, b"GET /metrics HTTP/1.0\r\n\r\n"))[1]
+            assert b'gateway_refusals_total{reason="other"} 1.0' in metrics
+
+    with caplog.at_level("INFO"):
+        run(scenario())
+    failures = [record for record in caplog.records if record.getMessage().startswith("routing a request failed")]
+    assert len(failures) == 1 and failures[0].levelname == "ERROR"
+    assert "RuntimeError: boom near [redacted]" in failures[0].getMessage() and "SECRET" not in caplog.text
