@@ -1021,20 +1021,7 @@ class RelaySession:
         session = _object(event.get("session"))
         foreign = self.dialect.foreign_field(session)
         if foreign is not None:
-            # the node is set to the other dialect (an Azure preview URL left on ga, say): its
-            # updates would be refused or half-read and its events go unread, so nothing would
-            # work as asked. The operator's setting to fix, said plainly, rather than a session
-            # that looks ready and is not
-            other = "ga" if self.dialect.name == "beta" else "beta"
-            # the fix is said once per upstream and setting: every later session fails alike, and
-            # its own warning line is enough (a busy misconfigured node would repeat it per session)
-            if (self.upstream_url, self.dialect.name) not in _DIALECT_MISMATCHES_LOGGED:
-                _DIALECT_MISMATCHES_LOGGED.add((self.upstream_url, self.dialect.name))
-                log.error("session %s: the upstream speaks the %s dialect (its session has `%s`), the node is "
-                          "set to %s: start it with --upstream-dialect %s", self.session_id, other, foreign,
-                          self.dialect.name, other)
-            self.fail(ConnectionFailed(f"the upstream speaks the {other} dialect, not the {self.dialect.name} "
-                                       f"dialect this gateway is set to (--upstream-dialect)"))
+            self._wrong_dialect(f"its session has `{foreign}`")
             return
         if self.metrics is not None and not self.created:
             self.metrics.observe_upstream_connect(self.loop.time() - self._connect_started)
@@ -1048,6 +1035,21 @@ class RelaySession:
         initial.levels = None
         self._send_session_update(initial, fallback=defaults)
         self._maybe_ready()
+
+    def _wrong_dialect(self, evidence: str, upstream: dict | None = None) -> None:
+        """The node is set to the other dialect than its upstream speaks (an Azure preview URL
+        left on ga, a beta node in front of today's OpenAI): its updates would be refused or
+        half-read and its events go unread. The operator's setting to fix, said plainly, rather
+        than a session that looks ready and is not, or an upstream error that names no setting."""
+        other = "ga" if self.dialect.name == "beta" else "beta"
+        # the fix is said once per upstream and setting: every later session fails alike, and
+        # its own warning line is enough (a busy misconfigured node would repeat it per session)
+        if (self.upstream_url, self.dialect.name) not in _DIALECT_MISMATCHES_LOGGED:
+            _DIALECT_MISMATCHES_LOGGED.add((self.upstream_url, self.dialect.name))
+            log.error("session %s: the upstream speaks the %s dialect (%s), the node is set to %s: start it "
+                      "with --upstream-dialect %s", self.session_id, other, evidence, self.dialect.name, other)
+        self.fail(ConnectionFailed(f"the upstream speaks the {other} dialect, not the {self.dialect.name} "
+                                   f"dialect this gateway is set to (--upstream-dialect)", upstream=upstream))
 
     def _on_session_updated(self, event: dict) -> None:
         answered = None
@@ -1114,6 +1116,9 @@ class RelaySession:
     def _on_error(self, event: dict) -> None:
         error = _error_object(event.get("error"))
         code = error.get("code")
+        if code == "beta_api_shape_disabled" and self.dialect.name == "beta":
+            self._wrong_dialect("it refuses the beta shape: beta_api_shape_disabled", _details(error))
+            return
         event_id = error.get("event_id") or ""
         # a server error that names no request (or the gateway's own request of the running
         # reply) may be the running reply's; one naming another request is that request's

@@ -535,14 +535,27 @@ def test_session_expiry_is_fatal():
     run(scenario(), timeout=20)
 
 
-def test_beta_shape_rejected_upstream_is_fatal():
+def test_a_beta_node_before_todays_openai_is_told_which_setting_to_change(caplog, monkeypatch):
+    """OpenAI refuses the beta shape (`beta_api_shape_disabled`, close 4000). Found by a README
+    audit: a node set to beta got the upstream's UpstreamError, which names no setting, where a
+    node set to ga before a beta upstream is told to change --upstream-dialect. Both are now."""
+    from gateway import session
+    monkeypatch.setattr(session, "_DIALECT_MISMATCHES_LOGGED", set())
+
     async def scenario():
         async with relay(MockOptions(beta="reject"), upstream_dialect="beta") as (gateway, mock):
             client = await RelayClient.connect(gateway.url)
-            error = await _expect_fatal(client, "UpstreamError", CLOSE_INTERNAL_ERROR)
+            error = await _expect_fatal(client, "ConnectionFailed", CLOSE_INTERNAL_ERROR)
+            assert error["message"] == ("the upstream speaks the ga dialect, not the beta dialect this gateway "
+                                        "is set to (--upstream-dialect)")
             assert error["upstream"]["code"] == "beta_api_shape_disabled"
+            assert client.of_type("ready") == []
             await gateway.wait_empty(3)
     run(scenario(), timeout=20)
+    fixes = [record.getMessage() for record in caplog.records if "start it with --upstream-dialect" in record.getMessage()]
+    assert len(fixes) == 1 and fixes[0].endswith(
+        "the upstream speaks the ga dialect (it refuses the beta shape: beta_api_shape_disabled), the node is set "
+        "to beta: start it with --upstream-dialect ga")
 
 
 def test_oversized_message_closes_with_1009():
