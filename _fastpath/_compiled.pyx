@@ -1366,7 +1366,9 @@ cdef class UpstreamLeg(DirectLeg):
         try:
             if frame.msg_type == WSMsgType.TEXT and frame.fin and not (frame.rsv1 | frame.rsv2 | frame.rsv3) \
                     and not self.assembling:
-                if path is not None and self._relay(path, frame.payload_ptr, frame.payload_size):
+                if transport.is_close_frame_sent:
+                    pass  # the connection is closing: nothing behind a close of ours is relayed
+                elif path is not None and self._relay(path, frame.payload_ptr, frame.payload_size):
                     self._maybe_attach(path.reader, transport, frame)
                 else:
                     self.on_event(frame.get_payload_as_memoryview())

@@ -505,13 +505,17 @@ class UpstreamLeg(DirectLeg):
     fragment frames, and frames with reserved bits set, go to `on_other_frame`. After the last
     frame of each socket read the batch goes out: `path.flush_batch()`, or `on_read_end()`
     without a path.
-    A leg without a path (retired by its session) hands every message to `on_event`."""
+    A leg without a path (retired by its session) hands every message to `on_event`. Once a close
+    frame has gone out on the transport (picows' parser failed the connection, or a close of
+    ours is under way) no whole text message is relayed or handed on (RFC 6455 §7.1.7)."""
 
     def on_ws_frame(self, transport, frame) -> None:
         path = self.path
         try:
             if frame.msg_type is _TEXT and frame.fin and not (frame.rsv1 | frame.rsv2 | frame.rsv3) \
                     and not self.assembling:
+                if transport.is_close_frame_sent:
+                    return  # the connection is closing: nothing behind a close of ours is relayed
                 payload = frame.get_payload_as_memoryview()
                 if path is None:
                     self.on_event(payload)

@@ -160,6 +160,10 @@ class UpstreamListener(UpstreamLeg):
             # the connection (RFC 6455 §7.1.7), or after the upstream's close (nothing follows
             # one, §5.5.1; its code and reason stand): no pong, no close frame, nothing processed
             return
+        if transport.is_close_frame_sent and frame.msg_type is not WSMsgType.CLOSE:
+            # behind a close of ours (picows' parser failed the connection: a close status no
+            # endpoint may send, say): only the upstream's close is read, to end the handshake
+            return
         if frame.rsv1 | frame.rsv2 | frame.rsv3:
             # no extension was negotiated (RFC 6455 §5.2: fail the connection): compressed audio
             # would be played as noise, a compressed event misread
