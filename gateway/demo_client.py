@@ -6,9 +6,9 @@ Connects, sends `config`, waits for `ready`, streams the WAV in real time in 20 
 (converted to 24 kHz mono PCM16 if needed; with server VAD a second of silence follows so the last
 turn ends), prints transcripts and events, writes the reply audio to `--out`, and exits once the
 whole file is sent and every reply is done (with server VAD: one per utterance the VAD detected)
-— or `--timeout` seconds after the audio is sent (exit code 1). `--demo-tone` sends a generated
-tone instead of a WAV; `--text` sends a text turn; `--token` authenticates to a node with client
-auth.
+— or `--timeout` seconds after the audio is sent, or without `ready` (exit code 1). `--demo-tone`
+sends a generated tone instead of a WAV; `--text` sends a text turn; `--token` authenticates to a
+node with client auth.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ PUSH_TO_TALK_MIN_BYTES = RATE * 2 // 10  # the upstream commits no turn under 10
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="ws://127.0.0.1:3001/realtime", help="gateway /realtime URL")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--wav", help="WAV file to speak (any rate/channels, integer PCM or float; "
+    source.add_argument("--wav", help="WAV file to speak (any rate/channels; integer PCM, float, µ-law or A-law; "
                                       "converted to 24 kHz mono PCM16)")
     source.add_argument("--demo-tone", action="store_true", help="speak a generated 1 s 440 Hz tone instead of a WAV")
     parser.add_argument("--text", help="also send this text as a user message (gets its own reply)")
@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="client token (key or JWT) for a node with client auth, sent as "
                              "Authorization: Bearer (default: $GATEWAY_CLIENT_TOKEN)")
     parser.add_argument("--timeout", type=float, default=60.0,
-                        help="give up this many seconds after the audio is sent (it streams in real time)")
+                        help="give up this many seconds after the audio is sent (it streams in real time), "
+                             "or on `ready` if it takes this long")
 
 
 class WavError(ValueError):
@@ -372,6 +373,9 @@ async def _speak(transport: WSTransport, audio: bytes | bytearray, turn_detectio
 def run(args: argparse.Namespace) -> int:
     if not 0.0 < args.timeout < math.inf:  # also nan
         return _usage_error(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    if "@" in urllib.parse.urlsplit(args.url).netloc:  # not quoted: it may hold a secret
+        return _usage_error("--url names a user (user:password@host), which a node does not read: "
+                            "give a client token with --token")
     if args.wav:
         try:
             audio = load_wav_pcm16(args.wav)

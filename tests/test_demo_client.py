@@ -225,6 +225,12 @@ def test_a_newcomer_audit_s_mistakes_are_told_in_one_line_too(tmp_path):
         [sys.executable, "-m", "gateway", "client", "--demo-tone", "--url",
          f"ws://127.0.0.1:{port}/realtime?token={raw_token}"], capture_output=True, text=True, timeout=60))
     assert masked.endswith(f"/realtime?token=***: Connection refused"), masked
+    # found by a security audit: credentials in the URL were ignored, and shown as typed
+    in_userinfo = _one_line_error(subprocess.run(
+        [sys.executable, "-m", "gateway", "client", "--demo-tone", "--url",
+         f"ws://user:s3cret-pa55word@127.0.0.1:{port}/realtime"], capture_output=True, text=True, timeout=60))
+    assert in_userinfo == ("realtime-gateway client: --url names a user (user:password@host), which a node does "
+                           "not read: give a client token with --token")
     short = tmp_path / "short.wav"
     _write_wav(short, speech_like(0.05, seed=8))
     assert _one_line_error(_client(port, "--wav", str(short), "--turn-detection", "none")) == \
