@@ -51,19 +51,28 @@ class RequestSniffer(asyncio.Protocol):
         self.paths = paths  # what `endpoint` serves: OPTIONS on anything else is 404
         self.unreadable = unreadable  # called for each request refused as malformed (400, 431)
         self.transport: asyncio.Transport | None = None
-        self.head = b""  # what arrived before the request line (or head) was whole
+        self.head = bytearray()  # what arrived before the head was whole (grown in place: a head
+        # trickled a byte a packet would be copied and searched whole per byte otherwise)
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         self.ws.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        head = self.head + data if self.head else data
-        head_end = head.find(b"\r\n\r\n")
+        if self.head:
+            searched = max(0, len(self.head) - 3)  # the blank line may straddle the two pieces
+            self.head += data
+            head_end = self.head.find(b"\r\n\r\n", searched)
+            head = self.head
+        else:
+            head_end = data.find(b"\r\n\r\n")
+            head = data
         if head_end < 0 and len(head) < MAX_REQUEST_HEAD_BYTES:
-            self.head = head
+            if head is data:
+                self.head += data
             return
-        self.head = b""
+        head = bytes(head)
+        self.head = bytearray()
         whole = 0 <= head_end < MAX_REQUEST_HEAD_BYTES  # else picows would reset it without a status
         if whole and head.startswith(_UPGRADE_LINE_START) and head.endswith(
                 _UPGRADE_LINE_END, 0, head.find(b"\r\n")):

@@ -276,3 +276,58 @@ def test_a_failure_while_routing_is_a_plain_500_and_a_scrubbed_log_line(caplog):
     failures = [record for record in caplog.records if record.getMessage().startswith("routing a request failed")]
     assert len(failures) == 1 and failures[0].levelname == "ERROR"
     assert "RuntimeError: boom near [redacted]" in failures[0].getMessage() and "SECRET" not in caplog.text
+
+
+class _Recorder(asyncio.BufferedProtocol):
+    """Stands in for picows' protocol: keeps what the sniffer hands it."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self._buffer = bytearray(256)
+
+    def connection_made(self, transport) -> None:
+        pass
+
+    def get_buffer(self, sizehint: int):
+        return memoryview(self._buffer)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.received += self._buffer[:nbytes]
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.protocol = None
+        self.written = b""
+
+    def set_protocol(self, protocol) -> None:
+        self.protocol = protocol
+
+    def pause_reading(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 5], ids=lambda cut: f"{cut}-byte pieces")
+def test_a_head_trickled_in_pieces_is_found_wherever_its_blank_line_is_cut(cut):
+    """The sniffer grows the head in place and looks for its end only in what is new (and the
+    three bytes before it): every cut of the blank line is found, and picows gets every byte,
+    the frame sent behind the head too."""
+    from gateway.http_probes import RequestSniffer
+
+    request = _upgrade(b"GET /realtime HTTP/1.1") + b"\x81\x80" + bytes(4)  # and an empty text frame
+    ws, transport = _Recorder(), _Transport()
+    sniffer = RequestSniffer(ws, lambda path, accept: (200, b"", "text/plain"), frozenset())
+    sniffer.connection_made(transport)
+    for offset in range(0, len(request), cut):
+        sniffer.data_received(request[offset:offset + cut])
+        if transport.protocol is not None:
+            rest = request[offset + cut:]
+            break
+    assert transport.protocol is not None and transport.written == b""
+    assert bytes(ws.received) + rest == request
