@@ -35,10 +35,11 @@ wanted = {path.relative_to(ROOT).as_posix() for package in PACKAGES for path in 
           if "__pycache__" not in path.parts}
 missing = sorted(wanted - shipped)
 compiled = [name for name in shipped if name.startswith("_fastpath/_compiled.") and name.endswith(".so")]
-# and nothing else: the modules, the compiled fast path, its sources and stubs, the metadata
+# and nothing else: the modules, the compiled fast path, its sources and stubs (and the marker
+# that has type checkers read them), the metadata
 extra = sorted(name for name in shipped - wanted
                if not name.startswith("realtime_gateway-") and name not in compiled
-               and not name.endswith((".pyx", ".pxd", ".pyi", ".h")))
+               and not name.endswith((".pyx", ".pxd", ".pyi", ".h", "/py.typed")))
 faults = ([f"lacks {missing}"] if missing else []) + ([] if compiled else ["lacks the compiled _fastpath"]) \
     + ([f"should not carry {extra}"] if extra else [])
 if faults:
