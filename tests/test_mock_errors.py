@@ -85,6 +85,10 @@ GA_CASES: list[tuple[dict[str, Any], dict[str, Any]]] = [
       "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "a"}]}},
      err("invalid_value", "Error adding item: the previous item with id 'item_gone' does not exist.",
          "previous_item_id", "e20")),
+    # found by a logging audit: an unhashable id was a mock traceback (an ERROR line) per event
+    ({"type": "response.cancel", "event_id": "e21", "response_id": {}},
+     err("invalid_value", "Invalid type for 'response_id': expected a string, but got an object instead.",
+         "response_id", "e21")),
 ]
 
 

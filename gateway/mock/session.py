@@ -727,6 +727,8 @@ class MockSession(WSListener):
         """Cancel the response `response_id` names, or without one the default conversation's
         (PY-GA `response_cancel_event`)."""
         wanted = event.get("response_id")
+        if wanted is not None and not isinstance(wanted, str):
+            raise bad_type("response_id", "a string", wanted)
         if self._stream_echo is not None and self.active_response is None and \
                 (wanted is None or wanted == self._stream_echo.response_id):
             self._stream_echo.finish("cancelled")
