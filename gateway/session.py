@@ -174,7 +174,7 @@ class RelaySession:
                  "_level_timer",
                  "_pre_ready_overflowed", "_owner", "_pending_updates", "_updates_in_flight",
                  "_pre_ready", "_pre_ready_audio_bytes", "_pre_ready_commands", "_pre_ready_command_bytes",
-                 "_reopens", "_reply_after_item", "_reply_after_item_at", "_response_asked",
+                 "_reopens", "_reply_after_item", "_reply_after_item_at", "_reply_rates", "_response_asked",
                  "_response_calls", "_response_wanted", "_user_speaking", "_items_unconfirmed", "_spelling",
                  "_item_counter", "_turn_frames_seen", "_audio_seen_at", "_active_saw_items",
                  "_turn_end", "_timing_reply", "_update_counter",
@@ -252,6 +252,9 @@ class RelaySession:
         # client -> upstream audio
         self.input_format = "pcm16"
         self.output_bytes_per_ms = cp.BYTES_PER_MS["pcm16"]
+        # response -> bytes per ms of its audio: the output format when it was created (a
+        # `config` changing it applies to later replies); None while no reply runs
+        self._reply_rates: dict[str, int] | None = None
         # the meters always run, fused into the fast path's passes (about 1 % of the relay's CPU):
         # /metrics has every session's levels; `levels` is whether the client gets `level` events
         self.levels = False
@@ -982,7 +985,10 @@ class RelaySession:
     def _audio_out(self, item_id: str, pcm) -> None:
         playback = self.playback
         if item_id != playback.item:
-            playback.start_item(item_id, self.loop.time(), self.output_bytes_per_ms)
+            rates = self._reply_rates
+            rate = self.output_bytes_per_ms if rates is None else rates.get(
+                playback.item_response.get(item_id, self.active_response_id), self.output_bytes_per_ms)
+            playback.start_item(item_id, self.loop.time(), rate)
             self._sync_path()
         path = self.path
         size = len(pcm)
@@ -1415,6 +1421,14 @@ class RelaySession:
     def _on_response_created(self, event: dict) -> None:
         response = _object(event.get("response"))
         response_id = as_text(response.get("id"))
+        if response_id is not None:
+            # its audio is in the format it was created with (its own, or the session's then),
+            # whatever a session.updated says while it plays
+            stated = self.dialect.effective(response).get("output_audio_format")
+            if self._reply_rates is None:
+                self._reply_rates = {}
+            remember(self._reply_rates, response_id,
+                     cp.BYTES_PER_MS[stated] if stated is not None else self.output_bytes_per_ms)
         if _out_of_band(response):
             # a client's `conversation:"none"` request: it runs beside the conversation's reply,
             # which stays the active one (barge-in, cancel, the next response.create)
@@ -1474,6 +1488,10 @@ class RelaySession:
     def _on_response_done(self, event: dict, failure_reported: bool = False) -> None:
         response = _object(event.get("response"))
         response_id = as_text(response.get("id"))
+        if self._reply_rates is not None:
+            self._reply_rates.pop(response_id, None)
+            if not self._reply_rates:
+                self._reply_rates = None
         status = as_text(response.get("status"))
         out_of_band = _out_of_band(response)
         if response_id is not None and response_id == self._ended_by_gateway and not failure_reported:

@@ -201,3 +201,38 @@ def test_a_playback_report_older_than_the_rest_of_the_reply_is_no_barge_in():
     assert client.of_type("interrupted") == []
     assert not any(e["type"] == "conversation.item.truncate" for e in upstream.received)
     assert len(items[0].audio) // BYTES_PER_MS == done["_audio_before"] // BYTES_PER_MS == 1260
+
+
+def test_a_reply_created_before_an_output_format_change_is_measured_in_its_own_format():
+    """Found by a logging audit: a `config` changing the output format while a reply was being
+    made (PCM16 to µ-law, right after `create_response`) had that reply's bytes counted at the
+    new format's 8 bytes per ms: a client that had played all of it was still taken to be
+    playing, so a `cancel_response` sent it `interrupted` and asked the upstream to truncate
+    past the item's end (refused, logged as a WARNING). A reply keeps the format it was
+    created with."""
+    async def scenario():
+        async with relay(REALTIME) as (gateway, mock):
+            client = await RelayClient.connect(gateway.url)
+            await client.send({"type": "config", "turn_detection": "none"})
+            await client.wait("ready")
+            await client.send_audio(speech_like(1.0, seed=21))
+            await client.send({"type": "commit"})
+            await client.send({"type": "create_response"})
+            await client.send({"type": "config", "output_audio_format": "g711_ulaw"})  # while it is made
+            response = await client.wait("response_started")
+            await client.wait("session_updated")
+            await client.wait("response_done", response_id=response["response_id"], timeout=5)
+            reply_ms = len(client.audio) // BYTES_PER_MS  # PCM16: the format it was created with
+            await client.send({"type": "playback", "played_ms": reply_ms})  # all of it played
+            await client.send({"type": "cancel_response"})
+            await client.send({"type": "config", "instructions": "be brief"})
+            await client.wait("session_updated")  # the gateway has handled the cancel before it
+            return reply_ms, client, mock.sessions[0]
+
+    reply_ms, client, upstream = run(scenario(), timeout=20)
+    assert reply_ms == 1000
+    assert client.of_type("interrupted") == []
+    # nothing was playing: the client's cancel went up as asked, and the upstream had nothing to cancel
+    assert [(e["code"], e["upstream"]["code"]) for e in client.of_type("error")] == \
+        [("UpstreamError", "response_cancel_not_active")]
+    assert not any(e["type"] == "conversation.item.truncate" for e in upstream.received)
