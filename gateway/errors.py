@@ -31,27 +31,30 @@ CLOSE_CLIENT_UNRESPONSIVE = 4005
 
 @dataclass(frozen=True, slots=True)
 class ErrorKind:
-    """How one wire code behaves: fatal by default, and how a fatal one closes the socket."""
+    """How one wire code behaves: fatal by default, how a fatal one closes the socket, and
+    whether the client brought it about (logged at INFO even when it ends the session: there
+    is nothing for the operator to do; the rest, WARNING when fatal)."""
 
     fatal: bool
     close_code: int
     close_reason: str
+    by_client: bool = False
 
 
 #: code -> behaviour. The single source of truth for codes, fatality and close codes.
 ERROR_TABLE: dict[str, ErrorKind] = {
     "AuthenticationFailed": ErrorKind(True, CLOSE_UPSTREAM_AUTH_FAILED, "upstream authentication failed"),
-    "NotConnected": ErrorKind(False, CLOSE_INTERNAL_ERROR, "not connected"),
+    "NotConnected": ErrorKind(False, CLOSE_INTERNAL_ERROR, "not connected", by_client=True),
     "ConnectionFailed": ErrorKind(True, CLOSE_INTERNAL_ERROR, "upstream connection failed"),
     "RateLimitExceeded": ErrorKind(False, CLOSE_TRY_AGAIN_LATER, "rate limit exceeded"),
-    "InvalidConfig": ErrorKind(False, CLOSE_POLICY_VIOLATION, "invalid config"),
-    "InvalidMessage": ErrorKind(False, CLOSE_POLICY_VIOLATION, "invalid message"),
+    "InvalidConfig": ErrorKind(False, CLOSE_POLICY_VIOLATION, "invalid config", by_client=True),
+    "InvalidMessage": ErrorKind(False, CLOSE_POLICY_VIOLATION, "invalid message", by_client=True),
     "UpstreamError": ErrorKind(False, CLOSE_INTERNAL_ERROR, "upstream error"),
     "SessionExpired": ErrorKind(True, CLOSE_SESSION_EXPIRED, "session expired"),
     "Overloaded": ErrorKind(True, CLOSE_TRY_AGAIN_LATER, "overloaded"),
-    "IdleTimeout": ErrorKind(True, CLOSE_IDLE_TIMEOUT, "idle timeout"),
-    "SlowClient": ErrorKind(True, CLOSE_SLOW_CLIENT, "client not reading"),
-    "ClientUnresponsive": ErrorKind(True, CLOSE_CLIENT_UNRESPONSIVE, "no pong"),
+    "IdleTimeout": ErrorKind(True, CLOSE_IDLE_TIMEOUT, "idle timeout", by_client=True),
+    "SlowClient": ErrorKind(True, CLOSE_SLOW_CLIENT, "client not reading", by_client=True),
+    "ClientUnresponsive": ErrorKind(True, CLOSE_CLIENT_UNRESPONSIVE, "no pong", by_client=True),
 }
 
 # Credentials: OpenAI keys (sk-..., sk-proj-...), ephemeral keys (ek_...), also masked the way
@@ -167,6 +170,7 @@ class GatewayError(Exception):
         self.fatal = kind.fatal if fatal is None else fatal
         self.close_code = kind.close_code if close_code is None else close_code
         self.close_reason = kind.close_reason
+        self.by_client = kind.by_client
 
     @property
     def code(self) -> str:

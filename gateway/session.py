@@ -95,6 +95,9 @@ MUTED_TURN_S = 1.0
 #: a reply waiting for its item's confirmation (one round trip, normally) is asked for anyway
 #: after this long
 ITEM_WAIT_S = 5.0
+#: non-fatal errors logged per session (at INFO): a client sending thousands of bad messages
+#: must not flood the log; every one is counted in gateway_errors_total
+MAX_LOGGED_ERRORS = 20
 #: (upstream URL, dialect) pairs whose dialect mismatch has been logged with its fix: one
 #: ERROR per misconfiguration and process, not one per session
 _DIALECT_MISMATCHES_LOGGED: set[tuple[str, str]] = set()
@@ -133,10 +136,11 @@ class _UpstreamOwner:
     """Routes one upstream connection's callbacks to the session while it is the current one
     (a re-opened upstream leaves the old owner dead, so late events of the old one are ignored)."""
 
-    __slots__ = ("session", "alive", "on_upstream_event", "on_upstream_audio", "on_upstream_read_end")
+    __slots__ = ("session", "session_id", "alive", "on_upstream_event", "on_upstream_audio", "on_upstream_read_end")
 
     def __init__(self, session: "RelaySession") -> None:
         self.session = session
+        self.session_id = session.session_id
         self.alive = True
         # While alive these ARE the session's handlers (one call per upstream event, not two);
         # `retire()` swaps in no-ops.
@@ -174,7 +178,7 @@ class RelaySession:
                  "_level_timer",
                  "_pre_ready_overflowed", "_owner", "_pending_updates", "_updates_in_flight",
                  "_pre_ready", "_pre_ready_audio_bytes", "_pre_ready_commands", "_pre_ready_command_bytes",
-                 "_reopens", "_reply_after_item", "_reply_after_item_at", "_reply_rates", "_response_asked",
+                 "_reopens", "_errors_logged", "_reply_after_item", "_reply_after_item_at", "_reply_rates", "_response_asked",
                  "_response_calls", "_response_wanted", "_user_speaking", "_items_unconfirmed", "_spelling",
                  "_item_counter", "_turn_frames_seen", "_audio_seen_at", "_active_saw_items",
                  "_turn_end", "_timing_reply", "_update_counter",
@@ -255,6 +259,7 @@ class RelaySession:
         # response -> bytes per ms of its audio: the output format when it was created (a
         # `config` changing it applies to later replies); None while no reply runs
         self._reply_rates: dict[str, int] | None = None
+        self._errors_logged = 0  # non-fatal ones, up to MAX_LOGGED_ERRORS
         # the meters always run, fused into the fast path's passes (about 1 % of the relay's CPU):
         # /metrics has every session's levels; `levels` is whether the client gets `level` events
         self.levels = False
@@ -445,8 +450,16 @@ class RelaySession:
         names how the session ended, for metrics; by default derived from the error code)."""
         if self.state == CLOSED:
             return
-        log.log(logging.WARNING if error.fatal else logging.INFO, "session %s: %s %s",
-                self.session_id, error.code, error.message)
+        if error.fatal or self._errors_logged < MAX_LOGGED_ERRORS:
+            # what ends a session is always logged, WARNING unless the client brought it about;
+            # a client's run of refused messages is not (each is counted in the metrics)
+            log.log(logging.WARNING if error.fatal and not error.by_client else logging.INFO, "session %s: %s %s",
+                    self.session_id, error.code, error.message)
+            if not error.fatal:
+                self._errors_logged += 1
+                if self._errors_logged == MAX_LOGGED_ERRORS:
+                    log.info("session %s: %d errors logged; its further ones are counted in "
+                             "gateway_errors_total, not logged", self.session_id, MAX_LOGGED_ERRORS)
         if self.metrics is not None:
             self.metrics.count_error(error.code)
         self._send_client(cp.error_event(error))

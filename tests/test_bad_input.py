@@ -279,6 +279,35 @@ def test_truncated_json_is_invalid_message_and_the_session_goes_on():
     run(scenario(), timeout=30)
 
 
+def test_a_run_of_bad_messages_is_answered_in_full_and_logged_in_part(caplog):
+    """Found by a logging audit: every refused message was one INFO line quoting the client's
+    text, so a client chose how much the node logged (3,000 lines in 2 s). Each still gets its
+    error event and is counted; the log has a session's first MAX_LOGGED_ERRORS, then says so."""
+    from gateway.session import MAX_LOGGED_ERRORS
+    bad = MAX_LOGGED_ERRORS + 10
+
+    async def scenario():
+        async with battery() as (gateway, mock):
+            client = await ready_client(gateway.url)
+            start = len(client.events)
+            for index in range(bad):
+                client.send_json({"type": f"flood_{index}"})
+            errors = client.errors(start, await client.sentinel())  # (the sentinel's own left out)
+            assert [(error["code"], error["fatal"]) for error in errors] == [("InvalidMessage", False)] * bad
+            await echo_turn(client, speech_like(0.3, seed=1))
+            await client.close()
+            status, metrics = await http_get(gateway.port, "/metrics")
+            return metrics
+
+    with caplog.at_level(logging.INFO, logger="gateway.session"):
+        metrics = run(scenario(), timeout=30)
+    logged = [record.getMessage() for record in caplog.records if "InvalidMessage" in record.getMessage()]
+    assert len(logged) == MAX_LOGGED_ERRORS and "flood_0" in logged[0]
+    assert sum("its further ones are counted in gateway_errors_total" in record.getMessage()
+               for record in caplog.records) == 1
+    assert f'gateway_errors_total{{code="InvalidMessage"}} {float(bad + 1)}'.encode() in metrics
+
+
 @pytest.mark.parametrize("payload", [
     b'{"type":"text","text":"\xff\xfe"}',           # bytes that never occur in UTF-8
     b'{"type":"text","text":"\xc3"}',               # truncated 2-byte sequence

@@ -524,7 +524,7 @@ def test_an_upstream_message_the_gateway_refuses_is_named_in_the_error(raw, clos
     run(scenario(), timeout=30)
 
 
-def test_session_expiry_is_fatal():
+def test_session_expiry_is_fatal(caplog):
     async def scenario():
         async with relay(MockOptions(session_max_s=0.5)) as (gateway, mock):
             client = await RelayClient.connect(gateway.url)
@@ -533,6 +533,8 @@ def test_session_expiry_is_fatal():
             assert error["upstream"]["code"] == "session_expired"
             await gateway.wait_empty(3)
     run(scenario(), timeout=20)
+    # an end the client did not bring about is a WARNING (the oversized message below: INFO)
+    assert [record.levelname for record in caplog.records if "SessionExpired" in record.getMessage()] == ["WARNING"]
 
 
 def test_a_beta_node_before_todays_openai_is_told_which_setting_to_change(caplog, monkeypatch):
@@ -558,7 +560,11 @@ def test_a_beta_node_before_todays_openai_is_told_which_setting_to_change(caplog
         "to beta: start it with --upstream-dialect ga")
 
 
-def test_oversized_message_closes_with_1009():
+def test_oversized_message_closes_with_1009(caplog):
+    """... and is logged at INFO: the client ended its own session (a logging audit found such
+    ends, a vanished client's and a slow one's too, at WARNING, the level of an upstream's)."""
+    import logging
+
     async def scenario():
         async with relay(max_message_bytes=4096) as (gateway, mock):
             client = await RelayClient.connect(gateway.url)
@@ -568,7 +574,9 @@ def test_oversized_message_closes_with_1009():
             assert "4096" in error["message"]
             await gateway.wait_empty(3)
             await mock.sessions[0].wait_closed(3)
-    run(scenario(), timeout=20)
+    with caplog.at_level(logging.INFO, logger="gateway.session"):
+        run(scenario(), timeout=20)
+    assert [record.levelname for record in caplog.records if "InvalidMessage" in record.getMessage()] == ["INFO"]
 
 
 def test_pre_ready_overflow_is_an_error_not_a_silent_drop():
@@ -754,6 +762,9 @@ def test_an_upstream_that_breaks_rfc_6455_is_failed_with_1002(frames, reply, tol
     assert errors[-1]["message"].endswith(f"it broke the WebSocket protocol (close code {reply})" if told == _BROKE
                                           else told)
     assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
+    # each line of ours about it names the session (a logging audit found this one did not)
+    broke = [record.getMessage() for record in caplog.records if "upstream broke the WebSocket" in record.getMessage()]
+    assert all(message.startswith("session gw_") for message in broke), broke
 
 
 @pytest.mark.parametrize("headers, seconds", [

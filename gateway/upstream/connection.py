@@ -66,6 +66,8 @@ CLOSE_GRACE_S = 5.0
 
 
 class UpstreamOwner(Protocol):
+    session_id: str  # for the log lines about this connection
+
     def on_upstream_event(self, payload) -> None: ...
     def on_upstream_audio(self, item_id: str, pcm: bytes) -> None: ...
     def on_upstream_read_end(self) -> None: ...
@@ -209,7 +211,7 @@ class UpstreamListener(UpstreamLeg):
                       code: WSCloseCode = WSCloseCode.PROTOCOL_ERROR) -> None:
         """The upstream broke RFC 6455: close with `code` (the owner hears it as a refusal, below).
         The rest of what came is not processed: not relayed through the path, nor handled."""
-        log.info("upstream broke the WebSocket protocol: %s", why)
+        log.info("session %s: upstream broke the WebSocket protocol: %s", self.owner.session_id, why)
         self.failed = True
         self.path = None
         if not transport.is_close_frame_sent:  # (picows would send a second one)
