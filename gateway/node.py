@@ -152,7 +152,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             uvloop.run(serve(config))
         except StartupError as exc:
-            print(f"realtime-gateway: {exc}", file=sys.stderr)
+            if config.log_format == "json":  # the log's own shape, for whatever reads it
+                log.error("cannot start: %s", exc)
+            else:
+                print(f"realtime-gateway: {exc}", file=sys.stderr)
             return 2
         return 0
     remove_orphaned_metrics_dirs()

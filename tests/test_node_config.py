@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -234,6 +235,28 @@ def test_a_short_client_key_stops_the_node(keys, where):
     [line] = [line for line in done.stderr.splitlines() if "realtime-gateway:" in line]
     assert line.startswith(f"realtime-gateway: {where}: the key must be at least 16 characters")
     assert keys.split(":")[-1] not in done.stderr
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_port_in_use_stops_the_node_with_one_line_in_the_log_s_format(log_format):
+    """Found by a logging audit: with --log-format json, a node that could not listen said so in
+    plain text after its JSON lines. A log shipper reads the reason as one JSON line now."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "gateway", "--upstream", "mock", "--host", "127.0.0.1",
+                               "--port", str(port), "--log-format", log_format], capture_output=True, text=True,
+                              timeout=30, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    last = done.stderr.splitlines()[-1]
+    reason = f"cannot listen on 127.0.0.1:{port}: Address already in use"
+    if log_format == "text":
+        assert last == f"realtime-gateway: {reason}"
+    else:
+        assert all(orjson.loads(line) for line in done.stderr.splitlines())
+        record = orjson.loads(last)
+        assert (record["level"], record["message"]) == ("ERROR", f"cannot start: {reason}")
 
 
 @pytest.mark.parametrize("argv, env", [(["--port", "0", "--workers", "2"], {}),
