@@ -362,7 +362,7 @@ class GatewayServer:
         ip = client_ip(peer_ip(transport), transport.request.headers, self.config.trusted_proxies)
         slot = self.limiter.acquire(principal.limit_key, limit_address(ip), key_limit=principal.max_sessions)
         if isinstance(slot, LimitRefusal):  # lost a race since the upgrade, or per-IP
-            self._refused(slot.scope, None, principal.limit_key)
+            self._refused(slot.scope, None, f"{principal.limit_key} from {ip}")
             error = Overloaded(slot.reason)
             self.metrics.count_error(error.code)
             transport.send(WSMsgType.TEXT, error_event(error))
@@ -379,7 +379,7 @@ class GatewayServer:
         session.path.reader = self.reader
         self.sessions.add(session)
         self._empty.clear()
-        session.attach(transport, listener, principal.limit_key)
+        session.attach(transport, listener, principal.limit_key, ip)
 
     def _forget(self, session: RelaySession) -> None:
         self.sessions.discard(session)

@@ -374,16 +374,18 @@ class RelaySession:
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    def attach(self, client: WSTransport, leg: ClientLeg | None = None, principal: str = "anonymous") -> None:
+    def attach(self, client: WSTransport, leg: ClientLeg | None = None, principal: str = "anonymous",
+               address: str | None = None) -> None:
         """The client socket is open: open the upstream at once (pre-opening hides its handshake).
         `leg` is the socket's listener, which may read the socket itself (see `ClientLeg`);
-        `principal` names the client's key or token subject for the log, never the secret."""
+        `principal` names the client's key or token subject for the log, never the secret;
+        `address` is the client's (the per-IP limits'), for the log."""
         self.client = client
         self.client_leg = leg
         self.path.client = client
         self.outbox.client = client
-        log.info("session %s: client %s connected, opening upstream (model=%s, dialect=%s)",
-                 self.session_id, principal, self.upstream_model, self.dialect.name)
+        log.info("session %s: client %s from %s connected, opening upstream (model=%s, dialect=%s)",
+                 self.session_id, principal, address or "an unknown address", self.upstream_model, self.dialect.name)
         self._open_upstream()
 
     def _open_upstream(self) -> None:

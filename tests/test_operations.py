@@ -198,8 +198,8 @@ def test_a_token_subject_does_not_share_the_limit_of_a_key_with_the_same_id(tmp_
     run(scenario(), timeout=20)
     # the log names whose sessions and refusals they were (as README promises), never the secrets
     lines = [record.getMessage() for record in caplog.records]
-    assert sum(" client key:keyfile#1 connected, opening upstream" in line for line in lines) == 1
-    assert sum(" client jwt:keyfile#1 connected, opening upstream" in line for line in lines) == 1
+    assert sum(" client key:keyfile#1 from 127.0.0.1 connected, opening upstream" in line for line in lines) == 1
+    assert sum(" client jwt:keyfile#1 from 127.0.0.1 connected, opening upstream" in line for line in lines) == 1
     assert [line for line in lines if line.startswith("upgrade refused")] == [
         "upgrade refused: key (key:keyfile#1)", "upgrade refused: key (jwt:keyfile#1)"]
     assert CLIENT_KEY not in caplog.text and token not in caplog.text
@@ -230,9 +230,11 @@ def test_global_and_per_ip_limits():
     run(scenario(), timeout=30)
 
 
-def test_per_ip_limit_behind_a_proxy_that_writes_ports_and_ipv6_brackets():
+def test_per_ip_limit_behind_a_proxy_that_writes_ports_and_ipv6_brackets(caplog):
     """Found by an auth audit: `3.3.3.3:5555` or `[2001:db8::1]:443` in X-Forwarded-For from a
-    trusted proxy counted against the proxy itself, so every client behind it shared one slot."""
+    trusted proxy counted against the proxy itself, so every client behind it shared one slot.
+    The log names the address each session and refusal counted against (a logging audit found
+    it nowhere at INFO)."""
     async def scenario():
         async with relay(max_sessions_per_ip=1, trusted_proxies=("127.0.0.1",)) as (gateway, mock):
             async def connect(forwarded_for: str) -> RelayClient:
@@ -261,7 +263,12 @@ def test_per_ip_limit_behind_a_proxy_that_writes_ports_and_ipv6_brackets():
             await v4.close()
             await v6.close()
             await neighbour.close()
+    caplog.set_level(logging.INFO, logger="gateway")
     run(scenario(), timeout=20)
+    lines = [record.getMessage() for record in caplog.records]
+    assert sum(" client anonymous:anonymous from 3.3.3.3 connected" in line for line in lines) == 1
+    assert sum(" client anonymous:anonymous from 2001:db8::1 connected" in line for line in lines) == 1
+    assert "upgrade refused: ip (anonymous:anonymous from 3.3.3.3)" in lines
 
 
 def test_origin_allow_list():
