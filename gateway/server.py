@@ -322,7 +322,8 @@ class GatewayServer:
 
     def _refused(self, reason: str, response, principal: str | None = None):
         """Count and log a refused upgrade: the reason, and for a limit the key or token subject
-        it counted against (never the credentials it carried)."""
+        (and address) it counted against, for auth what was wrong (never the credentials it
+        carried)."""
         self.metrics.count_refusal(reason)
         if principal is None:
             log.info("upgrade refused: %s", reason)
@@ -342,8 +343,8 @@ class GatewayServer:
         if self.origins is not None and not self.origins.check(request):
             return self._refused("origin", OriginPolicy.refusal.to_response())
         principal = self.authenticator.authenticate(request)
-        if isinstance(principal, AuthRefusal):
-            return self._refused("auth", principal.to_response())
+        if isinstance(principal, AuthRefusal):  # its reason is a fixed text, never the credential
+            return self._refused("auth", principal.to_response(), principal.reason)
         refusal = self.limiter.check(principal.limit_key, None, key_limit=principal.max_sessions)
         if refusal is not None:  # per-IP is checked at connect, where the address is known
             return self._refused(refusal.scope, refusal.to_response(), principal.limit_key)
