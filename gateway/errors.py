@@ -170,11 +170,14 @@ class GatewayError(Exception):
         self.fatal = kind.fatal if fatal is None else fatal
         self.close_code = kind.close_code if close_code is None else close_code
         self.close_reason = kind.close_reason
-        self.by_client = kind.by_client
 
     @property
     def code(self) -> str:
         return type(self).__name__
+
+    @property
+    def by_client(self) -> bool:
+        return ERROR_TABLE[self.code].by_client
 
     def to_event(self) -> dict[str, Any]:
         """The client `error` event for this error."""

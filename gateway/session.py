@@ -136,11 +136,10 @@ class _UpstreamOwner:
     """Routes one upstream connection's callbacks to the session while it is the current one
     (a re-opened upstream leaves the old owner dead, so late events of the old one are ignored)."""
 
-    __slots__ = ("session", "session_id", "alive", "on_upstream_event", "on_upstream_audio", "on_upstream_read_end")
+    __slots__ = ("session", "alive", "on_upstream_event", "on_upstream_audio", "on_upstream_read_end")
 
     def __init__(self, session: "RelaySession") -> None:
         self.session = session
-        self.session_id = session.session_id
         self.alive = True
         # While alive these ARE the session's handlers (one call per upstream event, not two);
         # `retire()` swaps in no-ops.
@@ -148,6 +147,10 @@ class _UpstreamOwner:
         self.on_upstream_audio: Callable[[str, bytes], None] = session.on_upstream_audio
         # never swapped: writing out what this read produced is right even once retired
         self.on_upstream_read_end: Callable[[], None] = session.flush_client_batch
+
+    @property
+    def session_id(self) -> str:  # for the upstream connection's own log lines
+        return self.session.session_id
 
     def retire(self) -> None:
         """Ignore this upstream's events from now on (it was replaced or the session closed)."""
